@@ -1,0 +1,17 @@
+# One image for every Ballast service; the command picks the service:
+#   docker run ballast serve limiter
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml constraints.txt README.md ./
+COPY gen/ gen/
+COPY services/ services/
+RUN pip install -c constraints.txt . \
+ && useradd --system --uid 10001 ballast
+COPY config/ config/
+USER ballast
+# Containers listen on every interface; BALLAST_HOST defaults to loopback elsewhere.
+ENV BALLAST_HOST=0.0.0.0 BALLAST_LOG_FORMAT=json
+EXPOSE 50051 50052 50053 50054 50055
+ENTRYPOINT ["ballast"]
+CMD ["up"]

@@ -1,0 +1,42 @@
+# Ballast's commands. The README's two set-up commands are `make demo` and `make test`;
+# each installs what it needs first (a .venv with pinned versions) and is safe to re-run.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo up test lint protos check-protos bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: the whole suite on embedded defaults.
+demo: install
+	$(BIN)/ballast up
+
+up: demo
+
+## The tests, as CI runs them: backends, lint, types, generated code, pytest.
+test: install
+	bash scripts/ensure_backends.sh
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python scripts/gen_protos.py --check 2>/dev/null
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check services tests bench scripts
+	$(BIN)/ruff format --check services tests bench scripts
+	$(BIN)/mypy
+
+## Regenerate gen/ from protos/ (commit the result).
+protos: install
+	$(BIN)/python scripts/gen_protos.py 2>/dev/null
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

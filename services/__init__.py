@@ -1,0 +1,1 @@
+"""Ballast services: the shared kit and one package per service."""

@@ -1,0 +1,1 @@
+"""Plumbing every Ballast service uses: config, serving, telemetry, logging, errors, clients."""

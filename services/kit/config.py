@@ -1,0 +1,207 @@
+"""Typed settings from `BALLAST_*` environment variables, validated at start-up.
+
+Every problem names the variable and what it accepts, and all problems are reported
+at once, so a bad deployment fails before it serves a single call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+PREFIX = "BALLAST_"
+
+# Well-known ports of the suite; each is overridable with BALLAST_<SERVICE>_PORT.
+DEFAULT_PORTS: dict[str, int] = {
+    "edge": 50051,
+    "router": 50052,
+    "limiter": 50053,
+    "cache": 50054,
+    "sessions": 50055,
+}
+SERVICE_NAMES: tuple[str, ...] = tuple(DEFAULT_PORTS)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message names every bad variable."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  " + "\n  ".join(self.problems))
+
+
+class Env:
+    """Reads and validates variables, collecting every problem before raising."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+        self.problems: list[str] = []
+        # Every variable asked for, so tests can check deployment files against the code.
+        self.known: set[str] = set()
+
+    def raw(self, name: str) -> str | None:
+        self.known.add(name)
+        value = self._environ.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def _bad(self, name: str, value: str, expected: str) -> None:
+        self.problems.append(f"{name}={value!r} is invalid: expected {expected}")
+
+    def string(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        expected = _range_text("an integer", minimum, maximum)
+        try:
+            number = int(value)
+        except ValueError:
+            self._bad(name, value, expected)
+            return default
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+            self._bad(name, value, expected)
+            return default
+        return number
+
+    def number(
+        self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None
+    ) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        expected = _range_text("a number", minimum, maximum)
+        try:
+            number = float(value)
+        except ValueError:
+            self._bad(name, value, expected)
+            return default
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+            self._bad(name, value, expected)
+            return default
+        return number
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        self._bad(name, value, "one of true, false (or 1, 0, yes, no, on, off)")
+        return default
+
+    def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
+        allowed = list(choices)
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value.lower() not in allowed:
+            self._bad(name, value, "one of " + ", ".join(allowed))
+            return default
+        return value.lower()
+
+    def duration(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        """Seconds, from '250ms', '5s', '2m', '1h', '1d' or a plain number of seconds."""
+        value = self.raw(name)
+        if value is None:
+            return default
+        match = _DURATION.match(value.lower())
+        expected = f"a duration such as 250ms, 5s, 2m or 1h (at least {minimum:g}s)"
+        if not match:
+            self._bad(name, value, expected)
+            return default
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if seconds < minimum:
+            self._bad(name, value, expected)
+            return default
+        return seconds
+
+    def url(self, name: str, default: str, schemes: Iterable[str]) -> str:
+        allowed = list(schemes)
+        value = self.raw(name)
+        if value is None:
+            return default
+        scheme = urlsplit(value).scheme
+        if scheme not in allowed:
+            self._bad(name, value, "a URL starting with " + " or ".join(f"{s}://" for s in allowed))
+            return default
+        return value
+
+    def address(self, name: str, default: str) -> str:
+        """host:port of another Ballast service."""
+        value = self.raw(name)
+        if value is None:
+            return default
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            self._bad(name, value, "host:port, for example 127.0.0.1:50052")
+            return default
+        return value
+
+    def check(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{kind} from {minimum:g} to {maximum:g}"
+    if minimum is not None:
+        return f"{kind} of at least {minimum:g}"
+    if maximum is not None:
+        return f"{kind} of at most {maximum:g}"
+    return kind
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How one service listens, logs and shuts down."""
+
+    service: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    grace_period: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+    log_format: str = "json"
+    # Prompt/completion text in spans and logs: off unless an operator opts in.
+    capture_content: bool = False
+    # Where this service reaches the others (the edge uses all of them, sessions the router).
+    addresses: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, service: str, env: Env) -> ServerSettings:
+        upper = service.upper()
+        return cls(
+            service=service,
+            host=env.string(f"{PREFIX}HOST", "127.0.0.1"),
+            port=env.integer(f"{PREFIX}{upper}_PORT", DEFAULT_PORTS[service], minimum=0, maximum=65535),
+            grace_period=env.duration(f"{PREFIX}GRACE_PERIOD", 10.0),
+            max_message_bytes=env.integer(
+                f"{PREFIX}MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024
+            ),
+            log_level=env.choice(f"{PREFIX}LOG_LEVEL", "info", LOG_LEVELS),
+            log_format=env.choice(f"{PREFIX}LOG_FORMAT", "json", LOG_FORMATS),
+            capture_content=env.boolean(f"{PREFIX}CAPTURE_CONTENT", False),
+            addresses={
+                name: env.address(f"{PREFIX}{name.upper()}_ADDR", f"127.0.0.1:{port}")
+                for name, port in DEFAULT_PORTS.items()
+            },
+        )

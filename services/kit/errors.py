@@ -1,0 +1,201 @@
+"""Domain exceptions and the one place that maps them to gRPC statuses.
+
+Servicers and domain code raise these; `ErrorInterceptor` turns them into a status
+with `google.rpc` details a client can act on (BadRequest, RetryInfo, ErrorInfo).
+Anything else is a bug: logged with the trace id, answered as a generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry import trace
+
+log = logging.getLogger("ballast.kit.errors")
+
+
+class BallastError(Exception):
+    """Base of errors that map to a gRPC status other than INTERNAL."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[Any]:
+        return []
+
+
+class InvalidArgument(BallastError):
+    """Malformed or out-of-range input; names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+    def details(self) -> list[Any]:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=self.field, description=self.description
+        )
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
+
+
+class Unauthenticated(BallastError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(BallastError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(BallastError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(BallastError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(BallastError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(BallastError):
+    """Optimistic concurrency conflict; carries the current version."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, message: str, *, current_version: int | None = None) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+    def details(self) -> list[Any]:
+        if self.current_version is None:
+            return []
+        return [
+            error_details_pb2.ErrorInfo(
+                reason="VERSION_CONFLICT",
+                domain="ballast",
+                metadata={"current_version": str(self.current_version)},
+            )
+        ]
+
+
+class ResourceExhausted(BallastError):
+    """Limited or out of budget; says when to retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after: float | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+    def details(self) -> list[Any]:
+        out: list[Any] = []
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after * 1e9))
+            out.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        if self.reason:
+            out.append(error_details_pb2.ErrorInfo(reason=self.reason, domain="ballast"))
+        return out
+
+
+class Unavailable(BallastError):
+    """A backend or provider is down; retryable."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(BallastError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def to_status(error: BallastError) -> grpc.Status:
+    """The status (with packed details in trailing metadata) for a domain error."""
+    packed = []
+    for detail in error.details():
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    proto = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
+
+
+def _trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else "none"
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+    if isinstance(exc, BallastError):
+        status = to_status(exc)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    trace_id = _trace_id()
+    log.error("unhandled error in %s (trace_id=%s)", method, trace_id, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
+
+
+def _is_passthrough(exc: BaseException) -> bool:
+    # context.abort() raises an exception that must reach grpc untouched, as must cancellation.
+    return not isinstance(exc, Exception) or type(exc).__module__.startswith(("grpc", "asyncio"))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by servicers to statuses, for unary and streaming responses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        # Under grpc.aio the behaviours are coroutines and async generators; the stubs describe
+        # the sync API, hence the casts.
+        if handler.unary_unary is not None:
+            inner_uu = cast(Callable[..., Awaitable[Any]], handler.unary_unary)
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    return await inner_uu(request, context)
+                except BaseException as exc:
+                    if _is_passthrough(exc):
+                        raise
+                    await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us = cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except BaseException as exc:
+                    if _is_passthrough(exc):
+                        raise
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

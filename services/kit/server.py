@@ -1,0 +1,134 @@
+"""One bootstrap for every service: a grpc.aio server with health, reflection,
+tracing and error mapping, and a graceful shutdown.
+
+Shutdown order (as envoyproxy/ratelimit does it): health goes NOT_SERVING so load
+balancers stop sending, the server stops accepting and drains in-flight calls within
+the grace period, then the service closes its pools and telemetry is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.kit.config import ServerSettings
+from services.kit.errors import ErrorInterceptor
+from services.kit.telemetry import Telemetry
+
+log = logging.getLogger("ballast.kit.server")
+
+
+class ServiceApp:
+    """What a service gives the bootstrap. Subclasses register servicers and own their pools."""
+
+    #: Short name: edge, router, limiter, cache or sessions.
+    name: str = ""
+
+    def __init__(self, settings: ServerSettings, telemetry: Telemetry) -> None:
+        self.server_settings = settings
+        self.telemetry = telemetry
+
+    def service_names(self) -> Sequence[str]:
+        """Full proto service names, for health and reflection."""
+        raise NotImplementedError
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the servicers to the server."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Opens pools and starts background work, before the port accepts calls."""
+
+    async def close(self) -> None:
+        """Closes pools and stops background work, after in-flight calls drained."""
+
+
+@dataclass
+class RunningService:
+    app: ServiceApp
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, drain within the grace period, close the app, flush telemetry."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.app.server_settings.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"service": self.app.name, "grace_s": grace})
+        await self.server.stop(grace)
+        try:
+            await self.app.close()
+        finally:
+            self.app.telemetry.shutdown()
+        log.info("stopped", extra={"service": self.app.name})
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC enables SO_REUSEPORT by default, which lets a second process silently share a
+        # port that is already taken; a clash must fail at start-up instead.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+async def start_service(app: ServiceApp) -> RunningService:
+    """Starts `app` on its configured host and port (port 0 picks a free one)."""
+    settings = app.server_settings
+    server = grpc.aio.server(
+        interceptors=[*app.telemetry.server_interceptors(), ErrorInterceptor()],
+        options=server_options(settings),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    app.register(server)
+    names = list(app.service_names())
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"{app.name}: cannot listen on {settings.host}:{settings.port}")
+    await app.start()
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"service": app.name, "host": settings.host, "port": port})
+    return RunningService(app=app, server=server, health=health_servicer, port=port)
+
+
+async def run_until_signal(apps: Sequence[ServiceApp]) -> None:
+    """Starts every app, serves until SIGTERM or SIGINT, then shuts all down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running: list[RunningService] = []
+    try:
+        for app in apps:
+            running.append(await start_service(app))
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        # Stop in reverse start order: the edge drains before the services it calls.
+        for service in reversed(running):
+            await service.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

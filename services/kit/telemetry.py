@@ -1,0 +1,81 @@
+"""OpenTelemetry set-up per service, from the standard OTEL_* variables.
+
+Each service gets its own TracerProvider (so `ballast up` still reports five service
+names from one process) and explicit gRPC interceptors instead of global patching.
+Health checks are left out of traces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+_NOT_HEALTH = filters.negate(
+    filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+)
+
+
+@dataclass
+class Telemetry:
+    """Tracing handles for one service."""
+
+    service_name: str
+    tracer_provider: trace.TracerProvider
+    _sdk_provider: TracerProvider | None = field(default=None, repr=False)
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        return self.tracer_provider.get_tracer("ballast")
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [aio_server_interceptor(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH)]  # type: ignore[no-untyped-call]
+
+    def client_interceptors(self) -> list[Any]:
+        return list(aio_client_interceptors(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH))  # type: ignore[no-untyped-call]
+
+    def shutdown(self) -> None:
+        """Flushes and stops exporters (after the server has drained)."""
+        if self._sdk_provider is not None:
+            self._sdk_provider.force_flush()
+            self._sdk_provider.shutdown()
+
+
+def setup_telemetry(
+    service: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    extra_processors: Sequence[SpanProcessor] = (),
+) -> Telemetry:
+    """Builds the tracer provider for `service` ("ballast-<service>" unless OTEL_SERVICE_NAME is set).
+
+    Spans are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the traces
+    variant) is set; OTEL_SDK_DISABLED=true turns tracing off; OTEL_TRACES_SAMPLER and
+    OTEL_TRACES_SAMPLER_ARG are read by the SDK itself.
+    """
+    env = os.environ if environ is None else environ
+    name = f"ballast-{service}"
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return Telemetry(name, trace.NoOpTracerProvider())
+    # In all-in-one mode one OTEL_SERVICE_NAME would merge five services into one; suffix it instead.
+    base = env.get("OTEL_SERVICE_NAME")
+    if base:
+        name = f"{base}-{service}"
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": name, "service.namespace": "ballast"})
+    )
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    for processor in extra_processors:
+        provider.add_span_processor(processor)
+    return Telemetry(name, provider, provider)

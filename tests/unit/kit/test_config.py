@@ -1,0 +1,78 @@
+"""Settings come from BALLAST_* variables; a bad value stops start-up naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services import registry
+from services.kit.config import DEFAULT_PORTS, ConfigError, Env, ServerSettings
+
+
+def test_defaults_give_the_well_known_ports() -> None:
+    for name, port in DEFAULT_PORTS.items():
+        assert ServerSettings.from_env(name, Env({})).port == port
+    assert DEFAULT_PORTS == {
+        "edge": 50051,
+        "router": 50052,
+        "limiter": 50053,
+        "cache": 50054,
+        "sessions": 50055,
+    }
+
+
+def test_values_are_parsed_and_typed() -> None:
+    env = Env(
+        {
+            "BALLAST_LIMITER_PORT": "6000",
+            "BALLAST_GRACE_PERIOD": "250ms",
+            "BALLAST_LOG_LEVEL": "DEBUG",
+            "BALLAST_CAPTURE_CONTENT": "yes",
+            "BALLAST_ROUTER_ADDR": "router:50052",
+        }
+    )
+    settings = ServerSettings.from_env("limiter", env)
+    env.check()
+    assert settings.port == 6000
+    assert settings.grace_period == pytest.approx(0.25)
+    assert settings.log_level == "debug"
+    assert settings.capture_content is True
+    assert settings.addresses["router"] == "router:50052"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("BALLAST_LOG_LEVEL", "loud", "one of debug, info, warning, error"),
+        ("BALLAST_LOG_FORMAT", "xml", "one of json, text"),
+        ("BALLAST_EDGE_PORT", "70000", "an integer from 0 to 65535"),
+        ("BALLAST_EDGE_PORT", "abc", "an integer from 0 to 65535"),
+        ("BALLAST_GRACE_PERIOD", "soon", "a duration"),
+        ("BALLAST_CAPTURE_CONTENT", "maybe", "one of true, false"),
+        ("BALLAST_CACHE_ADDR", "nowhere", "host:port"),
+    ],
+)
+def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        registry.load_all_settings(["edge"], {variable: value})
+    message = str(info.value)
+    assert f"{variable}={value!r}" in message
+    assert expected in message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        registry.load_all_settings(["edge"], {"BALLAST_LOG_LEVEL": "x", "BALLAST_EDGE_PORT": "-1"})
+    assert len(info.value.problems) == 2
+
+
+def test_bad_value_stops_the_process_with_the_message() -> None:
+    env = {**os.environ, "BALLAST_LOG_FORMAT": "xml", "BALLAST_LIMITER_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.limiter"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "BALLAST_LOG_FORMAT='xml' is invalid: expected one of json, text" in result.stderr
