@@ -1,0 +1,174 @@
+"""Private Redis and PostgreSQL servers for tests that stop, kill or cut off a backend.
+
+They run on free ports under a temporary folder and never touch the shared instances
+on 6379 and 5432. Each can be stopped and started again on the same port (data kept
+on disk when `durable`), which is what outage and recovery tests need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float, *, up: bool) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            reachable = sock.connect_ex(("127.0.0.1", port)) == 0
+        if reachable == up:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not become {'reachable' if up else 'free'} in {timeout}s")
+
+
+class PrivateRedis:
+    """A redis-server of our own: `start()`, `stop()` (SIGKILL with kill=True), `url`."""
+
+    def __init__(self, *, durable: bool = False) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="ballast-redis-"))
+        self.durable = durable
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--save", ""]
+        self._proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                *persistence,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.port, 10, up=True)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if kill:
+            self._proc.kill()
+        else:
+            self._proc.terminate()
+        self._proc.wait(timeout=10)
+        self._proc = None
+        _wait_port(self.port, 10, up=False)
+
+    def close(self) -> None:
+        self.stop(kill=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not candidates:
+        raise RuntimeError(f"{name} is not installed")
+    return str(candidates[-1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of our own (initdb into a temp folder), trust auth, database `test`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="ballast-pg-"))
+        self.data = self.dir / "data"
+        # initdb refuses to run as root; use the postgres account when we are root.
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.dir, "postgres", "postgres")
+        subprocess.run(
+            [*self._as, _pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._running = False
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=on"
+        subprocess.run(
+            [
+                *self._as,
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-w",
+                "-l",
+                str(self.dir / "log"),
+                "start",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._running = True
+
+    def stop(self, *, mode: str = "fast") -> None:
+        """mode: smart, fast or immediate (immediate is a crash: no checkpoint)."""
+        if not self._running:
+            return
+        subprocess.run(
+            [*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._running = False
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop(mode="immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_redis(*, durable: bool = False) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(durable=durable)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
