@@ -1,4 +1,4 @@
-"""Composition root of the edge service: builds its parts and registers the servicer."""
+"""Composition root of the edge: keys, store, downstream clients, pipeline, job workers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,27 @@ from collections.abc import Sequence
 import grpc
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 
+from services.edge import auth
+from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
+from services.edge.downstream import Downstream
+from services.edge.jobs import JobRunner
+from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
+from services.edge.store import EdgeStore
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
+
+
+def open_store(settings: EdgeSettings) -> EdgeStore:
+    if settings.store_url.startswith("memory://"):
+        from services.edge.store.memory import MemoryEdgeStore
+
+        return MemoryEdgeStore()
+    from services.edge.store.redis import RedisEdgeStore
+
+    return RedisEdgeStore(
+        settings.store_url, socket_timeout=settings.downstream_timeout, job_ttl=settings.job_ttl
+    )
 
 
 class EdgeApp(ServiceApp):
@@ -18,6 +36,13 @@ class EdgeApp(ServiceApp):
     def __init__(self, settings: EdgeSettings, telemetry: Telemetry) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
+        # A malformed keys file stops start-up with the file and entry named.
+        self.file_keys = auth.load_keys_file(settings.keys_file)
+        self.store = open_store(settings)
+        self.downstream = Downstream(settings, telemetry)
+        self.pipeline = ChatPipeline(settings, self.downstream)
+        self.jobs = JobRunner(settings, self.store, self.pipeline, telemetry.tracer)
+        self.in_flight = InFlightLimit(settings.max_in_flight)
 
     def service_names(self) -> Sequence[str]:
         return [
@@ -25,10 +50,26 @@ class EdgeApp(ServiceApp):
             for name in ("EdgeService", "EdgeAdminService")
         ]
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        return [self.in_flight]
+
     def register(self, server: grpc.aio.Server) -> None:
-        # Until the service logic lands, every method answers UNIMPLEMENTED.
-        edge_pb2_grpc.add_EdgeServiceServicer_to_server(edge_pb2_grpc.EdgeServiceServicer(), server)  # type: ignore[abstract]
-        edge_pb2_grpc.add_EdgeAdminServiceServicer_to_server(edge_pb2_grpc.EdgeAdminServiceServicer(), server)  # type: ignore[abstract]
+        keys = KeyRegistry(self.file_keys, self.store)
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(
+            EdgeServicer(self.settings, keys, self.downstream, self.pipeline, self.jobs, self.store), server
+        )
+        edge_pb2_grpc.add_EdgeAdminServiceServicer_to_server(
+            EdgeAdminServicer(self.settings, self.store, self.file_keys), server
+        )
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.jobs.start()
+
+    async def close(self) -> None:
+        await self.jobs.stop()
+        await self.downstream.close()
+        await self.store.close()
 
 
 def build(settings: EdgeSettings, telemetry: Telemetry) -> EdgeApp:

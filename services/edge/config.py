@@ -1,21 +1,101 @@
-"""Settings of the edge service, from BALLAST_* environment variables."""
+"""Settings of the edge service, from BALLAST_EDGE_* environment variables."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from services.kit.config import Env, ServerSettings
+
+PRIORITIES = ("low", "normal", "high", "critical")
+
+
+def _parse_tier_priorities(env: Env, name: str, default: str) -> dict[str, str]:
+    raw = env.string(name, default)
+    out: dict[str, str] = {}
+    for item in raw.split(","):
+        tier, sep, priority = item.partition("=")
+        tier, priority = tier.strip(), priority.strip().lower()
+        if not sep or not tier or priority not in PRIORITIES:
+            env.problems.append(
+                f"{name}={raw!r} is invalid: expected tier=priority pairs separated by commas, "
+                f"priority one of {', '.join(PRIORITIES)} (for example free=low,paid=normal,enterprise=high)"
+            )
+            return {}
+        out[tier] = priority
+    return out
 
 
 @dataclass(frozen=True)
 class EdgeSettings:
     server: ServerSettings
-    # Job queue for SubmitChat: memory:// (one process) or redis://host:6379/0 (Redis Streams).
-    queue_url: str = "memory://"
+    # Job queue, job records and API keys created through the admin RPC:
+    # memory:// (one process) or redis://host:6379/2 (Redis Streams, shared by replicas).
+    store_url: str = "memory://"
+    # API keys (hashes only) mapped to tenant, user and tier; see services/edge/README.md.
+    keys_file: str = "config/edge_keys.yaml"
+    # Guards EdgeAdminService; empty disables the admin RPCs.
+    admin_key: str = ""
+    # Requests served at once by this replica; beyond it callers get RESOURCE_EXHAUSTED at once.
+    max_in_flight: int = 512
+    # Per-request bounds on what a caller may send.
+    max_messages: int = 256
+    max_content_chars: int = 200_000
+    max_tools: int = 128
+    # Session context budget when the request does not set one.
+    context_tokens: int = 4000
+    # Output tokens reserved against the budget when the request sets no max_output_tokens.
+    reserve_output_tokens: int = 1024
+    # Timeout of each limiter, cache and sessions call (the router gets the caller's deadline).
+    downstream_timeout: float = 2.0
+    # What a limiter outage does to a chat: "open" lets it through, "closed" fails it UNAVAILABLE.
+    limiter_failure: str = "open"
+    # Longest adaptive-throttling delay a synchronous chat waits before giving up with RESOURCE_EXHAUSTED.
+    max_throttle_wait: float = 30.0
+    # Queue: workers per replica, how long a job may wait for quota, and when a silent worker's job is reclaimed.
+    workers: int = 4
+    job_max_wait: float = 3600.0
+    job_claim_idle: float = 30.0
+    job_ttl: float = 86400.0
+    # Webhooks: HMAC-SHA256 secret, attempts and the first backoff (doubles each attempt).
+    webhook_secret: str = ""
+    webhook_attempts: int = 6
+    webhook_backoff: float = 0.5
+    webhook_timeout: float = 5.0
+    # Tier -> queue priority for SubmitChat.
+    tier_priorities: Mapping[str, str] = field(
+        default_factory=lambda: {"free": "low", "paid": "normal", "enterprise": "high"}
+    )
 
     @classmethod
     def from_env(cls, env: Env) -> EdgeSettings:
         return cls(
             server=ServerSettings.from_env("edge", env),
-            queue_url=env.url("BALLAST_EDGE_QUEUE", "memory://", ["memory", "redis", "rediss"]),
+            store_url=env.url("BALLAST_EDGE_STORE", "memory://", ["memory", "redis", "rediss"]),
+            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", "config/edge_keys.yaml"),
+            admin_key=env.string("BALLAST_EDGE_ADMIN_KEY", ""),
+            max_in_flight=env.integer("BALLAST_EDGE_MAX_IN_FLIGHT", 512, minimum=1, maximum=1_000_000),
+            max_messages=env.integer("BALLAST_EDGE_MAX_MESSAGES", 256, minimum=1, maximum=100_000),
+            max_content_chars=env.integer(
+                "BALLAST_EDGE_MAX_CONTENT_CHARS", 200_000, minimum=1, maximum=100_000_000
+            ),
+            max_tools=env.integer("BALLAST_EDGE_MAX_TOOLS", 128, minimum=0, maximum=10_000),
+            context_tokens=env.integer("BALLAST_EDGE_CONTEXT_TOKENS", 4000, minimum=0, maximum=10_000_000),
+            reserve_output_tokens=env.integer(
+                "BALLAST_EDGE_RESERVE_OUTPUT_TOKENS", 1024, minimum=0, maximum=10_000_000
+            ),
+            downstream_timeout=env.duration("BALLAST_EDGE_DOWNSTREAM_TIMEOUT", 2.0, minimum=0.01),
+            limiter_failure=env.choice("BALLAST_EDGE_LIMITER_FAILURE", "open", ["open", "closed"]),
+            max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
+            workers=env.integer("BALLAST_EDGE_WORKERS", 4, minimum=0, maximum=1024),
+            job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", 3600.0, minimum=1.0),
+            job_claim_idle=env.duration("BALLAST_EDGE_JOB_CLAIM_IDLE", 30.0, minimum=0.1),
+            job_ttl=env.duration("BALLAST_EDGE_JOB_TTL", 86400.0, minimum=1.0),
+            webhook_secret=env.string("BALLAST_EDGE_WEBHOOK_SECRET", ""),
+            webhook_attempts=env.integer("BALLAST_EDGE_WEBHOOK_ATTEMPTS", 6, minimum=1, maximum=100),
+            webhook_backoff=env.duration("BALLAST_EDGE_WEBHOOK_BACKOFF", 0.5, minimum=0.0),
+            webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
+            tier_priorities=_parse_tier_priorities(
+                env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
+            ),
         )

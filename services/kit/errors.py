@@ -24,6 +24,8 @@ class BallastError(Exception):
     """Base of errors that map to a gRPC status other than INTERNAL."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    #: Extra trailing metadata for the client (for example rate-limit headers).
+    trailing: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -122,10 +124,25 @@ class DeadlineExceeded(BallastError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Forwarded(BallastError):
+    """A status from a downstream service, passed on with its code and google.rpc details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: list[Any]) -> None:
+        super().__init__(message)
+        self.code = code
+        self._details = details
+
+    def details(self) -> list[Any]:
+        return list(self._details)
+
+
 def to_status(error: BallastError) -> grpc.Status:
     """The status (with packed details in trailing metadata) for a domain error."""
     packed = []
     for detail in error.details():
+        if isinstance(detail, any_pb2.Any):
+            packed.append(detail)
+            continue
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
@@ -142,7 +159,7 @@ def _trace_id() -> str:
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
     if isinstance(exc, BallastError):
         status = to_status(exc)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        await context.abort(status.code, status.details, (*status.trailing_metadata, *exc.trailing))
     trace_id = _trace_id()
     log.error("unhandled error in %s (trace_id=%s)", method, trace_id, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")

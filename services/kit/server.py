@@ -44,6 +44,10 @@ class ServiceApp:
         """Adds the servicers to the server."""
         raise NotImplementedError
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Service-specific interceptors, run inside tracing and outside error mapping."""
+        return ()
+
     async def start(self) -> None:
         """Opens pools and starts background work, before the port accepts calls."""
 
@@ -95,7 +99,7 @@ async def start_service(app: ServiceApp) -> RunningService:
     """Starts `app` on its configured host and port (port 0 picks a free one)."""
     settings = app.server_settings
     server = grpc.aio.server(
-        interceptors=[*app.telemetry.server_interceptors(), ErrorInterceptor()],
+        interceptors=[*app.telemetry.server_interceptors(), *app.interceptors(), ErrorInterceptor()],
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()

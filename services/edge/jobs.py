@@ -1,0 +1,279 @@
+"""The burst queue: SubmitChat enqueues, workers run chats at the pace the limiter
+allows, results are kept for GetJob and pushed to a signed webhook.
+
+A job waiting for quota is parked until its retry time, not failed; a worker heartbeats
+its claim while the model runs, and the store reclaims claims whose worker went silent,
+so a job survives a worker's death. A job's end is recorded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+import httpx
+from ballast.common.v1 import common_pb2
+from ballast.edge.v1 import edge_pb2
+from google.protobuf import json_format, timestamp_pb2
+from google.rpc import status_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from services.edge.chat import ChatPipeline
+from services.edge.config import EdgeSettings
+from services.edge.downstream import Deadline
+from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
+from services.kit.errors import BallastError, ResourceExhausted, to_status
+
+log = logging.getLogger("ballast.edge.jobs")
+
+STATES = {
+    QUEUED: edge_pb2.JOB_STATE_QUEUED,
+    RUNNING: edge_pb2.JOB_STATE_RUNNING,
+    SUCCEEDED: edge_pb2.JOB_STATE_SUCCEEDED,
+    FAILED: edge_pb2.JOB_STATE_FAILED,
+    CANCELLED: edge_pb2.JOB_STATE_CANCELLED,
+}
+PRIORITIES = {
+    "low": common_pb2.PRIORITY_LOW,
+    "normal": common_pb2.PRIORITY_NORMAL,
+    "high": common_pb2.PRIORITY_HIGH,
+    "critical": common_pb2.PRIORITY_CRITICAL,
+}
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
+    if not seconds:
+        return None
+    value = timestamp_pb2.Timestamp()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def job_to_proto(job: JobRecord) -> edge_pb2.Job:
+    proto = edge_pb2.Job(
+        job_id=job.job_id,
+        state=STATES[job.state],
+        attempts=job.attempts,
+        priority=PRIORITIES.get(job.priority, common_pb2.PRIORITY_UNSPECIFIED),
+        webhook_state=job.webhook_state,
+        created_at=_timestamp(job.created_at),
+        started_at=_timestamp(job.started_at),
+        finished_at=_timestamp(job.finished_at),
+    )
+    if job.result:
+        proto.result.ParseFromString(job.result)
+    if job.error:
+        proto.error.ParseFromString(job.error)
+    return proto
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """HMAC-SHA256 over "<timestamp>.<body>", as the `x-ballast-signature: v1=<hex>` header carries it."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"v1={digest}"
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str, *, tolerance: float = 300.0) -> bool:
+    """What a webhook receiver does: constant-time compare and a replay window."""
+    try:
+        age = abs(time.time() - float(timestamp))
+    except ValueError:
+        return False
+    return age <= tolerance and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        store: EdgeStore,
+        pipeline: ChatPipeline,
+        tracer: trace.Tracer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._pipeline = pipeline
+        self._tracer = tracer
+        self._clock = clock
+        self._consumer = f"edge-{secrets.token_hex(6)}"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._http = httpx.AsyncClient(timeout=settings.webhook_timeout)
+        self._webhooks: set[asyncio.Task[bool]] = set()
+
+    # --- submitting --------------------------------------------------------------------------------------
+
+    async def submit(self, caller: common_pb2.Caller, request: edge_pb2.SubmitChatRequest) -> JobRecord:
+        priority = self._settings.tier_priorities.get(caller.tier, "normal")
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        job = JobRecord(
+            job_id="job_" + secrets.token_hex(12),
+            tenant_id=caller.tenant_id,
+            user_id=caller.user_id,
+            priority=priority,
+            request=request.SerializeToString(),
+            caller=caller.SerializeToString(),
+            created_at=self._clock(),
+            webhook_url=request.webhook_url,
+            webhook_state="pending" if request.webhook_url else "",
+            trace_context=carrier,
+        )
+        return await self._store.submit(job, request.idempotency_key)
+
+    # --- working -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for index in range(self._settings.workers):
+            self._tasks.append(asyncio.create_task(self._work(index), name=f"edge-worker-{index}"))
+        if self._settings.workers:
+            self._tasks.append(asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer"))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for webhook in list(self._webhooks):
+            webhook.cancel()
+        await self._http.aclose()
+
+    async def _reclaim_loop(self) -> None:
+        interval = max(0.05, self._settings.job_claim_idle / 2)
+        while not self._stopping.is_set():
+            try:
+                count = await self._store.reclaim(self._consumer, self._settings.job_claim_idle)
+                if count:
+                    log.warning("reclaimed %d abandoned jobs", count)
+            except Exception:
+                log.exception("reclaiming abandoned jobs failed")
+            await asyncio.sleep(interval)
+
+    async def _work(self, index: int) -> None:
+        while not self._stopping.is_set():
+            try:
+                claim = await self._store.claim(self._consumer, block=1.0)
+            except Exception:
+                log.exception("claiming a job failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            if claim is not None:
+                await self.run(claim)
+
+    async def _heartbeat(self, claim: Claim) -> None:
+        interval = max(0.05, self._settings.job_claim_idle / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await self._store.heartbeat(claim, self._consumer)
+
+    async def run(self, claim: Claim) -> None:
+        """Runs one claimed job to its end, or parks it until quota frees up."""
+        job = claim.job
+        submit = edge_pb2.SubmitChatRequest.FromString(job.request)
+        caller = common_pb2.Caller.FromString(job.caller)
+        parent = propagate.extract(job.trace_context)
+        heartbeat = asyncio.create_task(self._heartbeat(claim))
+        token = otel_context.attach(parent)
+        try:
+            with self._tracer.start_as_current_span("edge.job", attributes={"ballast.job.id": job.job_id}):
+                try:
+                    response = await self._pipeline.chat(caller, submit.chat, job.job_id, Deadline(None))
+                except ResourceExhausted as exc:
+                    waited = self._clock() - job.created_at
+                    retry_after = exc.retry_after if exc.retry_after is not None else 1.0
+                    if waited + retry_after <= self._settings.job_max_wait:
+                        # Limited: wait for quota in the queue instead of failing.
+                        await self._store.park(claim, self._clock() + retry_after)
+                        return
+                    await self._end(claim, job, error=exc)
+                except BallastError as exc:
+                    await self._end(claim, job, error=exc)
+                except Exception as exc:
+                    log.exception("job %s failed with a bug", job.job_id)
+                    await self._end(claim, job, error=exc)
+                else:
+                    await self._end(claim, job, result=response)
+        finally:
+            otel_context.detach(token)
+            heartbeat.cancel()
+
+    async def _end(
+        self,
+        claim: Claim,
+        job: JobRecord,
+        *,
+        result: edge_pb2.ChatResponse | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        job.finished_at = self._clock()
+        if result is not None:
+            job.state = SUCCEEDED
+            job.result = result.SerializeToString()
+        else:
+            job.state = FAILED
+            if isinstance(error, BallastError):
+                status = to_status(error)
+                proto = status_pb2.Status(code=status.code.value[0], message=status.details)
+            else:
+                proto = status_pb2.Status(code=13, message="internal error")
+            job.error = proto.SerializeToString()
+        if not await self._store.finish(claim, job):
+            log.info("job %s had already ended; this delivery is dropped", job.job_id)
+            return
+        if job.webhook_url:
+            task = asyncio.create_task(self.deliver(job))
+            self._webhooks.add(task)
+            task.add_done_callback(self._webhooks.discard)
+
+    # --- webhooks ----------------------------------------------------------------------------------------
+
+    def webhook_body(self, job: JobRecord) -> bytes:
+        payload = json_format.MessageToDict(job_to_proto(job), preserving_proto_field_name=True)
+        return json.dumps(payload, sort_keys=True).encode()
+
+    async def deliver(self, job: JobRecord) -> bool:
+        """POSTs the result, retrying with exponential backoff; records delivered or failed."""
+        body = self.webhook_body(job)
+        delay = self._settings.webhook_backoff
+        with self._tracer.start_as_current_span("edge.webhook", kind=trace.SpanKind.CLIENT) as span:
+            span.set_attribute("ballast.job.id", job.job_id)
+            for attempt in range(1, self._settings.webhook_attempts + 1):
+                stamp = str(int(self._clock()))
+                headers = {
+                    "content-type": "application/json",
+                    "x-ballast-job-id": job.job_id,
+                    "x-ballast-timestamp": stamp,
+                    "x-ballast-delivery-attempt": str(attempt),
+                }
+                if self._settings.webhook_secret:
+                    headers["x-ballast-signature"] = sign(self._settings.webhook_secret, stamp, body)
+                propagate.inject(headers)
+                try:
+                    reply = await self._http.post(job.webhook_url, content=body, headers=headers)
+                    if 200 <= reply.status_code < 300:
+                        job.webhook_state = "delivered"
+                        await self._store.update(job)
+                        return True
+                    # A 4xx other than 408/429 will not get better by retrying.
+                    if 400 <= reply.status_code < 500 and reply.status_code not in (408, 429):
+                        break
+                except httpx.HTTPError as exc:
+                    log.info("webhook attempt %d for %s failed: %s", attempt, job.job_id, type(exc).__name__)
+                if attempt < self._settings.webhook_attempts:
+                    await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+                    delay *= 2
+            job.webhook_state = "failed"
+            await self._store.update(job)
+            return False

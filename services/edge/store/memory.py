@@ -1,0 +1,153 @@
+"""In-process edge store: exact for one replica, lost on restart (the embedded default)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from services.edge.auth import ApiKey
+from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, TERMINAL, Claim, JobRecord
+
+
+class MemoryEdgeStore:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._keys: dict[str, ApiKey] = {}
+        self._jobs: dict[str, JobRecord] = {}
+        self._idempotency: dict[tuple[str, str], str] = {}
+        # Per priority: heap of (not_before, sequence, job_id).
+        self._queues: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PRIORITY_ORDER}
+        self._claims: dict[str, tuple[str, float]] = {}  # token -> (job_id, last heartbeat)
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def put_key(self, key: ApiKey) -> None:
+        self._keys[key.key_id] = key
+
+    async def key_by_hash(self, sha256: str) -> ApiKey | None:
+        return next((k for k in self._keys.values() if k.sha256 == sha256), None)
+
+    async def key_by_id(self, key_id: str) -> ApiKey | None:
+        return self._keys.get(key_id)
+
+    async def list_keys(self, tenant_id: str, offset: int, limit: int) -> list[ApiKey]:
+        keys = sorted(
+            (k for k in self._keys.values() if not tenant_id or k.tenant_id == tenant_id),
+            key=lambda k: k.key_id,
+        )
+        return keys[offset : offset + limit]
+
+    def _push(self, job: JobRecord) -> None:
+        heapq.heappush(self._queues[job.priority], (job.not_before, next(self._seq), job.job_id))
+        self._wakeup.set()
+
+    async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
+        if idempotency_key:
+            existing = self._idempotency.get((job.tenant_id, idempotency_key))
+            if existing is not None and existing in self._jobs:
+                return replace(self._jobs[existing])
+            self._idempotency[(job.tenant_id, idempotency_key)] = job.job_id
+        self._jobs[job.job_id] = replace(job)
+        self._push(job)
+        return replace(job)
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else replace(job)
+
+    def _pop_due(self) -> JobRecord | None:
+        now = self._clock()
+        for priority in PRIORITY_ORDER:
+            queue = self._queues[priority]
+            while queue and queue[0][0] <= now:
+                _, _, job_id = heapq.heappop(queue)
+                job = self._jobs.get(job_id)
+                if job is not None and job.state == QUEUED:
+                    return job
+        return None
+
+    async def claim(self, consumer: str, block: float) -> Claim | None:
+        deadline = time.monotonic() + block
+        while True:
+            job = self._pop_due()
+            if job is not None:
+                job.state = RUNNING
+                job.started_at = self._clock()
+                job.attempts += 1
+                token = f"{job.job_id}:{job.attempts}"
+                self._claims[token] = (job.job_id, time.monotonic())
+                return Claim(replace(job), token)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._wakeup.clear()
+            # Parked jobs become due without a wake-up, so poll at least every 100 ms.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=min(remaining, 0.1))
+
+    async def heartbeat(self, claim: Claim, consumer: str) -> None:
+        if claim.token in self._claims:
+            self._claims[claim.token] = (claim.job.job_id, time.monotonic())
+
+    async def reclaim(self, consumer: str, min_idle: float) -> int:
+        now = time.monotonic()
+        count = 0
+        for token, (job_id, seen) in list(self._claims.items()):
+            job = self._jobs.get(job_id)
+            if job is None or job.state in TERMINAL:
+                self._claims.pop(token, None)
+            elif now - seen >= min_idle:
+                self._claims.pop(token, None)
+                job.state = QUEUED
+                self._push(job)
+                count += 1
+        return count
+
+    async def park(self, claim: Claim, not_before: float) -> None:
+        self._claims.pop(claim.token, None)
+        job = self._jobs.get(claim.job.job_id)
+        if job is None or job.state in TERMINAL:
+            return
+        job.state = QUEUED
+        job.not_before = not_before
+        self._push(job)
+
+    async def finish(self, claim: Claim, job: JobRecord) -> bool:
+        self._claims.pop(claim.token, None)
+        current = self._jobs.get(job.job_id)
+        if current is None or current.state in TERMINAL:
+            return False
+        self._jobs[job.job_id] = replace(job)
+        return True
+
+    async def update(self, job: JobRecord) -> None:
+        current = self._jobs.get(job.job_id)
+        if current is not None:
+            current.webhook_state = job.webhook_state
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if job.state == QUEUED:
+            job.state = "cancelled"
+            job.finished_at = self._clock()
+        return replace(job)
+
+    async def depth(self) -> dict[str, int]:
+        counts = dict.fromkeys(PRIORITY_ORDER, 0)
+        for job in self._jobs.values():
+            if job.state == QUEUED:
+                counts[job.priority] += 1
+        return counts
