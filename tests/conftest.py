@@ -6,19 +6,22 @@ a green CI run must mean the real stores were exercised.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 from urllib.parse import urlencode
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
+import redis
 
 from services.kit.testing import Suite, start_suite
 
 REDIS_URL = os.environ.get("BALLAST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -30,37 +33,57 @@ def _unavailable(what: str, exc: BaseException) -> None:
 
 
 @pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
-    """A Redis URL whose `key_prefix` isolates this test; its keys are deleted afterwards."""
+def redis_url() -> Iterator[str]:
+    """A Redis URL whose `key_prefix` isolates this test; its keys are deleted afterwards.
+
+    Synchronous on purpose, so async fixtures may also ask for it with request.getfixturevalue.
+    """
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    client = aioredis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
     try:
-        await client.ping()
+        client.ping()
     except Exception as exc:
-        await client.aclose()
+        client.close()
         _unavailable("Redis", exc)
     sep = "&" if "?" in REDIS_URL else "?"
     yield f"{REDIS_URL}{sep}{urlencode({'key_prefix': prefix})}"
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
     # Hash-tagged keys start with the prefix too, so one pattern finds everything.
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
-        await client.delete(*keys)
-    await client.aclose()
+        client.delete(*keys)
+    client.close()
+
+
+def _run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def postgres_dsn() -> AsyncIterator[str]:
-    """A DSN whose search_path is a fresh schema, dropped afterwards."""
+def postgres_dsn() -> Iterator[str]:
+    """A DSN whose search_path is a fresh schema, dropped afterwards (synchronous, like redis_url)."""
     schema = f"test_{uuid.uuid4().hex[:12]}"
-    try:
+
+    async def create() -> None:
         conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+        try:
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    try:
+        _run(create())
     except Exception as exc:
         _unavailable("PostgreSQL", exc)
-    await conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in POSTGRES_DSN else "?"
     yield f"{POSTGRES_DSN}{sep}{urlencode({'search_path': schema})}"
-    await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    await conn.close()
+    _run(drop())
 
 
 SuiteFactory = Callable[..., Awaitable[Suite]]

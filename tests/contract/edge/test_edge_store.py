@@ -1,0 +1,146 @@
+"""The same queue and key cases against the memory store and the Redis Streams store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.edge import auth
+from services.edge.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, EdgeStore, JobRecord
+from services.edge.store.memory import MemoryEdgeStore
+from services.edge.store.redis import RedisEdgeStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[EdgeStore]:
+    if request.param == "memory":
+        memory = MemoryEdgeStore()
+        yield memory
+        return
+    url: str = request.getfixturevalue("redis_url")
+    redis_store = RedisEdgeStore(url)
+    await redis_store.start()
+    yield redis_store
+    await redis_store.close()
+
+
+def _job(job_id: str, priority: str = "normal", tenant: str = "acme") -> JobRecord:
+    return JobRecord(
+        job_id=job_id,
+        tenant_id=tenant,
+        user_id="u",
+        priority=priority,
+        request=b"\x01req",
+        caller=b"\x02caller",
+        created_at=time.time(),
+    )
+
+
+async def test_jobs_are_claimed_highest_priority_first(store: EdgeStore) -> None:
+    for job_id, priority in [("a", "low"), ("b", "normal"), ("c", "high"), ("d", "low"), ("e", "critical")]:
+        await store.submit(_job(job_id, priority), "")
+    order = []
+    for _ in range(5):
+        claim = await store.claim("w1", block=0.5)
+        assert claim is not None
+        assert claim.job.state == RUNNING and claim.job.attempts == 1
+        assert claim.job.request == b"\x01req"
+        order.append(claim.job.job_id)
+    assert order == ["e", "c", "b", "a", "d"]
+    assert await store.claim("w1", block=0.1) is None
+
+
+async def test_submit_is_idempotent_per_tenant(store: EdgeStore) -> None:
+    first = await store.submit(_job("j1"), "key-1")
+    again = await store.submit(_job("j2"), "key-1")
+    other_tenant = await store.submit(_job("j3", tenant="globex"), "key-1")
+    assert again.job_id == first.job_id == "j1"
+    assert other_tenant.job_id == "j3"
+    assert sum((await store.depth()).values()) == 2
+
+
+async def test_finish_is_recorded_once(store: EdgeStore) -> None:
+    await store.submit(_job("j"), "")
+    claim = await store.claim("w1", block=0.5)
+    assert claim is not None
+    done = claim.job
+    done.state, done.result = SUCCEEDED, b"answer"
+    assert await store.finish(claim, done) is True
+    late = JobRecord(**{**done.__dict__, "result": b"other"})
+    assert await store.finish(claim, late) is False
+    stored = await store.get_job("j")
+    assert stored is not None and stored.state == SUCCEEDED and stored.result == b"answer"
+
+
+async def test_a_silent_workers_job_is_reclaimed_and_runs_again(store: EdgeStore) -> None:
+    await store.submit(_job("j"), "")
+    dead = await store.claim("dead-worker", block=0.5)
+    assert dead is not None
+    assert await store.claim("w2", block=0.05) is None
+    await asyncio.sleep(0.25)
+    assert await store.reclaim("w2", min_idle=0.2) == 1
+    again = await store.claim("w2", block=0.5)
+    assert again is not None and again.job.job_id == "j" and again.job.attempts == 2
+    finished = again.job
+    finished.state = SUCCEEDED
+    assert await store.finish(again, finished)
+    # The dead worker's late result is dropped.
+    assert not await store.finish(dead, JobRecord(**{**dead.job.__dict__, "state": SUCCEEDED}))
+
+
+async def test_heartbeat_keeps_a_claim(store: EdgeStore) -> None:
+    await store.submit(_job("j"), "")
+    claim = await store.claim("w1", block=0.5)
+    assert claim is not None
+    await asyncio.sleep(0.15)
+    await store.heartbeat(claim, "w1")
+    assert await store.reclaim("w2", min_idle=0.1) == 0
+
+
+async def test_a_parked_job_waits_until_due(store: EdgeStore) -> None:
+    await store.submit(_job("j"), "")
+    claim = await store.claim("w1", block=0.5)
+    assert claim is not None
+    await store.park(claim, time.time() + 0.3)
+    parked = await store.get_job("j")
+    assert parked is not None and parked.state == QUEUED
+    assert await store.claim("w1", block=0.1) is None
+    later = await store.claim("w1", block=1.0)
+    assert later is not None and later.job.job_id == "j"
+
+
+async def test_cancel_only_stops_a_queued_job(store: EdgeStore) -> None:
+    await store.submit(_job("j1"), "")
+    await store.submit(_job("j2"), "")
+    cancelled = await store.cancel("j1")
+    assert cancelled is not None and cancelled.state == CANCELLED
+    claim = await store.claim("w", block=0.5)
+    assert claim is not None and claim.job.job_id == "j2"
+    running = await store.cancel("j2")
+    assert running is not None and running.state == RUNNING
+    assert await store.cancel("nope") is None
+
+
+async def test_depth_counts_queued_jobs_per_priority(store: EdgeStore) -> None:
+    await store.submit(_job("a", "low"), "")
+    await store.submit(_job("b", "low"), "")
+    await store.submit(_job("c", "high"), "")
+    depth = await store.depth()
+    assert depth["low"] == 2 and depth["high"] == 1 and depth["normal"] == 0
+    claim = await store.claim("w", block=0.5)
+    assert claim is not None
+    assert (await store.depth())["high"] == 0
+
+
+async def test_keys_round_trip(store: EdgeStore) -> None:
+    key, _ = auth.new_key("acme", "alice", "paid", "eu")
+    await store.put_key(key)
+    assert await store.key_by_hash(key.sha256) == key
+    assert await store.key_by_id(key.key_id) == key
+    other, _ = auth.new_key("globex", "bob", "free")
+    await store.put_key(other)
+    assert await store.list_keys("acme", 0, 10) == [key]
+    assert len(await store.list_keys("", 0, 10)) == 2
