@@ -40,27 +40,27 @@ class Suite:
         return self._channels[name]
 
     @property
-    def edge(self) -> edge_pb2_grpc.EdgeServiceStub:
+    def edge(self) -> edge_pb2_grpc.EdgeServiceAsyncStub:
         return edge_pb2_grpc.EdgeServiceStub(self.channel("edge"))
 
     @property
-    def edge_admin(self) -> edge_pb2_grpc.EdgeAdminServiceStub:
+    def edge_admin(self) -> edge_pb2_grpc.EdgeAdminServiceAsyncStub:
         return edge_pb2_grpc.EdgeAdminServiceStub(self.channel("edge"))
 
     @property
-    def router(self) -> router_pb2_grpc.RouterServiceStub:
+    def router(self) -> router_pb2_grpc.RouterServiceAsyncStub:
         return router_pb2_grpc.RouterServiceStub(self.channel("router"))
 
     @property
-    def limiter(self) -> limiter_pb2_grpc.LimiterServiceStub:
+    def limiter(self) -> limiter_pb2_grpc.LimiterServiceAsyncStub:
         return limiter_pb2_grpc.LimiterServiceStub(self.channel("limiter"))
 
     @property
-    def cache(self) -> cache_pb2_grpc.CacheServiceStub:
+    def cache(self) -> cache_pb2_grpc.CacheServiceAsyncStub:
         return cache_pb2_grpc.CacheServiceStub(self.channel("cache"))
 
     @property
-    def sessions(self) -> sessions_pb2_grpc.SessionsServiceStub:
+    def sessions(self) -> sessions_pb2_grpc.SessionsServiceAsyncStub:
         return sessions_pb2_grpc.SessionsServiceStub(self.channel("sessions"))
 
     async def stop(self, grace: float = 0.5) -> None:
