@@ -1,0 +1,121 @@
+"""Bad chat input is refused at the edge with INVALID_ARGUMENT naming the field, before any downstream call."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from ballast.common.v1 import common_pb2
+from ballast.edge.v1 import edge_pb2
+
+from tests.conftest import SuiteFactory
+
+KEY = (("authorization", "Bearer bk_demo_paid"),)
+USER = common_pb2.ROLE_USER
+
+
+def _chat(**fields: object) -> edge_pb2.ChatRequest:
+    request = edge_pb2.ChatRequest(messages=[common_pb2.ChatMessage(role=USER, content="hi")])
+    for name, value in fields.items():
+        if name == "messages":
+            del request.messages[:]
+            request.messages.extend(value)  # type: ignore[arg-type]
+        elif name == "tools":
+            request.tools.extend(value)  # type: ignore[arg-type]
+        elif name == "params":
+            request.params.CopyFrom(value)  # type: ignore[arg-type]
+        elif name == "tool_choice":
+            request.tool_choice.CopyFrom(value)  # type: ignore[arg-type]
+        else:
+            setattr(request, name, value)
+    return request
+
+
+CASES = [
+    (_chat(messages=[]), "messages"),
+    (_chat(messages=[common_pb2.ChatMessage(role=USER, content="")]), "messages[0].content"),
+    (_chat(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_UNSPECIFIED, content="x")]), "messages[0].role"),
+    (
+        _chat(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, content="x")]),
+        "messages[0].tool_call_id",
+    ),
+    (
+        _chat(
+            messages=[
+                common_pb2.ChatMessage(
+                    role=common_pb2.ROLE_USER,
+                    content="x",
+                    tool_calls=[common_pb2.ToolCall(id="1", name="f", arguments_json="{}")],
+                )
+            ]
+        ),
+        "messages[0].tool_calls",
+    ),
+    (
+        _chat(
+            messages=[
+                common_pb2.ChatMessage(
+                    role=common_pb2.ROLE_ASSISTANT,
+                    tool_calls=[common_pb2.ToolCall(id="1", name="f", arguments_json="{oops")],
+                ),
+                common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, tool_call_id="1", content="r"),
+            ]
+        ),
+        "messages[0].tool_calls[0].arguments_json",
+    ),
+    (_chat(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content="x")]), "messages"),
+    (_chat(tools=[common_pb2.ToolDefinition(name="bad name!")]), "tools[0].name"),
+    (
+        _chat(tools=[common_pb2.ToolDefinition(name="f"), common_pb2.ToolDefinition(name="f")]),
+        "tools[1].name",
+    ),
+    (
+        _chat(tools=[common_pb2.ToolDefinition(name="f", parameters_json_schema="[]")]),
+        "tools[0].parameters_json_schema",
+    ),
+    (
+        _chat(tool_choice=common_pb2.ToolChoice(mode=common_pb2.TOOL_CHOICE_MODE_NAMED, name="nope")),
+        "tool_choice.name",
+    ),
+    (_chat(params=common_pb2.GenerationParams(temperature=3.5)), "params.temperature"),
+    (_chat(params=common_pb2.GenerationParams(top_p=0.0)), "params.top_p"),
+    (_chat(params=common_pb2.GenerationParams(max_output_tokens=-1)), "params.max_output_tokens"),
+    (_chat(session_id="has spaces"), "session_id"),
+    (_chat(context_token_budget=-5), "context_token_budget"),
+    (_chat(cache_namespace="a/b"), "cache_namespace"),
+    (_chat(messages=[common_pb2.ChatMessage(role=USER, content="x" * 300_001)]), "messages"),
+]
+
+
+@pytest.mark.parametrize(("request_", "field"), CASES, ids=[field for _, field in CASES])
+async def test_bad_chat_input_names_the_field(
+    suite_factory: SuiteFactory, request_: edge_pb2.ChatRequest, field: str
+) -> None:
+    suite = await suite_factory(["edge"], {"BALLAST_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)})
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.Chat(request_, metadata=KEY)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert (info.value.details() or "").startswith(f"{field}:")
+
+
+async def test_streaming_and_queued_chats_are_validated_too(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(["edge"])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in suite.edge.ChatStream(
+            edge_pb2.ChatStreamRequest(chat=_chat(messages=[])), metadata=KEY
+        ):
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("chat.messages:")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.SubmitChat(
+            edge_pb2.SubmitChatRequest(chat=_chat(), webhook_url="ftp://x"), metadata=KEY
+        )
+    assert (info.value.details() or "").startswith("webhook_url:")
+
+
+async def test_oversized_messages_are_refused_by_the_transport(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(["edge"], {"BALLAST_MAX_MESSAGE_BYTES": "65536"})
+    big = _chat(messages=[common_pb2.ChatMessage(role=USER, content="x" * 100_000)])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.Chat(big, metadata=KEY)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
