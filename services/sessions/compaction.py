@@ -51,6 +51,8 @@ def choose_cut(record: SessionRecord, turns: Sequence[StoredTurn], keep_tokens: 
     """
     remaining = record.unsummarized_tokens
     cut = 0
+    if remaining <= keep_tokens:
+        return 0
     for index, turn in enumerate(turns):
         remaining -= turn.token_count
         following = turns[index + 1] if index + 1 < len(turns) else None
