@@ -160,6 +160,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     if isinstance(exc, BallastError):
         status = to_status(exc)
         await context.abort(status.code, status.details, (*status.trailing_metadata, *exc.trailing))
+    if isinstance(exc, NotImplementedError):
+        # The generated base servicers raise this for methods a service does not implement.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     trace_id = _trace_id()
     log.error("unhandled error in %s (trace_id=%s)", method, trace_id, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")

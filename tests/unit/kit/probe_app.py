@@ -32,6 +32,8 @@ def _fail(kind: str) -> None:
         raise errors.Aborted("session changed", current_version=7)
     if kind == "bug":
         raise ZeroDivisionError("secret internal detail")
+    if kind == "unimplemented":
+        raise NotImplementedError("Method not implemented!")
 
 
 class ProbeApp(ServiceApp):

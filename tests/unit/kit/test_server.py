@@ -131,6 +131,11 @@ async def test_a_bug_is_internal_without_leaking_its_message(probe: grpc.aio.Cha
     assert (error.details() or "").startswith("internal error (trace id")
 
 
+async def test_an_unimplemented_method_is_unimplemented(probe: grpc.aio.Channel) -> None:
+    error = await _fail(probe, "unimplemented")
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_errors_in_a_stream_end_it_with_the_status(probe: grpc.aio.Channel) -> None:
     call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = probe.unary_stream(f"/{probe_app.SERVICE}/Stream")
     received = []
