@@ -1,15 +1,52 @@
-"""Composition root of the cache service: builds its parts and registers the servicer."""
+"""Composition root of the cache service: store, embedder, engine and servicer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from services.cache.config import CacheSettings
+from services.cache.embedder import Embedder, LocalEmbedder, RouterEmbedder
+from services.cache.engine import CacheEngine
+from services.cache.index import AnnParams
+from services.cache.servicer import CacheServicer
+from services.cache.store import CacheStore, StoreOptions, open_store
+from services.kit.clients import open_channel
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
+
+
+def make_embedder(settings: CacheSettings, telemetry: Telemetry) -> Embedder:
+    if settings.embedder == "router":
+        channel = open_channel(settings.server.addresses["router"], settings.server, telemetry)
+        return RouterEmbedder(channel, settings.router_embed_model, timeout=settings.embed_timeout)
+    return LocalEmbedder(
+        settings.model_path,
+        settings.tokenizer_path,
+        threads=settings.embed_threads,
+        max_tokens=settings.embed_max_tokens,
+        preload=settings.preload_embedder,
+    )
+
+
+def make_store(settings: CacheSettings) -> CacheStore:
+    return open_store(
+        settings.store_url,
+        StoreOptions(
+            max_bytes=settings.max_bytes,
+            ann=AnnParams(
+                threshold=settings.ann_threshold,
+                m=settings.ann_m,
+                ef_construction=settings.ann_ef_construction,
+                ef=settings.ann_ef,
+            ),
+            sync_block=settings.sync_block,
+            stream_maxlen=settings.stream_maxlen,
+        ),
+    )
 
 
 class CacheApp(ServiceApp):
@@ -18,13 +55,26 @@ class CacheApp(ServiceApp):
     def __init__(self, settings: CacheSettings, telemetry: Telemetry) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
+        self.store = make_store(settings)
+        self.embedder = make_embedder(settings, telemetry)
+        # Tests replace `clock` with a fake one; the engine reads it on every call.
+        self.clock: Callable[[], float] = time.time
+        self.engine = CacheEngine(settings, self.store, self.embedder, clock=lambda: self.clock())
 
     def service_names(self) -> Sequence[str]:
         return [cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        # Until the service logic lands, every method answers UNIMPLEMENTED.
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(cache_pb2_grpc.CacheServiceServicer(), server)  # type: ignore[abstract]
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.engine), server)
+
+    async def start(self) -> None:
+        await self.store.start()
+        # Loads the model in a background thread: the port opens without waiting for it.
+        await self.embedder.start()
+
+    async def close(self) -> None:
+        await self.embedder.close()
+        await self.store.close()
 
 
 def build(settings: CacheSettings, telemetry: Telemetry) -> CacheApp:

