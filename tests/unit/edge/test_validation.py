@@ -33,7 +33,10 @@ def _chat(**fields: object) -> edge_pb2.ChatRequest:
 CASES = [
     (_chat(messages=[]), "messages"),
     (_chat(messages=[common_pb2.ChatMessage(role=USER, content="")]), "messages[0].content"),
-    (_chat(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_UNSPECIFIED, content="x")]), "messages[0].role"),
+    (
+        _chat(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_UNSPECIFIED, content="x")]),
+        "messages[0].role",
+    ),
     (
         _chat(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, content="x")]),
         "messages[0].tool_call_id",
