@@ -1,8 +1,12 @@
-"""Composition root of the limiter service: builds its parts and registers the servicer."""
+"""Composition root of the limiter service: builds its parts and registers the servicers."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
@@ -10,24 +14,65 @@ from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
 from services.limiter.config import LimiterSettings
+from services.limiter.limiter import Limiter
+from services.limiter.reload import Reloading
+from services.limiter.servicer import LimiterServicer
+from services.limiter.store import open_store
+from services.limiter.store.base import Store
+from services.limiter.tiers import TiersConfig, load_tiers
+
+log = logging.getLogger("ballast.limiter")
 
 
 class LimiterApp(ServiceApp):
     name = "limiter"
 
-    def __init__(self, settings: LimiterSettings, telemetry: Telemetry) -> None:
+    def __init__(
+        self, settings: LimiterSettings, telemetry: Telemetry, *, clock: Callable[[], float] = time.time
+    ) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
+        self.clock = clock
+        # Fails start-up (naming the file and each problem) when the tiers file is bad.
+        self.tiers: Reloading[TiersConfig] = Reloading(settings.tiers_file, load_tiers)
+        self.store: Store = open_store(settings, clock=clock)
+        self.limiter = Limiter(
+            self.store,
+            self.tiers,
+            clock=clock,
+            window_buckets=settings.window_buckets,
+            idempotency_ttl=settings.idempotency_ttl,
+        )
+        self._headroom_task: asyncio.Task[None] | None = None
 
     def service_names(self) -> Sequence[str]:
         return [limiter_pb2.DESCRIPTOR.services_by_name["LimiterService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        # Until the service logic lands, every method answers UNIMPLEMENTED.
         limiter_pb2_grpc.add_LimiterServiceServicer_to_server(
-            limiter_pb2_grpc.LimiterServiceServicer(),  # type: ignore[abstract]
-            server,
+            LimiterServicer(self.limiter, self.settings), server
         )
+
+    async def start(self) -> None:
+        self.tiers.start(self.settings.reload_interval)
+        if not self.settings.store_url.startswith("memory:"):
+            self._headroom_task = asyncio.create_task(self._refresh_headroom(), name="limiter headroom")
+
+    async def _refresh_headroom(self) -> None:
+        while True:
+            try:
+                await self.limiter.refresh_headroom()
+            except Exception as exc:  # a broken refresh must not stop the next one
+                log.warning("headroom refresh failed", extra={"error": repr(exc)})
+            await asyncio.sleep(self.settings.headroom_refresh)
+
+    async def close(self) -> None:
+        await self.tiers.stop()
+        if self._headroom_task is not None:
+            self._headroom_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._headroom_task
+        await self.store.close()
 
 
 def build(settings: LimiterSettings, telemetry: Telemetry) -> LimiterApp:

@@ -6,16 +6,65 @@ from dataclasses import dataclass
 
 from services.kit.config import Env, ServerSettings
 
+FAIL_MODES = ("local", "open", "closed")
+
 
 @dataclass(frozen=True)
 class LimiterSettings:
     server: ServerSettings
     # Counters and buckets: memory:// (one process) or redis://host:6379/0 (shared by replicas).
     store_url: str = "memory://"
+    # The tiers file (YAML); re-read when its modification time changes.
+    tiers_file: str = "config/limiter_tiers.yaml"
+    # envoyproxy/ratelimit config: one YAML file or a directory of them; empty = no Envoy limits.
+    envoy_config: str = ""
+    # How often the tiers and Envoy files are checked for changes.
+    reload_interval: float = 1.0
+    # A store call slower than this counts as a store failure (the fail mode decides).
+    store_timeout: float = 0.25
+    # After a store failure, decide by the fail mode for this long before trying the store again.
+    store_retry_interval: float = 1.0
+    # What to do while the shared store is unreachable: a local per-replica limit, allow, or deny.
+    fail_mode: str = "local"
+    # Replicas sharing the store: the local fallback enforces limit/replicas per replica.
+    replicas: int = 1
+    # Redis connections per replica.
+    pool_size: int = 64
+    # Sub-buckets per sliding window (precision: a window is counted over W..W+W/buckets).
+    window_buckets: int = 20
+    # How long a Check's request_id is remembered (retries within it are not counted twice).
+    idempotency_ttl: float = 600.0
+    # How often each replica re-reads the provider headroom shared through the store.
+    headroom_refresh: float = 1.0
+    # Input bounds ("absurd sizes" are rejected with INVALID_ARGUMENT).
+    max_requests: int = 10_000
+    max_tokens: int = 100_000_000
+    max_tool_calls: int = 10_000
+    max_id_length: int = 256
+    max_descriptors: int = 64
+    max_entries: int = 32
 
     @classmethod
     def from_env(cls, env: Env) -> LimiterSettings:
+        p = "BALLAST_LIMITER_"
         return cls(
             server=ServerSettings.from_env("limiter", env),
-            store_url=env.url("BALLAST_LIMITER_STORE", "memory://", ["memory", "redis", "rediss"]),
+            store_url=env.url(f"{p}STORE", "memory://", ["memory", "redis", "rediss"]),
+            tiers_file=env.string(f"{p}TIERS_FILE", "config/limiter_tiers.yaml"),
+            envoy_config=env.string(f"{p}ENVOY_CONFIG", ""),
+            reload_interval=env.duration(f"{p}RELOAD_INTERVAL", 1.0, minimum=0.01),
+            store_timeout=env.duration(f"{p}STORE_TIMEOUT", 0.25, minimum=0.001),
+            store_retry_interval=env.duration(f"{p}STORE_RETRY_INTERVAL", 1.0, minimum=0.0),
+            fail_mode=env.choice(f"{p}FAIL_MODE", "local", FAIL_MODES),
+            replicas=env.integer(f"{p}REPLICAS", 1, minimum=1, maximum=10_000),
+            pool_size=env.integer(f"{p}POOL_SIZE", 64, minimum=1, maximum=10_000),
+            window_buckets=env.integer(f"{p}WINDOW_BUCKETS", 20, minimum=1, maximum=600),
+            idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 600.0, minimum=1.0),
+            headroom_refresh=env.duration(f"{p}HEADROOM_REFRESH", 1.0, minimum=0.01),
+            max_requests=env.integer(f"{p}MAX_REQUESTS", 10_000, minimum=1),
+            max_tokens=env.integer(f"{p}MAX_TOKENS", 100_000_000, minimum=1),
+            max_tool_calls=env.integer(f"{p}MAX_TOOL_CALLS", 10_000, minimum=1),
+            max_id_length=env.integer(f"{p}MAX_ID_LENGTH", 256, minimum=8, maximum=4096),
+            max_descriptors=env.integer(f"{p}MAX_DESCRIPTORS", 64, minimum=1, maximum=4096),
+            max_entries=env.integer(f"{p}MAX_ENTRIES", 32, minimum=1, maximum=1024),
         )

@@ -26,33 +26,33 @@ from ballast.common.v1 import common_pb2 as ballast_dot_common_dot_v1_dot_common
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ballast/limiter/v1/limiter.proto\x12\x12\x62\x61llast.limiter.v1\x1a\x1e\x62\x61llast/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe0\x01\n\x0c\x43heckRequest\x12)\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x19.ballast.common.v1.Caller\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x16\n\x0ereserve_tokens\x18\x04 \x01(\x03\x12\x12\n\ntool_calls\x18\x05 \x01(\x03\x12-\n\x08priority\x18\x06 \x01(\x0e\x32\x1b.ballast.common.v1.Priority\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"Z\n\x0bLimitStatus\x12\'\n\x05quota\x18\x01 \x01(\x0b\x32\x18.ballast.common.v1.Quota\x12\x12\n\nover_limit\x18\x02 \x01(\x08\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\"\xa1\x02\n\rCheckResponse\x12.\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1c.ballast.limiter.v1.Decision\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x06limits\x18\x04 \x03(\x0b\x32\x1f.ballast.limiter.v1.LimitStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12-\n\x08priority\x18\x07 \x01(\x0e\x32\x1b.ballast.common.v1.Priority\"~\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12)\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x19.ballast.common.v1.Caller\x12\x15\n\ractual_tokens\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x04 \x01(\x03\";\n\x0e\x43ommitResponse\x12)\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x18.ballast.common.v1.Quota\"\xc6\x02\n\x15ReportHeadroomRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1a\n\x12remaining_requests\x18\x03 \x01(\x03\x12\x18\n\x10remaining_tokens\x18\x04 \x01(\x03\x12\x16\n\x0elimit_requests\x18\x05 \x01(\x03\x12\x14\n\x0climit_tokens\x18\x06 \x01(\x03\x12\x31\n\x0ereset_requests\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0creset_tokens\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0crate_limited\x18\t \x01(\x08\x12.\n\x0bretry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\x18\n\x16ReportHeadroomResponse\"P\n\x0fGetUsageRequest\x12)\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x19.ballast.common.v1.Caller\x12\x12\n\nsession_id\x18\x02 \x01(\t\"m\n\x10GetUsageResponse\x12(\n\x06quotas\x18\x01 \x03(\x0b\x32\x18.ballast.common.v1.Quota\x12\x14\n\x0ctokens_today\x18\x02 \x01(\x03\x12\x19\n\x11\x63ost_micros_today\x18\x03 \x01(\x03*_\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_DELAY\x10\x02\x12\x11\n\rDECISION_DENY\x10\x03\x32\xef\x02\n\x0eLimiterService\x12L\n\x05\x43heck\x12 .ballast.limiter.v1.CheckRequest\x1a!.ballast.limiter.v1.CheckResponse\x12O\n\x06\x43ommit\x12!.ballast.limiter.v1.CommitRequest\x1a\".ballast.limiter.v1.CommitResponse\x12g\n\x0eReportHeadroom\x12).ballast.limiter.v1.ReportHeadroomRequest\x1a*.ballast.limiter.v1.ReportHeadroomResponse\x12U\n\x08GetUsage\x12#.ballast.limiter.v1.GetUsageRequest\x1a$.ballast.limiter.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ballast/limiter/v1/limiter.proto\x12\x12\x62\x61llast.limiter.v1\x1a\x1e\x62\x61llast/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe0\x01\n\x0c\x43heckRequest\x12)\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x19.ballast.common.v1.Caller\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x16\n\x0ereserve_tokens\x18\x04 \x01(\x03\x12\x12\n\ntool_calls\x18\x05 \x01(\x03\x12-\n\x08priority\x18\x06 \x01(\x0e\x32\x1b.ballast.common.v1.Priority\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"Z\n\x0bLimitStatus\x12\'\n\x05quota\x18\x01 \x01(\x0b\x32\x18.ballast.common.v1.Quota\x12\x12\n\nover_limit\x18\x02 \x01(\x08\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\"\xc5\x02\n\rCheckResponse\x12.\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1c.ballast.limiter.v1.Decision\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x06limits\x18\x04 \x03(\x0b\x32\x1f.ballast.limiter.v1.LimitStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12-\n\x08priority\x18\x07 \x01(\x0e\x32\x1b.ballast.common.v1.Priority\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x10\n\x08replayed\x18\t \x01(\x08\"~\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12)\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x19.ballast.common.v1.Caller\x12\x15\n\ractual_tokens\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x04 \x01(\x03\"\x81\x01\n\x0e\x43ommitResponse\x12)\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x18.ballast.common.v1.Quota\x12\x19\n\x11reservation_found\x18\x02 \x01(\x08\x12\x17\n\x0f\x61lready_settled\x18\x03 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\"\xc6\x02\n\x15ReportHeadroomRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1a\n\x12remaining_requests\x18\x03 \x01(\x03\x12\x18\n\x10remaining_tokens\x18\x04 \x01(\x03\x12\x16\n\x0elimit_requests\x18\x05 \x01(\x03\x12\x14\n\x0climit_tokens\x18\x06 \x01(\x03\x12\x31\n\x0ereset_requests\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0creset_tokens\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0crate_limited\x18\t \x01(\x08\x12.\n\x0bretry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\x18\n\x16ReportHeadroomResponse\"P\n\x0fGetUsageRequest\x12)\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x19.ballast.common.v1.Caller\x12\x12\n\nsession_id\x18\x02 \x01(\t\"m\n\x10GetUsageResponse\x12(\n\x06quotas\x18\x01 \x03(\x0b\x32\x18.ballast.common.v1.Quota\x12\x14\n\x0ctokens_today\x18\x02 \x01(\x03\x12\x19\n\x11\x63ost_micros_today\x18\x03 \x01(\x03*_\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x12\n\x0e\x44\x45\x43ISION_DELAY\x10\x02\x12\x11\n\rDECISION_DENY\x10\x03\x32\xef\x02\n\x0eLimiterService\x12L\n\x05\x43heck\x12 .ballast.limiter.v1.CheckRequest\x1a!.ballast.limiter.v1.CheckResponse\x12O\n\x06\x43ommit\x12!.ballast.limiter.v1.CommitRequest\x1a\".ballast.limiter.v1.CommitResponse\x12g\n\x0eReportHeadroom\x12).ballast.limiter.v1.ReportHeadroomRequest\x1a*.ballast.limiter.v1.ReportHeadroomResponse\x12U\n\x08GetUsage\x12#.ballast.limiter.v1.GetUsageRequest\x1a$.ballast.limiter.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ballast.limiter.v1.limiter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1468
-  _globals['_DECISION']._serialized_end=1563
+  _globals['_DECISION']._serialized_start=1575
+  _globals['_DECISION']._serialized_end=1670
   _globals['_CHECKREQUEST']._serialized_start=121
   _globals['_CHECKREQUEST']._serialized_end=345
   _globals['_LIMITSTATUS']._serialized_start=347
   _globals['_LIMITSTATUS']._serialized_end=437
   _globals['_CHECKRESPONSE']._serialized_start=440
-  _globals['_CHECKRESPONSE']._serialized_end=729
-  _globals['_COMMITREQUEST']._serialized_start=731
-  _globals['_COMMITREQUEST']._serialized_end=857
-  _globals['_COMMITRESPONSE']._serialized_start=859
-  _globals['_COMMITRESPONSE']._serialized_end=918
-  _globals['_REPORTHEADROOMREQUEST']._serialized_start=921
-  _globals['_REPORTHEADROOMREQUEST']._serialized_end=1247
-  _globals['_REPORTHEADROOMRESPONSE']._serialized_start=1249
-  _globals['_REPORTHEADROOMRESPONSE']._serialized_end=1273
-  _globals['_GETUSAGEREQUEST']._serialized_start=1275
-  _globals['_GETUSAGEREQUEST']._serialized_end=1355
-  _globals['_GETUSAGERESPONSE']._serialized_start=1357
-  _globals['_GETUSAGERESPONSE']._serialized_end=1466
-  _globals['_LIMITERSERVICE']._serialized_start=1566
-  _globals['_LIMITERSERVICE']._serialized_end=1933
+  _globals['_CHECKRESPONSE']._serialized_end=765
+  _globals['_COMMITREQUEST']._serialized_start=767
+  _globals['_COMMITREQUEST']._serialized_end=893
+  _globals['_COMMITRESPONSE']._serialized_start=896
+  _globals['_COMMITRESPONSE']._serialized_end=1025
+  _globals['_REPORTHEADROOMREQUEST']._serialized_start=1028
+  _globals['_REPORTHEADROOMREQUEST']._serialized_end=1354
+  _globals['_REPORTHEADROOMRESPONSE']._serialized_start=1356
+  _globals['_REPORTHEADROOMRESPONSE']._serialized_end=1380
+  _globals['_GETUSAGEREQUEST']._serialized_start=1382
+  _globals['_GETUSAGEREQUEST']._serialized_end=1462
+  _globals['_GETUSAGERESPONSE']._serialized_start=1464
+  _globals['_GETUSAGERESPONSE']._serialized_end=1573
+  _globals['_LIMITERSERVICE']._serialized_start=1673
+  _globals['_LIMITERSERVICE']._serialized_end=2040
 # @@protoc_insertion_point(module_scope)

@@ -139,6 +139,8 @@ class CheckResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     reason: _builtins.str
     """Names the limit that decided a DELAY or DENY."""
@@ -146,6 +148,14 @@ class CheckResponse(_message.Message):
     """Reservation to settle with Commit; empty when nothing was reserved."""
     priority: _common_pb2.Priority.ValueType
     """The priority the request was decided at."""
+    degraded: _builtins.bool
+    """The shared store was unreachable and the replica decided by its configured fail mode
+    (a local per-replica limit, fail-open or fail-closed); quotas are then approximate.
+    """
+    replayed: _builtins.bool
+    """This Check repeated an earlier request_id: nothing was counted again and the earlier
+    decision (with its reservation) is returned.
+    """
     @_builtins.property
     def delay(self) -> _duration_pb2.Duration:
         """With DECISION_DELAY: how long to wait before proceeding."""
@@ -168,10 +178,12 @@ class CheckResponse(_message.Message):
         reason: _builtins.str = ...,
         reservation_id: _builtins.str = ...,
         priority: _common_pb2.Priority.ValueType = ...,
+        degraded: _builtins.bool = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "delay", b"delay", "limits", b"limits", "priority", b"priority", "reason", b"reason", "reservation_id", b"reservation_id", "retry_after", b"retry_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "degraded", b"degraded", "delay", b"delay", "limits", b"limits", "priority", b"priority", "reason", b"reason", "replayed", b"replayed", "reservation_id", b"reservation_id", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,6 +224,17 @@ class CommitResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUDGETS_FIELD_NUMBER: _builtins.int
+    RESERVATION_FOUND_FIELD_NUMBER: _builtins.int
+    ALREADY_SETTLED_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    reservation_found: _builtins.bool
+    """The reservation was found and released; false when it had expired (or was never made),
+    in which case the actual tokens were charged without one.
+    """
+    already_settled: _builtins.bool
+    """This reservation had already been settled: nothing was charged again."""
+    degraded: _builtins.bool
+    """Settled on the replica's local fallback because the shared store was unreachable."""
     @_builtins.property
     def budgets(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Quota]:
         """Token budgets after settlement."""
@@ -220,10 +243,13 @@ class CommitResponse(_message.Message):
         self,
         *,
         budgets: _abc.Iterable[_common_pb2.Quota] | None = ...,
+        reservation_found: _builtins.bool = ...,
+        already_settled: _builtins.bool = ...,
+        degraded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_settled", b"already_settled", "budgets", b"budgets", "degraded", b"degraded", "reservation_found", b"reservation_found"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,413 @@
+"""Redis store: every decision is one EVALSHA of one Lua script, whatever the number of limits.
+
+The scripts are loaded once (SCRIPT LOAD) and called by SHA; after a Redis restart (NOSCRIPT)
+they are loaded again transparently. Time comes from Redis (TIME inside the script), never
+from the replicas' clocks. All keys of one call share a {hash tag} (the domain tags by
+tenant or Envoy domain), so a call is Redis Cluster-safe. Keys carry the URL's key_prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.limiter.store.base import (
+    BudgetRef,
+    Kind,
+    LimitOp,
+    OpResult,
+    Outcome,
+    Settlement,
+    StoreUnavailableError,
+)
+
+_COMMON = r"""
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A daily (UTC) budget: hash {d, used, res, cost, r:<id> = tokens} + zset of reservation expiries.
+local function budget_load(h, z, now)
+  local day = math.floor(now / 86400000)
+  local v = redis.call('HMGET', h, 'd', 'used', 'res', 'cost')
+  local used, res, cost = tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
+  if tonumber(v[1]) ~= day then
+    used, cost = 0, 0
+    redis.call('HSET', h, 'd', day, 'used', 0, 'cost', 0)
+    if redis.call('PTTL', h) < 0 then redis.call('PEXPIRE', h, (day + 2) * 86400000 - now) end
+  end
+  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  if #expired > 0 then
+    for _, id in ipairs(expired) do
+      res = res - (tonumber(redis.call('HGET', h, 'r:' .. id)) or 0)
+      redis.call('HDEL', h, 'r:' .. id)
+    end
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+    if res < 0 then res = 0 end
+    redis.call('HSET', h, 'res', res)
+  end
+  return {day = day, used = used, res = res, cost = cost}
+end
+
+local function budget_result(b, z, limit, cost, over, now)
+  local reset = (b.day + 1) * 86400000 - now
+  local retry = 0
+  if over then
+    if b.used + cost > limit then
+      retry = reset
+    else
+      retry = reset
+      local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+      if #first > 0 then retry = math.min(reset, math.max(1, tonumber(first[2]) - now)) end
+    end
+  end
+  local remaining = -1
+  if limit >= 0 then remaining = math.max(0, limit - b.used - b.res) end
+  return {over and 1 or 0, remaining, reset, retry, b.used, b.cost}
+end
+"""
+
+# KEYS[1] idempotency key; KEYS[2i], KEYS[2i+1]: the keys of op i (a budget's hash and zset).
+# ARGV: now|'' peek idem_ttl_ms reservation_id reservation_ttl_ms delay_ms buckets n,
+#       then per op: kind limit cost period_ms shadow
+DECIDE = (
+    _COMMON
+    + r"""
+local now = now_ms(ARGV[1])
+local peek = ARGV[2] == '1'
+local idem_ttl = tonumber(ARGV[3])
+local rid = ARGV[4]
+local rttl = tonumber(ARGV[5])
+local B = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
+if idem_ttl > 0 then
+  local prev = redis.call('GET', KEYS[1])
+  if prev then return 'R' .. prev end
+end
+local st = {}
+local blocked = false
+for i = 1, n do
+  local a = 8 + (i - 1) * 5
+  local kind, limit, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local period, shadow = tonumber(ARGV[a + 4]), ARGV[a + 5] == '1'
+  local k1, k2 = KEYS[2 * i], KEYS[2 * i + 1]
+  local s = {kind = kind, limit = limit, cost = cost, period = period, k1 = k1, k2 = k2}
+  if kind == 1 then
+    -- sliding window of B sub-buckets, counted over the B+1 newest (conservative)
+    local g = math.ceil(period / B)
+    local cur = math.floor(now / g)
+    local first = cur - B
+    local flat = redis.call('HGETALL', k1)
+    local used, idx, stale = 0, {}, {}
+    for j = 1, #flat, 2 do
+      local b, c = tonumber(flat[j]), tonumber(flat[j + 1])
+      if b < first then stale[#stale + 1] = flat[j] else used = used + c; idx[#idx + 1] = {b, c} end
+    end
+    if #stale > 0 then redis.call('HDEL', k1, unpack(stale)) end
+    s.over = used + cost > limit
+    s.retry = 0
+    if s.over then
+      if cost > limit then
+        s.retry = period
+      else
+        table.sort(idx, function(x, y) return x[1] < y[1] end)
+        local need, acc = used + cost - limit, 0
+        for _, e in ipairs(idx) do
+          acc = acc + e[2]
+          if acc >= need then s.retry = (e[1] + B + 1) * g - now; break end
+        end
+      end
+    end
+    local newest = nil
+    for _, e in ipairs(idx) do if newest == nil or e[1] > newest then newest = e[1] end end
+    s.g, s.cur, s.used, s.newest = g, cur, used, newest
+  elseif kind == 2 then
+    local b = budget_load(k1, k2, now)
+    s.b = b
+    s.over = limit >= 0 and b.used + b.res + cost > limit
+  else
+    local v = tonumber(redis.call('GET', k1)) or 0
+    local ttl = 0
+    if v > 0 then ttl = redis.call('PTTL', k1); if ttl < 0 then ttl = 0 end end
+    s.used, s.ttl = v, ttl
+    s.over = limit >= 0 and v + cost > limit
+    s.retry = 0
+    if s.over then if ttl > 0 then s.retry = ttl else s.retry = period end end
+  end
+  if s.over and not shadow then blocked = true end
+  st[i] = s
+end
+local admitted = (not peek) and (not blocked)
+local out = {}
+for i = 1, n do
+  local s = st[i]
+  local applied = admitted and (s.cost > 0 or s.kind == 2)
+  if s.kind == 1 then
+    local total = s.used
+    local newest = s.newest
+    if applied then
+      redis.call('HINCRBY', s.k1, s.cur, s.cost)
+      redis.call('PEXPIRE', s.k1, (B + 2) * s.g)
+      total = total + s.cost
+      if newest == nil or s.cur > newest then newest = s.cur end
+    end
+    local reset = 0
+    if total > 0 and newest ~= nil then reset = (newest + B + 1) * s.g - now end
+    out[i] = {s.over and 1 or 0, math.max(0, s.limit - total), reset, s.retry, total, 0}
+  elseif s.kind == 2 then
+    if applied then
+      if s.cost > 0 and rid ~= '' then
+        local old = tonumber(redis.call('HGET', s.k1, 'r:' .. rid)) or 0
+        s.b.res = s.b.res - old + s.cost
+        redis.call('HSET', s.k1, 'res', s.b.res, 'r:' .. rid, s.cost)
+        redis.call('ZADD', s.k2, now + rttl, rid)
+      end
+      local keep = (s.b.day + 1) * 86400000 - now + rttl
+      redis.call('PEXPIRE', s.k1, keep)
+      redis.call('PEXPIRE', s.k2, keep)
+    end
+    out[i] = budget_result(s.b, s.k2, s.limit, s.cost, s.over, now)
+  else
+    local total, reset = s.used, s.ttl
+    if applied then
+      total = redis.call('INCRBY', s.k1, s.cost)
+      redis.call('PEXPIRE', s.k1, s.period)
+      reset = s.period
+    end
+    local remaining = -1
+    if s.limit >= 0 then remaining = math.max(0, s.limit - total) end
+    out[i] = {s.over and 1 or 0, remaining, reset, s.retry, total, 0}
+  end
+end
+local res_id = ''
+if admitted then res_id = rid end
+local body = cjson.encode({a = admitted and 1 or 0, r = out, d = tonumber(ARGV[6]), id = res_id})
+if admitted and idem_ttl > 0 then redis.call('SET', KEYS[1], body, 'PX', idem_ttl) end
+return 'N' .. body
+"""
+)
+
+# KEYS[1] done marker; KEYS[2i], KEYS[2i+1]: budget i (hash, zset).
+# ARGV: now|'' reservation_id actual cost_micros done_ttl_ms n, then per budget: limit
+SETTLE = (
+    _COMMON
+    + r"""
+local now = now_ms(ARGV[1])
+local rid = ARGV[2]
+local actual, cm, done_ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local already = false
+if rid ~= '' then
+  already = redis.call('SET', KEYS[1], '1', 'NX', 'PX', done_ttl) == false
+end
+local found = false
+local out = {}
+for i = 1, n do
+  local h, z = KEYS[2 * i], KEYS[2 * i + 1]
+  local limit = tonumber(ARGV[6 + i])
+  local b = budget_load(h, z, now)
+  if not already then
+    if rid ~= '' then
+      local held = tonumber(redis.call('HGET', h, 'r:' .. rid))
+      if held then
+        found = true
+        b.res = math.max(0, b.res - held)
+        redis.call('HDEL', h, 'r:' .. rid)
+        redis.call('ZREM', z, rid)
+      end
+    end
+    b.used = b.used + actual
+    b.cost = b.cost + cm
+    redis.call('HSET', h, 'used', b.used, 'cost', b.cost, 'res', b.res)
+    local keep = (b.day + 1) * 86400000 - now + done_ttl
+    if redis.call('PTTL', h) < keep then redis.call('PEXPIRE', h, keep) end
+  end
+  out[i] = budget_result(b, z, limit, 0, false, now)
+end
+return cjson.encode({r = out, f = found and 1 or 0, s = already and 1 or 0})
+"""
+)
+
+HEADROOM_KEY = "{limiter}:headroom"
+# KEYS[1] the headroom hash. ARGV: field record ttl_ms. Entries carry their own expiry.
+PUT_HEADROOM = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[3])) .. '|' .. ARGV[2])
+local all = redis.call('HGETALL', KEYS[1])
+for j = 1, #all, 2 do
+  local exp = tonumber(string.match(all[j + 1], '^(%d+)|'))
+  if exp == nil or exp <= now then redis.call('HDEL', KEYS[1], all[j]) end
+end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return 1
+"""
+GET_HEADROOM = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for j = 1, #all, 2 do
+  local exp, rec = string.match(all[j + 1], '^(%d+)|(.*)$')
+  if exp ~= nil and tonumber(exp) > now then out[#out + 1] = all[j]; out[#out + 1] = rec end
+end
+return out
+"""
+
+
+def split_key_prefix(url: str) -> tuple[str, str]:
+    """The URL without its `key_prefix` query parameter, and the prefix."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = "".join(v for k, v in query if k == "key_prefix")
+    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+class _Script:
+    """EVALSHA with the SHA computed once; on NOSCRIPT (e.g. after a restart) load and retry."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = ""
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        if not self.sha:
+            self.sha = await self.client.script_load(self.source)
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.sha = await self.client.script_load(self.source)
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def _results(rows: list[list[int]]) -> tuple[OpResult, ...]:
+    return tuple(OpResult(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows)
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        buckets: int = 20,
+        pool_size: int = 64,
+        timeout: float = 0.25,
+        clock_ms: Any = None,
+    ) -> None:
+        clean, self.prefix = split_key_prefix(url)
+        self.client = aioredis.from_url(
+            clean,
+            max_connections=pool_size,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.buckets = buckets
+        # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
+        self._clock_ms = clock_ms
+        self._decide = _Script(self.client, DECIDE)
+        self._settle = _Script(self.client, SETTLE)
+        self._put_headroom = _Script(self.client, PUT_HEADROOM)
+        self._get_headroom = _Script(self.client, GET_HEADROOM)
+
+    def _now_arg(self) -> str:
+        return "" if self._clock_ms is None else str(int(self._clock_ms()))
+
+    async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys, args)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailableError(repr(exc)) from exc
+        except RedisError as exc:
+            # A Redis that is loading, read-only or out of memory is as good as unreachable.
+            if any(s in str(exc) for s in ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY")):
+                raise StoreUnavailableError(repr(exc)) from exc
+            raise
+
+    async def decide(
+        self,
+        ops: Sequence[LimitOp],
+        *,
+        peek: bool = False,
+        idempotency_key: str = "",
+        idempotency_ttl_ms: int = 0,
+        reservation_id: str = "",
+        reservation_ttl_ms: int = 0,
+        delay_ms: int = 0,
+    ) -> Outcome:
+        p = self.prefix
+        first = ops[0].key if ops else "x"
+        keys = [p + (idempotency_key or first + ":noidem")]
+        args: list[Any] = [
+            self._now_arg(),
+            "1" if peek else "0",
+            idempotency_ttl_ms if idempotency_key else 0,
+            reservation_id,
+            reservation_ttl_ms,
+            delay_ms,
+            self.buckets,
+            len(ops),
+        ]
+        for op in ops:
+            keys.append(p + op.key)
+            keys.append(p + op.key + (":x" if op.kind == Kind.BUDGET else ""))
+            args += [int(op.kind), op.limit, op.cost, op.period_ms, "1" if op.shadow else "0"]
+        raw = await self._run(self._decide, keys, args)
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        body = json.loads(text[1:])
+        return Outcome(
+            admitted=bool(body["a"]),
+            results=_results(body["r"]),
+            replayed=text[0] == "R",
+            delay_ms=int(body.get("d") or 0),
+            reservation_id=str(body.get("id") or ""),
+        )
+
+    async def settle(
+        self,
+        budgets: Sequence[BudgetRef],
+        *,
+        reservation_id: str,
+        actual_tokens: int,
+        cost_micros: int,
+        done_key: str,
+        done_ttl_ms: int,
+    ) -> Settlement:
+        p = self.prefix
+        keys = [p + (done_key or budgets[0].key + ":nodone")]
+        args: list[Any] = [
+            self._now_arg(),
+            reservation_id if done_key else "",
+            actual_tokens,
+            cost_micros,
+            max(1, done_ttl_ms),
+            len(budgets),
+        ]
+        for ref in budgets:
+            keys += [p + ref.key, p + ref.key + ":x"]
+            args.append(ref.limit)
+        raw = await self._run(self._settle, keys, args)
+        body = json.loads(raw)
+        return Settlement(_results(body["r"]), bool(body["f"]), bool(body["s"]))
+
+    async def put_headroom(self, field: str, record: str, ttl_ms: int) -> None:
+        await self._run(self._put_headroom, [self.prefix + HEADROOM_KEY], [field, record, max(1, ttl_ms)])
+
+    async def get_headroom(self) -> dict[str, str]:
+        flat = await self._run(self._get_headroom, [self.prefix + HEADROOM_KEY], [])
+        items = [x.decode() if isinstance(x, bytes) else str(x) for x in flat]
+        return dict(zip(items[::2], items[1::2], strict=True))
+
+    async def close(self) -> None:
+        await self.client.aclose()
