@@ -1,30 +1,110 @@
-"""Composition root of the router service: builds its parts and registers the servicer."""
+"""Composition root of the router: catalog, embedded sim providers, adapters, gateway, servicer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import grpc
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from services.kit.clients import open_channel
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
+from services.router.catalog import Catalog
 from services.router.config import RouterSettings
+from services.router.gateway import Gateway
+from services.router.health import HealthBook
+from services.router.providers.base import Adapter, ClientOptions, build_adapter
+from services.router.reporter import HeadroomReporter
+from services.router.routing import Planner
+from services.router.servicer import RouterServicer
+from services.router.sim import SimServer
+
+log = logging.getLogger("ballast.router")
 
 
 class RouterApp(ServiceApp):
     name = "router"
 
-    def __init__(self, settings: RouterSettings, telemetry: Telemetry) -> None:
+    def __init__(
+        self, settings: RouterSettings, telemetry: Telemetry, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__(settings.server, telemetry)
+        if settings.catalog is None:
+            raise ValueError("the router needs a catalog (settings come from RouterSettings.from_env)")
         self.settings = settings
+        self.catalog: Catalog = settings.catalog
+        self.clock = clock
+        self.health = HealthBook(settings.breaker, clock)
+        self.planner = Planner(self.catalog, self.health)
+        self.gateway = Gateway(settings, self.planner, self.health, {}, clock=clock, tracer=telemetry.tracer)
+        self.servicer = RouterServicer(settings, self.catalog, self.gateway, self.planner, self.health, clock)
+        self.sims: dict[str, SimServer] = {}
+        self.reporter: HeadroomReporter | None = None
 
     def service_names(self) -> Sequence[str]:
         return [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        # Until the service logic lands, every method answers UNIMPLEMENTED.
-        router_pb2_grpc.add_RouterServiceServicer_to_server(router_pb2_grpc.RouterServiceServicer(), server)  # type: ignore[abstract]
+        router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        catalog = self.catalog
+        # Embedded SIMULATED providers: real HTTP servers on loopback, reached through the real adapters.
+        for provider in catalog.providers.values():
+            if not provider.simulated or provider.base_url:
+                continue
+            models = {
+                m.provider_model: m.dimensions for m in catalog.models.values() if m.provider == provider.name
+            }
+            sim = SimServer(
+                provider.name, provider.sim, models=models, latency_scale=self.settings.sim_latency_scale
+            )
+            port = await sim.start("127.0.0.1", provider.sim.port if provider.sim else 0)
+            self.sims[provider.name] = sim
+            catalog = catalog.with_provider(
+                replace(provider, base_url=f"{sim.url}/v1" if provider.wire == "openai" else sim.url)
+            )
+            log.info(
+                "simulated provider started",
+                extra={"provider": provider.name, "port": port, "simulated": True},
+            )
+        self.catalog = catalog
+        self.planner.catalog = catalog
+        self.servicer.catalog = catalog
+        timeouts = self.settings.timeouts
+        options = ClientOptions(
+            connect_timeout=timeouts.connect,
+            read_timeout=max(timeouts.attempt, timeouts.stream_idle),
+            max_connections=self.settings.max_connections,
+            default_max_output_tokens=self.settings.default_max_output_tokens,
+        )
+        adapters: dict[str, Adapter] = {}
+        for provider in catalog.providers.values():
+            if provider.enabled:
+                adapters[provider.name] = build_adapter(
+                    provider, options, self.gateway.observe(provider.name)
+                )
+        self.gateway.adapters.update(adapters)
+        if self.settings.report_headroom:
+            address = self.settings.server.addresses["limiter"]
+            self.reporter = HeadroomReporter(
+                lambda: open_channel(address, self.settings.server, self.telemetry),
+                self.settings.headroom_interval,
+            )
+            self.gateway.listeners.append(self.reporter.notify)
+            self.reporter.start()
+
+    async def close(self) -> None:
+        if self.reporter is not None:
+            await self.reporter.close()
+        for adapter in self.gateway.adapters.values():
+            await adapter.aclose()
+        for sim in self.sims.values():
+            await sim.close()
 
 
 def build(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:

@@ -1,16 +1,96 @@
-"""Settings of the router service, from BALLAST_* environment variables."""
+"""Settings of the router service, from BALLAST_ROUTER_* environment variables and the catalog file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from services.kit.config import Env, ServerSettings
+from services.kit.config import PREFIX, Env, ServerSettings
+from services.router.catalog import Catalog, CatalogError, default_catalog_path, load_catalog
+
+P = f"{PREFIX}ROUTER_"
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    # Attempts across all candidates (breaker skips do not count); RoutingHints.max_attempts overrides.
+    max_attempts: int = 4
+    backoff_base: float = 0.05
+    backoff_max: float = 2.0
+    # A retry-after longer than this is not waited for: the next candidate is tried, or the caller
+    # gets RESOURCE_EXHAUSTED with the retry-after.
+    max_retry_after: float = 5.0
+
+
+@dataclass(frozen=True)
+class TimeoutSettings:
+    # Used when the caller set no gRPC deadline.
+    request: float = 120.0
+    # Cap on one attempt (the caller's remaining deadline caps it further).
+    attempt: float = 60.0
+    connect: float = 3.0
+    # Streaming: the first content must come within this, then each chunk within idle.
+    first_token: float = 30.0
+    stream_idle: float = 30.0
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failure_threshold: int = 5
+    open_for: float = 30.0
+    half_open_probes: int = 1
+    # Weight of the newest sample in the EWMA latency and error rate.
+    ewma_alpha: float = 0.2
 
 
 @dataclass(frozen=True)
 class RouterSettings:
     server: ServerSettings
+    catalog: Catalog | None = None
+    catalog_file: str = ""
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    max_connections: int = 200
+    default_max_output_tokens: int = 4096
+    report_headroom: bool = True
+    headroom_interval: float = 1.0
+    # Multiplies every sim latency (0 makes the embedded sims answer at once: tests, benchmarks).
+    sim_latency_scale: float = 1.0
 
     @classmethod
     def from_env(cls, env: Env) -> RouterSettings:
-        return cls(server=ServerSettings.from_env("router", env))
+        catalog_file = env.string(f"{P}CATALOG_FILE", str(default_catalog_path()))
+        catalog: Catalog | None = None
+        try:
+            catalog = load_catalog(catalog_file, env.raw)
+        except CatalogError as exc:
+            env.problems.append(f"{P}CATALOG_FILE={catalog_file!r}: " + "; ".join(exc.problems))
+        return cls(
+            server=ServerSettings.from_env("router", env),
+            catalog=catalog,
+            catalog_file=catalog_file,
+            retry=RetrySettings(
+                max_attempts=env.integer(f"{P}MAX_ATTEMPTS", 4, minimum=1, maximum=20),
+                backoff_base=env.duration(f"{P}BACKOFF_BASE", 0.05),
+                backoff_max=env.duration(f"{P}BACKOFF_MAX", 2.0),
+                max_retry_after=env.duration(f"{P}MAX_RETRY_AFTER", 5.0),
+            ),
+            timeouts=TimeoutSettings(
+                request=env.duration(f"{P}REQUEST_TIMEOUT", 120.0, minimum=0.001),
+                attempt=env.duration(f"{P}ATTEMPT_TIMEOUT", 60.0, minimum=0.001),
+                connect=env.duration(f"{P}CONNECT_TIMEOUT", 3.0, minimum=0.001),
+                first_token=env.duration(f"{P}FIRST_TOKEN_TIMEOUT", 30.0, minimum=0.001),
+                stream_idle=env.duration(f"{P}STREAM_IDLE_TIMEOUT", 30.0, minimum=0.001),
+            ),
+            breaker=BreakerSettings(
+                failure_threshold=env.integer(f"{P}BREAKER_FAILURES", 5, minimum=1),
+                open_for=env.duration(f"{P}BREAKER_OPEN_FOR", 30.0),
+                half_open_probes=env.integer(f"{P}BREAKER_HALF_OPEN_PROBES", 1, minimum=1),
+                ewma_alpha=env.number(f"{P}EWMA_ALPHA", 0.2, minimum=0.001, maximum=1.0),
+            ),
+            max_connections=env.integer(f"{P}MAX_CONNECTIONS", 200, minimum=1),
+            default_max_output_tokens=env.integer(f"{P}DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1),
+            report_headroom=env.boolean(f"{P}REPORT_HEADROOM", True),
+            headroom_interval=env.duration(f"{P}HEADROOM_INTERVAL", 1.0, minimum=0.01),
+            sim_latency_scale=env.number(f"{P}SIM_LATENCY_SCALE", 1.0, minimum=0.0),
+        )

@@ -1,0 +1,153 @@
+"""Per provider+model health on this replica: circuit breaker, EWMA latency and error rate, headroom.
+
+The breaker opens after `failure_threshold` consecutive failures, stays open for `open_for`
+seconds (requests skip it without paying for a failure), then lets `half_open_probes` requests
+through; a probe that succeeds closes it, one that fails opens it again. Time comes from an
+injected clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.router.config import BreakerSettings
+from services.router.providers.base import Headroom, Outcome
+
+Target = tuple[str, str]  # (provider, catalog model id)
+
+# Outcomes that say the provider is unwell. Rate limits only cool a target down; the caller's own
+# mistakes say nothing about the provider.
+BREAKER_FAILURES = frozenset(
+    {Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR, Outcome.PROTOCOL_ERROR}
+)
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class TargetHealth:
+    provider: str
+    model: str
+    state: BreakerState = BreakerState.CLOSED
+    consecutive_failures: int = 0
+    opened_at: float = 0.0
+    probes_in_flight: int = 0
+    ewma_latency: float | None = None
+    error_rate: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    headroom: Headroom = field(default_factory=Headroom)
+    # A 429 with retry-after: other candidates go first until then.
+    cooldown_until: float = 0.0
+
+
+class HealthBook:
+    def __init__(self, settings: BreakerSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._targets: dict[Target, TargetHealth] = {}
+
+    def get(self, target: Target) -> TargetHealth:
+        health = self._targets.get(target)
+        if health is None:
+            health = self._targets[target] = TargetHealth(*target)
+        return health
+
+    def all(self) -> list[TargetHealth]:
+        return list(self._targets.values())
+
+    def state(self, target: Target) -> BreakerState:
+        """The breaker state now (an open breaker whose time is up reads as half-open)."""
+        health = self.get(target)
+        if health.state is BreakerState.OPEN and self.clock() - health.opened_at >= self.settings.open_for:
+            return BreakerState.HALF_OPEN
+        return health.state
+
+    def available(self, target: Target) -> bool:
+        """Whether a request may go to `target` now, without reserving anything."""
+        state = self.state(target)
+        if state is BreakerState.OPEN:
+            return False
+        if state is BreakerState.HALF_OPEN:
+            return self.get(target).probes_in_flight < self.settings.half_open_probes
+        return True
+
+    def acquire(self, target: Target) -> bool:
+        """Admits one request; in half-open state it takes one of the probe slots."""
+        if not self.available(target):
+            return False
+        health = self.get(target)
+        if self.state(target) is BreakerState.HALF_OPEN:
+            health.state = BreakerState.HALF_OPEN
+            health.probes_in_flight += 1
+        return True
+
+    def cooling_down(self, target: Target) -> bool:
+        return self.get(target).cooldown_until > self.clock()
+
+    def _sample(self, health: TargetHealth, latency: float | None, failed: bool) -> None:
+        alpha = self.settings.ewma_alpha
+        health.requests += 1
+        if latency is not None:
+            health.ewma_latency = (
+                latency
+                if health.ewma_latency is None
+                else alpha * latency + (1 - alpha) * health.ewma_latency
+            )
+        health.error_rate = alpha * (1.0 if failed else 0.0) + (1 - alpha) * health.error_rate
+
+    def success(self, target: Target, latency: float) -> None:
+        health = self.get(target)
+        self._sample(health, latency, False)
+        health.consecutive_failures = 0
+        if health.state is not BreakerState.CLOSED:
+            health.probes_in_flight = max(0, health.probes_in_flight - 1)
+            health.state = BreakerState.CLOSED
+
+    def failure(
+        self, target: Target, outcome: Outcome, latency: float, retry_after: float | None = None
+    ) -> None:
+        health = self.get(target)
+        if outcome is Outcome.RATE_LIMITED:
+            self._sample(health, None, True)
+            health.cooldown_until = max(health.cooldown_until, self.clock() + (retry_after or 1.0))
+            self._release_probe(health, reopen=False)
+            return
+        if outcome not in BREAKER_FAILURES:
+            self._release_probe(health, reopen=False)
+            return
+        self._sample(health, latency if outcome is not Outcome.TIMEOUT else None, True)
+        health.failures += 1
+        health.consecutive_failures += 1
+        if (
+            health.state is BreakerState.HALF_OPEN
+            or health.consecutive_failures >= self.settings.failure_threshold
+        ):
+            self._open(health)
+
+    def release(self, target: Target) -> None:
+        """An admitted request ended without telling anything about the provider (cancelled)."""
+        self._release_probe(self.get(target), reopen=False)
+
+    def _release_probe(self, health: TargetHealth, *, reopen: bool) -> None:
+        if health.state is BreakerState.HALF_OPEN:
+            health.probes_in_flight = max(0, health.probes_in_flight - 1)
+            if reopen:
+                self._open(health)
+
+    def _open(self, health: TargetHealth) -> None:
+        health.state = BreakerState.OPEN
+        health.opened_at = self.clock()
+        health.probes_in_flight = 0
+
+    def observe_headroom(self, target: Target, headroom: Headroom) -> None:
+        health = self.get(target)
+        health.headroom = headroom
+        if headroom.rate_limited and headroom.retry_after:
+            health.cooldown_until = max(health.cooldown_until, self.clock() + headroom.retry_after)

@@ -1,0 +1,298 @@
+"""What every adapter shares: the error taxonomy, rate-limit headers, SSE framing, the httpx client."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+
+from services.router.catalog import Model, Provider
+from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    CLIENT_ERROR = "client_error"
+    BREAKER_OPEN = "breaker_open"
+    PROTOCOL_ERROR = "protocol_error"
+
+
+class ProviderError(Exception):
+    """One failed attempt. `caller_fault` marks the caller's own mistakes (never retried)."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        message: str,
+        *,
+        http_status: int = 0,
+        retry_after: float | None = None,
+        caller_fault: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+        self.http_status = http_status
+        self.retry_after = retry_after
+        self.caller_fault = caller_fault
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Rate-limit state as the provider's headers reported it; -1 / None when not reported."""
+
+    remaining_requests: int = -1
+    remaining_tokens: int = -1
+    limit_requests: int = -1
+    limit_tokens: int = -1
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+    observed_at: float = 0.0  # wall-clock seconds
+    retry_after: float | None = None
+    rate_limited: bool = False
+
+
+# Called with (model, status, headers) after every HTTP response, success or not.
+HeadersSink = Callable[[Model, int, Headroom | None], None]
+
+
+class Adapter(Protocol):
+    provider: Provider
+
+    async def complete(self, model: Model, request: ChatRequest) -> ChatResult: ...
+
+    def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
+        """Deltas as they come, then exactly one ChatResult with the assembled answer."""
+        ...
+
+    async def embed(self, model: Model, inputs: list[str]) -> EmbedResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    connect_timeout: float = 3.0
+    # Longest wait for one read; the router caps whole attempts with the caller's deadline.
+    read_timeout: float = 60.0
+    max_connections: int = 200
+    default_max_output_tokens: int = 4096
+
+
+def build_adapter(provider: Provider, options: ClientOptions, sink: HeadersSink) -> Adapter:
+    from services.router.providers.anthropic import AnthropicAdapter
+    from services.router.providers.openai import OpenAIAdapter
+
+    if provider.wire == "anthropic":
+        return AnthropicAdapter(provider, options, sink)
+    return OpenAIAdapter(provider, options, sink)
+
+
+def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str, str]) -> httpx.AsyncClient:
+    """One pooled client per provider; HTTP/2 is negotiated (ALPN) wherever the provider offers it."""
+    return httpx.AsyncClient(
+        base_url=provider.base_url,
+        http2=True,
+        headers={**headers, **provider.headers},
+        timeout=httpx.Timeout(options.read_timeout, connect=options.connect_timeout),
+        limits=httpx.Limits(
+            max_connections=options.max_connections,
+            max_keepalive_connections=options.max_connections,
+            keepalive_expiry=30.0,
+        ),
+        trust_env=False,
+    )
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def classify_status(status: int, message: str, retry_after: float | None) -> ProviderError:
+    """Maps an HTTP error status to an attempt outcome."""
+    text = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    if status == 429:
+        return ProviderError(Outcome.RATE_LIMITED, text, http_status=status, retry_after=retry_after)
+    if status >= 500:
+        # 529 is Anthropic's "overloaded"; 5xx may carry a retry-after too.
+        return ProviderError(Outcome.SERVER_ERROR, text, http_status=status, retry_after=retry_after)
+    if status in (408, 409):
+        return ProviderError(Outcome.SERVER_ERROR, text, http_status=status, retry_after=retry_after)
+    # 401/403/404 mean the provider entry (key, model name) is wrong, not the caller's request:
+    # another candidate may well succeed.
+    caller = status not in (401, 403, 404)
+    return ProviderError(Outcome.CLIENT_ERROR, text, http_status=status, caller_fault=caller)
+
+
+def error_message(body: bytes) -> str:
+    """The provider's own error message (OpenAI and Anthropic both nest it under `error`)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace").strip()
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])[:500]
+        if isinstance(error, str):
+            return error[:500]
+        if "message" in data:
+            return str(data["message"])[:500]
+    return json.dumps(data)[:200]
+
+
+def transport_error(exc: BaseException) -> ProviderError:
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return ProviderError(Outcome.TIMEOUT, f"timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return ProviderError(Outcome.CONNECTION_ERROR, f"connection broken: {exc}")
+    if isinstance(exc, httpx.DecodingError):
+        return ProviderError(Outcome.PROTOCOL_ERROR, f"undecodable answer: {exc}")
+    return ProviderError(Outcome.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "the answer is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "the answer is not a JSON object")
+    return data
+
+
+# --- rate-limit headers -------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(value: str | None, now: float | None = None) -> float | None:
+    """Seconds until reset from `6m0s`, `20ms`, `1.5`, or an RFC 3339 time (Anthropic)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value:
+        return sum(float(n) * _UNITS[u] for n, u in parts)
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, at.timestamp() - (time.time() if now is None else now))
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        at = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, at.timestamp() - (time.time() if now is None else now))
+
+
+def _int(headers: httpx.Headers, name: str) -> int:
+    value = headers.get(name)
+    if value is None:
+        return -1
+    try:
+        return int(float(value))
+    except ValueError:
+        return -1
+
+
+def parse_headroom(headers: httpx.Headers, status: int) -> Headroom | None:
+    """OpenAI `x-ratelimit-*` and Anthropic `anthropic-ratelimit-*` headers, plus retry-after."""
+    now = time.time()
+    retry_after = parse_retry_after(headers, now)
+    if (
+        "x-ratelimit-limit-requests" in headers
+        or "x-ratelimit-remaining-requests" in headers
+        or ("x-ratelimit-remaining-tokens" in headers)
+    ):
+        return Headroom(
+            remaining_requests=_int(headers, "x-ratelimit-remaining-requests"),
+            remaining_tokens=_int(headers, "x-ratelimit-remaining-tokens"),
+            limit_requests=_int(headers, "x-ratelimit-limit-requests"),
+            limit_tokens=_int(headers, "x-ratelimit-limit-tokens"),
+            reset_requests=parse_reset(headers.get("x-ratelimit-reset-requests"), now),
+            reset_tokens=parse_reset(headers.get("x-ratelimit-reset-tokens"), now),
+            observed_at=now,
+            retry_after=retry_after,
+            rate_limited=status == 429,
+        )
+    if any(name.startswith("anthropic-ratelimit-") for name in headers):
+        # The combined tokens limit when present, else the input-token limit (the scarcer one).
+        tokens = "tokens" if "anthropic-ratelimit-tokens-remaining" in headers else "input-tokens"
+        return Headroom(
+            remaining_requests=_int(headers, "anthropic-ratelimit-requests-remaining"),
+            remaining_tokens=_int(headers, f"anthropic-ratelimit-{tokens}-remaining"),
+            limit_requests=_int(headers, "anthropic-ratelimit-requests-limit"),
+            limit_tokens=_int(headers, f"anthropic-ratelimit-{tokens}-limit"),
+            reset_requests=parse_reset(headers.get("anthropic-ratelimit-requests-reset"), now),
+            reset_tokens=parse_reset(headers.get(f"anthropic-ratelimit-{tokens}-reset"), now),
+            observed_at=now,
+            retry_after=retry_after,
+            rate_limited=status == 429,
+        )
+    if retry_after is not None or status == 429:
+        return Headroom(observed_at=now, retry_after=retry_after, rate_limited=status == 429)
+    return None
+
+
+# --- server-sent events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    event: str
+    data: str
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
+    """Parses `text/event-stream` per the WHATWG rules (multi-line data, comments, any line ending)."""
+    event = ""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield SseEvent(event or "message", "\n".join(data))
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+    # An event without its closing blank line was cut off mid-way: it is dropped, and the caller
+    # notices the missing terminal event.

@@ -1,0 +1,287 @@
+"""OpenAI chat completions (and any OpenAI-compatible server: vLLM, Ollama, Together, Groq, Azure)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from services.router.catalog import Model, Provider
+from services.router.model import (
+    ChatRequest,
+    ChatResult,
+    Delta,
+    EmbedResult,
+    Finish,
+    Message,
+    Role,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoiceMode,
+    Usage,
+    request_tokens,
+)
+from services.router.providers.base import (
+    ClientOptions,
+    HeadersSink,
+    Outcome,
+    ProviderError,
+    classify_status,
+    error_message,
+    make_client,
+    parse_headroom,
+    parse_json,
+    parse_retry_after,
+    sse_events,
+    transport_error,
+)
+
+FINISH = {
+    "stop": Finish.STOP,
+    "length": Finish.LENGTH,
+    "tool_calls": Finish.TOOL_CALLS,
+    "function_call": Finish.TOOL_CALLS,
+    "content_filter": Finish.CONTENT_FILTER,
+}
+# OpenAI has no error flag on tool results; the flag travels as a prefix of the content.
+TOOL_ERROR_PREFIX = "[tool error] "
+
+
+def to_openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in request.messages:
+        entry: dict[str, Any] = {"role": m.role.value}
+        if m.role is Role.TOOL:
+            entry["tool_call_id"] = m.tool_call_id
+            entry["content"] = (TOOL_ERROR_PREFIX if m.is_error else "") + m.content
+        elif m.role is Role.ASSISTANT and m.tool_calls:
+            entry["content"] = m.content or None
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+                for c in m.tool_calls
+            ]
+        else:
+            entry["content"] = m.content
+        if m.name:
+            entry["name"] = m.name
+        out.append(entry)
+    return out
+
+
+def to_openai_body(model: Model, request: ChatRequest, *, stream: bool, provider: Provider) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model.provider_model, "messages": to_openai_messages(request)}
+    if request.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters or {"type": "object", "properties": {}},
+                },
+            }
+            for t in request.tools
+        ]
+        mode = request.tool_choice.mode
+        if mode is ToolChoiceMode.NAMED:
+            body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.name}}
+        elif mode is not ToolChoiceMode.UNSPECIFIED:
+            body["tool_choice"] = mode.value
+    params = request.params
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    max_tokens = params.max_output_tokens or model.max_output_tokens
+    if max_tokens:
+        # OpenAI itself wants max_completion_tokens; compatible servers still expect max_tokens.
+        body["max_completion_tokens" if provider.kind == "openai" else "max_tokens"] = max_tokens
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def usage_of(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    details = data.get("prompt_tokens_details") or {}
+    return Usage(
+        input_tokens=int(data.get("prompt_tokens") or 0),
+        output_tokens=int(data.get("completion_tokens") or 0),
+        cached_input_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+    )
+
+
+def from_openai_body(data: dict[str, Any]) -> ChatResult:
+    try:
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        calls = tuple(
+            ToolCall(
+                id=str(c.get("id", "")),
+                name=str(c["function"]["name"]),
+                arguments_json=str(c["function"].get("arguments") or "{}"),
+            )
+            for c in message.get("tool_calls") or []
+        )
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        finish = FINISH.get(str(choice.get("finish_reason")), Finish.UNSPECIFIED)
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ProviderError(
+            Outcome.PROTOCOL_ERROR, f"unexpected answer shape ({type(exc).__name__})"
+        ) from exc
+    return ChatResult(
+        message=Message(Role.ASSISTANT, str(content), tool_calls=calls),
+        finish=finish,
+        usage=usage_of(data.get("usage")) or Usage(),
+        provider_model=str(data.get("model", "")),
+        response_id=str(data.get("id", "")),
+        simulated=bool(data.get("simulated")),
+    )
+
+
+class OpenAIAdapter:
+    def __init__(self, provider: Provider, options: ClientOptions, sink: HeadersSink) -> None:
+        self.provider = provider
+        self.options = options
+        self._sink = sink
+        self._azure = bool(provider.azure_api_version)
+        headers = {"content-type": "application/json"}
+        if provider.api_key:
+            if self._azure:
+                headers["api-key"] = provider.api_key
+            else:
+                headers["authorization"] = f"Bearer {provider.api_key}"
+        self._client = make_client(provider, options, headers)
+
+    def _path(self, model: Model, endpoint: str) -> str:
+        if self._azure:
+            return f"/openai/deployments/{model.provider_model}/{endpoint}?api-version={self.provider.azure_api_version}"
+        return f"/{endpoint}"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _check(self, model: Model, response: httpx.Response, body: bytes) -> None:
+        self._sink(model, response.status_code, parse_headroom(response.headers, response.status_code))
+        if response.status_code >= 400:
+            raise classify_status(
+                response.status_code, error_message(body), parse_retry_after(response.headers)
+            )
+
+    async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        content = json.dumps(body, separators=(",", ":")).encode()
+        try:
+            response = await self._client.post(self._path(model, endpoint), content=content)
+            raw = response.content
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from exc
+        self._check(model, response, raw)
+        return parse_json(raw)
+
+    async def complete(self, model: Model, request: ChatRequest) -> ChatResult:
+        body = to_openai_body(model, request, stream=False, provider=self.provider)
+        return from_openai_body(await self._post(model, "chat/completions", body))
+
+    async def embed(self, model: Model, inputs: list[str]) -> EmbedResult:
+        data = await self._post(model, "embeddings", {"model": model.provider_model, "input": inputs})
+        try:
+            rows = sorted(data["data"], key=lambda row: int(row.get("index", 0)))
+            vectors = [[float(v) for v in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProviderError(Outcome.PROTOCOL_ERROR, "unexpected embeddings shape") from exc
+        if len(vectors) != len(inputs):
+            raise ProviderError(Outcome.PROTOCOL_ERROR, f"{len(vectors)} embeddings for {len(inputs)} inputs")
+        usage = usage_of(data.get("usage")) or Usage()
+        return EmbedResult(vectors, usage, str(data.get("model", "")), bool(data.get("simulated")))
+
+    async def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
+        body = to_openai_body(model, request, stream=True, provider=self.provider)
+        content = json.dumps(body, separators=(",", ":")).encode()
+        text: list[str] = []
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        finish = Finish.UNSPECIFIED
+        usage: Usage | None = None
+        provider_model = response_id = ""
+        simulated = done = False
+        try:
+            async with self._client.stream(
+                "POST", self._path(model, "chat/completions"), content=content
+            ) as response:
+                if response.status_code >= 400:
+                    self._check(model, response, await response.aread())
+                self._sink(
+                    model, response.status_code, parse_headroom(response.headers, response.status_code)
+                )
+                async for event in sse_events(response):
+                    if event.data.strip() == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(event.data)
+                    except ValueError as exc:
+                        raise ProviderError(
+                            Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)"
+                        ) from exc
+                    if not isinstance(chunk, dict):
+                        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+                    if "error" in chunk:
+                        raise ProviderError(
+                            Outcome.SERVER_ERROR, f"error in stream: {error_message(event.data.encode())}"
+                        )
+                    provider_model = str(chunk.get("model") or provider_model)
+                    response_id = str(chunk.get("id") or response_id)
+                    simulated = simulated or bool(chunk.get("simulated"))
+                    if chunk.get("usage"):
+                        usage = usage_of(chunk["usage"])
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        piece = delta.get("content") or ""
+                        deltas: list[ToolCallDelta] = []
+                        for call in delta.get("tool_calls") or []:
+                            index = int(call.get("index", 0))
+                            fn = call.get("function") or {}
+                            slot = calls.setdefault(index, ["", "", ""])
+                            if call.get("id"):
+                                slot[0] = str(call["id"])
+                            if fn.get("name"):
+                                slot[1] += str(fn["name"])
+                            fragment = str(fn.get("arguments") or "")
+                            slot[2] += fragment
+                            deltas.append(
+                                ToolCallDelta(
+                                    index, str(call.get("id") or ""), str(fn.get("name") or ""), fragment
+                                )
+                            )
+                        if choice.get("finish_reason"):
+                            finish = FINISH.get(str(choice["finish_reason"]), Finish.UNSPECIFIED)
+                        if piece or deltas:
+                            text.append(piece)
+                            yield Delta(piece, tuple(deltas))
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from exc
+        if not done:
+            raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended before [DONE]")
+        if finish is Finish.UNSPECIFIED:
+            raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended without a finish reason")
+        tool_calls = tuple(ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(calls.items()))
+        if usage is None:
+            # Servers that ignore stream_options send no usage: estimate rather than report zero.
+            usage = Usage(request_tokens(request), max(1, sum(len(t) for t in text) // 4))
+        yield ChatResult(
+            message=Message(Role.ASSISTANT, "".join(text), tool_calls=tool_calls),
+            finish=finish,
+            usage=usage,
+            provider_model=provider_model,
+            response_id=response_id,
+            simulated=simulated,
+        )
