@@ -82,7 +82,7 @@ class CacheSettings:
     max_text_chars: int = 200_000
     # Redis store: how long a replica waits on its change stream per read, and stream length kept.
     sync_block: float = 1.0
-    stream_maxlen: int = 100_000
+    stream_maxlen: int = 20_000
     # The policy file (YAML); missing file means no overrides.
     policy_file: str = "config/cache.yaml"
     policy: CachePolicy = field(default_factory=CachePolicy)
@@ -117,7 +117,7 @@ class CacheSettings:
             max_messages=env.integer("BALLAST_CACHE_MAX_MESSAGES", 1024, minimum=1),
             max_text_chars=env.integer("BALLAST_CACHE_MAX_TEXT_CHARS", 200_000, minimum=1),
             sync_block=env.duration("BALLAST_CACHE_SYNC_BLOCK", 1.0, minimum=0.01),
-            stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", 100_000, minimum=100),
+            stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", 20_000, minimum=100),
             policy_file=policy_file,
             policy=load_policy(env, "BALLAST_CACHE_FILE", policy_file),
         )

@@ -11,7 +11,9 @@ def open_store(url: str, options: StoreOptions) -> CacheStore:
         from services.cache.store.memory import MemoryStore
 
         return MemoryStore(options)
-    raise ValueError(f"unsupported cache store URL {url!r} (the Redis store is not built yet)")
+    from services.cache.store.redis import RedisStore
+
+    return RedisStore(url, options)
 
 
 __all__ = ["CacheStore", "Entry", "NamespaceCounters", "StoreOptions", "open_store"]

@@ -70,7 +70,7 @@ class StoreOptions:
     ann: AnnParams = field(default_factory=AnnParams)
     # Redis: blocking read of the change stream, and how much of it is kept.
     sync_block: float = 1.0
-    stream_maxlen: int = 100_000
+    stream_maxlen: int = 20_000
 
 
 class CacheStore(Protocol):
