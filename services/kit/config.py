@@ -23,6 +23,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "sessions": 50055,
 }
 SERVICE_NAMES: tuple[str, ...] = tuple(DEFAULT_PORTS)
+# Prometheus text endpoints (/metrics), one per service; BALLAST_<SERVICE>_METRICS_PORT overrides.
+DEFAULT_METRICS_PORTS: dict[str, int] = {name: 9451 + index for index, name in enumerate(DEFAULT_PORTS)}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -185,6 +187,9 @@ class ServerSettings:
     capture_content: bool = False
     # Where this service reaches the others (the edge uses all of them, sessions the router).
     addresses: Mapping[str, str] = field(default_factory=dict)
+    # Prometheus endpoint of this service; off with BALLAST_METRICS=false, 0 picks a free port.
+    metrics_enabled: bool = True
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -204,4 +209,11 @@ class ServerSettings:
                 name: env.address(f"{PREFIX}{name.upper()}_ADDR", f"127.0.0.1:{port}")
                 for name, port in DEFAULT_PORTS.items()
             },
+            metrics_enabled=env.boolean(f"{PREFIX}METRICS", True),
+            metrics_port=env.integer(
+                f"{PREFIX}{upper}_METRICS_PORT",
+                DEFAULT_METRICS_PORTS.get(service, 0),
+                minimum=0,
+                maximum=65535,
+            ),
         )

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import metrics
+from prometheus_client import start_http_server
 
 from services.kit.config import ServerSettings
 from services.kit.errors import ErrorInterceptor
@@ -55,12 +58,82 @@ class ServiceApp:
         """Closes pools and stops background work, after in-flight calls drained."""
 
 
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts calls and their duration per method and status (`rpc.server.call.duration`)."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._duration = meter.create_histogram(
+            "rpc.server.call.duration",
+            unit="s",
+            description="Duration of gRPC calls handled, by method and status",
+        )
+
+    def _record(self, method: str, started: float, code: grpc.StatusCode | None) -> None:
+        service, _, name = method.lstrip("/").partition("/")
+        self._duration.record(
+            time.perf_counter() - started,
+            {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": name,
+                "rpc.grpc.status_code": (code or grpc.StatusCode.OK).name,
+            },
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return handler
+        record = self._record
+        if handler.unary_unary is not None:
+            inner = cast(Callable[..., Awaitable[Any]], handler.unary_unary)
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                try:
+                    result = await inner(request, context)
+                except BaseException:
+                    record(method, started, context.code() or grpc.StatusCode.UNKNOWN)
+                    raise
+                record(method, started, context.code())
+                return result
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except BaseException:
+                    record(method, started, context.code() or grpc.StatusCode.UNKNOWN)
+                    raise
+                record(method, started, context.code())
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
 @dataclass
 class RunningService:
     app: ServiceApp
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
+    #: Port of the Prometheus /metrics endpoint, 0 when disabled.
+    metrics_port: int = 0
+    _metrics_http: Any = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -79,6 +152,9 @@ class RunningService:
         try:
             await self.app.close()
         finally:
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
             self.app.telemetry.shutdown()
         log.info("stopped", extra={"service": self.app.name})
 
@@ -99,7 +175,12 @@ async def start_service(app: ServiceApp) -> RunningService:
     """Starts `app` on its configured host and port (port 0 picks a free one)."""
     settings = app.server_settings
     server = grpc.aio.server(
-        interceptors=[*app.telemetry.server_interceptors(), *app.interceptors(), ErrorInterceptor()],
+        interceptors=[
+            *app.telemetry.server_interceptors(),
+            MetricsInterceptor(app.telemetry.meter),
+            *app.interceptors(),
+            ErrorInterceptor(),
+        ],
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
@@ -112,10 +193,23 @@ async def start_service(app: ServiceApp) -> RunningService:
         raise RuntimeError(f"{app.name}: cannot listen on {settings.host}:{settings.port}")
     await app.start()
     await server.start()
+    running = RunningService(app=app, server=server, health=health_servicer, port=port)
+    if settings.metrics_enabled:
+        httpd, _ = start_http_server(settings.metrics_port, settings.host, registry=app.telemetry.registry)
+        running._metrics_http = httpd
+        running.metrics_port = int(httpd.server_port)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"service": app.name, "host": settings.host, "port": port})
-    return RunningService(app=app, server=server, health=health_servicer, port=port)
+    log.info(
+        "serving",
+        extra={
+            "service": app.name,
+            "host": settings.host,
+            "port": port,
+            "metrics_port": running.metrics_port,
+        },
+    )
+    return running
 
 
 async def run_until_signal(apps: Sequence[ServiceApp]) -> None:

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry
 
 _NOT_HEALTH = filters.negate(
     filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
@@ -26,15 +30,23 @@ _NOT_HEALTH = filters.negate(
 
 @dataclass
 class Telemetry:
-    """Tracing handles for one service."""
+    """Tracing and metrics handles for one service."""
 
     service_name: str
     tracer_provider: trace.TracerProvider
     _sdk_provider: TracerProvider | None = field(default=None, repr=False)
+    meter_provider: metrics.MeterProvider = field(default_factory=metrics.NoOpMeterProvider)
+    #: This service's own Prometheus registry, served on its metrics port.
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    _sdk_meters: MeterProvider | None = field(default=None, repr=False)
 
     @property
     def tracer(self) -> trace.Tracer:
         return self.tracer_provider.get_tracer("ballast")
+
+    @property
+    def meter(self) -> metrics.Meter:
+        return self.meter_provider.get_meter("ballast")
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [aio_server_interceptor(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH)]  # type: ignore[no-untyped-call]
@@ -47,6 +59,8 @@ class Telemetry:
         if self._sdk_provider is not None:
             self._sdk_provider.force_flush()
             self._sdk_provider.shutdown()
+        if self._sdk_meters is not None:
+            self._sdk_meters.shutdown()
 
 
 def setup_telemetry(
@@ -57,25 +71,33 @@ def setup_telemetry(
 ) -> Telemetry:
     """Builds the tracer provider for `service` ("ballast-<service>" unless OTEL_SERVICE_NAME is set).
 
-    Spans are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the traces
-    variant) is set; OTEL_SDK_DISABLED=true turns tracing off; OTEL_TRACES_SAMPLER and
-    OTEL_TRACES_SAMPLER_ARG are read by the SDK itself.
+    Spans and metrics are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the
+    per-signal variants) is set; OTEL_SDK_DISABLED=true turns tracing off (metrics stay on
+    for the service's Prometheus endpoint); OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG
+    are read by the SDK itself.
     """
     env = os.environ if environ is None else environ
     name = f"ballast-{service}"
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return Telemetry(name, trace.NoOpTracerProvider())
     # In all-in-one mode one OTEL_SERVICE_NAME would merge five services into one; suffix it instead.
     base = env.get("OTEL_SERVICE_NAME")
     if base:
         name = f"{base}-{service}"
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": name, "service.namespace": "ballast"})
-    )
+    resource = Resource.create({"service.name": name, "service.namespace": "ballast"})
+    # Metrics are always collected for the service's Prometheus endpoint; OTLP export is optional.
+    registry = CollectorRegistry(auto_describe=True)
+    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    meters = MeterProvider(resource=resource, metric_readers=readers)
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
+    provider = TracerProvider(resource=resource)
     if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     for processor in extra_processors:
         provider.add_span_processor(processor)
-    return Telemetry(name, provider, provider)
+    return Telemetry(name, provider, provider, meters, registry, meters)

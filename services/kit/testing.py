@@ -92,6 +92,7 @@ async def start_suite(
     try:
         for name in registry.ordered(list(names)):
             env_vars[f"BALLAST_{name.upper()}_PORT"] = "0"
+            env_vars[f"BALLAST_{name.upper()}_METRICS_PORT"] = "0"
             env = Env(env_vars)
             settings = registry.load_settings(name, env)
             env.check()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from services import registry
-from services.kit.config import DEFAULT_PORTS, SERVICE_NAMES, Env
+from services.kit.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, SERVICE_NAMES, Env
 
 ROOT = Path(__file__).resolve().parents[3]
 INFRA = {"redis", "postgres", "jaeger"}
@@ -39,7 +39,8 @@ def test_service_command_port_and_health_check_match_the_code(compose: dict[str,
     service = compose["services"][name]
     port = DEFAULT_PORTS[name]
     assert service["command"] == ["serve", name]
-    assert service["ports"] == [f"{port}:{port}"]
+    metrics = DEFAULT_METRICS_PORTS[name]
+    assert service["ports"] == [f"{port}:{port}", f"{metrics}:{metrics}"]
     probe = service["healthcheck"]["test"]
     assert probe[:4] == ["CMD", "python", "-m", "services.kit.healthcheck"]
     assert probe[4] == f"127.0.0.1:{port}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ballast.sessions.v1 import sessions_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -190,3 +191,27 @@ def test_sigterm_lets_an_in_flight_call_finish_and_exits_zero() -> None:
         assert proc.stdout is not None and "probe closed" in proc.stdout.read()
     finally:
         proc.kill()
+
+
+async def test_each_service_serves_prometheus_metrics_of_its_calls(suite_factory: SuiteFactory) -> None:
+    import httpx
+
+    suite = await suite_factory(["limiter", "sessions"])
+    await health_pb2_grpc.HealthStub(suite.channel("limiter")).Check(health_pb2.HealthCheckRequest())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await suite.sessions.GetSession(sessions_pb2.GetSessionRequest())
+    async with httpx.AsyncClient() as client:
+        sessions_port = suite.running["sessions"].metrics_port
+        limiter_port = suite.running["limiter"].metrics_port
+        assert sessions_port and limiter_port and sessions_port != limiter_port
+        text = (await client.get(f"http://127.0.0.1:{sessions_port}/metrics")).text
+        limiter_text = (await client.get(f"http://127.0.0.1:{limiter_port}/metrics")).text
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("rpc_server_call_duration_seconds_count") and "GetSession" in line
+    )
+    assert 'rpc_grpc_status_code="INVALID_ARGUMENT"' in line and line.endswith(" 1.0")
+    assert 'service_name="ballast-sessions"' in text or "ballast-sessions" in text
+    # Health checks are not counted, and each service has its own registry.
+    assert "GetSession" not in limiter_text and "Health" not in limiter_text
