@@ -402,12 +402,12 @@ class Limiter:
         if fraction is None:
             return
         horizon = min(horizon, policy.stale_after)
-        report = HeadroomReport(provider, model, fraction, now + horizon, rate_limited)
+        report = HeadroomReport(provider, model, fraction, now + horizon, rate_limited, now)
         self.board.update(report)
         await self.store.put_headroom(f"{provider}\x00{model}", report.encode(), max(1, int(horizon * 1000)))
 
     async def refresh_headroom(self) -> None:
-        """Replaces this replica's view with the reports shared through the store."""
+        """Adds the reports other replicas received (shared through the store) to this one's view."""
         raw = await self.store.get_headroom()
         reports = [r for r in (HeadroomReport.decode(v) for v in raw.values()) if r is not None]
-        self.board.replace_all(reports)
+        self.board.merge(reports, self.clock())

@@ -26,17 +26,26 @@ class HeadroomReport:
     until: float
     # The provider answered 429.
     rate_limited: bool = False
+    # Epoch seconds of the report: the newest report of a (provider, model) wins.
+    at: float = 0.0
 
     def encode(self) -> str:
         return json.dumps(
-            {"p": self.provider, "m": self.model, "f": self.fraction, "u": self.until, "r": self.rate_limited}
+            {
+                "p": self.provider,
+                "m": self.model,
+                "f": self.fraction,
+                "u": self.until,
+                "r": self.rate_limited,
+                "a": self.at,
+            }
         )
 
     @classmethod
     def decode(cls, raw: str) -> HeadroomReport | None:
         try:
             d = json.loads(raw)
-            return cls(str(d["p"]), str(d["m"]), float(d["f"]), float(d["u"]), bool(d["r"]))
+            return cls(str(d["p"]), str(d["m"]), float(d["f"]), float(d["u"]), bool(d["r"]), float(d["a"]))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -59,10 +68,16 @@ class HeadroomBoard:
         self._reports: dict[tuple[str, str], HeadroomReport] = {}
 
     def update(self, report: HeadroomReport) -> None:
-        self._reports[(report.provider, report.model)] = report
+        key = (report.provider, report.model)
+        held = self._reports.get(key)
+        if held is None or report.at >= held.at:
+            self._reports[key] = report
 
-    def replace_all(self, reports: list[HeadroomReport]) -> None:
-        self._reports = {(r.provider, r.model): r for r in reports}
+    def merge(self, reports: list[HeadroomReport], now: float) -> None:
+        """Adds reports shared by other replicas; the newest per (provider, model) wins."""
+        for report in reports:
+            self.update(report)
+        self._reports = {k: r for k, r in self._reports.items() if r.until > now}
 
     def headroom(self, provider: str, now: float) -> tuple[float, float] | None:
         """(fraction, seconds until it no longer applies) for `provider`, or for the best

@@ -58,12 +58,22 @@ def tiers_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-async def suite(suite_factory: SuiteFactory, tiers_file: Path) -> Suite:
+@pytest.fixture(params=["memory", "redis"])
+async def suite(request: pytest.FixtureRequest, suite_factory: SuiteFactory, tiers_file: Path) -> Suite:
+    store = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
     return await suite_factory(
         ["limiter"],
-        {"BALLAST_LIMITER_TIERS_FILE": str(tiers_file), "BALLAST_LIMITER_RELOAD_INTERVAL": "50ms"},
+        {
+            "BALLAST_LIMITER_STORE": store,
+            "BALLAST_LIMITER_TIERS_FILE": str(tiers_file),
+            "BALLAST_LIMITER_RELOAD_INTERVAL": "50ms",
+        },
     )
+
+
+@pytest.fixture
+async def memory_suite(suite_factory: SuiteFactory, tiers_file: Path) -> Suite:
+    return await suite_factory(["limiter"], {"BALLAST_LIMITER_TIERS_FILE": str(tiers_file)})
 
 
 def caller(tier: str = "free", user: str = "u1", tenant: str = "t1") -> common_pb2.Caller:
@@ -281,9 +291,8 @@ def violation(err: grpc.aio.AioRpcError) -> str:
     raise AssertionError("no BadRequest detail")
 
 
-@pytest.mark.parametrize(
-    ("request_", "field"),
-    [
+async def test_bad_checks_are_invalid_argument_naming_the_field(memory_suite: Suite) -> None:
+    cases: list[tuple[limiter_pb2.CheckRequest, str]] = [
         (limiter_pb2.CheckRequest(caller=caller("gold"), requests=1), "caller.tier"),
         (
             limiter_pb2.CheckRequest(caller=common_pb2.Caller(user_id="u", tier="free"), requests=1),
@@ -301,18 +310,16 @@ def violation(err: grpc.aio.AioRpcError) -> str:
         (limiter_pb2.CheckRequest(caller=caller(), tool_calls=1), "session_id"),
         (limiter_pb2.CheckRequest(caller=caller(), requests=1, request_id="x" * 1000), "request_id"),
         (limiter_pb2.CheckRequest(caller=caller(), requests=1, priority=99), "priority"),  # type: ignore[arg-type]
-    ],
-)
-async def test_bad_checks_are_invalid_argument_naming_the_field(
-    suite: Suite, request_: limiter_pb2.CheckRequest, field: str
-) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await suite.limiter.Check(request_)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violation(info.value) == field
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await memory_suite.limiter.Check(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert violation(info.value) == field
 
 
-async def test_bad_commits_headroom_and_usage_are_invalid_argument(suite: Suite) -> None:
+async def test_bad_commits_headroom_and_usage_are_invalid_argument(memory_suite: Suite) -> None:
+    suite = memory_suite
     cases: list[tuple[Awaitable[object], str]] = [
         (suite.limiter.Commit(limiter_pb2.CommitRequest(caller=caller(), actual_tokens=-1)), "actual_tokens"),
         (suite.limiter.Commit(limiter_pb2.CommitRequest(caller=caller(), cost_micros=-1)), "cost_micros"),
