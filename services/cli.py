@@ -28,10 +28,15 @@ def _run(names: Sequence[str]) -> int:
         return 2
     first = next(iter(settings.values())).server
     setup_logging(first.log_level, first.log_format)
-    apps = [registry.build_app(name, s, setup_telemetry(name)) for name, s in settings.items()]
-    if len(apps) > 1 or os.environ.get("BALLAST_BANNER") == "1":
+    if len(settings) > 1 or os.environ.get("BALLAST_BANNER") == "1":
         _banner(settings)
-    asyncio.run(run_until_signal(apps))
+
+    async def serve() -> None:
+        # Apps are built inside the running loop: gRPC channels and pools bind to the loop they start on.
+        apps = [registry.build_app(name, s, setup_telemetry(name)) for name, s in settings.items()]
+        await run_until_signal(apps)
+
+    asyncio.run(serve())
     return 0
 
 

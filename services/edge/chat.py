@@ -49,6 +49,15 @@ def estimate_tokens(messages: list[common_pb2.ChatMessage]) -> int:
     return total
 
 
+def cache_model(caller: common_pb2.Caller, request: edge_pb2.ChatRequest) -> str:
+    """The model part of the cache scope: what was asked for, known before routing.
+
+    An empty model means the tier's default, so tiers (which may map to different models)
+    never share answers through it; lookup and store must use the same value.
+    """
+    return request.model or f"default:{caller.tier or 'none'}"
+
+
 def quota_metadata(quotas: list[common_pb2.Quota]) -> tuple[tuple[str, str], ...]:
     """x-ratelimit-* trailing metadata from the most constraining finite quota."""
     finite = [q for q in quotas if not q.unlimited and q.limit > 0]
@@ -159,7 +168,7 @@ class ChatPipeline:
             return None
         lookup = cache_pb2.LookupRequest(
             scope=self._cache_scope(caller, request),
-            model=request.model,
+            model=cache_model(caller, request),
             messages=messages,
             tools=request.tools,
             params=request.params,
@@ -172,7 +181,7 @@ class ChatPipeline:
             )
         except BallastError as exc:
             # A cache outage costs a model call, never the chat.
-            log.warning("cache lookup failed; treating as a miss", extra={"error": exc.message})
+            log.warning("cache lookup failed (%s); treating as a miss", exc.message)
             return None
 
     async def prepare(
@@ -331,7 +340,7 @@ class ChatPipeline:
                 self._down.cache.Store,
                 cache_pb2.StoreRequest(
                     scope=self._cache_scope(caller, request),
-                    model=request.model,
+                    model=cache_model(caller, request),
                     messages=prepared.model_messages,
                     tools=request.tools,
                     params=request.params,
@@ -366,7 +375,12 @@ class ChatPipeline:
         results = dict(zip(jobs, await asyncio.gather(*(_settle(j) for j in jobs.values())), strict=True))
         for name in ("store", "commit"):
             if isinstance(results.get(name), BaseException):
-                log.warning("%s after the model failed", name, extra={"request_id": prepared.request_id})
+                log.warning(
+                    "%s after the model failed: %s",
+                    name,
+                    results[name],
+                    extra={"request_id": prepared.request_id},
+                )
         session_version = prepared.session_version
         appended = results.get("append")
         if isinstance(appended, BaseException):

@@ -62,5 +62,7 @@ def write_test_config(folder: Path, *, sim_latency_ms: float = 2.0) -> dict[str,
         "BALLAST_EDGE_ADMIN_KEY": ADMIN_KEY,
         "BALLAST_EDGE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "BALLAST_EDGE_WEBHOOK_BACKOFF": "50ms",
+        # Longer than the free tier's hourly window, so a limited job waits in the queue.
+        "BALLAST_EDGE_JOB_MAX_WAIT": "2h",
         "BALLAST_SESSIONS_COMPACTION": "false",
     }
