@@ -71,7 +71,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 @pytest.fixture
 async def replicas(
     redis_url: str, tmp_path: Path
-) -> AsyncIterator[list[limiter_pb2_grpc.LimiterServiceStub]]:
+) -> AsyncIterator[list[limiter_pb2_grpc.LimiterServiceAsyncStub]]:
     tiers = tmp_path / "tiers.yaml"
     tiers.write_text(TIERS)
     procs: list[subprocess.Popen[bytes]] = []
@@ -109,7 +109,7 @@ def caller(user: str) -> common_pb2.Caller:
 
 
 async def test_admitted_equals_the_limit_exactly_across_replicas(
-    replicas: list[limiter_pb2_grpc.LimiterServiceStub],
+    replicas: list[limiter_pb2_grpc.LimiterServiceAsyncStub],
 ) -> None:
     attempts = REQUEST_LIMIT * 4
     gate = asyncio.Semaphore(64)
@@ -128,7 +128,7 @@ async def test_admitted_equals_the_limit_exactly_across_replicas(
 
 
 async def test_token_budget_is_never_overspent_while_reservations_and_commits_race(
-    replicas: list[limiter_pb2_grpc.LimiterServiceStub],
+    replicas: list[limiter_pb2_grpc.LimiterServiceAsyncStub],
 ) -> None:
     rng = random.Random(7)
     estimate = 300
