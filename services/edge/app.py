@@ -12,6 +12,7 @@ from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Downstream
 from services.edge.jobs import JobRunner
+from services.edge.metrics import EdgeMetrics
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
 from services.kit.server import ServiceApp
@@ -41,7 +42,13 @@ class EdgeApp(ServiceApp):
         self.store = open_store(settings)
         self.downstream = Downstream(settings, telemetry)
         self.pipeline = ChatPipeline(settings, self.downstream)
-        self.jobs = JobRunner(settings, self.store, self.pipeline, telemetry.tracer)
+        self.metrics = EdgeMetrics(
+            telemetry.meter,
+            self.store,
+            per_user=settings.server.metrics_per_user,
+            sample_every=settings.queue_sample_interval,
+        )
+        self.jobs = JobRunner(settings, self.store, self.pipeline, telemetry.tracer, self.metrics)
         self.in_flight = InFlightLimit(settings.max_in_flight)
 
     def service_names(self) -> Sequence[str]:
@@ -56,7 +63,10 @@ class EdgeApp(ServiceApp):
     def register(self, server: grpc.aio.Server) -> None:
         keys = KeyRegistry(self.file_keys, self.store)
         edge_pb2_grpc.add_EdgeServiceServicer_to_server(
-            EdgeServicer(self.settings, keys, self.downstream, self.pipeline, self.jobs, self.store), server
+            EdgeServicer(
+                self.settings, keys, self.downstream, self.pipeline, self.jobs, self.store, self.metrics
+            ),
+            server,
         )
         edge_pb2_grpc.add_EdgeAdminServiceServicer_to_server(
             EdgeAdminServicer(self.settings, self.store, self.file_keys), server
@@ -65,8 +75,10 @@ class EdgeApp(ServiceApp):
     async def start(self) -> None:
         await self.store.start()
         self.jobs.start()
+        self.metrics.start()
 
     async def close(self) -> None:
+        await self.metrics.stop()
         await self.jobs.stop()
         await self.downstream.close()
         await self.store.close()

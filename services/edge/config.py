@@ -62,6 +62,8 @@ class EdgeSettings:
     webhook_attempts: int = 6
     webhook_backoff: float = 0.5
     webhook_timeout: float = 5.0
+    # How often queue depth and the oldest job's age are sampled for the metrics.
+    queue_sample_interval: float = 2.0
     # Tier -> queue priority for SubmitChat.
     tier_priorities: Mapping[str, str] = field(
         default_factory=lambda: {"free": "low", "paid": "normal", "enterprise": "high"}
@@ -95,6 +97,7 @@ class EdgeSettings:
             webhook_attempts=env.integer("BALLAST_EDGE_WEBHOOK_ATTEMPTS", 6, minimum=1, maximum=100),
             webhook_backoff=env.duration("BALLAST_EDGE_WEBHOOK_BACKOFF", 0.5, minimum=0.0),
             webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
+            queue_sample_interval=env.duration("BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL", 2.0, minimum=0.05),
             tier_priorities=_parse_tier_priorities(
                 env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
             ),

@@ -29,6 +29,7 @@ from opentelemetry import propagate, trace
 from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
+from services.edge.metrics import EdgeMetrics
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
 from services.kit.errors import BallastError, ResourceExhausted, to_status
 
@@ -97,8 +98,10 @@ class JobRunner:
         store: EdgeStore,
         pipeline: ChatPipeline,
         tracer: trace.Tracer,
+        metrics: EdgeMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._metrics = metrics
         self._settings = settings
         self._store = store
         self._pipeline = pipeline
@@ -199,11 +202,15 @@ class JobRunner:
                         return
                     await self._end(claim, job, error=exc)
                 except BallastError as exc:
+                    if self._metrics is not None:
+                        self._metrics.failed(caller, exc.code.name)
                     await self._end(claim, job, error=exc)
                 except Exception as exc:
                     log.exception("job %s failed with a bug", job.job_id)
                     await self._end(claim, job, error=exc)
                 else:
+                    if self._metrics is not None:
+                        self._metrics.chat(caller, response)
                     await self._end(claim, job, result=response)
         finally:
             otel_context.detach(token)

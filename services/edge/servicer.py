@@ -20,9 +20,17 @@ from services.edge.chat import ChatPipeline, new_request_id, quota_metadata
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
 from services.edge.jobs import JobRunner, job_to_proto
+from services.edge.metrics import EdgeMetrics
 from services.edge.store import EdgeStore
 from services.edge.validation import check_id, check_json_object, validate_chat, validate_webhook_url
-from services.kit.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated, to_status
+from services.kit.errors import (
+    BallastError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    to_status,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -108,7 +116,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         pipeline: ChatPipeline,
         jobs: JobRunner,
         store: EdgeStore,
+        metrics: EdgeMetrics,
     ) -> None:
+        self._metrics = metrics
         self._settings = settings
         self._keys = keys
         self._down = downstream
@@ -120,7 +130,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         validate_chat(request, self._settings)
         deadline = Deadline(context.time_remaining())
-        response = await self._pipeline.chat(caller, request, _request_id(context), deadline)
+        try:
+            response = await self._pipeline.chat(caller, request, _request_id(context), deadline)
+        except BallastError as exc:
+            self._metrics.failed(caller, exc.code.name)
+            raise
+        self._metrics.chat(caller, response)
         context.set_trailing_metadata(quota_metadata(list(response.quotas)))
         return response
 
@@ -130,10 +145,17 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         validate_chat(request.chat, self._settings, "chat")
         deadline = Deadline(context.time_remaining())
-        async for event in self._pipeline.chat_stream(caller, request.chat, _request_id(context), deadline):
-            if event.WhichOneof("event") == "done":
-                context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
-            yield event
+        try:
+            async for event in self._pipeline.chat_stream(
+                caller, request.chat, _request_id(context), deadline
+            ):
+                if event.WhichOneof("event") == "done":
+                    self._metrics.chat(caller, event.done)
+                    context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
+                yield event
+        except BallastError as exc:
+            self._metrics.failed(caller, exc.code.name)
+            raise
 
     async def SubmitChat(
         self, request: edge_pb2.SubmitChatRequest, context: Context

@@ -190,6 +190,8 @@ class ServerSettings:
     # Prometheus endpoint of this service; off with BALLAST_METRICS=false, 0 picks a free port.
     metrics_enabled: bool = True
     metrics_port: int = 0
+    # Per-user metric labels multiply series by the user count: off unless an operator opts in.
+    metrics_per_user: bool = False
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -210,6 +212,7 @@ class ServerSettings:
                 for name, port in DEFAULT_PORTS.items()
             },
             metrics_enabled=env.boolean(f"{PREFIX}METRICS", True),
+            metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", False),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),

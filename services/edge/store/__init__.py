@@ -95,3 +95,7 @@ class EdgeStore(Protocol):
     async def depth(self) -> dict[str, int]:
         """Queued jobs per priority (what an autoscaler scales on)."""
         ...
+
+    async def oldest_enqueued_at(self) -> float | None:
+        """Unix time the oldest unfinished job was (re)queued, None when the queue is empty."""
+        ...

@@ -145,6 +145,10 @@ class MemoryEdgeStore:
             job.finished_at = self._clock()
         return replace(job)
 
+    async def oldest_enqueued_at(self) -> float | None:
+        waiting = [job.created_at for job in self._jobs.values() if job.state in (QUEUED, RUNNING)]
+        return min(waiting, default=None)
+
     async def depth(self) -> dict[str, int]:
         counts = dict.fromkeys(PRIORITY_ORDER, 0)
         for job in self._jobs.values():

@@ -267,6 +267,19 @@ class RedisEdgeStore:
             return await self.get_job(job_id)
         return job
 
+    async def oldest_enqueued_at(self) -> float | None:
+        # A stream entry id starts with its append time in milliseconds; parked jobs carry their due time.
+        oldest: float | None = None
+        for priority in PRIORITY_ORDER:
+            first: Any = await self._redis.xrange(self._stream(priority), count=1)
+            if first:
+                entry_ms = int(first[0][0].decode().split("-", 1)[0])
+                oldest = entry_ms / 1000 if oldest is None else min(oldest, entry_ms / 1000)
+            parked: Any = await self._redis.zrange(self._parked(priority), 0, 0, withscores=True)
+            if parked:
+                oldest = float(parked[0][1]) if oldest is None else min(oldest, float(parked[0][1]))
+        return oldest
+
     async def depth(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for priority in PRIORITY_ORDER:
