@@ -49,7 +49,7 @@ _TEMPORAL = {
     "january", "february", "march", "april", "june", "july", "august", "september",
     "october", "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
     "sep", "sept", "oct", "nov", "dec",
-    "today", "tonight", "tomorrow", "yesterday", "now", "currently", "weekend", "weekends",
+    "today", "tonight", "tomorrow", "yesterday", "weekend", "weekends",
     "weekday", "weekdays", "next", "last", "previous", "ago", "later", "earlier", "upcoming",
     "morning", "afternoon", "evening", "night", "noon", "midnight", "am", "pm", "daily",
     "weekly", "monthly", "yearly", "annually", "annual", "hourly", "spring", "summer",
@@ -71,7 +71,7 @@ _POLAR_GROUPS: dict[str, tuple[str, ...]] = {
     "close": ("close", "closes", "closed", "closing", "shut", "shuts", "lock", "locked", "locks"),
     "enable": ("enable", "enables", "enabled", "enabling", "activate", "activated"),
     "disable": ("disable", "disables", "disabled", "disabling", "deactivate", "deactivated", "off"),
-    "allow": ("allow", "allows", "allowed", "permit", "permitted", "accept", "accepted", "approve", "approved"),
+    "allow": ("allow", "allows", "allowed", "permit", "permitted", "approve", "approved"),
     "deny": ("deny", "denies", "denied", "forbid", "forbidden", "reject", "rejected", "block", "blocked", "ban", "banned"),
     "add": ("add", "adds", "added", "adding", "create", "created", "insert", "install", "installed", "subscribe"),
     "remove": ("remove", "removes", "removed", "removing", "delete", "deleted", "deleting", "uninstall", "uninstalled", "unsubscribe", "drop"),
@@ -81,8 +81,8 @@ _POLAR_GROUPS: dict[str, tuple[str, ...]] = {
     "after": ("after", "later", "post", "afterwards"),
     "more": ("more", "increase", "increased", "raise", "raised", "higher", "greater", "larger", "bigger", "above", "maximum", "max", "most", "upgrade", "upgrading"),
     "less": ("less", "fewer", "decrease", "decreased", "lower", "reduce", "reduced", "smaller", "below", "minimum", "min", "least", "downgrade", "downgrading"),
-    "best": ("best", "better", "good", "top"),
-    "worst": ("worst", "worse", "bad", "poor"),
+    "best": ("best", "better", "top"),
+    "worst": ("worst", "worse"),
     "cheap": ("cheap", "cheaper", "cheapest", "inexpensive", "affordable"),
     "expensive": ("expensive", "pricier", "priciest", "costly"),
     "fast": ("fast", "faster", "fastest", "quick", "quicker", "quickest"),
@@ -338,7 +338,9 @@ _TOKEN = re.compile(
     r"https?://\S+|[\w.+-]+@[\w-]+\.[\w.]+|\d[\d,]*(?:\.\d+)?(?:st|nd|rd|th)?|[^\W\d_][\w'’.\-/]*|[$€£¥%]|°[cf]",
     re.IGNORECASE,
 )
-_QUOTED = re.compile(r"\"([^\"]{1,80})\"|“([^”]{1,80})”|`([^`]{1,80})`")
+_QUOTED = re.compile(
+    r"\"([^\"]{1,80})\"|“([^”]{1,80})”|‘([^’]{1,80})’|`([^`]{1,80})`|(?:(?<=\s)|^)'([^']{1,80})'(?=[\s.,!?;:]|$)"
+)
 _SENTENCE_END = re.compile(r"[.!?:;]$")
 
 
@@ -350,9 +352,11 @@ class Features:
     temporal: frozenset[str]
     negations: int
     polar: frozenset[str]
-    units: frozenset[str]
+    units: tuple[str, ...]
     entities: tuple[str, ...]
     words: frozenset[str]
+    # Lower-cased text, for multi-word entities (quoted strings).
+    text: str
 
 
 def _number(token: str) -> str:
@@ -365,13 +369,25 @@ def _number(token: str) -> str:
     return token.lstrip("0") or "0"
 
 
+# Two-word forms of polar verbs, folded into one token before tokenising.
+_PHRASES = [
+    (re.compile(r"\b(?:turn|switch)(?:ed|ing|s)?\s+on\b", re.IGNORECASE), "enable"),
+    (re.compile(r"\b(?:turn|switch)(?:ed|ing|s)?\s+off\b", re.IGNORECASE), "disable"),
+    (re.compile(r"\b(?:log|sign)(?:ged|ging|s)?\s+(?:in|on)(?:to)?\b", re.IGNORECASE), "login"),
+    (re.compile(r"\b(?:log|sign)(?:ged|ging|s)?\s+(?:out|off)\b", re.IGNORECASE), "logout"),
+]
+_CONTRACTION = re.compile(r"['’](?:s|re|ll|ve|d|m)$", re.IGNORECASE)
+
+
 @lru_cache(maxsize=65_536)
 def features(text: str) -> Features:
+    for pattern, replacement in _PHRASES:
+        text = pattern.sub(replacement, text)
     raw_tokens = _TOKEN.findall(text)
     numbers: list[str] = []
     temporal: set[str] = set()
     polar: set[str] = set()
-    units: set[str] = set()
+    units: list[str] = []
     entities: list[str] = []
     words: set[str] = set()
     negations = 0
@@ -382,10 +398,11 @@ def features(text: str) -> Features:
             continue
         lower = token.lower()
         words.add(lower)
+        words.add(lower.replace("-", ""))
         is_start = sentence_start
         sentence_start = bool(_SENTENCE_END.search(raw))
         if lower in _UNIT_SYMBOLS:
-            units.add(_UNIT_SYMBOLS[lower])
+            units.append(_UNIT_SYMBOLS[lower])
             continue
         if lower[0].isdigit():
             numbers.append(_number(lower))
@@ -397,13 +414,15 @@ def features(text: str) -> Features:
         if lower in _NUMBER_WORDS:
             numbers.append(_NUMBER_WORDS[lower])
         if lower in _TEMPORAL or (token == "May" and not is_start):
-            temporal.add(_MONTHS.get(lower, lower))
+            singular = lower[:-1] if lower.endswith("s") and lower[:-1] in _TEMPORAL else lower
+            temporal.add(_MONTHS.get(singular, singular))
         if lower in _POLAR:
             polar.add(_POLAR[lower])
         if lower in _UNITS:
-            units.add(_UNITS[lower])
-        if _is_entity(token, is_start):
-            entities.append(lower)
+            units.append(_UNITS[lower])
+        dated = lower in _TEMPORAL or lower[:-1] in _TEMPORAL or lower in _MONTHS
+        if not dated and _is_entity(_CONTRACTION.sub("", token), is_start):
+            entities.append(lower.replace("-", ""))
     for match in _QUOTED.finditer(text):
         quoted = next(g for g in match.groups() if g is not None).strip().lower()
         if quoted:
@@ -414,9 +433,10 @@ def features(text: str) -> Features:
         temporal=frozenset(temporal),
         negations=negations,
         polar=frozenset(polar),
-        units=frozenset(units),
+        units=tuple(units),
         entities=tuple(entities),
         words=frozenset(words),
+        text=text.lower(),
     )
 
 
@@ -461,8 +481,14 @@ class Verdict:
 PASS = Verdict(True)
 
 
+def _appears(entity: str, other: Features) -> bool:
+    if " " not in entity:
+        return entity in other.words
+    return re.search(r"(?<!\w)" + re.escape(entity) + r"(?!\w)", other.text) is not None
+
+
 def _entities_agree(a: Features, b: Features) -> bool:
-    if any(e not in b.words for e in a.entities) or any(e not in a.words for e in b.entities):
+    if not all(_appears(e, b) for e in a.entities) or not all(_appears(e, a) for e in b.entities):
         return False
     shared = [e for e in dict.fromkeys(a.entities) if e in set(b.entities)]
     order_b = [e for e in dict.fromkeys(b.entities) if e in set(shared)]
