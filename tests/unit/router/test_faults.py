@@ -1,0 +1,285 @@
+"""Fault tests: the primary fails in every way a provider does, and requests still succeed on the
+fallback; the breaker spares requests the failure penalty and recovers; caller errors are final."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import cast
+
+import grpc
+import pytest
+from ballast.router.v1 import router_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.kit.testing import Suite
+from services.router.catalog import SimSpec
+from services.router.sim import Fault, SimServer
+from tests.conftest import SuiteFactory
+from tests.unit.router.conftest import FAST_ENV, SimFactory, complete_request, two_provider_catalog, write
+
+R = router_pb2
+
+
+async def start(
+    suite_factory: SuiteFactory,
+    sim_factory: SimFactory,
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    primary_wire: str = "openai",
+    secondary_wire: str = "anthropic",
+) -> tuple[Suite, SimServer, SimServer]:
+    primary = await sim_factory("sim-primary-test", SimSpec(latency_median_ms=0))
+    secondary = await sim_factory("sim-secondary-test", SimSpec(latency_median_ms=0))
+    catalog = two_provider_catalog(
+        primary, secondary, primary_wire=primary_wire, secondary_wire=secondary_wire
+    )
+    suite = await suite_factory(
+        ["router"], {**FAST_ENV, "BALLAST_ROUTER_CATALOG_FILE": write(tmp_path, catalog), **(env or {})}
+    )
+    return suite, primary, secondary
+
+
+def outcomes(reply: router_pb2.CompleteResponse) -> list[tuple[str, int]]:
+    return [(a.provider, a.outcome) for a in reply.attempts]
+
+
+@pytest.mark.parametrize("wires", [("openai", "anthropic"), ("anthropic", "openai")])
+async def test_primary_500s_fail_over(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path, wires: tuple[str, str]
+) -> None:
+    suite, primary, _ = await start(
+        suite_factory, sim_factory, tmp_path, primary_wire=wires[0], secondary_wire=wires[1]
+    )
+    primary.set_fault(Fault("error", status=500))
+    reply = await suite.router.Complete(complete_request(), timeout=5)
+    assert outcomes(reply) == [
+        ("primary", R.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("secondary", R.ATTEMPT_OUTCOME_OK),
+    ]
+    assert reply.attempts[0].http_status == 500 and "simulated outage" in reply.attempts[0].error
+    assert (reply.provider, reply.model) == ("secondary", "secondary-model")
+    assert reply.message.content.startswith("[simulated sim-secondary-test/s-model]")
+
+
+async def test_primary_timeout_fails_over_within_the_callers_deadline(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, primary, _ = await start(suite_factory, sim_factory, tmp_path)
+    primary.set_fault(Fault("hang"))
+    started = time.monotonic()
+    reply = await suite.router.Complete(complete_request(), timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert outcomes(reply) == [("primary", R.ATTEMPT_OUTCOME_TIMEOUT), ("secondary", R.ATTEMPT_OUTCOME_OK)]
+    # the first attempt got half of the deadline, leaving the fallback the rest
+    assert 0.4 < reply.attempts[0].latency.ToTimedelta().total_seconds() < 0.6
+    assert elapsed < 1.0
+
+
+async def test_connection_errors_fail_over_and_never_become_successes(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, primary, secondary = await start(suite_factory, sim_factory, tmp_path)
+    primary.set_fault(Fault("down"))
+    reply = await suite.router.Complete(complete_request(), timeout=5)
+    assert outcomes(reply)[0] == ("primary", R.ATTEMPT_OUTCOME_CONNECTION_ERROR)
+    secondary.set_fault(Fault("break"))  # a truncated body on the fallback too
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(complete_request(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "primary/primary-model: connection_error" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("mode", ["hang", "error", "down"])
+async def test_streams_fail_over_before_the_first_token(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path, mode: str
+) -> None:
+    suite, primary, _ = await start(suite_factory, sim_factory, tmp_path)
+    primary.set_fault(Fault(mode))
+    request = router_pb2.StreamCompleteRequest(request=complete_request())
+    events = [e async for e in suite.router.StreamComplete(request, timeout=1.0)]
+    assert events[0].start.provider == "secondary"
+    done = events[-1].done
+    assert [a.provider for a in done.attempts] == ["primary", "secondary"]
+    assert done.attempts[-1].outcome == R.ATTEMPT_OUTCOME_OK
+    assert "".join(e.delta.text for e in events[1:-1]) == done.message.content
+
+
+@pytest.mark.parametrize("mode", ["stall", "break"])
+@pytest.mark.parametrize("wire", ["openai", "anthropic"])
+async def test_a_stream_that_breaks_after_the_first_token_ends_unavailable(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path, mode: str, wire: str
+) -> None:
+    suite, primary, secondary = await start(
+        suite_factory,
+        sim_factory,
+        tmp_path,
+        primary_wire=wire,
+        env={"BALLAST_ROUTER_STREAM_IDLE_TIMEOUT": "300ms"},
+    )
+    primary.set_fault(Fault(mode, after_tokens=3))
+    request = router_pb2.StreamCompleteRequest(request=complete_request())
+    kinds: list[str | None] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in suite.router.StreamComplete(request, timeout=5):
+            kinds.append(event.WhichOneof("event"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "broke after it had started" in (info.value.details() or "")
+    assert kinds[0] == "start" and kinds.count("delta") == 3 and "done" not in kinds
+    assert secondary.stats.requests == 0  # no failover once tokens reached the caller
+
+
+async def test_open_breaker_spares_requests_the_penalty_and_recovers(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    env = {
+        "BALLAST_ROUTER_BREAKER_FAILURES": "2",
+        "BALLAST_ROUTER_BREAKER_OPEN_FOR": "400ms",
+        "BALLAST_ROUTER_ATTEMPT_TIMEOUT": "200ms",
+    }
+    suite, primary, _ = await start(suite_factory, sim_factory, tmp_path, env=env)
+    router = suite.router
+    primary.set_fault(Fault("hang"))
+    for _ in range(2):
+        slow = await router.Complete(complete_request(), timeout=5)
+        assert outcomes(slow)[0] == ("primary", R.ATTEMPT_OUTCOME_TIMEOUT)
+    seen = primary.stats.requests
+    status = await router.GetProviderStatus(
+        router_pb2.GetProviderStatusRequest(provider="primary"), timeout=5
+    )
+    assert {s.model: s.breaker for s in status.providers}["primary-model"] == R.BREAKER_STATE_OPEN
+    for _ in range(5):
+        started = time.monotonic()
+        fast = await router.Complete(complete_request(), timeout=5)
+        assert time.monotonic() - started < 0.15  # no 200 ms timeout paid
+        # the open primary is ranked last, so the answer comes first-time from the secondary
+        assert outcomes(fast) == [("secondary", R.ATTEMPT_OUTCOME_OK)]
+    assert primary.stats.requests == seen  # the primary was not even contacted
+    primary.set_fault(None)
+    await asyncio.sleep(0.45)
+    probe = await router.Complete(complete_request(), timeout=5)
+    assert outcomes(probe) == [("primary", R.ATTEMPT_OUTCOME_OK)]
+    status = await router.GetProviderStatus(
+        router_pb2.GetProviderStatusRequest(provider="primary"), timeout=5
+    )
+    assert {s.model: s.breaker for s in status.providers}["primary-model"] == R.BREAKER_STATE_CLOSED
+
+
+async def test_every_breaker_open_fails_fast_unavailable(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    env = {"BALLAST_ROUTER_BREAKER_FAILURES": "1", "BALLAST_ROUTER_BREAKER_OPEN_FOR": "1m"}
+    suite, primary, secondary = await start(suite_factory, sim_factory, tmp_path, env=env)
+    primary.set_fault(Fault("error"))
+    secondary.set_fault(Fault("error"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(complete_request(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    before = primary.stats.requests + secondary.stats.requests
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(complete_request(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "open circuit breaker" in (info.value.details() or "")
+    assert primary.stats.requests + secondary.stats.requests == before
+
+
+@pytest.mark.parametrize("wire", ["openai", "anthropic"])
+async def test_a_provider_400_is_not_retried(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path, wire: str
+) -> None:
+    suite, primary, secondary = await start(suite_factory, sim_factory, tmp_path, primary_wire=wire)
+    from ballast.common.v1 import common_pb2
+
+    bad = complete_request(params=common_pb2.GenerationParams(temperature=7.0))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(bad, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "provider primary rejected the request" in (info.value.details() or "")
+    assert "temperature" in (info.value.details() or "")
+    assert (primary.stats.requests, secondary.stats.requests) == (1, 0)
+
+
+async def test_429_retry_after_is_honoured(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, primary, _ = await start(suite_factory, sim_factory, tmp_path)
+    primary.set_fault(Fault("rate_limit", until=time.monotonic() + 0.3, retry_after=1))
+    started = time.monotonic()
+    reply = await suite.router.Complete(complete_request(model="primary-model"), timeout=5)
+    assert time.monotonic() - started >= 1.0  # waited the full retry-after, not the 10 ms backoff
+    assert outcomes(reply) == [("primary", R.ATTEMPT_OUTCOME_RATE_LIMITED), ("primary", R.ATTEMPT_OUTCOME_OK)]
+
+
+async def test_a_long_retry_after_comes_back_as_resource_exhausted(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, primary, _ = await start(
+        suite_factory, sim_factory, tmp_path, env={"BALLAST_ROUTER_MAX_RETRY_AFTER": "500ms"}
+    )
+    primary.set_fault(Fault("rate_limit", retry_after=30))
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(complete_request(model="primary-model"), timeout=5)
+    assert time.monotonic() - started < 0.5
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(cast(grpc.Call, info.value))
+    assert status is not None
+    retry = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in status.details)
+    assert retry.retry_delay.seconds == 30
+
+
+async def test_deadline_exceeded_when_nobody_answers(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, primary, secondary = await start(suite_factory, sim_factory, tmp_path)
+    primary.set_fault(Fault("hang"))
+    secondary.set_fault(Fault("hang"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(complete_request(), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_region_and_exclusion_hints(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, _, _ = await start(suite_factory, sim_factory, tmp_path)
+    from ballast.common.v1 import common_pb2
+
+    eu = await suite.router.Complete(
+        complete_request(caller=common_pb2.Caller(tenant_id="t", region="eu")), timeout=5
+    )
+    assert eu.provider == "secondary"
+    excluded = await suite.router.Complete(
+        complete_request(hints=router_pb2.RoutingHints(exclude_providers=["primary"])), timeout=5
+    )
+    assert excluded.provider == "secondary" and len(excluded.attempts) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.router.Complete(
+            complete_request(hints=router_pb2.RoutingHints(region="ap", region_required=True)), timeout=5
+        )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_random_error_rate_is_absorbed_by_failover(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    primary = await sim_factory("flaky", SimSpec(latency_median_ms=0, error_rate=0.5, seed=3))
+    secondary = await sim_factory("steady", SimSpec(latency_median_ms=0))
+    env = {
+        **FAST_ENV,
+        "BALLAST_ROUTER_CATALOG_FILE": write(tmp_path, two_provider_catalog(primary, secondary)),
+        "BALLAST_ROUTER_BREAKER_FAILURES": "100",
+    }
+    suite = await suite_factory(["router"], env)
+    replies = [await suite.router.Complete(complete_request(), timeout=5) for _ in range(20)]
+    providers = [r.provider for r in replies]
+    assert "primary" in providers and "secondary" in providers
+    failed = [a for r in replies for a in r.attempts[:-1]]
+    assert failed and all(
+        (a.provider, a.outcome) == ("primary", R.ATTEMPT_OUTCOME_SERVER_ERROR) for a in failed
+    )
+    assert all(r.attempts[-1].outcome == R.ATTEMPT_OUTCOME_OK for r in replies)
