@@ -53,6 +53,8 @@ class CacheSettings:
     embed_threads: int = 1
     # Longest input (tokens) the local model sees; longer texts are truncated.
     embed_max_tokens: int = 256
+    # Recent embeddings kept per replica (a Store after a Lookup of the same turn reuses it).
+    embed_cache_entries: int = 10_000
     # Load the local model in the background at start (true) or on the first semantic call.
     preload_embedder: bool = True
     # Cosine similarity a semantic hit needs (0..1, higher is stricter).
@@ -100,6 +102,7 @@ class CacheSettings:
             tokenizer_path=env.string("BALLAST_CACHE_TOKENIZER_PATH", ""),
             embed_threads=env.integer("BALLAST_CACHE_EMBED_THREADS", 1, minimum=1, maximum=64),
             embed_max_tokens=env.integer("BALLAST_CACHE_EMBED_MAX_TOKENS", 256, minimum=8, maximum=512),
+            embed_cache_entries=env.integer("BALLAST_CACHE_EMBED_CACHE_ENTRIES", 10_000, minimum=0),
             preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", True),
             threshold=env.number("BALLAST_CACHE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0),
             candidates=env.integer("BALLAST_CACHE_CANDIDATES", 4, minimum=1, maximum=100),

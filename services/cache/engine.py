@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from services.cache.keys import (
     tool_key,
 )
 from services.cache.store import CacheStore, Entry, NamespaceCounters
-from services.cache.store.base import KIND_ANSWER, KIND_RETRIEVAL, KIND_TOOL
+from services.cache.store.base import KIND_ANSWER, KIND_RETRIEVAL, KIND_TOOL, Vector
 
 FINISH_STOP = "stop"
 
@@ -76,6 +77,19 @@ class CacheEngine:
         self.store = store
         self.embedder = embedder
         self.clock = clock
+        self._embeddings: OrderedDict[str, Vector] = OrderedDict()
+
+    async def _embed(self, text: str) -> Vector:
+        # Store usually follows a Lookup of the same turn: remember recent embeddings.
+        cached = self._embeddings.get(text)
+        if cached is not None:
+            self._embeddings.move_to_end(text)
+            return cached
+        vector: Vector = (await self.embedder.embed([text]))[0]
+        self._embeddings[text] = vector
+        while len(self._embeddings) > self.settings.embed_cache_entries:
+            self._embeddings.popitem(last=False)
+        return vector
 
     # --- policy -------------------------------------------------------------
 
@@ -150,7 +164,10 @@ class CacheEngine:
             return LookupResult(
                 False, miss_reason="no exact match; follow-up turns are served by the exact tier only"
             )
-        vector = (await self.embedder.embed([keys.text]))[0]
+        if not self.store.has_vectors(keys.partition):
+            # Nothing to compare with in this partition: skip the embedding.
+            return LookupResult(False, miss_reason="no similar entry")
+        vector = await self._embed(keys.text)
         needed = self.threshold(request.scope, threshold)
         candidates = await self.store.search(keys.partition, vector, self.settings.candidates, self.clock())
         best = 0.0
@@ -223,7 +240,7 @@ class CacheEngine:
                 False, not_stored_reason=f"entry of {entry.size} bytes exceeds the per-entry limit"
             )
         if keys.standalone:
-            entry.vector = (await self.embedder.embed([keys.text]))[0]
+            entry.vector = await self._embed(keys.text)
         await self.store.put(entry, now)
         return StoreResult(True, entry_id=entry.id)
 

@@ -89,6 +89,10 @@ class CacheStore(Protocol):
 
     async def get(self, key: str, now: float) -> Entry | None: ...
 
+    def has_vectors(self, partition: str) -> bool:
+        """Whether this replica's index holds any vector of `partition` (if not, skip embedding)."""
+        ...
+
     async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[Entry, float]]:
         """Up to k live entries of `partition` nearest to `vector`, with cosine similarity."""
         ...
@@ -164,6 +168,9 @@ class LocalIndexes:
             if entry_id is not None:
                 out.append((entry_id, score))
         return out
+
+    def has(self, partition: str) -> bool:
+        return partition in self._indexes
 
     def index(self, partition: str) -> VectorIndex | None:
         return self._indexes.get(partition)

@@ -96,6 +96,9 @@ class MemoryStore:
             self._entries.move_to_end(entry_id)
         return entry
 
+    def has_vectors(self, partition: str) -> bool:
+        return self.indexes.has(partition)
+
     async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[Entry, float]]:
         out = []
         for entry_id, score in self.indexes.search(partition, vector, k):

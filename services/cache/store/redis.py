@@ -353,6 +353,9 @@ class RedisStore:
         entry = _entry(found[1], found[2])
         return entry if entry.expires_at > now else None
 
+    def has_vectors(self, partition: str) -> bool:
+        return self.indexes.has(partition)
+
     async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[Entry, float]]:
         candidates = self.indexes.search(partition, vector, k)
         if not candidates:

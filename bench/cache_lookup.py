@@ -1,0 +1,266 @@
+"""Lookup latency of the cache: index search alone and with embedding, at 10k, 100k and 1M
+entries in one partition, and a whole gRPC Lookup at 100k.
+
+Run: .venv/bin/python -m bench.cache_lookup [--quick]   (--quick skips 1M; the full run takes
+a few minutes, most of it building the 1M-entry HNSW graph). Writes bench/results/cache_lookup.{md,json}.
+
+Sizes use random normalised 384-d vectors (the worst case for an HNSW graph); queries are
+fresh random vectors. The index is exact (numpy) below BALLAST_CACHE_ANN_THRESHOLD (20k by
+default) and HNSW above it, as in the service. "With embedding" adds the local MiniLM
+embedding of a real query sentence to each search. The gRPC run starts the real cache
+service (memory store), fills one partition with 100k entries, and times Lookup RPCs on
+127.0.0.1: semantic misses (exact check + embed + search + guards) and exact hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.cache.app import CacheApp
+from services.cache.embedder import LocalEmbedder
+from services.cache.index import AnnParams, VectorIndex
+from services.cache.keys import ChatRequest, Message, Params, ScopeId
+from services.cache.store.base import KIND_ANSWER, Entry
+from services.cache.store.memory import MemoryStore
+from services.kit.testing import start_suite
+from tests.unit.cache.helpers import lookup, store
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DIM = 384
+QUERIES = [
+    "How do I reset my password?",
+    "What are your opening hours on public holidays?",
+    "Can I change the delivery address after ordering?",
+    "Why was my card declined when paying for the annual plan?",
+    "How do I export all my invoices as a single PDF file?",
+    "Is there a student discount for the Pro subscription?",
+    "What is the difference between the Team and Enterprise plans in terms of support?",
+    "My package says delivered but I never received it, what should I do now?",
+]
+
+
+def _random_unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    rows = rng.standard_normal((n, DIM), dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
+
+
+def _pct(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
+        "p95_ms": round(ordered[int(len(ordered) * 0.95) - 1] * 1000, 3),
+        "n": len(ordered),
+    }
+
+
+def build_index(n: int, rng: np.random.Generator, params: AnnParams) -> tuple[VectorIndex, float]:
+    index = VectorIndex(DIM, replace(params, threshold=n + 1))  # fill exact, then switch once
+    rows = _random_unit(rng, n)
+    for label in range(n):
+        index.add(label + 1, rows[label])
+    started = time.perf_counter()
+    if n >= params.threshold:
+        index.build_now()
+    return index, time.perf_counter() - started
+
+
+def time_search(index: VectorIndex, queries: np.ndarray, k: int) -> dict[str, float]:
+    samples = []
+    for q in queries:
+        started = time.perf_counter()
+        index.search(q, k)
+        samples.append(time.perf_counter() - started)
+    return _pct(samples)
+
+
+def time_embed_search(index: VectorIndex, embedder: LocalEmbedder, k: int, rounds: int) -> dict[str, float]:
+    model = embedder.model()
+    samples = []
+    for i in range(rounds):
+        text = QUERIES[i % len(QUERIES)] + f" ({i})"
+        started = time.perf_counter()
+        index.search(model.encode([text])[0], k)
+        samples.append(time.perf_counter() - started)
+    return _pct(samples)
+
+
+def time_embed(embedder: LocalEmbedder, rounds: int) -> dict[str, float]:
+    model = embedder.model()
+    samples = []
+    for i in range(rounds):
+        started = time.perf_counter()
+        model.encode([QUERIES[i % len(QUERIES)] + f" ({i})"])
+        samples.append(time.perf_counter() - started)
+    return _pct(samples)
+
+
+async def grpc_lookup(n: int, rounds: int, rng: np.random.Generator) -> dict[str, Any]:
+    environ = dict(os.environ)
+    environ.update(
+        {
+            "BALLAST_CACHE_FILE": "/nonexistent.yaml",
+            "BALLAST_CACHE_ANN_THRESHOLD": str(n + 1),  # fill exact, then build once below
+            "BALLAST_CACHE_MAX_BYTES": str(4 * 1024**3),
+            "BALLAST_LOG_LEVEL": "warning",
+        }
+    )
+    suite = await start_suite(["cache"], environ)
+    try:
+        app = suite.running["cache"].app
+        assert isinstance(app, CacheApp) and isinstance(app.store, MemoryStore)
+        await app.embedder.embed(["warm up"])  # the model loads in the background at start
+        probe = lookup(QUERIES[0])
+        chat = ChatRequest(
+            scope=ScopeId("t1", "", "default"),
+            model=probe.model,
+            messages=tuple(
+                Message(r, m.content) for r, m in zip(("system", "user"), probe.messages, strict=True)
+            ),
+            params=Params(),
+        )
+        partition = app.engine.keys(chat).partition
+        rows = _random_unit(rng, n)
+        now = time.time()
+        started = time.perf_counter()
+        for i in range(n):
+            await app.store.put(
+                Entry(
+                    id=uuid.uuid4().hex,
+                    kind=KIND_ANSWER,
+                    tenant_id="t1",
+                    namespace="default",
+                    key=f"bench-{i}",
+                    payload=b"\x12\x00",
+                    created_at=now,
+                    expires_at=now + 86400,
+                    partition=partition,
+                    text=f"filler question {i}",
+                    vector=rows[i],
+                ),
+                now,
+            )
+        fill = time.perf_counter() - started
+        index = app.store.indexes.index(partition)
+        assert index is not None and len(index) == n
+        started = time.perf_counter()
+        index.params = replace(index.params, threshold=20_000)
+        index.build_now()
+        build = time.perf_counter() - started
+        # A few real entries: exact hits are timed on these.
+        for q in QUERIES:
+            await suite.cache.Store(store(q, "An answer."))
+        semantic, exact = [], []
+        for i in range(rounds):
+            request = lookup(QUERIES[i % len(QUERIES)] + f" variant {i}")
+            t0 = time.perf_counter()
+            await suite.cache.Lookup(request)
+            semantic.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            reply = await suite.cache.Lookup(lookup(QUERIES[i % len(QUERIES)]))
+            exact.append(time.perf_counter() - t0)
+            assert reply.hit
+        return {
+            "entries": n,
+            "fill_seconds": round(fill, 1),
+            "hnsw_build_seconds": round(build, 1),
+            "semantic_lookup": _pct(semantic),
+            "exact_hit": _pct(exact),
+        }
+    finally:
+        await suite.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="skip the 1M-entry index")
+    args = parser.parse_args()
+    rng = np.random.default_rng(7)
+    sizes = (10_000, 100_000) if args.quick else (10_000, 100_000, 1_000_000)
+    # Background builds in the service use one thread; the benchmark builds with two to stay short.
+    params = AnnParams(threads=2)
+    embedder = LocalEmbedder(preload=False)
+    load_started = time.perf_counter()
+    embedder.model()
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "model_load_seconds": round(time.perf_counter() - load_started, 3),
+        "embed_alone": time_embed(embedder, 300),
+        "ann": {
+            "threshold": params.threshold,
+            "m": params.m,
+            "ef_construction": params.ef_construction,
+            "ef": params.ef,
+        },
+        "index": [],
+    }
+    queries = _random_unit(rng, 2000)
+    for n in sizes:
+        started = time.perf_counter()
+        index, build = build_index(n, rng, params)
+        row = {
+            "entries": n,
+            "kind": "hnsw" if index.approximate else "exact",
+            "build_seconds": round(build, 1),
+            "fill_seconds": round(time.perf_counter() - started - build, 1),
+            "search": time_search(index, queries, 4),
+            "embed_and_search": time_embed_search(index, embedder, 4, 300),
+        }
+        report["index"].append(row)
+        print(row, flush=True)
+        del index
+    report["grpc"] = await grpc_lookup(100_000, 300, rng)
+    print(report["grpc"], flush=True)
+
+    md = [
+        "# Cache lookup latency (bench/cache_lookup.py)",
+        "",
+        f"Machine: {report['machine']} (shared with other work while measuring). "
+        f"Embedder: local MiniLM int8, loaded in {report['model_load_seconds']} s; one query embeds in "
+        f"{report['embed_alone']['p50_ms']} ms p50 / {report['embed_alone']['p95_ms']} ms p95. "
+        f"HNSW: M={params.m}, ef_construction={params.ef_construction}, ef={params.ef}; exact below "
+        f"{params.threshold} entries. Random normalised 384-d vectors, top-4.",
+        "",
+        "| entries | index | search p50 | search p95 | embed+search p50 | embed+search p95 | build |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["index"]:
+        s, e = row["search"], row["embed_and_search"]
+        md.append(
+            f"| {row['entries']:,} | {row['kind']} | {s['p50_ms']} ms | {s['p95_ms']} ms | {e['p50_ms']} ms | "
+            f"{e['p95_ms']} ms | {row['build_seconds']} s |"
+        )
+    g = report["grpc"]
+    md += [
+        "",
+        f"Whole gRPC Lookup on 127.0.0.1 with {g['entries']:,} entries in the partition "
+        f"(HNSW built in {g['hnsw_build_seconds']} s):",
+        "",
+        "| call | p50 | p95 | n |",
+        "|---|---|---|---|",
+        f"| semantic lookup (exact miss, embed, search, guards) | {g['semantic_lookup']['p50_ms']} ms | "
+        f"{g['semantic_lookup']['p95_ms']} ms | {g['semantic_lookup']['n']} |",
+        f"| exact hit | {g['exact_hit']['p50_ms']} ms | {g['exact_hit']['p95_ms']} ms | {g['exact_hit']['n']} |",
+        "",
+    ]
+    text = "\n".join(md)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    name = "cache_lookup_quick" if args.quick else "cache_lookup"
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
