@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# xds-protos ships an older copy of opentelemetry/proto/*; whichever installs last wins, so put
+	# opentelemetry-proto's own files back (the OTLP exporters need them).
+	$(BIN)/pip install -q -c constraints.txt --force-reinstall --no-deps opentelemetry-proto
 	touch $(STAMP)
 
 install: $(STAMP)

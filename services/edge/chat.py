@@ -24,6 +24,7 @@ from ballast.limiter.v1 import limiter_pb2
 from ballast.router.v1 import router_pb2
 from ballast.sessions.v1 import sessions_pb2
 from google.protobuf import duration_pb2
+from opentelemetry import trace
 
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
@@ -227,6 +228,26 @@ class ChatPipeline:
                     caller, request, prepared.model_messages, deadline, semantic=False
                 )
         prepared.cached = cached if cached is not None and cached.hit else None
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "ballast.request.id": request_id,
+                "ballast.tenant.id": caller.tenant_id,
+                "ballast.tier": caller.tier,
+                "ballast.session.id": request.session_id,
+                "ballast.limiter.decision": (
+                    limiter_pb2.Decision.Name(check.decision) if check is not None else "UNCHECKED"
+                ),
+                "ballast.cache.hit": prepared.cached is not None,
+            }
+        )
+        if prepared.cached is not None:
+            span.set_attributes(
+                {
+                    "ballast.cache.similarity": prepared.cached.similarity,
+                    "ballast.cache.tier": cache_pb2.HitTier.Name(prepared.cached.tier),
+                }
+            )
         if check is not None:
             await self._apply_decision(prepared, check, deadline)
         return prepared
@@ -387,6 +408,16 @@ class ChatPipeline:
             raise appended
         if appended is not None:
             session_version = appended.session.version
+        trace.get_current_span().set_attributes(
+            {
+                "ballast.router.provider": answer.provider,
+                "ballast.router.model": answer.model,
+                "ballast.router.attempts": len(answer.attempts),
+                "ballast.cost.micros": 0 if cache_hit else answer.cost.total_cost_micros,
+                "ballast.usage.input_tokens": 0 if cache_hit else answer.usage.input_tokens,
+                "ballast.usage.output_tokens": 0 if cache_hit else answer.usage.output_tokens,
+            }
+        )
         quotas = prepared.quotas
         committed = results.get("commit")
         if committed is not None and not isinstance(committed, BaseException):

@@ -155,7 +155,8 @@ class RunningService:
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
-            self.app.telemetry.shutdown()
+            # Flushing exporters blocks on network I/O: keep the event loop free meanwhile.
+            await asyncio.to_thread(self.app.telemetry.shutdown)
         log.info("stopped", extra={"service": self.app.name})
 
 

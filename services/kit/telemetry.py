@@ -63,6 +63,12 @@ class Telemetry:
             self._sdk_meters.shutdown()
 
 
+def _insecure(env: Mapping[str, str], endpoint: str) -> bool:
+    """Plain-text gRPC for http:// endpoints (as a local Jaeger or collector), or when asked."""
+    flag = env.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower()
+    return flag == "true" or (flag != "false" and endpoint.startswith("http://"))
+
+
 def setup_telemetry(
     service: str,
     *,
@@ -72,7 +78,7 @@ def setup_telemetry(
     """Builds the tracer provider for `service` ("ballast-<service>" unless OTEL_SERVICE_NAME is set).
 
     Spans and metrics are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the
-    per-signal variants) is set; OTEL_SDK_DISABLED=true turns tracing off (metrics stay on
+    per-signal variants) is set, unless OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER is none; OTEL_SDK_DISABLED=true turns tracing off (metrics stay on
     for the service's Prometheus endpoint); OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG
     are read by the SDK itself.
     """
@@ -86,18 +92,27 @@ def setup_telemetry(
     # Metrics are always collected for the service's Prometheus endpoint; OTLP export is optional.
     registry = CollectorRegistry(auto_describe=True)
     readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
-    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+    metrics_endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if metrics_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        readers.append(
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=metrics_endpoint, insecure=_insecure(env, metrics_endpoint))
+            )
+        )
     meters = MeterProvider(resource=resource, metric_readers=readers)
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
     provider = TracerProvider(resource=resource)
-    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if traces_endpoint and env.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        exporter = OTLPSpanExporter(endpoint=traces_endpoint, insecure=_insecure(env, traces_endpoint))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     for processor in extra_processors:
         provider.add_span_processor(processor)
     return Telemetry(name, provider, provider, meters, registry, meters)
