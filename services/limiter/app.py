@@ -10,10 +10,15 @@ from collections.abc import Callable, Sequence
 
 import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
 from services.limiter.config import LimiterSettings
+from services.limiter.envoy import EnvoyLimiter
+from services.limiter.envoy_config import EnvoyConfig, load_envoy_config
+from services.limiter.envoy_servicer import SERVICE_NAME as ENVOY_SERVICE_NAME
+from services.limiter.envoy_servicer import EnvoyRateLimitServicer
 from services.limiter.limiter import Limiter
 from services.limiter.reload import Reloading
 from services.limiter.servicer import LimiterServicer
@@ -43,18 +48,32 @@ class LimiterApp(ServiceApp):
             window_buckets=settings.window_buckets,
             idempotency_ttl=settings.idempotency_ttl,
         )
+        # Envoy's RateLimitService: limits from envoyproxy/ratelimit files; without a file every
+        # descriptor is unconfigured and answered OK, as Envoy expects.
+        self.envoy_config: Reloading[EnvoyConfig] | None = None
+        if settings.envoy_config:
+            self.envoy_config = Reloading(settings.envoy_config, load_envoy_config)
+        self.envoy = EnvoyLimiter(self.store, self._current_envoy_config)
         self._headroom_task: asyncio.Task[None] | None = None
 
+    def _current_envoy_config(self) -> EnvoyConfig | None:
+        return None if self.envoy_config is None else self.envoy_config.current
+
     def service_names(self) -> Sequence[str]:
-        return [limiter_pb2.DESCRIPTOR.services_by_name["LimiterService"].full_name]
+        return [limiter_pb2.DESCRIPTOR.services_by_name["LimiterService"].full_name, ENVOY_SERVICE_NAME]
 
     def register(self, server: grpc.aio.Server) -> None:
         limiter_pb2_grpc.add_LimiterServiceServicer_to_server(
             LimiterServicer(self.limiter, self.settings), server
         )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            EnvoyRateLimitServicer(self.envoy, self.settings), server
+        )
 
     async def start(self) -> None:
         self.tiers.start(self.settings.reload_interval)
+        if self.envoy_config is not None:
+            self.envoy_config.start(self.settings.reload_interval)
         if not self.settings.store_url.startswith("memory:"):
             self._headroom_task = asyncio.create_task(self._refresh_headroom(), name="limiter headroom")
 
@@ -68,6 +87,8 @@ class LimiterApp(ServiceApp):
 
     async def close(self) -> None:
         await self.tiers.stop()
+        if self.envoy_config is not None:
+            await self.envoy_config.stop()
         if self._headroom_task is not None:
             self._headroom_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,229 @@
+"""envoyproxy/ratelimit configuration files: domains of nested descriptors with rate limits.
+
+The format operators already run with Envoy and Istio:
+
+    domain: api
+    descriptors:
+      - key: remote_address            # key only: one counter per value
+        rate_limit: {unit: second, requests_per_unit: 10}
+      - key: path
+        value: /admin*                 # trailing * matches a value prefix
+        rate_limit: {unit: minute, requests_per_unit: 5, name: admin}
+        shadow_mode: true
+      - key: plan
+        value: gold
+        descriptors:
+          - key: user
+            rate_limit: {unit: hour, requests_per_unit: 1000, replaces: [{name: admin}]}
+            detailed_metric: true
+
+Validation follows envoyproxy/ratelimit (unknown keys, bad units, empty keys, duplicate
+composite keys and domains are errors naming the file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.limiter.reload import yaml_files
+
+# envoy.service.ratelimit.v3.RateLimitResponse.RateLimit.Unit numbers, and their lengths.
+UNITS: dict[str, tuple[int, int]] = {
+    "second": (1, 1_000),
+    "minute": (2, 60_000),
+    "hour": (3, 3_600_000),
+    "day": (4, 86_400_000),
+    "month": (5, 30 * 86_400_000),
+    "year": (6, 365 * 86_400_000),
+    "week": (7, 7 * 86_400_000),
+}
+UNIT_MS = {number: ms for number, ms in UNITS.values()}
+
+_VALID_KEYS = {
+    "domain",
+    "key",
+    "value",
+    "descriptors",
+    "rate_limit",
+    "unit",
+    "requests_per_unit",
+    "unlimited",
+    "shadow_mode",
+    "name",
+    "replaces",
+    "detailed_metric",
+}
+
+
+class EnvoyConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EnvoyLimit:
+    # domain.key_value.key... as in envoyproxy/ratelimit's stats keys.
+    full_key: str
+    requests_per_unit: int
+    unit: int
+    unlimited: bool = False
+    shadow: bool = False
+    name: str = ""
+    replaces: tuple[str, ...] = ()
+    detailed_metric: bool = False
+
+    @property
+    def window_ms(self) -> int:
+        return UNIT_MS[self.unit]
+
+
+@dataclass
+class Node:
+    children: dict[str, Node] = field(default_factory=dict)
+    # (prefix of "key_value", node) for values ending in "*", in file order
+    wildcards: list[tuple[str, Node]] = field(default_factory=list)
+    limit: EnvoyLimit | None = None
+
+
+@dataclass(frozen=True)
+class EnvoyConfig:
+    domains: dict[str, Node]
+
+    def find(self, domain: str, entries: Sequence[tuple[str, str]]) -> EnvoyLimit | None:
+        """The limit for one descriptor, or None (unconfigured: the caller answers OK)."""
+        root = self.domains.get(domain)
+        if root is None:
+            return None
+        level = root
+        found: EnvoyLimit | None = None
+        for i, (key, value) in enumerate(entries):
+            composite = f"{key}_{value}"
+            node = level.children.get(composite)
+            if node is None:
+                node = next((n for prefix, n in level.wildcards if composite.startswith(prefix)), None)
+            if node is None:
+                node = level.children.get(key)
+            if node is None:
+                return None
+            if node.limit is not None and i == len(entries) - 1:
+                found = node.limit
+            if not node.children and not node.wildcards:
+                break
+            level = node
+        return found
+
+
+def _validate_keys(name: str, data: Any) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if not isinstance(key, str) or key not in _VALID_KEYS:
+                raise EnvoyConfigError(f"{name}: config error, unknown key '{key}'")
+            _validate_keys(name, value)
+    elif isinstance(data, list):
+        for item in data:
+            if not isinstance(item, dict):
+                raise EnvoyConfigError(
+                    f"{name}: config error, yaml file contains list of type other than map"
+                )
+            _validate_keys(name, item)
+
+
+def _load_descriptors(name: str, parent: Node, parent_key: str, descriptors: Any) -> None:
+    if descriptors is None:
+        return
+    if not isinstance(descriptors, list):
+        raise EnvoyConfigError(f"{name}: descriptors must be a list")
+    for d in descriptors:
+        key = str(d.get("key") or "")
+        if not key:
+            raise EnvoyConfigError(f"{name}: descriptor has empty key")
+        value = d.get("value")
+        value = "" if value is None else str(value)
+        final = f"{key}_{value}" if value else key
+        full_key = parent_key + final
+        if final in parent.children:
+            raise EnvoyConfigError(f"{name}: duplicate descriptor composite key '{full_key}'")
+        node = Node()
+        rl = d.get("rate_limit")
+        if rl is not None:
+            node.limit = _load_limit(name, full_key, d, rl)
+        _load_descriptors(name, node, full_key + ".", d.get("descriptors"))
+        parent.children[final] = node
+        if final.endswith("*"):
+            parent.wildcards.append((final[:-1], node))
+
+
+def _load_limit(name: str, full_key: str, d: dict[str, Any], rl: Any) -> EnvoyLimit:
+    if not isinstance(rl, dict):
+        raise EnvoyConfigError(f"{name}: rate_limit of '{full_key}' must be a map")
+    unlimited = bool(rl.get("unlimited", False))
+    unit_name = str(rl.get("unit") or "").lower()
+    if unlimited:
+        if unit_name in UNITS:
+            raise EnvoyConfigError(f"{name}: should not specify rate limit unit when unlimited")
+        unit = 0
+    else:
+        if unit_name not in UNITS:
+            raise EnvoyConfigError(f"{name}: invalid rate limit unit '{rl.get('unit')}'")
+        unit = UNITS[unit_name][0]
+    rpu = rl.get("requests_per_unit", 0)
+    if isinstance(rpu, bool) or not isinstance(rpu, int) or not 0 <= rpu <= 2**32 - 1:
+        raise EnvoyConfigError(
+            f"{name}: requests_per_unit of '{full_key}' must be an integer from 0 to 2^32-1"
+        )
+    limit_name = str(rl.get("name") or "")
+    replaces = []
+    for item in rl.get("replaces") or []:
+        replaced = str(item.get("name") or "")
+        if not replaced:
+            raise EnvoyConfigError(f"{name}: should not have an empty replaces entry")
+        if replaced == limit_name:
+            raise EnvoyConfigError(f"{name}: replaces should not contain name of same descriptor")
+        replaces.append(replaced)
+    return EnvoyLimit(
+        full_key=full_key,
+        requests_per_unit=rpu,
+        unit=unit,
+        unlimited=unlimited,
+        shadow=bool(d.get("shadow_mode", False)),
+        name=limit_name,
+        replaces=tuple(replaces),
+        detailed_metric=bool(d.get("detailed_metric", False)),
+    )
+
+
+def parse_envoy_config(documents: Sequence[tuple[str, Any]]) -> EnvoyConfig:
+    """(file name, parsed YAML) pairs into one config; a domain may appear in one file only."""
+    domains: dict[str, Node] = {}
+    for name, data in documents:
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise EnvoyConfigError(f"{name}: expected a map with `domain` and `descriptors`")
+        _validate_keys(name, data)
+        domain = str(data.get("domain") or "")
+        if not domain:
+            raise EnvoyConfigError(f"{name}: config file cannot have empty domain")
+        if domain in domains:
+            raise EnvoyConfigError(f"{name}: duplicate domain '{domain}' in config file")
+        root = Node()
+        _load_descriptors(name, root, domain + ".", data.get("descriptors"))
+        domains[domain] = root
+    return EnvoyConfig(domains)
+
+
+def load_envoy_config(path: Path) -> EnvoyConfig:
+    """One YAML file, or every *.yaml / *.yml file of a directory."""
+    documents = []
+    for file in yaml_files(path):
+        try:
+            documents.append((file.name, yaml.safe_load(file.read_text())))
+        except OSError as exc:
+            raise EnvoyConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise EnvoyConfigError(f"{file}: error loading config file: {exc}") from exc
+    return parse_envoy_config(documents)
