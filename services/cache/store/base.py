@@ -136,11 +136,14 @@ class LocalIndexes:
         return entry_id in self._labels
 
     def add(self, entry_id: str, partition: str, vector: Vector) -> None:
-        if entry_id in self._labels or vector.shape != (self.dim,):
+        if entry_id in self._labels or vector.ndim != 1:
             return
         index = self._indexes.get(partition)
         if index is None:
-            index = self._indexes[partition] = VectorIndex(self.dim, self.ann)
+            # The partition names the embedder, so its vectors share one dimension.
+            index = self._indexes[partition] = VectorIndex(len(vector), self.ann)
+        elif index.dim != len(vector):
+            return
         label = next(self._next)
         index.add(label, vector)
         self._labels[entry_id] = (partition, label)
@@ -160,7 +163,7 @@ class LocalIndexes:
 
     def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
         index = self._indexes.get(partition)
-        if index is None:
+        if index is None or index.dim != len(vector):
             return []
         out = []
         for label, score in index.search(vector, k):

@@ -1,0 +1,91 @@
+"""Cache settings and the policy file: per-namespace thresholds and TTLs, tenant caps, tool TTLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ballast.cache.v1 import cache_pb2
+from google.protobuf import duration_pb2
+
+from services.cache.config import CacheSettings, parse_policy
+from services.kit.config import ConfigError, Env
+from tests.conftest import SuiteFactory
+from tests.unit.cache.helpers import lookup, scope, store
+
+POLICY = """
+namespaces:
+  strict: {threshold: 0.99}
+  t1/loose: {threshold: 0.5, default_ttl: 2m}
+tenants:
+  t1: {max_ttl: 10m}
+tools:
+  weather: 1m
+  balance: 0
+"""
+
+
+def test_the_shipped_policy_file_parses() -> None:
+    env = Env({"BALLAST_CACHE_FILE": "config/cache.yaml"})
+    settings = CacheSettings.from_env(env)
+    env.check()
+    assert settings.policy.tool_ttl["get_weather"] == 600
+    assert settings.policy.namespaces["faq"].threshold == 0.92
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("namespaces: {a: {threshold: 2}}", "namespaces.a.threshold"),
+        ("tenants: {t: {max_ttl: soon}}", "tenants.t.max_ttl"),
+        ("colours: {}", "unknown keys"),
+        ("[1, 2]", "mapping"),
+    ],
+)
+def test_bad_policy_files_are_reported(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "cache.yaml"
+    path.write_text(text)
+    env = Env(
+        {"BALLAST_CACHE_FILE": str(path), "BALLAST_CACHE_THRESHOLD": "1.5", "BALLAST_CACHE_EMBEDDER": "gpu"}
+    )
+    CacheSettings.from_env(env)
+    with pytest.raises(ConfigError) as info:
+        env.check()
+    message = str(info.value)
+    assert problem in message and "BALLAST_CACHE_THRESHOLD" in message and "BALLAST_CACHE_EMBEDDER" in message
+
+
+def test_parse_policy_values() -> None:
+    import yaml
+
+    policy = parse_policy(yaml.safe_load(POLICY))
+    assert policy.namespaces["t1/loose"].default_ttl == 120 and policy.tenant_max_ttl["t1"] == 600
+    assert policy.tool_ttl == {"weather": 60, "balance": 0}
+
+
+async def test_policy_applies_to_lookups_and_stores(suite_factory: SuiteFactory, tmp_path: Path) -> None:
+    path = tmp_path / "cache.yaml"
+    path.write_text(POLICY)
+    suite = await suite_factory(["cache"], {"BALLAST_CACHE_FILE": str(path)})
+    cache = suite.cache
+    for ns in ("strict", "loose"):
+        await cache.Store(store("How do I reset my password?", "Link.", namespace=ns))
+    question = "How do I reset my password please?"
+    assert not (await cache.Lookup(lookup(question, namespace="strict"))).hit
+    assert (await cache.Lookup(lookup(question, namespace="loose"))).hit
+    assert (
+        await cache.Lookup(lookup(question, namespace="strict", threshold=0.5))
+    ).hit  # per-request override
+    put = cache_pb2.PutToolResultRequest(
+        scope=scope(), tool_name="weather", arguments_json="{}", result="sun"
+    )
+    assert (await cache.PutToolResult(put)).stored
+    hit = await cache.GetToolResult(cache_pb2.GetToolResultRequest(scope=scope(), tool_name="weather"))
+    assert hit.hit and hit.remaining_ttl.seconds <= 60
+    put.tool_name = "balance"
+    assert not (await cache.PutToolResult(put)).stored
+    put.ttl.CopyFrom(duration_pb2.Duration(seconds=86400))
+    put.tool_name = "other"
+    assert (await cache.PutToolResult(put)).stored
+    other = await cache.GetToolResult(cache_pb2.GetToolResultRequest(scope=scope(), tool_name="other"))
+    assert 590 <= other.remaining_ttl.seconds <= 600  # capped by tenant t1's max_ttl
