@@ -65,7 +65,9 @@ class CacheApp(ServiceApp):
         return [cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.engine), server)
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(
+            CacheServicer(self.engine, self.telemetry.meter), server
+        )
 
     async def start(self) -> None:
         await self.store.start()

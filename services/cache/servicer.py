@@ -9,6 +9,7 @@ import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
 from ballast.common.v1 import common_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import metrics
 
 from services.cache.engine import TIER_EXACT, Answer, CacheEngine, LookupResult
 from services.cache.keys import (
@@ -71,8 +72,17 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, engine: CacheEngine) -> None:
+    def __init__(self, engine: CacheEngine, meter: metrics.Meter | None = None) -> None:
         self.engine = engine
+        meter = meter or metrics.NoOpMeter("ballast")
+        self._lookups = meter.create_counter(
+            "ballast.cache.lookups",
+            unit="{request}",
+            description="Cache lookups by result (exact, semantic, miss)",
+        )
+        self._stores = meter.create_counter(
+            "ballast.cache.stores", unit="{request}", description="Store calls by result (stored, refused)"
+        )
         self.max_messages = engine.settings.max_messages
         self.max_chars = engine.settings.max_text_chars
 
@@ -140,6 +150,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             allow_nondeterministic=request.allow_nondeterministic,
             threshold=request.threshold,
         )
+        self._lookups.add(1, {"result": result.tier if result.hit else "miss"})
         return self._lookup_response(result)
 
     @staticmethod
@@ -181,6 +192,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             attributes=dict(request.attributes),
             allow_nondeterministic=request.allow_nondeterministic,
         )
+        self._stores.add(1, {"result": "stored" if result.stored else "refused"})
         return cache_pb2.StoreResponse(
             stored=result.stored, entry_id=result.entry_id, not_stored_reason=result.not_stored_reason
         )
