@@ -112,7 +112,8 @@ class Sessions:
         return record
 
     def page_size(self, requested: int) -> int:
-        return self.limits.default_page_size if requested <= 0 else min(requested, self.limits.max_page_size)
+        wanted = self.limits.default_page_size if requested <= 0 else requested
+        return min(wanted, self.limits.max_page_size)
 
     async def list_sessions(
         self, scope: Scope, page_size: int, page_token: str

@@ -336,8 +336,12 @@ class PostgresStore:
 
     async def close(self) -> None:
         for pool in (self._read_pool, self._pool):
-            if pool is not None:
-                await pool.close()
+            if pool is None:
+                continue
+            try:
+                await asyncio.wait_for(pool.close(), self._settings.command_timeout)
+            except _UNAVAILABLE:
+                pool.terminate()
         self._pool = self._read_pool = None
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, replica: bool = False) -> T:
