@@ -6,6 +6,7 @@ between reading and writing, so each decision is atomic on the event loop.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,26 @@ class _Budget:
     reserved: int = 0
     # reservation id -> (tokens, expires at ms)
     holds: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # (expires at ms, reservation id), a min-heap swept lazily; stale entries are skipped
+    expiries: list[tuple[int, str]] = field(default_factory=list)
     expires: int = 0
+
+    def sweep(self, now: int) -> None:
+        while self.expiries and self.expiries[0][0] <= now:
+            exp, rid = heapq.heappop(self.expiries)
+            hold = self.holds.get(rid)
+            if hold is not None and hold[1] == exp:
+                del self.holds[rid]
+                self.reserved = max(0, self.reserved - hold[0])
+
+    def soonest(self) -> int | None:
+        while self.expiries:
+            exp, rid = self.expiries[0]
+            hold = self.holds.get(rid)
+            if hold is not None and hold[1] == exp:
+                return exp
+            heapq.heappop(self.expiries)
+        return None
 
 
 @dataclass
@@ -110,9 +130,7 @@ class MemoryStore:
         day = now // DAY_MS
         if state.day != day:
             state.day, state.used, state.cost = day, 0, 0
-        for rid in [r for r, (_, exp) in state.holds.items() if exp <= now]:
-            state.reserved -= state.holds.pop(rid)[0]
-        state.reserved = max(0, state.reserved)
+        state.sweep(now)
         return state
 
     def _budget_result(self, state: _Budget, limit: int, cost: int, over: bool, now: int) -> OpResult:
@@ -122,8 +140,8 @@ class MemoryStore:
             if state.used + cost > limit:
                 retry = reset
             else:
-                soonest = min((exp for _, exp in state.holds.values()), default=now + reset)
-                retry = min(reset, max(1, soonest - now))
+                soonest = state.soonest()
+                retry = reset if soonest is None else min(reset, max(1, soonest - now))
         remaining = -1 if limit < 0 else max(0, limit - state.used - state.reserved)
         return OpResult(over, remaining, reset, retry, state.used, state.cost)
 
@@ -139,6 +157,7 @@ class MemoryStore:
                 if old is not None:
                     state.reserved -= old[0]
                 state.holds[rid] = (op.cost, now + ttl_ms)
+                heapq.heappush(state.expiries, (now + ttl_ms, rid))
                 state.reserved += op.cost
             state.expires = (state.day + 1) * DAY_MS + ttl_ms
 
