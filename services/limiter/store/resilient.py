@@ -67,7 +67,9 @@ class ResilientStore:
         if self.down:
             return None
         try:
-            return await asyncio.wait_for(call(), self.timeout)
+            # asyncio.timeout, not wait_for: no extra task per decision on the hot path.
+            async with asyncio.timeout(self.timeout):
+                return await call()
         except (StoreUnavailableError, TimeoutError, OSError) as exc:
             self.failures += 1
             if not self.down:

@@ -1,0 +1,299 @@
+"""Limiter decisions per second and latency, beside a no-op gRPC call on the same server.
+
+    .venv/bin/python -m bench.limiter_throughput [--seconds 2] [--concurrency 1,16,64] [--stores memory,redis]
+
+For each store the limiter runs as its own process (`python -m services.limiter`, as in
+production; the Redis store on a private redis-server started for the run), and this process
+is the client. At each concurrency it measures, for `--seconds` each:
+  noop     grpc.health.v1.Health/Check on the limiter's port (the baseline: gRPC alone)
+  check-1  Check with requests=1 (one limit: the sliding window)
+  check-3  Check with requests=1 and reserve_tokens (three limits: window, user and tenant budgets)
+and prints decisions/s, p50/p99 latency and the ratio to the no-op call's throughput. For
+Redis it then counts round trips per decision from INFO commandstats (after CONFIG RESETSTAT):
+commands the limiter sent (EVALSHA and anything else not issued from inside the script).
+Results go to bench/results/limiter_throughput.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from ballast.common.v1 import common_pb2
+from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.backends import free_port, private_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TIERS = """
+tiers:
+  bench:
+    priority: normal
+    requests: { limit: 1000000000, window: 1h }
+    user_tokens_per_day: { limit: 1000000000000 }
+    tenant_tokens_per_day: { limit: 1000000000000 }
+    session_tool_calls: { limit: 1000000 }
+"""
+# Commands the limiter's Lua scripts issue from inside Redis (not round trips).
+SCRIPT_INTERNAL = {
+    "hgetall", "hdel", "hincrby", "pexpire", "hmget", "hset", "hget", "zrangebyscore",
+    "zremrangebyscore", "zrange", "zadd", "zrem", "get", "set", "pttl", "incrby", "time",
+}  # fmt: skip
+USERS = 1000
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _measure(call: Callable[[], Awaitable[Any]], seconds: float, concurrency: int) -> dict[str, float]:
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            await call()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, 4))))  # warm-up connections
+    latencies.clear()
+    started = time.perf_counter()
+    stop_at = started + seconds
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": _percentile(latencies, 0.99),
+        "calls": len(latencies),
+    }
+
+
+def _spawn(store_url: str, tiers: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BALLAST_LIMITER_PORT": str(port),
+        "BALLAST_LIMITER_STORE": store_url,
+        "BALLAST_LIMITER_TIERS_FILE": str(tiers),
+        # Round trips are counted per decision: keep the 1 s headroom poll out of the count.
+        "BALLAST_LIMITER_HEADROOM_REFRESH": "1h",
+        "BALLAST_LIMITER_STORE_TIMEOUT": "2s",
+        "BALLAST_METRICS": "false",
+        "OTEL_SDK_DISABLED": "true",
+        "BALLAST_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen([sys.executable, "-m", "services.limiter"], cwd=ROOT, env=env)
+
+
+async def _wait_serving(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for _ in range(300):
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the limiter did not start")
+
+
+def _check(limits: int) -> Callable[[limiter_pb2_grpc.LimiterServiceAsyncStub], Callable[[], Awaitable[Any]]]:
+    def bind(stub: limiter_pb2_grpc.LimiterServiceAsyncStub) -> Callable[[], Awaitable[Any]]:
+        async def call() -> None:
+            user = f"u{random.randrange(USERS)}"
+            request = limiter_pb2.CheckRequest(
+                caller=common_pb2.Caller(tenant_id=f"t{random.randrange(10)}", user_id=user, tier="bench"),
+                requests=1,
+                reserve_tokens=100 if limits == 3 else 0,
+            )
+            response = await stub.Check(request)
+            if response.decision != limiter_pb2.DECISION_ALLOW:
+                raise RuntimeError(f"unexpected decision {response}")
+
+        return call
+
+    return bind
+
+
+async def _round_trips(redis_url: str, stub: limiter_pb2_grpc.LimiterServiceAsyncStub) -> dict[str, Any]:
+    client = aioredis.from_url(redis_url)
+    out: dict[str, Any] = {}
+    try:
+        for limits in (1, 3):
+            call = _check(limits)(stub)
+            await call()  # the script is loaded before counting
+            await client.config_resetstat()
+            decisions = 200
+            for _ in range(decisions):
+                await call()
+            stats = await client.info("commandstats")
+            calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+            calls.pop("info", None)
+            calls.pop("config|resetstat", None)
+            evalsha = calls.get("evalsha", 0)
+            client_sent = sum(n for cmd, n in calls.items() if cmd.split("|")[0] not in SCRIPT_INTERNAL)
+            out[f"check-{limits}"] = {
+                "decisions": decisions,
+                "evalsha_per_decision": evalsha / decisions,
+                "round_trips_per_decision": client_sent / decisions,
+                "commands_inside_script_per_decision": (sum(calls.values()) - client_sent) / decisions,
+            }
+    finally:
+        await client.aclose()
+    return out
+
+
+async def _bench_store(
+    store: str, store_url: str, seconds: float, concurrencies: list[int], tiers: Path
+) -> dict[str, Any]:
+    port = free_port()
+    proc = _spawn(store_url, tiers, port)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"store": store, "rows": rows}
+    try:
+        await _wait_serving(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        limiter = limiter_pb2_grpc.LimiterServiceStub(channel)
+
+        async def noop() -> None:
+            await health.Check(health_pb2.HealthCheckRequest())
+
+        for concurrency in concurrencies:
+            base = await _measure(noop, seconds, concurrency)
+            rows.append({"store": store, "call": "noop", "concurrency": concurrency, **base, "ratio": 1.0})
+            for limits in (1, 3):
+                m = await _measure(_check(limits)(limiter), seconds, concurrency)
+                ratio = m["rps"] / base["rps"]
+                rows.append(
+                    {
+                        "store": store,
+                        "call": f"check-{limits}",
+                        "concurrency": concurrency,
+                        **m,
+                        "ratio": ratio,
+                    }
+                )
+            for row in rows[-3:]:
+                _print_row(row)
+        if store == "redis":
+            result["round_trips"] = await _round_trips(store_url, limiter)
+    finally:
+        await channel.close()
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)
+    return result
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(
+        f"{row['store']:<7} {row['call']:<8} c={row['concurrency']:<3} {row['rps']:>9.0f}/s "
+        f"p50 {row['p50_ms']:>7.2f} ms  p99 {row['p99_ms']:>7.2f} ms  x{row['ratio']:.2f} of noop",
+        flush=True,
+    )
+
+
+def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Limiter throughput",
+        "",
+        f"Machine: {meta['machine']}, {meta['cpus']} CPUs (load average {meta['load']} at start, shared"
+        " with other work), Python "
+        f"{meta['python']}. The limiter runs as its own process, this benchmark is the client; "
+        f"{meta['seconds']} s per cell. `noop` is grpc.health.v1.Health/Check on the same server.",
+        "",
+        "| store | call | concurrency | decisions/s | p50 ms | p99 ms | share of noop throughput |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['store']} | {r['call']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
+                f"| {r['p99_ms']:.2f} | {r['ratio']:.2f} |"
+            )
+    for result in results:
+        trips = result.get("round_trips")
+        if trips:
+            lines += [
+                "",
+                "Redis round trips per decision (INFO commandstats, 200 sequential decisions each):",
+                "",
+                "| call | limits | EVALSHA / decision | round trips / decision | commands inside the script / decision |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for call, t in trips.items():
+                lines.append(
+                    f"| {call} | {call[-1]} | {t['evalsha_per_decision']:.2f} | {t['round_trips_per_decision']:.2f} "
+                    f"| {t['commands_inside_script_per_decision']:.1f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+async def _main(seconds: float, concurrencies: list[int], stores: list[str]) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="ballast-limiter-bench-"))
+    tiers = folder / "tiers.yaml"
+    tiers.write_text(TIERS)
+    meta = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "seconds": seconds,
+    }
+    results = []
+    for store in stores:
+        if store == "memory":
+            results.append(await _bench_store("memory", "memory://", seconds, concurrencies, tiers))
+        else:
+            with private_redis() as server:
+                results.append(await _bench_store("redis", server.url, seconds, concurrencies, tiers))
+    for result in results:
+        for call, t in (result.get("round_trips") or {}).items():
+            print(
+                f"redis round trips per decision, {call}: {t['round_trips_per_decision']:.2f} "
+                f"(EVALSHA {t['evalsha_per_decision']:.2f}; {t['commands_inside_script_per_decision']:.1f} commands inside the script)"
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "limiter_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (RESULTS / "limiter_throughput.md").write_text(_markdown(results, meta))
+    print(f"wrote {RESULTS / 'limiter_throughput.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--stores", default="memory,redis")
+    args = parser.parse_args()
+    asyncio.run(
+        _main(
+            args.seconds,
+            [int(c) for c in args.concurrency.split(",")],
+            [s.strip() for s in args.stores.split(",") if s.strip()],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
