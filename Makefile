@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## The main job: the whole suite on embedded defaults.
+## The main job: the whole suite on embedded defaults, driven through a front-page surge,
+## then left running for your own client.
 demo: install
-	$(BIN)/ballast up
+	$(BIN)/ballast demo
 
-up: demo
+## Just the suite, on embedded defaults.
+up: install
+	$(BIN)/ballast up
 
 ## The tests, as CI runs them: backends, lint, types, generated code, pytest.
 test: install

@@ -63,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("service", choices=SERVICE_NAMES)
     up = sub.add_parser("up", help="run every service in one process, each on its own port")
     up.add_argument("--only", default=",".join(SERVICE_NAMES), help="comma-separated services to run")
+    sub.add_parser(
+        "demo", help="the front-page surge in a minute, then leave the suite running", add_help=False
+    )
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "demo":
+        from services.surge.demo import main as demo_main
+
+        return demo_main(list(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_one(args.service)
