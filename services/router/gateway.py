@@ -22,6 +22,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 
@@ -166,7 +167,10 @@ class Gateway:
         plan: Plan,
         operation: str,
         attempt: Callable[[Adapter, Choice], Awaitable[T]],
-    ) -> tuple[T, Choice, list[AttemptRecord]]:
+        *,
+        end_span: bool = True,
+    ) -> tuple[T, Choice, list[AttemptRecord], trace.Span]:
+        """Tries the plan's candidates; returns the first success and its still-open span if not end_span."""
         attempts: list[AttemptRecord] = []
         errors: list[ProviderError] = []
         max_attempts = call.hints.max_attempts or self.settings.retry.max_attempts
@@ -200,6 +204,7 @@ class Gateway:
                 made += 1
                 progressed = True
                 started = self.clock()
+                address = urlsplit(choice.provider.base_url)
                 span = self.tracer.start_span(
                     f"{operation} {choice.model.provider_model}",
                     kind=trace.SpanKind.CLIENT,
@@ -207,6 +212,8 @@ class Gateway:
                         "gen_ai.operation.name": operation,
                         "gen_ai.provider.name": choice.provider.kind,
                         "gen_ai.request.model": choice.model.provider_model,
+                        "server.address": address.hostname or "",
+                        "server.port": address.port or (443 if address.scheme == "https" else 80),
                         "ballast.router.provider": choice.provider.name,
                         "ballast.router.simulated": choice.provider.simulated,
                     },
@@ -226,8 +233,10 @@ class Gateway:
                     latency = self.clock() - started
                     self.health.success(target, latency)
                     attempts.append(AttemptRecord(*target, Outcome.OK, 200, latency))
-                    span.end()
-                    return value, choice, attempts
+                    annotate(span, value, choice)
+                    if end_span:
+                        span.end()
+                    return value, choice, attempts, span
                 latency = self.clock() - started
                 span.set_attribute("error.type", error.outcome.value)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
@@ -275,7 +284,7 @@ class Gateway:
         async def attempt(adapter: Adapter, choice: Choice) -> ChatResult:
             return await adapter.complete(choice.model, request)
 
-        result, choice, attempts = await self._run(call, plan, "chat", attempt)
+        result, choice, attempts, _ = await self._run(call, plan, "chat", attempt)
         return Answer(result, choice, attempts, cost_of(choice.model, result.usage), self.clock() - started)
 
     async def embed(self, call: Call, inputs: list[str]) -> Embedded:
@@ -292,7 +301,7 @@ class Gateway:
         async def attempt(adapter: Adapter, choice: Choice) -> EmbedResult:
             return await adapter.embed(choice.model, inputs)
 
-        result, choice, attempts = await self._run(call, plan, "embeddings", attempt)
+        result, choice, attempts, _ = await self._run(call, plan, "embeddings", attempt)
         return Embedded(result, choice, attempts, cost_of(choice.model, result.usage))
 
     async def stream(self, call: Call, request: ChatRequest) -> AsyncIterator[StreamStarted | Delta | Answer]:
@@ -320,7 +329,7 @@ class Gateway:
                 await _close(events)
                 raise
 
-        first, choice, attempts = await self._run(call, plan, "chat", first_event)
+        first, choice, attempts, span = await self._run(call, plan, "chat", first_event, end_span=False)
         events = holder["events"]
         target = choice.target
         # _run counted the first token as success; a later break is recorded as a failure below.
@@ -343,6 +352,8 @@ class Gateway:
                     ) from None
         except ProviderError as error:
             latency = self.clock() - started
+            span.set_attribute("error.type", error.outcome.value)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
             self.health.failure(target, error.outcome, latency, error.retry_after)
             attempts[-1] = AttemptRecord(*target, error.outcome, error.http_status, latency, error.message)
             await _close(events)
@@ -351,7 +362,11 @@ class Gateway:
             ) from None
         finally:
             await _close(events)
+            if not isinstance(item, ChatResult):
+                span.end()
         result = item
+        annotate(span, result, choice)
+        span.end()
         yield Answer(result, choice, attempts, cost_of(choice.model, result.usage), self.clock() - started)
 
     def observe(self, provider: str) -> Callable[[Model, int, Headroom | None], None]:
@@ -365,6 +380,19 @@ class Gateway:
                 listener(provider, model.id, headroom)
 
         return sink
+
+
+def annotate(span: trace.Span, value: object, choice: Choice) -> None:
+    """OpenTelemetry GenAI attributes of a finished call (no prompt or completion text)."""
+    if isinstance(value, ChatResult):
+        span.set_attribute("gen_ai.response.model", value.provider_model or choice.model.provider_model)
+        span.set_attribute("gen_ai.response.id", value.response_id)
+        span.set_attribute("gen_ai.response.finish_reasons", [value.finish.value])
+        span.set_attribute("gen_ai.usage.input_tokens", value.usage.input_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", value.usage.output_tokens)
+    elif isinstance(value, EmbedResult):
+        span.set_attribute("gen_ai.response.model", value.provider_model or choice.model.provider_model)
+        span.set_attribute("gen_ai.usage.input_tokens", value.usage.input_tokens)
 
 
 async def _close(events: AsyncIterator[Delta | ChatResult]) -> None:

@@ -284,3 +284,31 @@ async def test_sim_admin_endpoint_and_standalone_catalog_entry(
     reply = await suite.router.Complete(complete_request(), timeout=5)
     assert [a.http_status for a in reply.attempts] == [502, 200]
     assert reply.provider == "secondary" and reply.simulated  # the sim labels its answers wherever it runs
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_provider_calls_are_traced_with_genai_attributes(
+    suite_factory: SuiteFactory, stream: bool
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    suite = await suite_factory(["router"], FAST_ENV, span_processors=[SimpleSpanProcessor(exporter)])
+    request = router_pb2.CompleteRequest(model="sim-small-eu", messages=[user("secret prompt")])
+    if stream:
+        async for _ in suite.router.StreamComplete(
+            router_pb2.StreamCompleteRequest(request=request), timeout=5
+        ):
+            pass
+    else:
+        await suite.router.Complete(request, timeout=5)
+    (span,) = [s for s in exporter.get_finished_spans() if (s.attributes or {}).get("gen_ai.operation.name")]
+    attributes = dict(span.attributes or {})
+    assert span.name == "chat sim-small-eu-1"
+    assert attributes["gen_ai.provider.name"] == "sim" and attributes["ballast.router.simulated"] is True
+    assert attributes["gen_ai.response.model"] == "sim-small-eu-1"
+    assert int(str(attributes["gen_ai.usage.output_tokens"])) > 0
+    assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert attributes["server.address"] == "127.0.0.1"
+    assert "secret prompt" not in str(attributes)
