@@ -143,14 +143,23 @@ class Env:
         return value
 
     def address(self, name: str, default: str) -> str:
-        """host:port of another Ballast service."""
+        """Where another Ballast service is: host:port, several replicas as host:port,host:port
+        (balanced round robin), or a gRPC target such as dns:///router:50052."""
         value = self.raw(name)
         if value is None:
             return default
-        host, _, port = value.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            self._bad(name, value, "host:port, for example 127.0.0.1:50052")
-            return default
+        if value.startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
+            return value
+        for part in value.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                self._bad(
+                    name,
+                    value,
+                    "host:port (for example 127.0.0.1:50052), a comma-separated list of replicas, "
+                    "or a gRPC target such as dns:///router:50052",
+                )
+                return default
         return value
 
     def check(self) -> None:

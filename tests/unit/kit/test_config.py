@@ -63,6 +63,22 @@ def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: 
     assert expected in message
 
 
+def test_addresses_may_list_replicas_or_be_grpc_targets() -> None:
+    from services.kit.clients import channel_target
+
+    env = Env(
+        {
+            "BALLAST_ROUTER_ADDR": "127.0.0.1:6001,127.0.0.1:6002",
+            "BALLAST_CACHE_ADDR": "dns:///cache.internal:50054",
+            "BALLAST_LIMITER_ADDR": "127.0.0.1:6001,nowhere",
+        }
+    )
+    settings = ServerSettings.from_env("edge", env)
+    assert channel_target(settings.addresses["router"]) == "ipv4:127.0.0.1:6001,127.0.0.1:6002"
+    assert channel_target(settings.addresses["cache"]) == "dns:///cache.internal:50054"
+    assert len(env.problems) == 1 and "BALLAST_LIMITER_ADDR" in env.problems[0]
+
+
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         registry.load_all_settings(["edge"], {"BALLAST_LOG_LEVEL": "x", "BALLAST_EDGE_PORT": "-1"})
