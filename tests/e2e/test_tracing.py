@@ -1,0 +1,57 @@
+"""One trace per request across every service, with the GenAI conventions on provider calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ballast.edge.v1 import edge_pb2
+
+from services.kit.config import SERVICE_NAMES
+from tests.conftest import SuiteFactory
+from tests.e2e.test_telemetry import GENAI_ATTRIBUTES, KEY, _service, _traced_suite, _user
+
+
+async def test_one_chat_is_one_trace_across_all_five_services(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    suite, exporter = await _traced_suite(suite_factory, tmp_path)
+    session = (await suite.edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY)).session
+    exporter.clear()
+    await suite.edge.Chat(
+        edge_pb2.ChatRequest(session_id=session.session_id, messages=[_user("What is a trace?")]),
+        metadata=KEY,
+    )
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "/ballast.edge.v1.EdgeService/Chat"]
+    assert root.parent is None
+    trace_spans = [s for s in spans if s.context.trace_id == root.context.trace_id]
+    assert {_service(s) for s in trace_spans} == {f"ballast-{name}" for name in SERVICE_NAMES}
+    by_id = {s.context.span_id: s for s in trace_spans}
+    for span in trace_spans:
+        if span is root:
+            continue
+        assert span.parent is not None and span.parent.span_id in by_id, (
+            f"{span.name} is not linked into the trace"
+        )
+    # Every server span of an internal service is the child of the edge's client span for that call.
+    for span in trace_spans:
+        if _service(span) != "ballast-edge" and span.kind.name == "SERVER":
+            assert span.parent is not None
+            parent = by_id[span.parent.span_id]
+            assert (
+                _service(parent) == "ballast-edge"
+                and parent.kind.name == "CLIENT"
+                and parent.name == span.name
+            )
+    (provider_call,) = [s for s in trace_spans if (s.attributes or {}).get("gen_ai.operation.name")]
+    attributes = dict(provider_call.attributes or {})
+    assert provider_call.kind.name == "CLIENT" and _service(provider_call) == "ballast-router"
+    assert provider_call.name == f"chat {attributes['gen_ai.request.model']}"
+    missing = [name for name in GENAI_ATTRIBUTES if name not in attributes]
+    assert not missing, f"GenAI attributes missing: {missing}"
+    assert int(str(attributes["gen_ai.usage.output_tokens"])) > 0
+    root_attributes = dict(root.attributes or {})
+    assert root_attributes["ballast.cache.hit"] is False
+    assert root_attributes["ballast.limiter.decision"] == "DECISION_ALLOW"
+    assert int(str(root_attributes["ballast.router.attempts"])) >= 1
+    assert int(str(root_attributes["ballast.cost.micros"])) > 0
