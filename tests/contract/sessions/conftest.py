@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from services.kit.testing import Suite
@@ -17,7 +19,10 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def suite(suite_factory: SuiteFactory, store_url: str) -> Suite:
-    return await suite_factory(
+async def suite(suite_factory: SuiteFactory, store_url: str) -> AsyncIterator[Suite]:
+    started = await suite_factory(
         ["sessions"], {"BALLAST_SESSIONS_STORE": store_url, "BALLAST_SESSIONS_COMPACTION": "false"}
     )
+    yield started
+    # Nothing is in flight once a test is over: skip the shutdown grace period.
+    await started.stop(0)

@@ -65,7 +65,7 @@ async def service(store_url: str, summariser: SpellingSummariser) -> AsyncIterat
     app = SessionsApp(settings, setup_telemetry("sessions", environ=environ), summariser=summariser)
     running = await start_service(app)
     yield running
-    await running.stop(0.1)
+    await running.stop(0)
 
 
 @pytest.fixture
