@@ -205,7 +205,7 @@ def parse_reset(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, at.timestamp() - (time.time() if now is None else now))
 
 
-def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+def parse_retry_after(headers: httpx.Headers | Mapping[str, str], now: float | None = None) -> float | None:
     millis = headers.get("retry-after-ms")
     if millis:
         try:
@@ -226,7 +226,7 @@ def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float
     return max(0.0, at.timestamp() - (time.time() if now is None else now))
 
 
-def _int(headers: httpx.Headers, name: str) -> int:
+def _int(headers: Mapping[str, str], name: str) -> int:
     value = headers.get(name)
     if value is None:
         return -1
@@ -238,34 +238,42 @@ def _int(headers: httpx.Headers, name: str) -> int:
 
 def parse_headroom(headers: httpx.Headers, status: int) -> Headroom | None:
     """OpenAI `x-ratelimit-*` and Anthropic `anthropic-ratelimit-*` headers, plus retry-after."""
+    # One pass into a plain dict: httpx.Headers scans every header on each lookup.
+    found = {
+        k: v
+        for k, v in headers.items()
+        if k.startswith(("x-ratelimit-", "anthropic-ratelimit-", "retry-after"))
+    }
+    if not found and status != 429:
+        return None
     now = time.time()
-    retry_after = parse_retry_after(headers, now)
+    retry_after = parse_retry_after(found, now)
     if (
-        "x-ratelimit-limit-requests" in headers
-        or "x-ratelimit-remaining-requests" in headers
-        or ("x-ratelimit-remaining-tokens" in headers)
+        "x-ratelimit-limit-requests" in found
+        or "x-ratelimit-remaining-requests" in found
+        or ("x-ratelimit-remaining-tokens" in found)
     ):
         return Headroom(
-            remaining_requests=_int(headers, "x-ratelimit-remaining-requests"),
-            remaining_tokens=_int(headers, "x-ratelimit-remaining-tokens"),
-            limit_requests=_int(headers, "x-ratelimit-limit-requests"),
-            limit_tokens=_int(headers, "x-ratelimit-limit-tokens"),
-            reset_requests=parse_reset(headers.get("x-ratelimit-reset-requests"), now),
-            reset_tokens=parse_reset(headers.get("x-ratelimit-reset-tokens"), now),
+            remaining_requests=_int(found, "x-ratelimit-remaining-requests"),
+            remaining_tokens=_int(found, "x-ratelimit-remaining-tokens"),
+            limit_requests=_int(found, "x-ratelimit-limit-requests"),
+            limit_tokens=_int(found, "x-ratelimit-limit-tokens"),
+            reset_requests=parse_reset(found.get("x-ratelimit-reset-requests"), now),
+            reset_tokens=parse_reset(found.get("x-ratelimit-reset-tokens"), now),
             observed_at=now,
             retry_after=retry_after,
             rate_limited=status == 429,
         )
-    if any(name.startswith("anthropic-ratelimit-") for name in headers):
+    if any(name.startswith("anthropic-ratelimit-") for name in found):
         # The combined tokens limit when present, else the input-token limit (the scarcer one).
-        tokens = "tokens" if "anthropic-ratelimit-tokens-remaining" in headers else "input-tokens"
+        tokens = "tokens" if "anthropic-ratelimit-tokens-remaining" in found else "input-tokens"
         return Headroom(
-            remaining_requests=_int(headers, "anthropic-ratelimit-requests-remaining"),
-            remaining_tokens=_int(headers, f"anthropic-ratelimit-{tokens}-remaining"),
-            limit_requests=_int(headers, "anthropic-ratelimit-requests-limit"),
-            limit_tokens=_int(headers, f"anthropic-ratelimit-{tokens}-limit"),
-            reset_requests=parse_reset(headers.get("anthropic-ratelimit-requests-reset"), now),
-            reset_tokens=parse_reset(headers.get(f"anthropic-ratelimit-{tokens}-reset"), now),
+            remaining_requests=_int(found, "anthropic-ratelimit-requests-remaining"),
+            remaining_tokens=_int(found, f"anthropic-ratelimit-{tokens}-remaining"),
+            limit_requests=_int(found, "anthropic-ratelimit-requests-limit"),
+            limit_tokens=_int(found, f"anthropic-ratelimit-{tokens}-limit"),
+            reset_requests=parse_reset(found.get("anthropic-ratelimit-requests-reset"), now),
+            reset_tokens=parse_reset(found.get(f"anthropic-ratelimit-{tokens}-reset"), now),
             observed_at=now,
             retry_after=retry_after,
             rate_limited=status == 429,
