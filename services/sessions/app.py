@@ -56,7 +56,7 @@ class SessionsApp(ServiceApp):
             summary_max_tokens=settings.summary_max_tokens,
             retry_after=settings.compact_timeout,
         )
-        compactor = Compactor(self.store, summariser, tokenizers.default, policy, clock)
+        compactor = Compactor(self.store, summariser, tokenizers.default, policy, clock, telemetry.meter)
         limits = Limits(
             default_ttl=settings.default_ttl,
             max_ttl=settings.max_ttl,
@@ -64,7 +64,7 @@ class SessionsApp(ServiceApp):
             max_page_size=settings.max_page_size,
             context_batch=settings.context_batch,
         )
-        self.sessions = Sessions(self.store, tokenizers, compactor, limits, clock)
+        self.sessions = Sessions(self.store, tokenizers, compactor, limits, clock, telemetry.meter)
 
     def service_names(self) -> Sequence[str]:
         return [sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name]

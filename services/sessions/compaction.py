@@ -16,6 +16,7 @@ from typing import Protocol
 
 from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2
+from opentelemetry import metrics
 
 from services.kit.errors import FailedPrecondition, NotFound
 from services.sessions.model import ROLE_TOOL, Scope, SessionRecord, StoredTurn
@@ -72,7 +73,11 @@ class Compactor:
         tokenizer: Tokenizer,
         policy: CompactionPolicy,
         clock: Callable[[], float],
+        meter: metrics.Meter | None = None,
     ) -> None:
+        self._passes = (meter or metrics.NoOpMeter("ballast")).create_counter(
+            "ballast.sessions.compactions", description="Compaction passes by outcome (folded, raced, failed)"
+        )
         self._store = store
         self._summariser = summariser
         self._tokenizer = tokenizer
@@ -100,6 +105,7 @@ class Compactor:
             await self.compact(Scope(key[0], key[1]), key[2], force=False)
             self._not_before.pop(key, None)
         except Exception as exc:
+            self._passes.add(1, {"outcome": "failed"})
             # Retried after a pause by a later append; the history is intact meanwhile.
             self._not_before[key] = self._clock() + self._policy.retry_after
             log.warning("compaction failed", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
@@ -152,6 +158,7 @@ class Compactor:
             summary_tokens,
             record.summarized_tokens + sum(t.token_count for t in folded),
         )
+        self._passes.add(1, {"outcome": "folded" if saved else "raced"})
         if not saved:
             log.info("compaction lost a race; another pass moved the summary first")
         fresh = await self._store.get(scope, session_id, self._clock())

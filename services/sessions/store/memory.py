@@ -24,8 +24,12 @@ class _Entry:
 
 class MemoryStore:
     def __init__(self) -> None:
-        self._sessions: dict[tuple[str, str, str], _Entry] = {}
+        # (tenant, user) → session id → entry: a user's calls never scan other users' sessions.
+        self._users: dict[tuple[str, str], dict[str, _Entry]] = {}
         self._next_id = 1
+
+    def _entry(self, tenant: str, user: str, session_id: str) -> _Entry | None:
+        return self._users.get((tenant, user), {}).get(session_id)
 
     async def start(self) -> None:
         return None
@@ -34,20 +38,19 @@ class MemoryStore:
         return None
 
     def _visible(self, scope: Scope, session_id: str, now: float) -> _Entry | None:
-        entry = self._sessions.get((scope.tenant_id, scope.user_id, session_id))
+        entry = self._entry(scope.tenant_id, scope.user_id, session_id)
         if entry is None or entry.record.expires_at <= now:
             return None
         return entry
 
     async def create(self, record: SessionRecord) -> SessionRecord:
-        key = (record.tenant_id, record.user_id, record.session_id)
-        existing = self._sessions.get(key)
+        existing = self._entry(record.tenant_id, record.user_id, record.session_id)
         if existing is not None and existing.record.expires_at > record.created_at:
             raise AlreadyExists(f"session {record.session_id!r} already exists")
         stored = copy.deepcopy(record)
         stored.internal_id = self._next_id
         self._next_id += 1
-        self._sessions[key] = _Entry(stored)
+        self._users.setdefault((record.tenant_id, record.user_id), {})[record.session_id] = _Entry(stored)
         return copy.deepcopy(stored)
 
     async def get(self, scope: Scope, session_id: str, now: float) -> SessionRecord | None:
@@ -57,11 +60,8 @@ class MemoryStore:
     async def list_sessions(
         self, scope: Scope, now: float, limit: int, after: tuple[float, str] | None
     ) -> list[SessionRecord]:
-        mine = [
-            e.record
-            for (tenant, user, _), e in self._sessions.items()
-            if tenant == scope.tenant_id and user == scope.user_id and e.record.expires_at > now
-        ]
+        entries = self._users.get((scope.tenant_id, scope.user_id), {}).values()
+        mine = [e.record for e in entries if e.record.expires_at > now]
         mine.sort(key=lambda r: (r.updated_at, r.session_id), reverse=True)
         if after is not None:
             mine = [r for r in mine if (r.updated_at, r.session_id) < after]
@@ -70,14 +70,11 @@ class MemoryStore:
     async def delete(self, scope: Scope, session_id: str, now: float) -> bool:
         if self._visible(scope, session_id, now) is None:
             return False
-        del self._sessions[(scope.tenant_id, scope.user_id, session_id)]
+        del self._users[(scope.tenant_id, scope.user_id)][session_id]
         return True
 
     async def delete_user(self, scope: Scope) -> int:
-        keys = [k for k in self._sessions if k[0] == scope.tenant_id and k[1] == scope.user_id]
-        for key in keys:
-            del self._sessions[key]
-        return len(keys)
+        return len(self._users.pop((scope.tenant_id, scope.user_id), {}))
 
     async def append(
         self,
@@ -149,7 +146,7 @@ class MemoryStore:
     async def turns_before(
         self, record: SessionRecord, above_seq: int, below_seq: int, limit: int
     ) -> list[StoredTurn]:
-        entry = self._sessions.get((record.tenant_id, record.user_id, record.session_id))
+        entry = self._entry(record.tenant_id, record.user_id, record.session_id)
         if entry is None or entry.record.internal_id != record.internal_id:
             return []
         end = below_seq - 1
@@ -165,7 +162,7 @@ class MemoryStore:
         summary_tokens: int,
         summarized_tokens: int,
     ) -> bool:
-        entry = self._sessions.get((record.tenant_id, record.user_id, record.session_id))
+        entry = self._entry(record.tenant_id, record.user_id, record.session_id)
         if entry is None or entry.record.internal_id != record.internal_id:
             return False
         current = entry.record
@@ -178,10 +175,17 @@ class MemoryStore:
         return True
 
     async def sweep(self, now: float, batch: int, idempotency_before: float) -> int:
-        expired = [k for k, e in self._sessions.items() if e.record.expires_at <= now][:batch]
-        for key in expired:
-            del self._sessions[key]
-        for entry in self._sessions.values():
+        expired = [
+            (owner, sid)
+            for owner, sessions in self._users.items()
+            for sid, e in sessions.items()
+            if e.record.expires_at <= now
+        ][:batch]
+        for owner, sid in expired:
+            del self._users[owner][sid]
+            if not self._users[owner]:
+                del self._users[owner]
+        for entry in (e for sessions in self._users.values() for e in sessions.values()):
             stale = [k for k, (_, at) in entry.applied.items() if at < idempotency_before]
             for applied_key in stale:
                 del entry.applied[applied_key]

@@ -355,20 +355,27 @@ class PostgresStore:
             raise Unavailable(f"sessions database unavailable ({type(exc).__name__})") from exc
 
     async def create(self, record: SessionRecord) -> SessionRecord:
+        key = (record.tenant_id, record.user_id, record.session_id)
+        values = (
+            record.title,
+            json.dumps(record.metadata),
+            record.ttl,
+            _ts(record.created_at),
+            _ts(record.expires_at),
+        )
+
         async def work(conn: asyncpg.Connection) -> int:
+            try:
+                # One round trip in the common case: the id is free.
+                sid: int = await conn.fetchval(_SQL_CREATE, *key, *values)
+                return sid
+            except asyncpg.UniqueViolationError:
+                pass
+            # Taken, perhaps by a session that expired but was not swept yet: free it and retry.
             async with conn.transaction():
-                key = (record.tenant_id, record.user_id, record.session_id)
                 await conn.execute(_SQL_DROP_EXPIRED, *key, _ts(record.created_at))
                 try:
-                    sid: int = await conn.fetchval(
-                        _SQL_CREATE,
-                        *key,
-                        record.title,
-                        json.dumps(record.metadata),
-                        record.ttl,
-                        _ts(record.created_at),
-                        _ts(record.expires_at),
-                    )
+                    sid = await conn.fetchval(_SQL_CREATE, *key, *values)
                 except asyncpg.UniqueViolationError as exc:
                     raise AlreadyExists(f"session {record.session_id!r} already exists") from exc
                 return sid

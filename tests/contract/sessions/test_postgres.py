@@ -10,8 +10,10 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 from ballast.sessions.v1 import sessions_pb2
+from google.protobuf import duration_pb2
 
 from services.kit.config import Env
+from services.sessions.app import SessionsApp
 from services.sessions.config import SessionsSettings
 from services.sessions.model import NewTurn, Scope, SessionRecord
 from services.sessions.store import SessionStore
@@ -153,3 +155,37 @@ async def test_an_append_stores_the_same_bytes_at_turn_300_as_at_turn_1(postgres
     finally:
         await conn.close()
         await store.close()
+
+
+async def test_the_background_sweep_purges_expired_sessions(
+    suite_factory: SuiteFactory, store_url: str
+) -> None:
+    suite = await suite_factory(
+        ["sessions"],
+        {
+            "BALLAST_SESSIONS_STORE": store_url,
+            "BALLAST_SESSIONS_COMPACTION": "false",
+            "BALLAST_SESSIONS_SWEEP_INTERVAL": "50ms",
+        },
+    )
+    app = suite.running["sessions"].app
+    assert isinstance(app, SessionsApp)
+    created = await suite.sessions.CreateSession(
+        sessions_pb2.CreateSessionRequest(
+            caller=caller(), session_id="brief", ttl=duration_pb2.Duration(nanos=100_000_000)
+        )
+    )
+    await suite.sessions.AppendTurns(
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(), session_id="brief", turns=[user_turn("x")], expected_version=-1
+        )
+    )
+    # Asked "as of creation time", the store still has the session until the sweep removes it.
+    then = created.session.created_at.ToNanoseconds() / 1e9
+    scope = Scope("t1", "u1")
+    assert await app.store.get(scope, "brief", then) is not None
+    for _ in range(100):
+        if await app.store.get(scope, "brief", then) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await app.store.get(scope, "brief", then) is None

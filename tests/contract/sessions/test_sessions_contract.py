@@ -323,3 +323,14 @@ async def test_invalid_arguments_name_the_field(suite: Suite, request_: object, 
         await getattr(suite.sessions, rpc)(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _bad_field(info.value) == field
+
+
+async def test_a_large_turn_is_counted_like_a_small_one(suite: Suite) -> None:
+    await _create(suite)
+    big = "lorem ipsum dolor sit amet " * 5000  # past the 64 KiB threshold: counted on a thread
+    reply = await _append(suite, [user_turn(big), user_turn("small")])
+    tokenizer = Tokenizers().default
+    assert [t.token_count for t in reply.turns] == [
+        tokenizer.count_message(message_parts(t.message)) for t in reply.turns
+    ]
+    assert reply.turns[0].token_count > 10_000
