@@ -7,7 +7,9 @@ the router (`python -m services.router`, catalog pointing at that sim) as two se
 on 127.0.0.1, then from this process, for each concurrency:
   direct   POST /v1/chat/completions to the sim with httpx (the body the router's adapter sends)
   router   RouterService.Complete over gRPC (validation, routing, adapter, cost, trail)
-added = router - direct, per percentile. Non-streaming. Each run stops after --requests calls or
+added = router - direct, per percentile. Non-streaming. The client is one Python process: from
+concurrency 16 up, its own httpx pool limits the direct path (its tail grows faster than the
+router's), so there the table shows throughput more than added latency. Each run stops after --requests calls or
 --seconds, whichever comes first. Results go to bench/results/router_overhead.{md,json}.
 """
 
@@ -107,7 +109,9 @@ tier_defaults: {{default: budget}}
 """
 
 
-async def _run(args: argparse.Namespace, sim_port: int, router_port: int) -> list[dict[str, Any]]:
+async def _run(
+    args: argparse.Namespace, sim_port: int, router_port: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     model = Model("sim-bench-model", "sim-bench", "sim-bench-1", 8192, 150_000, 600_000, 150_000)
     provider = Provider("sim-bench", "sim", f"http://127.0.0.1:{sim_port}/v1")
     body = json.dumps(
@@ -130,6 +134,11 @@ async def _run(args: argparse.Namespace, sim_port: int, router_port: int) -> lis
         response.raise_for_status()
         response.json()
 
+    floor_request = router_pb2.GetProviderStatusRequest(provider="sim-bench")
+
+    async def floor() -> None:
+        await stub.GetProviderStatus(floor_request, timeout=10)
+
     async def routed() -> None:
         reply = await stub.Complete(request, timeout=10)
         assert reply.simulated and reply.attempts[-1].outcome == router_pb2.ATTEMPT_OUTCOME_OK
@@ -139,6 +148,14 @@ async def _run(args: argparse.Namespace, sim_port: int, router_port: int) -> lis
         for _ in range(200):  # warm both paths (connections, caches)
             await direct()
             await routed()
+            await floor()
+        # The cost of any gRPC call to the router (interceptors, HTTP/2, protobuf), for scale.
+        floor_row = await _measure(floor, args.requests, 1, args.seconds)
+        print(
+            f"  gRPC floor (GetProviderStatus, c=1) p50 {floor_row['p50_ms']:.3f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
         for concurrency in args.concurrency:
             # Warm at this concurrency first, so both pools hold enough open connections.
             await _measure(direct, concurrency * 10, concurrency, args.seconds)
@@ -163,7 +180,7 @@ async def _run(args: argparse.Namespace, sim_port: int, router_port: int) -> lis
     finally:
         await http.aclose()
         await channel.close()
-    return rows
+    return rows, floor_row
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -228,7 +245,7 @@ def main() -> int:
             _wait_port(sim_port)
             processes.append(subprocess.Popen([sys.executable, "-m", "services.router"], cwd=ROOT, env=env))
             _wait_port(router_port)
-            rows = asyncio.run(_run(args, sim_port, router_port))
+            rows, floor_row = asyncio.run(_run(args, sim_port, router_port))
         finally:
             for process in processes:
                 process.terminate()
@@ -236,7 +253,13 @@ def main() -> int:
                 process.wait(10)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, load {os.getloadavg()[0]:.1f}"
     table = _table(rows)
+    floor_text = (
+        f"For scale: a trivial RPC to the router (GetProviderStatus, no provider call) takes "
+        f"{floor_row['p50_ms']:.3f} ms p50 / {floor_row['p99_ms']:.3f} ms p99 at concurrency 1 — the gRPC hop "
+        "(client, kit interceptors, HTTP/2, protobuf) that any gRPC service in front of the provider adds."
+    )
     print(table)
+    print(floor_text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "router_overhead.json").write_text(
         json.dumps(
@@ -247,7 +270,7 @@ def main() -> int:
     (RESULTS / "router_overhead.md").write_text(
         "# Router overhead (non-streaming, SIMULATED provider at zero latency)\n\n"
         f"Machine: {machine}. Sim, router and client are three processes on 127.0.0.1; up to "
-        f"{args.requests} calls or {args.seconds:g} s per run.\n\n{table}\n"
+        f"{args.requests} calls or {args.seconds:g} s per run.\n\n{table}\n\n{floor_text}\n"
     )
     return 0
 
