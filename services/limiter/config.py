@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from services.kit.config import Env, ServerSettings
 
 FAIL_MODES = ("local", "open", "closed")
+DEFAULT_TIERS_FILE = "config/limiter_tiers.yaml"
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class LimiterSettings:
     # Counters and buckets: memory:// (one process) or redis://host:6379/0 (shared by replicas).
     store_url: str = "memory://"
     # The tiers file (YAML); re-read when its modification time changes.
-    tiers_file: str = "config/limiter_tiers.yaml"
+    tiers_file: str = DEFAULT_TIERS_FILE
     # envoyproxy/ratelimit config: one YAML file or a directory of them; empty = no Envoy limits.
     envoy_config: str = ""
     # How often the tiers and Envoy files are checked for changes.
@@ -50,7 +51,7 @@ class LimiterSettings:
         return cls(
             server=ServerSettings.from_env("limiter", env),
             store_url=env.url(f"{p}STORE", "memory://", ["memory", "redis", "rediss"]),
-            tiers_file=env.string(f"{p}TIERS_FILE", "config/limiter_tiers.yaml"),
+            tiers_file=env.string(f"{p}TIERS_FILE", DEFAULT_TIERS_FILE),
             envoy_config=env.string(f"{p}ENVOY_CONFIG", ""),
             reload_interval=env.duration(f"{p}RELOAD_INTERVAL", 1.0, minimum=0.01),
             store_timeout=env.duration(f"{p}STORE_TIMEOUT", 0.25, minimum=0.001),

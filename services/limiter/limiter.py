@@ -219,7 +219,10 @@ class Limiter:
         if ops:
             idem_key = ""
             if req.request_id:
-                idem_key = f"{self._tag(req.tenant)}:u:{_q(req.user)}:idem:{_q(req.request_id)}"
+                # The request's shape is part of the key: a chat Check and a tool-call Check that
+                # happen to share an id are different requests, not retries of each other.
+                shape = f"{req.requests}:{req.tool_calls}:{_q(req.session_id)}"
+                idem_key = f"{self._tag(req.tenant)}:u:{_q(req.user)}:idem:{_q(req.request_id)}:{shape}"
             outcome = await self.store.decide(
                 ops,
                 peek=verdict.action == DENIED,

@@ -1,0 +1,173 @@
+"""The limiter's domain with an injected clock: time-dependent behaviour without sleeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.limiter.limiter import CheckInput, Limiter, StaticTiers
+from services.limiter.store.memory import MemoryStore
+from services.limiter.throttle import HeadroomBoard, HeadroomReport, judge
+from services.limiter.tiers import Throttle, TiersError, load_tiers, parse_tiers
+
+ROOT = Path(__file__).resolve().parents[3]
+
+TIERS = {
+    "reservation_ttl": "30s",
+    "session_ttl": "1h",
+    "near_limit_ratio": 0.5,
+    "tiers": {
+        "free": {
+            "priority": "low",
+            "requests": {"limit": 4, "window": "1m"},
+            "user_tokens_per_day": {"limit": 1000},
+            "tenant_tokens_per_day": {"limit": 5000, "shadow": True},
+            "session_tool_calls": {"limit": 2},
+        }
+    },
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_900_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def limiter(clock: Clock) -> Limiter:
+    return Limiter(MemoryStore(clock=clock), StaticTiers(parse_tiers(TIERS)), clock=clock)
+
+
+def chat(user: str = "u", **kw: object) -> CheckInput:
+    return CheckInput(tenant="t", user=user, tier="free", **{"requests": 1, **kw})  # type: ignore[arg-type]
+
+
+async def test_the_window_slides_with_the_clock(limiter: Limiter, clock: Clock) -> None:
+    for _ in range(4):
+        assert (await limiter.check(chat())).decision == "allow"
+    denied = await limiter.check(chat())
+    assert denied.decision == "deny" and 60 <= denied.retry_after <= 63
+    clock.now += denied.retry_after
+    assert (await limiter.check(chat())).decision == "allow"
+
+
+async def test_a_crashed_caller_leaks_no_budget(limiter: Limiter, clock: Clock) -> None:
+    held = await limiter.check(chat(reserve_tokens=1000))
+    assert held.decision == "allow" and held.reservation_id
+    blocked = await limiter.check(chat(reserve_tokens=10))
+    assert blocked.reason == "user_tokens_per_day" and 0 < blocked.retry_after <= 30
+    clock.now += 31  # the caller never committed: its reservation expires
+    assert (await limiter.check(chat(reserve_tokens=10))).decision == "allow"
+
+
+async def test_counters_for_metrics(limiter: Limiter) -> None:
+    for _ in range(5):
+        await limiter.check(chat())
+    for _ in range(6):
+        await limiter.check(chat(user="v", reserve_tokens=1000, requests=0))
+    stats = limiter.stats
+    assert stats.decisions[("allow", "")] == 5 and stats.decisions[("deny", "requests")] == 1
+    assert stats.over_limit["requests"] == 1 and stats.near_limit["requests"] >= 2
+    assert stats.decisions[("deny", "user_tokens_per_day")] == 5
+    # the tenant budget (5000) is in shadow: going past it is reported, never the denial reason
+    assert stats.shadow_over["tenant_tokens_per_day"] == 0
+    for user in ("w1", "w2", "w3", "w4", "w5"):
+        last = await limiter.check(chat(user=user, reserve_tokens=1000, requests=0))
+        assert last.decision == "allow"
+    tenant = next(s for s in last.limits if s.name == "tenant_tokens_per_day")
+    assert tenant.over and tenant.shadow and tenant.remaining == 0
+    assert stats.shadow_over["tenant_tokens_per_day"] == 1
+
+
+async def test_a_tool_call_check_and_a_chat_check_with_one_id_are_different_requests(
+    limiter: Limiter,
+) -> None:
+    first = await limiter.check(chat(session_id="s", request_id="r"))
+    tool = await limiter.check(chat(session_id="s", request_id="r", requests=0, tool_calls=1))
+    assert not tool.replayed and [s.name for s in tool.limits] == ["session_tool_calls"]
+    assert (await limiter.check(chat(session_id="s", request_id="r"))).replayed
+    assert not first.replayed
+
+
+async def test_headroom_reports_expire_with_the_clock(limiter: Limiter, clock: Clock) -> None:
+    await limiter.report_headroom(
+        "p",
+        "m",
+        remaining_requests=0,
+        remaining_tokens=-1,
+        limit_requests=10,
+        limit_tokens=-1,
+        reset_requests=5,
+        reset_tokens=0,
+        rate_limited=False,
+        retry_after=0,
+    )
+    assert (await limiter.check(chat(provider="p"))).decision == "deny"
+    clock.now += 6  # the provider's window reset: the report no longer applies
+    assert (await limiter.check(chat(provider="p"))).decision == "allow"
+
+
+def test_delay_grows_with_the_shortage_and_priorities_are_ordered() -> None:
+    policy = Throttle()
+    board = HeadroomBoard()
+    board.update(HeadroomReport("p", "m", 0.45, 100.0, at=1))
+    shallow = judge(policy, "low", board.headroom("p", 0.0))
+    board.update(HeadroomReport("p", "m", 0.25, 100.0, at=2))
+    deep = judge(policy, "low", board.headroom("p", 0.0))
+    assert shallow.action == deep.action == "delay" and 0 < shallow.seconds < deep.seconds <= policy.max_delay
+    assert [judge(policy, p, board.headroom("p", 0.0)).action for p in ("normal", "high", "critical")] == [
+        "delay",
+        "allow",
+        "allow",
+    ]
+    # an older report arriving late does not override a newer one
+    board.update(HeadroomReport("p", "m", 0.9, 100.0, at=1))
+    assert board.headroom("p", 0.0) == (0.25, 100.0)
+    # with no provider named, the best provider's headroom counts
+    board.update(HeadroomReport("q", "m", 0.8, 100.0, at=3))
+    assert board.headroom("", 0.0) == (0.8, 100.0)
+
+
+def test_the_shipped_tiers_file_is_valid() -> None:
+    config = load_tiers(ROOT / "config" / "limiter_tiers.yaml")
+    assert config.tiers["free"].requests.limit == 20 and config.tiers["free"].requests.window == 3600
+    assert config.tiers["enterprise"].requests.unlimited and config.tiers["enterprise"].priority == "high"
+    assert config.tiers["paid"].tool_calls.limit == 25
+
+
+def test_a_bad_tiers_file_names_every_problem() -> None:
+    bad = yaml.safe_load(
+        """
+default_tier: gold
+tiers:
+  free:
+    priority: urgent
+    requests: { limit: -3, window: soon }
+    user_tokens_per_day: { shadow: maybe }
+    colour: red
+throttle: { priorities: { low: { delay_below: 0.1, deny_below: 0.4 } } }
+"""
+    )
+    with pytest.raises(TiersError) as info:
+        parse_tiers(bad, "t.yaml")
+    text = str(info.value)
+    for expected in (
+        "default_tier",
+        "tiers.free.priority",
+        "tiers.free.requests.limit",
+        "tiers.free.requests.window",
+        "tiers.free.user_tokens_per_day.shadow",
+        "tiers.free.colour",
+        "throttle.priorities.low",
+    ):
+        assert expected in text, expected
