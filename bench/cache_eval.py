@@ -43,6 +43,13 @@ THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.97)
 SYSTEM = "You are a helpful assistant."
 SINGLE_TURN_TRAPS = ("negation", "polarity", "entity", "number", "date", "unit", "unrelated")
 STS_POSITIVE = 4.0
+HOLDOUT_NOTE = (
+    "First run on the held-out pairs, before any guard change they prompted: precision 1.000 / "
+    "recall 0.800 at 0.95, 0.966 / 0.933 at 0.92, 0.906 / 0.967 at 0.90 (misses: show/hide, "
+    "accept/decline, zoom in/out, longest/shortest, mute/unmute, pandas/polars). The generic fixes "
+    "that followed (prefix opposites un-/dis-/in-, trailing particles, more opposites, am/pm only "
+    "after a number) are covered by unit tests; the held-out numbers above are since optimistic too.\n"
+)
 
 
 @dataclass
@@ -188,7 +195,9 @@ async def main() -> None:
     pairs = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     outcomes = await run_pairs(embedder, pairs)
 
-    single = [o for o in outcomes if o.pair["kind"] in ("paraphrase", *SINGLE_TURN_TRAPS)]
+    single_all = [o for o in outcomes if o.pair["kind"] in ("paraphrase", *SINGLE_TURN_TRAPS)]
+    single = [o for o in single_all if o.pair.get("split") != "holdout"]
+    holdout = [o for o in single_all if o.pair.get("split") == "holdout"]
     multi = [o for o in outcomes if o.pair["kind"] in ("multiturn", "multiturn_same")]
     scope = [o for o in outcomes if o.pair["kind"] == "scope"]
     report: dict[str, Any] = {
@@ -201,7 +210,7 @@ async def main() -> None:
         "",
         f"Machine: {platform.machine()}, Python {platform.python_version()}; embedder {embedder.name} "
         f"(loaded in {load_seconds:.2f} s). Labelled set: {len(pairs)} pairs "
-        f"({sum(1 for o in single if o.pair['label'])} paraphrases, "
+        f"(tuned: {sum(1 for o in single if o.pair['label'])} paraphrases, "
         f"{sum(1 for o in single if not o.pair['label'])} single-turn traps, {len(scope)} scope traps, "
         f"{sum(1 for o in multi if not o.pair['label'])} multi-turn traps, "
         f"{sum(1 for o in multi if o.pair['label'])} same-conversation repeats).",
@@ -214,12 +223,29 @@ async def main() -> None:
     rows_scope = [(f"{t:.2f}", metrics(scope, t)) for t in THRESHOLDS]
     md.append(_table("Single-turn pairs: cache (scope + exact tier + cosine + guards)", rows_guarded))
     md.append(_table("Single-turn pairs: bare cosine on the last user turn (baseline)", rows_bare))
+    rows_holdout = [(f"{t:.2f}", metrics(holdout, t)) for t in THRESHOLDS]
+    md.append(
+        _table(
+            f"Held-out single-turn pairs ({sum(1 for o in holdout if o.pair['label'])} paraphrases, "
+            f"{sum(1 for o in holdout if not o.pair['label'])} traps, written after the guards were tuned): cache",
+            rows_holdout,
+        )
+    )
+    md.append(
+        _table(
+            "Held-out single-turn pairs: bare cosine (baseline)",
+            [(f"{t:.2f}", metrics(holdout, t, guarded=False)) for t in THRESHOLDS],
+        )
+    )
+    md.append(HOLDOUT_NOTE)
+    report["holdout"] = dict(rows_holdout)
     md.append(_table("Multi-turn pairs: cache (follow-ups only match the same conversation)", rows_multi))
     md.append(_table("Multi-turn pairs: bare cosine on the last user turn (baseline)", rows_multi_bare))
     md.append(_table("Scope traps (other tenant, user, model, system prompt, namespace, tools)", rows_scope))
     by_kind: dict[str, dict[str, int]] = {}
     for o in outcomes:
-        kind = by_kind.setdefault(o.pair["kind"], {"pairs": 0, "served_at_0.95": 0, "guard_rejected": 0})
+        label = o.pair["kind"] + (" (held out)" if o.pair.get("split") == "holdout" else "")
+        kind = by_kind.setdefault(label, {"pairs": 0, "served_at_0.95": 0, "guard_rejected": 0})
         kind["pairs"] += 1
         kind["served_at_0.95"] += int(served(o, 0.95))
         kind["guard_rejected"] += int(bool(o.guard))

@@ -51,7 +51,7 @@ _TEMPORAL = {
     "sep", "sept", "oct", "nov", "dec",
     "today", "tonight", "tomorrow", "yesterday", "weekend", "weekends",
     "weekday", "weekdays", "next", "last", "previous", "ago", "later", "earlier", "upcoming",
-    "morning", "afternoon", "evening", "night", "noon", "midnight", "am", "pm", "daily",
+    "morning", "afternoon", "evening", "night", "noon", "midnight", "daily",
     "weekly", "monthly", "yearly", "annually", "annual", "hourly", "spring", "summer",
     "autumn", "fall", "winter", "christmas", "easter", "holiday", "holidays",
     "hour", "hours", "minute", "minutes", "day", "days", "week", "weeks", "month", "months",
@@ -72,13 +72,13 @@ _POLAR_GROUPS: dict[str, tuple[str, ...]] = {
     "enable": ("enable", "enables", "enabled", "enabling", "activate", "activated"),
     "disable": ("disable", "disables", "disabled", "disabling", "deactivate", "deactivated", "off"),
     "allow": ("allow", "allows", "allowed", "permit", "permitted", "approve", "approved"),
-    "deny": ("deny", "denies", "denied", "forbid", "forbidden", "reject", "rejected", "block", "blocked", "ban", "banned"),
+    "deny": ("deny", "denies", "denied", "forbid", "forbidden", "reject", "rejected", "block", "blocked", "ban", "banned", "decline", "declined", "refuse", "refused"),
     "add": ("add", "adds", "added", "adding", "create", "created", "insert", "install", "installed", "subscribe"),
     "remove": ("remove", "removes", "removed", "removing", "delete", "deleted", "deleting", "uninstall", "uninstalled", "unsubscribe", "drop"),
     "start": ("start", "starts", "started", "begin", "begins", "launch", "resume"),
     "stop": ("stop", "stops", "stopped", "end", "ends", "finish", "pause", "paused", "cancel", "cancelled", "canceled"),
-    "before": ("before", "prior", "earlier", "pre"),
-    "after": ("after", "later", "post", "afterwards"),
+    "before": ("before", "prior", "earlier", "pre", "early"),
+    "after": ("after", "later", "post", "afterwards", "late"),
     "more": ("more", "increase", "increased", "raise", "raised", "higher", "greater", "larger", "bigger", "above", "maximum", "max", "most", "upgrade", "upgrading"),
     "less": ("less", "fewer", "decrease", "decreased", "lower", "reduce", "reduced", "smaller", "below", "minimum", "min", "least", "downgrade", "downgrading"),
     "best": ("best", "better", "top"),
@@ -90,7 +90,7 @@ _POLAR_GROUPS: dict[str, tuple[str, ...]] = {
     "import": ("import", "imports", "imported", "upload", "uploads", "uploaded"),
     "export": ("export", "exports", "exported", "download", "downloads", "downloaded"),
     "in": ("login", "log-in", "signin", "sign-in", "include", "included", "includes", "inside", "inbound", "incoming"),
-    "out": ("logout", "log-out", "signout", "sign-out", "exclude", "excluded", "excludes", "outside", "outbound", "outgoing"),
+    "out": ("out", "logout", "log-out", "signout", "sign-out", "exclude", "excluded", "excludes", "outside", "outbound", "outgoing"),
     "buy": ("buy", "buying", "purchase", "purchased", "bought"),
     "sell": ("sell", "selling", "sold", "refund", "refunded", "return", "returned"),
     "encrypt": ("encrypt", "encrypted", "encryption"),
@@ -100,12 +100,21 @@ _POLAR_GROUPS: dict[str, tuple[str, ...]] = {
     "hot": ("hot", "hotter", "warm", "warmer", "heat"),
     "cold": ("cold", "colder", "cool", "cooler", "freeze", "frozen"),
     "public": ("public",),
+    "hide": ("hide", "hides", "hiding", "conceal"),
+    "up": ("up", "upward", "upwards"),
+    "down": ("down", "downward", "downwards"),
+    "long": ("longer", "longest"),
+    "short": ("shorter", "shortest"),
+    "high": ("highest",),
+    "low": ("lowest",),
+    "hard": ("harder", "hardest", "difficult"),
+    "easy": ("easier", "easiest"),
     "private": ("private",),
     "input": ("input", "inputs"),
     "output": ("output", "outputs"),
     "send": ("send", "sent", "sending", "outgoing"),
     "receive": ("receive", "received", "receiving"),
-    "first": ("first", "earliest", "oldest", "beginning"),
+    "first": ("first", "earliest", "beginning"),
     "latest": ("latest", "newest", "recent", "final"),
     "same": ("same", "identical", "equal"),
     "different": ("different", "difference", "differ", "unlike"),
@@ -383,7 +392,6 @@ _CONTRACTION = re.compile(r"['’](?:s|re|ll|ve|d|m)$", re.IGNORECASE)
 def features(text: str) -> Features:
     for pattern, replacement in _PHRASES:
         text = pattern.sub(replacement, text)
-    raw_tokens = _TOKEN.findall(text)
     numbers: list[str] = []
     temporal: set[str] = set()
     polar: set[str] = set()
@@ -392,7 +400,11 @@ def features(text: str) -> Features:
     words: set[str] = set()
     negations = 0
     sentence_start = True
-    for raw in raw_tokens:
+    last_was_number = False
+    previous_number = False
+    for match in _TOKEN.finditer(text):
+        raw = match.group(0)
+        following = text[match.end() :].lstrip()[:1]
         token = raw.rstrip(",;:)") if "://" in raw else raw.strip("'’.-/")
         if not token:
             continue
@@ -400,10 +412,12 @@ def features(text: str) -> Features:
         words.add(lower)
         words.add(lower.replace("-", ""))
         is_start = sentence_start
-        sentence_start = bool(_SENTENCE_END.search(raw))
+        sentence_start = bool(_SENTENCE_END.search(raw)) or following in (".", "!", "?", ":", ";")
         if lower in _UNIT_SYMBOLS:
             units.append(_UNIT_SYMBOLS[lower])
             continue
+        previous_number = last_was_number
+        last_was_number = lower[0].isdigit()
         if lower[0].isdigit():
             numbers.append(_number(lower))
             # A year or a day of month is a date too: kept among the numbers, in order.
@@ -413,6 +427,10 @@ def features(text: str) -> Features:
             negations += 1
         if lower in _NUMBER_WORDS:
             numbers.append(_NUMBER_WORDS[lower])
+        if lower in ("am", "pm", "a.m", "p.m") and previous_number:
+            temporal.add(lower.replace(".", ""))
+        if lower == "in" and following in ("", ".", "!", "?", ",", ";", ":"):
+            polar.add("in")  # a particle at the end ("zoom in?"), not the preposition
         if lower in _TEMPORAL or (token == "May" and not is_start):
             singular = lower[:-1] if lower.endswith("s") and lower[:-1] in _TEMPORAL else lower
             temporal.add(_MONTHS.get(singular, singular))
@@ -495,6 +513,19 @@ def _entities_agree(a: Features, b: Features) -> bool:
     return shared == order_b
 
 
+_OPPOSITE_PREFIXES = ("un", "dis", "non", "non-", "in", "im", "il", "ir", "de", "anti")
+
+
+def _prefixed_opposites(only_a: frozenset[str], only_b: frozenset[str]) -> bool:
+    """mute/unmute, like/dislike, able/unable: one turn has a word, the other its negated form."""
+    for word in only_a:
+        for other in only_b:
+            short, long_ = (word, other) if len(word) < len(other) else (other, word)
+            if len(short) >= 3 and long_.endswith(short) and long_[: -len(short)] in _OPPOSITE_PREFIXES:
+                return True
+    return False
+
+
 def check(query: str, cached: str) -> Verdict:
     """Whether `cached` may answer `query` as far as the cheap guards can tell."""
     a, b = features(query), features(cached)
@@ -504,7 +535,7 @@ def check(query: str, cached: str) -> Verdict:
         return Verdict(False, "dates")
     if a.negations != b.negations:
         return Verdict(False, "negation")
-    if a.polar != b.polar:
+    if a.polar != b.polar or _prefixed_opposites(a.words - b.words, b.words - a.words):
         return Verdict(False, "polarity")
     if a.units != b.units:
         return Verdict(False, "units")

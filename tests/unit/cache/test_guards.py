@@ -38,13 +38,14 @@ def test_the_labelled_set_has_a_few_hundred_pairs_of_every_kind() -> None:
 
 @pytest.mark.parametrize("kind", GUARDED_KINDS)
 def test_guards_reject_every_labelled_trap_of_their_kind(kind: str) -> None:
-    traps = [p for p in _pairs() if p["kind"] == kind]
+    # The held-out pairs measure the guards; they are not a regression target.
+    traps = [p for p in _pairs() if p["kind"] == kind and p.get("split") != "holdout"]
     served = [(p["a"], p["b"]) for p in traps if check(str(p["b"]), str(p["a"])).ok]
     assert served == []
 
 
 def test_guards_let_paraphrases_through() -> None:
-    paraphrases = [p for p in _pairs() if p["kind"] == "paraphrase"]
+    paraphrases = [p for p in _pairs() if p["kind"] == "paraphrase" and p.get("split") != "holdout"]
     rejected = [(p["a"], p["b"]) for p in paraphrases if not check(str(p["b"]), str(p["a"])).ok]
     assert len(rejected) <= len(paraphrases) // 20, rejected
 
@@ -64,6 +65,13 @@ def test_guards_let_paraphrases_through() -> None:
         ("Where's my order?", "Where is my order?", ""),
         ("Is there free Wi-Fi?", "Is there free WiFi?", ""),
         ("Price is 1,000.50 USD", "Price is 1000.5 USD", ""),
+        ("How do I mute the call?", "How do I unmute the call?", "polarity"),
+        ("Do you like it?", "Do you dislike it?", "polarity"),
+        ("How do I zoom in?", "How do I zoom out?", "polarity"),
+        ("How do I opt in to emails?", "How do I opt out of emails?", "polarity"),
+        ("Can I check in at 2 pm?", "Can I check in at 2 am?", "dates"),
+        ("Am I late?", "Am I early?", "polarity"),
+        ("Is the fee waived. Paris office", "Is the fee waived. London office", "entities"),
     ],
 )
 def test_guard_examples(a: str, b: str, guard: str) -> None:

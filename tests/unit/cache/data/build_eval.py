@@ -291,6 +291,101 @@ TRAPS = [
     ("How do I add a team member?", "How do I add a team admin?", "unrelated"),
 ]
 
+# Held out: written after the guards were tuned; the benchmark reports them separately so the
+# numbers on the tuned pairs can be judged (bench/cache_eval.py keeps the first run's numbers).
+HOLDOUT_PARAPHRASES = [
+    ("How do I change my billing address?", "How can I change my billing address?"),
+    ("How do I get a copy of my receipt?", "How can I get a copy of my receipt?"),
+    ("Can I change my flight?", "Is it possible to change my flight?"),
+    ("How do I report a bug?", "How can I report a bug?"),
+    ("Where do I download the mobile app?", "Where can I download the mobile app?"),
+    ("Do you have a loyalty program?", "Do you have a loyalty programme?"),
+    ("How do I verify my email?", "How can I verify my email address?"),
+    ("What is your phone number?", "What's your phone number?"),
+    ("Can I transfer my license to another computer?", "Can I move my license to another computer?"),
+    ("How do I share a document with my team?", "How can I share a document with my team?"),
+    ("Is there a mobile version?", "Is there a mobile version available?"),
+    ("How do I rename a file in Linux?", "How can I rename a file in Linux?"),
+    ("What is the boiling point of water?", "What's the boiling point of water?"),
+    ("How do I print a PDF?", "How can I print a PDF?"),
+    ("Where is the nearest ATM?", "Where's the nearest ATM?"),
+    ("How do I clear my browser cache?", "How can I clear my browser cache?"),
+    ("What is a black hole?", "What's a black hole?"),
+    ("How do I remove a virus from my computer?", "How can I remove a virus from my computer?"),
+    ("Can you explain blockchain?", "Can you explain what blockchain is?"),
+    ("How do I make cold brew coffee?", "How can I make cold brew coffee?"),
+    ("Why is my internet slow?", "Why is my internet connection slow?"),
+    ("How do I set up a VPN?", "How can I set up a VPN?"),
+    ("What should I pack for a beach holiday?", "What should I bring for a beach holiday?"),
+    ("How do I get rid of hiccups?", "How can I get rid of hiccups?"),
+    ("What is the tallest building in the world?", "What's the tallest building in the world?"),
+    ("Can I bring food on the plane?", "Am I allowed to bring food on the plane?"),
+    ("How do I merge PDF files?", "How can I merge PDF files?"),
+    ("What is your warranty policy?", "What's your warranty policy?"),
+    ("How do I join a meeting?", "How can I join a meeting?"),
+    ("How do I stop my screen from rotating?", "How can I stop my screen from rotating?"),
+]
+
+HOLDOUT_TRAPS = [
+    ("Can I bring my dog to the hotel?", "Can I not bring my dog to the hotel?", "negation"),
+    ("Is breakfast included?", "Is breakfast not included?", "negation"),
+    ("Why does the printer work?", "Why doesn't the printer work?", "negation"),
+    ("Is the parking free?", "Is the parking never free?", "negation"),
+    ("Does the hotel have a pool?", "Does the hotel have no pool?", "negation"),
+    ("Can I pay with cash?", "Can I pay without cash?", "negation"),
+    ("Is the bridge open today?", "Is the bridge closed today?", "polarity"),
+    ("How do I show hidden files?", "How do I hide hidden files?", "polarity"),
+    ("How do I pause the download?", "How do I resume the download?", "polarity"),
+    ("How do I raise my credit limit?", "How do I lower my credit limit?", "polarity"),
+    ("Is it legal to drive at 17?", "Is it illegal to drive at 17?", "polarity"),
+    ("How do I sign in to my account?", "How do I sign out of my account?", "polarity"),
+    ("How do I accept the invitation?", "How do I decline the invitation?", "polarity"),
+    ("How do I zoom in?", "How do I zoom out?", "polarity"),
+    ("Which phone has the longest battery life?", "Which phone has the shortest battery life?", "polarity"),
+    ("How do I mute the microphone?", "How do I unmute the microphone?", "polarity"),
+    ("How do I connect to Zoom?", "How do I connect to Teams?", "entity"),
+    ("What is the weather in Madrid?", "What is the weather in Lisbon?", "entity"),
+    ("How do I install Docker on Ubuntu?", "How do I install Docker on Fedora?", "entity"),
+    ("Who painted the Mona Lisa?", "Who painted the Sistine Chapel?", "entity"),
+    ("Is Rust faster than Go?", "Is Go faster than Rust?", "entity"),
+    (
+        "How do I transfer money from Revolut to Wise?",
+        "How do I transfer money from Wise to Revolut?",
+        "entity",
+    ),
+    ("How far is Boston from New York?", "How far is Chicago from New York?", "entity"),
+    ("What is the currency of Japan?", "What is the currency of China?", "entity"),
+    ("Does the Model 3 have autopilot?", "Does the Model Y have autopilot?", "entity"),
+    ("How do I use pandas groupby?", "How do I use polars groupby?", "entity"),
+    (
+        "Is there a bus from the airport to downtown at 5?",
+        "Is there a bus from the airport to downtown at 6?",
+        "number",
+    ),
+    ("Can 6 people fit in the car?", "Can 7 people fit in the car?", "number"),
+    ("What is 12 times 12?", "What is 12 times 13?", "number"),
+    ("Is a 50 Mbps connection enough?", "Is a 500 Mbps connection enough?", "number"),
+    ("Can I return items after 14 days?", "Can I return items after 30 days?", "number"),
+    ("Do you sell 4K monitors?", "Do you sell 8K monitors?", "number"),
+    ("How long is a 10k run in miles?", "How long is a 5k run in miles?", "number"),
+    ("Tickets for three adults please", "Tickets for four adults please", "number"),
+    ("What is the speed limit on the A1?", "What is the speed limit on the A2?", "number"),
+    ("Is the library open on Tuesday?", "Is the library open on Thursday?", "date"),
+    ("What was the temperature yesterday?", "What will the temperature be tomorrow?", "date"),
+    ("Are there fireworks in July?", "Are there fireworks in January?", "date"),
+    ("Is the restaurant busy at lunch on weekends?", "Is the restaurant busy at lunch on weekdays?", "date"),
+    ("What is the deadline for 2024 taxes?", "What is the deadline for 2025 taxes?", "date"),
+    ("Do you open early in the morning?", "Do you open late in the evening?", "date"),
+    ("How much is 50 GBP in USD?", "How much is 50 USD in GBP?", "unit"),
+    ("Is 5 feet tall?", "Is 5 meters tall?", "unit"),
+    ("How do I water a cactus?", "How do I water an orchid?", "unrelated"),
+    ("How do I tie a tie?", "How do I tie a bow tie?", "unrelated"),
+    ("How do I cancel my order?", "How do I track my order?", "unrelated"),
+    ("What is the fee for late payment?", "What is the fee for early payment?", "unrelated"),
+    ("Where can I park my bike?", "Where can I rent a bike?", "unrelated"),
+    ("How do I clean my oven?", "How do I clean my fridge?", "unrelated"),
+]
+
 SCOPE = [
     ("How do I reset my password?", {"tenant": "other-tenant"}),
     ("What are your opening hours?", {"tenant": "other-tenant"}),
@@ -432,6 +527,21 @@ def _pairs() -> list[dict[str, Any]]:
         out.append({"id": f"para-{i}", "kind": "paraphrase", "a": a, "b": b, "label": True})
     for i, (a, b, kind) in enumerate(TRAPS):
         out.append({"id": f"{kind}-{i}", "kind": kind, "a": a, "b": b, "label": False})
+    for i, (a, b) in enumerate(HOLDOUT_PARAPHRASES):
+        out.append(
+            {
+                "id": f"holdout-para-{i}",
+                "kind": "paraphrase",
+                "split": "holdout",
+                "a": a,
+                "b": b,
+                "label": True,
+            }
+        )
+    for i, (a, b, kind) in enumerate(HOLDOUT_TRAPS):
+        out.append(
+            {"id": f"holdout-{kind}-{i}", "kind": kind, "split": "holdout", "a": a, "b": b, "label": False}
+        )
     for i, (text, change) in enumerate(SCOPE):
         out.append(
             {"id": f"scope-{i}", "kind": "scope", "a": text, "b": text, "b_scope": change, "label": False}
