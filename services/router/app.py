@@ -17,6 +17,7 @@ from services.router.catalog import Catalog
 from services.router.config import RouterSettings
 from services.router.gateway import Gateway
 from services.router.health import HealthBook
+from services.router.metrics import RouterMetrics
 from services.router.providers.base import Adapter, ClientOptions, build_adapter
 from services.router.reporter import HeadroomReporter
 from services.router.routing import Planner
@@ -40,7 +41,15 @@ class RouterApp(ServiceApp):
         self.clock = clock
         self.health = HealthBook(settings.breaker, clock)
         self.planner = Planner(self.catalog, self.health)
-        self.gateway = Gateway(settings, self.planner, self.health, {}, clock=clock, tracer=telemetry.tracer)
+        self.gateway = Gateway(
+            settings,
+            self.planner,
+            self.health,
+            {},
+            clock=clock,
+            tracer=telemetry.tracer,
+            metrics=RouterMetrics(telemetry.meter, self.health),
+        )
         self.servicer = RouterServicer(settings, self.catalog, self.gateway, self.planner, self.health, clock)
         self.sims: dict[str, SimServer] = {}
         self.reporter: HeadroomReporter | None = None

@@ -37,7 +37,8 @@ from services.kit.errors import (
 from services.router.catalog import Model
 from services.router.config import RouterSettings
 from services.router.health import HealthBook
-from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
+from services.router.metrics import RouterMetrics
+from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult, Usage
 from services.router.pricing import Cost, cost_of
 from services.router.providers.base import Adapter, Headroom, Outcome, ProviderError
 from services.router.routing import Choice, Hints, Plan, Planner
@@ -110,6 +111,7 @@ class Gateway:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         tracer: trace.Tracer | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.planner = planner
@@ -120,6 +122,7 @@ class Gateway:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.NoOpTracer()
+        self.metrics = metrics
 
     # --- shared attempt loop ---------------------------------------------------------------------
 
@@ -186,6 +189,7 @@ class Gateway:
                 if not self.health.acquire(target):
                     if round_ == 0:
                         attempts.append(AttemptRecord(*target, Outcome.BREAKER_OPEN, error="circuit open"))
+                        self._count(operation, attempts[-1])
                     continue
                 more = made + 1 < max_attempts and any(
                     self.health.available(c.target) for c in plan.choices[position + 1 :]
@@ -233,6 +237,7 @@ class Gateway:
                     latency = self.clock() - started
                     self.health.success(target, latency)
                     attempts.append(AttemptRecord(*target, Outcome.OK, 200, latency))
+                    self._count(operation, attempts[-1])
                     annotate(span, value, choice)
                     if end_span:
                         span.end()
@@ -245,6 +250,7 @@ class Gateway:
                 attempts.append(
                     AttemptRecord(*target, error.outcome, error.http_status, latency, error.message)
                 )
+                self._count(operation, attempts[-1])
                 log.info(
                     "attempt failed",
                     extra={
@@ -273,6 +279,15 @@ class Gateway:
             await self.sleep(wait)
         raise self._failure(call, plan, attempts, errors)
 
+    def _count(self, operation: str, record: AttemptRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.attempt(operation, record.provider, record.model, record.outcome, record.latency)
+
+    def _answered(self, operation: str, choice: Choice, usage: Usage, cost: Cost) -> Cost:
+        if self.metrics is not None:
+            self.metrics.answered(operation, choice.provider.name, choice.model.id, usage, cost)
+        return cost
+
     # --- operations -------------------------------------------------------------------------------
 
     async def complete(self, call: Call, request: ChatRequest) -> Answer:
@@ -285,7 +300,8 @@ class Gateway:
             return await adapter.complete(choice.model, request)
 
         result, choice, attempts, _ = await self._run(call, plan, "chat", attempt)
-        return Answer(result, choice, attempts, cost_of(choice.model, result.usage), self.clock() - started)
+        cost = self._answered("chat", choice, result.usage, cost_of(choice.model, result.usage))
+        return Answer(result, choice, attempts, cost, self.clock() - started)
 
     async def embed(self, call: Call, inputs: list[str]) -> Embedded:
         tokens = sum((len(t) + 3) // 4 for t in inputs)
@@ -302,7 +318,8 @@ class Gateway:
             return await adapter.embed(choice.model, inputs)
 
         result, choice, attempts, _ = await self._run(call, plan, "embeddings", attempt)
-        return Embedded(result, choice, attempts, cost_of(choice.model, result.usage))
+        cost = self._answered("embeddings", choice, result.usage, cost_of(choice.model, result.usage))
+        return Embedded(result, choice, attempts, cost)
 
     async def stream(self, call: Call, request: ChatRequest) -> AsyncIterator[StreamStarted | Delta | Answer]:
         """StreamStarted, then deltas, then the Answer; failover happens only before StreamStarted."""
@@ -356,6 +373,7 @@ class Gateway:
             span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
             self.health.failure(target, error.outcome, latency, error.retry_after)
             attempts[-1] = AttemptRecord(*target, error.outcome, error.http_status, latency, error.message)
+            self._count("chat", attempts[-1])
             await _close(events)
             raise Unavailable(
                 f"the stream from {target[0]}/{target[1]} broke after it had started: {error.message}"
@@ -367,7 +385,8 @@ class Gateway:
         result = item
         annotate(span, result, choice)
         span.end()
-        yield Answer(result, choice, attempts, cost_of(choice.model, result.usage), self.clock() - started)
+        cost = self._answered("chat", choice, result.usage, cost_of(choice.model, result.usage))
+        yield Answer(result, choice, attempts, cost, self.clock() - started)
 
     def observe(self, provider: str) -> Callable[[Model, int, Headroom | None], None]:
         """The adapter's headers sink for `provider`: keeps headroom and tells the listeners."""

@@ -312,3 +312,22 @@ async def test_provider_calls_are_traced_with_genai_attributes(
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert attributes["server.address"] == "127.0.0.1"
     assert "secret prompt" not in str(attributes)
+
+
+async def test_metrics_show_attempts_tokens_cost_and_breakers(suite_factory: SuiteFactory) -> None:
+    import httpx
+
+    suite = await suite_factory(["router"], FAST_ENV)
+    await suite.router.Complete(router_pb2.CompleteRequest(model="sim-small", messages=[user()]), timeout=5)
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{suite.running['router'].metrics_port}/metrics")).text
+    lines = text.splitlines()
+
+    def has(prefix: str, *fragments: str) -> bool:
+        return any(line.startswith(prefix) and all(f in line for f in fragments) for line in lines)
+
+    assert has("ballast_router_attempts", 'outcome="ok"', 'provider="sim-primary"', 'model="sim-small"')
+    assert has("gen_ai_client_token_usage", 'gen_ai_token_type="output"')
+    assert has("ballast_router_cost", 'model="sim-small"')
+    assert has("ballast_router_breaker_state", 'provider="sim-primary"', 'model="sim-small"')
+    assert has("ballast_router_headroom_remaining_requests", 'model="sim-small"')

@@ -1,0 +1,108 @@
+"""The router's metrics: attempts by outcome, provider call duration, tokens and cost per model,
+and breaker state, EWMA latency and headroom per provider+model (what dashboards and alerts watch).
+
+Names follow the OpenTelemetry GenAI conventions where one exists (`gen_ai.client.*`); labels stay
+bounded (provider, model, outcome, token type).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from services.router.health import BreakerState, HealthBook
+from services.router.model import Usage
+from services.router.pricing import Cost
+from services.router.providers.base import Outcome
+
+_BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class RouterMetrics:
+    def __init__(self, meter: metrics.Meter, health: HealthBook) -> None:
+        self._health = health
+        self._attempts = meter.create_counter(
+            "ballast.router.attempts", unit="{attempt}", description="Provider attempts by outcome"
+        )
+        self._duration = meter.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Duration of provider calls"
+        )
+        self._tokens = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens per provider call, by type"
+        )
+        self._cost = meter.create_counter(
+            "ballast.router.cost", unit="{microdollar}", description="Cost of answered calls in micro-dollars"
+        )
+        meter.create_observable_gauge(
+            "ballast.router.breaker.state",
+            callbacks=[self._observe_breakers],
+            description="Circuit breaker per provider and model: 0 closed, 1 half-open, 2 open",
+        )
+        meter.create_observable_gauge(
+            "ballast.router.ewma_latency",
+            callbacks=[self._observe_latency],
+            unit="s",
+            description="Recent (EWMA) latency per provider and model",
+        )
+        meter.create_observable_gauge(
+            "ballast.router.headroom.remaining_requests",
+            callbacks=[self._observe_requests],
+            unit="{request}",
+            description="Requests left in the provider's rate-limit window, as last reported",
+        )
+        meter.create_observable_gauge(
+            "ballast.router.headroom.remaining_tokens",
+            callbacks=[self._observe_tokens],
+            unit="{token}",
+            description="Tokens left in the provider's rate-limit window, as last reported",
+        )
+
+    def attempt(self, operation: str, provider: str, model: str, outcome: Outcome, latency: float) -> None:
+        labels = {"provider": provider, "model": model, "outcome": outcome.value}
+        self._attempts.add(1, labels)
+        if outcome is not Outcome.BREAKER_OPEN:
+            attributes = {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": provider,
+                "gen_ai.request.model": model,
+            }
+            if outcome is not Outcome.OK:
+                attributes["error.type"] = outcome.value
+            self._duration.record(latency, attributes)
+
+    def answered(self, operation: str, provider: str, model: str, usage: Usage, cost: Cost) -> None:
+        base = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": provider,
+            "gen_ai.request.model": model,
+        }
+        self._tokens.record(usage.input_tokens, {**base, "gen_ai.token.type": "input"})
+        if operation == "chat":
+            self._tokens.record(usage.output_tokens, {**base, "gen_ai.token.type": "output"})
+        self._cost.add(cost.total_micros, {"provider": provider, "model": model})
+
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        for health in self._health.all():
+            state = self._health.state((health.provider, health.model))
+            yield Observation(_BREAKER_VALUE[state], {"provider": health.provider, "model": health.model})
+
+    def _observe_latency(self, options: CallbackOptions) -> Iterable[Observation]:
+        for health in self._health.all():
+            if health.ewma_latency is not None:
+                yield Observation(health.ewma_latency, {"provider": health.provider, "model": health.model})
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        for health in self._health.all():
+            if health.headroom.remaining_requests >= 0:
+                yield Observation(
+                    health.headroom.remaining_requests, {"provider": health.provider, "model": health.model}
+                )
+
+    def _observe_tokens(self, options: CallbackOptions) -> Iterable[Observation]:
+        for health in self._health.all():
+            if health.headroom.remaining_tokens >= 0:
+                yield Observation(
+                    health.headroom.remaining_tokens, {"provider": health.provider, "model": health.model}
+                )
