@@ -10,6 +10,8 @@ ROLE_USER = 2
 ROLE_ASSISTANT = 3
 ROLE_TOOL = 4
 
+KEY_REUSED = "already used in this session for an append with different turns"
+
 
 @dataclass(frozen=True)
 class Scope:

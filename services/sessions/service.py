@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import uuid
@@ -45,6 +46,15 @@ class ContextWindow:
     total_tokens: int
     omitted_turns: int
     tokenizer: str
+
+
+def request_hash(turns: Sequence[NewTurn]) -> bytes:
+    """What an idempotency key is bound to: the turns as sent (not the expected version)."""
+    digest = hashlib.sha256()
+    for turn in turns:
+        digest.update(len(turn.payload).to_bytes(8, "big"))
+        digest.update(turn.payload)
+    return digest.digest()[:16]
 
 
 def _encode_token(payload: dict[str, object]) -> str:
@@ -162,7 +172,13 @@ class Sessions:
     ) -> AppendOutcome:
         try:
             outcome = await self.store.append(
-                scope, session_id, expected_version, idempotency_key, turns, self.now()
+                scope,
+                session_id,
+                expected_version,
+                idempotency_key,
+                turns,
+                self.now(),
+                request_hash=request_hash(turns) if idempotency_key else b"",
             )
         except Aborted:
             self._appends.add(1, {"outcome": "conflict"})

@@ -41,8 +41,12 @@ class SessionStore(Protocol):
         idempotency_key: str,
         turns: Sequence[NewTurn],
         now: float,
+        request_hash: bytes = b"",
     ) -> AppendOutcome:
-        """Appends atomically at expected_version (-1: at the head); a known key replays."""
+        """Appends atomically at expected_version (-1: at the head); a known key replays.
+
+        A known key whose append had another request_hash raises InvalidArgument.
+        """
         ...
 
     async def list_turns(

@@ -10,16 +10,16 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.kit.errors import Aborted, AlreadyExists, NotFound
-from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
+from services.kit.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from services.sessions.model import KEY_REUSED, AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
 
 
 @dataclass
 class _Entry:
     record: SessionRecord
     turns: list[StoredTurn] = field(default_factory=list)
-    # idempotency key → (outcome as first returned, when it was stored)
-    applied: dict[str, tuple[AppendOutcome, float]] = field(default_factory=dict)
+    # idempotency key → (outcome as first returned, when it was stored, request hash)
+    applied: dict[str, tuple[AppendOutcome, float, bytes]] = field(default_factory=dict)
 
 
 class MemoryStore:
@@ -84,12 +84,16 @@ class MemoryStore:
         idempotency_key: str,
         turns: Sequence[NewTurn],
         now: float,
+        request_hash: bytes = b"",
     ) -> AppendOutcome:
         entry = self._visible(scope, session_id, now)
         if entry is None:
             raise NotFound(f"session {session_id!r} not found")
         if idempotency_key and idempotency_key in entry.applied:
-            first = copy.deepcopy(entry.applied[idempotency_key][0])
+            applied, _, known_hash = entry.applied[idempotency_key]
+            if known_hash and known_hash != request_hash:
+                raise InvalidArgument("idempotency_key", KEY_REUSED)
+            first = copy.deepcopy(applied)
             first.replayed = True
             return first
         record = entry.record
@@ -114,7 +118,7 @@ class MemoryStore:
         record.expires_at = now + record.ttl
         outcome = AppendOutcome(copy.deepcopy(record), stored)
         if idempotency_key:
-            entry.applied[idempotency_key] = (copy.deepcopy(outcome), now)
+            entry.applied[idempotency_key] = (copy.deepcopy(outcome), now, request_hash)
         return outcome
 
     async def list_turns(
@@ -186,7 +190,7 @@ class MemoryStore:
             if not self._users[owner]:
                 del self._users[owner]
         for entry in (e for sessions in self._users.values() for e in sessions.values()):
-            stale = [k for k, (_, at) in entry.applied.items() if at < idempotency_before]
+            stale = [k for k, (_, at, _) in entry.applied.items() if at < idempotency_before]
             for applied_key in stale:
                 del entry.applied[applied_key]
         return len(expired)

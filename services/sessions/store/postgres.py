@@ -20,8 +20,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from services.kit.errors import Aborted, AlreadyExists, NotFound, Unavailable
+from services.kit.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable
 from services.sessions.config import SessionsSettings
+from services.sessions.model import (
+    KEY_REUSED as _KEY_REUSED,
+)
 from services.sessions.model import (
     AppendOutcome,
     Counters,
@@ -163,6 +166,81 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         $$;
         """,
     ),
+    (
+        3,
+        "idempotency keys remember what they applied: a reused key with other turns is refused",
+        """
+        ALTER TABLE idempotency ADD COLUMN request_hash bytea NOT NULL DEFAULT ''::bytea;
+        DROP FUNCTION sessions_append(text, text, text, bigint, text, timestamptz, smallint[], integer[],
+                                      integer[], bytea[], bigint, bigint, bigint, bigint, bigint);
+        CREATE FUNCTION sessions_append(
+            p_tenant text, p_user text, p_session text, p_expected bigint, p_key text,
+            p_now timestamptz, p_roles smallint[], p_tokens integer[], p_tool_calls integer[],
+            p_payloads bytea[], p_sum_tool_calls bigint, p_sum_input bigint, p_sum_output bigint,
+            p_sum_cost bigint, p_sum_tokens bigint, p_hash bytea)
+        RETURNS TABLE (o_status text, o_first bigint, o_last bigint, o_row sessions)
+        LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            v sessions%ROWTYPE;
+            idem idempotency%ROWTYPE;
+            n integer := coalesce(array_length(p_roles, 1), 0);
+        BEGIN
+            SELECT * INTO v FROM sessions
+             WHERE tenant_id = p_tenant AND user_id = p_user AND session_id = p_session
+               AND expires_at > p_now
+               FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT 'not_found'::text, 0::bigint, 0::bigint, NULL::sessions;
+                RETURN;
+            END IF;
+            IF p_key <> '' THEN
+                SELECT * INTO idem FROM idempotency WHERE sid = v.sid AND key = p_key;
+                IF FOUND AND idem.request_hash <> p_hash AND idem.request_hash <> ''::bytea THEN
+                    RETURN QUERY SELECT 'mismatch'::text, 0::bigint, 0::bigint, NULL::sessions;
+                    RETURN;
+                END IF;
+                IF FOUND THEN
+                    v.version := idem.version; v.turns := idem.turns; v.tool_calls := idem.tool_calls;
+                    v.input_tokens := idem.input_tokens; v.output_tokens := idem.output_tokens;
+                    v.cost_micros := idem.cost_micros; v.total_tokens := idem.total_tokens;
+                    v.updated_at := idem.updated_at; v.expires_at := idem.expires_at;
+                    RETURN QUERY SELECT 'replayed'::text, idem.first_seq, idem.last_seq, v;
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_expected <> -1 AND p_expected <> v.version THEN
+                RETURN QUERY SELECT 'conflict'::text, 0::bigint, 0::bigint, v;
+                RETURN;
+            END IF;
+            INSERT INTO turns (sid, seq, role, token_count, tool_calls, payload, created_at)
+            SELECT v.sid, v.turns + i, p_roles[i], p_tokens[i], p_tool_calls[i], p_payloads[i], p_now
+              FROM generate_subscripts(p_roles, 1) AS i;
+            UPDATE sessions
+               SET version = version + 1,
+                   turns = turns + n,
+                   tool_calls = tool_calls + p_sum_tool_calls,
+                   input_tokens = input_tokens + p_sum_input,
+                   output_tokens = output_tokens + p_sum_output,
+                   cost_micros = cost_micros + p_sum_cost,
+                   total_tokens = total_tokens + p_sum_tokens,
+                   updated_at = p_now,
+                   expires_at = p_now + make_interval(secs => ttl_seconds)
+             WHERE sid = v.sid
+            RETURNING * INTO v;
+            IF p_key <> '' THEN
+                INSERT INTO idempotency (sid, key, first_seq, last_seq, version, turns, tool_calls,
+                                         input_tokens, output_tokens, cost_micros, total_tokens,
+                                         updated_at, expires_at, request_hash)
+                VALUES (v.sid, p_key, v.turns - n + 1, v.turns, v.version, v.turns, v.tool_calls,
+                        v.input_tokens, v.output_tokens, v.cost_micros, v.total_tokens,
+                        v.updated_at, v.expires_at, p_hash);
+            END IF;
+            RETURN QUERY SELECT 'applied'::text, v.turns - n + 1, v.turns, v;
+        END
+        $$;
+        """,
+    ),
 ]
 
 _MIGRATION_LOCK = (
@@ -204,7 +282,10 @@ SELECT s.sid, s.tenant_id, s.user_id, s.session_id, s.title, s.metadata, s.versi
  ORDER BY t.seq DESC"""
 _SQL_BEFORE = f"""
 SELECT {_TURN_COLUMNS} FROM turns WHERE sid = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"""
-_SQL_APPEND = "SELECT o_status, o_first, o_last, o_row FROM sessions_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+_SQL_APPEND = (
+    "SELECT o_status, o_first, o_last, o_row"
+    " FROM sessions_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+)
 _SQL_RANGE = f"SELECT {_TURN_COLUMNS} FROM turns WHERE sid = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq"
 _SQL_CREATE = """
 INSERT INTO sessions (tenant_id, user_id, session_id, title, metadata, ttl_seconds, created_at,
@@ -426,6 +507,7 @@ class PostgresStore:
         idempotency_key: str,
         turns: Sequence[NewTurn],
         now: float,
+        request_hash: bytes = b"",
     ) -> AppendOutcome:
         args = (
             scope.tenant_id,
@@ -443,6 +525,7 @@ class PostgresStore:
             sum(t.output_tokens for t in turns),
             sum(t.cost_micros for t in turns),
             sum(t.token_count for t in turns),
+            request_hash,
         )
 
         async def work(conn: asyncpg.Connection) -> AppendOutcome:
@@ -450,6 +533,8 @@ class PostgresStore:
             status = row["o_status"]
             if status == "not_found":
                 raise NotFound(f"session {session_id!r} not found")
+            if status == "mismatch":
+                raise InvalidArgument("idempotency_key", _KEY_REUSED)
             record = _record(row["o_row"])
             if status == "conflict":
                 raise Aborted(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -189,3 +190,42 @@ async def test_the_background_sweep_purges_expired_sessions(
             break
         await asyncio.sleep(0.05)
     assert await app.store.get(scope, "brief", then) is None
+
+
+async def test_an_older_schema_is_upgraded_in_place(postgres_dsn: str) -> None:
+    """A database left at migration 2 by an older release keeps its data and its keys replay."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for version, name, sql in MIGRATIONS[:2]:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", version, name)
+        now = datetime.now(UTC)
+        await conn.execute(
+            "INSERT INTO sessions (tenant_id, user_id, session_id, ttl_seconds, created_at, updated_at, expires_at)"
+            " VALUES ('t', 'u', 'old', 3600, $1::timestamptz, $1::timestamptz, $1::timestamptz + interval '1 hour')",
+            now,
+        )
+        status = await conn.fetchval(
+            "SELECT o_status FROM sessions_append('t', 'u', 'old', -1, 'k-old', $1, '{2}', '{5}', '{0}',"
+            " ARRAY['\\x0a00'::bytea], 0, 0, 0, 0, 5)",
+            now,
+        )
+        assert status == "applied"
+    finally:
+        await conn.close()
+    store = PostgresStore(_settings(postgres_dsn, pool_min_size=1))
+    await store.start()
+    try:
+        scope = Scope("t", "u")
+        turn = NewTurn(2, 5, 0, 0, 0, 0, b"\x0a\x00")
+        replay = await store.append(scope, "old", -1, "k-old", [turn], now.timestamp(), request_hash=b"h1")
+        assert replay.replayed and replay.session.version == 1
+        fresh = await store.append(scope, "old", 1, "k-new", [turn], now.timestamp(), request_hash=b"h2")
+        assert not fresh.replayed and fresh.session.version == 2 and fresh.turns[0].seq == 2
+    finally:
+        await store.close()

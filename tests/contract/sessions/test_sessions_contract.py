@@ -334,3 +334,15 @@ async def test_a_large_turn_is_counted_like_a_small_one(suite: Suite) -> None:
         tokenizer.count_message(message_parts(t.message)) for t in reply.turns
     ]
     assert reply.turns[0].token_count > 10_000
+
+
+async def test_a_key_reused_for_different_turns_is_refused(suite: Suite) -> None:
+    await _create(suite)
+    await _append(suite, [user_turn("book the 9:05")], key="req-7")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _append(suite, [user_turn("book the 10:05")], key="req-7")
+    assert (
+        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _bad_field(info.value) == "idempotency_key"
+    )
+    again = await _append(suite, [user_turn("book the 9:05")], key="req-7")
+    assert again.replayed and again.session.counters.turns == 1
