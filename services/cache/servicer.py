@@ -49,8 +49,12 @@ def _scope(request: Any, *, namespace_default: str | None = DEFAULT_NAMESPACE) -
         raise InvalidArgument("scope.tenant_id", "required")
     scope = request.scope
     for name in ("tenant_id", "user_id", "namespace"):
-        if len(getattr(scope, name)) > MAX_ID_CHARS:
+        value = getattr(scope, name)
+        if len(value) > MAX_ID_CHARS:
             raise InvalidArgument(f"scope.{name}", f"at most {MAX_ID_CHARS} characters")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            # Store keys join these with a control character; keep them unambiguous.
+            raise InvalidArgument(f"scope.{name}", "must not contain control characters")
     namespace = scope.namespace or namespace_default or ""
     return ScopeId(tenant_id=scope.tenant_id, user_id=scope.user_id, namespace=namespace)
 

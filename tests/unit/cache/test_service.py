@@ -289,6 +289,8 @@ async def test_retrieval_cache_and_index_version_bump(suite_factory: SuiteFactor
         (cache_pb2.GetRetrievalRequest(scope=scope(), query="q"), "GetRetrieval", "index_name"),
         (cache_pb2.DeleteRequest(scope=scope()), "Delete", "selector"),
         (cache_pb2.GetStatsRequest(), "GetStats", "scope.tenant_id"),
+        (cache_pb2.GetStatsRequest(scope=scope("t", "a\x1fb")), "GetStats", "scope.namespace"),
+        (cache_pb2.StoreRequest(scope=scope("t" * 300), model="m"), "Store", "scope.tenant_id"),
     ],
 )
 async def test_invalid_requests_name_the_field(
