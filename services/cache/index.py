@@ -162,6 +162,21 @@ class VectorIndex:
         # hnswlib's "ip" distance is 1 - inner product.
         return [(int(lab), 1.0 - float(d)) for lab, d in zip(labels[0], distances[0], strict=True)]
 
+    @classmethod
+    def from_rows(
+        cls, labels: npt.NDArray[np.int64], rows: Vector, params: AnnParams | None = None
+    ) -> VectorIndex:
+        """An index holding `rows` at once: HNSW built in one batch when at or over the threshold."""
+        index = cls(rows.shape[1], params)
+        if len(rows) >= index.params.threshold:
+            index._hnsw = build_hnsw(rows, labels, index.params)
+            index._flat = None
+            index._count = len(rows)
+            return index
+        for label, row in zip(labels, rows, strict=True):
+            index.add(int(label), row)
+        return index
+
     def build_now(self) -> None:
         """Switch to HNSW synchronously (benchmarks; start-up replay of a large partition)."""
         if self._hnsw is not None or self._flat is None:

@@ -59,3 +59,13 @@ def test_hnsw_grows_past_its_initial_capacity() -> None:
     assert len(index) == 3000
     hits = sum(index.search(rows[i], 1)[0][0] == i + 1 for i in range(0, 3000, 100))
     assert hits >= 28  # approximate, but self-queries nearly always come back first
+
+
+def test_from_rows_builds_exact_or_hnsw_at_once() -> None:
+    rows = _rows(300, seed=5)
+    labels = np.arange(1, 301, dtype=np.int64)
+    small = VectorIndex.from_rows(labels[:50], rows[:50], AnnParams(threshold=100))
+    large = VectorIndex.from_rows(labels, rows, AnnParams(threshold=100))
+    assert not small.approximate and len(small) == 50
+    assert large.approximate and len(large) == 300
+    assert large.search(rows[123], 1)[0][0] == 124 and small.search(rows[10], 1)[0][0] == 11
