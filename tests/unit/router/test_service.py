@@ -259,7 +259,7 @@ async def test_an_unreachable_limiter_never_slows_completions(
         reply = await suite.router.Complete(
             router_pb2.CompleteRequest(model="sim-small", messages=[user()]), timeout=5
         )
-        assert reply.simulated and loop.time() - started < 0.5
+        assert reply.simulated and loop.time() - started < 1.0
     app = cast(RouterApp, suite.running["router"].app)
     assert app.reporter is not None and app.reporter.sent == 0
 
