@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -394,12 +395,13 @@ class PostgresStore:
         self._settings = settings
         self._pool: asyncpg.Pool | None = None
         self._read_pool: asyncpg.Pool | None = None
+        self._replica_warned = -1e9
 
-    async def _open_pool(self, dsn: str) -> asyncpg.Pool:
+    async def _open_pool(self, dsn: str, *, lazy: bool = False) -> asyncpg.Pool:
         s = self._settings
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,
-            min_size=min(s.pool_min_size, s.pool_max_size),
+            min_size=0 if lazy else min(s.pool_min_size, s.pool_max_size),
             max_size=s.pool_max_size,
             timeout=s.connect_timeout,
             command_timeout=s.command_timeout,
@@ -413,7 +415,8 @@ class PostgresStore:
         if applied:
             log.info("schema migrations applied", extra={"versions": applied})
         if self._settings.read_store_url:
-            self._read_pool = await self._open_pool(self._settings.read_store_url)
+            # Connected on first use: a replica that is down does not stop the service.
+            self._read_pool = await self._open_pool(self._settings.read_store_url, lazy=True)
 
     async def close(self) -> None:
         for pool in (self._read_pool, self._pool):
@@ -426,7 +429,20 @@ class PostgresStore:
         self._pool = self._read_pool = None
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, replica: bool = False) -> T:
-        pool = self._read_pool if replica and self._read_pool is not None else self._pool
+        if replica and self._read_pool is not None:
+            try:
+                return await self._attempt(self._read_pool, work)
+            except Unavailable:
+                # Reads that may lag may also come from the primary while the replica is away.
+                now = time.monotonic()
+                if now - self._replica_warned > 10.0:
+                    self._replica_warned = now
+                    log.warning("read replica unavailable; reading from the primary")
+        return await self._attempt(self._pool, work)
+
+    async def _attempt(
+        self, pool: asyncpg.Pool | None, work: Callable[[asyncpg.Connection], Awaitable[T]]
+    ) -> T:
         if pool is None:
             raise Unavailable("sessions store is not started")
         try:

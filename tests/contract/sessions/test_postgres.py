@@ -22,6 +22,7 @@ from services.sessions.store.memory import MemoryStore
 from services.sessions.store.postgres import MIGRATIONS, PostgresStore
 from tests.conftest import SuiteFactory
 from tests.contract.sessions.helpers import caller, user_turn
+from tests.support.backends import free_port
 
 
 def _settings(url: str, **overrides: object) -> SessionsSettings:
@@ -229,3 +230,25 @@ async def test_an_older_schema_is_upgraded_in_place(postgres_dsn: str) -> None:
         assert not fresh.replayed and fresh.session.version == 2 and fresh.turns[0].seq == 2
     finally:
         await store.close()
+
+
+async def test_listing_falls_back_to_the_primary_when_the_replica_is_down(
+    suite_factory: SuiteFactory, postgres_dsn: str
+) -> None:
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    suite = await suite_factory(
+        ["sessions"],
+        {
+            "BALLAST_SESSIONS_STORE": postgres_dsn,
+            "BALLAST_SESSIONS_READ_STORE": down,
+            "BALLAST_SESSIONS_COMPACTION": "false",
+            "BALLAST_SESSIONS_CONNECT_TIMEOUT": "500ms",
+        },
+    )
+    await suite.sessions.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    listed = await suite.sessions.ListSessions(sessions_pb2.ListSessionsRequest(caller=caller()), timeout=5)
+    assert [s.session_id for s in listed.sessions] == ["s1"]
+    turns = await suite.sessions.ListTurns(
+        sessions_pb2.ListTurnsRequest(caller=caller(), session_id="s1"), timeout=5
+    )
+    assert list(turns.turns) == []
