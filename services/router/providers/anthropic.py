@@ -89,7 +89,8 @@ def to_anthropic_body(
                 {"type": "tool_use", "id": c.id, "name": c.name, "input": _arguments(c.arguments_json)}
                 for c in m.tool_calls
             ]
-            add("assistant", blocks or [{"type": "text", "text": ""}])
+            if blocks:  # Anthropic rejects empty text blocks; an empty turn carries nothing anyway
+                add("assistant", blocks)
         else:
             add("user", [{"type": "text", "text": m.content}])
     params = request.params
