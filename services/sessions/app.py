@@ -46,7 +46,12 @@ class SessionsApp(ServiceApp):
         self._channel: grpc.aio.Channel | None = None
         if summariser is None and settings.compaction_enabled:
             self._channel = open_channel(settings.server.addresses["router"], settings.server, telemetry)
-            summariser = RouterSummariser(self._channel, settings.compact_model, settings.compact_timeout)
+            summariser = RouterSummariser(
+                self._channel,
+                settings.compact_model,
+                settings.compact_timeout,
+                settings.compact_max_turn_chars,
+            )
         self.store = open_store(settings)
         tokenizers = Tokenizers(settings.default_encoding)
         policy = CompactionPolicy(

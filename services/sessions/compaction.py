@@ -95,8 +95,11 @@ class Compactor:
         if self._summariser is None or record.unsummarized_tokens <= self._policy.threshold_tokens:
             return
         key = (record.tenant_id, record.user_id, record.session_id)
-        if key in self._running or self._not_before.get(key, 0.0) > self._clock():
+        now = self._clock()
+        if key in self._running or self._not_before.get(key, 0.0) > now:
             return
+        if len(self._not_before) > 10_000:  # forget pauses that are over
+            self._not_before = {k: t for k, t in self._not_before.items() if t > now}
         task = asyncio.create_task(self._background(key))
         self._running[key] = task
 

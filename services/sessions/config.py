@@ -41,8 +41,10 @@ class SessionsSettings:
     compact_model: str = "budget"
     compact_timeout: float = 30.0
     summary_max_tokens: int = 1000
-    # Most turns folded by one compaction pass (bounds the summariser prompt).
+    # Most turns folded by one compaction pass, and characters of one turn shown to the
+    # summariser (both bound the summariser prompt).
     compact_max_turns: int = 400
+    compact_max_turn_chars: int = 4000
     # Background sweep of expired sessions and old idempotency keys.
     sweep_interval: float = 60.0
     sweep_batch: int = 500
@@ -83,6 +85,7 @@ class SessionsSettings:
             compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", 30.0, minimum=0.1),
             summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
             compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
+            compact_max_turn_chars=env.integer(f"{p}COMPACT_MAX_TURN_CHARS", 4000, minimum=100),
             sweep_interval=env.duration(f"{p}SWEEP_INTERVAL", 60.0, minimum=0.01),
             sweep_batch=env.integer(f"{p}SWEEP_BATCH", 500, minimum=1, maximum=100_000),
             idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 86400.0, minimum=1.0),

@@ -27,28 +27,40 @@ _ROLE_NAMES = {
 }
 
 
-def transcript(previous: str, messages: Sequence[common_pb2.ChatMessage]) -> str:
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def transcript(previous: str, messages: Sequence[common_pb2.ChatMessage], max_chars: int = 4000) -> str:
+    """The prompt: the previous summary and the turns to fold, each clipped to max_chars."""
     lines = [f"Summary so far:\n{previous or '(none)'}", "", "New turns:"]
     for message in messages:
         role = _ROLE_NAMES.get(message.role, "unknown")
         if message.role == common_pb2.ROLE_TOOL:
             status = " error" if message.is_error else ""
-            lines.append(f"[tool result{status} for {message.tool_call_id}] {message.content}")
+            lines.append(
+                f"[tool result{status} for {message.tool_call_id}] {_clip(message.content, max_chars)}"
+            )
             continue
         if message.content:
-            lines.append(f"[{role}] {message.content}")
+            lines.append(f"[{role}] {_clip(message.content, max_chars)}")
         for call in message.tool_calls:
-            lines.append(f"[{role} calls tool {call.name} ({call.id})] {call.arguments_json}")
+            lines.append(
+                f"[{role} calls tool {call.name} ({call.id})] {_clip(call.arguments_json, max_chars)}"
+            )
     return "\n".join(lines)
 
 
 class RouterSummariser:
     """Asks the router for a completion with the configured model (alias `budget` by default)."""
 
-    def __init__(self, channel: grpc.aio.Channel, model: str, timeout: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, model: str, timeout: float, max_turn_chars: int = 4000
+    ) -> None:
         self._stub = router_pb2_grpc.RouterServiceStub(channel)
         self._model = model
         self._timeout = timeout
+        self._max_turn_chars = max_turn_chars
 
     async def summarise(
         self, scope: Scope, previous: str, messages: Sequence[common_pb2.ChatMessage], max_tokens: int
@@ -59,7 +71,9 @@ class RouterSummariser:
                 common_pb2.ChatMessage(
                     role=common_pb2.ROLE_SYSTEM, content=_INSTRUCTIONS.format(limit=max_tokens)
                 ),
-                common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=transcript(previous, messages)),
+                common_pb2.ChatMessage(
+                    role=common_pb2.ROLE_USER, content=transcript(previous, messages, self._max_turn_chars)
+                ),
             ],
             params=common_pb2.GenerationParams(max_output_tokens=max_tokens),
             caller=common_pb2.Caller(tenant_id=scope.tenant_id, user_id=scope.user_id),

@@ -346,3 +346,12 @@ async def test_a_key_reused_for_different_turns_is_refused(suite: Suite) -> None
     )
     again = await _append(suite, [user_turn("book the 9:05")], key="req-7")
     assert again.replayed and again.session.counters.turns == 1
+
+
+async def test_a_call_whose_results_are_not_in_yet_stays_in_the_window(suite: Suite) -> None:
+    await _create(suite)
+    await _append(suite, [user_turn("what is 2+2?"), tool_call_turn(("c9", "calc", '{"e":"2+2"}'))])
+    ctx = await stub(suite).GetContext(
+        sessions_pb2.GetContextRequest(caller=caller(), session_id="s1", token_budget=1000)
+    )
+    assert [t.seq for t in ctx.turns] == [1, 2] and ctx.turns[1].message.tool_calls[0].id == "c9"
