@@ -215,6 +215,8 @@ class SimStats:
     requests: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
     aborted: int = 0
+    # Connections the client dropped while the sim was still answering (a cancelled stream).
+    disconnects: int = 0
 
 
 class SimServer:
@@ -311,7 +313,9 @@ class SimServer:
         except _AbortError:
             self.stats.aborted += 1
             writer.transport.abort()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except ConnectionError:
+            self.stats.disconnects += 1
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         except asyncio.CancelledError:
             writer.transport.abort()

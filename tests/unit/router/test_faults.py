@@ -3,6 +3,7 @@ fallback; the breaker spares requests the failure penalty and recovers; caller e
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import cast
@@ -294,3 +295,36 @@ async def test_random_error_rate_is_absorbed_by_failover(
         (a.provider, a.outcome) == ("primary", R.ATTEMPT_OUTCOME_SERVER_ERROR) for a in failed
     )
     assert all(r.attempts[-1].outcome == R.ATTEMPT_OUTCOME_OK for r in replies)
+
+
+async def test_a_caller_who_hangs_up_mid_stream_hangs_up_the_provider_too(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    primary = await sim_factory(
+        "sim-slow", SimSpec(latency_median_ms=0, tokens_per_second=50), latency_scale=1.0
+    )
+    secondary = await sim_factory("sim-spare")
+    catalog = two_provider_catalog(primary, secondary)
+    suite = await suite_factory(
+        ["router"], {**FAST_ENV, "BALLAST_ROUTER_CATALOG_FILE": write(tmp_path, catalog)}
+    )
+    call = suite.router.StreamComplete(
+        router_pb2.StreamCompleteRequest(request=complete_request()), timeout=10
+    )
+    seen = 0
+    async for event in call:
+        seen += event.WhichOneof("event") == "delta"
+        if seen == 2:
+            break
+    call.cancel()
+    for _ in range(100):
+        if primary.stats.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert primary.stats.disconnects == 1  # the provider stopped generating for nobody
+    status = await suite.router.GetProviderStatus(
+        router_pb2.GetProviderStatusRequest(provider="primary"), timeout=5
+    )
+    model = next(s for s in status.providers if s.model == "primary-model")
+    # a hang-up is not the provider's fault
+    assert model.failures == 0 and model.breaker == R.BREAKER_STATE_CLOSED
