@@ -59,6 +59,9 @@ class CacheSettings:
     preload_embedder: bool = True
     # Cosine similarity a semantic hit needs (0..1, higher is stricter).
     threshold: float = 0.95
+    # Longest user turn (characters) the semantic tier considers; longer turns are exact-only,
+    # since the embedding truncates and would not see where two long turns differ.
+    semantic_max_chars: int = 1000
     # Candidates the index returns per semantic lookup (each is checked by the guards).
     candidates: int = 4
     # TTL of an answer when Store sets none, and the cap on any TTL (per-tenant caps in the file).
@@ -105,6 +108,7 @@ class CacheSettings:
             embed_cache_entries=env.integer("BALLAST_CACHE_EMBED_CACHE_ENTRIES", 10_000, minimum=0),
             preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", True),
             threshold=env.number("BALLAST_CACHE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0),
+            semantic_max_chars=env.integer("BALLAST_CACHE_SEMANTIC_MAX_CHARS", 1000, minimum=1),
             candidates=env.integer("BALLAST_CACHE_CANDIDATES", 4, minimum=1, maximum=100),
             default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", 3600.0, minimum=0.001),
             max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", 7 * 86400.0, minimum=0.001),

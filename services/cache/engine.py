@@ -164,6 +164,12 @@ class CacheEngine:
             return LookupResult(
                 False, miss_reason="no exact match; follow-up turns are served by the exact tier only"
             )
+        if len(keys.text) > self.settings.semantic_max_chars:
+            # The embedding only sees the first ~256 tokens: two long turns that differ later
+            # would look identical to it.
+            return LookupResult(
+                False, miss_reason="no exact match; the turn is too long for the semantic tier"
+            )
         if not self.store.has_vectors(keys.partition):
             # Nothing to compare with in this partition: skip the embedding.
             return LookupResult(False, miss_reason="no similar entry")
@@ -239,7 +245,7 @@ class CacheEngine:
             return StoreResult(
                 False, not_stored_reason=f"entry of {entry.size} bytes exceeds the per-entry limit"
             )
-        if keys.standalone:
+        if keys.standalone and len(keys.text) <= self.settings.semantic_max_chars:
             entry.vector = await self._embed(keys.text)
         await self.store.put(entry, now)
         return StoreResult(True, entry_id=entry.id)

@@ -310,3 +310,12 @@ async def test_bad_role_is_invalid_argument(suite_factory: SuiteFactory) -> None
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await suite.cache.Lookup(request)
     assert _violation(info.value) == "messages[0].role"
+
+
+async def test_long_turns_are_exact_only(suite_factory: SuiteFactory) -> None:
+    suite, _ = await _suite(suite_factory, BALLAST_CACHE_SEMANTIC_MAX_CHARS="300")
+    document = "Please review this contract. " + "The parties agree to the terms below. " * 10
+    await suite.cache.Store(store(document + "The fee is due monthly.", "Looks fine."))
+    assert (await suite.cache.Lookup(lookup(document + "The fee is due monthly."))).hit
+    other = await suite.cache.Lookup(lookup(document + "The fee is waived forever.", threshold=0.01))
+    assert not other.hit and "too long" in other.miss_reason
