@@ -17,12 +17,14 @@ from services.router.catalog import Catalog
 from services.router.config import RouterSettings
 from services.router.gateway import Gateway
 from services.router.health import HealthBook
+from services.router.hints import HintSharer
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import Adapter, ClientOptions, build_adapter
 from services.router.reporter import HeadroomReporter
 from services.router.routing import Planner
 from services.router.servicer import RouterServicer
 from services.router.sim import SimServer
+from services.router.store import open_hint_store
 
 log = logging.getLogger("ballast.router")
 
@@ -53,6 +55,7 @@ class RouterApp(ServiceApp):
         self.servicer = RouterServicer(settings, self.catalog, self.gateway, self.planner, self.health, clock)
         self.sims: dict[str, SimServer] = {}
         self.reporter: HeadroomReporter | None = None
+        self.sharer: HintSharer | None = None
 
     def service_names(self) -> Sequence[str]:
         return [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
@@ -98,6 +101,17 @@ class RouterApp(ServiceApp):
                     provider, options, self.gateway.observe(provider.name)
                 )
         self.gateway.adapters.update(adapters)
+        if not self.settings.store_url.startswith("memory://"):
+            known = {(m.provider, m.id) for m in catalog.models.values()}
+            self.sharer = HintSharer(
+                open_hint_store(self.settings.store_url),
+                self.health,
+                known,
+                self.settings.hints_interval,
+                self.clock,
+            )
+            self.health.listener = self.sharer.notify
+            self.sharer.start()
         if self.settings.report_headroom:
             address = self.settings.server.addresses["limiter"]
             self.reporter = HeadroomReporter(
@@ -110,6 +124,8 @@ class RouterApp(ServiceApp):
     async def close(self) -> None:
         if self.reporter is not None:
             await self.reporter.close()
+        if self.sharer is not None:
+            await self.sharer.close()
         for adapter in self.gateway.adapters.values():
             await adapter.aclose()
         for sim in self.sims.values():

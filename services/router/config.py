@@ -56,6 +56,9 @@ class RouterSettings:
     headroom_interval: float = 1.0
     # Multiplies every sim latency (0 makes the embedded sims answer at once: tests, benchmarks).
     sim_latency_scale: float = 1.0
+    # Where replicas share breaker and back-off hints: memory:// (this replica only) or redis://.
+    store_url: str = "memory://"
+    hints_interval: float = 1.0
 
     @classmethod
     def from_env(cls, env: Env) -> RouterSettings:
@@ -93,4 +96,6 @@ class RouterSettings:
             report_headroom=env.boolean(f"{P}REPORT_HEADROOM", True),
             headroom_interval=env.duration(f"{P}HEADROOM_INTERVAL", 1.0, minimum=0.01),
             sim_latency_scale=env.number(f"{P}SIM_LATENCY_SCALE", 1.0, minimum=0.0),
+            store_url=env.url(f"{P}STORE", "memory://", ["memory", "redis", "rediss", "unix"]),
+            hints_interval=env.duration(f"{P}HINTS_INTERVAL", 1.0, minimum=0.01),
         )

@@ -47,11 +47,20 @@ class TargetHealth:
     cooldown_until: float = 0.0
 
 
+# Told when a breaker opens ("open", seconds) or closes ("close", None) and when a provider asks
+# to back off ("cooldown", seconds): what other replicas may want to know (see hints.py).
+HealthListener = Callable[[str, Target, float | None], None]
+
+
 class HealthBook:
     def __init__(self, settings: BreakerSettings, clock: Callable[[], float]) -> None:
         self.settings = settings
         self.clock = clock
         self._targets: dict[Target, TargetHealth] = {}
+        self.listener: HealthListener | None = None
+        # Breakers other replicas opened, until when (this clock): treated as open here too.
+        self.shared_open: dict[Target, float] = {}
+        self._closed_at: dict[Target, float] = {}
 
     def get(self, target: Target) -> TargetHealth:
         health = self._targets.get(target)
@@ -67,6 +76,12 @@ class HealthBook:
         health = self.get(target)
         if health.state is BreakerState.OPEN and self.clock() - health.opened_at >= self.settings.open_for:
             return BreakerState.HALF_OPEN
+        if (
+            health.state is BreakerState.CLOSED
+            and self.shared_open
+            and self.shared_open.get(target, 0.0) > self.clock()
+        ):
+            return BreakerState.OPEN
         return health.state
 
     def available(self, target: Target) -> bool:
@@ -109,6 +124,9 @@ class HealthBook:
         if health.state is not BreakerState.CLOSED:
             health.probes_in_flight = max(0, health.probes_in_flight - 1)
             health.state = BreakerState.CLOSED
+            self.shared_open.pop(target, None)
+            self._closed_at[target] = self.clock()
+            self._tell("close", target, None)
 
     def failure(
         self, target: Target, outcome: Outcome, latency: float, retry_after: float | None = None
@@ -118,6 +136,7 @@ class HealthBook:
             self._sample(health, None, True)
             health.cooldown_until = max(health.cooldown_until, self.clock() + (retry_after or 1.0))
             self._release_probe(health, reopen=False)
+            self._tell("cooldown", target, retry_after or 1.0)
             return
         if outcome not in BREAKER_FAILURES:
             self._release_probe(health, reopen=False)
@@ -145,6 +164,25 @@ class HealthBook:
         health.state = BreakerState.OPEN
         health.opened_at = self.clock()
         health.probes_in_flight = 0
+        self._tell("open", (health.provider, health.model), self.settings.open_for)
+
+    def _tell(self, event: str, target: Target, seconds: float | None) -> None:
+        if self.listener is not None:
+            self.listener(event, target, seconds)
+
+    def apply_shared(
+        self, open_for: dict[Target, float], cooldowns: dict[Target, float], read_at: float
+    ) -> None:
+        """Hints read from the other replicas at `read_at`: seconds left per target."""
+        self.shared_open = {
+            target: read_at + seconds
+            for target, seconds in open_for.items()
+            # A breaker this replica closed after the read saw a probe succeed: newer news.
+            if self._closed_at.get(target, -1.0) < read_at
+        }
+        for target, seconds in cooldowns.items():
+            health = self.get(target)
+            health.cooldown_until = max(health.cooldown_until, read_at + seconds)
 
     def observe_headroom(self, target: Target, headroom: Headroom) -> None:
         health = self.get(target)

@@ -1,0 +1,70 @@
+"""Hints in Redis: one key per hint with a millisecond TTL (Redis keeps the time, so replicas'
+clocks never matter) and an index set to find them. All keys share the `{router}` hash tag, so
+the store works on Redis Cluster. Keys carry the URL's `key_prefix`."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+
+from services.router.store import Hint
+
+
+def _split_prefix(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in query if k == "key_prefix"), "")
+    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+class RedisHintStore:
+    def __init__(self, url: str) -> None:
+        clean, prefix = _split_prefix(url)
+        self._redis = aioredis.from_url(clean, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._index = f"{prefix}{{router}}:hints"
+        self._key = f"{prefix}{{router}}:hint:"
+
+    @staticmethod
+    def _name(kind: str, provider: str, model: str) -> str:
+        return f"{kind}|{provider}|{model}"
+
+    async def publish(self, hint: Hint) -> None:
+        name = self._name(hint.kind, hint.provider, hint.model)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key + name, "1", px=max(1, int(hint.remaining * 1000)))
+            pipe.sadd(self._index, name)
+            await pipe.execute()
+
+    async def clear(self, kind: str, provider: str, model: str) -> None:
+        name = self._name(kind, provider, model)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key + name)
+            pipe.srem(self._index, name)
+            await pipe.execute()
+
+    async def active(self) -> list[Hint]:
+        names = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in await self._redis.smembers(self._index)
+        ]
+        if not names:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.pttl(self._key + name)
+            ttls = await pipe.execute()
+        hints: list[Hint] = []
+        expired: list[str] = []
+        for name, ttl in zip(names, ttls, strict=True):
+            if int(ttl) > 0:
+                kind, provider, model = name.split("|", 2)
+                hints.append(Hint(kind, provider, model, int(ttl) / 1000.0))
+            else:
+                expired.append(name)
+        if expired:
+            await self._redis.srem(self._index, *expired)
+        return hints
+
+    async def close(self) -> None:
+        await self._redis.aclose()
