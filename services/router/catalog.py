@@ -75,6 +75,8 @@ class Provider:
     # Azure OpenAI style: `api-key` header, /openai/deployments/<model>/… paths, api-version.
     azure_api_version: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
+    # OpenAI format: ask for usage in streams (stream_options); off for servers that reject it.
+    stream_usage: bool = True
     sim: SimSpec | None = None
     # Resolved at start-up: the key's value, and whether the provider may be used.
     api_key: str = ""
@@ -361,7 +363,17 @@ def _provider(reader: _Reader, name: str, node: yaml.Node, env: KeyLookup) -> Pr
         return None
     reader.unknown(
         items,
-        {"kind", "base_url", "api_key_env", "region", "wire", "azure_api_version", "headers", "sim"},
+        {
+            "kind",
+            "base_url",
+            "api_key_env",
+            "region",
+            "wire",
+            "azure_api_version",
+            "headers",
+            "stream_usage",
+            "sim",
+        },
         what,
     )
     if "kind" not in items:
@@ -396,6 +408,7 @@ def _provider(reader: _Reader, name: str, node: yaml.Node, env: KeyLookup) -> Pr
         wire=wire,
         azure_api_version=reader.string(items, "azure_api_version", what, ""),
         headers=headers,
+        stream_usage=reader.boolean(items, "stream_usage", what, True),
         sim=sim,
         api_key=api_key,
         enabled=enabled,

@@ -104,7 +104,8 @@ def to_openai_body(model: Model, request: ChatRequest, *, stream: bool, provider
         body["seed"] = params.seed
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if provider.stream_usage:
+            body["stream_options"] = {"include_usage": True}
     return body
 
 

@@ -498,3 +498,25 @@ def test_rate_limit_header_formats() -> None:
     assert short is not None and short.retry_after == 0.25 and short.rate_limited
     assert short.remaining_requests == -1
     assert parse_headroom(httpx.Headers({}), 200) is None
+
+
+async def test_stream_usage_can_be_turned_off_for_servers_that_reject_stream_options() -> None:
+    captured: list[dict[str, Any]] = []
+
+    async def handler(body: bytes) -> bytes:
+        captured.append(json.loads(body))
+        return sse_response(
+            'data: {"model":"m","choices":[{"index":0,"delta":{"content":"four words here ok"}}]}\n\n'
+            'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+        )
+
+    async with raw_server(handler) as url:
+        adapter = build_adapter(provider_for(url, "openai", stream_usage=False), ClientOptions(), Sink())
+        try:
+            _, result = await collect(adapter.stream(MODEL, ask()))
+        finally:
+            await adapter.aclose()
+    assert "stream_options" not in captured[0] and captured[0]["stream"] is True
+    # no usage in the stream: estimated rather than reported as zero
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    assert result.message.content == "four words here ok"
