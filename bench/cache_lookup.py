@@ -9,7 +9,8 @@ fresh random vectors. The index is exact (numpy) below BALLAST_CACHE_ANN_THRESHO
 default) and HNSW above it, as in the service. "With embedding" adds the local MiniLM
 embedding of a real query sentence to each search. The gRPC run starts the real cache
 service (memory store), fills one partition with 100k entries, and times Lookup RPCs on
-127.0.0.1: semantic misses (exact check + embed + search + guards) and exact hits.
+127.0.0.1: semantic misses (exact check + embed + search + guards) and exact hits; then the
+same against the Redis store (a private redis-server) with 20k entries.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from services.cache.index import AnnParams, VectorIndex
 from services.cache.keys import ChatRequest, Message, Params, ScopeId
 from services.cache.store.base import KIND_ANSWER, Entry
 from services.cache.store.memory import MemoryStore
+from services.cache.store.redis import RedisStore
 from services.kit.testing import start_suite
+from tests.support.backends import private_redis
 from tests.unit.cache.helpers import lookup, store
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REDIS_ENTRIES = 20_000
 DIM = 384
 QUERIES = [
     "How do I reset my password?",
@@ -102,10 +106,13 @@ def time_embed(embedder: LocalEmbedder, rounds: int) -> dict[str, float]:
     return _pct(samples)
 
 
-async def grpc_lookup(n: int, rounds: int, rng: np.random.Generator) -> dict[str, Any]:
+async def grpc_lookup(
+    n: int, rounds: int, rng: np.random.Generator, store_url: str = "memory://"
+) -> dict[str, Any]:
     environ = dict(os.environ)
     environ.update(
         {
+            "BALLAST_CACHE_STORE": store_url,
             "BALLAST_CACHE_FILE": "/nonexistent.yaml",
             "BALLAST_CACHE_ANN_THRESHOLD": str(n + 1),  # fill exact, then build once below
             "BALLAST_CACHE_MAX_BYTES": str(4 * 1024**3),
@@ -115,7 +122,7 @@ async def grpc_lookup(n: int, rounds: int, rng: np.random.Generator) -> dict[str
     suite = await start_suite(["cache"], environ)
     try:
         app = suite.running["cache"].app
-        assert isinstance(app, CacheApp) and isinstance(app.store, MemoryStore)
+        assert isinstance(app, CacheApp) and isinstance(app.store, MemoryStore | RedisStore)
         await app.embedder.embed(["warm up"])  # the model loads in the background at start
         probe = lookup(QUERIES[0])
         chat = ChatRequest(
@@ -216,6 +223,10 @@ async def main() -> None:
         del index
     report["grpc"] = await grpc_lookup(100_000, 300, rng)
     print(report["grpc"], flush=True)
+    # The same with the Redis store (a private redis-server, so the shared one stays clean).
+    with private_redis() as server:
+        report["grpc_redis"] = await grpc_lookup(REDIS_ENTRIES, 300, rng, server.url)
+    print(report["grpc_redis"], flush=True)
 
     md = [
         "# Cache lookup latency (bench/cache_lookup.py)",
@@ -246,6 +257,17 @@ async def main() -> None:
         f"| semantic lookup (exact miss, embed, search, guards) | {g['semantic_lookup']['p50_ms']} ms | "
         f"{g['semantic_lookup']['p95_ms']} ms | {g['semantic_lookup']['n']} |",
         f"| exact hit | {g['exact_hit']['p50_ms']} ms | {g['exact_hit']['p95_ms']} ms | {g['exact_hit']['n']} |",
+        "",
+    ]
+    r = report["grpc_redis"]
+    md += [
+        f"The same with the Redis store (private redis-server on 127.0.0.1, {r['entries']:,} entries):",
+        "",
+        "| call | p50 | p95 | n |",
+        "|---|---|---|---|",
+        f"| semantic lookup | {r['semantic_lookup']['p50_ms']} ms | {r['semantic_lookup']['p95_ms']} ms | "
+        f"{r['semantic_lookup']['n']} |",
+        f"| exact hit | {r['exact_hit']['p50_ms']} ms | {r['exact_hit']['p95_ms']} ms | {r['exact_hit']['n']} |",
         "",
     ]
     text = "\n".join(md)
