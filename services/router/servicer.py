@@ -77,6 +77,7 @@ _BREAKER = {
 }
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_EMBED_INPUTS = 2048
+MAX_ATTEMPTS_HINT = 20
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -157,8 +158,8 @@ def to_chat_request(request: router_pb2.CompleteRequest) -> ChatRequest:
 
 
 def to_hints(hints: router_pb2.RoutingHints) -> Hints:
-    if hints.max_attempts < 0:
-        raise InvalidArgument("hints.max_attempts", "must not be negative")
+    if not 0 <= hints.max_attempts <= MAX_ATTEMPTS_HINT:
+        raise InvalidArgument("hints.max_attempts", f"must be from 0 to {MAX_ATTEMPTS_HINT}")
     if hints.max_cost_micros < 0:
         raise InvalidArgument("hints.max_cost_micros", "must not be negative")
     strategy = None

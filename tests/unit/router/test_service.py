@@ -182,6 +182,10 @@ async def test_embed_list_models_and_status(suite_factory: SuiteFactory) -> None
             "params.top_p",
         ),
         (router_pb2.CompleteRequest(model="gpt-9", messages=[user()]), "model"),
+        (
+            router_pb2.CompleteRequest(messages=[user()], hints=router_pb2.RoutingHints(max_attempts=1000)),
+            "hints.max_attempts",
+        ),
         (router_pb2.CompleteRequest(model="sim-embed", messages=[user()]), "model"),
     ],
 )
