@@ -95,6 +95,10 @@ class CacheSettings:
     @classmethod
     def from_env(cls, env: Env) -> CacheSettings:
         policy_file = env.string("BALLAST_CACHE_FILE", "config/cache.yaml")
+        for variable in ("BALLAST_CACHE_MODEL_PATH", "BALLAST_CACHE_TOKENIZER_PATH"):
+            path = env.string(variable, "")
+            if path and not Path(path).is_file():
+                env.problems.append(f"{variable}={path!r} is invalid: expected an existing file")
         return cls(
             server=ServerSettings.from_env("cache", env),
             store_url=env.url("BALLAST_CACHE_STORE", "memory://", ["memory", "redis", "rediss"]),

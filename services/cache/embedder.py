@@ -167,13 +167,20 @@ class LocalEmbedder:
             return self._model
         if self._loading is None:
             self._loading = asyncio.ensure_future(asyncio.to_thread(self._load_sync))
-        return await asyncio.shield(self._loading)
+        loading = self._loading
+        try:
+            return await asyncio.shield(loading)
+        except Exception as exc:
+            if self._loading is loading:
+                self._loading = None  # the next call tries again
+            raise Unavailable(f"embedding model unavailable: {exc}") from exc
 
     async def start(self) -> None:
         # Start loading without waiting: start-up of the server (and of other services in the
         # same process) is not held up; a semantic call that comes first waits for the load.
         if self._preload and self._loading is None:
             self._loading = asyncio.ensure_future(asyncio.to_thread(self._load_sync))
+            self._loading.add_done_callback(_report_load)
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         model = await self._ensure()
@@ -184,6 +191,11 @@ class LocalEmbedder:
             # A failed load was already reported to whoever awaited it.
             with contextlib.suppress(Exception):
                 await self._loading
+
+
+def _report_load(future: asyncio.Future[MiniLMModel]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("embedding model failed to load: %s", future.exception())
 
 
 class RouterEmbedder:

@@ -46,13 +46,19 @@ def test_bad_policy_files_are_reported(tmp_path: Path, text: str, problem: str) 
     path = tmp_path / "cache.yaml"
     path.write_text(text)
     env = Env(
-        {"BALLAST_CACHE_FILE": str(path), "BALLAST_CACHE_THRESHOLD": "1.5", "BALLAST_CACHE_EMBEDDER": "gpu"}
+        {
+            "BALLAST_CACHE_FILE": str(path),
+            "BALLAST_CACHE_THRESHOLD": "1.5",
+            "BALLAST_CACHE_EMBEDDER": "gpu",
+            "BALLAST_CACHE_MODEL_PATH": "/no/such/model.onnx",
+        }
     )
     CacheSettings.from_env(env)
     with pytest.raises(ConfigError) as info:
         env.check()
     message = str(info.value)
     assert problem in message and "BALLAST_CACHE_THRESHOLD" in message and "BALLAST_CACHE_EMBEDDER" in message
+    assert "BALLAST_CACHE_MODEL_PATH" in message
 
 
 def test_parse_policy_values() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.cache.embedder import LocalEmbedder, default_model_path, default_tokenizer_path
+from services.kit.errors import Unavailable
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,12 @@ async def test_inference_runs_off_the_event_loop(embedder: LocalEmbedder) -> Non
     await embedder.embed(["some text " * 100] * 8)
     task.cancel()
     assert ticks > 1
+
+
+async def test_a_missing_model_is_unavailable_not_internal(tmp_path: Path) -> None:
+    broken = LocalEmbedder(str(tmp_path / "missing.onnx"), preload=True)
+    await broken.start()
+    for _ in range(2):  # the failure is not cached: each call tries again
+        with pytest.raises(Unavailable):
+            await broken.embed(["hello"])
+    await broken.close()
