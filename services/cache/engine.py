@@ -192,7 +192,7 @@ class CacheEngine:
                 rejected = rejected or verdict.guard
                 continue
             counts["semantic_hits"] = 1
-            await self.store.touch(candidate.id)
+            await self.store.touch(candidate.id, self.clock())
             return LookupResult(True, TIER_SEMANTIC, similarity, candidate)
         if rejected:
             return LookupResult(

@@ -97,7 +97,7 @@ class CacheStore(Protocol):
         """Up to k live entries of `partition` nearest to `vector`, with cosine similarity."""
         ...
 
-    async def touch(self, entry_id: str) -> None:
+    async def touch(self, entry_id: str, now: float) -> None:
         """Marks an entry as recently used (a semantic hit)."""
 
     async def delete_ids(self, tenant_id: str, ids: list[str]) -> int:

@@ -107,7 +107,7 @@ class MemoryStore:
                 out.append((entry, score))
         return out
 
-    async def touch(self, entry_id: str) -> None:
+    async def touch(self, entry_id: str, now: float) -> None:
         if entry_id in self._entries:
             self._entries.move_to_end(entry_id)
 

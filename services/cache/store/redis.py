@@ -97,7 +97,8 @@ local nsk = meta.t .. '\\31' .. meta.ns
 redis.call('ZADD', P .. 'ns:' .. nsk, meta.x, id)
 redis.call('SADD', P .. 'tns:' .. meta.t, meta.ns)
 for k, v in pairs(meta.a) do redis.call('SADD', P .. 'a:' .. meta.t .. '\\31' .. k .. '\\31' .. v, id) end
-redis.call('ZADD', P .. 'lru', now, id)
+-- LRU order is a sequence, not a clock: ties (same millisecond, other replicas) stay ordered.
+redis.call('ZADD', P .. 'lru', redis.call('INCR', P .. 'lruseq'), id)
 redis.call('ZADD', P .. 'exp', meta.x, id)
 redis.call('INCRBY', P .. 'bytes', meta.sz)
 redis.call('INCRBY', P .. 'nsb:' .. nsk, meta.sz)
@@ -146,8 +147,14 @@ local id = redis.call('GET', P .. 'k:' .. ARGV[2])
 if not id then return nil end
 local r = redis.call('HMGET', P .. 'e:' .. id, 'm', 'p')
 if not r[1] then return nil end
-redis.call('ZADD', P .. 'lru', 'XX', ARGV[3], id)
+redis.call('ZADD', P .. 'lru', 'XX', redis.call('INCR', P .. 'lruseq'), id)
 return {id, r[1], r[2]}
+"""
+
+
+_TOUCH = """
+local P = ARGV[1]
+redis.call('ZADD', P .. 'lru', 'XX', redis.call('INCR', P .. 'lruseq'), ARGV[2])
 """
 
 
@@ -207,6 +214,7 @@ class RedisStore:
         self._delete = self._redis.register_script(_DELETE)
         self._sweep = self._redis.register_script(_SWEEP)
         self._get = self._redis.register_script(_GET)
+        self._touch = self._redis.register_script(_TOUCH)
         self.indexes = LocalIndexes(options.dim, options.ann)
         self._last_id = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -286,7 +294,7 @@ class RedisStore:
                         self._last_id = ""  # fell behind the trimmed stream: rebuild
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis down, or a malformed record: rebuild, never stop following
                 log.warning("cache change stream failed; resyncing", extra={"error": str(exc)})
                 self._last_id = ""
                 await asyncio.sleep(backoff)
@@ -374,8 +382,8 @@ class RedisStore:
                 out.append((entry, score))
         return out
 
-    async def touch(self, entry_id: str) -> None:
-        await self._call(self._redis.zadd(self._k("lru"), {entry_id: time.time()}, xx=True))
+    async def touch(self, entry_id: str, now: float) -> None:
+        await self._call(self._touch(args=[self.prefix, entry_id]))
 
     async def _delete_ids(self, tenant_id: str, namespace: str, ids: list[str]) -> int:
         deleted = 0

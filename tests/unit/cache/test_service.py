@@ -1,7 +1,8 @@
-"""The cache service through a real in-process gRPC server (memory store, local MiniLM)."""
+"""The cache service through a real in-process gRPC server (memory and Redis stores, local MiniLM)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -26,13 +27,25 @@ class FakeClock:
         return self.now
 
 
-async def _suite(suite_factory: SuiteFactory, **env: str) -> tuple[Suite, FakeClock]:
-    suite = await suite_factory(["cache"], {"BALLAST_CACHE_FILE": "/nonexistent.yaml", **env})
-    clock = FakeClock()
-    app = suite.running["cache"].app
-    assert isinstance(app, CacheApp)
-    app.clock = clock
-    return suite, clock
+MakeSuite = Callable[..., Awaitable[tuple[Suite, FakeClock]]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_suite(request: pytest.FixtureRequest, suite_factory: SuiteFactory) -> MakeSuite:
+    """Starts the cache (memory store, then Redis: every test runs against both) with a fake clock."""
+    store_url = "memory://" if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+
+    async def make(**env: str) -> tuple[Suite, FakeClock]:
+        suite = await suite_factory(
+            ["cache"], {"BALLAST_CACHE_FILE": "/nonexistent.yaml", "BALLAST_CACHE_STORE": store_url, **env}
+        )
+        clock = FakeClock()
+        app = suite.running["cache"].app
+        assert isinstance(app, CacheApp)
+        app.clock = clock
+        return suite, clock
+
+    return make
 
 
 def _violation(exc: grpc.aio.AioRpcError) -> str:
@@ -45,8 +58,8 @@ def _violation(exc: grpc.aio.AioRpcError) -> str:
     raise AssertionError("no BadRequest detail")
 
 
-async def test_exact_hit_then_semantic_hit_with_similarity(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_exact_hit_then_semantic_hit_with_similarity(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     cache = suite.cache
     miss = await cache.Lookup(lookup("How do I reset my password?"))
     assert not miss.hit
@@ -64,8 +77,8 @@ async def test_exact_hit_then_semantic_hit_with_similarity(suite_factory: SuiteF
     assert not exact_only.hit
 
 
-async def test_guards_reject_near_misses_and_count_them(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_guards_reject_near_misses_and_count_them(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     cache = suite.cache
     await cache.Store(store("Is the store open on Sunday?", "Yes, 10:00-16:00."))
     await cache.Store(store("Can I book a table for 4 people?", "Yes."))
@@ -85,8 +98,8 @@ async def test_guards_reject_near_misses_and_count_them(suite_factory: SuiteFact
     assert ns.entries == 2 and ns.bytes > 0 and ns.semantic_hits == 0
 
 
-async def test_follow_up_turns_only_match_the_same_conversation(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_follow_up_turns_only_match_the_same_conversation(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     cache = suite.cache
     shoes = [("Do you sell running shoes?", "Yes, from Acme and Bolt.")]
     hats = [("Do you sell hats?", "Yes, caps and beanies.")]
@@ -111,16 +124,16 @@ async def test_follow_up_turns_only_match_the_same_conversation(suite_factory: S
         ("system", "Be terse."),
     ],
 )
-async def test_scope_is_a_hard_partition(suite_factory: SuiteFactory, change: str, value: str) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_scope_is_a_hard_partition(make_suite: MakeSuite, change: str, value: str) -> None:
+    suite, _ = await make_suite()
     await suite.cache.Store(store("What are your opening hours?", "9 to 5."))
     kwargs: dict[str, Any] = {change: value}
     reply = await suite.cache.Lookup(lookup("What are your opening hours?", threshold=0.01, **kwargs))
     assert not reply.hit
 
 
-async def test_tenant_isolation_whatever_the_similarity(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_tenant_isolation_whatever_the_similarity(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     questions = ["What are your opening hours?", "How do I reset my password?", "Where is my order?"]
     for q in questions:
         await suite.cache.Store(store(q, f"secret of t1: {q}", tenant="t1"))
@@ -136,8 +149,8 @@ async def test_tenant_isolation_whatever_the_similarity(suite_factory: SuiteFact
     ].entries == 0
 
 
-async def test_only_complete_deterministic_answers_are_stored(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_only_complete_deterministic_answers_are_stored(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     cache = suite.cache
     truncated = await cache.Store(
         store("Tell me a story", "Once upon", finish=common_pb2.FINISH_REASON_LENGTH)
@@ -160,8 +173,8 @@ async def test_only_complete_deterministic_answers_are_stored(suite_factory: Sui
     assert not (await cache.Lookup(lookup("Tell me a story"))).hit
 
 
-async def test_ttl_default_per_request_and_expiry(suite_factory: SuiteFactory) -> None:
-    suite, clock = await _suite(suite_factory, BALLAST_CACHE_DEFAULT_TTL="1h", BALLAST_CACHE_MAX_TTL="2h")
+async def test_ttl_default_per_request_and_expiry(make_suite: MakeSuite) -> None:
+    suite, clock = await make_suite(BALLAST_CACHE_DEFAULT_TTL="1h", BALLAST_CACHE_MAX_TTL="2h")
     cache = suite.cache
     await cache.Store(store("Q one?", "A"))
     await cache.Store(store("Q two?", "B", ttl=duration_pb2.Duration(seconds=60)))
@@ -176,8 +189,8 @@ async def test_ttl_default_per_request_and_expiry(suite_factory: SuiteFactory) -
     assert not (await cache.Lookup(lookup("Q three?"))).hit
 
 
-async def test_memory_bound_evicts_least_recently_used(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory, BALLAST_CACHE_MAX_BYTES="12000")
+async def test_memory_bound_evicts_least_recently_used(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite(BALLAST_CACHE_MAX_BYTES="12000")
     cache = suite.cache
     for i in range(12):
         await cache.Store(store(f"Question number {i}?", "x" * 500))
@@ -187,8 +200,8 @@ async def test_memory_bound_evicts_least_recently_used(suite_factory: SuiteFacto
     assert (await cache.Lookup(lookup("Question number 11?"))).hit
 
 
-async def test_delete_by_id_attribute_and_namespace(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_delete_by_id_attribute_and_namespace(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     cache = suite.cache
     a = await cache.Store(store("What does Pro cost?", "$10", attributes={"doc": "pricing"}))
     await cache.Store(store("What does Team cost?", "$20", attributes={"doc": "pricing"}, namespace="sales"))
@@ -214,10 +227,8 @@ async def test_delete_by_id_attribute_and_namespace(suite_factory: SuiteFactory)
     assert not (await cache.Lookup(lookup("Who founded Acme?"))).hit
 
 
-async def test_tool_results_by_canonical_arguments_with_ttl(
-    suite_factory: SuiteFactory, tmp_path: object
-) -> None:
-    suite, clock = await _suite(suite_factory)
+async def test_tool_results_by_canonical_arguments_with_ttl(make_suite: MakeSuite, tmp_path: object) -> None:
+    suite, clock = await make_suite()
     cache = suite.cache
     put = cache_pb2.PutToolResultRequest(
         scope=scope(), tool_name="weather", arguments_json='{"city": "Paris", "unit": "C"}', result="21C"
@@ -245,8 +256,8 @@ async def test_tool_results_by_canonical_arguments_with_ttl(
     assert got.hit and got.is_error and got.remaining_ttl.seconds <= 30
 
 
-async def test_retrieval_cache_and_index_version_bump(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory)
+async def test_retrieval_cache_and_index_version_bump(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
     cache = suite.cache
     docs = [
         cache_pb2.RetrievedDocument(
@@ -294,17 +305,17 @@ async def test_retrieval_cache_and_index_version_bump(suite_factory: SuiteFactor
     ],
 )
 async def test_invalid_requests_name_the_field(
-    suite_factory: SuiteFactory, request_: object, method: str, field: str
+    make_suite: MakeSuite, request_: object, method: str, field: str
 ) -> None:
-    suite, _ = await _suite(suite_factory, BALLAST_CACHE_PRELOAD_EMBEDDER="false")
+    suite, _ = await make_suite(BALLAST_CACHE_PRELOAD_EMBEDDER="false")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await getattr(suite.cache, method)(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _violation(info.value) == field
 
 
-async def test_bad_role_is_invalid_argument(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory, BALLAST_CACHE_PRELOAD_EMBEDDER="false")
+async def test_bad_role_is_invalid_argument(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite(BALLAST_CACHE_PRELOAD_EMBEDDER="false")
     request = lookup("hi")
     request.messages[0].role = common_pb2.ROLE_UNSPECIFIED
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -312,8 +323,8 @@ async def test_bad_role_is_invalid_argument(suite_factory: SuiteFactory) -> None
     assert _violation(info.value) == "messages[0].role"
 
 
-async def test_long_turns_are_exact_only(suite_factory: SuiteFactory) -> None:
-    suite, _ = await _suite(suite_factory, BALLAST_CACHE_SEMANTIC_MAX_CHARS="300")
+async def test_long_turns_are_exact_only(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite(BALLAST_CACHE_SEMANTIC_MAX_CHARS="300")
     document = "Please review this contract. " + "The parties agree to the terms below. " * 10
     await suite.cache.Store(store(document + "The fee is due monthly.", "Looks fine."))
     assert (await suite.cache.Lookup(lookup(document + "The fee is due monthly."))).hit
