@@ -248,6 +248,9 @@ _MIGRATION_LOCK = (
     "SELECT pg_advisory_xact_lock(hashtext(coalesce(current_schema(), '') || ':ballast.sessions'))"
 )
 
+# Seqs of a session are contiguous from 1 (turns are never removed one by one), so every turn
+# query states its seq range exactly: it reads as many rows as it returns whatever plan the
+# planner picks, and does not slow down as a session grows.
 _SESSION_COLUMNS = (
     "sid, tenant_id, user_id, session_id, title, metadata, version, turns, tool_calls, input_tokens,"
     " output_tokens, cost_micros, total_tokens, summary, summary_tokens, summarized_seq,"
@@ -267,7 +270,7 @@ _SQL_TURNS = f"""
 SELECT {_TURN_COLUMNS} FROM turns
  WHERE sid = (SELECT sid FROM sessions
                WHERE tenant_id = $1 AND user_id = $2 AND session_id = $3 AND expires_at > $4)
-   AND seq > $5 ORDER BY seq LIMIT $6"""
+   AND seq > $5 AND seq <= $5 + $6 ORDER BY seq LIMIT $6"""
 _SQL_TAIL = f"""
 SELECT s.sid, s.tenant_id, s.user_id, s.session_id, s.title, s.metadata, s.version, s.turns,
        s.tool_calls, s.input_tokens, s.output_tokens, s.cost_micros, s.total_tokens, s.summary,
@@ -277,12 +280,13 @@ SELECT s.sid, s.tenant_id, s.user_id, s.session_id, s.title, s.metadata, s.versi
   FROM sessions s
   LEFT JOIN LATERAL (
        SELECT {_TURN_COLUMNS} FROM turns
-        WHERE turns.sid = s.sid AND turns.seq > s.summarized_seq
+        WHERE turns.sid = s.sid AND turns.seq > greatest(s.summarized_seq, s.turns - $5)
         ORDER BY turns.seq DESC LIMIT $5) t ON true
  WHERE s.tenant_id = $1 AND s.user_id = $2 AND s.session_id = $3 AND s.expires_at > $4
  ORDER BY t.seq DESC"""
 _SQL_BEFORE = f"""
-SELECT {_TURN_COLUMNS} FROM turns WHERE sid = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"""
+SELECT {_TURN_COLUMNS} FROM turns WHERE sid = $1 AND seq > greatest($2, $3 - 1 - $4) AND seq < $3
+ ORDER BY seq DESC LIMIT $4"""
 _SQL_APPEND = (
     "SELECT o_status, o_first, o_last, o_row"
     " FROM sessions_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
