@@ -6,6 +6,8 @@ For each store the limiter runs as its own process (`python -m services.limiter`
 production; the Redis store on a private redis-server started for the run), and this process
 is the client. At each concurrency it measures, for `--seconds` each:
   noop     grpc.health.v1.Health/Check on the limiter's port (the baseline: gRPC alone)
+  rpc-noop LimiterService/ReportHeadroom carrying no figures: a limiter RPC that decides nothing,
+           so it shows what the kit's interceptors (tracing, metrics, error mapping) cost
   check-1  Check with requests=1 (one limit: the sliding window)
   check-3  Check with requests=1 and reserve_tokens (three limits: window, user and tenant budgets)
 and prints decisions/s, p50/p99 latency and the ratio to the no-op call's throughput. For
@@ -126,8 +128,8 @@ def _check(limits: int) -> Callable[[limiter_pb2_grpc.LimiterServiceAsyncStub], 
                 reserve_tokens=100 if limits == 3 else 0,
             )
             response = await stub.Check(request)
-            if response.decision != limiter_pb2.DECISION_ALLOW:
-                raise RuntimeError(f"unexpected decision {response}")
+            if response.decision != limiter_pb2.DECISION_ALLOW or response.degraded:
+                raise RuntimeError(f"unexpected decision (or the store was unreachable): {response}")
 
         return call
 
@@ -178,9 +180,30 @@ async def _bench_store(
         async def noop() -> None:
             await health.Check(health_pb2.HealthCheckRequest())
 
+        async def rpc_noop() -> None:
+            await limiter.ReportHeadroom(
+                limiter_pb2.ReportHeadroomRequest(
+                    provider="bench",
+                    remaining_requests=-1,
+                    remaining_tokens=-1,
+                    limit_requests=-1,
+                    limit_tokens=-1,
+                )
+            )
+
         for concurrency in concurrencies:
             base = await _measure(noop, seconds, concurrency)
             rows.append({"store": store, "call": "noop", "concurrency": concurrency, **base, "ratio": 1.0})
+            m = await _measure(rpc_noop, seconds, concurrency)
+            rows.append(
+                {
+                    "store": store,
+                    "call": "rpc-noop",
+                    "concurrency": concurrency,
+                    **m,
+                    "ratio": m["rps"] / base["rps"],
+                }
+            )
             for limits in (1, 3):
                 m = await _measure(_check(limits)(limiter), seconds, concurrency)
                 ratio = m["rps"] / base["rps"]
@@ -193,7 +216,7 @@ async def _bench_store(
                         "ratio": ratio,
                     }
                 )
-            for row in rows[-3:]:
+            for row in rows[-4:]:
                 _print_row(row)
         if store == "redis":
             result["round_trips"] = await _round_trips(store_url, limiter)
@@ -219,7 +242,9 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs (load average {meta['load']} at start, shared"
         " with other work), Python "
         f"{meta['python']}. The limiter runs as its own process, this benchmark is the client; "
-        f"{meta['seconds']} s per cell. `noop` is grpc.health.v1.Health/Check on the same server.",
+        f"{meta['seconds']} s per cell. `noop` is grpc.health.v1.Health/Check on the same server; "
+        "`rpc-noop` is a LimiterService call that decides nothing (the kit's interceptors: tracing, metrics, "
+        "error mapping); `check-1`/`check-3` are Check decisions touching 1 and 3 limits.",
         "",
         "| store | call | concurrency | decisions/s | p50 ms | p99 ms | share of noop throughput |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -305,14 +305,18 @@ class RedisStore:
         clock_ms: Any = None,
     ) -> None:
         clean, self.prefix = split_key_prefix(url)
-        self.client = aioredis.from_url(
+        # A blocking pool: past `pool_size` concurrent decisions, calls wait for a connection
+        # (bounded by the caller's timeout) instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             clean,
             max_connections=pool_size,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry_on_timeout=False,
             health_check_interval=0,
         )
+        self.client = aioredis.Redis(connection_pool=pool)
         self.buckets = buckets
         # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
         self._clock_ms = clock_ms
@@ -411,3 +415,4 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.client.connection_pool.disconnect()
