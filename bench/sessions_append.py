@@ -120,6 +120,7 @@ async def _throughput(suite: Suite, concurrency: int, seconds: float, what: str)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     base = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(base)
@@ -181,6 +182,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "append_rps": append_rps,
         "context_rps": context_rps,
         "concurrency": args.concurrency,
+        # The machine is shared: the 1-minute load average says how busy it was.
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -194,7 +197,8 @@ def table(result: dict[str, Any]) -> str:
         ("GetContext (4k budget)", f"at turn {t}", result["context_last"]),
     ]
     lines = [
-        f"Sessions on PostgreSQL, through gRPC ({result['machine']})",
+        f"Sessions on PostgreSQL, through gRPC ({result['machine']};"
+        f" load average {result['load_average'][0]:g} before, {result['load_average'][1]:g} after)",
         "",
         "| call | when | calls | p50 ms | p99 ms | max ms |",
         "|---|---|---:|---:|---:|---:|",

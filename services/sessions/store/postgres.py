@@ -242,6 +242,86 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         $$;
         """,
     ),
+    (
+        4,
+        "HOT appends: the session row an append updates has no index on a column it changes",
+        """
+        DROP INDEX sessions_by_user;
+        DROP INDEX sessions_by_expiry;
+        ALTER TABLE sessions ADD COLUMN expires_hour bigint;
+        UPDATE sessions SET expires_hour = floor(extract(epoch FROM expires_at))::bigint / 3600;
+        ALTER TABLE sessions ALTER COLUMN expires_hour SET NOT NULL;
+        CREATE INDEX sessions_by_expiry_hour ON sessions (expires_hour);
+        ALTER TABLE sessions SET (fillfactor = 70);
+        CREATE OR REPLACE FUNCTION sessions_append(
+            p_tenant text, p_user text, p_session text, p_expected bigint, p_key text,
+            p_now timestamptz, p_roles smallint[], p_tokens integer[], p_tool_calls integer[],
+            p_payloads bytea[], p_sum_tool_calls bigint, p_sum_input bigint, p_sum_output bigint,
+            p_sum_cost bigint, p_sum_tokens bigint, p_hash bytea)
+        RETURNS TABLE (o_status text, o_first bigint, o_last bigint, o_row sessions)
+        LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            v sessions%ROWTYPE;
+            idem idempotency%ROWTYPE;
+            n integer := coalesce(array_length(p_roles, 1), 0);
+        BEGIN
+            SELECT * INTO v FROM sessions
+             WHERE tenant_id = p_tenant AND user_id = p_user AND session_id = p_session
+               AND expires_at > p_now
+               FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT 'not_found'::text, 0::bigint, 0::bigint, NULL::sessions;
+                RETURN;
+            END IF;
+            IF p_key <> '' THEN
+                SELECT * INTO idem FROM idempotency WHERE sid = v.sid AND key = p_key;
+                IF FOUND AND idem.request_hash <> p_hash AND idem.request_hash <> ''::bytea THEN
+                    RETURN QUERY SELECT 'mismatch'::text, 0::bigint, 0::bigint, NULL::sessions;
+                    RETURN;
+                END IF;
+                IF FOUND THEN
+                    v.version := idem.version; v.turns := idem.turns; v.tool_calls := idem.tool_calls;
+                    v.input_tokens := idem.input_tokens; v.output_tokens := idem.output_tokens;
+                    v.cost_micros := idem.cost_micros; v.total_tokens := idem.total_tokens;
+                    v.updated_at := idem.updated_at; v.expires_at := idem.expires_at;
+                    RETURN QUERY SELECT 'replayed'::text, idem.first_seq, idem.last_seq, v;
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_expected <> -1 AND p_expected <> v.version THEN
+                RETURN QUERY SELECT 'conflict'::text, 0::bigint, 0::bigint, v;
+                RETURN;
+            END IF;
+            INSERT INTO turns (sid, seq, role, token_count, tool_calls, payload, created_at)
+            SELECT v.sid, v.turns + i, p_roles[i], p_tokens[i], p_tool_calls[i], p_payloads[i], p_now
+              FROM generate_subscripts(p_roles, 1) AS i;
+            UPDATE sessions
+               SET version = version + 1,
+                   turns = turns + n,
+                   tool_calls = tool_calls + p_sum_tool_calls,
+                   input_tokens = input_tokens + p_sum_input,
+                   output_tokens = output_tokens + p_sum_output,
+                   cost_micros = cost_micros + p_sum_cost,
+                   total_tokens = total_tokens + p_sum_tokens,
+                   updated_at = p_now,
+                   expires_at = p_now + make_interval(secs => ttl_seconds),
+                   expires_hour = floor(extract(epoch FROM p_now) + ttl_seconds)::bigint / 3600
+             WHERE sid = v.sid
+            RETURNING * INTO v;
+            IF p_key <> '' THEN
+                INSERT INTO idempotency (sid, key, first_seq, last_seq, version, turns, tool_calls,
+                                         input_tokens, output_tokens, cost_micros, total_tokens,
+                                         updated_at, expires_at, request_hash)
+                VALUES (v.sid, p_key, v.turns - n + 1, v.turns, v.version, v.turns, v.tool_calls,
+                        v.input_tokens, v.output_tokens, v.cost_micros, v.total_tokens,
+                        v.updated_at, v.expires_at, p_hash);
+            END IF;
+            RETURN QUERY SELECT 'applied'::text, v.turns - n + 1, v.turns, v;
+        END
+        $$;
+        """,
+    ),
 ]
 
 _MIGRATION_LOCK = (
@@ -294,8 +374,8 @@ _SQL_APPEND = (
 _SQL_RANGE = f"SELECT {_TURN_COLUMNS} FROM turns WHERE sid = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq"
 _SQL_CREATE = """
 INSERT INTO sessions (tenant_id, user_id, session_id, title, metadata, ttl_seconds, created_at,
-                      updated_at, expires_at)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $7, $8)
+                      updated_at, expires_at, expires_hour)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $7, $8, $9)
 RETURNING sid"""
 # A session that expired but was not swept yet still holds its id: free it first.
 _SQL_DROP_EXPIRED = """
@@ -306,9 +386,10 @@ _SQL_DELETE_USER = "DELETE FROM sessions WHERE tenant_id = $1 AND user_id = $2"
 _SQL_SAVE_SUMMARY = """
 UPDATE sessions SET summary = $3, summary_tokens = $4, summarized_seq = $5, summarized_tokens = $6
  WHERE sid = $1 AND summarized_seq = $2"""
+# expires_hour (indexed, changes at most hourly) finds candidates; expires_at decides.
 _SQL_SWEEP = """
 DELETE FROM sessions WHERE sid IN (
-    SELECT sid FROM sessions WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2)"""
+    SELECT sid FROM sessions WHERE expires_hour <= $3 AND expires_at <= $1 LIMIT $2)"""
 _SQL_SWEEP_KEYS = """
 DELETE FROM idempotency WHERE ctid IN (
     SELECT ctid FROM idempotency WHERE updated_at < $1 LIMIT $2)"""
@@ -463,6 +544,7 @@ class PostgresStore:
             record.ttl,
             _ts(record.created_at),
             _ts(record.expires_at),
+            int(record.expires_at) // 3600,
         )
 
         async def work(conn: asyncpg.Connection) -> int:
@@ -641,7 +723,7 @@ class PostgresStore:
 
     async def sweep(self, now: float, batch: int, idempotency_before: float) -> int:
         async def work(conn: asyncpg.Connection) -> int:
-            status = await conn.execute(_SQL_SWEEP, _ts(now), batch)
+            status = await conn.execute(_SQL_SWEEP, _ts(now), batch, int(now) // 3600)
             await conn.execute(_SQL_SWEEP_KEYS, _ts(idempotency_before), batch)
             return int(status.split()[-1])
 
