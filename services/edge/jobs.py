@@ -146,7 +146,7 @@ class JobRunner:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for webhook in list(self._webhooks):
             webhook.cancel()
@@ -171,8 +171,14 @@ class JobRunner:
                 log.exception("claiming a job failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
-            if claim is not None:
+            if claim is None:
+                continue
+            try:
                 await self.run(claim)
+            except Exception:
+                # The claim stays pending in the store and is reclaimed, so the job is not lost.
+                log.exception("job %s could not be finished; it will be retried", claim.job.job_id)
+                await asyncio.sleep(0.5)
 
     async def _heartbeat(self, claim: Claim) -> None:
         interval = max(0.05, self._settings.job_claim_idle / 3)

@@ -11,17 +11,23 @@ scripts stay Redis Cluster-safe.
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from services.edge.auth import ApiKey
 from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, Claim, JobRecord
+from services.kit.errors import Unavailable
+
+T = TypeVar("T")
 
 GROUP = "workers"
 _BYTES_FIELDS = ("request", "caller", "result", "error")
@@ -52,6 +58,26 @@ return #due
 """
 
 
+def _unavailable_when_redis_fails(cls: type[T]) -> type[T]:
+    """Wraps every public coroutine so a Redis outage surfaces as UNAVAILABLE, never as INTERNAL."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(method):
+            continue
+
+        def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(method)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(*args, **kwargs)
+                except (RedisError, OSError) as exc:
+                    raise Unavailable(f"the edge store (Redis) is unavailable: {type(exc).__name__}") from exc
+
+            return wrapper
+
+        setattr(cls, name, wrap(method))
+    return cls
+
+
 def split_key_prefix(url: str) -> tuple[str, str]:
     """Removes `key_prefix` from a Redis URL's query and returns (url, prefix)."""
     parts = urlsplit(url)
@@ -75,6 +101,7 @@ def _decode(raw: bytes | str) -> JobRecord:
     return JobRecord(**data)
 
 
+@_unavailable_when_redis_fails
 class RedisEdgeStore:
     def __init__(self, url: str, *, socket_timeout: float = 2.0, job_ttl: float = 86400.0) -> None:
         clean, prefix = split_key_prefix(url)
