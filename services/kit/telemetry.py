@@ -48,10 +48,19 @@ class Telemetry:
     def meter(self) -> metrics.Meter:
         return self.meter_provider.get_meter("ballast")
 
+    @property
+    def tracing(self) -> bool:
+        return self._sdk_provider is not None
+
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        # With tracing off the interceptor would only make no-op spans: skip its cost on every call.
+        if not self.tracing:
+            return []
         return [aio_server_interceptor(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH)]  # type: ignore[no-untyped-call]
 
     def client_interceptors(self) -> list[Any]:
+        if not self.tracing:
+            return []
         return list(aio_client_interceptors(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH))  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
