@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
@@ -14,6 +15,7 @@ from grpc_status import rpc_status
 from services.kit.testing import Suite
 from services.sessions.tokens import Tokenizers
 from services.sessions.turns import message_parts
+from tests.conftest import SuiteFactory
 from tests.contract.sessions.helpers import (
     assistant_turn,
     caller,
@@ -274,55 +276,79 @@ async def test_ttl_expiry_hides_sessions(suite: Suite) -> None:
     assert (await _create(suite, "gone")).version == 0
 
 
-@pytest.mark.parametrize(
-    ("request_", "rpc", "field"),
-    [
-        (
-            sessions_pb2.GetSessionRequest(caller=caller("", "u"), session_id="s"),
-            "GetSession",
-            "caller.tenant_id",
+_INVALID: list[tuple[object, str, str]] = [
+    (
+        sessions_pb2.GetSessionRequest(caller=caller("", "u"), session_id="s"),
+        "GetSession",
+        "caller.tenant_id",
+    ),
+    (
+        sessions_pb2.GetSessionRequest(caller=caller("t", ""), session_id="s"),
+        "GetSession",
+        "caller.user_id",
+    ),
+    (sessions_pb2.GetSessionRequest(caller=caller(), session_id="bad id"), "GetSession", "session_id"),
+    (sessions_pb2.AppendTurnsRequest(caller=caller(), session_id="s1"), "AppendTurns", "turns"),
+    (
+        sessions_pb2.AppendTurnsRequest(caller=caller(), session_id="s1", turns=[sessions_pb2.Turn()]),
+        "AppendTurns",
+        "turns[0].message.role",
+    ),
+    (
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(), session_id="s1", turns=[user_turn("ok"), tool_result_turn("", "x")]
         ),
-        (
-            sessions_pb2.GetSessionRequest(caller=caller("t", ""), session_id="s"),
-            "GetSession",
-            "caller.user_id",
+        "AppendTurns",
+        "turns[1].message.tool_call_id",
+    ),
+    (
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(), session_id="s1", expected_version=-2, turns=[user_turn("x")]
         ),
-        (sessions_pb2.GetSessionRequest(caller=caller(), session_id="bad id"), "GetSession", "session_id"),
-        (sessions_pb2.AppendTurnsRequest(caller=caller(), session_id="s1"), "AppendTurns", "turns"),
-        (
-            sessions_pb2.AppendTurnsRequest(caller=caller(), session_id="s1", turns=[sessions_pb2.Turn()]),
-            "AppendTurns",
-            "turns[0].message.role",
+        "AppendTurns",
+        "expected_version",
+    ),
+    (sessions_pb2.GetContextRequest(caller=caller(), session_id="s1"), "GetContext", "token_budget"),
+    (sessions_pb2.ListSessionsRequest(caller=caller(), page_size=-1), "ListSessions", "page_size"),
+    (
+        sessions_pb2.CreateSessionRequest(caller=caller(), ttl=duration_pb2.Duration(seconds=-5)),
+        "CreateSession",
+        "ttl",
+    ),
+    (
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(),
+            session_id="s1",
+            turns=[
+                sessions_pb2.Turn(
+                    message=common_pb2.ChatMessage(
+                        role=common_pb2.ROLE_USER, tool_calls=[common_pb2.ToolCall(id="c", name="f")]
+                    )
+                )
+            ],
         ),
-        (
-            sessions_pb2.AppendTurnsRequest(
-                caller=caller(), session_id="s1", turns=[user_turn("ok"), tool_result_turn("", "x")]
-            ),
-            "AppendTurns",
-            "turns[1].message.tool_call_id",
+        "AppendTurns",
+        "turns[0].message.tool_calls",
+    ),
+    (
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(), session_id="s1", idempotency_key="k" * 300, turns=[user_turn("x")]
         ),
-        (
-            sessions_pb2.AppendTurnsRequest(
-                caller=caller(), session_id="s1", expected_version=-2, turns=[user_turn("x")]
-            ),
-            "AppendTurns",
-            "expected_version",
-        ),
-        (sessions_pb2.GetContextRequest(caller=caller(), session_id="s1"), "GetContext", "token_budget"),
-        (sessions_pb2.ListSessionsRequest(caller=caller(), page_size=-1), "ListSessions", "page_size"),
-        (
-            sessions_pb2.CreateSessionRequest(caller=caller(), ttl=duration_pb2.Duration(seconds=-5)),
-            "CreateSession",
-            "ttl",
-        ),
-    ],
-)
-async def test_invalid_arguments_name_the_field(suite: Suite, request_: object, rpc: str, field: str) -> None:
+        "AppendTurns",
+        "idempotency_key",
+    ),
+]
+
+
+async def test_invalid_arguments_name_the_field(suite_factory: SuiteFactory) -> None:
+    # Validation happens before the store is asked: one memory-backed service checks every case.
+    suite = await suite_factory(["sessions"], {"BALLAST_SESSIONS_COMPACTION": "false"})
     await _create(suite)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await getattr(suite.sessions, rpc)(request_)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _bad_field(info.value) == field
+    for request, rpc, field in _INVALID:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await getattr(stub(suite), rpc)(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+        assert _bad_field(info.value) == field
 
 
 async def test_a_large_turn_is_counted_like_a_small_one(suite: Suite) -> None:
