@@ -1,6 +1,6 @@
 """Limiter decisions per second and latency, beside a no-op gRPC call on the same server.
 
-    .venv/bin/python -m bench.limiter_throughput [--seconds 2] [--concurrency 1,16,64] [--stores memory,redis]
+    .venv/bin/python -m bench.limiter_throughput [--seconds 2] [--rounds 4] [--concurrency 1,16,64] [--stores memory,redis]
 
 For each store the limiter runs as its own process (`python -m services.limiter`, as in
 production; the Redis store on a private redis-server started for the run), and this process
@@ -65,9 +65,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _measure(call: Callable[[], Awaitable[Any]], seconds: float, concurrency: int) -> dict[str, float]:
+async def _measure(
+    call: Callable[[], Awaitable[Any]], seconds: float, concurrency: int
+) -> tuple[list[float], float]:
+    """Latencies (ms) of every call made by `concurrency` workers for `seconds`, and the time taken."""
     latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
+    stop_at = 0.0
 
     async def worker() -> None:
         while time.perf_counter() < stop_at:
@@ -75,12 +78,16 @@ async def _measure(call: Callable[[], Awaitable[Any]], seconds: float, concurren
             await call()
             latencies.append((time.perf_counter() - started) * 1000)
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, 4))))  # warm-up connections
+    stop_at = time.perf_counter() + 0.1  # warm up the connections
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, 4))))
     latencies.clear()
     started = time.perf_counter()
     stop_at = started + seconds
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    return latencies, time.perf_counter() - started
+
+
+def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
     return {
         "rps": len(latencies) / elapsed,
         "p50_ms": statistics.median(latencies),
@@ -165,7 +172,7 @@ async def _round_trips(redis_url: str, stub: limiter_pb2_grpc.LimiterServiceAsyn
 
 
 async def _bench_store(
-    store: str, store_url: str, seconds: float, concurrencies: list[int], tiers: Path
+    store: str, store_url: str, seconds: float, concurrencies: list[int], tiers: Path, rounds: int
 ) -> dict[str, Any]:
     port = free_port()
     proc = _spawn(store_url, tiers, port)
@@ -191,33 +198,32 @@ async def _bench_store(
                 )
             )
 
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "noop": noop,
+            "rpc-noop": rpc_noop,
+            "check-1": _check(1)(limiter),
+            "check-3": _check(3)(limiter),
+        }
         for concurrency in concurrencies:
-            base = await _measure(noop, seconds, concurrency)
-            rows.append({"store": store, "call": "noop", "concurrency": concurrency, **base, "ratio": 1.0})
-            m = await _measure(rpc_noop, seconds, concurrency)
-            rows.append(
-                {
-                    "store": store,
-                    "call": "rpc-noop",
-                    "concurrency": concurrency,
-                    **m,
-                    "ratio": m["rps"] / base["rps"],
-                }
-            )
-            for limits in (1, 3):
-                m = await _measure(_check(limits)(limiter), seconds, concurrency)
-                ratio = m["rps"] / base["rps"]
+            # Interleaved short rounds, so load from elsewhere on the machine hits every call alike.
+            samples: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in calls}
+            for _ in range(rounds):
+                for name, call in calls.items():
+                    lat, elapsed = await _measure(call, seconds / rounds, concurrency)
+                    samples[name] = (samples[name][0] + lat, samples[name][1] + elapsed)
+            base = _summary(*samples["noop"])
+            for name in calls:
+                m = _summary(*samples[name])
                 rows.append(
                     {
                         "store": store,
-                        "call": f"check-{limits}",
+                        "call": name,
                         "concurrency": concurrency,
                         **m,
-                        "ratio": ratio,
+                        "ratio": m["rps"] / base["rps"],
                     }
                 )
-            for row in rows[-4:]:
-                _print_row(row)
+                _print_row(rows[-1])
         if store == "redis":
             result["round_trips"] = await _round_trips(store_url, limiter)
     finally:
@@ -242,7 +248,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs (load average {meta['load']} at start, shared"
         " with other work), Python "
         f"{meta['python']}. The limiter runs as its own process, this benchmark is the client; "
-        f"{meta['seconds']} s per cell. `noop` is grpc.health.v1.Health/Check on the same server; "
+        f"{meta['seconds']} s per cell, in {meta['rounds']} interleaved rounds. `noop` is grpc.health.v1.Health/Check on the same server; "
         "`rpc-noop` is a LimiterService call that decides nothing (the kit's interceptors: tracing, metrics, "
         "error mapping); `check-1`/`check-3` are Check decisions touching 1 and 3 limits.",
         "",
@@ -273,7 +279,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _main(seconds: float, concurrencies: list[int], stores: list[str]) -> None:
+async def _main(seconds: float, concurrencies: list[int], stores: list[str], rounds: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="ballast-limiter-bench-"))
     tiers = folder / "tiers.yaml"
     tiers.write_text(TIERS)
@@ -283,14 +289,15 @@ async def _main(seconds: float, concurrencies: list[int], stores: list[str]) -> 
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": platform.python_version(),
         "seconds": seconds,
+        "rounds": rounds,
     }
     results = []
     for store in stores:
         if store == "memory":
-            results.append(await _bench_store("memory", "memory://", seconds, concurrencies, tiers))
+            results.append(await _bench_store("memory", "memory://", seconds, concurrencies, tiers, rounds))
         else:
             with private_redis() as server:
-                results.append(await _bench_store("redis", server.url, seconds, concurrencies, tiers))
+                results.append(await _bench_store("redis", server.url, seconds, concurrencies, tiers, rounds))
     for result in results:
         for call, t in (result.get("round_trips") or {}).items():
             print(
@@ -310,12 +317,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--stores", default="memory,redis")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per cell")
     args = parser.parse_args()
     asyncio.run(
         _main(
             args.seconds,
             [int(c) for c in args.concurrency.split(",")],
             [s.strip() for s in args.stores.split(",") if s.strip()],
+            args.rounds,
         )
     )
 

@@ -8,6 +8,7 @@ tenant or Envoy domain), so a call is Redis Cluster-safe. Keys carry the URL's k
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -290,6 +291,58 @@ class _Script:
             return await self.client.evalsha(self.sha, len(keys), *keys, *args)
 
 
+class _BatchedScript(_Script):
+    """Like _Script, but calls made in the same event-loop turn share one pipeline: N concurrent
+    decisions cost one network round trip and one connection instead of N. Each decision is
+    still its own EVALSHA (atomic on its own); a lone decision is a pipeline of one."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        super().__init__(client, source)
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, args, future))
+        if len(self._queue) == 1:
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        try:
+            if not self.sha:
+                self.sha = await self.client.script_load(self.source)
+            results = await self._pipeline(batch)
+            if any(isinstance(r, NoScriptError) for r in results):
+                self.sha = await self.client.script_load(self.source)
+                results = await self._pipeline(batch)
+        except BaseException as exc:  # every waiter learns of the failure, then it propagates no further
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(
+                        exc if isinstance(exc, Exception) else RedisConnectionError(repr(exc))
+                    )
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():  # the caller gave up (timeout)
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+
 def _results(rows: list[list[int]]) -> tuple[OpResult, ...]:
     return tuple(OpResult(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows)
 
@@ -320,7 +373,7 @@ class RedisStore:
         self.buckets = buckets
         # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
         self._clock_ms = clock_ms
-        self._decide = _Script(self.client, DECIDE)
+        self._decide = _BatchedScript(self.client, DECIDE)
         self._settle = _Script(self.client, SETTLE)
         self._put_headroom = _Script(self.client, PUT_HEADROOM)
         self._get_headroom = _Script(self.client, GET_HEADROOM)
