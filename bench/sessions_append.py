@@ -4,13 +4,15 @@
                                                [--concurrency 16] [--seconds 3]
 
 Starts the sessions service in this process on 127.0.0.1 with a fresh PostgreSQL schema
-(BALLAST_TEST_POSTGRES_DSN, default postgresql://postgres@127.0.0.1:5432/test), then:
-  1. grows ONE session to --turns turns, one AppendTurns call per turn (~60 tokens each, with an
-     idempotency key and expected_version=-1, as the edge sends them), timing each call;
-  2. times GetContext(budget 4,000 tokens) --samples times on that session at turn 1 and at
-     the last turn (the window holds ~60 turns either way once the session is long);
+(BALLAST_TEST_POSTGRES_DSN, default postgresql://postgres@127.0.0.1:5432/test), grows ONE
+session to --turns turns, one AppendTurns call per turn (~35 tokens each, idempotency key and
+expected_version=-1, as the edge sends them), then:
+  1. times --window appends at turn 1 (a new session each) interleaved with the last --window
+     appends of the long session, so that the shared machine's noise hits both series alike;
+  2. times GetContext(budget 4,000 tokens) --samples times, interleaved, on a session at turn 1,
+     one at turn --window (its window already full) and the long one;
   3. measures bytes stored per turn as the pg_total_relation_size growth of the service's
-     tables over the first and the last --window turns;
+     tables over the first --window turns and over --window turns after --turns;
   4. measures throughput: --concurrency clients appending to their own sessions (then calling
      GetContext) for --seconds each.
 Client and server share one Python process on a shared 2-core machine, so absolute numbers
@@ -144,23 +146,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             await _append(suite, f"w{n}", 0)
             await _context(suite, f"w{n}")
-        appends: list[float] = []
-        sizes: dict[int, int] = {0: int(await conn.fetchval(SIZE_SQL))}
+        window, turns = args.window, args.turns
+
+        async def create(session_id: str) -> None:
+            await suite.sessions.CreateSession(
+                sessions_pb2.CreateSessionRequest(caller=CALLER, session_id=session_id)
+            )
+
+        size = int(await conn.fetchval(SIZE_SQL))
+        for n in range(1, window + 1):
+            await _append(suite, sid, n)
+        bytes_first = (int(await conn.fetchval(SIZE_SQL)) - size) / window
+        await create("full")  # a session whose 4k window is already full
+        for n in range(1, window + 1):
+            await _append(suite, "full", n)
+        for n in range(window + 1, turns - window + 1):
+            await _append(suite, sid, n)
+        # Interleaved: each turn-1 call is followed by a turn-1,000 call, so whatever else the
+        # shared machine is doing hits both series alike.
+        append_first: list[float] = []
+        append_last: list[float] = []
+        for i in range(window):
+            await create(f"fresh{i}")
+            append_first.append(await _timed(lambda i=i: _append(suite, f"fresh{i}", 1)))  # type: ignore[misc]
+            n = turns - window + 1 + i
+            append_last.append(await _timed(lambda n=n: _append(suite, sid, n)))  # type: ignore[misc]
         ctx_first: list[float] = []
         ctx_full: list[float] = []
-        for n in range(1, args.turns + 1):
-            appends.append(await _timed(lambda n=n: _append(suite, sid, n)))  # type: ignore[misc]
-            if n == 1:
-                ctx_first = [await _timed(lambda: _context(suite, sid)) for _ in range(args.samples)]
-            if n == args.window:
-                # By now the 4k window is full: from here on, GetContext returns as much as at turn 1,000.
-                ctx_full = [await _timed(lambda: _context(suite, sid)) for _ in range(args.samples)]
-            if n in (args.window, args.turns - args.window, args.turns):
-                sizes[n] = int(await conn.fetchval(SIZE_SQL))
-        ctx_last = [await _timed(lambda: _context(suite, sid)) for _ in range(args.samples)]
-        window = args.window
-        bytes_first = (sizes[window] - sizes[0]) / window
-        bytes_last = (sizes[args.turns] - sizes[args.turns - window]) / window
+        ctx_last: list[float] = []
+        for i in range(args.samples):
+            ctx_first.append(await _timed(lambda i=i: _context(suite, f"fresh{i % window}")))  # type: ignore[misc]
+            ctx_full.append(await _timed(lambda: _context(suite, "full")))
+            ctx_last.append(await _timed(lambda: _context(suite, sid)))
+        size = int(await conn.fetchval(SIZE_SQL))
+        for n in range(turns + 1, turns + window + 1):
+            await _append(suite, sid, n)
+        bytes_last = (int(await conn.fetchval(SIZE_SQL)) - size) / window
         append_rps = await _throughput(suite, args.concurrency, args.seconds, "append")
         context_rps = await _throughput(suite, args.concurrency, args.seconds, "context")
     finally:
@@ -172,8 +193,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
         "turns": args.turns,
         "window": window,
-        "append_first": _stats(appends[:window]),
-        "append_last": _stats(appends[-window:]),
+        "append_first": _stats(append_first),
+        "append_last": _stats(append_last),
         "context_first": _stats(ctx_first),
         "context_full": _stats(ctx_full),
         "context_last": _stats(ctx_last),
@@ -190,8 +211,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     w, t = result["window"], result["turns"]
     rows = [
-        ("AppendTurns", f"turns 1-{w}", result["append_first"]),
-        ("AppendTurns", f"turns {t - w + 1}-{t}", result["append_last"]),
+        ("AppendTurns", "turn 1 (a new session each call)", result["append_first"]),
+        ("AppendTurns", f"turns {t - w + 1}-{t} of one session", result["append_last"]),
         ("GetContext (4k budget)", "at turn 1", result["context_first"]),
         ("GetContext (4k budget)", f"at turn {w} (window full)", result["context_full"]),
         ("GetContext (4k budget)", f"at turn {t}", result["context_last"]),
@@ -212,7 +233,7 @@ def table(result: dict[str, Any]) -> str:
         "| measure | value |",
         "|---|---:|",
         f"| bytes stored per turn, turns 1-{w} | {result['bytes_per_turn_first']:.0f} |",
-        f"| bytes stored per turn, turns {t - w + 1}-{t} | {result['bytes_per_turn_last']:.0f} |",
+        f"| bytes stored per turn, turns {t + 1}-{t + w} | {result['bytes_per_turn_last']:.0f} |",
         f"| AppendTurns throughput, {result['concurrency']} clients | {result['append_rps']:.0f}/s |",
         f"| GetContext throughput, {result['concurrency']} clients | {result['context_rps']:.0f}/s |",
     ]
