@@ -77,9 +77,9 @@ local function budget_result(b, z, limit, cost, over, now)
 end
 """
 
-# KEYS[1] idempotency key; KEYS[2i], KEYS[2i+1]: the keys of op i (a budget's hash and zset).
-# ARGV: now|'' peek idem_ttl_ms reservation_id reservation_ttl_ms delay_ms buckets n,
-#       then per op: kind limit cost period_ms shadow
+# KEYS[1] idempotency key, then each op's key (a budget also its zset).
+# ARGV: now|'' peek idem_ttl_ms reservation_id reservation_ttl_ms delay_ms buckets n
+#       ops ("kind,limit,cost,period_ms,shadow;" per op: one argument, cheap to send)
 DECIDE = (
     _COMMON
     + r"""
@@ -94,13 +94,18 @@ if idem_ttl > 0 then
   local prev = redis.call('GET', KEYS[1])
   if prev then return 'R' .. prev end
 end
+local specs = {}
+for kind, limit, cost, period, shadow in string.gmatch(ARGV[9], '(%d+),(%-?%d+),(%d+),(%d+),(%d);') do
+  specs[#specs + 1] = {tonumber(kind), tonumber(limit), tonumber(cost), tonumber(period), shadow == '1'}
+end
 local st = {}
 local blocked = false
+local ki = 2
 for i = 1, n do
-  local a = 8 + (i - 1) * 5
-  local kind, limit, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local period, shadow = tonumber(ARGV[a + 4]), ARGV[a + 5] == '1'
-  local k1, k2 = KEYS[2 * i], KEYS[2 * i + 1]
+  local kind, limit, cost, period, shadow = unpack(specs[i])
+  local k1, k2 = KEYS[ki], nil
+  ki = ki + 1
+  if kind == 2 then k2 = KEYS[ki]; ki = ki + 1 end
   local s = {kind = kind, limit = limit, cost = cost, period = period, k1 = k1, k2 = k2}
   if kind == 1 then
     -- sliding window of B sub-buckets, counted over the B+1 newest (conservative)
@@ -292,27 +297,41 @@ class _Script:
 
 
 class _BatchedScript(_Script):
-    """Like _Script, but calls made in the same event-loop turn share one pipeline: N concurrent
-    decisions cost one network round trip and one connection instead of N. Each decision is
-    still its own EVALSHA (atomic on its own); a lone decision is a pipeline of one."""
+    """Like _Script, but decisions waiting while earlier ones are on the wire share one pipeline.
 
-    def __init__(self, client: aioredis.Redis, source: str) -> None:
+    At most `max_inflight` pipelines are out at once; calls arriving meanwhile queue and go
+    together in the next one. An idle limiter sends each decision at once (no added latency);
+    a busy one sends N decisions in one write and one round trip. Each decision is still its
+    own EVALSHA, atomic on its own.
+    """
+
+    def __init__(self, client: aioredis.Redis, source: str, max_inflight: int = 2) -> None:
         super().__init__(client, source)
+        self.max_inflight = max_inflight
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((keys, args, future))
-        if len(self._queue) == 1:
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if len(self._tasks) < self.max_inflight:
+            self._start()
         return await future
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._queue and len(self._tasks) < self.max_inflight:
+            self._start()
 
     async def _flush(self) -> None:
         batch, self._queue = self._queue, []
+        if not batch:
+            return
         try:
             if not self.sha:
                 self.sha = await self.client.script_load(self.source)
@@ -415,11 +434,14 @@ class RedisStore:
             delay_ms,
             self.buckets,
             len(ops),
+            "".join(
+                f"{int(op.kind)},{op.limit},{op.cost},{op.period_ms},{1 if op.shadow else 0};" for op in ops
+            ),
         ]
         for op in ops:
             keys.append(p + op.key)
-            keys.append(p + op.key + (":x" if op.kind == Kind.BUDGET else ""))
-            args += [int(op.kind), op.limit, op.cost, op.period_ms, "1" if op.shadow else "0"]
+            if op.kind == Kind.BUDGET:
+                keys.append(p + op.key + ":x")
         raw = await self._run(self._decide, keys, args)
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         body = json.loads(text[1:])
