@@ -275,6 +275,8 @@ class MemoryStore:
         self._next_gc = now + self._gc_interval_ms
         self._windows = {k: v for k, v in self._windows.items() if v.expires > now}
         self._counters = {k: v for k, v in self._counters.items() if v.expires > now}
+        for budget in self._budgets.values():
+            budget.sweep(now)
         self._budgets = {k: v for k, v in self._budgets.items() if v.expires > now or v.holds}
         self._idem = {k: v for k, v in self._idem.items() if v[1] > now}
         self._done = {k: v for k, v in self._done.items() if v > now}
