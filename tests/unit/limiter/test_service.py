@@ -344,3 +344,27 @@ async def test_a_commit_without_reservation_charges_the_actual_tokens(suite: Sui
     resp = await suite.limiter.Commit(limiter_pb2.CommitRequest(caller=caller(), actual_tokens=300))
     assert not resp.reservation_found
     assert {b.name: b for b in resp.budgets}["user_tokens_per_day"].remaining == 700
+
+
+async def test_headroom_reported_to_one_replica_throttles_the_others(
+    suite_factory: SuiteFactory, tiers_file: Path, redis_url: str
+) -> None:
+    environ = {
+        "BALLAST_LIMITER_STORE": redis_url,
+        "BALLAST_LIMITER_TIERS_FILE": str(tiers_file),
+        "BALLAST_LIMITER_HEADROOM_REFRESH": "50ms",
+    }
+    first, second = await suite_factory(["limiter"], environ), await suite_factory(["limiter"], environ)
+    request = limiter_pb2.CheckRequest(caller=caller(), requests=1, provider="openai")
+    assert (await second.limiter.Check(request)).decision == limiter_pb2.DECISION_ALLOW
+    await first.limiter.ReportHeadroom(
+        limiter_pb2.ReportHeadroomRequest(provider="openai", rate_limited=True, retry_after=seconds(20))
+    )
+    for attempt in range(100):  # a new user each time: only the headroom can refuse
+        response = await second.limiter.Check(
+            limiter_pb2.CheckRequest(caller=caller(user=f"r{attempt}"), requests=1, provider="openai")
+        )
+        if response.decision != limiter_pb2.DECISION_ALLOW:
+            break
+        await asyncio.sleep(0.05)
+    assert response.decision == limiter_pb2.DECISION_DENY and response.reason == "provider_headroom"
