@@ -56,6 +56,9 @@ class ResilientStore:
         self.local = MemoryStore(clock=clock, buckets=buckets)
         self._monotonic = monotonic
         self._down_until = 0.0
+        # The last call failed and no call has succeeded since: probe one call at a time.
+        self._suspect = False
+        self._probing = False
         self.failures = 0
 
     @property
@@ -63,22 +66,39 @@ class ResilientStore:
         return self._monotonic() < self._down_until
 
     async def _try(self, call: Callable[[], Awaitable[T]]) -> T | None:
-        """The primary's answer, or None when it is down (known or just found out)."""
+        """The primary's answer, or None when it is down (known or just found out).
+
+        After an outage only one call at a time probes the store; the others keep deciding by
+        the fail mode instead of all waiting out the timeout on a store that may still hang.
+        """
         if self.down:
             return None
+        probing = self._suspect
+        if probing:
+            if self._probing:
+                return None
+            self._probing = True
         try:
             # asyncio.timeout, not wait_for: no extra task per decision on the hot path.
             async with asyncio.timeout(self.timeout):
-                return await call()
+                result = await call()
         except (StoreUnavailableError, TimeoutError, OSError) as exc:
             self.failures += 1
-            if not self.down:
+            if not self._suspect:
                 log.warning(
                     "limiter store unreachable, deciding by fail mode",
                     extra={"fail_mode": self.mode, "error": repr(exc)},
                 )
+            self._suspect = True
             self._down_until = self._monotonic() + self.retry_interval
             return None
+        finally:
+            if probing:
+                self._probing = False
+        if self._suspect:
+            self._suspect = False
+            log.info("limiter store reachable again")
+        return result
 
     def _scaled(self, op: LimitOp) -> LimitOp:
         if op.limit <= 0 or self.replicas == 1:
