@@ -31,6 +31,10 @@ class TimeoutSettings:
     # Streaming: the first content must come within this, then each chunk within idle.
     first_token: float = 30.0
     stream_idle: float = 30.0
+    # Stall detection: while a fallback exists, an attempt on a target with a known latency gets at
+    # most stall_factor x its EWMA (never less than stall_floor). 0 turns it off.
+    stall_factor: float = 8.0
+    stall_floor: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class RouterSettings:
                 connect=env.duration(f"{P}CONNECT_TIMEOUT", 3.0, minimum=0.001),
                 first_token=env.duration(f"{P}FIRST_TOKEN_TIMEOUT", 30.0, minimum=0.001),
                 stream_idle=env.duration(f"{P}STREAM_IDLE_TIMEOUT", 30.0, minimum=0.001),
+                stall_factor=env.number(f"{P}STALL_FACTOR", 8.0, minimum=0.0),
+                stall_floor=env.duration(f"{P}STALL_FLOOR", 2.0, minimum=0.001),
             ),
             breaker=BreakerSettings(
                 failure_threshold=env.integer(f"{P}BREAKER_FAILURES", 5, minimum=1),

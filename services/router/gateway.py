@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 # Below this much time left, an attempt is not worth starting.
 MIN_ATTEMPT_TIME = 0.005
+# Latency samples a target needs before stall detection trusts its EWMA.
+STALL_MIN_SAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,21 @@ class Gateway:
 
     # --- shared attempt loop ---------------------------------------------------------------------
 
-    def _timeout_for(self, call: Call, more_to_come: bool) -> float:
+    def _timeout_for(
+        self, call: Call, more_to_come: bool, target: tuple[str, str] | None = None, kind: str = "call"
+    ) -> float:
+        timeouts = self.settings.timeouts
         remaining = call.deadline - self.clock()
         share = remaining / 2 if more_to_come else remaining
-        return min(self.settings.timeouts.attempt, share)
+        timeout = min(timeouts.attempt, share)
+        if more_to_come and target is not None and timeouts.stall_factor > 0:
+            # A target that usually answers in L seconds and has not after stall_factor x L is
+            # more likely hung than slow: give the fallback the time instead.
+            health = self.health.get(target)
+            if health.samples_by_kind.get(kind, 0) >= STALL_MIN_SAMPLES:
+                stall = max(timeouts.stall_floor, timeouts.stall_factor * health.ewma_by_kind[kind])
+                timeout = min(timeout, stall)
+        return timeout
 
     def _backoff(self, round_: int, errors: list[ProviderError]) -> float:
         retry = self.settings.retry
@@ -172,6 +185,7 @@ class Gateway:
         attempt: Callable[[Adapter, Choice], Awaitable[T]],
         *,
         end_span: bool = True,
+        latency_kind: str = "call",
     ) -> tuple[T, Choice, list[AttemptRecord], trace.Span]:
         """Tries the plan's candidates; returns the first success and its still-open span if not end_span."""
         attempts: list[AttemptRecord] = []
@@ -194,7 +208,7 @@ class Gateway:
                 more = made + 1 < max_attempts and any(
                     self.health.available(c.target) for c in plan.choices[position + 1 :]
                 )
-                timeout = self._timeout_for(call, more)
+                timeout = self._timeout_for(call, more, target, latency_kind)
                 if timeout < MIN_ATTEMPT_TIME:
                     self.health.release(target)
                     raise DeadlineExceeded(
@@ -235,7 +249,7 @@ class Gateway:
                     raise
                 else:
                     latency = self.clock() - started
-                    self.health.success(target, latency)
+                    self.health.success(target, latency, latency_kind)
                     attempts.append(AttemptRecord(*target, Outcome.OK, 200, latency))
                     self._count(operation, attempts[-1])
                     annotate(span, value, choice)
@@ -346,7 +360,9 @@ class Gateway:
                 await _close(events)
                 raise
 
-        first, choice, attempts, span = await self._run(call, plan, "chat", first_event, end_span=False)
+        first, choice, attempts, span = await self._run(
+            call, plan, "chat", first_event, end_span=False, latency_kind="first_token"
+        )
         events = holder["events"]
         target = choice.target
         # _run counted the first token as success; a later break is recorded as a failure below.

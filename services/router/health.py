@@ -39,6 +39,10 @@ class TargetHealth:
     opened_at: float = 0.0
     probes_in_flight: int = 0
     ewma_latency: float | None = None
+    # The same per kind of latency ("call": a whole answer; "first_token": a stream's first
+    # content), with the number of samples behind each: what stall detection compares against.
+    ewma_by_kind: dict[str, float] = field(default_factory=dict)
+    samples_by_kind: dict[str, int] = field(default_factory=dict)
     error_rate: float = 0.0
     requests: int = 0
     failures: int = 0
@@ -117,9 +121,13 @@ class HealthBook:
             )
         health.error_rate = alpha * (1.0 if failed else 0.0) + (1 - alpha) * health.error_rate
 
-    def success(self, target: Target, latency: float) -> None:
+    def success(self, target: Target, latency: float, kind: str = "call") -> None:
         health = self.get(target)
         self._sample(health, latency, False)
+        alpha = self.settings.ewma_alpha
+        previous = health.ewma_by_kind.get(kind)
+        health.ewma_by_kind[kind] = latency if previous is None else alpha * latency + (1 - alpha) * previous
+        health.samples_by_kind[kind] = health.samples_by_kind.get(kind, 0) + 1
         health.consecutive_failures = 0
         if health.state is not BreakerState.CLOSED:
             health.probes_in_flight = max(0, health.probes_in_flight - 1)

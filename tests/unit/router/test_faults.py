@@ -328,3 +328,19 @@ async def test_a_caller_who_hangs_up_mid_stream_hangs_up_the_provider_too(
     model = next(s for s in status.providers if s.model == "primary-model")
     # a hang-up is not the provider's fault
     assert model.failures == 0 and model.breaker == R.BREAKER_STATE_CLOSED
+
+
+async def test_a_provider_that_hangs_after_answering_quickly_is_left_fast(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    suite, primary, _ = await start(
+        suite_factory, sim_factory, tmp_path, env={"BALLAST_ROUTER_STALL_FLOOR": "150ms"}
+    )
+    for _ in range(5):  # the primary's usual latency gets measured
+        assert (await suite.router.Complete(complete_request(), timeout=5)).provider == "primary"
+    primary.set_fault(Fault("hang"))
+    started = time.monotonic()
+    reply = await suite.router.Complete(complete_request(), timeout=20)
+    # without stall detection the primary would have had half of the 20 s deadline
+    assert time.monotonic() - started < 2.0
+    assert outcomes(reply) == [("primary", R.ATTEMPT_OUTCOME_TIMEOUT), ("secondary", R.ATTEMPT_OUTCOME_OK)]

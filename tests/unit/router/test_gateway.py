@@ -173,3 +173,17 @@ async def test_attempt_timeouts_come_from_the_deadline() -> None:
     with pytest.raises(DeadlineExceeded):
         await gateway.complete(Call(deadline=0.0), REQUEST)
     assert a.calls == b.calls == 0
+
+
+async def test_stall_detection_caps_attempts_on_targets_with_a_known_latency() -> None:
+    gateway, _, _, _ = make()
+    target = ("a", "ma")
+    assert gateway._timeout_for(Call(deadline=100.0), True, target) == 50.0  # nothing measured yet
+    for _ in range(5):
+        answer = await gateway.complete(Call(deadline=100.0), REQUEST)
+        assert answer.attempts[-1].provider == "a"
+    # instant answers so far: the floor (2 s) applies while a fallback exists ...
+    assert gateway._timeout_for(Call(deadline=100.0), True, target) == 2.0
+    # ... but never to the last candidate, and not to another kind of latency
+    assert gateway._timeout_for(Call(deadline=100.0), False, target) == 60.0
+    assert gateway._timeout_for(Call(deadline=100.0), True, target, "first_token") == 50.0
