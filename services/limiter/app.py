@@ -7,7 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
@@ -15,7 +14,7 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
-from services.limiter.config import DEFAULT_TIERS_FILE, LimiterSettings
+from services.limiter.config import LimiterSettings, tiers_path
 from services.limiter.envoy import EnvoyLimiter
 from services.limiter.envoy_config import EnvoyConfig, load_envoy_config
 from services.limiter.envoy_servicer import SERVICE_NAME as ENVOY_SERVICE_NAME
@@ -40,7 +39,7 @@ class LimiterApp(ServiceApp):
         self.settings = settings
         self.clock = clock
         # Fails start-up (naming the file and each problem) when the tiers file is bad.
-        self.tiers: Reloading[TiersConfig] = Reloading(_tiers_path(settings.tiers_file), load_tiers)
+        self.tiers: Reloading[TiersConfig] = Reloading(tiers_path(settings.tiers_file), load_tiers)
         self.store: Store = open_store(settings, clock=clock)
         self.limiter = Limiter(
             self.store,
@@ -95,17 +94,6 @@ class LimiterApp(ServiceApp):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._headroom_task
         await self.store.close()
-
-
-def _tiers_path(configured: str) -> Path:
-    """The configured file; the default relative path also resolves from the source tree, so
-    `ballast up` works from any directory (containers run from /app, where config/ is)."""
-    path = Path(configured)
-    if configured == DEFAULT_TIERS_FILE and not path.exists():
-        bundled = Path(__file__).resolve().parents[2] / DEFAULT_TIERS_FILE
-        if bundled.exists():
-            return bundled
-    return path
 
 
 def build(settings: LimiterSettings, telemetry: Telemetry) -> LimiterApp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.kit.config import Env, ServerSettings
 
@@ -48,6 +49,25 @@ class LimiterSettings:
     @classmethod
     def from_env(cls, env: Env) -> LimiterSettings:
         p = "BALLAST_LIMITER_"
+        settings = cls._read(env, p)
+        # The files are validated with the variables, so a bad file stops start-up with the
+        # same one-line-per-problem report (the service re-reads them when they change).
+        from services.limiter.envoy_config import EnvoyConfigError, load_envoy_config
+        from services.limiter.tiers import TiersError, load_tiers
+
+        try:
+            load_tiers(tiers_path(settings.tiers_file))
+        except TiersError as exc:
+            env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
+        if settings.envoy_config:
+            try:
+                load_envoy_config(Path(settings.envoy_config))
+            except EnvoyConfigError as exc:
+                env.problems.append(f"{p}ENVOY_CONFIG={settings.envoy_config!r} is invalid: {exc}")
+        return settings
+
+    @classmethod
+    def _read(cls, env: Env, p: str) -> LimiterSettings:
         return cls(
             server=ServerSettings.from_env("limiter", env),
             store_url=env.url(f"{p}STORE", "memory://", ["memory", "redis", "rediss"]),
@@ -69,3 +89,14 @@ class LimiterSettings:
             max_descriptors=env.integer(f"{p}MAX_DESCRIPTORS", 64, minimum=1, maximum=4096),
             max_entries=env.integer(f"{p}MAX_ENTRIES", 32, minimum=1, maximum=1024),
         )
+
+
+def tiers_path(configured: str) -> Path:
+    """The configured file; the default relative path also resolves from the source tree, so
+    `ballast up` works from any directory (containers run from /app, where config/ is)."""
+    path = Path(configured)
+    if configured == DEFAULT_TIERS_FILE and not path.exists():
+        bundled = Path(__file__).resolve().parents[2] / DEFAULT_TIERS_FILE
+        if bundled.exists():
+            return bundled
+    return path

@@ -171,3 +171,24 @@ throttle: { priorities: { low: { delay_below: 0.1, deny_below: 0.4 } } }
         "throttle.priorities.low",
     ):
         assert expected in text, expected
+
+
+def test_bad_files_stop_start_up_naming_the_variable(tmp_path: Path) -> None:
+    from services.kit.config import ConfigError, Env
+    from services.limiter.config import LimiterSettings
+
+    bad = tmp_path / "tiers.yaml"
+    bad.write_text("tiers: {free: {requests: {limit: -1}}}")
+    env = Env(
+        {
+            "BALLAST_LIMITER_TIERS_FILE": str(bad),
+            "BALLAST_LIMITER_ENVOY_CONFIG": str(tmp_path / "missing.yaml"),
+            "BALLAST_LIMITER_FAIL_MODE": "sometimes",
+        }
+    )
+    LimiterSettings.from_env(env)
+    with pytest.raises(ConfigError) as info:
+        env.check()
+    text = str(info.value)
+    assert "BALLAST_LIMITER_TIERS_FILE" in text and "tiers.free.requests.limit" in text
+    assert "BALLAST_LIMITER_ENVOY_CONFIG" in text and "BALLAST_LIMITER_FAIL_MODE" in text
