@@ -210,6 +210,9 @@ class RedisStore:
         self.prefix = prefix + "cache:"
         # redis-py's stubs type replies as unions of every shape; this module knows the shapes.
         self._redis: Any = aioredis.from_url(redis_url)
+        # Blocking reads of the change stream get their own connection.
+        self._follower: Any = aioredis.from_url(redis_url)
+        self._closing = False
         self._put = self._redis.register_script(_PUT)
         self._delete = self._redis.register_script(_DELETE)
         self._sweep = self._redis.register_script(_SWEEP)
@@ -237,11 +240,18 @@ class RedisStore:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # redis-py can swallow a cancellation that races its read timeout (then retries the
+        # blocked XREAD), so: flag, cancel again until the tasks end, bounded by the block time.
+        self._closing = True
+        deadline = time.monotonic() + self.options.sync_block + 2
+        pending = {task for task in self._tasks if not task.done()}
+        while pending and time.monotonic() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            log.warning("cache change stream follower did not stop in time")
+        await self._follower.aclose()
         await self._redis.aclose()
 
     async def _replay(self) -> None:
@@ -278,11 +288,11 @@ class RedisStore:
     async def _follow(self) -> None:
         block_ms = max(1, int(self.options.sync_block * 1000))
         backoff = 0.1
-        while True:
+        while not self._closing:
             try:
                 if not self._last_id:
                     await self._replay()
-                replies = await self._redis.xread(
+                replies = await self._follower.xread(
                     {self._k("changes"): self._last_id}, count=1000, block=block_ms
                 )
                 backoff = 0.1
@@ -295,6 +305,8 @@ class RedisStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down, or a malformed record: rebuild, never stop following
+                if self._closing:
+                    return
                 log.warning("cache change stream failed; resyncing", extra={"error": str(exc)})
                 self._last_id = ""
                 await asyncio.sleep(backoff)
