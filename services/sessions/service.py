@@ -169,7 +169,13 @@ class Sessions:
         expected_version: int,
         idempotency_key: str,
         turns: Sequence[NewTurn],
+        fingerprint: str = "",
     ) -> AppendOutcome:
+        bound_to = b""
+        if idempotency_key:
+            bound_to = (
+                hashlib.sha256(fingerprint.encode()).digest()[:16] if fingerprint else request_hash(turns)
+            )
         try:
             outcome = await self.store.append(
                 scope,
@@ -178,7 +184,7 @@ class Sessions:
                 idempotency_key,
                 turns,
                 self.now(),
-                request_hash=request_hash(turns) if idempotency_key else b"",
+                request_hash=bound_to,
             )
         except Aborted:
             self._appends.add(1, {"outcome": "conflict"})

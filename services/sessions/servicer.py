@@ -175,8 +175,15 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             turns = await asyncio.to_thread(lambda: [new_turn(turn, tokenizer) for turn in request.turns])
         else:
             turns = [new_turn(turn, tokenizer) for turn in request.turns]
+        if len(request.request_fingerprint) > _MAX_KEY * 4:
+            raise InvalidArgument("request_fingerprint", f"at most {_MAX_KEY * 4} characters")
         outcome = await self._sessions.append(
-            scope, session_id, request.expected_version, request.idempotency_key, turns
+            scope,
+            session_id,
+            request.expected_version,
+            request.idempotency_key,
+            turns,
+            request.request_fingerprint,
         )
         return sessions_pb2.AppendTurnsResponse(
             session=session_proto(outcome.session),

@@ -404,6 +404,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # "cannot switch to state ...; another operation is in progress": a connection broken by a
+    # server restart or a timed-out command, seen on its next use.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -532,7 +535,13 @@ class PostgresStore:
             raise Unavailable("sessions store is not started")
         try:
             async with pool.acquire(timeout=self._settings.acquire_timeout) as conn:
-                return await work(conn)
+                try:
+                    return await work(conn)
+                except _UNAVAILABLE:
+                    # A connection that failed mid-call (server restart, timeout) may be left in a
+                    # state asyncpg cannot reuse: close it, the pool opens a fresh one when needed.
+                    conn.terminate()
+                    raise
         except _UNAVAILABLE as exc:
             raise Unavailable(f"sessions database unavailable ({type(exc).__name__})") from exc
 

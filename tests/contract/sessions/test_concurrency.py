@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 import grpc
+import pytest
 from ballast.sessions.v1 import sessions_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -131,7 +132,11 @@ async def test_fifty_concurrent_appenders_on_postgres(suite_factory: SuiteFactor
     assert (counters.turns, counters.input_tokens, counters.output_tokens) == (300, 1500, 300)
 
 
-async def test_postgres_restart_mid_run_loses_nothing_and_recovers(suite_factory: SuiteFactory) -> None:
+@pytest.mark.parametrize("mode", ["immediate", "fast"])
+async def test_postgres_restart_mid_run_loses_nothing_and_recovers(
+    suite_factory: SuiteFactory, mode: str
+) -> None:
+    """immediate is a crash (sockets just close); fast tells every client it is shutting down."""
     with private_postgres() as server:
         suite = await suite_factory(
             ["sessions"],
@@ -156,8 +161,8 @@ async def test_postgres_restart_mid_run_loses_nothing_and_recovers(suite_factory
                 break
             await asyncio.sleep(0.005)
         acked_before = len(acks)
-        # A crash (no checkpoint), while appends are in flight.
-        await asyncio.to_thread(server.stop, mode="immediate")
+        # While appends are in flight.
+        await asyncio.to_thread(server.stop, mode=mode)
         try:
             # While it is down, calls fail fast with UNAVAILABLE.
             loop = asyncio.get_running_loop()
