@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
@@ -48,6 +49,30 @@ def estimate_tokens(messages: list[common_pb2.ChatMessage]) -> int:
         for call in message.tool_calls:
             total += 4 + (len(call.name) + len(call.arguments_json)) // 3
     return total
+
+
+def request_fingerprint(request: edge_pb2.ChatRequest) -> str:
+    """What makes two chat calls the same request, for the session's idempotency key."""
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def replayed_answer(
+    fresh: router_pb2.CompleteResponse, turns: list[sessions_pb2.Turn]
+) -> router_pb2.CompleteResponse:
+    original = next((t for t in reversed(turns) if t.message.role == common_pb2.ROLE_ASSISTANT), None)
+    if original is None:
+        return fresh
+    answer = router_pb2.CompleteResponse()
+    answer.CopyFrom(fresh)
+    answer.message.CopyFrom(original.message)
+    answer.usage.CopyFrom(original.usage)
+    answer.cost.Clear()
+    answer.cost.total_cost_micros = original.cost_micros
+    answer.model = original.model or fresh.model
+    answer.finish_reason = (
+        common_pb2.FINISH_REASON_TOOL_CALLS if original.message.tool_calls else common_pb2.FINISH_REASON_STOP
+    )
+    return answer
 
 
 def cache_model(caller: common_pb2.Caller, request: edge_pb2.ChatRequest) -> str:
@@ -351,6 +376,8 @@ class ChatPipeline:
                     session_id=request.session_id,
                     expected_version=prepared.session_version,
                     idempotency_key=request.idempotency_key or prepared.request_id,
+                    # A retried request is the same request even though the model answered anew.
+                    request_fingerprint=request_fingerprint(request),
                     turns=turns,
                 ),
                 self._down.timeout(after),
@@ -408,6 +435,10 @@ class ChatPipeline:
             raise appended
         if appended is not None:
             session_version = appended.session.version
+            if appended.replayed:
+                # This request was already answered and recorded (its reply was lost on the way):
+                # give back that answer, so the session and the client agree.
+                answer = replayed_answer(answer, list(appended.turns))
         trace.get_current_span().set_attributes(
             {
                 "ballast.router.provider": answer.provider,

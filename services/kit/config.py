@@ -189,6 +189,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 0
     grace_period: float = 10.0
+    # After draining, how long closing pools and background work may take.
+    close_timeout: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "json"
@@ -210,6 +212,7 @@ class ServerSettings:
             host=env.string(f"{PREFIX}HOST", "127.0.0.1"),
             port=env.integer(f"{PREFIX}{upper}_PORT", DEFAULT_PORTS[service], minimum=0, maximum=65535),
             grace_period=env.duration(f"{PREFIX}GRACE_PERIOD", 10.0),
+            close_timeout=env.duration(f"{PREFIX}CLOSE_TIMEOUT", 10.0, minimum=0.1),
             max_message_bytes=env.integer(
                 f"{PREFIX}MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024
             ),

@@ -150,7 +150,16 @@ class RunningService:
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
         await self.server.stop(grace)
         try:
-            await self.app.close()
+            # Closing pools must not hold the process forever (a pool waiting for a connection
+            # that a dead backend never returns): bounded, and the overrun is logged.
+            async with asyncio.timeout(self.app.server_settings.close_timeout):
+                await self.app.close()
+        except TimeoutError:
+            log.error(
+                "closing took longer than %.1fs; exiting anyway",
+                self.app.server_settings.close_timeout,
+                extra={"service": self.app.name},
+            )
         finally:
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()

@@ -435,11 +435,17 @@ class AppendTurnsRequest(_message.Message):
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
+    REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     expected_version: _builtins.int
     """The version the caller last saw. -1 appends at whatever the current version is."""
     idempotency_key: _builtins.str
     """A retried append with the same key is applied once and returns the original result."""
+    request_fingerprint: _builtins.str
+    """What the idempotency key is bound to, when the caller knows better than the turns: the
+    edge sets it to its client's request, so a retried chat whose model answer differs
+    still replays the original append. Empty binds the key to the turns as sent.
+    """
     @_builtins.property
     def caller(self) -> _common_pb2.Caller: ...
     @_builtins.property
@@ -452,10 +458,11 @@ class AppendTurnsRequest(_message.Message):
         expected_version: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
         turns: _abc.Iterable[Global___Turn] | None = ...,
+        request_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "expected_version", b"expected_version", "idempotency_key", b"idempotency_key", "session_id", b"session_id", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "expected_version", b"expected_version", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "session_id", b"session_id", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
