@@ -229,7 +229,7 @@ async def test_nothing_acknowledged_is_lost_through_faults(
 
     # Every acknowledged job finishes, exactly once.
     deadline = time.monotonic() + 30
-    states: dict[str, int] = {}
+    states: dict[str, edge_pb2.JobState.ValueType] = {}
     failures: dict[str, str] = {}
     edge = cluster.edge
     while time.monotonic() < deadline:
