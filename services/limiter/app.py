@@ -14,6 +14,7 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
+from services.limiter import metrics
 from services.limiter.config import LimiterSettings, tiers_path
 from services.limiter.envoy import EnvoyLimiter
 from services.limiter.envoy_config import EnvoyConfig, load_envoy_config
@@ -54,6 +55,7 @@ class LimiterApp(ServiceApp):
         if settings.envoy_config:
             self.envoy_config = Reloading(settings.envoy_config, load_envoy_config)
         self.envoy = EnvoyLimiter(self.store, self._current_envoy_config)
+        metrics.register(telemetry.meter, self.limiter, self.envoy)
         self._headroom_task: asyncio.Task[None] | None = None
 
     def _current_envoy_config(self) -> EnvoyConfig | None:

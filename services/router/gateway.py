@@ -250,6 +250,8 @@ class Gateway:
                 else:
                     latency = self.clock() - started
                     self.health.success(target, latency, latency_kind)
+                    if latency_kind == "first_token" and self.metrics is not None:
+                        self.metrics.first_token(operation, choice.provider.name, choice.model.id, latency)
                     attempts.append(AttemptRecord(*target, Outcome.OK, 200, latency))
                     self._count(operation, attempts[-1])
                     annotate(span, value, choice)

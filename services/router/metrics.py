@@ -32,6 +32,11 @@ class RouterMetrics:
         self._tokens = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Tokens per provider call, by type"
         )
+        self._first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time from the request to the first streamed chunk of a provider call",
+        )
         self._cost = meter.create_counter(
             "ballast.router.cost", unit="{microdollar}", description="Cost of answered calls in micro-dollars"
         )
@@ -71,6 +76,16 @@ class RouterMetrics:
             if outcome is not Outcome.OK:
                 attributes["error.type"] = outcome.value
             self._duration.record(latency, attributes)
+
+    def first_token(self, operation: str, provider: str, model: str, seconds: float) -> None:
+        self._first_chunk.record(
+            seconds,
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": provider,
+                "gen_ai.request.model": model,
+            },
+        )
 
     def answered(self, operation: str, provider: str, model: str, usage: Usage, cost: Cost) -> None:
         base = {

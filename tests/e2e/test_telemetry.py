@@ -151,3 +151,67 @@ async def test_prompts_and_keys_never_reach_spans_metrics_or_logs(
     assert exported and MARKER not in text
     assert FAKE_KEY not in text and "FAKEKEY0123456789" not in text
     assert "bk_demo_paid" not in text
+
+
+def _series(text: str, name: str) -> dict[str, float]:
+    """Samples of one metric family: label text -> value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+async def test_metrics_show_tokens_cost_cache_limiter_and_queue(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    suite = await suite_factory(
+        SERVICE_NAMES, {**write_test_config(tmp_path), "BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL": "100ms"}
+    )
+    question = edge_pb2.ChatRequest(messages=[_user("How do I export my data?")])
+    for _ in range(3):
+        await suite.edge.Chat(question, metadata=KEY)
+    async for _ in suite.edge.ChatStream(
+        edge_pb2.ChatStreamRequest(chat=edge_pb2.ChatRequest(messages=[_user("stream me")])), metadata=KEY
+    ):
+        pass
+    job = await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=question), metadata=KEY)
+    for _ in range(400):
+        state = (
+            await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job.job.job_id), metadata=KEY)
+        ).job.state
+        if state == edge_pb2.JOB_STATE_SUCCEEDED:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    texts = {}
+    async with httpx.AsyncClient() as client:
+        for name, running in suite.running.items():
+            texts[name] = (await client.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
+
+    tokens = _series(texts["edge"], "ballast_usage_tokens_total")
+    assert sum(tokens.values()) > 0 and all('tenant="demo"' in key for key in tokens)
+    assert any('direction="output"' in key for key in tokens)
+    assert sum(_series(texts["edge"], "ballast_usage_cost_total").values()) > 0
+    chats = _series(texts["edge"], "ballast_edge_chats_total")
+    assert sum(v for k, v in chats.items() if 'outcome="cache_hit"' in k) >= 2
+    assert (
+        "ballast_edge_queue_depth" in texts["edge"]
+        and "ballast_edge_queue_oldest_age_seconds" in texts["edge"]
+    )
+    # Per-user labels are off by default: cardinality stays bounded.
+    assert 'user="' not in texts["edge"]
+    assert sum(_series(texts["router"], "gen_ai_client_token_usage_sum").values()) > 0
+    assert sum(_series(texts["router"], "gen_ai_client_operation_duration_seconds_count").values()) >= 2
+    assert (
+        sum(_series(texts["router"], "gen_ai_client_operation_time_to_first_chunk_seconds_count").values())
+        >= 1
+    )
+    assert "ballast_router_breaker_state" in texts["router"]
+    lookups = _series(texts["cache"], "ballast_cache_lookups_total")
+    assert sum(lookups.values()) >= 5
+    decisions = _series(texts["limiter"], "ballast_limiter_decisions_total")
+    assert sum(v for k, v in decisions.items() if "allow" in k.lower()) >= 5
+    for name, text in texts.items():
+        assert "rpc_server_call_duration_seconds_count" in text or name == "sessions"

@@ -1,0 +1,80 @@
+"""The limiter's counters as OpenTelemetry metrics: decisions by outcome, limits hit or near.
+
+The domain keeps plain counters (no telemetry imports there); these observable instruments
+read them at each collection. Labels are the configured limit names and decision reasons,
+so cardinality is bounded by the tiers file, not by users.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from services.limiter.envoy import EnvoyLimiter
+from services.limiter.limiter import Limiter
+
+
+def _from(
+    counter: Callable[[], Counter[str]], label: str
+) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, {label: key}) for key, value in counter().items()]
+
+    return observe
+
+
+def register(meter: metrics.Meter, limiter: Limiter, envoy: EnvoyLimiter) -> None:
+    def decisions(options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {"decision": str(decision), "reason": reason or "none"})
+            for (decision, reason), count in limiter.stats.decisions.items()
+        ]
+
+    def degraded(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(limiter.stats.degraded)]
+
+    meter.create_observable_counter(
+        "ballast.limiter.decisions",
+        callbacks=[decisions],
+        unit="{decision}",
+        description="Check decisions by outcome (allow, delay, deny) and the limit that decided",
+    )
+    meter.create_observable_counter(
+        "ballast.limiter.over_limit",
+        callbacks=[_from(lambda: limiter.stats.over_limit, "limit")],
+        unit="{check}",
+        description="Checks that found a limit exhausted, by limit",
+    )
+    meter.create_observable_counter(
+        "ballast.limiter.near_limit",
+        callbacks=[_from(lambda: limiter.stats.near_limit, "limit")],
+        unit="{check}",
+        description="Checks that left a limit past its near-limit ratio, by limit",
+    )
+    meter.create_observable_counter(
+        "ballast.limiter.shadow_over_limit",
+        callbacks=[_from(lambda: limiter.stats.shadow_over, "limit")],
+        unit="{check}",
+        description="Checks a shadow-mode limit would have denied",
+    )
+    meter.create_observable_counter(
+        "ballast.limiter.degraded_decisions",
+        callbacks=[degraded],
+        unit="{decision}",
+        description="Decisions made without the shared store (fail mode during an outage)",
+    )
+    meter.create_observable_counter(
+        "ballast.limiter.envoy.hits",
+        callbacks=[_from(lambda: envoy.stats.total_hits, "key")],
+        unit="{hit}",
+        description="Envoy ShouldRateLimit hits per configured limit",
+    )
+    meter.create_observable_counter(
+        "ballast.limiter.envoy.over_limit",
+        callbacks=[_from(lambda: envoy.stats.over_limit, "key")],
+        unit="{hit}",
+        description="Envoy hits over their limit per configured limit",
+    )
