@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import enum
-import importlib.util
 import json
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -18,12 +16,6 @@ import httpx
 
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
-
-# httpcore tries `import sniffio` on every request; when it is not installed each try searches the
-# whole import path (about 0.1 ms, several times a request). A None entry makes the same import
-# fail at once, which is exactly what would happen anyway.
-if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 class Outcome(enum.Enum):
