@@ -16,7 +16,7 @@ from services.cache.servicer import CacheServicer
 from services.cache.store import CacheStore, StoreOptions, open_store
 from services.kit.clients import open_channel
 from services.kit.server import ServiceApp
-from services.kit.telemetry import Telemetry
+from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
 
 def make_embedder(settings: CacheSettings, telemetry: Telemetry) -> Embedder:
@@ -56,6 +56,9 @@ class CacheApp(ServiceApp):
         super().__init__(settings.server, telemetry)
         self.settings = settings
         self.store = make_store(settings)
+        trace_store(
+            self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
+        )
         self.embedder = make_embedder(settings, telemetry)
         # Tests replace `clock` with a fake one; the engine reads it on every call.
         self.clock: Callable[[], float] = time.time

@@ -16,7 +16,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
 from services.kit.server import ServiceApp
-from services.kit.telemetry import Telemetry
+from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
 
 def open_store(settings: EdgeSettings) -> EdgeStore:
@@ -40,6 +40,9 @@ class EdgeApp(ServiceApp):
         # A malformed keys file stops start-up with the file and entry named.
         self.file_keys = auth.load_keys_file(settings.keys_file)
         self.store = open_store(settings)
+        trace_store(
+            self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
+        )
         self.downstream = Downstream(settings, telemetry)
         self.pipeline = ChatPipeline(settings, self.downstream)
         self.metrics = EdgeMetrics(

@@ -13,7 +13,7 @@ from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.kit.server import ServiceApp
-from services.kit.telemetry import Telemetry
+from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.limiter import metrics
 from services.limiter.config import LimiterSettings, tiers_path
 from services.limiter.envoy import EnvoyLimiter
@@ -42,6 +42,9 @@ class LimiterApp(ServiceApp):
         # Fails start-up (naming the file and each problem) when the tiers file is bad.
         self.tiers: Reloading[TiersConfig] = Reloading(tiers_path(settings.tiers_file), load_tiers)
         self.store: Store = open_store(settings, clock=clock)
+        trace_store(
+            self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
+        )
         self.limiter = Limiter(
             self.store,
             self.tiers,

@@ -11,7 +11,7 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.clients import open_channel
 from services.kit.server import ServiceApp
-from services.kit.telemetry import Telemetry
+from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.sessions.compaction import CompactionPolicy, Compactor, Summariser
 from services.sessions.config import SessionsSettings
 from services.sessions.service import Limits, Sessions
@@ -53,6 +53,9 @@ class SessionsApp(ServiceApp):
                 settings.compact_max_turn_chars,
             )
         self.store = open_store(settings)
+        trace_store(
+            self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
+        )
         tokenizers = Tokenizers(settings.default_encoding)
         policy = CompactionPolicy(
             threshold_tokens=settings.compact_threshold_tokens,

@@ -55,3 +55,62 @@ async def test_one_chat_is_one_trace_across_all_five_services(
     assert root_attributes["ballast.limiter.decision"] == "DECISION_ALLOW"
     assert int(str(root_attributes["ballast.router.attempts"])) >= 1
     assert int(str(root_attributes["ballast.cost.micros"])) > 0
+
+
+async def test_store_work_and_queued_jobs_join_the_trace(
+    suite_factory: SuiteFactory, tmp_path: Path, redis_url: str, postgres_dsn: str
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tests.support.http_receiver import HttpReceiver
+    from tests.support.suite_config import write_test_config
+
+    exporter = InMemorySpanExporter()
+    environ = {
+        **write_test_config(tmp_path),
+        "OTEL_SDK_DISABLED": "false",
+        "BALLAST_LIMITER_STORE": redis_url,
+        "BALLAST_CACHE_STORE": redis_url,
+        "BALLAST_EDGE_STORE": redis_url,
+        "BALLAST_SESSIONS_STORE": postgres_dsn,
+    }
+    suite = await suite_factory(SERVICE_NAMES, environ, span_processors=[SimpleSpanProcessor(exporter)])
+    session = (await suite.edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY)).session
+    exporter.clear()
+    await suite.edge.Chat(
+        edge_pb2.ChatRequest(session_id=session.session_id, messages=[_user("hi")]), metadata=KEY
+    )
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name.endswith("EdgeService/Chat")]
+    systems = {
+        (s.attributes or {}).get("db.system.name")
+        for s in spans
+        if s.context.trace_id == root.context.trace_id and s.kind.name == "CLIENT"
+    }
+    assert {"redis", "postgresql"} <= systems
+
+    receiver = HttpReceiver()
+    await receiver.start()
+    try:
+        exporter.clear()
+        submitted = await suite.edge.SubmitChat(
+            edge_pb2.SubmitChatRequest(
+                chat=edge_pb2.ChatRequest(messages=[_user("later")]), webhook_url=receiver.url
+            ),
+            metadata=KEY,
+        )
+        await receiver.wait_for(1, within=20)
+    finally:
+        await receiver.close()
+    spans = exporter.get_finished_spans()
+    (submit,) = [s for s in spans if s.name.endswith("EdgeService/SubmitChat")]
+    (job,) = [
+        s
+        for s in spans
+        if s.name == "edge.job" and (s.attributes or {}).get("ballast.job.id") == submitted.job.job_id
+    ]
+    # The worker continues the submitter's trace, and the webhook carries it on.
+    assert job.context.trace_id == submit.context.trace_id
+    traceparent = receiver.received[0].headers["traceparent"]
+    assert traceparent.split("-")[1] == format(submit.context.trace_id, "032x")
