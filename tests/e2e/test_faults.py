@@ -72,7 +72,8 @@ async def cluster(
     tmp_path: Path, redis_server: PrivateRedis, postgres_server: PrivatePostgres
 ) -> AsyncIterator[Cluster]:
     environ = {
-        **write_test_config(tmp_path),
+        # Provider rate limits are not the fault under test here: lift them.
+        **write_test_config(tmp_path, sim_rpm=1_000_000),
         "BALLAST_LIMITER_STORE": redis_server.url,
         "BALLAST_LIMITER_FAIL_MODE": "local",
         "BALLAST_LIMITER_STORE_TIMEOUT": "200ms",

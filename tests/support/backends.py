@@ -149,8 +149,16 @@ class PrivatePostgres:
         self._running = False
 
     def close(self) -> None:
+        # Stop by the data directory whatever `_running` says: a start that timed out may
+        # still have left a server behind.
         with contextlib.suppress(Exception):
-            self.stop(mode="immediate")
+            subprocess.run(
+                [*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30,
+            )
+        self._running = False
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -41,7 +41,9 @@ TEST_TIERS: dict[str, Any] = {
 }
 
 
-def write_test_config(folder: Path, *, sim_latency_ms: float = 2.0) -> dict[str, str]:
+def write_test_config(
+    folder: Path, *, sim_latency_ms: float = 2.0, sim_rpm: int | None = None
+) -> dict[str, str]:
     """A fast catalog and small tiers in `folder`; returns the variables that point at them."""
     catalog = yaml.safe_load((ROOT / "config" / "router_catalog.yaml").read_text())
     for provider in catalog["providers"].values():
@@ -52,6 +54,9 @@ def write_test_config(folder: Path, *, sim_latency_ms: float = 2.0) -> dict[str,
                 "p99_ms": sim_latency_ms,
             }
             provider["sim"]["tokens_per_second"] = 5000
+            if sim_rpm is not None:
+                provider["sim"]["rpm"] = sim_rpm
+                provider["sim"]["tpm"] = sim_rpm * 1000
     (folder / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     tiers = yaml.safe_load((ROOT / "config" / "limiter_tiers.yaml").read_text())
     tiers["tiers"] = TEST_TIERS
