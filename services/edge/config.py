@@ -52,8 +52,9 @@ class EdgeSettings:
     limiter_failure: str = "open"
     # Longest adaptive-throttling delay a synchronous chat waits before giving up with RESOURCE_EXHAUSTED.
     max_throttle_wait: float = 30.0
-    # Queue: workers per replica, how long a job may wait for quota, and when a silent worker's job is reclaimed.
-    workers: int = 4
+    # Queue: workers per replica (enough that the limiter, not the worker count, paces the queue), how
+    # long a job may wait for quota, and when a silent worker's job is reclaimed.
+    workers: int = 32
     job_max_wait: float = 3600.0
     job_claim_idle: float = 30.0
     job_ttl: float = 86400.0
@@ -89,7 +90,7 @@ class EdgeSettings:
             downstream_timeout=env.duration("BALLAST_EDGE_DOWNSTREAM_TIMEOUT", 2.0, minimum=0.01),
             limiter_failure=env.choice("BALLAST_EDGE_LIMITER_FAILURE", "open", ["open", "closed"]),
             max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
-            workers=env.integer("BALLAST_EDGE_WORKERS", 4, minimum=0, maximum=1024),
+            workers=env.integer("BALLAST_EDGE_WORKERS", 32, minimum=0, maximum=1024),
             job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", 3600.0, minimum=1.0),
             job_claim_idle=env.duration("BALLAST_EDGE_JOB_CLAIM_IDLE", 30.0, minimum=0.1),
             job_ttl=env.duration("BALLAST_EDGE_JOB_TTL", 86400.0, minimum=1.0),

@@ -180,8 +180,10 @@ class SurgeLoad:
                 cost_micros=job.result.cost.total_cost_micros,
             )
         elif job.state in TERMINAL:
-            code = grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == job.error.code)).name
-            self._record(started, tier, kind, outcome="failed", code=code, queued=True)
+            code = next((c.name for c in grpc.StatusCode if c.value[0] == job.error.code), "UNKNOWN")
+            # A job that waited its longest for the user's tier quota was refused by that quota.
+            outcome = "limited" if code == "RESOURCE_EXHAUSTED" else "failed"
+            self._record(started, tier, kind, outcome=outcome, code=code, queued=True)
         else:
             # Still waiting when the run ended: reported as such, never as a success.
             self._record(started, tier, kind, outcome="failed", code="STILL_QUEUED", queued=True)
