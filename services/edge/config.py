@@ -56,6 +56,10 @@ class EdgeSettings:
     # long a job may wait for quota, and when a silent worker's job is reclaimed.
     workers: int = 32
     job_max_wait: float = 3600.0
+    # Tries of a job whose backends were unavailable before it is failed, and the first pause
+    # between them (doubling, at most 30 s).
+    job_attempts: int = 5
+    job_retry_backoff: float = 0.5
     job_claim_idle: float = 30.0
     job_ttl: float = 86400.0
     # Webhooks: HMAC-SHA256 secret, attempts and the first backoff (doubles each attempt).
@@ -92,6 +96,8 @@ class EdgeSettings:
             max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
             workers=env.integer("BALLAST_EDGE_WORKERS", 32, minimum=0, maximum=1024),
             job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", 3600.0, minimum=1.0),
+            job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", 5, minimum=1, maximum=1000),
+            job_retry_backoff=env.duration("BALLAST_EDGE_JOB_RETRY_BACKOFF", 0.5, minimum=0.0),
             job_claim_idle=env.duration("BALLAST_EDGE_JOB_CLAIM_IDLE", 30.0, minimum=0.1),
             job_ttl=env.duration("BALLAST_EDGE_JOB_TTL", 86400.0, minimum=1.0),
             webhook_secret=env.string("BALLAST_EDGE_WEBHOOK_SECRET", ""),

@@ -31,7 +31,7 @@ from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
 from services.edge.metrics import EdgeMetrics
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
-from services.kit.errors import BallastError, ResourceExhausted, to_status
+from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
 
 log = logging.getLogger("ballast.edge.jobs")
 
@@ -206,6 +206,21 @@ class JobRunner:
                         # Limited: wait for quota in the queue instead of failing.
                         await self._store.park(claim, self._clock() + retry_after)
                         return
+                    await self._end(claim, job, error=exc)
+                except (Unavailable, DeadlineExceeded) as exc:
+                    # A backend blip (a replica going away, a restart) is retried from the queue;
+                    # a job fails only after BALLAST_EDGE_JOB_ATTEMPTS tries or its longest wait.
+                    backoff = min(30.0, self._settings.job_retry_backoff * 2 ** (job.attempts - 1))
+                    waited = self._clock() - job.created_at
+                    if (
+                        job.attempts < self._settings.job_attempts
+                        and waited + backoff <= self._settings.job_max_wait
+                    ):
+                        log.info("job %s: %s; retrying in %.1fs", job.job_id, exc.message, backoff)
+                        await self._store.park(claim, self._clock() + backoff)
+                        return
+                    if self._metrics is not None:
+                        self._metrics.failed(caller, exc.code.name)
                     await self._end(claim, job, error=exc)
                 except BallastError as exc:
                     if self._metrics is not None:

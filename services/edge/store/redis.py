@@ -251,7 +251,11 @@ class RedisEdgeStore:
                 job_id = fields[b"job_id"].decode() if fields else ""
                 await self._ack(priority, entry_id.decode())
                 job = await self.get_job(job_id) if job_id else None
-                if job is None or job.state != RUNNING:
+                # QUEUED too: a worker that died between reading the entry and marking the job
+                # running (or mid-park) leaves a pending entry for a job that is in no queue.
+                if job is None or job.state not in (RUNNING, QUEUED):
+                    continue
+                if job.state == QUEUED and await self._redis.zscore(self._parked(priority), job.job_id) is not None:
                     continue
                 job.state = QUEUED
                 await self._save(job)
