@@ -255,7 +255,10 @@ class RedisEdgeStore:
                 # running (or mid-park) leaves a pending entry for a job that is in no queue.
                 if job is None or job.state not in (RUNNING, QUEUED):
                     continue
-                if job.state == QUEUED and await self._redis.zscore(self._parked(priority), job.job_id) is not None:
+                if (
+                    job.state == QUEUED
+                    and await self._redis.zscore(self._parked(priority), job.job_id) is not None
+                ):
                     continue
                 job.state = QUEUED
                 await self._save(job)
