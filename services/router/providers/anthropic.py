@@ -28,6 +28,7 @@ from services.router.providers.base import (
     Outcome,
     ProviderError,
     classify_status,
+    endpoint_url,
     error_message,
     make_client,
     parse_headroom,
@@ -177,7 +178,9 @@ class AnthropicAdapter:
         if provider.api_key:
             headers["x-api-key"] = provider.api_key
         self._client = make_client(provider, options, headers)
-        self._path = "/messages" if provider.base_url.endswith("/v1") else "/v1/messages"
+        self._url = endpoint_url(
+            provider, "/messages" if provider.base_url.rstrip("/").endswith("/v1") else "/v1/messages"
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -197,7 +200,7 @@ class AnthropicAdapter:
 
     async def complete(self, model: Model, request: ChatRequest) -> ChatResult:
         try:
-            response = await self._client.post(self._path, content=self._body(model, request, False))
+            response = await self._client.post(self._url, content=self._body(model, request, False))
             raw = response.content
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
@@ -220,7 +223,7 @@ class AnthropicAdapter:
         simulated = stopped = False
         try:
             async with self._client.stream(
-                "POST", self._path, content=self._body(model, request, True)
+                "POST", self._url, content=self._body(model, request, True)
             ) as response:
                 if response.status_code >= 400:
                     self._check(model, response, await response.aread())

@@ -16,6 +16,7 @@ import httpx
 
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
+from services.router.providers.network import asyncio_transport
 
 
 class Outcome(enum.Enum):
@@ -100,20 +101,50 @@ def build_adapter(provider: Provider, options: ClientOptions, sink: HeadersSink)
     return OpenAIAdapter(provider, options, sink)
 
 
+class _NoCookies(httpx.Cookies):
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+_NO_COOKIES = _NoCookies()
+
+
+class ProviderClient(httpx.AsyncClient):
+    """httpx's client without a cookie jar. Provider APIs authenticate by header; the cookies they
+    set (Cloudflare's `__cf_bm`) mean nothing to an API client, and httpx would wrap and parse every
+    response's headers for them: about a tenth of a small call's client CPU."""
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, value: Any) -> None:
+        if value:
+            raise ValueError("provider clients keep no cookies")
+
+
 def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str, str]) -> httpx.AsyncClient:
-    """One pooled client per provider; HTTP/2 is negotiated (ALPN) wherever the provider offers it."""
-    return httpx.AsyncClient(
-        base_url=provider.base_url,
-        http2=True,
+    """One pooled client per provider; HTTP/2 is negotiated (ALPN) wherever the provider offers it.
+
+    Adapters pass absolute URLs (`endpoint_url`): merging a relative path into base_url is parsed
+    again on every call."""
+    limits = httpx.Limits(
+        max_connections=options.max_connections,
+        max_keepalive_connections=options.max_connections,
+        keepalive_expiry=30.0,
+    )
+    return ProviderClient(
+        transport=asyncio_transport(http2=True, limits=limits),
         headers={**headers, **provider.headers},
         timeout=httpx.Timeout(options.read_timeout, connect=options.connect_timeout),
-        limits=httpx.Limits(
-            max_connections=options.max_connections,
-            max_keepalive_connections=options.max_connections,
-            keepalive_expiry=30.0,
-        ),
         trust_env=False,
     )
+
+
+def endpoint_url(provider: Provider, path: str) -> httpx.URL:
+    """The provider's base URL joined with `path` (which starts with '/'), parsed once."""
+    return httpx.URL(provider.base_url.rstrip("/") + path)
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from services.router.providers.base import (
     Outcome,
     ProviderError,
     classify_status,
+    endpoint_url,
     error_message,
     make_client,
     parse_headroom,
@@ -163,11 +164,18 @@ class OpenAIAdapter:
             else:
                 headers["authorization"] = f"Bearer {provider.api_key}"
         self._client = make_client(provider, options, headers)
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
 
-    def _path(self, model: Model, endpoint: str) -> str:
-        if self._azure:
-            return f"/openai/deployments/{model.provider_model}/{endpoint}?api-version={self.provider.azure_api_version}"
-        return f"/{endpoint}"
+    def _url(self, model: Model, endpoint: str) -> httpx.URL:
+        key = (model.provider_model, endpoint)
+        url = self._urls.get(key)
+        if url is None:
+            if self._azure:
+                path = f"/openai/deployments/{model.provider_model}/{endpoint}?api-version={self.provider.azure_api_version}"
+            else:
+                path = f"/{endpoint}"
+            url = self._urls[key] = endpoint_url(self.provider, path)
+        return url
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -182,7 +190,7 @@ class OpenAIAdapter:
     async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         content = json.dumps(body, separators=(",", ":")).encode()
         try:
-            response = await self._client.post(self._path(model, endpoint), content=content)
+            response = await self._client.post(self._url(model, endpoint), content=content)
             raw = response.content
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
@@ -216,7 +224,7 @@ class OpenAIAdapter:
         simulated = done = False
         try:
             async with self._client.stream(
-                "POST", self._path(model, "chat/completions"), content=content
+                "POST", self._url(model, "chat/completions"), content=content
             ) as response:
                 if response.status_code >= 400:
                     self._check(model, response, await response.aread())
