@@ -37,6 +37,7 @@ import httpx
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.kit.net import free_port
 from services.surge import report
 from services.surge.load import Event, LoadState, run_surge
 from services.surge.scenario import ScenarioConfig, UserPlan, full, plan_users, write_suite_config
@@ -44,14 +45,6 @@ from services.surge.scenario import ScenarioConfig, UserPlan, full, plan_users, 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SERVICES = ("router", "limiter", "cache", "sessions", "edge")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -169,11 +162,11 @@ async def run_embedded(
 ) -> tuple[LoadState, float]:
     admin_key = secrets.token_hex(8)
     env = _suite_env(config, folder, admin_key)
-    ports = {name: _free_port() for name in SERVICES}
+    ports = {name: free_port() for name in SERVICES}
     for name, port in ports.items():
         env[f"BALLAST_{name.upper()}_PORT"] = str(port)
         env[f"BALLAST_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
-        env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(_free_port())
+        env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(free_port())
     suite = _start([sys.executable, "-m", "services.cli", "up"], env, folder / "suite.log")
     try:
         for port in ports.values():
@@ -207,7 +200,7 @@ async def run_replicated(
             "BALLAST_LIMITER_REPLICAS": "2",
         }
     )
-    ports = {name: [_free_port(), _free_port()] for name in SERVICES}
+    ports = {name: [free_port(), free_port()] for name in SERVICES}
     for name, pair in ports.items():
         env[f"BALLAST_{name.upper()}_ADDR"] = ",".join(f"127.0.0.1:{p}" for p in pair)
     processes: list[subprocess.Popen[bytes]] = []
@@ -333,7 +326,7 @@ async def main_async(args: argparse.Namespace) -> None:
     all_rows: list[dict[str, Any]] = []
     enterprise: dict[str, tuple[float, float]] = {}
     for mode in args.modes.split(","):
-        config = config.with_ports(_free_port(), _free_port())
+        config = config.with_ports(free_port(), free_port())
         folder = Path(tempfile.mkdtemp(prefix=f"ballast-surge-{mode}-"))
         users = plan_users(config)
         print(

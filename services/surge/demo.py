@@ -25,17 +25,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.config import DEFAULT_PORTS
+from services.kit.net import free_port
 from services.surge import report
 from services.surge.load import LoadState, run_surge
 from services.surge.scenario import ScenarioConfig, demo, plan_users, write_suite_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _busy(port: int) -> bool:
@@ -132,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if taken:
         print(f"ballast demo: ports {taken} are in use (is a suite already running?)", file=sys.stderr)
         return 2
-    config = config.with_ports(_free_port(), _free_port())
+    config = config.with_ports(free_port(), free_port())
     folder = Path(tempfile.mkdtemp(prefix="ballast-demo-"))
     admin_key = "demo-admin-" + secrets.token_hex(8)
     env = {

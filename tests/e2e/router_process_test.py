@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -14,17 +13,13 @@ import grpc
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from services.kit.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_router_process_answers_from_embedded_sims_and_stops_cleanly() -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         key: value
         for key, value in os.environ.items()

@@ -17,11 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# Re-exported: tests and benchmarks import it from here.
+from services.kit.net import free_port as free_port
 
 
 def _wait_port(port: int, timeout: float, *, up: bool) -> None:

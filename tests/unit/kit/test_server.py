@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from services.kit.config import SERVICE_NAMES
+from services.kit.net import free_port
 from services.kit.server import start_service
 from tests.conftest import SuiteFactory
 from tests.unit.kit import probe_app
@@ -162,14 +162,8 @@ async def test_stop_drains_an_in_flight_call_before_closing() -> None:
     assert app.closed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_sigterm_lets_an_in_flight_call_finish_and_exits_zero() -> None:
-    port = _free_port()
+    port = free_port()
     root = Path(__file__).resolve().parents[3]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.unit.kit.probe_app", str(port)],
