@@ -31,7 +31,6 @@ class LimiterSettings:
     # Replicas sharing the store: the local fallback enforces limit/replicas per replica.
     replicas: int = 1
     # Redis connections per replica.
-    pool_size: int = 64
     # Sub-buckets per sliding window (precision: a window is counted over W..W+W/buckets).
     window_buckets: int = 20
     # How long a Check's request_id is remembered (retries within it are not counted twice).
@@ -59,6 +58,14 @@ class LimiterSettings:
             load_tiers(tiers_path(settings.tiers_file))
         except TiersError as exc:
             env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
+        if not settings.store_url.startswith("memory:"):
+            from services.limiter.store.pipelined import Endpoint
+            from services.limiter.store.redis import split_key_prefix
+
+            try:
+                Endpoint.from_url(split_key_prefix(settings.store_url)[0])
+            except ValueError as exc:
+                env.problems.append(f"{p}STORE={settings.store_url!r} is invalid: {exc}")
         if settings.envoy_config:
             try:
                 load_envoy_config(Path(settings.envoy_config))
@@ -70,7 +77,7 @@ class LimiterSettings:
     def _read(cls, env: Env, p: str) -> LimiterSettings:
         return cls(
             server=ServerSettings.from_env("limiter", env),
-            store_url=env.url(f"{p}STORE", "memory://", ["memory", "redis", "rediss"]),
+            store_url=env.url(f"{p}STORE", "memory://", ["memory", "redis", "rediss", "unix"]),
             tiers_file=env.string(f"{p}TIERS_FILE", DEFAULT_TIERS_FILE),
             envoy_config=env.string(f"{p}ENVOY_CONFIG", ""),
             reload_interval=env.duration(f"{p}RELOAD_INTERVAL", 1.0, minimum=0.01),
@@ -78,7 +85,6 @@ class LimiterSettings:
             store_retry_interval=env.duration(f"{p}STORE_RETRY_INTERVAL", 1.0, minimum=0.0),
             fail_mode=env.choice(f"{p}FAIL_MODE", "local", FAIL_MODES),
             replicas=env.integer(f"{p}REPLICAS", 1, minimum=1, maximum=10_000),
-            pool_size=env.integer(f"{p}POOL_SIZE", 64, minimum=1, maximum=10_000),
             window_buckets=env.integer(f"{p}WINDOW_BUCKETS", 20, minimum=1, maximum=600),
             idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 600.0, minimum=1.0),
             headroom_refresh=env.duration(f"{p}HEADROOM_REFRESH", 1.0, minimum=0.01),

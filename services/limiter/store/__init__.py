@@ -21,7 +21,6 @@ def open_store(settings: LimiterSettings, *, clock: Callable[[], float] = time.t
     primary = RedisStore(
         url,
         buckets=settings.window_buckets,
-        pool_size=settings.pool_size,
         timeout=settings.store_timeout,
     )
     return ResilientStore(

@@ -1,23 +1,19 @@
 """Redis store: every decision is one EVALSHA of one Lua script, whatever the number of limits.
 
-The scripts are loaded once (SCRIPT LOAD) and called by SHA; after a Redis restart (NOSCRIPT)
-they are loaded again transparently. Time comes from Redis (TIME inside the script), never
+The scripts are called by SHA (EVALSHA) over one pipelined connection (pipelined.py); a Redis
+that does not know a script yet (new, restarted, flushed) answers NOSCRIPT and the script is
+loaded (SCRIPT LOAD) and called again, transparently. Time comes from Redis (TIME inside the script), never
 from the replicas' clocks. All keys of one call share a {hash tag} (the domain tags by
 tenant or Envoy domain), so a call is Redis Cluster-safe. Keys carry the URL's key_prefix.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.limiter.store.base import (
     BudgetRef,
@@ -28,6 +24,7 @@ from services.limiter.store.base import (
     Settlement,
     StoreUnavailableError,
 )
+from services.limiter.store.pipelined import Endpoint, PipelinedRedis, RedisReplyError
 
 _COMMON = r"""
 local function now_ms(arg)
@@ -279,87 +276,23 @@ def split_key_prefix(url: str) -> tuple[str, str]:
 
 
 class _Script:
-    """EVALSHA with the SHA computed once; on NOSCRIPT (e.g. after a restart) load and retry."""
+    """EVALSHA by the script's SHA1 (computed here); on NOSCRIPT (a restarted or flushed Redis)
+    SCRIPT LOAD it and call again."""
 
-    def __init__(self, client: aioredis.Redis, source: str) -> None:
-        self.client = client
+    def __init__(self, redis: PipelinedRedis, source: str) -> None:
+        self.redis = redis
         self.source = source
-        self.sha = ""
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        if not self.sha:
-            self.sha = await self.client.script_load(self.source)
         try:
-            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            self.sha = await self.client.script_load(self.source)
-            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
-
-
-class _BatchedScript(_Script):
-    """Like _Script, but decisions waiting while earlier ones are on the wire share one pipeline.
-
-    At most `max_inflight` pipelines are out at once; calls arriving meanwhile queue and go
-    together in the next one. An idle limiter sends each decision at once (no added latency);
-    a busy one sends N decisions in one write and one round trip. Each decision is still its
-    own EVALSHA, atomic on its own.
-    """
-
-    def __init__(self, client: aioredis.Redis, source: str, max_inflight: int = 2) -> None:
-        super().__init__(client, source)
-        self.max_inflight = max_inflight
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, future))
-        if len(self._tasks) < self.max_inflight:
-            self._start()
-        return await future
-
-    def _start(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._flush())
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._queue and len(self._tasks) < self.max_inflight:
-            self._start()
-
-    async def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        if not batch:
-            return
-        try:
-            if not self.sha:
-                self.sha = await self.client.script_load(self.source)
-            results = await self._pipeline(batch)
-            if any(isinstance(r, NoScriptError) for r in results):
-                self.sha = await self.client.script_load(self.source)
-                results = await self._pipeline(batch)
-        except BaseException as exc:  # every waiter learns of the failure, then it propagates no further
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(
-                        exc if isinstance(exc, Exception) else RedisConnectionError(repr(exc))
-                    )
-            return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller gave up (timeout)
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self.sha, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+            return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except RedisReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        loaded = await self.redis.execute("SCRIPT", "LOAD", self.source)
+        self.sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 def _results(rows: list[list[int]]) -> tuple[OpResult, ...]:
@@ -372,30 +305,20 @@ class RedisStore:
         url: str,
         *,
         buckets: int = 20,
-        pool_size: int = 64,
         timeout: float = 0.25,
         clock_ms: Any = None,
     ) -> None:
         clean, self.prefix = split_key_prefix(url)
-        # A blocking pool: past `pool_size` concurrent decisions, calls wait for a connection
-        # (bounded by the caller's timeout) instead of failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            clean,
-            max_connections=pool_size,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self.client = aioredis.Redis(connection_pool=pool)
+        # One pipelined connection per replica (see pipelined.py): concurrent decisions share
+        # writes and reads instead of each taking a pooled connection.
+        self.redis = PipelinedRedis(Endpoint.from_url(clean), connect_timeout=timeout, stall_after=timeout)
         self.buckets = buckets
         # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
         self._clock_ms = clock_ms
-        self._decide = _BatchedScript(self.client, DECIDE)
-        self._settle = _Script(self.client, SETTLE)
-        self._put_headroom = _Script(self.client, PUT_HEADROOM)
-        self._get_headroom = _Script(self.client, GET_HEADROOM)
+        self._decide = _Script(self.redis, DECIDE)
+        self._settle = _Script(self.redis, SETTLE)
+        self._put_headroom = _Script(self.redis, PUT_HEADROOM)
+        self._get_headroom = _Script(self.redis, GET_HEADROOM)
 
     def _now_arg(self) -> str:
         return "" if self._clock_ms is None else str(int(self._clock_ms()))
@@ -403,13 +326,8 @@ class RedisStore:
     async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
             return await script(keys, args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except OSError as exc:
             raise StoreUnavailableError(repr(exc)) from exc
-        except RedisError as exc:
-            # A Redis that is loading, read-only or out of memory is as good as unreachable.
-            if any(s in str(exc) for s in ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY")):
-                raise StoreUnavailableError(repr(exc)) from exc
-            raise
 
     async def decide(
         self,
@@ -489,5 +407,4 @@ class RedisStore:
         return dict(zip(items[::2], items[1::2], strict=True))
 
     async def close(self) -> None:
-        await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        await self.redis.close()
