@@ -52,6 +52,7 @@ class EdgeApp(ServiceApp):
             sample_every=settings.queue_sample_interval,
         )
         self.jobs = JobRunner(settings, self.store, self.pipeline, telemetry.tracer, self.metrics)
+        self.metrics.watch_pacer(self.jobs.pacer)
         self.in_flight = InFlightLimit(settings.max_in_flight)
 
     def service_names(self) -> Sequence[str]:

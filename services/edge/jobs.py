@@ -30,6 +30,7 @@ from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
 from services.edge.metrics import EdgeMetrics
+from services.edge.pacing import PacingSettings, QueuePacer
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
 
@@ -112,6 +113,14 @@ class JobRunner:
         self._stopping = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=settings.webhook_timeout)
         self._webhooks: set[asyncio.Task[bool]] = set()
+        self.pacer = QueuePacer(
+            PacingSettings(
+                max_workers=settings.workers,
+                min_workers=min(settings.queue_min_workers, settings.workers),
+                target_lag=settings.queue_target_lag,
+                interval=settings.queue_pace_interval,
+            )
+        )
 
     # --- submitting --------------------------------------------------------------------------------------
 
@@ -140,9 +149,11 @@ class JobRunner:
             self._tasks.append(asyncio.create_task(self._work(index), name=f"edge-worker-{index}"))
         if self._settings.workers:
             self._tasks.append(asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer"))
+            self.pacer.start()
 
     async def stop(self) -> None:
         self._stopping.set()
+        await self.pacer.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -165,20 +176,23 @@ class JobRunner:
 
     async def _work(self, index: int) -> None:
         while not self._stopping.is_set():
-            try:
-                claim = await self._store.claim(self._consumer, block=1.0)
-            except Exception:
-                log.exception("claiming a job failed; retrying")
-                await asyncio.sleep(1.0)
-                continue
-            if claim is None:
-                continue
-            try:
-                await self.run(claim)
-            except Exception:
-                # The claim stays pending in the store and is reclaimed, so the job is not lost.
-                log.exception("job %s could not be finished; it will be retried", claim.job.job_id)
-                await asyncio.sleep(0.5)
+            # A slot first, then a claim: a job this replica has no capacity for stays in the
+            # queue for another replica.
+            async with self.pacer.slot():
+                try:
+                    claim = await self._store.claim(self._consumer, block=1.0)
+                except Exception:
+                    log.exception("claiming a job failed; retrying")
+                    await asyncio.sleep(1.0)
+                    continue
+                if claim is None:
+                    continue
+                try:
+                    await self.run(claim)
+                except Exception:
+                    # The claim stays pending in the store and is reclaimed, so the job is not lost.
+                    log.exception("job %s could not be finished; it will be retried", claim.job.job_id)
+                    await asyncio.sleep(0.5)
 
     async def _heartbeat(self, claim: Claim) -> None:
         interval = max(0.05, self._settings.job_claim_idle / 3)

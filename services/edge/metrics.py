@@ -19,6 +19,7 @@ from ballast.edge.v1 import edge_pb2
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from services.edge.pacing import QueuePacer
 from services.edge.store import PRIORITY_ORDER, EdgeStore
 
 log = logging.getLogger("ballast.edge.metrics")
@@ -34,6 +35,7 @@ class EdgeMetrics:
         self._depth: dict[str, int] = dict.fromkeys(PRIORITY_ORDER, 0)
         self._oldest_age = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._meter = meter
         self.chats = meter.create_counter(
             "ballast.edge.chats",
             unit="{request}",
@@ -65,6 +67,21 @@ class EdgeMetrics:
             callbacks=[self._observe_age],
             unit="s",
             description="Age of the oldest unfinished job",
+        )
+
+    def watch_pacer(self, pacer: QueuePacer) -> None:
+        """Exports how many queue workers may run, and the loop lag that decided it."""
+        self._meter.create_observable_gauge(
+            "ballast.edge.queue.workers_allowed",
+            callbacks=[lambda options: [Observation(pacer.allowed)]],
+            unit="{worker}",
+            description="Queue workers allowed to run now (fewer while interactive chats need the CPU)",
+        )
+        self._meter.create_observable_gauge(
+            "ballast.edge.loop_lag",
+            callbacks=[lambda options: [Observation(pacer.lag)]],
+            unit="s",
+            description="How late the edge's event loop ran its last timer (CPU saturation)",
         )
 
     def _labels(self, caller: common_pb2.Caller, **extra: str) -> dict[str, str]:
