@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -29,8 +30,9 @@ from services.kit.errors import (
     NotFound,
     ResourceExhausted,
     Unauthenticated,
-    to_status,
+    abort_with,
 )
+from services.kit.interceptors import wrap_handler
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -438,47 +440,21 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/ballast.edge.v1.EdgeService/"):
             return handler
-        limiter = self
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        return wrap_handler(handler, self._admitted)
 
-            async def unary(request: Any, context: Context) -> Any:
-                if limiter.active >= limiter.limit:
-                    await _overloaded(context, limiter.limit)
-                limiter.active += 1
-                try:
-                    return await inner(request, context)
-                finally:
-                    limiter.active -= 1
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+    @asynccontextmanager
+    async def _admitted(self, context: Context) -> AsyncIterator[None]:
+        if self.active >= self.limit:
+            await abort_with(
+                context,
+                ResourceExhausted(
+                    f"this edge replica is at its limit of {self.limit} requests in flight; retry shortly",
+                    retry_after=0.5,
+                    reason="edge_in_flight",
+                ),
             )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                if limiter.active >= limiter.limit:
-                    await _overloaded(context, limiter.limit)
-                limiter.active += 1
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                finally:
-                    limiter.active -= 1
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
-
-
-async def _overloaded(context: Context, limit: int) -> None:
-    status = to_status(
-        ResourceExhausted(
-            f"this edge replica is at its limit of {limit} requests in flight; retry shortly",
-            retry_after=0.5,
-            reason="edge_in_flight",
-        )
-    )
-    await context.abort(status.code, status.details, status.trailing_metadata)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1

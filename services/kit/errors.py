@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
+
+from services.kit.interceptors import Context, wrap_handler
 
 log = logging.getLogger("ballast.kit.errors")
 
@@ -156,10 +159,16 @@ def _trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else "none"
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+async def abort_with(context: Context, error: BallastError) -> NoReturn:
+    """Ends the call with the error's status, details and trailing metadata; for code that
+    runs outside `ErrorInterceptor`, such as an interceptor that sheds load."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, (*status.trailing_metadata, *error.trailing))
+
+
+async def _abort(context: Context, exc: BaseException, method: str) -> None:
     if isinstance(exc, BallastError):
-        status = to_status(exc)
-        await context.abort(status.code, status.details, (*status.trailing_metadata, *exc.trailing))
+        await abort_with(context, exc)
     if isinstance(exc, NotImplementedError):
         # The generated base servicers raise this for methods a service does not implement.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
@@ -185,37 +194,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        # Under grpc.aio the behaviours are coroutines and async generators; the stubs describe
-        # the sync API, hence the casts.
-        if handler.unary_unary is not None:
-            inner_uu = cast(Callable[..., Awaitable[Any]], handler.unary_unary)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as exc:
-                    if _is_passthrough(exc):
-                        raise
-                    await _abort(context, exc, method)
+        @asynccontextmanager
+        async def mapped(context: Context) -> AsyncIterator[None]:
+            try:
+                yield
+            except BaseException as exc:
+                if _is_passthrough(exc):
+                    raise
+                await _abort(context, exc, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_us = cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)
-
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except BaseException as exc:
-                    if _is_passthrough(exc):
-                        raise
-                    await _abort(context, exc, method)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+        return wrap_handler(handler, mapped)

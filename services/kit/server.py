@@ -13,8 +13,9 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from prometheus_client import start_http_server
 
 from services.kit.config import ServerSettings
 from services.kit.errors import ErrorInterceptor
+from services.kit.interceptors import Context, wrap_handler
 from services.kit.telemetry import Telemetry
 
 log = logging.getLogger("ballast.kit.server")
@@ -90,39 +92,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
         record = self._record
-        if handler.unary_unary is not None:
-            inner = cast(Callable[..., Awaitable[Any]], handler.unary_unary)
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                try:
-                    result = await inner(request, context)
-                except BaseException:
-                    record(method, started, context.code() or grpc.StatusCode.UNKNOWN)
-                    raise
-                record(method, started, context.code())
-                return result
+        @asynccontextmanager
+        async def timed(context: Context) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            try:
+                yield
+            except BaseException:
+                record(method, started, context.code() or grpc.StatusCode.UNKNOWN)
+                raise
+            record(method, started, context.code())
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_stream = cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except BaseException:
-                    record(method, started, context.code() or grpc.StatusCode.UNKNOWN)
-                    raise
-                record(method, started, context.code())
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+        return wrap_handler(handler, timed)
 
 
 @dataclass
