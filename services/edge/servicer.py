@@ -32,7 +32,7 @@ from services.kit.errors import (
     Unauthenticated,
     abort_with,
 )
-from services.kit.interceptors import wrap_handler
+from services.kit.interceptors import Around, AroundInterceptor
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -423,7 +423,7 @@ class EdgeAdminServicer(edge_pb2_grpc.EdgeAdminServiceServicer):
         return edge_pb2.ListApiKeysResponse(keys=[_key_info(k) for k in page], next_page_token=token)
 
 
-class InFlightLimit(grpc.aio.ServerInterceptor):
+class InFlightLimit(AroundInterceptor):
     """Caps concurrent EdgeService calls on this replica; beyond it, RESOURCE_EXHAUSTED at once.
 
     Shedding at the door keeps latency bounded for the calls already admitted, and tells
@@ -431,16 +431,12 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, limit: int) -> None:
+        super().__init__()
         self.limit = limit
         self.active = 0
 
-    async def intercept_service(
-        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith("/ballast.edge.v1.EdgeService/"):
-            return handler
-        return wrap_handler(handler, self._admitted)
+    def around(self, method: str) -> Around | None:
+        return self._admitted if method.startswith("/ballast.edge.v1.EdgeService/") else None
 
     @asynccontextmanager
     async def _admitted(self, context: Context) -> AsyncIterator[None]:

@@ -8,7 +8,7 @@ Anything else is a bug: logged with the trace id, answered as a generic INTERNAL
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
 
-from services.kit.interceptors import Context, wrap_handler
+from services.kit.interceptors import Around, AroundInterceptor, Context
 
 log = logging.getLogger("ballast.kit.errors")
 
@@ -182,19 +182,10 @@ def _is_passthrough(exc: BaseException) -> bool:
     return not isinstance(exc, Exception) or type(exc).__module__.startswith(("grpc", "asyncio"))
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(AroundInterceptor):
     """Maps exceptions raised by servicers to statuses, for unary and streaming responses."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-
+    def around(self, method: str) -> Around | None:
         @asynccontextmanager
         async def mapped(context: Context) -> AsyncIterator[None]:
             try:
@@ -204,4 +195,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await _abort(context, exc, method)
 
-        return wrap_handler(handler, mapped)
+        return mapped

@@ -45,3 +45,36 @@ def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], around: Around) -> gr
             stream, handler.request_deserializer, handler.response_serializer
         )
     return handler
+
+
+class AroundInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs `around(method)` around every call of a method.
+
+    grpc.aio asks every interceptor for the handler on every call; a method's handler does not
+    change, so each is wrapped once and the wrapped handler is reused (on the hot path that
+    saves building closures and handler tuples per call).
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def around(self, method: str) -> Around | None:
+        """What to run around the calls of `method`; None leaves them alone."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        around = self.around(method)
+        wrapped = handler if around is None else wrap_handler(handler, around)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

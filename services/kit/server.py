@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from services.kit.config import ServerSettings
 from services.kit.errors import ErrorInterceptor
-from services.kit.interceptors import Context, wrap_handler
+from services.kit.interceptors import Around, AroundInterceptor, Context
 from services.kit.telemetry import Telemetry
 
 log = logging.getLogger("ballast.kit.server")
@@ -60,38 +60,31 @@ class ServiceApp:
         """Closes pools and stops background work, after in-flight calls drained."""
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(AroundInterceptor):
     """Counts calls and their duration per method and status (`rpc.server.call.duration`)."""
 
     def __init__(self, meter: metrics.Meter) -> None:
+        super().__init__()
         self._duration = meter.create_histogram(
             "rpc.server.call.duration",
             unit="s",
             description="Duration of gRPC calls handled, by method and status",
         )
 
-    def _record(self, method: str, started: float, code: grpc.StatusCode | None) -> None:
+    def around(self, method: str) -> Around | None:
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return None
         service, _, name = method.lstrip("/").partition("/")
-        self._duration.record(
-            time.perf_counter() - started,
-            {
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": name,
-                "rpc.grpc.status_code": (code or grpc.StatusCode.OK).name,
-            },
-        )
+        record = self._duration.record
+        labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        by_code: dict[grpc.StatusCode, dict[str, str]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
-            return handler
-        record = self._record
+        def done(started: float, code: grpc.StatusCode | None) -> None:
+            code = code or grpc.StatusCode.OK
+            attributes = by_code.get(code)
+            if attributes is None:
+                attributes = by_code[code] = {**labels, "rpc.grpc.status_code": code.name}
+            record(time.perf_counter() - started, attributes)
 
         @asynccontextmanager
         async def timed(context: Context) -> AsyncIterator[None]:
@@ -99,11 +92,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             try:
                 yield
             except BaseException:
-                record(method, started, context.code() or grpc.StatusCode.UNKNOWN)
+                done(started, context.code() or grpc.StatusCode.UNKNOWN)
                 raise
-            record(method, started, context.code())
+            done(started, context.code())
 
-        return wrap_handler(handler, timed)
+        return timed
 
 
 @dataclass
