@@ -34,6 +34,7 @@ import httpx
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from services.kit.net import free_port
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, Message, Role
 from services.router.providers.openai import to_openai_body
@@ -41,12 +42,6 @@ from services.router.providers.openai import to_openai_body
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Summarise the benefits of routing LLM calls through a gateway in one sentence."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_port(port: int, timeout: float = 20.0) -> None:
@@ -210,7 +205,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=20.0, help="cap per measured run")
     args = parser.parse_args()
-    sim_port, router_port = _free_port(), _free_port()
+    sim_port, router_port = free_port(), free_port()
     env = {
         **os.environ,
         "OTEL_SDK_DISABLED": "true",
