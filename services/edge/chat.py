@@ -116,6 +116,8 @@ class Prepared:
     quotas: list[common_pb2.Quota] = field(default_factory=list)
     throttle_delay: float = 0.0
     cached: cache_pb2.LookupResponse | None = None
+    # The limiter's priority for this caller: the router keeps providers' last headroom for high.
+    priority: int = common_pb2.PRIORITY_UNSPECIFIED
 
 
 async def _settle(awaitable: Awaitable[T]) -> T | BaseException:
@@ -236,6 +238,7 @@ class ChatPipeline:
         if check is not None:
             prepared.reservation_id = check.reservation_id
             prepared.quotas = [status.quota for status in check.limits]
+            prepared.priority = check.priority
         if context is not None:
             prepared.session_version = context.version
             history: list[common_pb2.ChatMessage] = []
@@ -330,6 +333,7 @@ class ChatPipeline:
             hints=request.routing,
             caller=prepared.caller,
             request_id=prepared.request_id,
+            priority=prepared.priority,  # type: ignore[arg-type] # the same enum, read back as int
         )
 
     async def call_model(self, prepared: Prepared, deadline: Deadline) -> router_pb2.CompleteResponse:

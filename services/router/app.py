@@ -42,7 +42,7 @@ class RouterApp(ServiceApp):
         self.catalog: Catalog = settings.catalog
         self.clock = clock
         self.health = HealthBook(settings.breaker, clock)
-        self.planner = Planner(self.catalog, self.health)
+        self.planner = Planner(self.catalog, self.health, headroom_reserve=settings.headroom_reserve)
         self.gateway = Gateway(
             settings,
             self.planner,

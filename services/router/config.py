@@ -57,6 +57,9 @@ class RouterSettings:
     max_connections: int = 200
     default_max_output_tokens: int = 4096
     report_headroom: bool = True
+    # Share of a provider's request/token limit kept for high-priority calls once its headroom
+    # runs that low: lower priorities route to other candidates first. 0 = no reserve.
+    headroom_reserve: float = 0.2
     headroom_interval: float = 1.0
     # Multiplies every sim latency (0 makes the embedded sims answer at once: tests, benchmarks).
     sim_latency_scale: float = 1.0
@@ -100,6 +103,7 @@ class RouterSettings:
             max_connections=env.integer(f"{P}MAX_CONNECTIONS", 200, minimum=1),
             default_max_output_tokens=env.integer(f"{P}DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1),
             report_headroom=env.boolean(f"{P}REPORT_HEADROOM", True),
+            headroom_reserve=env.number(f"{P}HEADROOM_RESERVE", 0.2, minimum=0.0, maximum=0.9),
             headroom_interval=env.duration(f"{P}HEADROOM_INTERVAL", 1.0, minimum=0.01),
             sim_latency_scale=env.number(f"{P}SIM_LATENCY_SCALE", 1.0, minimum=0.0),
             store_url=env.url(f"{P}STORE", "memory://", ["memory", "redis", "rediss", "unix"]),

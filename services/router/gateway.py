@@ -96,6 +96,8 @@ class Call:
     # Absolute time on the gateway's clock by which the answer is due.
     deadline: float = 0.0
     request_id: str = ""
+    # High and critical priority may use a provider's reserved last share of headroom.
+    high_priority: bool = False
 
 
 HeadroomListener = Callable[[str, str, Headroom], None]
@@ -309,7 +311,12 @@ class Gateway:
     async def complete(self, call: Call, request: ChatRequest) -> Answer:
         started = self.clock()
         plan = self.planner.plan(
-            call.model, tier=call.tier, caller_region=call.region, hints=call.hints, request=request
+            call.model,
+            tier=call.tier,
+            caller_region=call.region,
+            hints=call.hints,
+            request=request,
+            high_priority=call.high_priority,
         )
 
         async def attempt(adapter: Adapter, choice: Choice) -> ChatResult:
@@ -328,6 +335,7 @@ class Gateway:
             hints=call.hints,
             kind="embedding",
             input_tokens=tokens,
+            high_priority=call.high_priority,
         )
 
         async def attempt(adapter: Adapter, choice: Choice) -> EmbedResult:
@@ -341,7 +349,12 @@ class Gateway:
         """StreamStarted, then deltas, then the Answer; failover happens only before StreamStarted."""
         started = self.clock()
         plan = self.planner.plan(
-            call.model, tier=call.tier, caller_region=call.region, hints=call.hints, request=request
+            call.model,
+            tier=call.tier,
+            caller_region=call.region,
+            hints=call.hints,
+            request=request,
+            high_priority=call.high_priority,
         )
         timeouts = self.settings.timeouts
         holder: dict[str, AsyncIterator[Delta | ChatResult]] = {}

@@ -19,6 +19,7 @@ from services.router.catalog import AUTO_ALIAS, AutoRule, Candidate, Catalog, Mo
 from services.router.health import HealthBook
 from services.router.model import ChatRequest, Role, request_tokens
 from services.router.pricing import estimate
+from services.router.providers.base import Headroom
 
 # A target whose recent error rate is above this goes behind the healthier ones.
 HIGH_ERROR_RATE = 0.5
@@ -78,11 +79,13 @@ class Planner:
         *,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        headroom_reserve: float = 0.0,
     ) -> None:
         self.catalog = catalog
         self.health = health
         self.rng = rng or random.Random()
         self.wall_clock = wall_clock
+        self.headroom_reserve = headroom_reserve
 
     def effective_candidates(self, alias: str) -> list[Candidate]:
         """The alias's enabled candidates; simulated ones only if no real one is enabled (unless mixed)."""
@@ -146,6 +149,7 @@ class Planner:
         request: ChatRequest | None = None,
         kind: str = "chat",
         input_tokens: int = 0,
+        high_priority: bool = False,
     ) -> Plan:
         resolved, candidates, configured = self.resolve(requested, tier, request, kind)
         strategy = hints.strategy or configured
@@ -174,7 +178,7 @@ class Planner:
                 "cost cap or context window)"
             )
         ordered = self._order(choices, strategy, input_tokens, output_tokens)
-        return Plan(resolved, strategy, self._by_health(ordered, region))
+        return Plan(resolved, strategy, self._by_health(ordered, region, high_priority))
 
     def _order(
         self, choices: list[Choice], strategy: Strategy, input_tokens: int, output_tokens: int
@@ -195,21 +199,34 @@ class Planner:
             )
         return choices
 
-    def _by_health(self, choices: list[Choice], region: str) -> list[Choice]:
+    def _by_health(self, choices: list[Choice], region: str, high_priority: bool = False) -> list[Choice]:
         now = self.wall_clock()
+        reserve = 0.0 if high_priority else self.headroom_reserve
 
-        def key(choice: Choice) -> tuple[bool, bool, bool, bool, bool]:
+        def key(choice: Choice) -> tuple[bool, bool, bool, bool, bool, bool]:
             health = self.health.get(choice.target)
             room = health.headroom
-            exhausted = (
-                room.remaining_requests == 0 and now < room.observed_at + (room.reset_requests or 0)
-            ) or (room.remaining_tokens == 0 and now < room.observed_at + (room.reset_tokens or 0))
             return (
                 not self.health.available(choice.target),
                 self.health.cooling_down(choice.target),
-                exhausted,
+                _below(room, 0.0, now),
+                reserve > 0 and _below(room, reserve, now),
                 health.error_rate > HIGH_ERROR_RATE,
                 bool(region) and choice.provider.region != region,
             )
 
         return sorted(choices, key=key)
+
+
+def _below(room: Headroom, share: float, now: float) -> bool:
+    """Whether the provider's last report, still current, left at most `share` of a limit
+    (requests or tokens); share 0 means exhausted."""
+
+    def low(remaining: int, limit: int, reset: float | None) -> bool:
+        if remaining < 0 or now >= room.observed_at + (reset or 0):
+            return False
+        return remaining == 0 if share <= 0 else limit > 0 and remaining <= share * limit
+
+    return low(room.remaining_requests, room.limit_requests, room.reset_requests) or low(
+        room.remaining_tokens, room.limit_tokens, room.reset_tokens
+    )

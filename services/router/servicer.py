@@ -180,6 +180,9 @@ def to_hints(hints: router_pb2.RoutingHints) -> Hints:
 # --- response translation -----------------------------------------------------------------------
 
 
+_HIGH_PRIORITIES = frozenset({common_pb2.PRIORITY_HIGH, common_pb2.PRIORITY_CRITICAL})
+
+
 def _message_pb(message: Message) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(
         role=common_pb2.ROLE_ASSISTANT,
@@ -247,6 +250,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.clock = clock
 
     def _call(self, request: router_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Call:
+        if request.priority not in common_pb2.Priority.values():
+            raise InvalidArgument("priority", f"unknown priority {request.priority}")
         remaining = context.time_remaining()
         budget = (
             self.settings.timeouts.request
@@ -260,6 +265,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             hints=to_hints(request.hints),
             deadline=self.clock() + budget,
             request_id=request.request_id,
+            high_priority=request.priority in _HIGH_PRIORITIES,
         )
 
     async def Complete(

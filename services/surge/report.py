@@ -11,7 +11,7 @@ from services.surge.load import Event, LoadState
 from services.surge.scenario import TIERS, ScenarioConfig
 
 
-def _pct(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
@@ -35,7 +35,7 @@ def tier_rows(events: Sequence[Event], config: ScenarioConfig) -> list[dict[str,
                 "requests": len(mine),
                 "success_rate": len(answered) / len(mine),
                 "p50_s": statistics.median(latencies) if latencies else 0.0,
-                "p99_s": _pct(latencies, 0.99),
+                "p99_s": percentile(latencies, 0.99),
                 "limited": sum(1 for e in mine if e.outcome == "limited"),
                 "failed": sum(1 for e in mine if e.outcome == "failed"),
                 "still_queued": sum(1 for e in mine if e.code == "STILL_QUEUED"),
@@ -76,7 +76,7 @@ def progress_line(state: LoadState) -> str:
     return (
         f"t={now:5.1f}s users={state.active_users:4d} requests={total:6d} "
         f"ok={len(answered) / total if total else 0:6.1%} p50={statistics.median(latencies) if latencies else 0:5.2f}s "
-        f"p99={_pct(latencies, 0.99):5.2f}s cache={hits / total if total else 0:5.1%} queue={state.waiting_jobs:4d} "
+        f"p99={percentile(latencies, 0.99):5.2f}s cache={hits / total if total else 0:5.1%} queue={state.waiting_jobs:4d} "
         f"{'OUTAGE ' if state.outage else ''}{providers}"
     )
 
@@ -98,7 +98,7 @@ def series(events: Sequence[Event], duration: float) -> dict[str, list[float]]:
             out["failed"][second] += 1
     for second, values in enumerate(buckets):
         out["p50"][second] = statistics.median(values) if values else float("nan")
-        out["p99"][second] = _pct(values, 0.99) if values else float("nan")
+        out["p99"][second] = percentile(values, 0.99) if values else float("nan")
     return out
 
 

@@ -180,6 +180,34 @@ def test_health_moves_candidates_back() -> None:
     assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "mid-eu"
 
 
+def test_a_providers_last_headroom_is_kept_for_high_priority() -> None:
+    clock = FakeClock()
+    health = book(clock)
+    catalog = parse_catalog(CATALOG, "c.yaml", lambda name: None)
+    p = Planner(catalog, health, rng=random.Random(1), wall_clock=clock, headroom_reserve=0.2)
+
+    def report(remaining: int) -> None:
+        health.observe_headroom(
+            ("us", "dear-us"),
+            Headroom(
+                remaining_requests=remaining, limit_requests=100, reset_requests=30, observed_at=clock.now
+            ),
+        )
+
+    report(50)  # plenty left: everyone's first choice stays first
+    assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "dear-us"
+    report(20)  # the last fifth: kept for high priority, the others go elsewhere first
+    assert order(p.plan("reasoning", request=chat("hi")).choices) == ["mid-eu", "cheap-us", "dear-us"]
+    assert order(p.plan("reasoning", request=chat("hi"), high_priority=True).choices)[0] == "dear-us"
+    clock.now += 31  # the window the report described has reset
+    assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "dear-us"
+    report(0)  # exhausted: nobody's first choice, high priority included
+    assert order(p.plan("reasoning", request=chat("hi"), high_priority=True).choices)[0] == "mid-eu"
+    unreserved = Planner(catalog, health, wall_clock=clock)  # reserve 0: only exhaustion counts
+    report(1)
+    assert order(unreserved.plan("reasoning", request=chat("hi")).choices)[0] == "dear-us"
+
+
 def test_region_preference_and_requirement() -> None:
     p, _, _ = planner()
     assert order(p.plan("reasoning", caller_region="eu", request=chat("hi")).choices)[0] == "mid-eu"

@@ -187,6 +187,7 @@ async def test_embed_list_models_and_status(suite_factory: SuiteFactory) -> None
             "hints.max_attempts",
         ),
         (router_pb2.CompleteRequest(model="sim-embed", messages=[user()]), "model"),
+        (router_pb2.CompleteRequest(messages=[user()], priority=77), "priority"),  # type: ignore[arg-type]
     ],
 )
 async def test_bad_requests_name_the_field(

@@ -171,12 +171,19 @@ class CompleteRequest(_message.Message):
     HINTS_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A model id from the catalog ("gpt-4o-mini"), an alias ("fast", "reasoning",
     "budget"), "auto", or empty for the caller tier's default.
     """
     request_id: _builtins.str
     """Caller-chosen id for correlation in logs and traces."""
+    priority: _common_pb2.Priority.ValueType
+    """How urgent the call is (the edge passes the limiter's decision). When a provider's
+    rate-limit headroom runs low, its last share (BALLAST_ROUTER_HEADROOM_RESERVE) is kept for
+    PRIORITY_HIGH and PRIORITY_CRITICAL calls: lower ones try other candidates first.
+    Unspecified counts as normal.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation, oldest first. System messages may appear first."""
@@ -204,10 +211,11 @@ class CompleteRequest(_message.Message):
         hints: Global___RoutingHints | None = ...,
         caller: _common_pb2.Caller | None = ...,
         request_id: _builtins.str = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "hints", b"hints", "params", b"params", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "hints", b"hints", "messages", b"messages", "model", b"model", "params", b"params", "request_id", b"request_id", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "hints", b"hints", "messages", b"messages", "model", b"model", "params", b"params", "priority", b"priority", "request_id", b"request_id", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
