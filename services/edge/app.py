@@ -13,6 +13,7 @@ from services.edge.config import EdgeSettings
 from services.edge.downstream import Downstream
 from services.edge.jobs import JobRunner
 from services.edge.metrics import EdgeMetrics
+from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
 from services.kit.server import ServiceApp
@@ -51,8 +52,14 @@ class EdgeApp(ServiceApp):
             per_user=settings.server.metrics_per_user,
             sample_every=settings.queue_sample_interval,
         )
-        self.jobs = JobRunner(settings, self.store, self.pipeline, telemetry.tracer, self.metrics)
-        self.metrics.watch_pacer(self.jobs.pacer)
+        # High priority first when short of CPU: the queue gives way, then low/normal chats.
+        self.governor = LoadGovernor(target_lag=settings.pacing_target_lag, interval=settings.pacing_interval)
+        queue_lane = self.governor.lane("queue", settings.workers, settings.queue_min_workers)
+        self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
+        self.metrics.watch_governor(self.governor)
+        self.jobs = JobRunner(
+            settings, self.store, self.pipeline, telemetry.tracer, self.metrics, lane=queue_lane
+        )
         self.in_flight = InFlightLimit(settings.max_in_flight)
 
     def service_names(self) -> Sequence[str]:
@@ -68,7 +75,14 @@ class EdgeApp(ServiceApp):
         keys = KeyRegistry(self.file_keys, self.store)
         edge_pb2_grpc.add_EdgeServiceServicer_to_server(
             EdgeServicer(
-                self.settings, keys, self.downstream, self.pipeline, self.jobs, self.store, self.metrics
+                self.settings,
+                keys,
+                self.downstream,
+                self.pipeline,
+                self.jobs,
+                self.store,
+                self.metrics,
+                self.chat_lane,
             ),
             server,
         )
@@ -79,10 +93,12 @@ class EdgeApp(ServiceApp):
     async def start(self) -> None:
         await self.store.start()
         self.jobs.start()
+        self.governor.start()
         self.metrics.start()
 
     async def close(self) -> None:
         await self.metrics.stop()
+        await self.governor.stop()
         await self.jobs.stop()
         await self.downstream.close()
         await self.store.close()

@@ -55,11 +55,13 @@ class EdgeSettings:
     # Queue: workers per replica (enough that the limiter, not the worker count, paces the queue), how
     # long a job may wait for quota, and when a silent worker's job is reclaimed.
     workers: int = 32
-    # Interactive chats first (pacing.py): while the event loop runs later than queue_target_lag
-    # (the process is short of CPU), queue workers back off to queue_min_workers; 0 = no pacing.
-    queue_target_lag: float = 0.02
+    # High priority first (pacing.py): while the event loop runs later than pacing_target_lag
+    # (the process is short of CPU), queue workers back off towards queue_min_workers, then
+    # low/normal-priority chats towards paced_chats_min; 0 = no pacing.
+    pacing_target_lag: float = 0.02
+    pacing_interval: float = 0.1
     queue_min_workers: int = 2
-    queue_pace_interval: float = 0.1
+    paced_chats_min: int = 8
     job_max_wait: float = 3600.0
     # Tries of a job whose backends were unavailable before it is failed, and the first pause
     # between them (doubling, at most 30 s).
@@ -100,9 +102,10 @@ class EdgeSettings:
             limiter_failure=env.choice("BALLAST_EDGE_LIMITER_FAILURE", "open", ["open", "closed"]),
             max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
             workers=env.integer("BALLAST_EDGE_WORKERS", 32, minimum=0, maximum=1024),
-            queue_target_lag=env.duration("BALLAST_EDGE_QUEUE_TARGET_LAG", 0.02, minimum=0.0),
+            pacing_target_lag=env.duration("BALLAST_EDGE_PACING_TARGET_LAG", 0.02, minimum=0.0),
+            pacing_interval=env.duration("BALLAST_EDGE_PACING_INTERVAL", 0.1, minimum=0.01),
             queue_min_workers=env.integer("BALLAST_EDGE_QUEUE_MIN_WORKERS", 2, minimum=1, maximum=1024),
-            queue_pace_interval=env.duration("BALLAST_EDGE_QUEUE_PACE_INTERVAL", 0.1, minimum=0.01),
+            paced_chats_min=env.integer("BALLAST_EDGE_PACED_CHATS_MIN", 8, minimum=1, maximum=1_000_000),
             job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", 3600.0, minimum=1.0),
             job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", 5, minimum=1, maximum=1000),
             job_retry_backoff=env.duration("BALLAST_EDGE_JOB_RETRY_BACKOFF", 0.5, minimum=0.0),

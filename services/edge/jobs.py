@@ -30,7 +30,7 @@ from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
 from services.edge.metrics import EdgeMetrics
-from services.edge.pacing import PacingSettings, QueuePacer
+from services.edge.pacing import Lane
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
 
@@ -101,6 +101,7 @@ class JobRunner:
         tracer: trace.Tracer,
         metrics: EdgeMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        lane: Lane | None = None,
     ) -> None:
         self._metrics = metrics
         self._settings = settings
@@ -113,14 +114,8 @@ class JobRunner:
         self._stopping = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=settings.webhook_timeout)
         self._webhooks: set[asyncio.Task[bool]] = set()
-        self.pacer = QueuePacer(
-            PacingSettings(
-                max_workers=settings.workers,
-                min_workers=min(settings.queue_min_workers, settings.workers),
-                target_lag=settings.queue_target_lag,
-                interval=settings.queue_pace_interval,
-            )
-        )
+        # The governor's queue lane: how many workers may claim jobs now (pacing.py).
+        self.lane = lane or Lane("queue", max(1, settings.workers), max(1, settings.workers))
 
     # --- submitting --------------------------------------------------------------------------------------
 
@@ -149,11 +144,9 @@ class JobRunner:
             self._tasks.append(asyncio.create_task(self._work(index), name=f"edge-worker-{index}"))
         if self._settings.workers:
             self._tasks.append(asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer"))
-            self.pacer.start()
 
     async def stop(self) -> None:
         self._stopping.set()
-        await self.pacer.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -178,7 +171,7 @@ class JobRunner:
         while not self._stopping.is_set():
             # A slot first, then a claim: a job this replica has no capacity for stays in the
             # queue for another replica.
-            async with self.pacer.slot():
+            async with self.lane.slot():
                 try:
                     claim = await self._store.claim(self._consumer, block=1.0)
                 except Exception:

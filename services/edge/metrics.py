@@ -19,7 +19,7 @@ from ballast.edge.v1 import edge_pb2
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from services.edge.pacing import QueuePacer
+from services.edge.pacing import LoadGovernor
 from services.edge.store import PRIORITY_ORDER, EdgeStore
 
 log = logging.getLogger("ballast.edge.metrics")
@@ -69,17 +69,27 @@ class EdgeMetrics:
             description="Age of the oldest unfinished job",
         )
 
-    def watch_pacer(self, pacer: QueuePacer) -> None:
-        """Exports how many queue workers may run, and the loop lag that decided it."""
+    def watch_governor(self, governor: LoadGovernor) -> None:
+        """Exports each paced lane's allowance, and the loop lag that decides them."""
         self._meter.create_observable_gauge(
-            "ballast.edge.queue.workers_allowed",
-            callbacks=[lambda options: [Observation(pacer.allowed)]],
-            unit="{worker}",
-            description="Queue workers allowed to run now (fewer while interactive chats need the CPU)",
+            "ballast.edge.paced.allowed",
+            callbacks=[
+                lambda options: [Observation(lane.allowed, {"lane": lane.name}) for lane in governor.lanes]
+            ],
+            unit="{slot}",
+            description="Work allowed to run at once per lane (queue, interactive); fewer while high priority needs the CPU",
+        )
+        self._meter.create_observable_gauge(
+            "ballast.edge.paced.waiting",
+            callbacks=[
+                lambda options: [Observation(lane.waiting, {"lane": lane.name}) for lane in governor.lanes]
+            ],
+            unit="{request}",
+            description="Work waiting for a slot per lane",
         )
         self._meter.create_observable_gauge(
             "ballast.edge.loop_lag",
-            callbacks=[lambda options: [Observation(pacer.lag)]],
+            callbacks=[lambda options: [Observation(governor.lag)]],
             unit="s",
             description="How late the edge's event loop ran its last timer (CPU saturation)",
         )

@@ -3,6 +3,7 @@ the job runner or the owning service. Transport only."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,10 +23,12 @@ from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
 from services.edge.jobs import JobRunner, job_to_proto
 from services.edge.metrics import EdgeMetrics
+from services.edge.pacing import Lane
 from services.edge.store import EdgeStore
 from services.edge.validation import check_id, check_json_object, validate_chat, validate_webhook_url
 from services.kit.errors import (
     BallastError,
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -119,7 +122,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         jobs: JobRunner,
         store: EdgeStore,
         metrics: EdgeMetrics,
+        chat_lane: Lane | None = None,
     ) -> None:
+        # Low and normal priority chats take a slot here while the replica is short of CPU;
+        # high and critical ones never wait (pacing.py).
+        self._chat_lane = chat_lane
         self._metrics = metrics
         self._settings = settings
         self._keys = keys
@@ -128,12 +135,32 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self._jobs = jobs
         self._store = store
 
+    @asynccontextmanager
+    async def _paced(self, caller: common_pb2.Caller, deadline: Deadline) -> AsyncIterator[None]:
+        priority = self._settings.tier_priorities.get(caller.tier, "normal")
+        if self._chat_lane is None or priority not in ("low", "normal"):
+            yield
+            return
+        lane = self._chat_lane
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                await lane.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the deadline passed while this replica served higher-priority chats first"
+            ) from None
+        try:
+            yield
+        finally:
+            await lane.release()
+
     async def Chat(self, request: edge_pb2.ChatRequest, context: Context) -> edge_pb2.ChatResponse:
         caller = await self._keys.caller(context)
         validate_chat(request, self._settings)
         deadline = Deadline(context.time_remaining())
         try:
-            response = await self._pipeline.chat(caller, request, _request_id(context), deadline)
+            async with self._paced(caller, deadline):
+                response = await self._pipeline.chat(caller, request, _request_id(context), deadline)
         except BallastError as exc:
             self._metrics.failed(caller, exc.code.name)
             raise
@@ -148,13 +175,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         validate_chat(request.chat, self._settings, "chat")
         deadline = Deadline(context.time_remaining())
         try:
-            async for event in self._pipeline.chat_stream(
-                caller, request.chat, _request_id(context), deadline
-            ):
-                if event.WhichOneof("event") == "done":
-                    self._metrics.chat(caller, event.done)
-                    context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
-                yield event
+            async with self._paced(caller, deadline):
+                async for event in self._pipeline.chat_stream(
+                    caller, request.chat, _request_id(context), deadline
+                ):
+                    if event.WhichOneof("event") == "done":
+                        self._metrics.chat(caller, event.done)
+                        context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
+                    yield event
         except BallastError as exc:
             self._metrics.failed(caller, exc.code.name)
             raise

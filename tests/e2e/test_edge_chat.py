@@ -285,3 +285,31 @@ async def test_another_tenant_cannot_touch_sessions_or_jobs(suite: Suite) -> Non
     # The owner still has everything.
     await suite.edge.GetSession(edge_pb2.GetSessionRequest(session_id=session_id), metadata=owner.auth())
     await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=owner.auth())
+
+
+async def test_short_of_cpu_paid_chats_wait_for_a_slot_and_enterprise_ones_do_not(suite: Suite) -> None:
+    tenant = await new_tenant(suite)
+    app: Any = suite.running["edge"].app
+    await app.governor.stop()  # hold the allowance where the test puts it
+    lane = app.chat_lane
+    await lane.set_allowed(lane.floor)
+    held = [await lane.acquire() for _ in range(lane.allowed)]  # every paced slot busy
+    try:
+        request = edge_pb2.ChatRequest(messages=[user("Is the queue fair to everyone?")])
+        enterprise = await suite.edge.Chat(request, metadata=tenant.auth("enterprise"), timeout=10)
+        assert enterprise.message.content
+        with pytest.raises(grpc.aio.AioRpcError) as waited:
+            await suite.edge.Chat(request, metadata=tenant.auth("paid"), timeout=0.5)
+        assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert lane.waiting == 0
+        paid = asyncio.ensure_future(suite.edge.Chat(request, metadata=tenant.auth("paid"), timeout=10))
+        await asyncio.sleep(0.2)
+        assert not paid.done() and lane.waiting == 1
+        await lane.release()  # a slot frees up: the waiting paid chat goes ahead
+        held.pop()
+        assert (await paid).message.content
+    finally:
+        for _ in held:
+            await lane.release()
+        await lane.set_allowed(lane.ceiling)
+        app.governor.start()
