@@ -44,6 +44,9 @@ class BreakerSettings:
     half_open_probes: int = 1
     # Weight of the newest sample in the EWMA latency and error rate.
     ewma_alpha: float = 0.2
+    # With no new calls the error rate halves every this many seconds, so a target that lost its
+    # traffic to an error streak is tried again instead of staying behind the others for good.
+    error_half_life: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class RouterSettings:
                 open_for=env.duration(f"{P}BREAKER_OPEN_FOR", 30.0),
                 half_open_probes=env.integer(f"{P}BREAKER_HALF_OPEN_PROBES", 1, minimum=1),
                 ewma_alpha=env.number(f"{P}EWMA_ALPHA", 0.2, minimum=0.001, maximum=1.0),
+                error_half_life=env.duration(f"{P}ERROR_HALF_LIFE", 10.0, minimum=0.001),
             ),
             max_connections=env.integer(f"{P}MAX_CONNECTIONS", 200, minimum=1),
             default_max_output_tokens=env.integer(f"{P}DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1),

@@ -43,7 +43,9 @@ class TargetHealth:
     # content), with the number of samples behind each: what stall detection compares against.
     ewma_by_kind: dict[str, float] = field(default_factory=dict)
     samples_by_kind: dict[str, int] = field(default_factory=dict)
+    # EWMA of failures as of error_at (this clock); read it through HealthBook.error_rate.
     error_rate: float = 0.0
+    error_at: float = 0.0
     requests: int = 0
     failures: int = 0
     headroom: Headroom = field(default_factory=Headroom)
@@ -107,6 +109,17 @@ class HealthBook:
             health.probes_in_flight += 1
         return True
 
+    def error_rate(self, target: Target) -> float:
+        """The recent failure share, decayed by the time since the last call finished."""
+        health = self.get(target)
+        return self._decayed(health, self.clock())
+
+    def _decayed(self, health: TargetHealth, now: float) -> float:
+        if not health.error_rate:
+            return 0.0
+        elapsed = max(0.0, now - health.error_at)
+        return float(health.error_rate * 0.5 ** (elapsed / self.settings.error_half_life))
+
     def cooling_down(self, target: Target) -> bool:
         return self.get(target).cooldown_until > self.clock()
 
@@ -119,7 +132,9 @@ class HealthBook:
                 if health.ewma_latency is None
                 else alpha * latency + (1 - alpha) * health.ewma_latency
             )
-        health.error_rate = alpha * (1.0 if failed else 0.0) + (1 - alpha) * health.error_rate
+        now = self.clock()
+        health.error_rate = alpha * (1.0 if failed else 0.0) + (1 - alpha) * self._decayed(health, now)
+        health.error_at = now
 
     def success(self, target: Target, latency: float, kind: str = "call") -> None:
         health = self.get(target)

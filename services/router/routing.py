@@ -211,7 +211,7 @@ class Planner:
                 self.health.cooling_down(choice.target),
                 _below(room, 0.0, now),
                 reserve > 0 and _below(room, reserve, now),
-                health.error_rate > HIGH_ERROR_RATE,
+                self.health.error_rate(choice.target) > HIGH_ERROR_RATE,
                 bool(region) and choice.provider.region != region,
             )
 

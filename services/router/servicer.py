@@ -408,7 +408,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     model=model.id,
                     breaker=_BREAKER[self.health.state(target)],
                     ewma_latency=_duration(health.ewma_latency or 0.0),
-                    error_rate=health.error_rate,
+                    error_rate=self.health.error_rate(target),
                     headroom=headroom,
                     simulated=self.catalog.providers[model.provider].simulated,
                     requests=health.requests,

@@ -180,6 +180,23 @@ def test_health_moves_candidates_back() -> None:
     assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "mid-eu"
 
 
+def test_an_error_streak_fades_so_a_demoted_target_is_tried_again() -> None:
+    p, health, clock = planner()
+    for _ in range(6):  # an outage: dear-us fails, its error rate passes the threshold
+        health.failure(("us", "dear-us"), Outcome.SERVER_ERROR, 0.1)
+        health.success(("us", "dear-us"), 0.1)  # (successes in between keep the breaker shut)
+        health.failure(("us", "dear-us"), Outcome.SERVER_ERROR, 0.1)
+    assert health.error_rate(("us", "dear-us")) > 0.5
+    assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "mid-eu"
+    # Nobody calls dear-us now, so no success can lower its error rate; time does.
+    clock.now += 10
+    assert 0.25 < health.error_rate(("us", "dear-us")) < 0.5
+    assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "dear-us"
+    health.failure(("us", "dear-us"), Outcome.SERVER_ERROR, 0.1)  # still failing: a new streak counts
+    health.failure(("us", "dear-us"), Outcome.SERVER_ERROR, 0.1)
+    assert order(p.plan("reasoning", request=chat("hi")).choices)[0] == "mid-eu"
+
+
 def test_a_providers_last_headroom_is_kept_for_high_priority() -> None:
     clock = FakeClock()
     health = book(clock)
