@@ -395,6 +395,7 @@ class Limiter:
     ) -> None:
         policy = self.tiers.current.throttle
         now = self.clock()
+        full_at = 0.0
         if rate_limited:
             fraction: float | None = 0.0
             horizon = retry_after if retry_after > 0 else policy.stale_after
@@ -402,10 +403,12 @@ class Limiter:
             fraction = headroom_fraction(remaining_requests, limit_requests, remaining_tokens, limit_tokens)
             resets = [s for s in (reset_requests, reset_tokens) if s > 0]
             horizon = max(resets) if resets else policy.stale_after
+            if resets:
+                full_at = now + max(resets)
         if fraction is None:
             return
         horizon = min(horizon, policy.stale_after)
-        report = HeadroomReport(provider, model, fraction, now + horizon, rate_limited, now)
+        report = HeadroomReport(provider, model, fraction, now + horizon, rate_limited, now, full_at)
         self.board.update(report)
         await self.store.put_headroom(f"{provider}\x00{model}", report.encode(), max(1, int(horizon * 1000)))
 

@@ -28,6 +28,18 @@ class HeadroomReport:
     rate_limited: bool = False
     # Epoch seconds of the report: the newest report of a (provider, model) wins.
     at: float = 0.0
+    # Epoch seconds when the provider said its limits are back to full (its x-ratelimit-reset-*
+    # headers); the headroom refills towards it. 0 when unknown (a 429, or no reset header): the
+    # fraction then holds until `until`.
+    full_at: float = 0.0
+
+    def fraction_at(self, now: float) -> float:
+        """The headroom now: providers refill their limits steadily, so a report of an exhausted
+        provider that nobody has called since is not still exhausted a while later."""
+        if self.full_at <= self.at or now <= self.at:
+            return self.fraction
+        refilled = min(1.0, (now - self.at) / (self.full_at - self.at))
+        return self.fraction + (1.0 - self.fraction) * refilled
 
     def encode(self) -> str:
         return json.dumps(
@@ -38,6 +50,7 @@ class HeadroomReport:
                 "u": self.until,
                 "r": self.rate_limited,
                 "a": self.at,
+                "z": self.full_at,
             }
         )
 
@@ -45,7 +58,15 @@ class HeadroomReport:
     def decode(cls, raw: str) -> HeadroomReport | None:
         try:
             d = json.loads(raw)
-            return cls(str(d["p"]), str(d["m"]), float(d["f"]), float(d["u"]), bool(d["r"]), float(d["a"]))
+            return cls(
+                str(d["p"]),
+                str(d["m"]),
+                float(d["f"]),
+                float(d["u"]),
+                bool(d["r"]),
+                float(d["a"]),
+                float(d.get("z", 0.0)),  # absent in reports from older replicas
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -87,17 +108,17 @@ class HeadroomBoard:
             mine = [r for r in live if r.provider == provider]
             if not mine:
                 return None
-            worst = min(mine, key=lambda r: r.fraction)
-            return worst.fraction, worst.until - now
+            worst = min(mine, key=lambda r: r.fraction_at(now))
+            return worst.fraction_at(now), worst.until - now
         by_provider: dict[str, HeadroomReport] = {}
         for r in live:
             held = by_provider.get(r.provider)
-            if held is None or r.fraction < held.fraction:
+            if held is None or r.fraction_at(now) < held.fraction_at(now):
                 by_provider[r.provider] = r
         if not by_provider:
             return None
-        best = max(by_provider.values(), key=lambda r: r.fraction)
-        return best.fraction, best.until - now
+        best = max(by_provider.values(), key=lambda r: r.fraction_at(now))
+        return best.fraction_at(now), best.until - now
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,33 @@ async def test_headroom_reports_expire_with_the_clock(limiter: Limiter, clock: C
     assert (await limiter.check(chat(provider="p"))).decision == "allow"
 
 
+async def test_headroom_refills_towards_the_providers_reset_but_a_429_holds(
+    limiter: Limiter, clock: Clock
+) -> None:
+    room = {"remaining_tokens": -1, "limit_tokens": -1, "reset_tokens": 0, "retry_after": 0}
+    await limiter.report_headroom(
+        "p", "m", remaining_requests=0, limit_requests=100, reset_requests=60, rate_limited=False, **room
+    )
+    assert (await limiter.check(chat(provider="p"))).decision == "deny"
+    # Nobody has called p since: providers refill steadily, so halfway to its reset it is half full.
+    clock.now += 30
+    assert (await limiter.check(chat(provider="p"))).decision == "allow"
+    await limiter.report_headroom(
+        "q", "m", remaining_requests=5, limit_requests=100, reset_requests=60, rate_limited=True,
+        **{**room, "retry_after": 20},
+    )  # fmt: skip
+    clock.now += 15  # within the 429's retry-after: still nothing left
+    assert (await limiter.check(chat(provider="q"))).decision == "deny"
+
+
+def test_headroom_reports_travel_between_replicas_whole() -> None:
+    report = HeadroomReport("p", "m", 0.25, 160.0, False, 100.0, 200.0)
+    assert HeadroomReport.decode(report.encode()) == report
+    assert report.fraction_at(150.0) == 0.625
+    older = '{"p": "p", "m": "m", "f": 0.25, "u": 160.0, "r": false, "a": 100.0}'  # before full_at
+    assert HeadroomReport.decode(older) == HeadroomReport("p", "m", 0.25, 160.0, False, 100.0)
+
+
 def test_delay_grows_with_the_shortage_and_priorities_are_ordered() -> None:
     policy = Throttle()
     board = HeadroomBoard()
