@@ -19,7 +19,7 @@ from services.router.gateway import Gateway
 from services.router.health import HealthBook
 from services.router.hints import HintSharer
 from services.router.metrics import RouterMetrics
-from services.router.providers.base import Adapter, ClientOptions, build_adapter
+from services.router.providers.base import Adapter, ClientOptions, Headroom, build_adapter
 from services.router.reporter import HeadroomReporter
 from services.router.routing import Planner
 from services.router.servicer import RouterServicer
@@ -110,7 +110,7 @@ class RouterApp(ServiceApp):
                 self.settings.hints_interval,
                 self.clock,
             )
-            self.health.listener = self.sharer.notify
+            self.health.listeners.append(self.sharer.notify)
             self.sharer.start()
         if self.settings.report_headroom:
             address = self.settings.server.addresses["limiter"]
@@ -119,7 +119,18 @@ class RouterApp(ServiceApp):
                 self.settings.headroom_interval,
             )
             self.gateway.listeners.append(self.reporter.notify)
+            self.health.listeners.append(self._report_open_breaker)
             self.reporter.start()
+
+    def _report_open_breaker(self, event: str, target: tuple[str, str], seconds: float | None) -> None:
+        """A target whose breaker opened has no headroom until it may close: without this the
+        limiter would keep judging by the last headroom the provider reported before it failed
+        (an outage answers errors, not rate-limit headers) and admit traffic nobody can serve."""
+        if event == "open" and self.reporter is not None:
+            provider, model = target
+            self.reporter.notify(
+                provider, model, Headroom(rate_limited=True, retry_after=seconds, observed_at=time.time())
+            )
 
     async def close(self) -> None:
         if self.reporter is not None:

@@ -63,7 +63,7 @@ class HealthBook:
         self.settings = settings
         self.clock = clock
         self._targets: dict[Target, TargetHealth] = {}
-        self.listener: HealthListener | None = None
+        self.listeners: list[HealthListener] = []
         # Breakers other replicas opened, until when (this clock): treated as open here too.
         self.shared_open: dict[Target, float] = {}
         self._closed_at: dict[Target, float] = {}
@@ -190,8 +190,8 @@ class HealthBook:
         self._tell("open", (health.provider, health.model), self.settings.open_for)
 
     def _tell(self, event: str, target: Target, seconds: float | None) -> None:
-        if self.listener is not None:
-            self.listener(event, target, seconds)
+        for listener in self.listeners:
+            listener(event, target, seconds)
 
     def apply_shared(
         self, open_for: dict[Target, float], cooldowns: dict[Target, float], read_at: float
