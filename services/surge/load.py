@@ -48,6 +48,9 @@ class Event:
     cost_micros: int = 0
     saved_tokens: int = 0
     kind: str = ""
+    # Of the latency: the providers' own time (every attempt) and an adaptive-throttling delay.
+    provider_s: float = 0.0
+    throttle_s: float = 0.0
 
 
 @dataclass
@@ -137,6 +140,8 @@ class SurgeLoad:
             attempts=attempts,
             upstream_429s=rate_limited,
             cost_micros=response.cost.total_cost_micros,
+            provider_s=sum(a.latency.ToNanoseconds() for a in response.attempts) / 1e9,
+            throttle_s=response.throttle_delay.ToNanoseconds() / 1e9,
         )
         return response
 
