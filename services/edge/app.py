@@ -28,7 +28,10 @@ def open_store(settings: EdgeSettings) -> EdgeStore:
     from services.edge.store.redis import RedisEdgeStore
 
     return RedisEdgeStore(
-        settings.store_url, socket_timeout=settings.downstream_timeout, job_ttl=settings.job_ttl
+        settings.store_url,
+        socket_timeout=settings.downstream_timeout,
+        job_ttl=settings.job_ttl,
+        pool_size=settings.store_pool_size,
     )
 
 

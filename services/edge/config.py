@@ -55,6 +55,10 @@ class EdgeSettings:
     # Queue: workers per replica (enough that the limiter, not the worker count, paces the queue), how
     # long a job may wait for quota, and when a silent worker's job is reclaimed.
     workers: int = 32
+    # Redis connections per replica for the edge store. Each queue worker holds one while it
+    # waits for a job (a blocking read), so there must be more than BALLAST_EDGE_WORKERS; past the
+    # pool, calls wait for a connection (up to BALLAST_EDGE_DOWNSTREAM_TIMEOUT) instead of failing.
+    store_pool_size: int = 256
     # High priority first (pacing.py): while the event loop runs later than pacing_target_lag
     # (the process is short of CPU), queue workers back off towards queue_min_workers, then
     # low/normal-priority chats towards paced_chats_min; 0 = no pacing. A chat crosses the loop
@@ -86,6 +90,16 @@ class EdgeSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> EdgeSettings:
+        settings = cls._read(env)
+        if settings.store_pool_size <= settings.workers:
+            env.problems.append(
+                f"BALLAST_EDGE_STORE_POOL_SIZE={settings.store_pool_size} is invalid: it must exceed "
+                f"BALLAST_EDGE_WORKERS={settings.workers} (each worker holds a connection while it waits for a job)"
+            )
+        return settings
+
+    @classmethod
+    def _read(cls, env: Env) -> EdgeSettings:
         return cls(
             server=ServerSettings.from_env("edge", env),
             store_url=env.url("BALLAST_EDGE_STORE", "memory://", ["memory", "redis", "rediss"]),
@@ -105,6 +119,7 @@ class EdgeSettings:
             limiter_failure=env.choice("BALLAST_EDGE_LIMITER_FAILURE", "open", ["open", "closed"]),
             max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
             workers=env.integer("BALLAST_EDGE_WORKERS", 32, minimum=0, maximum=1024),
+            store_pool_size=env.integer("BALLAST_EDGE_STORE_POOL_SIZE", 256, minimum=2, maximum=100_000),
             pacing_target_lag=env.duration("BALLAST_EDGE_PACING_TARGET_LAG", 0.005, minimum=0.0),
             pacing_interval=env.duration("BALLAST_EDGE_PACING_INTERVAL", 0.1, minimum=0.01),
             queue_min_workers=env.integer("BALLAST_EDGE_QUEUE_MIN_WORKERS", 2, minimum=1, maximum=1024),

@@ -103,11 +103,20 @@ def _decode(raw: bytes | str) -> JobRecord:
 
 @_unavailable_when_redis_fails
 class RedisEdgeStore:
-    def __init__(self, url: str, *, socket_timeout: float = 2.0, job_ttl: float = 86400.0) -> None:
+    def __init__(
+        self, url: str, *, socket_timeout: float = 2.0, job_ttl: float = 86400.0, pool_size: int = 256
+    ) -> None:
         clean, prefix = split_key_prefix(url)
-        self._redis = aioredis.from_url(
-            clean, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        # A blocking pool: past pool_size connections in use (each waiting worker holds one), a
+        # call waits for one to come back instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            clean,
+            max_connections=pool_size,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._p = f"{prefix}{{edge}}:"
         self._job_ttl = int(job_ttl)
         self._finish = self._redis.register_script(_FINISH)
@@ -133,6 +142,7 @@ class RedisEdgeStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()  # ours, so aclose leaves it open
 
     # --- keys -------------------------------------------------------------------------------------------
 

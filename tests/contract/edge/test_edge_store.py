@@ -144,3 +144,22 @@ async def test_keys_round_trip(store: EdgeStore) -> None:
     await store.put_key(other)
     assert await store.list_keys("acme", 0, 10) == [key]
     assert len(await store.list_keys("", 0, 10)) == 2
+
+
+async def test_with_every_connection_held_by_waiting_workers_a_call_waits_instead_of_failing(
+    redis_url: str,
+) -> None:
+    small = RedisEdgeStore(redis_url, pool_size=3, socket_timeout=3.0)
+    await small.start()
+    try:
+        key, _ = auth.new_key("acme", "carol", "paid")
+        await small.put_key(key)
+        # Three workers block reading an empty queue: each holds one of the three connections.
+        claims = [asyncio.ensure_future(small.claim(f"worker-{i}", block=1.0)) for i in range(3)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert await small.key_by_hash(key.sha256) == key  # waited for a connection to come back
+        assert 0.5 < time.monotonic() - started < 2.5
+        assert await asyncio.gather(*claims) == [None, None, None]
+    finally:
+        await small.close()
