@@ -9,7 +9,6 @@ because metric callbacks cannot await.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.edge.pacing import LoadGovernor
 from services.edge.store import PRIORITY_ORDER, EdgeStore
+from services.kit.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.edge.metrics")
 
@@ -138,7 +138,4 @@ class EdgeMetrics:
         self._task = asyncio.create_task(self._sample(), name="edge-queue-metrics")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from services.kit.tasks import cancel_and_wait
+
 
 class Lane:
     """Concurrent work of one kind, with an allowance the governor moves between floor and ceiling."""
@@ -91,11 +93,8 @@ class LoadGovernor:
             self._task = asyncio.create_task(self._measure(), name="edge-load-governor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def observe(self, lag: float) -> None:
         """Moves one lane's allowance in answer to one lag measurement."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +12,7 @@ from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.kit.server import ServiceApp
+from services.kit.tasks import cancel_and_wait
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.limiter import metrics
 from services.limiter.config import LimiterSettings, tiers_path
@@ -94,10 +94,7 @@ class LimiterApp(ServiceApp):
         await self.tiers.stop()
         if self.envoy_config is not None:
             await self.envoy_config.stop()
-        if self._headroom_task is not None:
-            self._headroom_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._headroom_task
+        await cancel_and_wait(self._headroom_task)
         await self.store.close()
 
 

@@ -8,11 +8,12 @@ every platform. A file that fails validation is logged and the last good version
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
+
+from services.kit.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.limiter.reload")
 
@@ -86,8 +87,5 @@ class Reloading(Generic[T]):
         self._task = asyncio.create_task(loop(), name=f"reload {self.path}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

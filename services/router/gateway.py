@@ -308,9 +308,8 @@ class Gateway:
 
     # --- operations -------------------------------------------------------------------------------
 
-    async def complete(self, call: Call, request: ChatRequest) -> Answer:
-        started = self.clock()
-        plan = self.planner.plan(
+    def _chat_plan(self, call: Call, request: ChatRequest) -> Plan:
+        return self.planner.plan(
             call.model,
             tier=call.tier,
             caller_region=call.region,
@@ -318,6 +317,10 @@ class Gateway:
             request=request,
             high_priority=call.high_priority,
         )
+
+    async def complete(self, call: Call, request: ChatRequest) -> Answer:
+        started = self.clock()
+        plan = self._chat_plan(call, request)
 
         async def attempt(adapter: Adapter, choice: Choice) -> ChatResult:
             return await adapter.complete(choice.model, request)
@@ -348,14 +351,7 @@ class Gateway:
     async def stream(self, call: Call, request: ChatRequest) -> AsyncIterator[StreamStarted | Delta | Answer]:
         """StreamStarted, then deltas, then the Answer; failover happens only before StreamStarted."""
         started = self.clock()
-        plan = self.planner.plan(
-            call.model,
-            tier=call.tier,
-            caller_region=call.region,
-            hints=call.hints,
-            request=request,
-            high_priority=call.high_priority,
-        )
+        plan = self._chat_plan(call, request)
         timeouts = self.settings.timeouts
         holder: dict[str, AsyncIterator[Delta | ChatResult]] = {}
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from services.kit.tasks import cancel_and_wait
 from services.router.health import HealthBook, Target
 from services.router.store import COOLDOWN, OPEN, Hint, HintStore
 
@@ -49,11 +50,8 @@ class HintSharer:
         self._task = asyncio.create_task(self._loop(), name="router-hint-sharer")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.store.close()
 
     async def sync(self) -> None:

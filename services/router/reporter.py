@@ -16,6 +16,7 @@ import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from google.protobuf import duration_pb2
 
+from services.kit.tasks import cancel_and_wait
 from services.router.providers.base import Headroom
 
 log = logging.getLogger("ballast.router.reporter")
@@ -67,11 +68,8 @@ class HeadroomReporter:
         self._task = asyncio.create_task(self._loop(), name="router-headroom-reporter")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

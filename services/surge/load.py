@@ -20,6 +20,7 @@ from ballast.router.v1 import router_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.kit.tasks import cancel_and_wait
 from services.surge.scenario import ScenarioConfig, Turn, UserPlan
 
 WEATHER = common_pb2.ToolDefinition(
@@ -345,8 +346,5 @@ async def run_surge(
     finally:
         stop.set()
         for task in (watcher, tick, outage):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
     return state

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 import httpcore
@@ -201,44 +201,39 @@ class AsyncioBackend(AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[SOCKET_OPTION] | None = None,
     ) -> AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
         local = (local_address, 0) if local_address else None
-        try:
-            # asyncio sets TCP_NODELAY on TCP sockets itself.
-            transport, connection = await asyncio.wait_for(
-                loop.create_connection(_Connection, host, port, local_addr=local), timeout
-            )
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _apply_options(transport, socket_options)
-        return AsyncioStream(connection, transport)
+        # asyncio sets TCP_NODELAY on TCP sockets itself.
+        connecting = asyncio.get_running_loop().create_connection(_Connection, host, port, local_addr=local)
+        return await _connected(connecting, f"{host}:{port}", timeout, socket_options)
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[SOCKET_OPTION] | None = None
     ) -> AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            transport, connection = await asyncio.wait_for(
-                loop.create_unix_connection(_Connection, path), timeout
-            )
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"timed out connecting to {path}") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _apply_options(transport, socket_options)
-        return AsyncioStream(connection, transport)
+        connecting = asyncio.get_running_loop().create_unix_connection(_Connection, path)
+        return await _connected(connecting, path, timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
-def _apply_options(transport: asyncio.Transport, options: Iterable[SOCKET_OPTION] | None) -> None:
+async def _connected(
+    connecting: Coroutine[Any, Any, tuple[asyncio.Transport, _Connection]],
+    where: str,
+    timeout: float | None,
+    options: Iterable[SOCKET_OPTION] | None,
+) -> AsyncioStream:
+    """The stream once `connecting` completes, with httpcore's errors for a slow or failed connect."""
+    try:
+        transport, connection = await asyncio.wait_for(connecting, timeout)
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(f"timed out connecting to {where}") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from exc
     sock: socket.socket | None = transport.get_extra_info("socket")
     for option in options or ():
         if sock is not None:
             sock.setsockopt(*option)
+    return AsyncioStream(connection, transport)
 
 
 def asyncio_transport(
