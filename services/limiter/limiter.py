@@ -24,7 +24,14 @@ from services.limiter.store.base import (
     Outcome,
     Store,
 )
-from services.limiter.throttle import ALLOW, HeadroomBoard, HeadroomReport, headroom_fraction, judge
+from services.limiter.throttle import (
+    ALLOW,
+    UNKNOWN_HEADROOM,
+    HeadroomBoard,
+    HeadroomReport,
+    headroom_fraction,
+    judge,
+)
 from services.limiter.tiers import (
     REQUESTS,
     TENANT_TOKENS,
@@ -406,7 +413,12 @@ class Limiter:
             if resets:
                 full_at = now + max(resets)
         if fraction is None:
-            return
+            if retry_after <= 0:
+                return  # no figures and no horizon: nothing to go on
+            # No figures but a horizon: the provider's headroom is unknown until then (the
+            # router's breaker for it opened). It replaces what was known and is left out of
+            # judgements, so the providers that can take traffic decide.
+            fraction, horizon = UNKNOWN_HEADROOM, retry_after
         horizon = min(horizon, policy.stale_after)
         report = HeadroomReport(provider, model, fraction, now + horizon, rate_limited, now, full_at)
         self.board.update(report)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from services.limiter.tiers import Throttle
 
+# The fraction of a report that says "unknown until `until`" (the provider's breaker is open):
+# it replaces older reports of that provider and model, and no judgement counts it.
+UNKNOWN_HEADROOM = -1.0
+
 
 @dataclass(frozen=True, slots=True)
 class HeadroomReport:
@@ -36,7 +40,7 @@ class HeadroomReport:
     def fraction_at(self, now: float) -> float:
         """The headroom now: providers refill their limits steadily, so a report of an exhausted
         provider that nobody has called since is not still exhausted a while later."""
-        if self.full_at <= self.at or now <= self.at:
+        if self.full_at <= self.at or now <= self.at or self.fraction < 0:
             return self.fraction
         refilled = min(1.0, (now - self.at) / (self.full_at - self.at))
         return self.fraction + (1.0 - self.fraction) * refilled
@@ -103,7 +107,7 @@ class HeadroomBoard:
     def headroom(self, provider: str, now: float) -> tuple[float, float] | None:
         """(fraction, seconds until it no longer applies) for `provider`, or for the best
         provider when `provider` is empty (the router may pick any); None when unknown."""
-        live = [r for r in self._reports.values() if r.until > now]
+        live = [r for r in self._reports.values() if r.until > now and r.fraction >= 0]
         if provider:
             mine = [r for r in live if r.provider == provider]
             if not mine:

@@ -123,14 +123,14 @@ class RouterApp(ServiceApp):
             self.reporter.start()
 
     def _report_open_breaker(self, event: str, target: tuple[str, str], seconds: float | None) -> None:
-        """A target whose breaker opened has no headroom until it may close: without this the
-        limiter would keep judging by the last headroom the provider reported before it failed
-        (an outage answers errors, not rate-limit headers) and admit traffic nobody can serve."""
+        """A target whose breaker opened has unknown headroom until it may close (a report with no
+        figures but a retry-after). Without this the limiter would keep judging by what the
+        provider reported before it failed (an outage answers errors, not rate-limit headers);
+        reporting it as exhausted instead would throttle everyone whenever the fallbacks had not
+        been called yet. Unknown lets the providers that can take traffic decide."""
         if event == "open" and self.reporter is not None:
             provider, model = target
-            self.reporter.notify(
-                provider, model, Headroom(rate_limited=True, retry_after=seconds, observed_at=time.time())
-            )
+            self.reporter.notify(provider, model, Headroom(retry_after=seconds, observed_at=time.time()))
 
     async def close(self) -> None:
         if self.reporter is not None:

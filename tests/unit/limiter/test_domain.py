@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -134,6 +135,34 @@ async def test_headroom_refills_towards_the_providers_reset_but_a_429_holds(
     )  # fmt: skip
     clock.now += 15  # within the 429's retry-after: still nothing left
     assert (await limiter.check(chat(provider="q"))).decision == "deny"
+
+
+async def test_a_provider_whose_headroom_became_unknown_is_left_out(limiter: Limiter, clock: Clock) -> None:
+    none: dict[str, Any] = {
+        "remaining_tokens": -1,
+        "limit_tokens": -1,
+        "reset_tokens": 0,
+        "rate_limited": False,
+    }
+    await limiter.report_headroom(
+        "primary", "m", remaining_requests=0, limit_requests=100, reset_requests=60, retry_after=0, **none
+    )
+    assert (await limiter.check(chat())).decision == "deny"  # the only provider known is empty
+    # Its breaker opened: no figures, only how long this holds. The fallback has not been called
+    # yet, so nothing is known to be short: the router may use it, and nobody is throttled.
+    await limiter.report_headroom(
+        "primary", "m", remaining_requests=-1, limit_requests=-1, reset_requests=0, retry_after=30, **none
+    )
+    assert (await limiter.check(chat())).decision == "allow"
+    await limiter.report_headroom(
+        "fallback", "m", remaining_requests=5, limit_requests=100, reset_requests=60, retry_after=0, **none
+    )
+    assert (await limiter.check(chat())).decision == "deny"  # now the fallback is known to be short
+    # A report with neither figures nor a horizon says nothing and changes nothing.
+    await limiter.report_headroom(
+        "fallback", "m", remaining_requests=-1, limit_requests=-1, reset_requests=0, retry_after=0, **none
+    )
+    assert (await limiter.check(chat())).decision == "deny"
 
 
 def test_headroom_reports_travel_between_replicas_whole() -> None:

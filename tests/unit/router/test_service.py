@@ -245,17 +245,18 @@ async def test_headroom_is_reported_to_the_limiter(suite_factory: SuiteFactory) 
         assert (report.provider, report.model) == ("sim-primary", "sim-small")
         assert report.limit_requests == 6000 and 0 < report.remaining_requests < 6000
         assert report.limit_tokens == 4_000_000 and not report.rate_limited
-        # An open breaker is reported as no headroom until it may close (an outage answers
-        # errors, not rate-limit headers, so nothing else would tell the limiter).
+        # An open breaker is reported as unknown headroom (no figures) until it may close (an
+        # outage answers errors, not rate-limit headers, so nothing else would tell the limiter).
         app = cast(RouterApp, suite.running["router"].app)
         for _ in range(app.settings.breaker.failure_threshold):
             app.health.failure(("sim-primary", "sim-small"), Outcome.SERVER_ERROR, 0.01)
         for _ in range(100):
-            if limiter.reports[-1].rate_limited:
+            if limiter.reports[-1].HasField("retry_after"):
                 break
             await asyncio.sleep(0.02)
         opened = limiter.reports[-1]
-        assert (opened.provider, opened.model, opened.rate_limited) == ("sim-primary", "sim-small", True)
+        assert (opened.provider, opened.model, opened.rate_limited) == ("sim-primary", "sim-small", False)
+        assert opened.limit_requests == opened.remaining_requests == -1
         assert opened.retry_after.ToTimedelta().total_seconds() == app.settings.breaker.open_for
     finally:
         await server.stop(0)
