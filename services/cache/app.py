@@ -45,6 +45,8 @@ def make_store(settings: CacheSettings) -> CacheStore:
             ),
             sync_block=settings.sync_block,
             stream_maxlen=settings.stream_maxlen,
+            pool_size=settings.store_pool_size,
+            timeout=settings.store_timeout,
         ),
     )
 

@@ -88,6 +88,10 @@ class CacheSettings:
     # Redis store: how long a replica waits on its change stream per read, and stream length kept.
     sync_block: float = 1.0
     stream_maxlen: int = 20_000
+    # Redis store: connections per replica (past them calls wait for one, up to store_timeout,
+    # instead of failing), and how long one Redis call may take.
+    store_pool_size: int = 128
+    store_timeout: float = 2.0
     # The policy file (YAML); missing file means no overrides.
     policy_file: str = "config/cache.yaml"
     policy: CachePolicy = field(default_factory=CachePolicy)
@@ -129,6 +133,8 @@ class CacheSettings:
             max_text_chars=env.integer("BALLAST_CACHE_MAX_TEXT_CHARS", 200_000, minimum=1),
             sync_block=env.duration("BALLAST_CACHE_SYNC_BLOCK", 1.0, minimum=0.01),
             stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", 20_000, minimum=100),
+            store_pool_size=env.integer("BALLAST_CACHE_STORE_POOL_SIZE", 128, minimum=1, maximum=100_000),
+            store_timeout=env.duration("BALLAST_CACHE_STORE_TIMEOUT", 2.0, minimum=0.001),
             policy_file=policy_file,
             policy=load_policy(env, "BALLAST_CACHE_FILE", policy_file),
         )

@@ -71,6 +71,10 @@ class StoreOptions:
     # Redis: blocking read of the change stream, and how much of it is kept.
     sync_block: float = 1.0
     stream_maxlen: int = 20_000
+    # Redis: connections (a blocking pool: past them calls wait, up to `timeout`) and the longest
+    # one call may take.
+    pool_size: int = 128
+    timeout: float = 2.0
 
 
 class CacheStore(Protocol):

@@ -209,9 +209,19 @@ class RedisStore:
         redis_url, prefix = split_url(url)
         self.prefix = prefix + "cache:"
         # redis-py's stubs type replies as unions of every shape; this module knows the shapes.
-        self._redis: Any = aioredis.from_url(redis_url)
-        # Blocking reads of the change stream get their own connection.
-        self._follower: Any = aioredis.from_url(redis_url)
+        # A blocking pool: under a surge, calls past pool_size wait for a connection (up to the
+        # timeout) instead of failing with "Too many connections", as redis-py's default does.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=options.pool_size,
+            timeout=options.timeout,
+            socket_timeout=options.timeout,
+            socket_connect_timeout=options.timeout,
+        )
+        self._redis: Any = aioredis.Redis(connection_pool=pool)
+        # Blocking reads of the change stream get their own connection (no read timeout shorter
+        # than the block).
+        self._follower: Any = aioredis.from_url(redis_url, socket_connect_timeout=options.timeout)
         self._closing = False
         self._put = self._redis.register_script(_PUT)
         self._delete = self._redis.register_script(_DELETE)
@@ -253,6 +263,7 @@ class RedisStore:
             log.warning("cache change stream follower did not stop in time")
         await self._follower.aclose()
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()  # ours, so aclose leaves it open
 
     async def _replay(self) -> None:
         """Rebuilds this replica's index from Redis; the stream position is taken first, so

@@ -168,3 +168,16 @@ async def test_counters_stats_and_versions(make_store: object) -> None:
     assert await store.version("idx") == 0
     assert await store.bump_version("idx") == 1
     assert await store.version("idx") == 1
+
+
+async def test_more_concurrent_calls_than_redis_connections_wait_for_one(redis_url: str) -> None:
+    options = StoreOptions(dim=DIM, ann=AnnParams(threshold=10_000), pool_size=2, timeout=5.0)
+    store = RedisStore(redis_url, options)
+    await store.start()
+    try:
+        await store.put(answer("busy"), NOW)
+        # Fifty callers, two connections: they queue for a connection rather than fail.
+        found = await asyncio.gather(*(store.get(answer("busy").key, NOW) for _ in range(50)))
+        assert all(entry is not None and entry.payload == answer("busy").payload for entry in found)
+    finally:
+        await store.close()
