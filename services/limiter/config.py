@@ -30,7 +30,6 @@ class LimiterSettings:
     fail_mode: str = "local"
     # Replicas sharing the store: the local fallback enforces limit/replicas per replica.
     replicas: int = 1
-    # Redis connections per replica.
     # Sub-buckets per sliding window (precision: a window is counted over W..W+W/buckets).
     window_buckets: int = 20
     # How long a Check's request_id is remembered (retries within it are not counted twice).
@@ -59,8 +58,8 @@ class LimiterSettings:
         except TiersError as exc:
             env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
         if not settings.store_url.startswith("memory:"):
+            from services.kit.redisconn import split_key_prefix
             from services.limiter.store.pipelined import Endpoint
-            from services.limiter.store.redis import split_key_prefix
 
             try:
                 Endpoint.from_url(split_key_prefix(settings.store_url)[0])

@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -31,6 +30,7 @@ from redis.exceptions import RedisError
 
 from services.cache.store.base import COUNTERS, Entry, LocalIndexes, NamespaceCounters, StoreOptions, Vector
 from services.kit.errors import Unavailable
+from services.kit.redisconn import pooled_client, split_key_prefix
 
 log = logging.getLogger("ballast.cache.redis")
 
@@ -158,15 +158,6 @@ redis.call('ZADD', P .. 'lru', 'XX', redis.call('INCR', P .. 'lruseq'), ARGV[2])
 """
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """The Redis URL without `key_prefix`, and the prefix."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = "".join(v for k, v in query if k == "key_prefix")
-    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
-
-
 def _meta(entry: Entry) -> dict[str, Any]:
     return {
         "id": entry.id,
@@ -206,19 +197,10 @@ def _entry(meta_raw: bytes, payload: bytes, vector: bytes | None = None) -> Entr
 class RedisStore:
     def __init__(self, url: str, options: StoreOptions, *, sweep_interval: float = 30.0) -> None:
         self.options = options
-        redis_url, prefix = split_url(url)
+        redis_url, prefix = split_key_prefix(url)
         self.prefix = prefix + "cache:"
         # redis-py's stubs type replies as unions of every shape; this module knows the shapes.
-        # A blocking pool: under a surge, calls past pool_size wait for a connection (up to the
-        # timeout) instead of failing with "Too many connections", as redis-py's default does.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=options.pool_size,
-            timeout=options.timeout,
-            socket_timeout=options.timeout,
-            socket_connect_timeout=options.timeout,
-        )
-        self._redis: Any = aioredis.Redis(connection_pool=pool)
+        self._redis: Any = pooled_client(redis_url, pool_size=options.pool_size, timeout=options.timeout)
         # Blocking reads of the change stream get their own connection (no read timeout shorter
         # than the block).
         self._follower: Any = aioredis.from_url(redis_url, socket_connect_timeout=options.timeout)
@@ -263,7 +245,6 @@ class RedisStore:
             log.warning("cache change stream follower did not stop in time")
         await self._follower.aclose()
         await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()  # ours, so aclose leaves it open
 
     async def _replay(self) -> None:
         """Rebuilds this replica's index from Redis; the stream position is taken first, so

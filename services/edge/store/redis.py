@@ -18,14 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from services.edge.auth import ApiKey
 from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, Claim, JobRecord
 from services.kit.errors import Unavailable
+from services.kit.redisconn import pooled_client, split_key_prefix
 
 T = TypeVar("T")
 
@@ -78,15 +77,6 @@ def _unavailable_when_redis_fails(cls: type[T]) -> type[T]:
     return cls
 
 
-def split_key_prefix(url: str) -> tuple[str, str]:
-    """Removes `key_prefix` from a Redis URL's query and returns (url, prefix)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = "".join(v for k, v in query if k == "key_prefix")
-    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
-
-
 def _encode(job: JobRecord) -> str:
     data: dict[str, Any] = asdict(job)
     for name in _BYTES_FIELDS:
@@ -107,16 +97,8 @@ class RedisEdgeStore:
         self, url: str, *, socket_timeout: float = 2.0, job_ttl: float = 86400.0, pool_size: int = 256
     ) -> None:
         clean, prefix = split_key_prefix(url)
-        # A blocking pool: past pool_size connections in use (each waiting worker holds one), a
-        # call waits for one to come back instead of failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            clean,
-            max_connections=pool_size,
-            timeout=socket_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        # Each waiting worker holds a connection: past pool_size in use, calls wait for one.
+        self._redis = pooled_client(clean, pool_size=pool_size, timeout=socket_timeout)
         self._p = f"{prefix}{{edge}}:"
         self._job_ttl = int(job_ttl)
         self._finish = self._redis.register_script(_FINISH)
@@ -142,7 +124,6 @@ class RedisEdgeStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()  # ours, so aclose leaves it open
 
     # --- keys -------------------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 The scripts are called by SHA (EVALSHA) over one pipelined connection (pipelined.py); a Redis
 that does not know a script yet (new, restarted, flushed) answers NOSCRIPT and the script is
-loaded (SCRIPT LOAD) and called again, transparently. Time comes from Redis (TIME inside the script), never
-from the replicas' clocks. All keys of one call share a {hash tag} (the domain tags by
+loaded (SCRIPT LOAD) and called again, transparently. Time comes from Redis (TIME inside the
+script), never from the replicas' clocks. All keys of one call share a {hash tag} (the domain tags by
 tenant or Envoy domain), so a call is Redis Cluster-safe. Keys carry the URL's key_prefix.
 """
 
@@ -13,8 +13,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from services.kit.redisconn import split_key_prefix
 from services.limiter.store.base import (
     BudgetRef,
     Kind,
@@ -264,15 +264,6 @@ for j = 1, #all, 2 do
 end
 return out
 """
-
-
-def split_key_prefix(url: str) -> tuple[str, str]:
-    """The URL without its `key_prefix` query parameter, and the prefix."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = "".join(v for k, v in query if k == "key_prefix")
-    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
 
 
 class _Script:

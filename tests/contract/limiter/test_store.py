@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from services.kit.redisconn import split_key_prefix
 from services.limiter.store.base import DAY_MS, BudgetRef, Kind, LimitOp, Store
 from services.limiter.store.memory import MemoryStore
-from services.limiter.store.redis import RedisStore, split_key_prefix
+from services.limiter.store.redis import RedisStore
 
 HOUR_MS = 3_600_000
 BUCKETS = 20
