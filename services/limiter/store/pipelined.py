@@ -163,8 +163,8 @@ class PipelinedRedis:
     async def execute(self, *args: str | bytes | int) -> Any:
         """Sends one command and returns its reply; an error reply raises RedisReplyError."""
         conn = self._conn
-        if conn is not None and conn.stalled(self.stall_after):
-            conn.fail(StoreUnavailableError(f"Redis did not answer within {self.stall_after:g} s"))
+        if conn is not None:
+            self._drop_if_stalled(conn)
         if conn is None or conn.lost:
             conn = await self._connect()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -173,14 +173,17 @@ class PipelinedRedis:
             reply = await future
         except asyncio.CancelledError:
             # The caller gave up (its timeout): if Redis has stopped answering, stop waiting on it.
-            if conn.stalled(self.stall_after):
-                conn.fail(StoreUnavailableError(f"Redis did not answer within {self.stall_after:g} s"))
+            self._drop_if_stalled(conn)
             raise
         if isinstance(reply, RedisReplyError):
             if reply.code in _UNAVAILABLE:
                 raise StoreUnavailableError(f"Redis: {reply}")
             raise reply
         return reply
+
+    def _drop_if_stalled(self, conn: _Replies) -> None:
+        if conn.stalled(self.stall_after):
+            conn.fail(StoreUnavailableError(f"Redis did not answer within {self.stall_after:g} s"))
 
     def _lost(self, conn: _Replies) -> None:
         if self._conn is conn:
