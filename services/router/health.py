@@ -123,25 +123,22 @@ class HealthBook:
     def cooling_down(self, target: Target) -> bool:
         return self.get(target).cooldown_until > self.clock()
 
-    def _sample(self, health: TargetHealth, latency: float | None, failed: bool) -> None:
+    def _ewma(self, previous: float | None, sample: float) -> float:
         alpha = self.settings.ewma_alpha
+        return sample if previous is None else alpha * sample + (1 - alpha) * previous
+
+    def _sample(self, health: TargetHealth, latency: float | None, failed: bool) -> None:
         health.requests += 1
         if latency is not None:
-            health.ewma_latency = (
-                latency
-                if health.ewma_latency is None
-                else alpha * latency + (1 - alpha) * health.ewma_latency
-            )
+            health.ewma_latency = self._ewma(health.ewma_latency, latency)
         now = self.clock()
-        health.error_rate = alpha * (1.0 if failed else 0.0) + (1 - alpha) * self._decayed(health, now)
+        health.error_rate = self._ewma(self._decayed(health, now), 1.0 if failed else 0.0)
         health.error_at = now
 
     def success(self, target: Target, latency: float, kind: str = "call") -> None:
         health = self.get(target)
         self._sample(health, latency, False)
-        alpha = self.settings.ewma_alpha
-        previous = health.ewma_by_kind.get(kind)
-        health.ewma_by_kind[kind] = latency if previous is None else alpha * latency + (1 - alpha) * previous
+        health.ewma_by_kind[kind] = self._ewma(health.ewma_by_kind.get(kind), latency)
         health.samples_by_kind[kind] = health.samples_by_kind.get(kind, 0) + 1
         health.consecutive_failures = 0
         if health.state is not BreakerState.CLOSED:
