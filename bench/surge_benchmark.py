@@ -78,26 +78,33 @@ async def _healthy(address: str, within: float = 120.0) -> None:
 
 
 def _start_sims(config: ScenarioConfig, folder: Path) -> list[subprocess.Popen[bytes]]:
-    common = [sys.executable, "-m", "services.router.sim", "--distribution", "lognormal"]
-    sims = [
-        _start(
-            [*common, "--name", "sim-primary", "--port", str(config.primary_port), "--seed", "1",
-             "--latency-ms", str(config.primary_latency_ms), "--p99-ms", str(config.primary_latency_ms * 4),
-             "--tokens-per-second", str(config.tokens_per_second), "--rpm", str(config.primary_rpm),
-             "--tpm", str(config.primary_tpm)],
-            dict(os.environ),
-            folder / "sim-primary.log",
+    sims = (
+        (
+            "sim-primary",
+            config.primary_port,
+            config.primary_latency_ms,
+            config.primary_rpm,
+            config.primary_tpm,
         ),
-        _start(
-            [*common, "--name", "sim-secondary", "--port", str(config.secondary_port), "--seed", "2",
-             "--latency-ms", str(config.secondary_latency_ms), "--p99-ms", str(config.secondary_latency_ms * 4),
-             "--tokens-per-second", str(config.tokens_per_second), "--rpm", str(config.secondary_rpm),
-             "--tpm", str(config.secondary_tpm)],
-            dict(os.environ),
-            folder / "sim-secondary.log",
+        (
+            "sim-secondary",
+            config.secondary_port,
+            config.secondary_latency_ms,
+            config.secondary_rpm,
+            config.secondary_tpm,
         ),
+    )
+    return [
+        _start(
+            [sys.executable, "-m", "services.router.sim", "--distribution", "lognormal",
+             "--name", name, "--port", str(port), "--seed", str(seed),
+             "--latency-ms", str(latency_ms), "--p99-ms", str(latency_ms * 4),
+             "--tokens-per-second", str(config.tokens_per_second), "--rpm", str(rpm), "--tpm", str(tpm)],
+            dict(os.environ),
+            folder / f"{name}.log",
+        )
+        for seed, (name, port, latency_ms, rpm, tpm) in enumerate(sims, start=1)
     ]  # fmt: skip
-    return sims
 
 
 async def _sims_ready(config: ScenarioConfig) -> None:
@@ -352,14 +359,7 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.users:
         config = replace(config, peak_users=args.users)
     if args.duration:
-        scale = args.duration / config.duration_s
-        config = replace(
-            config,
-            duration_s=args.duration,
-            ramp_s=config.ramp_s * scale,
-            outage_start_s=config.outage_start_s * scale,
-            outage_s=config.outage_s * scale,
-        )
+        config = config.stretched(args.duration)
     all_rows: list[dict[str, Any]] = []
     enterprise: dict[str, dict[str, dict[str, float]]] = {}
     for mode in args.modes.split(","):

@@ -115,14 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.users:
         config = replace(config, peak_users=args.users, start_users=min(config.start_users, args.users))
     if args.duration:
-        scale = args.duration / config.duration_s
-        config = replace(
-            config,
-            duration_s=args.duration,
-            ramp_s=config.ramp_s * scale,
-            outage_start_s=config.outage_start_s * scale,
-            outage_s=config.outage_s * scale,
-        )
+        config = config.stretched(args.duration)
     taken = [p for p in DEFAULT_PORTS.values() if _busy(p)]
     if taken:
         print(f"ballast demo: ports {taken} are in use (is a suite already running?)", file=sys.stderr)

@@ -62,6 +62,17 @@ class ScenarioConfig:
     def with_ports(self, primary: int, secondary: int) -> ScenarioConfig:
         return replace(self, primary_port=primary, secondary_port=secondary)
 
+    def stretched(self, duration_s: float) -> ScenarioConfig:
+        """The same run over `duration_s`: the ramp and the outage keep their share of it."""
+        scale = duration_s / self.duration_s
+        return replace(
+            self,
+            duration_s=duration_s,
+            ramp_s=self.ramp_s * scale,
+            outage_start_s=self.outage_start_s * scale,
+            outage_s=self.outage_s * scale,
+        )
+
     def users_at(self, t: float) -> int:
         """Concurrent users the ramp asks for at time t."""
         if t >= self.ramp_s:
