@@ -222,9 +222,7 @@ class AnthropicAdapter:
         provider_model = response_id = ""
         simulated = stopped = False
         try:
-            async with self._client.stream(
-                "POST", self._url, content=self._body(model, request, True)
-            ) as response:
+            async with self._client.stream(self._url, content=self._body(model, request, True)) as response:
                 if response.status_code >= 400:
                     self._check(model, response, await response.aread())
                 self._sink(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
@@ -101,44 +102,79 @@ def build_adapter(provider: Provider, options: ClientOptions, sink: HeadersSink)
     return OpenAIAdapter(provider, options, sink)
 
 
-class _NoCookies(httpx.Cookies):
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
+# What httpx.AsyncClient would send by default, minus cookies: the adapters add content-type and
+# the provider's own headers. Only encodings httpx always decodes are offered.
+_DEFAULT_HEADERS = {
+    "accept": "*/*",
+    "accept-encoding": "gzip, deflate",
+    "connection": "keep-alive",
+    "user-agent": f"ballast-router python-httpx/{httpx.__version__}",
+}
 
 
-_NO_COOKIES = _NoCookies()
+class ProviderClient:
+    """One provider's pooled HTTP client: httpx requests sent straight through httpx's pooled
+    transport (`httpx.AsyncHTTPTransport`, its documented extension point).
+
+    httpx.AsyncClient around the same transport adds what provider calls never use: merging
+    relative URLs into a base URL, a cookie jar (provider APIs authenticate by header; the
+    cookies they set, such as Cloudflare's `__cf_bm`, mean nothing to an API client), auth
+    flows, redirect following and event hooks. Together that was a fifth of a small call's
+    client CPU, which the router paid on every provider call (bench/router_overhead.py).
+    Requests, responses, timeouts and exceptions are httpx's own, as before.
+    """
+
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport, headers: Mapping[str, str], timeout: httpx.Timeout
+    ) -> None:
+        self._transport = transport
+        self._headers = httpx.Headers({**_DEFAULT_HEADERS, **headers})
+        self._timeout = timeout.as_dict()
+
+    def _request(self, url: httpx.URL, content: bytes) -> httpx.Request:
+        return httpx.Request(
+            "POST", url, headers=self._headers, content=content, extensions={"timeout": self._timeout}
+        )
+
+    async def post(self, url: httpx.URL, content: bytes) -> httpx.Response:
+        """The whole response, its body read (and decoded), its connection back in the pool."""
+        request = self._request(url, content)
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: httpx.URL, content: bytes) -> AsyncIterator[httpx.Response]:
+        """The response with its body unread; leaving the block closes it (or frees its connection)."""
+        request = self._request(url, content)
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
 
 
-class ProviderClient(httpx.AsyncClient):
-    """httpx's client without a cookie jar. Provider APIs authenticate by header; the cookies they
-    set (Cloudflare's `__cf_bm`) mean nothing to an API client, and httpx would wrap and parse every
-    response's headers for them: about a tenth of a small call's client CPU."""
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return _NO_COOKIES
-
-    @cookies.setter
-    def cookies(self, value: Any) -> None:
-        if value:
-            raise ValueError("provider clients keep no cookies")
-
-
-def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str, str]) -> httpx.AsyncClient:
+def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str, str]) -> ProviderClient:
     """One pooled client per provider; HTTP/2 is negotiated (ALPN) wherever the provider offers it.
 
-    Adapters pass absolute URLs (`endpoint_url`): merging a relative path into base_url is parsed
-    again on every call."""
+    Adapters pass absolute URLs (`endpoint_url`), parsed once per endpoint."""
     limits = httpx.Limits(
         max_connections=options.max_connections,
         max_keepalive_connections=options.max_connections,
         keepalive_expiry=30.0,
     )
     return ProviderClient(
-        transport=asyncio_transport(http2=True, limits=limits),
-        headers={**headers, **provider.headers},
-        timeout=httpx.Timeout(options.read_timeout, connect=options.connect_timeout),
-        trust_env=False,
+        asyncio_transport(http2=True, limits=limits),
+        {**headers, **provider.headers},
+        httpx.Timeout(options.read_timeout, connect=options.connect_timeout),
     )
 
 

@@ -223,9 +223,7 @@ class OpenAIAdapter:
         provider_model = response_id = ""
         simulated = done = False
         try:
-            async with self._client.stream(
-                "POST", self._url(model, "chat/completions"), content=content
-            ) as response:
+            async with self._client.stream(self._url(model, "chat/completions"), content=content) as response:
                 if response.status_code >= 400:
                     self._check(model, response, await response.aread())
                 self._sink(

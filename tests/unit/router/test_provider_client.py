@@ -1,0 +1,123 @@
+"""The providers' HTTP client (httpx requests sent straight through the pooled transport),
+against raw HTTP/1.1 servers on 127.0.0.1: what it sends, what it decodes, and that every
+connection goes back to the pool whether a body is read whole, left early or never arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import httpx
+import pytest
+
+from services.router.catalog import Provider
+from services.router.providers.base import ClientOptions, endpoint_url, make_client
+from tests.unit.router.test_network import read_request, response, serve
+
+
+def provider(port: int) -> Provider:
+    return Provider("local", "openai", f"http://127.0.0.1:{port}/v1", headers={"x-team": "agents"})
+
+
+async def test_sends_the_adapter_and_provider_headers_and_decodes_gzip() -> None:
+    seen: list[dict[str, str]] = []
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            headers = dict(
+                (k.strip().lower(), v.strip())
+                for k, _, v in (line.decode().partition(":") for line in head.split(b"\r\n")[1:] if line)
+            )
+            body = await reader.readexactly(int(headers["content-length"]))
+            seen.append({**headers, "body": body.decode()})
+            packed = gzip.compress(json.dumps({"echo": body.decode()}).encode())
+            writer.write(response(packed, "content-encoding: gzip\r\ncontent-type: application/json\r\n"))
+            await writer.drain()
+        writer.close()
+
+    async with serve(handler) as port:
+        client = make_client(provider(port), ClientOptions(), {"authorization": "Bearer k"})
+        url = endpoint_url(provider(port), "/chat/completions")
+        try:
+            for i in range(3):
+                answer = await client.post(url, content=f"{i}".encode())
+                assert answer.status_code == 200
+                assert answer.json() == {"echo": str(i)}  # decoded from gzip
+                assert answer.request.url == url
+        finally:
+            await client.aclose()
+    assert connections == 1  # one pooled connection served every call
+    first = seen[0]
+    assert first["authorization"] == "Bearer k" and first["x-team"] == "agents"
+    assert first["accept-encoding"] == "gzip, deflate"
+    assert first["user-agent"].startswith("ballast-router python-httpx/")
+    assert first["host"] == f"127.0.0.1:{port}"
+    assert [s["body"] for s in seen] == ["0", "1", "2"]
+
+
+async def test_a_stream_left_early_gives_its_connection_back() -> None:
+    """With one connection allowed, a second call only succeeds if leaving the first stream's
+    block (before its body ended) closed that response and freed the slot."""
+    calls = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        await read_request(reader)
+        calls += 1
+        if calls == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)  # the rest never comes in time
+        else:
+            writer.write(response(b"second"))
+            await writer.drain()
+        writer.close()
+
+    options = ClientOptions(max_connections=1, read_timeout=3.0)
+    async with serve(handler) as port:
+        client = make_client(provider(port), options, {})
+        url = endpoint_url(provider(port), "/x")
+        try:
+            async with client.stream(url, content=b"{}") as streamed:
+                async for chunk in streamed.aiter_raw():
+                    assert chunk == b"first"
+                    break
+            assert streamed.is_closed
+            answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
+            assert answer.content == b"second"
+        finally:
+            await client.aclose()
+
+
+async def test_a_silent_provider_is_a_read_timeout_and_frees_the_slot() -> None:
+    silent = True
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if silent:
+            await asyncio.sleep(5)
+        else:
+            writer.write(response(b"late but here"))
+            await writer.drain()
+        writer.close()
+
+    options = ClientOptions(max_connections=1, read_timeout=0.2)
+    async with serve(handler) as port:
+        client = make_client(provider(port), options, {})
+        url = endpoint_url(provider(port), "/x")
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url, content=b"{}")
+            silent = False
+            answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
+            assert answer.content == b"late but here"
+        finally:
+            await client.aclose()
