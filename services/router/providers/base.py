@@ -17,7 +17,7 @@ import httpx
 
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
-from services.router.providers.network import asyncio_transport
+from services.router.providers.network import Http11Transport
 
 
 class Outcome(enum.Enum):
@@ -113,8 +113,8 @@ _DEFAULT_HEADERS = {
 
 
 class ProviderClient:
-    """One provider's pooled HTTP client: httpx requests sent straight through httpx's pooled
-    transport (`httpx.AsyncHTTPTransport`, its documented extension point).
+    """One provider's pooled HTTP client: httpx requests sent straight to the pooled transport
+    (network.Http11Transport, an httpx transport).
 
     httpx.AsyncClient around the same transport adds what provider calls never use: merging
     relative URLs into a base URL, a cookie jar (provider APIs authenticate by header; the
@@ -163,7 +163,7 @@ class ProviderClient:
 
 
 def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str, str]) -> ProviderClient:
-    """One pooled client per provider; HTTP/2 is negotiated (ALPN) wherever the provider offers it.
+    """One pooled client per provider (HTTP/1.1 keep-alive, see network.py).
 
     Adapters pass absolute URLs (`endpoint_url`), parsed once per endpoint."""
     limits = httpx.Limits(
@@ -172,7 +172,7 @@ def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str
         keepalive_expiry=30.0,
     )
     return ProviderClient(
-        asyncio_transport(http2=True, limits=limits),
+        Http11Transport(limits=limits),
         {**headers, **provider.headers},
         httpx.Timeout(options.read_timeout, connect=options.connect_timeout),
     )

@@ -1,36 +1,50 @@
-"""The sockets under the providers' httpx clients: plain asyncio instead of anyio.
+"""HTTP/1.1 under the providers' httpx clients: a connection pool on asyncio and h11.
 
-httpx sends through httpcore, and httpcore reaches the network through a pluggable backend. Its
-default on asyncio goes through anyio, which wraps every read and write in cancel scopes and
-task checks; on a small non-streaming call that is a fifth of the client's CPU, and the router
-pays it on every provider call (bench/router_overhead.py measures it). This backend speaks to
-asyncio's transports directly: one buffer per connection, timeouts as timer callbacks rather than
-extra tasks, and the same httpcore exceptions the anyio backend raises, so httpx's error mapping
-(ReadTimeout, ConnectError, ...) and everything above it are unchanged.
+httpx sends through a transport; its default one is httpcore, which on asyncio goes through
+anyio's locks and cancel scopes (and sniffio's task lookups, each a getpid() system call on
+Python 3.11) several times per request. On a small non-streaming provider call that was about
+half of the client's CPU, and the router pays it on every call (bench/router_overhead.py).
+`Http11Transport` is an httpx transport (httpx's documented extension point) that speaks
+HTTP/1.1 with h11, the parser httpcore itself uses, over asyncio's own transports:
+
+- one pool per provider: keep-alive connections per origin, at most `max_connections` open,
+  idle ones closed after `keepalive_expiry`, callers beyond the limit wait (`pool` timeout);
+- connect, read, write and pool timeouts from the request's `timeout` extension, raised as
+  httpx's own exceptions (ConnectTimeout, ReadTimeout, ...), as are refused connections,
+  TLS failures and broken or cut-off answers (ConnectError, ReadError, RemoteProtocolError);
+- TLS with certificate verification (httpx's default context, or the one passed in);
+- a connection goes back to the pool only after a whole request and answer; an answer left
+  early, an error or a cancelled call closes it. An idle connection the server closed (or
+  that has anything unread) is never reused.
+
+HTTP/2 is not offered: with Python's h2 a call costs more CPU than over HTTP/1.1, and the
+providers' own SDKs speak HTTP/1.1 by default.
 """
 
-# httpcore's backend interface takes a `timeout` argument on every call, hence:
+# The socket helpers take a `timeout` argument, as httpx's timeouts are per operation:
 # ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
-from collections.abc import Coroutine, Iterable
+from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpcore
+import h11
 import httpx
-from httpcore import AsyncNetworkBackend, AsyncNetworkStream
-from httpcore._backends.base import SOCKET_OPTION
 
 # Reading pauses once this much has arrived unread, so a fast stream cannot grow memory unbounded.
 _READ_HIGH_WATER = 256 * 1024
+# Request bodies up to this size leave in one write together with the headers.
+_SMALL_BODY = 64 * 1024
+
+Origin = tuple[bytes, bytes, int]  # scheme, host, port
 
 
-class _Connection(asyncio.Protocol):
-    """Collects what the socket delivers until httpcore reads it."""
+class _Socket(asyncio.Protocol):
+    """Collects what the socket delivers until the connection reads it."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -73,19 +87,15 @@ class _Connection(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
-    # --- for the stream ----------------------------------------------------------------------
+    # --- for the connection ------------------------------------------------------------------
     def _wake_reader(self) -> None:
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
 
-    def take(self, max_bytes: int) -> bytes:
-        if len(self.buffer) <= max_bytes:
-            chunk = bytes(self.buffer)
-            self.buffer.clear()
-        else:
-            chunk = bytes(self.buffer[:max_bytes])
-            del self.buffer[:max_bytes]
-        if self._reading_paused and len(self.buffer) <= _READ_HIGH_WATER // 2 and self.transport is not None:
+    def take(self) -> bytes:
+        chunk = bytes(self.buffer)
+        self.buffer.clear()
+        if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
         return chunk
@@ -119,132 +129,288 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
-class AsyncioStream(AsyncNetworkStream):
-    def __init__(self, connection: _Connection, transport: asyncio.Transport) -> None:
-        self._connection = connection
-        self._transport = transport
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: h11's state machine over a `_Socket`."""
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        connection = self._connection
-        if not connection.buffer and not connection.eof:
-            try:
-                await connection.wait_readable(timeout)
-            except TimeoutError as exc:
-                raise httpcore.ReadTimeout("timed out reading from the provider") from exc
-        if connection.buffer:
-            return connection.take(max_bytes)
-        if connection.error is not None:
-            raise httpcore.ReadError(str(connection.error) or type(connection.error).__name__)
-        return b""  # the peer closed: httpcore turns a premature end into RemoteProtocolError
+    def __init__(self, origin: Origin, transport: asyncio.Transport, sock: _Socket) -> None:
+        self.origin = origin
+        self.transport = transport
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        if self._transport.is_closing():
-            raise httpcore.WriteError(str(self._connection.error or "connection closed"))
-        self._transport.write(buffer)
+    def reusable_idle(self) -> bool:
+        """An idle connection may carry the next request: nothing unread, not closed."""
+        sock = self.sock
+        return not sock.eof and not sock.buffer and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def _write(self, data: bytes, timeout: float | None, request: httpx.Request) -> None:
+        if self.transport.is_closing():
+            raise httpx.WriteError(str(self.sock.error or "connection closed"), request=request)
+        self.transport.write(data)
         try:
-            await self._connection.wait_writable(timeout)
+            await self.sock.wait_writable(timeout)
         except TimeoutError as exc:
-            raise httpcore.WriteTimeout("timed out writing to the provider") from exc
-        if self._connection.error is not None:
-            raise httpcore.WriteError(str(self._connection.error))
+            raise httpx.WriteTimeout("timed out writing to the provider", request=request) from exc
+        if self.sock.error is not None:
+            raise httpx.WriteError(str(self.sock.error), request=request)
+
+    async def send(self, request: httpx.Request, timeout: float | None) -> None:
+        h = self.h11
+        url = request.url
+        head = h11.Request(method=request.method.encode(), target=url.raw_path, headers=request.headers.raw)
+        pending = [h.send(head) or b""]
+        size = 0
+        stream = request.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        async for chunk in stream:
+            if not chunk:
+                continue
+            pending.append(h.send(h11.Data(data=chunk)) or b"")
+            size += len(chunk)
+            if size > _SMALL_BODY:
+                await self._write(b"".join(pending), timeout, request)
+                pending, size = [], 0
+        pending.append(h.send(h11.EndOfMessage()) or b"")
+        await self._write(b"".join(pending), timeout, request)
+
+    async def next_event(self, timeout: float | None, request: httpx.Request) -> Any:
+        """The next h11 event from the server, reading from the socket as needed."""
+        h = self.h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            sock = self.sock
+            if not sock.buffer and not sock.eof:
+                try:
+                    await sock.wait_readable(timeout)
+                except TimeoutError as exc:
+                    raise httpx.ReadTimeout("timed out reading from the provider", request=request) from exc
+            if sock.buffer:
+                h.receive_data(sock.take())
+            elif sock.error is not None:
+                raise httpx.ReadError(str(sock.error) or type(sock.error).__name__, request=request)
+            else:
+                h.receive_data(b"")  # the server closed: h11 tells a clean end from a cut-off one
+
+    async def receive_head(self, timeout: float | None, request: httpx.Request) -> h11.Response:
+        while True:
+            event = await self.next_event(timeout, request)
+            if type(event) is h11.Response:
+                return event
+            if type(event) is h11.ConnectionClosed:
+                raise httpx.RemoteProtocolError(
+                    "the provider closed the connection without sending a response", request=request
+                )
+            # InformationalResponse (1xx): the real response follows.
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body read from its connection; closing it gives the connection back (when the
+    exchange ended cleanly) or closes it (when the body was left unread or broke)."""
+
+    def __init__(
+        self, pool: Http11Transport, connection: _Connection, timeout: float | None, request: httpx.Request
+    ) -> None:
+        self._pool = pool
+        self._connection = connection
+        self._timeout = timeout
+        self._request = request
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        while not self._closed:
+            event = await connection.next_event(self._timeout, self._request)
+            kind = type(event)
+            if kind is h11.Data:
+                yield bytes(event.data)
+            elif kind is h11.EndOfMessage:
+                return
+            else:  # ConnectionClosed before the end: h11 would have raised; be explicit
+                raise httpx.RemoteProtocolError("the answer ended early", request=self._request)
 
     async def aclose(self) -> None:
-        self._transport.close()
+        if self._closed:
+            return
+        self._closed = True
+        connection = self._connection
+        h = connection.h11
+        clean = h.our_state is h11.DONE and h.their_state is h11.DONE
+        if clean:
+            try:
+                h.start_next_cycle()
+            except h11.LocalProtocolError:
+                clean = False
+        self._pool.release(connection, reusable=clean)
 
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(
-                self._transport,
-                self._connection,
-                ssl_context,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=timeout,
+
+class Http11Transport(httpx.AsyncBaseTransport):
+    """A pooled HTTP/1.1 transport for one provider's client (see the module docstring)."""
+
+    def __init__(self, *, limits: httpx.Limits, verify: ssl.SSLContext | bool = True) -> None:
+        self._max_open = limits.max_connections or 1 << 30
+        self._max_idle = (
+            limits.max_keepalive_connections
+            if limits.max_keepalive_connections is not None
+            else self._max_open
+        )
+        self._keepalive_expiry = limits.keepalive_expiry
+        self._ssl = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify)
+        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._idle_count = 0
+        self._open = 0  # connections open or being opened, idle ones included
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    # --- the pool ----------------------------------------------------------------------------
+    def _take_idle(self, origin: Origin, now: float) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()  # the most recently used: least likely to have been closed
+            self._idle_count -= 1
+            expired = (
+                self._keepalive_expiry is not None and now - connection.idle_since > self._keepalive_expiry
             )
-        except TimeoutError as exc:
-            self._transport.close()
-            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from exc
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
-            self._transport.close()
-            raise httpcore.ConnectError(str(exc)) from exc
-        if transport is None:  # the connection closed during the handshake
-            raise httpcore.ConnectError("connection closed during the TLS handshake")
-        assert isinstance(transport, asyncio.Transport)
-        self._connection.transport = transport
-        return AsyncioStream(self._connection, transport)
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "ssl_object":
-            return self._transport.get_extra_info("ssl_object")
-        if info == "client_addr":
-            return self._transport.get_extra_info("sockname")
-        if info == "server_addr":
-            return self._transport.get_extra_info("peername")
-        if info == "socket":
-            return self._transport.get_extra_info("socket")
-        if info == "is_readable":
-            # An idle pooled connection with something to read (or closed) must not be reused.
-            return bool(self._connection.buffer) or self._connection.eof
+            if not expired and connection.reusable_idle():
+                return connection
+            self._discard(connection)
         return None
 
+    def _evict_one_idle(self) -> bool:
+        """Closes the longest-idle connection of any origin, to make room; False if none."""
+        oldest: deque[_Connection] | None = None
+        for idle in self._idle.values():
+            if idle and (oldest is None or idle[0].idle_since < oldest[0].idle_since):
+                oldest = idle
+        if oldest is None:
+            return False
+        self._idle_count -= 1
+        self._discard(oldest.popleft())
+        return True
 
-class AsyncioBackend(AsyncNetworkBackend):
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[SOCKET_OPTION] | None = None,
-    ) -> AsyncNetworkStream:
-        local = (local_address, 0) if local_address else None
+    def _discard(self, connection: _Connection) -> None:
+        connection.close()
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _acquire(
+        self, origin: Origin, timeout: float | None, request: httpx.Request
+    ) -> _Connection | None:
+        """An idle connection to `origin`, or None with a slot reserved for a new one."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._closed:
+                raise httpx.TransportError("the provider client is closed", request=request)
+            connection = self._take_idle(origin, loop.time())
+            if connection is not None:
+                return connection
+            if self._open < self._max_open or self._evict_one_idle():
+                self._open += 1
+                return None
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise httpx.PoolTimeout("no free connection to the provider in time", request=request)
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            timer = loop.call_later(remaining, _expire, waiter) if remaining is not None else None
+            try:
+                await waiter
+            except TimeoutError as exc:
+                raise httpx.PoolTimeout(
+                    "no free connection to the provider in time", request=request
+                ) from exc
+            except BaseException:
+                self._wake_one()  # a wake-up meant for this caller goes to the next one
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    def release(self, connection: _Connection, *, reusable: bool) -> None:
+        if reusable and not self._closed and self._idle_count < self._max_idle and connection.reusable_idle():
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.setdefault(connection.origin, deque()).append(connection)
+            self._idle_count += 1
+            self._wake_one()
+        else:
+            self._discard(connection)
+
+    async def _connect(self, origin: Origin, timeout: float | None, request: httpx.Request) -> _Connection:
+        scheme, host, port = origin
+        name = host.decode("ascii")
+        loop = asyncio.get_running_loop()
+        tls = self._ssl if scheme == b"https" else None
+        if tls is None:
+            connecting = loop.create_connection(_Socket, name, port)
+        else:
+            connecting = loop.create_connection(
+                _Socket, name, port, ssl=tls, server_hostname=name, ssl_handshake_timeout=timeout
+            )
+        try:
+            transport, sock = await asyncio.wait_for(connecting, timeout)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"timed out connecting to {name}:{port}", request=request) from exc
+        except OSError as exc:  # refused, unreachable, TLS verification failed, ...
+            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
         # asyncio sets TCP_NODELAY on TCP sockets itself.
-        connecting = asyncio.get_running_loop().create_connection(_Connection, host, port, local_addr=local)
-        return await _connected(connecting, f"{host}:{port}", timeout, socket_options)
+        return _Connection(origin, transport, sock)
 
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[SOCKET_OPTION] | None = None
-    ) -> AsyncNetworkStream:
-        connecting = asyncio.get_running_loop().create_unix_connection(_Connection, path)
-        return await _connected(connecting, path, timeout, socket_options)
+    # --- httpx.AsyncBaseTransport --------------------------------------------------------------
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        scheme = url.raw_scheme
+        if scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
+        port = url.port or (443 if scheme == b"https" else 80)
+        origin: Origin = (scheme, url.raw_host, port)
+        timeouts = request.extensions.get("timeout", {})
+        connection = await self._acquire(origin, timeouts.get("pool"), request)
+        if connection is None:
+            try:
+                connection = await self._connect(origin, timeouts.get("connect"), request)
+            except BaseException:
+                self._open -= 1
+                self._wake_one()
+                raise
+        read_timeout = timeouts.get("read")
+        try:
+            await connection.send(request, timeouts.get("write"))
+            head = await connection.receive_head(read_timeout, request)
+        except BaseException as exc:
+            self._discard(connection)
+            if isinstance(exc, h11.LocalProtocolError):
+                raise httpx.LocalProtocolError(str(exc), request=request) from exc
+            raise
+        return httpx.Response(
+            head.status_code,
+            headers=head.headers.raw_items(),
+            stream=_Body(self, connection, read_timeout, request),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(head.reason)},
+        )
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-async def _connected(
-    connecting: Coroutine[Any, Any, tuple[asyncio.Transport, _Connection]],
-    where: str,
-    timeout: float | None,
-    options: Iterable[SOCKET_OPTION] | None,
-) -> AsyncioStream:
-    """The stream once `connecting` completes, with httpcore's errors for a slow or failed connect."""
-    try:
-        transport, connection = await asyncio.wait_for(connecting, timeout)
-    except TimeoutError as exc:
-        raise httpcore.ConnectTimeout(f"timed out connecting to {where}") from exc
-    except OSError as exc:
-        raise httpcore.ConnectError(str(exc)) from exc
-    sock: socket.socket | None = transport.get_extra_info("socket")
-    for option in options or ():
-        if sock is not None:
-            sock.setsockopt(*option)
-    return AsyncioStream(connection, transport)
-
-
-def asyncio_transport(
-    *, http2: bool, limits: httpx.Limits, verify: ssl.SSLContext | bool = True
-) -> httpx.AsyncHTTPTransport:
-    """httpx's own transport (pool, HTTP/1.1 and HTTP/2, TLS verification), on AsyncioBackend."""
-    transport = httpx.AsyncHTTPTransport(http2=http2, limits=limits, verify=verify, trust_env=False)
-    pool = getattr(transport, "_pool", None)
-    # httpx keeps its httpcore pool private; its constructor offers no backend argument. Should a
-    # newer httpx rename the attribute, this fails at start-up (and in the tests), not silently.
-    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
-        raise RuntimeError("this httpx version hides its connection pool; cannot use AsyncioBackend")
-    pool._network_backend = AsyncioBackend()
-    return transport
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                self._discard(idle.popleft())
+        self._idle_count = 0
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # they find the pool closed

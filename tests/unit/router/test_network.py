@@ -1,6 +1,7 @@
-"""The asyncio network backend under the provider clients, against raw servers on 127.0.0.1:
-TLS (verified and refused), timeouts, dropped connections, big bodies both ways, and pooled
-connections that the server closed while they sat idle."""
+"""The HTTP/1.1 transport under the provider clients, against raw servers on 127.0.0.1: TLS
+(verified and refused), timeouts, dropped connections, big and chunked bodies, informational
+answers, the pool's limit and timeout, cancelled calls, and pooled connections that the server
+closed while they sat idle or said it would close."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.router.providers.network import AsyncioBackend, asyncio_transport
+from services.router.providers.network import Http11Transport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -46,15 +47,93 @@ def response(body: bytes, extra: str = "") -> bytes:
     return f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-def client(**kw: object) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=4, keepalive_expiry=30)
-    transport = asyncio_transport(http2=False, limits=limits, **kw)  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0))
+def client(max_connections: int = 4, pool_timeout: float = 5.0, **kw: object) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_connections, keepalive_expiry=30)
+    transport = Http11Transport(limits=limits, **kw)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=pool_timeout))
 
 
-def test_the_transport_really_runs_on_the_asyncio_backend() -> None:
-    transport = asyncio_transport(http2=True, limits=httpx.Limits())
-    assert isinstance(transport._pool._network_backend, AsyncioBackend)
+async def test_the_pool_never_opens_more_than_its_limit_and_times_out_waiting() -> None:
+    open_now = peak = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            while True:
+                body = await read_request(reader)
+                await asyncio.sleep(0.3 if body == b"slow" else 0.05)
+                writer.write(response(b"done:" + body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            open_now -= 1
+            writer.close()
+
+    async with serve(handler) as port, client(max_connections=2) as http:
+        url = f"http://127.0.0.1:{port}/"
+        answers = await asyncio.gather(*(http.post(url, content=str(i).encode()) for i in range(6)))
+        assert sorted(a.content for a in answers) == [f"done:{i}".encode() for i in range(6)]
+        assert peak == 2  # six calls, two connections, each reused
+        busy = [asyncio.create_task(http.post(url, content=b"slow")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.PoolTimeout):
+            await http.post(url, content=b"third", timeout=httpx.Timeout(5.0, pool=0.1))
+        assert [(await b).content for b in busy] == [b"done:slow", b"done:slow"]
+        assert (await http.post(url, content=b"after")).content == b"done:after"
+
+
+async def test_a_cancelled_call_closes_its_connection_and_frees_its_slot() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            body = await read_request(reader)
+            if body == b"hang":
+                await asyncio.sleep(5)
+            writer.write(response(b"ok"))
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async with serve(handler) as port, client(max_connections=1, pool_timeout=1.0) as http:
+        url = f"http://127.0.0.1:{port}/"
+        call = asyncio.create_task(http.post(url, content=b"hang"))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The only slot is free again, and the half-used connection is not handed out.
+        assert (await http.post(url, content=b"next")).content == b"ok"
+    assert connections == 2
+
+
+async def test_chunked_and_informational_answers_and_connection_close() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        for piece in (b"data: one\n\n", b"data: two\n\n"):
+            writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with serve(handler) as port, client() as http:
+        for _ in range(2):
+            answer = await http.get(f"http://127.0.0.1:{port}/")
+            assert answer.status_code == 200 and answer.content == b"data: one\n\ndata: two\n\n"
+    assert connections == 2  # `connection: close` is honoured: no reuse
 
 
 async def test_keep_alive_reuses_one_connection() -> None:
