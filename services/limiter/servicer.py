@@ -25,9 +25,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(max(0, int(seconds * 1e9)))
-    return d
+    # Built from its fields: Duration.FromNanoseconds is Python-level code, and every Check
+    # returns one Duration per limit.
+    whole, nanos = divmod(max(0, int(seconds * 1e9)), 1_000_000_000)
+    return duration_pb2.Duration(seconds=whole, nanos=nanos)
 
 
 def quota(state: LimitState) -> common_pb2.Quota:

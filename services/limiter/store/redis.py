@@ -41,7 +41,10 @@ local function budget_load(h, z, now)
   if tonumber(v[1]) ~= day then
     used, cost = 0, 0
     redis.call('HSET', h, 'd', day, 'used', 0, 'cost', 0)
-    if redis.call('PTTL', h) < 0 then redis.call('PEXPIRE', h, (day + 2) * 86400000 - now) end
+    -- Once a day, on the day's first use: the hash outlives the day by a whole day, so today's
+    -- reservations (which expire well before then) and late settlements find it; no call needs
+    -- to extend it again.
+    redis.call('PEXPIRE', h, (day + 2) * 86400000 - now)
   end
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   if #expired > 0 then
@@ -159,24 +162,27 @@ for i = 1, n do
     local newest = s.newest
     if applied then
       redis.call('HINCRBY', s.k1, s.cur, s.cost)
-      redis.call('PEXPIRE', s.k1, (B + 2) * s.g)
+      if newest == nil or s.cur > newest then
+        -- A new sub-bucket: the key must now live until it leaves the window. While it stays
+        -- the newest, that expiry already covers every later increment.
+        redis.call('PEXPIRE', s.k1, (B + 2) * s.g)
+        newest = s.cur
+      end
       total = total + s.cost
-      if newest == nil or s.cur > newest then newest = s.cur end
     end
     local reset = 0
     if total > 0 and newest ~= nil then reset = (newest + B + 1) * s.g - now end
     out[i] = {s.over and 1 or 0, math.max(0, s.limit - total), reset, s.retry, total, 0}
   elseif s.kind == 2 then
-    if applied then
-      if s.cost > 0 and rid ~= '' then
-        local old = tonumber(redis.call('HGET', s.k1, 'r:' .. rid)) or 0
-        s.b.res = s.b.res - old + s.cost
-        redis.call('HSET', s.k1, 'res', s.b.res, 'r:' .. rid, s.cost)
-        redis.call('ZADD', s.k2, now + rttl, rid)
-      end
-      local keep = (s.b.day + 1) * 86400000 - now + rttl
-      redis.call('PEXPIRE', s.k1, keep)
-      redis.call('PEXPIRE', s.k2, keep)
+    if applied and s.cost > 0 and rid ~= '' then
+      -- Reservation ids are new for every Check (a replay returns above, from the idempotency
+      -- key), so the id cannot already hold tokens here.
+      s.b.res = s.b.res + s.cost
+      redis.call('HSET', s.k1, 'res', s.b.res, 'r:' .. rid, s.cost)
+      redis.call('ZADD', s.k2, now + rttl, rid)
+      -- The zset of expiries lives as long as its newest reservation (the hash's own expiry
+      -- was set when the day began).
+      redis.call('PEXPIRE', s.k2, (s.b.day + 1) * 86400000 - now + rttl)
     end
     out[i] = budget_result(s.b, s.k2, s.limit, s.cost, s.over, now)
   else

@@ -270,3 +270,45 @@ async def test_redis_reloads_its_script_when_redis_forgot_it(redis_url: str, clo
     s._decide.sha = "0" * 40
     assert (await s.decide([window("f", 2)])).results[0].remaining == 0
     await s.close()
+
+
+async def test_redis_keys_all_expire_and_outlive_what_they_hold(redis_url: str, clock: FakeClock) -> None:
+    """No key is left without an expiry (a leak per user), and none expires while it still
+    counts: a window for its length, a budget for the day, reservations until their own expiry,
+    including one taken just before midnight and settled just after it."""
+    s = RedisStore(redis_url, buckets=BUCKETS, clock_ms=clock.ms)
+    client = aioredis.from_url(split_key_prefix(redis_url)[0])
+    _, prefix = split_key_prefix(redis_url)
+    ops = [window("ttl-w", 100), budget("ttl-b", 10_000, 10)]
+    try:
+        for i in range(3):  # the later calls land in the same sub-bucket and set no expiry
+            await s.decide(ops, reservation_id=f"ttl-r{i}", reservation_ttl_ms=600_000)
+            clock.advance(1)
+        keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}{{t:a}}:ttl-*")]
+        ttls = {k.removeprefix(prefix + "{t:a}:"): await client.pttl(k) for k in keys}
+        assert set(ttls) == {"ttl-w", "ttl-b", "ttl-b:x"}
+        assert ttls["ttl-w"] >= HOUR_MS  # the window's length, and more
+        assert ttls["ttl-b"] >= DAY_MS  # the rest of today, and all of tomorrow
+        assert ttls["ttl-b:x"] >= 600_000  # the reservations' own expiry, at least
+
+        # A reservation taken just before midnight is still found when settled just after it.
+        clock.now = (clock.now // 86_400 + 1) * 86_400 - 30
+        late = await s.decide(
+            [budget("ttl-late", 10_000, 50)], reservation_id="late", reservation_ttl_ms=600_000
+        )
+        assert late.admitted
+        clock.advance(300)
+        settled = await s.settle(
+            [BudgetRef("{t:a}:ttl-late", 10_000)],
+            reservation_id="late",
+            actual_tokens=40,
+            cost_micros=0,
+            done_key="{t:a}:done:late",
+            done_ttl_ms=1_200_000,
+        )
+        assert settled.reservation_found
+        late_keys = [k async for k in client.scan_iter(match=f"{prefix}{{t:a}}:ttl-late*")]
+        assert late_keys and all([await client.pttl(k) > 0 for k in late_keys])
+    finally:
+        await client.aclose()
+        await s.close()

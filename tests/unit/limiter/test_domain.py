@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.limiter.limiter import CheckInput, Limiter, StaticTiers
+from services.limiter.limiter import CheckInput, Limiter, StaticTiers, _q, new_reservation_id
 from services.limiter.store.memory import MemoryStore
 from services.limiter.throttle import HeadroomBoard, HeadroomReport, judge
 from services.limiter.tiers import Throttle, TiersError, load_tiers, parse_tiers
@@ -248,3 +248,11 @@ def test_bad_files_stop_start_up_naming_the_variable(tmp_path: Path) -> None:
     text = str(info.value)
     assert "BALLAST_LIMITER_TIERS_FILE" in text and "tiers.free.requests.limit" in text
     assert "BALLAST_LIMITER_ENVOY_CONFIG" in text and "BALLAST_LIMITER_FAIL_MODE" in text
+
+
+def test_reservation_ids_are_unique_and_ids_in_keys_are_escaped_only_when_needed() -> None:
+    ids = {new_reservation_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 for i in ids)
+    assert _q("user-1.a_b~") == "user-1.a_b~"
+    # Anything that could forge a key or break the {hash tag} is escaped.
+    assert _q("a:b}{c d") == "a%3Ab%7D%7Bc%20d" and _q("é") == "%C3%A9"
