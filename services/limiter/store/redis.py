@@ -92,7 +92,17 @@ local B = tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
 if idem_ttl > 0 then
   local prev = redis.call('GET', KEYS[1])
-  if prev then return 'R' .. prev end
+  if prev then
+    local r = cjson.decode(prev)
+    if r.a ~= nil then
+      -- Written by an older version (a JSON object), within the key's TTL of an upgrade.
+      local flat = {1, r.a, r.d, r.id, #r.r}
+      for _, row in ipairs(r.r) do for j = 1, 6 do flat[#flat + 1] = row[j] end end
+      return flat
+    end
+    r[1] = 1
+    return r
+  end
 end
 local specs = {}
 for kind, limit, cost, period, shadow in string.gmatch(ARGV[9], '(%d+),(%-?%d+),(%d+),(%d+),(%d);') do
@@ -199,9 +209,15 @@ for i = 1, n do
 end
 local res_id = ''
 if admitted then res_id = rid end
-local body = cjson.encode({a = admitted and 1 or 0, r = out, d = tonumber(ARGV[6]), id = res_id})
-if admitted and idem_ttl > 0 then redis.call('SET', KEYS[1], body, 'PX', idem_ttl) end
-return 'N' .. body
+-- A flat array (replayed, admitted, delay_ms, reservation id, n, then 6 integers per op): the
+-- replica's reply parser reads it natively, no JSON on the hot path.
+local reply = {0, admitted and 1 or 0, tonumber(ARGV[6]), res_id, n}
+for i = 1, n do
+  local row = out[i]
+  for j = 1, 6 do reply[#reply + 1] = row[j] end
+end
+if admitted and idem_ttl > 0 then redis.call('SET', KEYS[1], cjson.encode(reply), 'PX', idem_ttl) end
+return reply
 """
 )
 
@@ -357,15 +373,18 @@ class RedisStore:
             keys.append(p + op.key)
             if op.kind == Kind.BUDGET:
                 keys.append(p + op.key + ":x")
-        raw = await self._run(self._decide, keys, args)
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        body = json.loads(text[1:])
+        reply = await self._run(self._decide, keys, args)
+        replayed, admitted, delay_ms, rid, n = reply[:5]
+        flat = reply[5:]
         return Outcome(
-            admitted=bool(body["a"]),
-            results=_results(body["r"]),
-            replayed=text[0] == "R",
-            delay_ms=int(body.get("d") or 0),
-            reservation_id=str(body.get("id") or ""),
+            admitted=bool(admitted),
+            results=tuple(
+                OpResult(bool(flat[i]), flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4], flat[i + 5])
+                for i in range(0, 6 * n, 6)
+            ),
+            replayed=bool(replayed),
+            delay_ms=delay_ms,
+            reservation_id=rid.decode() if isinstance(rid, bytes) else str(rid),
         )
 
     async def settle(

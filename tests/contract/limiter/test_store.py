@@ -312,3 +312,36 @@ async def test_redis_keys_all_expire_and_outlive_what_they_hold(redis_url: str, 
     finally:
         await client.aclose()
         await s.close()
+
+
+async def test_redis_replays_answers_stored_before_the_reply_format_changed(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """Idempotency keys written by the previous version (a JSON object) still replay during an
+    upgrade, and new ones replay the very answer they stored."""
+    s = RedisStore(redis_url, clock_ms=clock.ms)
+    _, prefix = split_key_prefix(redis_url)
+    client = aioredis.from_url(split_key_prefix(redis_url)[0])
+    ops = [window("fmt-w", 10), budget("fmt-b", 1000, 30)]
+    kwargs = {"idempotency_ttl_ms": 60_000, "reservation_id": "fmt-r", "reservation_ttl_ms": 60_000}
+    try:
+        first = await s.decide(ops, idempotency_key="{t:a}:idem:new", **kwargs)  # type: ignore[arg-type]
+        again = await s.decide(ops, idempotency_key="{t:a}:idem:new", **kwargs)  # type: ignore[arg-type]
+        assert not first.replayed and again.replayed
+        assert (again.admitted, again.results, again.reservation_id) == (True, first.results, "fmt-r")
+        old = '{"a":1,"r":[[0,9,3600000,0,1,0],[0,970,82800000,0,0,0]],"d":250,"id":"old-r"}'
+        await client.set(prefix + "{t:a}:idem:old", old)
+        replay = await s.decide(ops, idempotency_key="{t:a}:idem:old", **kwargs)  # type: ignore[arg-type]
+        assert (
+            replay.replayed
+            and replay.admitted
+            and replay.delay_ms == 250
+            and replay.reservation_id == "old-r"
+        )
+        assert [(r.over, r.remaining, r.reset_ms, r.used) for r in replay.results] == [
+            (False, 9, 3_600_000, 1),
+            (False, 970, 82_800_000, 0),
+        ]
+    finally:
+        await client.aclose()
+        await s.close()
