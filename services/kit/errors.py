@@ -8,8 +8,6 @@ Anything else is a bug: logged with the trace id, answered as a generic INTERNAL
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import grpc
@@ -186,13 +184,20 @@ class ErrorInterceptor(AroundInterceptor):
     """Maps exceptions raised by servicers to statuses, for unary and streaming responses."""
 
     def around(self, method: str) -> Around | None:
-        @asynccontextmanager
-        async def mapped(context: Context) -> AsyncIterator[None]:
-            try:
-                yield
-            except BaseException as exc:
-                if _is_passthrough(exc):
-                    raise
-                await _abort(context, exc, method)
+        class Mapped:
+            # A plain class, not @asynccontextmanager: it runs around every call (see Timed).
+            __slots__ = ("context",)
 
-        return mapped
+            def __init__(self, context: Context) -> None:
+                self.context = context
+
+            async def __aenter__(self) -> None:
+                return None
+
+            async def __aexit__(
+                self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+            ) -> None:
+                if exc is not None and not _is_passthrough(exc):
+                    await _abort(self.context, exc, method)  # always raises: the call ends here
+
+        return Mapped

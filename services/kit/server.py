@@ -12,8 +12,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,17 +85,24 @@ class MetricsInterceptor(AroundInterceptor):
                 attributes = by_code[code] = {**labels, "rpc.grpc.status_code": code.name}
             record(time.perf_counter() - started, attributes)
 
-        @asynccontextmanager
-        async def timed(context: Context) -> AsyncIterator[None]:
-            started = time.perf_counter()
-            try:
-                yield
-            except BaseException:
-                done(started, context.code() or grpc.StatusCode.UNKNOWN)
-                raise
-            done(started, context.code())
+        class Timed:
+            # A plain class, not @asynccontextmanager: this runs around every call, and a
+            # generator-based context manager costs three times as much to enter and leave.
+            __slots__ = ("context", "started")
 
-        return timed
+            def __init__(self, context: Context) -> None:
+                self.context = context
+
+            async def __aenter__(self) -> None:
+                self.started = time.perf_counter()
+
+            async def __aexit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+                code = self.context.code()
+                if kind is not None and not code:
+                    code = grpc.StatusCode.UNKNOWN  # raised without setting a status
+                done(self.started, code)
+
+        return Timed
 
 
 @dataclass
