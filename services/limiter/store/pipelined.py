@@ -10,9 +10,11 @@ and no added latency when idle. (envoyproxy/ratelimit does the same: "implicit p
 Replies are parsed by hiredis.
 
 Failure model: a lost connection fails every command in flight with StoreUnavailableError, and
-the next command reconnects. A caller that gives up (its timeout) leaves its slot in the reply
-queue; if the oldest unanswered command is older than `stall_after`, the connection is taken
-to be hung (a paused or overloaded Redis), dropped, and the next command reconnects.
+the next command reconnects. When the oldest unanswered command has waited `stall_after`, the
+connection is taken to be hung (a paused or overloaded Redis): every command in flight fails
+and the next one reconnects. So every call ends within `connect_timeout` + `stall_after`, and
+callers need no timeout of their own (a per-call timer was a noticeable part of a decision's
+cost). A caller that gives up anyway leaves its slot in the reply queue, answered or failed later.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def pack(args: tuple[str | bytes | int, ...]) -> bytes:
 
 
 class _Replies(asyncio.Protocol):
-    def __init__(self, on_lost: Any) -> None:
+    def __init__(self, on_lost: Any, stall_after: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=RedisReplyError)
         # (future, when sent) in the order sent: Redis replies in the same order.
@@ -102,6 +104,10 @@ class _Replies(asyncio.Protocol):
         self.flush_scheduled = False
         self.lost = False
         self._on_lost = on_lost
+        self._stall_after = stall_after
+        # One timer per connection, not one per call: it fires when the oldest command in
+        # flight has waited `stall_after`, so every call ends by then without a timeout of its own.
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -123,6 +129,18 @@ class _Replies(asyncio.Protocol):
         if not self.flush_scheduled:
             self.flush_scheduled = True
             future.get_loop().call_soon(self._flush)
+        if self._watchdog is None and self._stall_after > 0:
+            self._watchdog = future.get_loop().call_later(self._stall_after, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self.lost or not self.waiting:
+            return
+        waited = time.monotonic() - self.waiting[0][1]
+        if waited >= self._stall_after * 0.95:
+            self.fail(StoreUnavailableError(f"Redis did not answer within {self._stall_after:g} s"))
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(self._stall_after - waited, self._watch)
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -140,6 +158,9 @@ class _Replies(asyncio.Protocol):
         )
 
     def fail(self, error: Exception) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self.lost:
             self.lost = True
             self._on_lost(self)
@@ -209,10 +230,12 @@ class PipelinedRedis:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if e.unix_path:
-                    _, conn = await loop.create_unix_connection(lambda: _Replies(self._lost), e.unix_path)
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Replies(self._lost, self.stall_after), e.unix_path
+                    )
                 else:
                     _, conn = await loop.create_connection(
-                        lambda: _Replies(self._lost), e.host, e.port, ssl=e.tls
+                        lambda: _Replies(self._lost, self.stall_after), e.host, e.port, ssl=e.tls
                     )
                 setup: list[tuple[str | bytes | int, ...]] = []
                 if e.password:

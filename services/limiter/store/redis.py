@@ -313,6 +313,11 @@ def _results(rows: list[list[int]]) -> tuple[OpResult, ...]:
 
 
 class RedisStore:
+    # Every call ends within `timeout` by itself (the connection's connect timeout and stall
+    # watchdog; a script Redis has forgotten costs up to three such waits, once): ResilientStore
+    # adds no timer of its own.
+    bounds_own_calls = True
+
     def __init__(
         self,
         url: str,

@@ -60,6 +60,8 @@ class ResilientStore:
         self._suspect = False
         self._probing = False
         self.failures = 0
+        # A store whose calls end within the timeout by themselves needs no timer per call.
+        self._self_bounded = bool(getattr(primary, "bounds_own_calls", False))
 
     @property
     def down(self) -> bool:
@@ -79,9 +81,12 @@ class ResilientStore:
                 return None
             self._probing = True
         try:
-            # asyncio.timeout, not wait_for: no extra task per decision on the hot path.
-            async with asyncio.timeout(self.timeout):
+            if self._self_bounded:
                 result = await call()
+            else:
+                # asyncio.timeout, not wait_for: no extra task per decision on the hot path.
+                async with asyncio.timeout(self.timeout):
+                    result = await call()
         except (StoreUnavailableError, TimeoutError, OSError) as exc:
             self.failures += 1
             if not self._suspect:
