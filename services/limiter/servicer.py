@@ -24,21 +24,30 @@ _PRIORITY_NAMES = {rank: name for name, rank in PRIORITY_RANK.items()}
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def duration(seconds: float) -> duration_pb2.Duration:
-    # Built from its fields: Duration.FromNanoseconds is Python-level code, and every Check
-    # returns one Duration per limit.
+def duration_fields(seconds: float) -> dict[str, int]:
     whole, nanos = divmod(max(0, int(seconds * 1e9)), 1_000_000_000)
-    return duration_pb2.Duration(seconds=whole, nanos=nanos)
+    return {"seconds": whole, "nanos": nanos}
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    # Built from its fields: Duration.FromNanoseconds is Python-level code.
+    return duration_pb2.Duration(**duration_fields(seconds))
+
+
+def quota_fields(state: LimitState) -> dict[str, Any]:
+    """A Quota as constructor fields: nested messages given as dicts are built in place, where
+    message objects would be built and then copied (every Check returns one per limit)."""
+    return {
+        "name": state.name,
+        "limit": state.limit,
+        "remaining": max(0, state.remaining),
+        "reset_after": duration_fields(state.reset_after),
+        "unlimited": state.unlimited,
+    }
 
 
 def quota(state: LimitState) -> common_pb2.Quota:
-    return common_pb2.Quota(
-        name=state.name,
-        limit=state.limit,
-        remaining=max(0, state.remaining),
-        reset_after=duration(state.reset_after),
-        unlimited=state.unlimited,
-    )
+    return common_pb2.Quota(**quota_fields(state))
 
 
 class Validator:
@@ -105,16 +114,15 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
         )
         response = limiter_pb2.CheckResponse(
             decision=_DECISIONS.get(result.decision, limiter_pb2.DECISION_DENY),
-            limits=[
-                limiter_pb2.LimitStatus(quota=quota(s), over_limit=s.over, shadow=s.shadow)
-                for s in result.limits
-            ],
             reason=result.reason,
             reservation_id=result.reservation_id,
             priority=PRIORITY_RANK[result.priority],  # type: ignore[arg-type]
             degraded=result.degraded,
             replayed=result.replayed,
         )
+        add_limit = response.limits.add
+        for state in result.limits:
+            add_limit(quota=quota_fields(state), over_limit=state.over, shadow=state.shadow)
         if result.decision == DELAYED:
             response.delay.CopyFrom(duration(result.delay))
         elif result.decision != ALLOWED:
