@@ -190,9 +190,10 @@ for i = 1, n do
       s.b.res = s.b.res + s.cost
       redis.call('HSET', s.k1, 'res', s.b.res, 'r:' .. rid, s.cost)
       redis.call('ZADD', s.k2, now + rttl, rid)
-      -- The zset of expiries lives as long as its newest reservation (the hash's own expiry
-      -- was set when the day began).
-      redis.call('PEXPIRE', s.k2, (s.b.day + 1) * 86400000 - now + rttl)
+      -- The zset of expiries lives exactly as long as the hash (whose expiry was set when the
+      -- day began): while the hash counts a reservation in `res`, the sweep can still find it.
+      -- A zset that expired first would leave an unsettled reservation counted for good.
+      redis.call('PEXPIRE', s.k2, (s.b.day + 2) * 86400000 - now)
     end
     out[i] = budget_result(s.b, s.k2, s.limit, s.cost, s.over, now)
   else
