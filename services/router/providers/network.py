@@ -101,27 +101,29 @@ class _Socket(asyncio.Protocol):
         return chunk
 
     async def wait_readable(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._reader = waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        self._reader = waiter = asyncio.get_running_loop().create_future()
         try:
-            await waiter
+            await _wait(waiter, timeout)
         finally:
             self._reader = None
-            if timer is not None:
-                timer.cancel()
 
     async def wait_writable(self, timeout: float | None) -> None:
         waiter = self._writable
-        if waiter is None or waiter.done():
-            return
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if waiter is not None and not waiter.done():
+            await _wait(waiter, timeout)
+
+
+async def _wait(waiter: asyncio.Future[None], timeout: float | None) -> None:
+    """Awaits `waiter`; TimeoutError if `timeout` seconds pass first (None waits for ever). A
+    timer callback, not asyncio.timeout: no task lookup or cancellation on every socket wait."""
+    if timeout is None:
+        await waiter
+        return
+    timer = waiter.get_loop().call_later(timeout, _expire, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -328,9 +330,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 raise httpx.PoolTimeout("no free connection to the provider in time", request=request)
             waiter = loop.create_future()
             self._waiters.append(waiter)
-            timer = loop.call_later(remaining, _expire, waiter) if remaining is not None else None
             try:
-                await waiter
+                await _wait(waiter, remaining)
             except TimeoutError as exc:
                 raise httpx.PoolTimeout(
                     "no free connection to the provider in time", request=request
@@ -338,9 +339,6 @@ class Http11Transport(httpx.AsyncBaseTransport):
             except BaseException:
                 self._wake_one()  # a wake-up meant for this caller goes to the next one
                 raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
         if reusable and not self._closed and self._idle_count < self._max_idle and connection.reusable_idle():
