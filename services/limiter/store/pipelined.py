@@ -137,7 +137,7 @@ class _Replies(asyncio.Protocol):
         if self.lost or not self.waiting:
             return
         waited = time.monotonic() - self.waiting[0][1]
-        if waited >= self._stall_after * 0.95:
+        if waited >= self._stall_after * 0.95:  # timer slack
             self.fail(StoreUnavailableError(f"Redis did not answer within {self._stall_after:g} s"))
             return
         self._watchdog = asyncio.get_running_loop().call_later(self._stall_after - waited, self._watch)
@@ -147,10 +147,6 @@ class _Replies(asyncio.Protocol):
         data, self.outbox = b"".join(self.outbox), []
         if not self.lost and self.transport is not None:
             self.transport.write(data)
-
-    def stalled(self, after: float) -> bool:
-        """Whether the oldest command has waited `after` seconds (with timer slack) for its reply."""
-        return bool(self.waiting) and time.monotonic() - self.waiting[0][1] >= after * 0.95
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(
@@ -184,27 +180,16 @@ class PipelinedRedis:
     async def execute(self, *args: str | bytes | int) -> Any:
         """Sends one command and returns its reply; an error reply raises RedisReplyError."""
         conn = self._conn
-        if conn is not None:
-            self._drop_if_stalled(conn)
         if conn is None or conn.lost:
             conn = await self._connect()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         conn.send(pack(args), future)
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            # The caller gave up (its timeout): if Redis has stopped answering, stop waiting on it.
-            self._drop_if_stalled(conn)
-            raise
+        reply = await future  # the connection's watchdog fails it if Redis stops answering
         if isinstance(reply, RedisReplyError):
             if reply.code in _UNAVAILABLE:
                 raise StoreUnavailableError(f"Redis: {reply}")
             raise reply
         return reply
-
-    def _drop_if_stalled(self, conn: _Replies) -> None:
-        if conn.stalled(self.stall_after):
-            conn.fail(StoreUnavailableError(f"Redis did not answer within {self.stall_after:g} s"))
 
     def _lost(self, conn: _Replies) -> None:
         if self._conn is conn:
