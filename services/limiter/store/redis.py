@@ -33,6 +33,13 @@ local function now_ms(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- How long a budget's hash and its zset live, from `now` on day `day`: to the end of the next
+-- day. Both keys get the same expiry, so while the hash counts a reservation in `res`, the
+-- sweep can still find its entry in the zset.
+local function budget_ttl(day, now)
+  return (day + 2) * 86400000 - now
+end
+
 -- A daily (UTC) budget: hash {d, used, res, cost, r:<id> = tokens} + zset of reservation expiries.
 local function budget_load(h, z, now)
   local day = math.floor(now / 86400000)
@@ -44,7 +51,7 @@ local function budget_load(h, z, now)
     -- Once a day, on the day's first use: the hash outlives the day by a whole day, so today's
     -- reservations (which expire well before then) and late settlements find it; no call needs
     -- to extend it again.
-    redis.call('PEXPIRE', h, (day + 2) * 86400000 - now)
+    redis.call('PEXPIRE', h, budget_ttl(day, now))
   end
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   if #expired > 0 then
@@ -190,10 +197,9 @@ for i = 1, n do
       s.b.res = s.b.res + s.cost
       redis.call('HSET', s.k1, 'res', s.b.res, 'r:' .. rid, s.cost)
       redis.call('ZADD', s.k2, now + rttl, rid)
-      -- The zset of expiries lives exactly as long as the hash (whose expiry was set when the
-      -- day began): while the hash counts a reservation in `res`, the sweep can still find it.
+      -- The hash's expiry was set when the day began; the zset's matches it (see budget_ttl).
       -- A zset that expired first would leave an unsettled reservation counted for good.
-      redis.call('PEXPIRE', s.k2, (s.b.day + 2) * 86400000 - now)
+      redis.call('PEXPIRE', s.k2, budget_ttl(s.b.day, now))
     end
     out[i] = budget_result(s.b, s.k2, s.limit, s.cost, s.over, now)
   else
