@@ -32,15 +32,21 @@ async def serve(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIte
         await server.wait_closed()
 
 
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    """Reads one HTTP/1.1 request (headers and a content-length body); returns the body."""
+async def read_request_and_headers(reader: asyncio.StreamReader) -> tuple[dict[str, str], bytes]:
+    """Reads one HTTP/1.1 request (headers and a content-length body): its headers, lower-cased
+    names, and its body."""
     head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return await reader.readexactly(length)
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode().partition(":")
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    return headers, await reader.readexactly(int(headers.get("content-length", 0)))
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """Reads one HTTP/1.1 request; returns the body."""
+    return (await read_request_and_headers(reader))[1]
 
 
 def response(body: bytes, extra: str = "") -> bytes:

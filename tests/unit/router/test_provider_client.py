@@ -13,7 +13,7 @@ import pytest
 
 from services.router.catalog import Provider
 from services.router.providers.base import ClientOptions, endpoint_url, make_client
-from tests.unit.router.test_network import read_request, response, serve
+from tests.unit.router.test_network import read_request, read_request_and_headers, response, serve
 
 
 def provider(port: int) -> Provider:
@@ -29,14 +29,9 @@ async def test_sends_the_adapter_and_provider_headers_and_decodes_gzip() -> None
         connections += 1
         while True:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
+                headers, body = await read_request_and_headers(reader)
             except asyncio.IncompleteReadError:
                 break
-            headers = dict(
-                (k.strip().lower(), v.strip())
-                for k, _, v in (line.decode().partition(":") for line in head.split(b"\r\n")[1:] if line)
-            )
-            body = await reader.readexactly(int(headers["content-length"]))
             seen.append({**headers, "body": body.decode()})
             packed = gzip.compress(json.dumps({"echo": body.decode()}).encode())
             writer.write(response(packed, "content-encoding: gzip\r\ncontent-type: application/json\r\n"))
