@@ -25,6 +25,8 @@ LIMIT_NAMES = (REQUESTS, USER_TOKENS, TENANT_TOKENS, TOOL_CALLS)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+#: The longest `reservation_ttl` accepted (the Redis store keeps a budget to the end of the next day).
+MAX_RESERVATION_TTL = 86400.0
 
 
 class TiersError(ValueError):
@@ -141,16 +143,21 @@ class _Reader:
             return default
         return value
 
-    def duration(self, value: Any, path: str, default: float) -> float:
+    def duration(self, value: Any, path: str, default: float, maximum: float | None = None) -> float:
         if value is None:
             return default
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        match = _DURATION.match(str(value).lower()) if isinstance(value, str) else None
-        if not match or float(match.group(1)) <= 0:
-            self.bad(path, "expected a positive duration such as 500ms, 30s, 10m, 1h or 1d")
+            seconds = float(value)
+        else:
+            match = _DURATION.match(str(value).lower()) if isinstance(value, str) else None
+            if not match or float(match.group(1)) <= 0:
+                self.bad(path, "expected a positive duration such as 500ms, 30s, 10m, 1h or 1d")
+                return default
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if maximum is not None and seconds > maximum:
+            self.bad(path, f"must be at most {maximum:g}s, got {seconds:g}s")
             return default
-        return float(match.group(1)) * _UNITS[match.group(2)]
+        return seconds
 
     def limit(self, value: Any, path: str, *, windowed: bool) -> Limit:
         if value is None:
@@ -206,7 +213,11 @@ def parse_tiers(data: Any, source: str = "tiers") -> TiersConfig:
     config = TiersConfig(
         tiers=tiers,
         default_tier=default_tier,
-        reservation_ttl=r.duration(root.get("reservation_ttl"), "reservation_ttl", 600.0),
+        # A reservation covers one model call in flight. At most a day, so a budget's keys (kept
+        # to the end of the next day) outlive every reservation they count.
+        reservation_ttl=r.duration(
+            root.get("reservation_ttl"), "reservation_ttl", 600.0, maximum=MAX_RESERVATION_TTL
+        ),
         session_ttl=r.duration(root.get("session_ttl"), "session_ttl", 86400.0),
         near_limit_ratio=r.number(root.get("near_limit_ratio"), "near_limit_ratio", 0.8, 0.0, 1.0),
         throttle=throttle,

@@ -34,8 +34,10 @@ local function now_ms(arg)
 end
 
 -- How long a budget's hash and its zset live, from `now` on day `day`: to the end of the next
--- day. Both keys get the same expiry, so while the hash counts a reservation in `res`, the
--- sweep can still find its entry in the zset.
+-- day. Both keys always carry the same expiry (set together at the day's first use, and the
+-- zset's again whenever it gains an entry), so while the hash counts a reservation in `res`,
+-- the sweep can still find its entry in the zset. Reservations last at most a day (the tiers
+-- file's limit on reservation_ttl), so every entry expires before its zset does.
 local function budget_ttl(day, now)
   return (day + 2) * 86400000 - now
 end
@@ -49,9 +51,11 @@ local function budget_load(h, z, now)
     used, cost = 0, 0
     redis.call('HSET', h, 'd', day, 'used', 0, 'cost', 0)
     -- Once a day, on the day's first use: the hash outlives the day by a whole day, so today's
-    -- reservations (which expire well before then) and late settlements find it; no call needs
-    -- to extend it again.
-    redis.call('PEXPIRE', h, budget_ttl(day, now))
+    -- reservations and late settlements find it; no call needs to extend it again. The zset
+    -- moves with it: it may still hold yesterday's unsettled reservations, which the hash counts.
+    local ttl = budget_ttl(day, now)
+    redis.call('PEXPIRE', h, ttl)
+    redis.call('PEXPIRE', z, ttl)
   end
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   if #expired > 0 then
@@ -258,9 +262,10 @@ for i = 1, n do
     end
     b.used = b.used + actual
     b.cost = b.cost + cm
+    -- No expiry to extend: budget_load gave the hash (and its zset) the rest of today and all
+    -- of tomorrow. The done marker has its own TTL; a retry after the hash expired finds the
+    -- marker and charges nothing.
     redis.call('HSET', h, 'used', b.used, 'cost', b.cost, 'res', b.res)
-    local keep = (b.day + 1) * 86400000 - now + done_ttl
-    if redis.call('PTTL', h) < keep then redis.call('PEXPIRE', h, keep) end
   end
   out[i] = budget_result(b, z, limit, 0, false, now)
 end

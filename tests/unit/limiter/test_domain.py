@@ -205,6 +205,7 @@ def test_a_bad_tiers_file_names_every_problem() -> None:
     bad = yaml.safe_load(
         """
 default_tier: gold
+reservation_ttl: 2d
 tiers:
   free:
     priority: urgent
@@ -219,6 +220,7 @@ throttle: { priorities: { low: { delay_below: 0.1, deny_below: 0.4 } } }
     text = str(info.value)
     for expected in (
         "default_tier",
+        "reservation_ttl: must be at most 86400s, got 172800s",
         "tiers.free.priority",
         "tiers.free.requests.limit",
         "tiers.free.requests.window",
