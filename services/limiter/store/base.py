@@ -27,7 +27,9 @@ class Kind(enum.IntEnum):
     COUNTER = 3
 
 
-@dataclass(frozen=True, slots=True)
+# LimitOp, OpResult and Outcome are built for every decision: slotted, not frozen (see
+# CheckInput in limiter.py for why). Treat them as values; nothing changes them once built.
+@dataclass(slots=True)
 class LimitOp:
     kind: Kind
     # Store key without the store's key prefix; keys of one call share one hash tag.
@@ -42,7 +44,7 @@ class LimitOp:
     shadow: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpResult:
     # The limit alone would refuse this request.
     over: bool
@@ -58,7 +60,7 @@ class OpResult:
     cost_micros: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     # Every enforced limit had room and all were counted (never true for a peek).
     admitted: bool
