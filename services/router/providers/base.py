@@ -131,16 +131,18 @@ class ProviderClient:
         self._headers = httpx.Headers({**_DEFAULT_HEADERS, **headers})
         self._timeout = timeout.as_dict()
 
-    def _request(self, url: httpx.URL, content: bytes) -> httpx.Request:
-        return httpx.Request(
+    async def _send(self, url: httpx.URL, content: bytes) -> httpx.Response:
+        """POSTs `content`; the response comes back as soon as its head has arrived."""
+        request = httpx.Request(
             "POST", url, headers=self._headers, content=content, extensions={"timeout": self._timeout}
         )
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        return response
 
     async def post(self, url: httpx.URL, content: bytes) -> httpx.Response:
         """The whole response, its body read (and decoded), its connection back in the pool."""
-        request = self._request(url, content)
-        response = await self._transport.handle_async_request(request)
-        response.request = request
+        response = await self._send(url, content)
         try:
             await response.aread()
         finally:
@@ -150,9 +152,7 @@ class ProviderClient:
     @contextlib.asynccontextmanager
     async def stream(self, url: httpx.URL, content: bytes) -> AsyncIterator[httpx.Response]:
         """The response with its body unread; leaving the block closes it (or frees its connection)."""
-        request = self._request(url, content)
-        response = await self._transport.handle_async_request(request)
-        response.request = request
+        response = await self._send(url, content)
         try:
             yield response
         finally:

@@ -300,6 +300,10 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     def _discard(self, connection: _Connection) -> None:
         connection.close()
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        """One connection fewer is open (or being opened): a waiting caller may open one."""
         self._open -= 1
         self._wake_one()
 
@@ -383,8 +387,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
             try:
                 connection = await self._connect(origin, timeouts.get("connect"), request)
             except BaseException:
-                self._open -= 1
-                self._wake_one()
+                self._free_slot()  # the slot _acquire reserved for this connection
                 raise
         read_timeout = timeouts.get("read")
         try:
