@@ -53,6 +53,24 @@ def response(body: bytes, extra: str = "") -> bytes:
     return f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
+async def answer_each_request(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    answer: Callable[[dict[str, str], bytes], Awaitable[bytes]],
+) -> None:
+    """A keep-alive server's connection: answers every request (given its headers and body) until
+    the client closes the connection or it breaks, then closes it."""
+    try:
+        while True:
+            headers, body = await read_request_and_headers(reader)
+            writer.write(await answer(headers, body))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 def client(max_connections: int = 4, pool_timeout: float = 5.0, **kw: object) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=max_connections, keepalive_expiry=30)
     transport = Http11Transport(limits=limits, **kw)  # type: ignore[arg-type]
@@ -66,17 +84,15 @@ async def test_the_pool_never_opens_more_than_its_limit_and_times_out_waiting() 
         nonlocal open_now, peak
         open_now += 1
         peak = max(peak, open_now)
+
+        async def answer(headers: dict[str, str], body: bytes) -> bytes:
+            await asyncio.sleep(0.3 if body == b"slow" else 0.05)
+            return response(b"done:" + body)
+
         try:
-            while True:
-                body = await read_request(reader)
-                await asyncio.sleep(0.3 if body == b"slow" else 0.05)
-                writer.write(response(b"done:" + body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            await answer_each_request(reader, writer, answer)
         finally:
             open_now -= 1
-            writer.close()
 
     async with serve(handler) as port, client(max_connections=2) as http:
         url = f"http://127.0.0.1:{port}/"
@@ -148,14 +164,11 @@ async def test_keep_alive_reuses_one_connection() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        while True:
-            try:
-                body = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(response(b"echo:" + body))
-            await writer.drain()
-        writer.close()
+
+        async def echo(headers: dict[str, str], body: bytes) -> bytes:
+            return response(b"echo:" + body)
+
+        await answer_each_request(reader, writer, echo)
 
     async with serve(handler) as port, client() as http:
         for i in range(5):
@@ -252,14 +265,10 @@ async def test_tls_is_verified_and_works(certificate: tuple[Path, Path]) -> None
     server_tls.load_cert_chain(cert, key)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                body = await read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            writer.write(response(b"secure:" + body))
-            await writer.drain()
-        writer.close()
+        async def answer(headers: dict[str, str], body: bytes) -> bytes:
+            return response(b"secure:" + body)
+
+        await answer_each_request(reader, writer, answer)
 
     async with serve(handler, server_tls) as port:
         trusted = ssl.create_default_context(cafile=str(cert))

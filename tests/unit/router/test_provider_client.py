@@ -13,7 +13,7 @@ import pytest
 
 from services.router.catalog import Provider
 from services.router.providers.base import ClientOptions, endpoint_url, make_client
-from tests.unit.router.test_network import read_request, read_request_and_headers, response, serve
+from tests.unit.router.test_network import answer_each_request, read_request, response, serve
 
 
 def provider(port: int) -> Provider:
@@ -27,16 +27,13 @@ async def test_sends_the_adapter_and_provider_headers_and_decodes_gzip() -> None
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        while True:
-            try:
-                headers, body = await read_request_and_headers(reader)
-            except asyncio.IncompleteReadError:
-                break
+
+        async def answer(headers: dict[str, str], body: bytes) -> bytes:
             seen.append({**headers, "body": body.decode()})
             packed = gzip.compress(json.dumps({"echo": body.decode()}).encode())
-            writer.write(response(packed, "content-encoding: gzip\r\ncontent-type: application/json\r\n"))
-            await writer.drain()
-        writer.close()
+            return response(packed, "content-encoding: gzip\r\ncontent-type: application/json\r\n")
+
+        await answer_each_request(reader, writer, answer)
 
     async with serve(handler) as port:
         client = make_client(provider(port), ClientOptions(), {"authorization": "Bearer k"})
