@@ -55,6 +55,12 @@ def budget(key: str, limit: int, cost: int, *, shadow: bool = False) -> LimitOp:
     return LimitOp(Kind.BUDGET, "{t:a}:" + key, limit, cost, 0, shadow)
 
 
+def raw_redis(redis_url: str) -> tuple[aioredis.Redis, str]:
+    """A plain client on the store's Redis, to look at its keys, and the store's key prefix."""
+    url, prefix = split_key_prefix(redis_url)
+    return aioredis.from_url(url), prefix
+
+
 def counter(key: str, limit: int, cost: int = 1) -> LimitOp:
     return LimitOp(Kind.COUNTER, "{t:a}:" + key, limit, cost, HOUR_MS)
 
@@ -254,8 +260,7 @@ async def test_headroom_reports_are_shared_until_they_expire(store: Store) -> No
 async def test_redis_keys_carry_the_prefix_and_one_hash_tag(redis_url: str, clock: FakeClock) -> None:
     s = RedisStore(redis_url, clock_ms=clock.ms)
     await s.decide([window("k", 2), budget("kb", 10, 1)], reservation_id="r", reservation_ttl_ms=1000)
-    _, prefix = split_key_prefix(redis_url)
-    client = aioredis.from_url(split_key_prefix(redis_url)[0])
+    client, prefix = raw_redis(redis_url)
     keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}*")]
     await client.aclose()
     await s.close()
@@ -277,8 +282,7 @@ async def test_redis_keys_all_expire_and_outlive_what_they_hold(redis_url: str, 
     counts: a window for its length, a budget for the day, reservations until their own expiry,
     including one taken just before midnight and settled just after it."""
     s = RedisStore(redis_url, buckets=BUCKETS, clock_ms=clock.ms)
-    client = aioredis.from_url(split_key_prefix(redis_url)[0])
-    _, prefix = split_key_prefix(redis_url)
+    client, prefix = raw_redis(redis_url)
     ops = [window("ttl-w", 100), budget("ttl-b", 10_000, 10)]
     try:
         for i in range(3):  # the later calls land in the same sub-bucket and set no expiry
@@ -329,8 +333,7 @@ async def test_redis_replays_answers_stored_before_the_reply_format_changed(
     """Idempotency keys written by the previous version (a JSON object) still replay during an
     upgrade, and new ones replay the very answer they stored."""
     s = RedisStore(redis_url, clock_ms=clock.ms)
-    _, prefix = split_key_prefix(redis_url)
-    client = aioredis.from_url(split_key_prefix(redis_url)[0])
+    client, prefix = raw_redis(redis_url)
     ops = [window("fmt-w", 10), budget("fmt-b", 1000, 30)]
     kwargs = {"idempotency_ttl_ms": 60_000, "reservation_id": "fmt-r", "reservation_ttl_ms": 60_000}
     try:
