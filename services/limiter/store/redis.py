@@ -10,7 +10,6 @@ tenant or Envoy domain), so a call is Redis Cluster-safe. Keys carry the URL's k
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +39,13 @@ end
 -- file's limit on reservation_ttl), so every entry expires before its zset does.
 local function budget_ttl(day, now)
   return (day + 2) * 86400000 - now
+end
+
+-- Appends each row (one op's 6 integers) to `reply`: the flat layout the replica reads
+-- natively, no JSON on the hot path.
+local function append_rows(reply, rows)
+  for _, row in ipairs(rows) do for j = 1, 6 do reply[#reply + 1] = row[j] end end
+  return reply
 end
 
 -- A daily (UTC) budget: hash {d, used, res, cost, r:<id> = tokens} + zset of reservation expiries.
@@ -107,9 +113,7 @@ if idem_ttl > 0 then
     local r = cjson.decode(prev)
     if r.a ~= nil then
       -- Written by an older version (a JSON object), within the key's TTL of an upgrade.
-      local flat = {1, r.a, r.d, r.id, #r.r}
-      for _, row in ipairs(r.r) do for j = 1, 6 do flat[#flat + 1] = row[j] end end
-      return flat
+      return append_rows({1, r.a, r.d, r.id, #r.r}, r.r)
     end
     r[1] = 1
     return r
@@ -220,13 +224,8 @@ for i = 1, n do
 end
 local res_id = ''
 if admitted then res_id = rid end
--- A flat array (replayed, admitted, delay_ms, reservation id, n, then 6 integers per op): the
--- replica's reply parser reads it natively, no JSON on the hot path.
-local reply = {0, admitted and 1 or 0, tonumber(ARGV[6]), res_id, n}
-for i = 1, n do
-  local row = out[i]
-  for j = 1, 6 do reply[#reply + 1] = row[j] end
-end
+-- A flat array: replayed, admitted, delay_ms, reservation id, n, then 6 integers per op.
+local reply = append_rows({0, admitted and 1 or 0, tonumber(ARGV[6]), res_id, n}, out)
 if admitted and idem_ttl > 0 then redis.call('SET', KEYS[1], cjson.encode(reply), 'PX', idem_ttl) end
 return reply
 """
@@ -269,7 +268,8 @@ for i = 1, n do
   end
   out[i] = budget_result(b, z, limit, 0, false, now)
 end
-return cjson.encode({r = out, f = found and 1 or 0, s = already and 1 or 0})
+-- A flat array: reservation found, already settled, n, then 6 integers per budget.
+return append_rows({found and 1 or 0, already and 1 or 0, n}, out)
 """
 )
 
@@ -320,8 +320,12 @@ class _Script:
         return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-def _results(rows: list[list[int]]) -> tuple[OpResult, ...]:
-    return tuple(OpResult(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows)
+def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:
+    """The `n` ops' results in a script's flat reply (append_rows): 6 integers each from `start`."""
+    return tuple(
+        OpResult(bool(reply[i]), reply[i + 1], reply[i + 2], reply[i + 3], reply[i + 4], reply[i + 5])
+        for i in range(start, start + 6 * n, 6)
+    )
 
 
 class RedisStore:
@@ -392,13 +396,9 @@ class RedisStore:
                 keys.append(p + op.key + ":x")
         reply = await self._run(self._decide, keys, args)
         replayed, admitted, delay_ms, rid, n = reply[:5]
-        flat = reply[5:]
         return Outcome(
             admitted=bool(admitted),
-            results=tuple(
-                OpResult(bool(flat[i]), flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4], flat[i + 5])
-                for i in range(0, 6 * n, 6)
-            ),
+            results=_op_results(reply, 5, n),
             replayed=bool(replayed),
             delay_ms=delay_ms,
             reservation_id=rid.decode() if isinstance(rid, bytes) else str(rid),
@@ -427,9 +427,9 @@ class RedisStore:
         for ref in budgets:
             keys += [p + ref.key, p + ref.key + ":x"]
             args.append(ref.limit)
-        raw = await self._run(self._settle, keys, args)
-        body = json.loads(raw)
-        return Settlement(_results(body["r"]), bool(body["f"]), bool(body["s"]))
+        reply = await self._run(self._settle, keys, args)
+        found, already, n = reply[:3]
+        return Settlement(_op_results(reply, 3, n), bool(found), bool(already))
 
     async def put_headroom(self, field: str, record: str, ttl_ms: int) -> None:
         await self._run(self._put_headroom, [self.prefix + HEADROOM_KEY], [field, record, max(1, ttl_ms)])
