@@ -111,12 +111,12 @@ if idem_ttl > 0 then
   local prev = redis.call('GET', KEYS[1])
   if prev then
     local r = cjson.decode(prev)
-    if r.a ~= nil then
-      -- Written by an older version (a JSON object), within the key's TTL of an upgrade.
-      return append_rows({1, r.a, r.d, r.id, #r.r}, r.r)
+    if r.a == nil then
+      -- A flat reply stored as it was (an interim format, read within the key's TTL of an upgrade).
+      r[1] = 1
+      return r
     end
-    r[1] = 1
-    return r
+    return append_rows({1, r.a, r.d, r.id, #r.r}, r.r)
   end
 end
 local specs = {}
@@ -226,7 +226,12 @@ local res_id = ''
 if admitted then res_id = rid end
 -- A flat array: replayed, admitted, delay_ms, reservation id, n, then 6 integers per op.
 local reply = append_rows({0, admitted and 1 or 0, tonumber(ARGV[6]), res_id, n}, out)
-if admitted and idem_ttl > 0 then redis.call('SET', KEYS[1], cjson.encode(reply), 'PX', idem_ttl) end
+if admitted and idem_ttl > 0 then
+  -- Stored as the JSON object {a, r, d, id} that every version reads, so replicas of this version
+  -- and of earlier ones replay each other's records during a rolling upgrade.
+  local record = cjson.encode({a = 1, r = out, d = tonumber(ARGV[6]), id = res_id})
+  redis.call('SET', KEYS[1], record, 'PX', idem_ttl)
+end
 return reply
 """
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -330,8 +331,9 @@ async def test_redis_keys_all_expire_and_outlive_what_they_hold(redis_url: str, 
 async def test_redis_replays_answers_stored_before_the_reply_format_changed(
     redis_url: str, clock: FakeClock
 ) -> None:
-    """Idempotency keys written by the previous version (a JSON object) still replay during an
-    upgrade, and new ones replay the very answer they stored."""
+    """Idempotency records are stored in the format earlier versions read (a JSON object), so
+    replicas of either version replay each other's during a rolling upgrade; records in the
+    interim flat format replay too, and new ones replay the very answer they stored."""
     s = RedisStore(redis_url, clock_ms=clock.ms)
     client, prefix = raw_redis(redis_url)
     ops = [window("fmt-w", 10), budget("fmt-b", 1000, 30)]
@@ -341,6 +343,23 @@ async def test_redis_replays_answers_stored_before_the_reply_format_changed(
         again = await s.decide(ops, idempotency_key="{t:a}:idem:new", **kwargs)  # type: ignore[arg-type]
         assert not first.replayed and again.replayed
         assert (again.admitted, again.results, again.reservation_id) == (True, first.results, "fmt-r")
+        record = await client.get(prefix + "{t:a}:idem:new")
+        assert record is not None
+        stored = json.loads(record)
+        assert stored == {
+            "a": 1,
+            "d": 0,
+            "id": "fmt-r",
+            "r": [
+                [int(r.over), r.remaining, r.reset_ms, r.retry_ms, r.used, r.cost_micros]
+                for r in first.results
+            ],
+        }
+        interim = '[0,1,0,"flat-r",1,0,4,3600000,0,6,0]'
+        await client.set(prefix + "{t:a}:idem:flat", interim)
+        flat = await s.decide(ops, idempotency_key="{t:a}:idem:flat", **kwargs)  # type: ignore[arg-type]
+        assert (flat.replayed, flat.admitted, flat.reservation_id) == (True, True, "flat-r")
+        assert [(r.remaining, r.used) for r in flat.results] == [(4, 6)]
         old = '{"a":1,"r":[[0,9,3600000,0,1,0],[0,970,82800000,0,0,0]],"d":250,"id":"old-r"}'
         await client.set(prefix + "{t:a}:idem:old", old)
         replay = await s.decide(ops, idempotency_key="{t:a}:idem:old", **kwargs)  # type: ignore[arg-type]
