@@ -7,17 +7,32 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
 from services.router.catalog import Provider
-from services.router.providers.base import ClientOptions, endpoint_url, make_client
-from tests.unit.router.test_network import answer_each_request, read_request, response, serve
+from services.router.providers.base import ClientOptions, ProviderClient, endpoint_url, make_client
+from tests.unit.router.test_network import Handler, answer_each_request, read_request, response, serve
 
 
 def provider(port: int) -> Provider:
     return Provider("local", "openai", f"http://127.0.0.1:{port}/v1", headers={"x-team": "agents"})
+
+
+@asynccontextmanager
+async def provider_client(
+    handler: Handler, options: ClientOptions, headers: dict[str, str], path: str
+) -> AsyncIterator[tuple[ProviderClient, httpx.URL, int]]:
+    """A provider client for a raw server running `handler`, the URL of `path` on it, its port."""
+    async with serve(handler) as port:
+        client = make_client(provider(port), options, headers)
+        try:
+            yield client, endpoint_url(provider(port), path), port
+        finally:
+            await client.aclose()
 
 
 async def test_sends_the_adapter_and_provider_headers_and_decodes_gzip() -> None:
@@ -35,17 +50,13 @@ async def test_sends_the_adapter_and_provider_headers_and_decodes_gzip() -> None
 
         await answer_each_request(reader, writer, answer)
 
-    async with serve(handler) as port:
-        client = make_client(provider(port), ClientOptions(), {"authorization": "Bearer k"})
-        url = endpoint_url(provider(port), "/chat/completions")
-        try:
-            for i in range(3):
-                answer = await client.post(url, content=f"{i}".encode())
-                assert answer.status_code == 200
-                assert answer.json() == {"echo": str(i)}  # decoded from gzip
-                assert answer.request.url == url
-        finally:
-            await client.aclose()
+    headers = {"authorization": "Bearer k"}
+    async with provider_client(handler, ClientOptions(), headers, "/chat/completions") as (client, url, port):
+        for i in range(3):
+            answer = await client.post(url, content=f"{i}".encode())
+            assert answer.status_code == 200
+            assert answer.json() == {"echo": str(i)}  # decoded from gzip
+            assert answer.request.url == url
     assert connections == 1  # one pooled connection served every call
     first = seen[0]
     assert first["authorization"] == "Bearer k" and first["x-team"] == "agents"
@@ -74,19 +85,14 @@ async def test_a_stream_left_early_gives_its_connection_back() -> None:
         writer.close()
 
     options = ClientOptions(max_connections=1, read_timeout=3.0)
-    async with serve(handler) as port:
-        client = make_client(provider(port), options, {})
-        url = endpoint_url(provider(port), "/x")
-        try:
-            async with client.stream(url, content=b"{}") as streamed:
-                async for chunk in streamed.aiter_raw():
-                    assert chunk == b"first"
-                    break
-            assert streamed.is_closed
-            answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
-            assert answer.content == b"second"
-        finally:
-            await client.aclose()
+    async with provider_client(handler, options, {}, "/x") as (client, url, _):
+        async with client.stream(url, content=b"{}") as streamed:
+            async for chunk in streamed.aiter_raw():
+                assert chunk == b"first"
+                break
+        assert streamed.is_closed
+        answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
+        assert answer.content == b"second"
 
 
 async def test_a_silent_provider_is_a_read_timeout_and_frees_the_slot() -> None:
@@ -102,14 +108,9 @@ async def test_a_silent_provider_is_a_read_timeout_and_frees_the_slot() -> None:
         writer.close()
 
     options = ClientOptions(max_connections=1, read_timeout=0.2)
-    async with serve(handler) as port:
-        client = make_client(provider(port), options, {})
-        url = endpoint_url(provider(port), "/x")
-        try:
-            with pytest.raises(httpx.ReadTimeout):
-                await client.post(url, content=b"{}")
-            silent = False
-            answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
-            assert answer.content == b"late but here"
-        finally:
-            await client.aclose()
+    async with provider_client(handler, options, {}, "/x") as (client, url, _):
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(url, content=b"{}")
+        silent = False
+        answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
+        assert answer.content == b"late but here"
