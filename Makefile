@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo]'
 	# xds-protos ships an older copy of opentelemetry/proto/*; whichever installs last wins, so put
 	# opentelemetry-proto's own files back (the OTLP exporters need them).
 	$(BIN)/pip install -q -c constraints.txt --force-reinstall --no-deps opentelemetry-proto
@@ -36,8 +36,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check services tests bench scripts
-	$(BIN)/ruff format --check services tests bench scripts
+	$(BIN)/ruff check services ballast_demo tests bench scripts
+	$(BIN)/ruff format --check services ballast_demo tests bench scripts
 	$(BIN)/mypy
 
 ## Regenerate gen/ from protos/ (commit the result).

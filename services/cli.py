@@ -8,52 +8,48 @@ ballast up --only router,limiter
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
 
 from services import registry
-from services.kit.config import SERVICE_NAMES, ConfigError
-from services.kit.logging import setup_logging
-from services.kit.server import run_until_signal
-from services.kit.telemetry import setup_telemetry
+from services.kit.config import SERVICE_NAMES
+from services.kit.entry import run
+
+# Commands that live outside services/ (the demo is a client of the suite, not a service)
+# register here from their own package's metadata, so nothing in services/ imports them.
+PLUGIN_GROUP = "ballast.commands"
 
 
 def _run(names: Sequence[str]) -> int:
-    try:
-        settings = registry.load_all_settings(names)
-    except ConfigError as exc:
-        print(f"ballast: {exc}", file=sys.stderr)
-        return 2
-    first = next(iter(settings.values())).server
-    setup_logging(first.log_level, first.log_format)
-    if len(settings) > 1 or os.environ.get("BALLAST_BANNER") == "1":
-        _banner(settings)
-
-    async def serve() -> None:
-        # Apps are built inside the running loop: gRPC channels and pools bind to the loop they start on.
-        apps = [registry.build_app(name, s, setup_telemetry(name)) for name, s in settings.items()]
-        await run_until_signal(apps)
-
-    asyncio.run(serve())
-    return 0
+    show_banner = len(names) > 1 or os.environ.get("BALLAST_BANNER") == "1"
+    chosen = registry.entries(names)
+    return run(chosen, banner=(lambda s: _banner(chosen, s)) if show_banner else None)
 
 
-def _banner(settings: dict[str, object]) -> None:
+def _banner(chosen: Sequence[Any], settings: Sequence[Any]) -> None:
     lines = ["Ballast is up:"]
-    for name, s in settings.items():
-        server = getattr(s, "server")  # noqa: B009 - every settings object has one
-        lines.append(f"  {name:<9} {server.host}:{server.port}")
-    edge = settings.get("edge")
-    if edge is not None:
-        port = getattr(edge, "server").port  # noqa: B009
-        lines.append(f"Try: grpcurl -plaintext 127.0.0.1:{port} list")
+    edge_port = None
+    for entry, s in zip(chosen, settings, strict=True):
+        lines.append(f"  {entry.name:<9} {s.server.host}:{s.server.port}")
+        if entry.name == "edge":
+            edge_port = s.server.port
+    if edge_port is not None:
+        lines.append(f"Try: grpcurl -plaintext 127.0.0.1:{edge_port} list")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def serve_one(name: str) -> int:
     return _run([name])
+
+
+def _plugin(command: str) -> Any | None:
+    for found in entry_points(group=PLUGIN_GROUP):
+        if found.name == command:
+            return found.load()
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,9 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "demo":
-        from services.surge.demo import main as demo_main
-
-        return demo_main(list(argv[1:]))
+        demo_main = _plugin("demo")
+        if demo_main is None:
+            print("ballast: the demo is not installed (pip install 'ballast[demo]')", file=sys.stderr)
+            return 2
+        status: int = demo_main(list(argv[1:]))
+        return status
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_one(args.service)

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import redis
 
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 
 REDIS_URL = os.environ.get("BALLAST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -15,6 +15,7 @@ from services.cache.index import AnnParams
 from services.cache.servicer import CacheServicer
 from services.cache.store import CacheStore, StoreOptions, open_store
 from services.kit.clients import open_channel
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
@@ -86,3 +87,7 @@ class CacheApp(ServiceApp):
 
 def build(settings: CacheSettings, telemetry: Telemetry) -> CacheApp:
     return CacheApp(settings, telemetry)
+
+
+# How `python -m services.cache` and the all-in-one runner start this service.
+ENTRY = Entry("cache", CacheSettings.from_env, build)

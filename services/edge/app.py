@@ -16,6 +16,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
@@ -109,3 +110,7 @@ class EdgeApp(ServiceApp):
 
 def build(settings: EdgeSettings, telemetry: Telemetry) -> EdgeApp:
     return EdgeApp(settings, telemetry)
+
+
+# How `python -m services.edge` and the all-in-one runner start this service.
+ENTRY = Entry("edge", EdgeSettings.from_env, build)

@@ -11,6 +11,7 @@ import grpc
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
 from services.kit.clients import open_channel
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
 from services.router.catalog import Catalog
@@ -145,3 +146,7 @@ class RouterApp(ServiceApp):
 
 def build(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     return RouterApp(settings, telemetry)
+
+
+# How `python -m services.router` and the all-in-one runner start this service.
+ENTRY = Entry("router", RouterSettings.from_env, build)

@@ -22,9 +22,9 @@ from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2
 
-from services.kit.testing import Suite, start_suite
 from services.router.app import RouterApp
 from services.router.sim.server import Fault
+from services.testing import Suite, start_suite
 from tests.support.backends import PrivatePostgres, PrivateRedis, private_postgres, private_redis
 from tests.support.suite_config import write_test_config
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ballast_demo import report
+from ballast_demo.load import run_surge
+from ballast_demo.scenario import ScenarioConfig, plan_users, write_suite_config
 from services.kit.config import SERVICE_NAMES
-from services.surge import report
-from services.surge.load import run_surge
-from services.surge.scenario import ScenarioConfig, plan_users, write_suite_config
 from tests.conftest import SuiteFactory
 from tests.support.backends import free_port
 

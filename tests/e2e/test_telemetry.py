@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.suite_config import write_test_config
 
