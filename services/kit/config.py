@@ -28,6 +28,15 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {name: 9451 + index for index, name in e
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+DURATION_EXAMPLES = "250ms, 5s, 2m, 1h or 1d"
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds from '250ms', '5s', '2m', '1h', '1d' or a plain number of seconds; None if not one.
+
+    The one reading of a duration in Ballast's settings and config files."""
+    match = _DURATION.match(text.lower())
+    return None if match is None else float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 class ConfigError(ValueError):
@@ -120,13 +129,9 @@ class Env:
         value = self.raw(name)
         if value is None:
             return default
-        match = _DURATION.match(value.lower())
-        expected = f"a duration such as 250ms, 5s, 2m or 1h (at least {minimum:g}s)"
-        if not match:
-            self._bad(name, value, expected)
-            return default
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        if seconds < minimum:
+        seconds = parse_duration(value)
+        expected = f"a duration such as {DURATION_EXAMPLES} (at least {minimum:g}s)"
+        if seconds is None or seconds < minimum:
             self._bad(name, value, expected)
             return default
         return seconds
