@@ -16,6 +16,7 @@ import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from google.protobuf import duration_pb2
 
+from services.kit.backoff import Backoff
 from services.kit.tasks import cancel_and_wait
 from services.router.providers.base import Headroom
 
@@ -75,10 +76,12 @@ class HeadroomReporter:
             self._channel = None
 
     async def _loop(self) -> None:
-        backoff = self.interval
+        wait = self.interval
+        # After a failure the next report waits twice the interval, then doubles, up to MAX_BACKOFF.
+        backoff = Backoff(2 * self.interval, max(MAX_BACKOFF, 2 * self.interval))
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             self._wake.clear()
             if not self._pending:
@@ -91,12 +94,11 @@ class HeadroomReporter:
                 # Keep the newest state for the next try, unless something newer arrived meanwhile.
                 for key, value in batch.items():
                     self._pending.setdefault(key, value)
-                backoff = min(MAX_BACKOFF, max(backoff * 2, self.interval))
-                log.debug(
-                    "headroom report failed", extra={"error": type(exc).__name__, "retry_in_s": backoff}
-                )
+                wait = backoff.failed()
+                log.debug("headroom report failed", extra={"error": type(exc).__name__, "retry_in_s": wait})
             else:
-                backoff = self.interval
+                backoff.succeeded()
+                wait = self.interval
 
     async def _send(self, batch: dict[tuple[str, str], Headroom]) -> None:
         if self._channel is None:
