@@ -100,3 +100,13 @@ def test_the_services_install_without_plotting_and_the_image_without_the_demo() 
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ballast_demo" not in dockerfile
     assert "pip install -c constraints.txt ." in dockerfile  # no extras in the production image
+
+
+def test_test_files_have_one_naming_scheme() -> None:
+    # pytest collects only test_*.py (pyproject.toml): a file named otherwise would silently not run.
+    stray = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("*.py")
+        if p.name.endswith("_test.py") or (p.name.startswith("tests_"))
+    )
+    assert stray == []
