@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
 
+from services.cache.cache import CacheEngine
 from services.cache.config import CacheSettings
 from services.cache.embedder import Embedder, LocalEmbedder, RouterEmbedder
-from services.cache.engine import CacheEngine
 from services.cache.index import AnnParams
 from services.cache.servicer import CacheServicer
 from services.cache.store import CacheStore, StoreOptions, open_store

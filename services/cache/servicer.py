@@ -11,7 +11,7 @@ from ballast.common.v1 import common_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import metrics
 
-from services.cache.engine import TIER_EXACT, Answer, CacheEngine, LookupResult
+from services.cache.cache import TIER_EXACT, Answer, CacheEngine, LookupResult
 from services.cache.keys import (
     ChatRequest,
     Message,

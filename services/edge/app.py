@@ -8,9 +8,9 @@ import grpc
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 
 from services.edge import auth
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Downstream
+from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import LoadGovernor

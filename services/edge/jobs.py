@@ -26,9 +26,9 @@ from google.rpc import status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
+from services.edge.edge import ChatPipeline
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord

@@ -18,9 +18,9 @@ from ballast.sessions.v1 import sessions_pb2
 from google.protobuf import duration_pb2
 
 from services.edge import auth
-from services.edge.chat import ChatPipeline, new_request_id, quota_metadata
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
+from services.edge.edge import ChatPipeline, new_request_id, quota_metadata
 from services.edge.jobs import JobRunner, job_to_proto
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane

@@ -16,12 +16,12 @@ from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
 from services.router.catalog import Catalog
 from services.router.config import RouterSettings
-from services.router.gateway import Gateway
 from services.router.health import HealthBook
 from services.router.hints import HintSharer
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import Adapter, ClientOptions, Headroom, build_adapter
 from services.router.reporter import HeadroomReporter
+from services.router.router import Gateway
 from services.router.routing import Planner
 from services.router.servicer import RouterServicer
 from services.router.sim import SimServer

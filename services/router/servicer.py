@@ -15,7 +15,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from services.kit.errors import InvalidArgument
 from services.router.catalog import Catalog, Strategy
 from services.router.config import RouterSettings
-from services.router.gateway import Answer, AttemptRecord, Call, Gateway, StreamStarted
 from services.router.health import BreakerState, HealthBook
 from services.router.model import (
     ChatRequest,
@@ -30,6 +29,7 @@ from services.router.model import (
     ToolChoiceMode,
 )
 from services.router.providers.base import Outcome
+from services.router.router import Answer, AttemptRecord, Call, Gateway, StreamStarted
 from services.router.routing import Hints, Planner
 
 _ROLES = {

@@ -15,8 +15,8 @@ from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.sessions.compaction import CompactionPolicy, Compactor, Summariser
 from services.sessions.config import SessionsSettings
-from services.sessions.service import Limits, Sessions
 from services.sessions.servicer import SessionsServicer
+from services.sessions.sessions import Limits, Sessions
 from services.sessions.store import SessionStore
 from services.sessions.store.memory import MemoryStore
 from services.sessions.summariser import RouterSummariser

@@ -13,7 +13,7 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.kit.errors import InvalidArgument
 from services.sessions.config import SessionsSettings
 from services.sessions.model import Scope, SessionRecord
-from services.sessions.service import Sessions
+from services.sessions.sessions import Sessions
 from services.sessions.turns import new_turn, timestamp, to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]

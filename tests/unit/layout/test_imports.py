@@ -72,7 +72,7 @@ def test_every_service_has_an_entry_point_that_stands_alone() -> None:
     [
         ("services/kit/server.py", "from services.edge.app import build\n", "(the kit) imports"),
         ("services/kit/x.py", "import services.registry\n", "(the kit) imports"),
-        ("services/edge/chat.py", "from services.router import gateway\n", "another service"),
+        ("services/edge/edge.py", "from services.router import gateway\n", "another service"),
         ("services/limiter/__main__.py", "from services.cli import serve_one\n", "the runner"),
         ("services/cache/x.py", "from ballast_demo.load import run_surge\n", "the demo"),
     ],
@@ -83,7 +83,7 @@ def test_the_check_catches_each_kind_of_violation(path: str, source: str, expect
 
 
 def test_the_check_allows_what_the_layout_allows() -> None:
-    allowed = "from services.kit.server import ServiceApp\nfrom services.edge.chat import x\nimport grpc\n"
+    allowed = "from services.kit.server import ServiceApp\nfrom services.edge.edge import x\nimport grpc\n"
     assert violations(Path("services/edge/app.py"), allowed) == []
     assert violations(Path("services/cli.py"), "from services.edge.app import ENTRY\n") == []
 
@@ -110,3 +110,15 @@ def test_test_files_have_one_naming_scheme() -> None:
         if p.name.endswith("_test.py") or (p.name.startswith("tests_"))
     )
     assert stray == []
+
+
+# One name for one role in every service (docs/architecture.md): the reader who found the
+# limiter's domain logic in limiter.py guesses router.py in the router.
+ROLES = ("__main__.py", "app.py", "config.py", "servicer.py", "README.md")
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_each_service_names_its_roles_alike(name: str) -> None:
+    folder = ROOT / "services" / name
+    missing = [role for role in (*ROLES, f"{name}.py") if not (folder / role).is_file()]
+    assert missing == [], f"services/{name} lacks {missing}"
