@@ -33,6 +33,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
+from services.kit.protos import timestamp
 
 log = logging.getLogger("ballast.edge.jobs")
 
@@ -52,11 +53,7 @@ PRIORITIES = {
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
-    if not seconds:
-        return None
-    value = timestamp_pb2.Timestamp()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
+    return timestamp(seconds) if seconds else None  # unset stays unset
 
 
 def job_to_proto(job: JobRecord) -> edge_pb2.Job:

@@ -17,6 +17,7 @@ from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from google.protobuf import duration_pb2
 
 from services.kit.backoff import Backoff
+from services.kit.protos import duration
 from services.kit.tasks import cancel_and_wait
 from services.router.providers.base import Headroom
 
@@ -26,11 +27,7 @@ CALL_TIMEOUT = 1.0
 
 
 def _duration(seconds: float | None) -> duration_pb2.Duration | None:
-    if seconds is None:
-        return None
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
+    return None if seconds is None else duration(seconds)  # unknown stays unset
 
 
 def to_request(provider: str, model: str, headroom: Headroom) -> limiter_pb2.ReportHeadroomRequest:
