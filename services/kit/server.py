@@ -188,6 +188,13 @@ async def start_service(app: ServiceApp) -> RunningService:
     if settings.server_tls is not None:
         port = server.add_secure_port(address, tls.server_credentials(settings.server_tls))
     else:
+        if app.name != "edge" and not tls.is_loopback(settings.host):
+            # Config allowed it only with BALLAST_INSECURE_INTERNAL: say so in every start-up log.
+            log.warning(
+                "serving without TLS beyond loopback (BALLAST_INSECURE_INTERNAL=true): only a mesh "
+                "providing mutual TLS keeps other callers out",
+                extra={"service": app.name, "host": settings.host},
+            )
         port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"{app.name}: cannot listen on {settings.host}:{settings.port}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -139,7 +139,7 @@ def _load(files: TlsFiles) -> _Pem:
         raise _FileError(f"{cert_var}={files.cert_file!r} holds no PEM certificate") from None
     try:
         serialization.load_pem_private_key(key, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise _FileError(f"{key_var}={files.key_file!r} holds no unencrypted PEM private key") from None
     if ca is not None:
         try:
@@ -179,9 +179,10 @@ class _Reloader:
                 if problems:
                     raise _FileError("; ".join(problems))
                 fresh = _load(files)
-            except _FileError as exc:
-                # Mid-rotation (the certificate written, the key not yet): keep serving with
-                # the old pair and look again on the next connection.
+            except Exception as exc:
+                # Mid-rotation (the certificate written, the key not yet), or anything else
+                # unexpected: keep serving with the old pair and look again on the next
+                # connection. Raising here would fail the caller's handshake instead.
                 log.warning("tls files changed but are not usable yet: %s", exc)
                 return None
             self._current = fresh
