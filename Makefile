@@ -24,9 +24,10 @@ install: $(STAMP)
 demo: install
 	$(BIN)/ballast demo
 
-## Just the suite, on embedded defaults.
+## Just the suite, on embedded defaults, with the demo keys (loopback only; the edge refuses
+## them on any other address).
 up: install
-	$(BIN)/ballast up
+	BALLAST_EDGE_KEYS_FILE=$${BALLAST_EDGE_KEYS_FILE:-config/edge_keys.yaml} $(BIN)/ballast up
 
 ## The tests, as CI runs them: backends, lint, types, generated code, pytest.
 test: install

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         **os.environ,
         **write_suite_config(folder, config, ROOT),
         "BALLAST_EDGE_ADMIN_KEY": admin_key,
+        # The demo keys the closing hints use (bk_demo_*); the suite listens on loopback only.
+        "BALLAST_EDGE_KEYS_FILE": str(ROOT / "config" / "edge_keys.yaml"),
+        "BALLAST_HOST": "127.0.0.1",
         "BALLAST_LOG_FORMAT": "text",
         "BALLAST_LOG_LEVEL": "warning",
         "BALLAST_EDGE_JOB_MAX_WAIT": f"{config.duration_s + 20:.0f}s",

@@ -3,6 +3,7 @@
 ballast serve limiter        one service (same as `python -m services.limiter`)
 ballast up                   all five services, each on its own port
 ballast up --only router,limiter
+ballast certs DIR            a local CA and a certificate per service, for mutual TLS
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from services import registry
@@ -41,6 +43,50 @@ def _banner(chosen: Sequence[Any], settings: Sequence[Any]) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def certs(argv: Sequence[str]) -> int:
+    """`ballast certs DIR`: a local CA and one certificate per service (see services/kit/certs.py)."""
+    from services.kit.certs import make_certs
+
+    parser = argparse.ArgumentParser(
+        prog="ballast certs",
+        description="Make a local CA and a certificate for each service, for mutual TLS between them.",
+    )
+    parser.add_argument("dir", type=Path, help="where to write ca.crt, ca.key and <service>/tls.{crt,key}")
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        dest="names",
+        help="another DNS name or IP for every certificate, {service} standing for the service's "
+        "name (repeatable; e.g. '{service}.ballast.svc.cluster.local')",
+    )
+    parser.add_argument(
+        "--identity",
+        action="append",
+        default=[],
+        help="a certificate for another client too, e.g. 'operator' for grpcurl (repeatable)",
+    )
+    parser.add_argument("--days", type=int, default=365, help="validity of each certificate (default 365)")
+    args = parser.parse_args(argv)
+    if args.days < 1:
+        parser.error("--days must be at least 1")
+    try:
+        made = make_certs(args.dir, [*SERVICE_NAMES, *args.identity], extra_names=args.names, days=args.days)
+    except (OSError, ValueError) as exc:
+        print(f"ballast certs: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"CA: {args.dir / 'ca.crt'} (its key {args.dir / 'ca.key'} signs new certificates: keep it private)"
+    )
+    for identity in made.values():
+        print(f"  {identity.name:<9} {identity.cert_file}  {identity.key_file}")
+    print(
+        "Per service: BALLAST_TLS_CERT_FILE=<dir>/<service>/tls.crt BALLAST_TLS_KEY_FILE=<dir>/<service>/tls.key "
+        "BALLAST_TLS_CA_FILE=<dir>/<service>/ca.crt"
+    )
+    return 0
+
+
 def serve_one(name: str) -> int:
     return _run([name])
 
@@ -62,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "demo", help="the front-page surge in a minute, then leave the suite running", add_help=False
     )
+    sub.add_parser("certs", help="make a local CA and a certificate per service (mutual TLS)", add_help=False)
     if argv is None:
         argv = sys.argv[1:]
+    if argv and argv[0] == "certs":
+        return certs(list(argv[1:]))
     if argv and argv[0] == "demo":
         demo_main = _plugin("demo")
         if demo_main is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import grpc
@@ -19,6 +20,8 @@ from services.edge.store import EdgeStore
 from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
+
+log = logging.getLogger("ballast.edge")
 
 
 def open_store(settings: EdgeSettings) -> EdgeStore:
@@ -44,6 +47,11 @@ class EdgeApp(ServiceApp):
         self.settings = settings
         # A malformed keys file stops start-up with the file and entry named.
         self.file_keys = auth.load_keys_file(settings.keys_file)
+        if not self.file_keys and not settings.admin_key:
+            log.warning(
+                "no API keys: every call will be UNAUTHENTICATED; set BALLAST_EDGE_KEYS_FILE (the demo keys: "
+                "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
+            )
         self.store = open_store(settings)
         trace_store(
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
