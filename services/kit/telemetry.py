@@ -122,7 +122,24 @@ def trace_store(store: object, telemetry: Telemetry, system: str, address: str =
 
 # The SDK's default buckets (0, 5, 10, 25 … 10000) suit milliseconds; Ballast records seconds and
 # token counts, so percentiles need the buckets the semantic conventions advise for each.
-_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+_SECONDS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 _VIEWS = (
     View(
