@@ -57,6 +57,15 @@ async def test_every_series_of_every_service_carries_the_region(
         labels["le"] for name, labels, _ in found["edge"] if name == "rpc_server_call_duration_seconds_bucket"
     }
     assert {"0.005", "0.1", "1.0"} <= buckets
+    limits = {
+        (labels["tier"], labels["limit"]): value
+        for name, labels, value in found["limiter"]
+        if name == "ballast_limiter_configured_limit"
+    }
+    # From tests/support/suite_config.py's tiers; unlimited ones are absent.
+    assert limits[("free", "requests")] == 3
+    assert limits[("paid", "tenant_tokens_per_day")] == 50_000_000
+    assert ("enterprise", "requests") not in limits
     edge = [labels for name, labels, _ in found["edge"] if name.startswith("ballast_usage_")]
     assert edge and all("user" not in labels for labels in edge)
 
