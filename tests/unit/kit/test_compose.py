@@ -14,7 +14,7 @@ from services import registry
 from services.kit.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, SERVICE_NAMES, Env
 
 ROOT = Path(__file__).resolve().parents[3]
-INFRA = {"redis", "postgres", "jaeger"}
+INFRA = {"redis", "postgres", "jaeger", "prometheus", "grafana"}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ REQUIRED = {
 
 
 def test_the_committed_dashboards_are_what_the_generator_writes() -> None:
-    script = ROOT / "scripts" / "gen_dashboards.py"
+    script = ROOT / "scripts" / "gen_monitoring.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -46,7 +46,7 @@ def test_the_check_fails_on_a_hand_edited_dashboard(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "deploy" / "grafana" / "dashboards", out)
     path = out / "ballast-cost.json"
     path.write_text(path.read_text().replace("Spend in range", "Spend"))
-    script = ROOT / "scripts" / "gen_dashboards.py"
+    script = ROOT / "scripts" / "gen_monitoring.py"
     result = subprocess.run(
         [sys.executable, str(script), "--check", "--out", str(out)], capture_output=True, text=True
     )
@@ -137,4 +137,4 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboards() -> None
     sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
     assert [s["type"] for s in sources["datasources"]] == ["prometheus"]
     providers = yaml.safe_load((provisioning / "dashboards" / "ballast.yaml").read_text())
-    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/ballast"
+    assert providers["providers"][0]["options"]["path"] == "/etc/grafana/dashboards/ballast"
