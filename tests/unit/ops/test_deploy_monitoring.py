@@ -4,6 +4,7 @@ mounted files exist, and the PrometheusRule holds exactly the promtool-tested ru
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from services.kit.config import DEFAULT_METRICS_PORTS, SERVICE_NAMES
-from tests.unit.ops.dashboards import ROOT, rule_groups
+from tests.unit.ops.dashboards import ROOT, dashboards, rule_groups
 
 COMPONENT = ROOT / "deploy" / "kubernetes" / "components" / "monitoring"
 
@@ -73,6 +74,11 @@ def test_the_component_scrapes_ballast_pods_and_carries_the_tested_rules() -> No
     assert endpoint["port"] == "metrics"
     job = next(r for r in endpoint["relabelings"] if r["targetLabel"] == "job")
     assert job["replacement"] == "ballast-$1"
+    configmap = _yaml(COMPONENT / "dashboards.yaml")
+    assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert configmap["data"] == {
+        name: json.dumps(body, indent=2) + "\n" for name, body in dashboards().items()
+    }
     rule = _yaml(COMPONENT / "prometheusrule.yaml")
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"]["groups"] == rule_groups()
@@ -100,4 +106,4 @@ def test_kustomize_builds_the_component_into_an_overlay(tmp_path: Path) -> None:
     result = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     kinds = {(d["kind"], d["metadata"]["namespace"]) for d in yaml.safe_load_all(result.stdout)}
-    assert {("PodMonitor", "ballast"), ("PrometheusRule", "ballast")} <= kinds
+    assert {("PodMonitor", "ballast"), ("PrometheusRule", "ballast"), ("ConfigMap", "ballast")} <= kinds
