@@ -122,6 +122,20 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
             await _until(rules_recorded, "every recording rule to write its series")
             at = time.time()
 
+            # Every rule, alerts included, evaluates without error on the real series (a PromQL
+            # mistake such as many-to-many matching only shows at evaluation).
+            loaded: list[dict[str, Any]] = []
+
+            async def rules_ran() -> bool:
+                body = (await client.get("/api/v1/rules")).json()
+                loaded[:] = [rule for group in body["data"]["groups"] for rule in group["rules"]]
+                return all(rule["health"] != "unknown" for rule in loaded)
+
+            await _until(rules_ran, "every rule group to run")
+            assert len(loaded) == sum(len(group["rules"]) for group in rule_groups())
+            unhealthy = [(rule["name"], rule.get("lastError")) for rule in loaded if rule["health"] != "ok"]
+            assert not unhealthy, unhealthy
+
             empty: list[str] = []
             for group in rule_groups():
                 for rule in group["rules"]:
