@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.kit.config import Env, ServerSettings
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+
 PRIORITIES = ("low", "normal", "high", "critical")
+
+
+def _parse_webhook_allowed(env: Env, name: str) -> tuple[str, ...]:
+    raw = env.string(name, "")
+    out: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            if not _HOST_NAME.match(item):
+                env.problems.append(
+                    f"{name}={raw!r} is invalid: {item!r} is neither a CIDR (10.0.0.0/8, fd00::/8) nor a host name"
+                )
+                return ()
+        out.append(item)
+    return tuple(out)
 
 
 def _parse_tier_priorities(env: Env, name: str, default: str) -> dict[str, str]:
@@ -81,6 +103,9 @@ class EdgeSettings:
     webhook_attempts: int = 6
     webhook_backoff: float = 0.5
     webhook_timeout: float = 5.0
+    # Internal webhook targets an operator opens on purpose (CIDRs and host names); every other
+    # non-public address is refused (webhooks.py).
+    webhook_allowed: tuple[str, ...] = ()
     # How often queue depth and the oldest job's age are sampled for the metrics.
     queue_sample_interval: float = 2.0
     # Tier -> queue priority for SubmitChat.
@@ -133,6 +158,7 @@ class EdgeSettings:
             webhook_attempts=env.integer("BALLAST_EDGE_WEBHOOK_ATTEMPTS", 6, minimum=1, maximum=100),
             webhook_backoff=env.duration("BALLAST_EDGE_WEBHOOK_BACKOFF", 0.5, minimum=0.0),
             webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
+            webhook_allowed=_parse_webhook_allowed(env, "BALLAST_EDGE_WEBHOOK_ALLOWED"),
             queue_sample_interval=env.duration("BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL", 2.0, minimum=0.05),
             tier_priorities=_parse_tier_priorities(
                 env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"

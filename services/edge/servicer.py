@@ -25,7 +25,7 @@ from services.edge.jobs import JobRunner, job_to_proto
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
 from services.edge.store import EdgeStore
-from services.edge.validation import check_id, check_json_object, validate_chat, validate_webhook_url
+from services.edge.validation import check_id, check_json_object, validate_chat
 from services.kit.errors import (
     BallastError,
     DeadlineExceeded,
@@ -192,7 +192,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     ) -> edge_pb2.SubmitChatResponse:
         caller = await self._keys.caller(context)
         validate_chat(request.chat, self._settings, "chat")
-        validate_webhook_url(request.webhook_url)
+        if request.webhook_url:
+            await self._jobs.vet_webhook(request.webhook_url)
         if len(request.idempotency_key) > 128:
             raise InvalidArgument("idempotency_key", "at most 128 characters")
         job = await self._jobs.submit(caller, request)

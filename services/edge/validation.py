@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from urllib.parse import urlsplit
 
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
@@ -106,13 +105,3 @@ def validate_chat(request: edge_pb2.ChatRequest, settings: EdgeSettings, field: 
         check_id(f"{prefix}cache_namespace", request.cache_namespace)
     if request.cache_mode not in edge_pb2.CacheMode.values():
         raise InvalidArgument(f"{prefix}cache_mode", "unknown cache mode")
-
-
-def validate_webhook_url(url: str) -> None:
-    if not url:
-        return
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidArgument("webhook_url", "must be an absolute http:// or https:// URL")
-    if len(url) > 2048:
-        raise InvalidArgument("webhook_url", "at most 2048 characters")
