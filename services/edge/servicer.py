@@ -203,8 +203,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("job_id", job_id)
         job = await self._store.get_job(job_id)
-        # Another tenant's job is reported as missing, so ids cannot be probed.
-        if job is None or job.tenant_id != caller.tenant_id:
+        # A job belongs to the user who submitted it: another user's (of this tenant or another)
+        # is reported as missing, so ids cannot be probed.
+        if job is None or (job.tenant_id, job.user_id) != (caller.tenant_id, caller.user_id):
             raise NotFound(f"job {job_id!r} not found")
         return job
 

@@ -61,3 +61,37 @@ async def test_an_allowed_internal_target_is_accepted(suite_factory: SuiteFactor
         assert submitted.job.state == edge_pb2.JOB_STATE_QUEUED
     finally:
         await receiver.close()
+
+
+async def test_a_job_belongs_to_its_user(suite_factory: SuiteFactory) -> None:
+    admin = "admin-" + "x" * 16
+    suite = await suite_factory(["edge"], {"BALLAST_EDGE_WORKERS": "0", "BALLAST_EDGE_ADMIN_KEY": admin})
+
+    async def key(tenant: str, user: str) -> tuple[tuple[str, str], ...]:
+        created = await suite.edge_admin.CreateApiKey(
+            edge_pb2.CreateApiKeyRequest(tenant_id=tenant, user_id=user, tier="paid"),
+            metadata=(("x-admin-key", admin),),
+        )
+        return (("authorization", f"Bearer {created.api_key}"),)
+
+    alice, alice_again = await key("acme", "alice"), await key("acme", "alice")
+    bob, eve = await key("acme", "bob"), await key("globex", "alice")
+    submit = edge_pb2.SubmitChatRequest(chat=_chat("private question"), idempotency_key="order-42")
+    job = (await suite.edge.SubmitChat(submit, metadata=alice)).job
+    for other in (bob, eve):
+        for call in (
+            suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job.job_id), metadata=other),
+            suite.edge.CancelJob(edge_pb2.CancelJobRequest(job_id=job.job_id), metadata=other),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # The same idempotency key from another user is another job, never alice's.
+        theirs = (await suite.edge.SubmitChat(submit, metadata=other)).job
+        assert theirs.job_id != job.job_id
+    # Alice (with any of her keys) still sees, retries and cancels her own job.
+    assert (await suite.edge.SubmitChat(submit, metadata=alice_again)).job.job_id == job.job_id
+    got = await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job.job_id), metadata=alice_again)
+    assert got.job.state == edge_pb2.JOB_STATE_QUEUED
+    cancelled = await suite.edge.CancelJob(edge_pb2.CancelJobRequest(job_id=job.job_id), metadata=alice)
+    assert cancelled.job.state == edge_pb2.JOB_STATE_CANCELLED

@@ -6,6 +6,8 @@ process and redis:// (Redis Streams with a consumer group per priority) for repl
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,6 +45,11 @@ class JobRecord:
     not_before: float = 0.0
 
 
+def idempotency_scope(tenant_id: str, user_id: str, idempotency_key: str) -> str:
+    """One opaque name per (tenant, user, key); JSON keeps `a:b`+`c` apart from `a`+`b:c`."""
+    return hashlib.sha256(json.dumps([tenant_id, user_id, idempotency_key]).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Claim:
     """A job handed to one worker; `token` identifies the delivery for ack and heartbeat."""
@@ -63,7 +70,8 @@ class EdgeStore(Protocol):
 
     # Jobs.
     async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
-        """Enqueues `job`, or returns the job already submitted with this tenant's key."""
+        """Enqueues `job`, or returns the job its user already submitted with this key (keys are
+        per tenant and user: another user's key never finds this user's job)."""
         ...
 
     async def get_job(self, job_id: str) -> JobRecord | None: ...

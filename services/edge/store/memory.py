@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from services.edge.auth import ApiKey
-from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, TERMINAL, Claim, JobRecord
+from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, TERMINAL, Claim, JobRecord, idempotency_scope
 
 
 class MemoryEdgeStore:
@@ -19,7 +19,7 @@ class MemoryEdgeStore:
         self._clock = clock
         self._keys: dict[str, ApiKey] = {}
         self._jobs: dict[str, JobRecord] = {}
-        self._idempotency: dict[tuple[str, str], str] = {}
+        self._idempotency: dict[str, str] = {}
         # Per priority: heap of (not_before, sequence, job_id).
         self._queues: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PRIORITY_ORDER}
         self._claims: dict[str, tuple[str, float]] = {}  # token -> (job_id, last heartbeat)
@@ -54,10 +54,11 @@ class MemoryEdgeStore:
 
     async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
         if idempotency_key:
-            existing = self._idempotency.get((job.tenant_id, idempotency_key))
+            scope = idempotency_scope(job.tenant_id, job.user_id, idempotency_key)
+            existing = self._idempotency.get(scope)
             if existing is not None and existing in self._jobs:
                 return replace(self._jobs[existing])
-            self._idempotency[(job.tenant_id, idempotency_key)] = job.job_id
+            self._idempotency[scope] = job.job_id
         self._jobs[job.job_id] = replace(job)
         self._push(job)
         return replace(job)

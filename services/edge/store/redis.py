@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from services.edge.auth import ApiKey
-from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, Claim, JobRecord
+from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, Claim, JobRecord, idempotency_scope
 from services.kit.errors import Unavailable
 from services.kit.redisconn import pooled_client, split_key_prefix
 
@@ -153,7 +153,7 @@ class RedisEdgeStore:
 
     async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
         if idempotency_key:
-            idem = f"{self._p}idem:{job.tenant_id}:{idempotency_key}"
+            idem = f"{self._p}idem:{idempotency_scope(job.tenant_id, job.user_id, idempotency_key)}"
             if not await self._redis.set(idem, job.job_id, nx=True, ex=self._job_ttl):
                 existing_id: Any = await self._redis.get(idem)
                 existing = await self.get_job(existing_id.decode()) if existing_id else None

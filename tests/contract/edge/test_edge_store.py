@@ -27,11 +27,11 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[EdgeStore]:
     await redis_store.close()
 
 
-def _job(job_id: str, priority: str = "normal", tenant: str = "acme") -> JobRecord:
+def _job(job_id: str, priority: str = "normal", tenant: str = "acme", user: str = "u") -> JobRecord:
     return JobRecord(
         job_id=job_id,
         tenant_id=tenant,
-        user_id="u",
+        user_id=user,
         priority=priority,
         request=b"\x01req",
         caller=b"\x02caller",
@@ -53,13 +53,19 @@ async def test_jobs_are_claimed_highest_priority_first(store: EdgeStore) -> None
     assert await store.claim("w1", block=0.1) is None
 
 
-async def test_submit_is_idempotent_per_tenant(store: EdgeStore) -> None:
+async def test_submit_is_idempotent_per_tenant_and_user(store: EdgeStore) -> None:
     first = await store.submit(_job("j1"), "key-1")
     again = await store.submit(_job("j2"), "key-1")
     other_tenant = await store.submit(_job("j3", tenant="globex"), "key-1")
+    other_user = await store.submit(_job("j4", user="mallory"), "key-1")
+    # Ids that would run together if the scope were joined with ':'.
+    joined_a = await store.submit(_job("j5", tenant="a:b", user="c"), "k")
+    joined_b = await store.submit(_job("j6", tenant="a", user="b:c"), "k")
     assert again.job_id == first.job_id == "j1"
     assert other_tenant.job_id == "j3"
-    assert sum((await store.depth()).values()) == 2
+    assert other_user.job_id == "j4" and other_user.user_id == "mallory"
+    assert (joined_a.job_id, joined_b.job_id) == ("j5", "j6")
+    assert sum((await store.depth()).values()) == 5
 
 
 async def test_finish_is_recorded_once(store: EdgeStore) -> None:
