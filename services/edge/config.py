@@ -64,6 +64,13 @@ class EdgeSettings:
     max_messages: int = 256
     max_content_chars: int = 200_000
     max_tools: int = 128
+    # Deepest nesting of a JSON field (tool arguments, schemas): checked before parsing, so a
+    # deeply nested value is a named INVALID_ARGUMENT, not a RecursionError.
+    max_json_depth: int = 64
+    # Largest context_token_budget and max_output_tokens a request may ask for (their sum is
+    # reserved against the limiter's int64 budgets).
+    max_context_tokens: int = 1_000_000
+    max_output_tokens: int = 1_000_000
     # Session context budget when the request does not set one.
     context_tokens: int = 4000
     # Output tokens reserved against the budget when the request sets no max_output_tokens.
@@ -136,6 +143,14 @@ class EdgeSettings:
                 "BALLAST_EDGE_MAX_CONTENT_CHARS", 200_000, minimum=1, maximum=100_000_000
             ),
             max_tools=env.integer("BALLAST_EDGE_MAX_TOOLS", 128, minimum=0, maximum=10_000),
+            # Python's own parser gives up near 1000 levels; stay well inside it.
+            max_json_depth=env.integer("BALLAST_EDGE_MAX_JSON_DEPTH", 64, minimum=1, maximum=500),
+            max_context_tokens=env.integer(
+                "BALLAST_EDGE_MAX_CONTEXT_TOKENS", 1_000_000, minimum=1, maximum=100_000_000
+            ),
+            max_output_tokens=env.integer(
+                "BALLAST_EDGE_MAX_OUTPUT_TOKENS", 1_000_000, minimum=1, maximum=100_000_000
+            ),
             context_tokens=env.integer("BALLAST_EDGE_CONTEXT_TOKENS", 4000, minimum=0, maximum=10_000_000),
             reserve_output_tokens=env.integer(
                 "BALLAST_EDGE_RESERVE_OUTPUT_TOKENS", 1024, minimum=0, maximum=10_000_000

@@ -228,7 +228,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json)
+        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
         deadline = Deadline(context.time_remaining())
         # The session must be the caller's before its cap is counted.
         await self._down.call(
@@ -292,7 +292,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json)
+        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
         if len(request.result) > self._settings.max_content_chars:
             raise InvalidArgument("result", f"at most {self._settings.max_content_chars} characters")
         deadline = Deadline(context.time_remaining())
