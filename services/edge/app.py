@@ -25,7 +25,7 @@ def open_store(settings: EdgeSettings) -> EdgeStore:
     if settings.store_url.startswith("memory://"):
         from services.edge.store.memory import MemoryEdgeStore
 
-        return MemoryEdgeStore()
+        return MemoryEdgeStore(job_ttl=settings.job_ttl)
     from services.edge.store.redis import RedisEdgeStore
 
     return RedisEdgeStore(

@@ -32,6 +32,23 @@ def _parse_webhook_allowed(env: Env, name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _parse_tier_caps(env: Env, name: str, default: str) -> dict[str, int]:
+    raw = env.string(name, default)
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        tier, sep, count = item.partition("=")
+        if not sep or not tier.strip() or not count.strip().isdigit():
+            env.problems.append(
+                f"{name}={raw!r} is invalid: expected tier=count pairs separated by commas "
+                "(for example free=100,paid=1000; 0 = no cap)"
+            )
+            return {}
+        out[tier.strip()] = int(count)
+    return out
+
+
 def _parse_tier_priorities(env: Env, name: str, default: str) -> dict[str, str]:
     raw = env.string(name, default)
     out: dict[str, str] = {}
@@ -115,6 +132,14 @@ class EdgeSettings:
     webhook_allowed: tuple[str, ...] = ()
     # How often queue depth and the oldest job's age are sampled for the metrics.
     queue_sample_interval: float = 2.0
+    # Caps on jobs per tenant and per user (0 = none): queued counts jobs not yet ended, stored
+    # every record kept for BALLAST_EDGE_JOB_TTL. Beyond one, SubmitChat is RESOURCE_EXHAUSTED.
+    max_queued_per_tenant: int = 10_000
+    max_queued_per_user: int = 1_000
+    max_stored_per_tenant: int = 100_000
+    max_stored_per_user: int = 10_000
+    # Tier -> queued jobs per user (admission by tier), on top of max_queued_per_user.
+    tier_max_queued: Mapping[str, int] = field(default_factory=lambda: {"free": 100})
     # Tier -> queue priority for SubmitChat.
     tier_priorities: Mapping[str, str] = field(
         default_factory=lambda: {"free": "low", "paid": "normal", "enterprise": "high"}
@@ -175,6 +200,11 @@ class EdgeSettings:
             webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
             webhook_allowed=_parse_webhook_allowed(env, "BALLAST_EDGE_WEBHOOK_ALLOWED"),
             queue_sample_interval=env.duration("BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL", 2.0, minimum=0.05),
+            max_queued_per_tenant=env.integer("BALLAST_EDGE_MAX_QUEUED_PER_TENANT", 10_000, minimum=0),
+            max_queued_per_user=env.integer("BALLAST_EDGE_MAX_QUEUED_PER_USER", 1_000, minimum=0),
+            max_stored_per_tenant=env.integer("BALLAST_EDGE_MAX_STORED_PER_TENANT", 100_000, minimum=0),
+            max_stored_per_user=env.integer("BALLAST_EDGE_MAX_STORED_PER_USER", 10_000, minimum=0),
+            tier_max_queued=_parse_tier_caps(env, "BALLAST_EDGE_TIER_MAX_QUEUED", "free=100"),
             tier_priorities=_parse_tier_priorities(
                 env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
             ),

@@ -31,7 +31,18 @@ from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
-from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
+from services.edge.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    CapReachedError,
+    Claim,
+    EdgeStore,
+    JobCaps,
+    JobRecord,
+)
 from services.edge.webhooks import Target, WebhookPolicy, WebhookRefused, WebhookSecrets, delivery_id
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
 
@@ -150,7 +161,44 @@ class JobRunner:
             webhook_state="pending" if request.webhook_url else "",
             trace_context=carrier,
         )
-        return await self._store.submit(job, request.idempotency_key)
+        caps = self.caps(caller.tier)
+        try:
+            return await self._store.submit(job, request.idempotency_key, caps)
+        except CapReachedError as exc:
+            raise self._cap_error(exc.cap, caps, caller) from None
+
+    def caps(self, tier: str) -> JobCaps:
+        """The caps a job of `tier` is admitted under (a tier cap tightens the per-user one)."""
+        settings = self._settings
+        per_user = settings.max_queued_per_user
+        tier_cap = settings.tier_max_queued.get(tier, 0)
+        if tier_cap and (not per_user or tier_cap < per_user):
+            per_user = tier_cap
+        return JobCaps(
+            queued_per_tenant=settings.max_queued_per_tenant,
+            queued_per_user=per_user,
+            stored_per_tenant=settings.max_stored_per_tenant,
+            stored_per_user=settings.max_stored_per_user,
+        )
+
+    def _cap_error(self, cap: str, caps: JobCaps, caller: common_pb2.Caller) -> ResourceExhausted:
+        limit = getattr(caps, cap)
+        who = f"tenant {caller.tenant_id!r}" if cap.endswith("tenant") else f"user {caller.user_id!r}"
+        if cap == "queued_per_user" and limit == self._settings.tier_max_queued.get(caller.tier):
+            source = f"the {caller.tier} tier's cap (BALLAST_EDGE_TIER_MAX_QUEUED)"
+        else:
+            source = f"BALLAST_EDGE_MAX_{cap.upper()}"
+        if cap.startswith("queued"):
+            what, retry_after = "jobs waiting or running", self._settings.job_retry_backoff or 1.0
+            hint = "submit more when some have finished"
+        else:
+            what, retry_after = "job records kept", None
+            hint = f"records are kept for BALLAST_EDGE_JOB_TTL ({self._settings.job_ttl:.0f}s)"
+        return ResourceExhausted(
+            f"{who} has {limit} {what}, the most {source} allows; {hint}",
+            retry_after=retry_after,
+            reason=f"edge_jobs_{cap}",
+        )
 
     # --- working -----------------------------------------------------------------------------------------
 

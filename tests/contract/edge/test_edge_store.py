@@ -9,7 +9,16 @@ from collections.abc import AsyncIterator
 import pytest
 
 from services.edge import auth
-from services.edge.store import CANCELLED, QUEUED, RUNNING, SUCCEEDED, EdgeStore, JobRecord
+from services.edge.store import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    CapReachedError,
+    EdgeStore,
+    JobCaps,
+    JobRecord,
+)
 from services.edge.store.memory import MemoryEdgeStore
 from services.edge.store.redis import RedisEdgeStore
 
@@ -169,3 +178,97 @@ async def test_with_every_connection_held_by_waiting_workers_a_call_waits_instea
         assert await asyncio.gather(*claims) == [None, None, None]
     finally:
         await small.close()
+
+
+# --- fairness and caps ------------------------------------------------------------------------------
+
+
+async def _claim_order(store: EdgeStore, count: int) -> list[str]:
+    order = []
+    for _ in range(count):
+        claim = await store.claim("w", block=0.5)
+        assert claim is not None
+        order.append(claim.job.job_id)
+    return order
+
+
+async def test_tenants_take_turns_within_a_priority(store: EdgeStore) -> None:
+    for index in range(20):
+        await store.submit(_job(f"noisy-{index}", tenant="noisy"), "")
+    await store.submit(_job("quiet-1", tenant="quiet"), "")
+    await store.submit(_job("other-1", tenant="other"), "")
+    await store.submit(_job("urgent", "high", tenant="noisy"), "")
+    order = await _claim_order(store, 6)
+    # Priority first; then at most one noisy job before each other tenant's.
+    assert order[0] == "urgent"
+    assert set(order[1:4]) == {"noisy-0", "quiet-1", "other-1"}, order
+    assert order[4:] == ["noisy-1", "noisy-2"]
+    assert sum((await store.depth()).values()) == 23 - 6
+
+
+async def test_a_noisy_tenants_1500_jobs_delay_another_tenants_job_by_at_most_one(store: EdgeStore) -> None:
+    """The acceptance case of fair queueing, counted in claims rather than seconds."""
+    for index in range(1500):
+        await store.submit(_job(f"noisy-{index}", tenant="noisy"), "")
+    # Workers are busy with the noisy tenant when the quiet tenant's single job arrives.
+    before = await _claim_order(store, 10)
+    assert before == [f"noisy-{index}" for index in range(10)]
+    await store.submit(_job("quiet", tenant="quiet"), "")
+    after = await _claim_order(store, 2)
+    assert "quiet" in after, after
+    assert (await store.depth())["normal"] == 1500 - 11
+
+
+async def test_a_cancelled_job_waiting_its_turn_is_never_claimed(store: EdgeStore) -> None:
+    for job_id in ("a", "b", "c"):
+        await store.submit(_job(job_id), "")
+    cancelled = await store.cancel("b")
+    assert cancelled is not None and cancelled.state == CANCELLED
+    assert (await store.depth())["normal"] == 2
+    assert await _claim_order(store, 2) == ["a", "c"]
+    assert await store.claim("w", block=0.1) is None
+
+
+async def test_a_parked_job_keeps_its_turn_over_its_tenants_later_jobs(store: EdgeStore) -> None:
+    await store.submit(_job("first"), "")
+    claim = await store.claim("w", block=0.5)
+    assert claim is not None
+    for job_id in ("second", "third"):
+        await store.submit(_job(job_id), "")
+    await store.park(claim, time.time() + 0.2)
+    assert await _claim_order(store, 1) == ["second"]
+    # Once due it goes ahead of the tenant's remaining backlog ("third" may already be admitted).
+    order = await _claim_order(store, 2)
+    assert sorted(order) == ["first", "third"]
+
+
+async def test_caps_on_queued_and_stored_jobs(store: EdgeStore) -> None:
+    caps = JobCaps(queued_per_tenant=3, queued_per_user=2, stored_per_tenant=4, stored_per_user=0)
+    await store.submit(_job("a1", user="alice"), "", caps)
+    await store.submit(_job("a2", user="alice"), "k", caps)
+    with pytest.raises(CapReachedError) as info:
+        await store.submit(_job("a3", user="alice"), "k3", caps)
+    assert info.value.cap == "queued_per_user"
+    # A retry of an accepted job is answered, not refused.
+    assert (await store.submit(_job("a2-again", user="alice"), "k", caps)).job_id == "a2"
+    await store.submit(_job("b1", user="bob"), "", caps)
+    with pytest.raises(CapReachedError) as info:
+        await store.submit(_job("b2", user="bob"), "", caps)
+    assert info.value.cap == "queued_per_tenant"
+    assert await store.get_job("b2") is None
+    # Other tenants are not affected.
+    await store.submit(_job("g1", tenant="globex"), "", caps)
+    # Ending jobs frees queued places but not stored ones.
+    claim = await store.claim("w", block=0.5)
+    assert claim is not None and claim.job.tenant_id == "acme"
+    claim.job.state = SUCCEEDED
+    assert await store.finish(claim, claim.job)
+    await store.cancel("a2")
+    await store.submit(_job("a3", user="alice"), "k3", caps)
+    with pytest.raises(CapReachedError) as info:
+        await store.submit(_job("a4", user="alice"), "", caps)
+    assert info.value.cap == "stored_per_tenant"
+    # A refused idempotency key is free to use once there is room.
+    with pytest.raises(CapReachedError):
+        await store.submit(_job("x", user="carol"), "retry-me", caps)
+    assert (await store.submit(_job("x2", user="carol"), "retry-me", JobCaps())).job_id == "x2"
