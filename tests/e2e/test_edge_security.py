@@ -95,3 +95,41 @@ async def test_a_job_belongs_to_its_user(suite_factory: SuiteFactory) -> None:
     assert got.job.state == edge_pb2.JOB_STATE_QUEUED
     cancelled = await suite.edge.CancelJob(edge_pb2.CancelJobRequest(job_id=job.job_id), metadata=alice)
     assert cancelled.job.state == edge_pb2.JOB_STATE_CANCELLED
+
+
+async def test_a_cap_on_queued_jobs_is_resource_exhausted_naming_it(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(
+        ["edge"],
+        {
+            "BALLAST_EDGE_WORKERS": "0",
+            "BALLAST_EDGE_TIER_MAX_QUEUED": "free=2",
+            "BALLAST_EDGE_MAX_QUEUED_PER_TENANT": "3",
+        },
+    )
+    free = (("authorization", "Bearer bk_demo_free"),)
+    paid = (("authorization", "Bearer bk_demo_paid"),)
+    globex = (("authorization", "Bearer bk_demo_globex"),)
+    for _ in range(2):
+        await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=_chat()), metadata=free)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=_chat()), metadata=free)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "free tier" in (info.value.details() or "") and "BALLAST_EDGE_TIER_MAX_QUEUED" in (
+        info.value.details() or ""
+    )
+    # Another user of the tenant (paid) fits under the tenant's cap of 3, then the tenant is full.
+    await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=_chat()), metadata=paid)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=_chat()), metadata=paid)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "BALLAST_EDGE_MAX_QUEUED_PER_TENANT" in (info.value.details() or "")
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    reasons = []
+    for detail in status.details:
+        error_info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(error_info):
+            reasons.append(error_info.reason)
+    assert reasons == ["edge_jobs_queued_per_tenant"]
+    # Another tenant is not affected.
+    await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=_chat()), metadata=globex)
