@@ -43,7 +43,14 @@ from services.edge.store import (
     JobCaps,
     JobRecord,
 )
-from services.edge.webhooks import Target, WebhookPolicy, WebhookRefused, WebhookSecrets, delivery_id
+from services.edge.webhooks import (
+    Target,
+    WebhookPolicy,
+    WebhookRefused,
+    WebhookSecrets,
+    WebhookUnresolved,
+    delivery_id,
+)
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
 
 log = logging.getLogger("ballast.edge.jobs")
@@ -376,10 +383,6 @@ class JobRunner:
                 try:
                     # Vetted again at every attempt: the name may resolve elsewhere by now.
                     target = await self.webhooks.vet(job.webhook_url)
-                except WebhookRefused as exc:
-                    log.warning("webhook for %s not delivered: %s", job.job_id, exc.description)
-                    break
-                try:
                     reply = await self._post(target, body, headers)
                     if 200 <= reply.status_code < 300:
                         job.webhook_state = "delivered"
@@ -392,6 +395,13 @@ class JobRunner:
                     ):
                         log.info("webhook for %s answered %d; not retried", job.job_id, reply.status_code)
                         break
+                except WebhookUnresolved:
+                    log.info(
+                        "webhook attempt %d for %s failed: the host does not resolve", attempt, job.job_id
+                    )
+                except WebhookRefused as exc:
+                    log.warning("webhook for %s not delivered: %s", job.job_id, exc.description)
+                    break
                 except httpx.HTTPError as exc:
                     log.info("webhook attempt %d for %s failed: %s", attempt, job.job_id, type(exc).__name__)
                 if attempt < self._settings.webhook_attempts:

@@ -87,6 +87,10 @@ class WebhookRefused(InvalidArgument):
         super().__init__(FIELD, description)
 
 
+class WebhookUnresolved(WebhookRefused):
+    """The host did not resolve (now): refused at submit, retried at delivery."""
+
+
 def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address stands for (IPv4-mapped, NAT64), if any."""
     if isinstance(address, ipaddress.IPv4Address):
@@ -249,9 +253,9 @@ class WebhookPolicy:
                 async with asyncio.timeout(self._timeout):
                     addresses = await self._resolve(parsed.host, parsed.port)
             except (OSError, TimeoutError, UnicodeError):
-                raise WebhookRefused(f"host {parsed.host!r} does not resolve") from None
+                raise WebhookUnresolved(f"host {parsed.host!r} does not resolve") from None
             if not addresses:
-                raise WebhookRefused(f"host {parsed.host!r} does not resolve")
+                raise WebhookUnresolved(f"host {parsed.host!r} does not resolve")
         if parsed.host in self._hosts:
             return Target(url, parsed.scheme, parsed.host, parsed.port, addresses[0], parsed.path)
         # Every address must pass: a name with one public and one internal address could be

@@ -213,7 +213,7 @@ class ErrorInterceptor(AroundInterceptor):
             ) -> None:
                 if exc is None:
                     return
-                if _cancellation(exc) or self.context.cancelled():
+                if _cancellation(exc) or (self.context.cancelled() and not isinstance(exc, BallastError)):
                     # The client went away (or the server is stopping): routine, not a bug, and
                     # whatever the cancellation made the handler raise says nothing new.
                     log.debug("call cancelled: %s (%s)", method, type(exc).__name__)

@@ -410,3 +410,25 @@ def test_allowed_targets_are_validated_at_start_up() -> None:
     env = Env({"BALLAST_EDGE_WEBHOOK_ALLOWED": "10.0.0.0/8,not a host!"})
     EdgeSettings.from_env(env)
     assert any("BALLAST_EDGE_WEBHOOK_ALLOWED" in problem for problem in env.problems)
+
+
+async def test_a_host_that_does_not_resolve_at_delivery_is_retried(receiver: HttpReceiver) -> None:
+    """A DNS blip is not a refusal: the delivery tries again (and still checks the answer)."""
+    answers: list[list[str] | None] = [None, None, ["127.0.0.1"]]
+
+    async def flaky(host: str, port: int) -> list[IPAddress]:
+        answer = answers.pop(0) if answers else ["127.0.0.1"]
+        if answer is None:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [ipaddress.ip_address(a) for a in answer]
+
+    store = MemoryEdgeStore()
+    job = _job(f"http://receiver.test:{receiver.port}/hook")
+    await store.submit(job, "")
+    runner = _runner(store, allowed=("127.0.0.1/32",), resolver=flaky)
+    try:
+        assert await runner.deliver(job) is True
+    finally:
+        await runner.stop()
+    (hook,) = receiver.received
+    assert hook.headers["x-ballast-delivery-attempt"] == "3"
