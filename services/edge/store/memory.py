@@ -82,14 +82,16 @@ class MemoryEdgeStore:
     def _expire(self) -> None:
         """Drops ended records older than the TTL (Redis expires them; here the oldest go first)."""
         cutoff = self._clock() - self._job_ttl
-        for job_id, job in list(self._jobs.items()):
+        expired = []
+        for job in self._jobs.values():
             if job.created_at >= cutoff:
                 break
-            if job.state not in TERMINAL:
-                continue
-            del self._jobs[job_id]
+            if job.state in TERMINAL:
+                expired.append(job)
+        for job in expired:
+            del self._jobs[job.job_id]
             for owner in self._owners(job):
-                self._stored.get(owner, set()).discard(job_id)
+                self._stored.get(owner, set()).discard(job.job_id)
 
     def _check_caps(self, job: JobRecord, caps: JobCaps) -> None:
         tenant, user = self._owners(job)

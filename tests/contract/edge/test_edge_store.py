@@ -272,3 +272,26 @@ async def test_caps_on_queued_and_stored_jobs(store: EdgeStore) -> None:
     with pytest.raises(CapReachedError):
         await store.submit(_job("x", user="carol"), "retry-me", caps)
     assert (await store.submit(_job("x2", user="carol"), "retry-me", JobCaps())).job_id == "x2"
+
+
+async def test_the_memory_store_forgets_ended_jobs_after_their_ttl() -> None:
+    """Redis expires job records itself; the memory store drops ended ones past the TTL, which
+    frees their place under the stored caps."""
+    now = [1000.0]
+    store = MemoryEdgeStore(clock=lambda: now[0], job_ttl=60)
+    caps = JobCaps(stored_per_user=1)
+    first = _job("old")
+    first.created_at = now[0]
+    await store.submit(first, "", caps)
+    claim = await store.claim("w", block=0.1)
+    assert claim is not None
+    claim.job.state = SUCCEEDED
+    assert await store.finish(claim, claim.job)
+    with pytest.raises(CapReachedError):
+        await store.submit(_job("refused"), "", caps)
+    now[0] += 61
+    second = _job("new")
+    second.created_at = now[0]
+    await store.submit(second, "", caps)
+    assert await store.get_job("old") is None
+    assert await store.get_job("new") is not None

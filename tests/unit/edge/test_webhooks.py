@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from opentelemetry import trace
@@ -432,3 +433,26 @@ async def test_a_host_that_does_not_resolve_at_delivery_is_retried(receiver: Htt
         await runner.stop()
     (hook,) = receiver.received
     assert hook.headers["x-ballast-delivery-attempt"] == "3"
+
+
+async def test_https_deliveries_name_the_host_for_tls_while_connecting_to_the_vetted_address() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    store = MemoryEdgeStore()
+    job = _job("https://Hooks.Example.com:8443/in?x=1")
+    await store.submit(job, "")
+    runner = _runner(store, allowed=(), resolver=_resolving(["93.184.216.34"]))
+    runner._http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    try:
+        assert await runner.deliver(job) is True
+    finally:
+        await runner.stop()
+    (request,) = seen
+    assert str(request.url) == "https://93.184.216.34:8443/in?x=1"
+    assert request.headers["host"] == "hooks.example.com:8443"
+    # httpcore uses this as the TLS server name, so the certificate is checked against the host.
+    assert request.extensions["sni_hostname"] == "hooks.example.com"
