@@ -183,10 +183,12 @@ def _is_passthrough(exc: BaseException) -> bool:
 
 def _cancellation(exc: BaseException) -> bool:
     """Whether `exc` is, or was raised while handling, the task's cancellation (a driver may
-    turn a cancelled read into its own error type)."""
+    turn a cancelled read into its own error type). A domain error means what it says, and a
+    TimeoutError is the handler's own `asyncio.timeout` (which works by cancelling), not the
+    client going away."""
     seen: BaseException | None = exc
     for _ in range(16):
-        if seen is None:
+        if seen is None or isinstance(seen, BallastError | TimeoutError):
             return False
         if isinstance(seen, asyncio.CancelledError):
             return True

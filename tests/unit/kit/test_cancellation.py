@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from services.kit.errors import ErrorInterceptor
+from services.kit.errors import DeadlineExceeded, ErrorInterceptor
 from services.kit.interceptors import Around, AroundInterceptor, Context
 from services.kit.server import MetricsInterceptor
 
@@ -99,3 +99,36 @@ async def test_a_cancelled_call_is_cancelled_not_unknown_or_an_error(
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert errors == [], [r.getMessage() for r in errors]
     assert any(r.levelno == logging.DEBUG and "cancelled" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_handlers_own_timeout_keeps_its_status() -> None:
+    """`asyncio.timeout` works by cancelling the handler's task; the DEADLINE_EXCEEDED a handler
+    raises from it is not the client cancelling."""
+
+    async def times_out(request: bytes, context: Context) -> bytes:
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            raise DeadlineExceeded("waited too long for a slot") from None
+        return b""
+
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "t.T", {"TimesOut": grpc.unary_unary_rpc_method_handler(times_out)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub: Any = channel.unary_unary("/t.T/TimesOut")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub(b"", timeout=30)
+    finally:
+        await server.stop(None)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.details() == "waited too long for a slot"
