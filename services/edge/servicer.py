@@ -26,7 +26,7 @@ from services.edge.jobs import JobRunner, job_to_proto
 from services.edge.metrics import EdgeMetrics, failure_outcome
 from services.edge.pacing import Lane
 from services.edge.store import EdgeStore
-from services.edge.validation import check_id, check_json_object, validate_chat, validate_webhook_url
+from services.edge.validation import check_id, check_json_object, validate_chat
 from services.kit.errors import (
     BallastError,
     DeadlineExceeded,
@@ -208,7 +208,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     ) -> edge_pb2.SubmitChatResponse:
         caller = await self._keys.caller(context)
         validate_chat(request.chat, self._settings, "chat")
-        validate_webhook_url(request.webhook_url)
+        if request.webhook_url:
+            await self._jobs.vet_webhook(request.webhook_url)
         if len(request.idempotency_key) > 128:
             raise InvalidArgument("idempotency_key", "at most 128 characters")
         job = await self._jobs.submit(caller, request)
@@ -218,8 +219,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("job_id", job_id)
         job = await self._store.get_job(job_id)
-        # Another tenant's job is reported as missing, so ids cannot be probed.
-        if job is None or job.tenant_id != caller.tenant_id:
+        # A job belongs to the user who submitted it: another user's (of this tenant or another)
+        # is reported as missing, so ids cannot be probed.
+        if job is None or (job.tenant_id, job.user_id) != (caller.tenant_id, caller.user_id):
             raise NotFound(f"job {job_id!r} not found")
         return job
 
@@ -242,7 +244,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json)
+        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
         deadline = Deadline(context.time_remaining())
         # The session must be the caller's before its cap is counted.
         await self._down.call(
@@ -306,7 +308,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json)
+        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
         if len(request.result) > self._settings.max_content_chars:
             raise InvalidArgument("result", f"at most {self._settings.max_content_chars} characters")
         deadline = Deadline(context.time_remaining())
