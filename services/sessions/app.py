@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
@@ -12,7 +13,7 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.kit.clients import open_channel
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
-from services.sessions.compaction import CompactionPolicy, Compactor, Summariser
+from services.sessions.compaction import CompactionPolicy, Compactor, Sleep, Summariser
 from services.sessions.config import SessionsSettings
 from services.sessions.service import Limits, Sessions
 from services.sessions.servicer import SessionsServicer
@@ -40,6 +41,7 @@ class SessionsApp(ServiceApp):
         *,
         summariser: Summariser | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
@@ -62,9 +64,12 @@ class SessionsApp(ServiceApp):
             keep_tokens=settings.compact_keep_tokens,
             max_turns=settings.compact_max_turns,
             summary_max_tokens=settings.summary_max_tokens,
-            retry_after=settings.compact_timeout,
+            retry_initial=settings.compact_retry_initial,
+            retry_max=settings.compact_retry_max,
         )
-        compactor = Compactor(self.store, summariser, tokenizers.default, policy, clock, telemetry.meter)
+        compactor = Compactor(
+            self.store, summariser, tokenizers.default, policy, clock, telemetry.meter, sleep=sleep
+        )
         limits = Limits(
             default_ttl=settings.default_ttl,
             max_ttl=settings.max_ttl,

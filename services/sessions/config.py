@@ -40,6 +40,13 @@ class SessionsSettings:
     compact_keep_tokens: int = 2000
     compact_model: str = "budget"
     compact_timeout: float = 30.0
+    # After a failed pass the session's compaction retries by itself, first after
+    # compact_retry_initial, doubling up to compact_retry_max (no append needed).
+    compact_retry_initial: float = 5.0
+    compact_retry_max: float = 60.0
+    # How long GetContext waits for a pass when the unsummarised tail does not fit its
+    # budget (at most half the caller's deadline); after that the omission is flagged.
+    context_compact_wait: float = 2.0
     summary_max_tokens: int = 1000
     # Most turns folded by one compaction pass, and characters of one turn shown to the
     # summariser (both bound the summariser prompt).
@@ -59,6 +66,7 @@ class SessionsSettings:
     @classmethod
     def from_env(cls, env: Env) -> SessionsSettings:
         p = "BALLAST_SESSIONS_"
+        retry_initial = env.duration(f"{p}COMPACT_RETRY_INITIAL", 5.0, minimum=0.01)
         return cls(
             server=ServerSettings.from_env("sessions", env),
             store_url=env.url(f"{p}STORE", "memory://", _DSN_SCHEMES),
@@ -83,6 +91,9 @@ class SessionsSettings:
             compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 2000, minimum=0),
             compact_model=env.string(f"{p}COMPACT_MODEL", "budget"),
             compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", 30.0, minimum=0.1),
+            compact_retry_initial=retry_initial,
+            compact_retry_max=env.duration(f"{p}COMPACT_RETRY_MAX", 60.0, minimum=retry_initial),
+            context_compact_wait=env.duration(f"{p}CONTEXT_COMPACT_WAIT", 2.0, minimum=0.0),
             summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
             compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
             compact_max_turn_chars=env.integer(f"{p}COMPACT_MAX_TURN_CHARS", 4000, minimum=100),

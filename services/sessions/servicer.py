@@ -212,7 +212,12 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             raise InvalidArgument("token_budget", f"from 1 to {self._settings.max_token_budget}")
         if len(request.model) > _MAX_ID_TEXT:
             raise InvalidArgument("model", f"at most {_MAX_ID_TEXT} characters")
-        window = await self._sessions.context(scope, session_id, request.token_budget, request.model)
+        wait = self._settings.context_compact_wait
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Leave the caller time to use the answer: never spend more than half its deadline.
+            wait = min(wait, remaining / 2)
+        window = await self._sessions.context(scope, session_id, request.token_budget, request.model, wait)
         turns = []
         for stored, tokens in window.turns:
             turn = to_proto(stored)
@@ -226,11 +231,20 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             version=window.record.version,
             omitted_turns=window.omitted_turns,
             tokenizer=window.tokenizer,
+            omitted_unsummarized=window.omitted_turns > 0,
+            summary_omitted=window.summary_omitted,
         )
 
     async def CompactSession(
         self, request: sessions_pb2.CompactSessionRequest, context: Context
     ) -> sessions_pb2.CompactSessionResponse:
         scope = _scope(request.caller)
-        record = await self._sessions.compact(scope, _session_id(request.session_id))
-        return sessions_pb2.CompactSessionResponse(session=session_proto(record))
+        done = await self._sessions.compact(scope, _session_id(request.session_id))
+        outcome = (
+            sessions_pb2.COMPACTION_OUTCOME_FOLDED
+            if done.folded > 0
+            else sessions_pb2.COMPACTION_OUTCOME_NOTHING_TO_FOLD
+        )
+        return sessions_pb2.CompactSessionResponse(
+            session=session_proto(done.record), outcome=outcome, folded_turns=done.folded
+        )
