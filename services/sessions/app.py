@@ -15,6 +15,7 @@ from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.sessions.compaction import CompactionPolicy, Compactor, Sleep, Summariser
 from services.sessions.config import SessionsSettings
+from services.sessions.contention import ContentionPolicy, ContentionQueue
 from services.sessions.service import Limits, Sessions
 from services.sessions.servicer import SessionsServicer
 from services.sessions.store import SessionStore
@@ -77,7 +78,16 @@ class SessionsApp(ServiceApp):
             max_page_size=settings.max_page_size,
             context_batch=settings.context_batch,
         )
-        self.sessions = Sessions(self.store, tokenizers, compactor, limits, clock, telemetry.meter)
+        contention = ContentionQueue(
+            ContentionPolicy(
+                max_queue=settings.conflict_queue_max,
+                max_wait=settings.conflict_queue_wait,
+                turn_timeout=settings.conflict_turn_timeout,
+            )
+        )
+        self.sessions = Sessions(
+            self.store, tokenizers, compactor, limits, clock, telemetry.meter, contention=contention
+        )
 
     def service_names(self) -> Sequence[str]:
         return [sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name]

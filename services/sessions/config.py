@@ -52,6 +52,12 @@ class SessionsSettings:
     # summariser (both bound the summariser prompt).
     compact_max_turns: int = 400
     compact_max_turn_chars: int = 4000
+    # Versioned appends of one session take turns in arrival order (see contention.py): how
+    # many may wait, how long one waits before ABORTED anyway, and how long a writer told
+    # "your turn" keeps the session for its retry. conflict_queue_max=0 turns the queue off.
+    conflict_queue_max: int = 1000
+    conflict_queue_wait: float = 5.0
+    conflict_turn_timeout: float = 1.0
     # Background sweep of expired sessions and old idempotency keys.
     sweep_interval: float = 60.0
     sweep_batch: int = 500
@@ -97,6 +103,9 @@ class SessionsSettings:
             summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
             compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
             compact_max_turn_chars=env.integer(f"{p}COMPACT_MAX_TURN_CHARS", 4000, minimum=100),
+            conflict_queue_max=env.integer(f"{p}CONFLICT_QUEUE_MAX", 1000, minimum=0, maximum=1_000_000),
+            conflict_queue_wait=env.duration(f"{p}CONFLICT_QUEUE_WAIT", 5.0, minimum=0.001),
+            conflict_turn_timeout=env.duration(f"{p}CONFLICT_TURN_TIMEOUT", 1.0, minimum=0.001),
             sweep_interval=env.duration(f"{p}SWEEP_INTERVAL", 60.0, minimum=0.01),
             sweep_batch=env.integer(f"{p}SWEEP_BATCH", 500, minimum=1, maximum=100_000),
             idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 86400.0, minimum=1.0),

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ballast.sessions.v1 import sessions_pb2
@@ -19,6 +19,7 @@ from opentelemetry import metrics
 
 from services.kit.errors import Aborted, BallastError, InvalidArgument, NotFound
 from services.sessions.compaction import Compacted, Compactor
+from services.sessions.contention import ContentionPolicy, ContentionQueue
 from services.sessions.context import Window
 from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
 from services.sessions.store import SessionStore
@@ -84,6 +85,7 @@ class Sessions:
         limits: Limits,
         clock: Callable[[], float],
         meter: metrics.Meter | None = None,
+        contention: ContentionQueue | None = None,
     ) -> None:
         meter = meter or metrics.NoOpMeter("ballast")
         self._appends = meter.create_counter(
@@ -103,6 +105,8 @@ class Sessions:
         self.compactor = compactor
         self.limits = limits
         self.clock = clock
+        # Without a policy, conflicts are answered at once (still with a retry hint).
+        self.contention = contention or ContentionQueue(ContentionPolicy(0, 0.0, 0.0))
         self._sweeper: asyncio.Task[None] | None = None
 
     def now(self) -> float:
@@ -176,14 +180,18 @@ class Sessions:
         idempotency_key: str,
         turns: Sequence[NewTurn],
         fingerprint: str = "",
+        patience: float | None = None,
     ) -> AppendOutcome:
+        """Appends; a versioned append waits its turn on a contended session (see contention.py),
+        for at most `patience` seconds (what is left of the caller's deadline)."""
         bound_to = b""
         if idempotency_key:
             bound_to = (
                 hashlib.sha256(fingerprint.encode()).digest()[:16] if fingerprint else request_hash(turns)
             )
-        try:
-            outcome = await self.store.append(
+
+        def attempt() -> Awaitable[AppendOutcome]:
+            return self.store.append(
                 scope,
                 session_id,
                 expected_version,
@@ -192,6 +200,14 @@ class Sessions:
                 self.now(),
                 request_hash=bound_to,
             )
+
+        key = (scope.tenant_id, scope.user_id, session_id)
+        try:
+            if expected_version < 0:
+                outcome = await attempt()
+                self.contention.saw(key, outcome.session.version)
+            else:
+                outcome = await self.contention.run(key, expected_version, attempt, idempotency_key, patience)
         except Aborted:
             self._appends.add(1, {"outcome": "conflict"})
             raise

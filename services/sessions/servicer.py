@@ -45,6 +45,12 @@ def _session_id(value: str, *, required: bool = True) -> str:
     return value
 
 
+def _patience(context: Context) -> float | None:
+    """How long a call may wait on the server and still answer before its deadline."""
+    remaining = context.time_remaining()
+    return None if remaining is None else remaining * 0.8
+
+
 def session_proto(record: SessionRecord) -> sessions_pb2.Session:
     c = record.counters
     return sessions_pb2.Session(
@@ -184,6 +190,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             request.idempotency_key,
             turns,
             request.request_fingerprint,
+            _patience(context),
         )
         return sessions_pb2.AppendTurnsResponse(
             session=session_proto(outcome.session),

@@ -473,11 +473,13 @@ class AppendTurnsRequest(_message.Message):
     conflicts, so many writers on one session do not slow each other down.
     A version (0 or more) appends only if the session is still at that version: send it
     when the turns are valid only on top of exactly that history (for example an agent
-    that must not interleave with another writer). On ABORTED, wait the RetryInfo delay,
-    re-read what the turns depend on (the current version is in the error's ErrorInfo
-    metadata "current_version") and retry with that version. The service queues
-    conflicting writers of one session in arrival order and answers each in turn, so
-    writers that follow this are served fairly.
+    that must not interleave with another writer). On ABORTED, wait the RetryInfo delay
+    (zero when the service is keeping your place), re-read what the turns depend on (the
+    current version is in the error's ErrorInfo metadata "current_version") and retry with
+    that version and the same idempotency_key (even with recomputed turns: a key is bound
+    to its turns only once applied). The service queues the versioned writers of
+    a session in arrival order and holds the session for the writer whose turn it is, so
+    writers that follow this need at most one ABORTED per append.
     """
     idempotency_key: _builtins.str
     """A retried append with the same key is applied once and returns the original result."""
