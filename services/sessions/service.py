@@ -36,6 +36,8 @@ class Limits:
     default_page_size: int
     max_page_size: int
     context_batch: int
+    # Live sessions one (tenant, user) may hold; 0: no cap.
+    max_sessions_per_user: int = 0
 
 
 @dataclass
@@ -134,7 +136,7 @@ class Sessions:
             expires_at=now + ttl,
             ttl=ttl,
         )
-        return await self.store.create(record)
+        return await self.store.create(record, self.limits.max_sessions_per_user)
 
     async def get(self, scope: Scope, session_id: str) -> SessionRecord:
         record = await self.store.get(scope, session_id, self.now())

@@ -64,3 +64,11 @@ def test_compaction_retry_backoff_is_configured_and_checked() -> None:
     with pytest.raises(ConfigError) as info:
         _load({"BALLAST_SESSIONS_COMPACT_RETRY_INITIAL": "10s", "BALLAST_SESSIONS_COMPACT_RETRY_MAX": "5s"})
     assert "BALLAST_SESSIONS_COMPACT_RETRY_MAX" in str(info.value)
+
+
+def test_sessions_per_user_cap_is_configured() -> None:
+    assert _load({}).max_sessions_per_user == 10_000
+    assert _load({"BALLAST_SESSIONS_MAX_PER_USER": "0"}).max_sessions_per_user == 0
+    with pytest.raises(ConfigError) as info:
+        _load({"BALLAST_SESSIONS_MAX_PER_USER": "-1"})
+    assert "BALLAST_SESSIONS_MAX_PER_USER" in str(info.value)
