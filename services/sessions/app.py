@@ -67,6 +67,8 @@ class SessionsApp(ServiceApp):
             summary_max_tokens=settings.summary_max_tokens,
             retry_initial=settings.compact_retry_initial,
             retry_max=settings.compact_retry_max,
+            max_sessions=settings.compact_max_sessions,
+            concurrency=settings.compact_concurrency,
         )
         compactor = Compactor(
             self.store, summariser, tokenizers.default, policy, clock, telemetry.meter, sleep=sleep

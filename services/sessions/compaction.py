@@ -50,6 +50,11 @@ class CompactionPolicy:
     # Pause after the first failed pass, doubled after each further failure up to retry_max.
     retry_initial: float
     retry_max: float
+    # Sessions with a driver at once (running or backing off), and summaries asked of the
+    # router at once: an outage over many sessions costs bounded memory and, once the router
+    # is back, does not flood it.
+    max_sessions: int = 10_000
+    concurrency: int = 16
 
     def retry_delay(self, failures: int) -> float:
         return float(min(self.retry_max, self.retry_initial * 2 ** min(failures - 1, 62)))
@@ -120,7 +125,8 @@ class Compactor:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._passes = (meter or metrics.NoOpMeter("ballast")).create_counter(
-            "ballast.sessions.compactions", description="Compaction passes by outcome (folded, raced, failed)"
+            "ballast.sessions.compactions",
+            description="Compaction passes by outcome (folded, raced, failed, deferred)",
         )
         self._store = store
         self._summariser = summariser
@@ -129,6 +135,7 @@ class Compactor:
         self._clock = clock
         self._sleep = sleep
         self._drives: dict[_Key, _Drive] = {}
+        self._slots = asyncio.Semaphore(policy.concurrency)
 
     @property
     def enabled(self) -> bool:
@@ -152,12 +159,16 @@ class Compactor:
         """Starts the session's driver when the unsummarised tail is past the threshold."""
         if self._summariser is None or record.unsummarized_tokens <= self._policy.threshold_tokens:
             return
-        self._drive(Scope(record.tenant_id, record.user_id), record.session_id)
+        if self._drive(Scope(record.tenant_id, record.user_id), record.session_id) is None:
+            # A later append tries again; meanwhile GetContext flags what it leaves out.
+            self._passes.add(1, {"outcome": "deferred"})
 
-    def _drive(self, scope: Scope, session_id: str) -> _Drive:
+    def _drive(self, scope: Scope, session_id: str) -> _Drive | None:
         key = (scope.tenant_id, scope.user_id, session_id)
         drive = self._drives.get(key)
         if drive is None:
+            if len(self._drives) >= self._policy.max_sessions:
+                return None
             drive = _Drive(scope, session_id, self._policy.keep_tokens)
             self._drives[key] = drive
             drive.task = asyncio.create_task(self._run(key, drive))
@@ -172,6 +183,11 @@ class Compactor:
         CompactionFailed / NotFound.
         """
         drive = self._drive(scope, session_id)
+        if drive is None:
+            raise Unavailable(
+                f"{len(self._drives)} sessions are being compacted, the most at once"
+                " (BALLAST_SESSIONS_COMPACT_MAX_SESSIONS): retry later"
+            )
         if keep is not None:
             drive.keep = min(drive.keep, keep)
         future: asyncio.Future[SessionRecord] = asyncio.get_running_loop().create_future()
@@ -288,9 +304,10 @@ class Compactor:
             return record, False
         folded = turns[:cut]
         messages = [sessions_pb2.Turn.FromString(t.payload).message for t in folded]
-        summary = await self._summariser.summarise(
-            scope, record.summary, messages, self._policy.summary_max_tokens
-        )
+        async with self._slots:
+            summary = await self._summariser.summarise(
+                scope, record.summary, messages, self._policy.summary_max_tokens
+            )
         summary_tokens = self._tokenizer.count_message(MessageParts(summary))
         saved = await self._store.save_summary(
             record,

@@ -50,6 +50,10 @@ class SessionsSettings:
     # How long GetContext waits for a pass when the unsummarised tail does not fit its
     # budget (at most half the caller's deadline); after that the omission is flagged.
     context_compact_wait: float = 2.0
+    # Sessions with a compaction driver at once (running or backing off) per process, and
+    # summaries asked of the router at once.
+    compact_max_sessions: int = 10_000
+    compact_concurrency: int = 16
     summary_max_tokens: int = 1000
     # Most turns folded by one compaction pass, and characters of one turn shown to the
     # summariser (both bound the summariser prompt).
@@ -104,6 +108,10 @@ class SessionsSettings:
             compact_retry_initial=retry_initial,
             compact_retry_max=env.duration(f"{p}COMPACT_RETRY_MAX", 60.0, minimum=retry_initial),
             context_compact_wait=env.duration(f"{p}CONTEXT_COMPACT_WAIT", 2.0, minimum=0.0),
+            compact_max_sessions=env.integer(
+                f"{p}COMPACT_MAX_SESSIONS", 10_000, minimum=1, maximum=10_000_000
+            ),
+            compact_concurrency=env.integer(f"{p}COMPACT_CONCURRENCY", 16, minimum=1, maximum=10_000),
             summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
             compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
             compact_max_turn_chars=env.integer(f"{p}COMPACT_MAX_TURN_CHARS", 4000, minimum=100),

@@ -257,7 +257,10 @@ class Sessions:
             return self._flagged(window)  # no summary and turns could fit: nothing to gain
         if self.compactor.failing(scope, session_id):
             return self._flagged(window)  # its driver retries on its own schedule: do not wake it
-        pending = self.compactor.request(scope, session_id, keep)
+        try:
+            pending = self.compactor.request(scope, session_id, keep)
+        except BallastError:
+            return self._flagged(window)  # compaction is at capacity
         try:
             await asyncio.wait_for(asyncio.shield(pending), wait)
         except (TimeoutError, BallastError) as exc:

@@ -246,7 +246,14 @@ def router() -> RouterDown:
 
 
 @pytest.fixture
-async def clocked(store_url: str, router: RouterDown, clock: ManualClock) -> AsyncIterator[RunningService]:
+def extra_env() -> dict[str, str]:
+    return {}
+
+
+@pytest.fixture
+async def clocked(
+    store_url: str, router: RouterDown, clock: ManualClock, extra_env: dict[str, str]
+) -> AsyncIterator[RunningService]:
     environ = {
         "BALLAST_SESSIONS_PORT": "0",
         "BALLAST_SESSIONS_STORE": store_url,
@@ -258,6 +265,7 @@ async def clocked(store_url: str, router: RouterDown, clock: ManualClock) -> Asy
         "BALLAST_SESSIONS_COMPACT_RETRY_MAX": "40s",
         "BALLAST_SESSIONS_CONTEXT_COMPACT_WAIT": "60s",
         "OTEL_SDK_DISABLED": "true",
+        **extra_env,
     }
     env = Env(environ)
     settings = SessionsSettings.from_env(env)
@@ -389,3 +397,37 @@ async def test_router_down_flags_the_omission_and_the_session_converges_when_it_
     assert _covered(ctx.summary) + [t.message.content for t in ctx.turns] == [f"t{i}" for i in range(1, 13)]
     small = await _context(stub, 30)
     assert small.omitted_turns == 0 and not small.omitted_unsummarized
+
+
+@pytest.mark.parametrize("extra_env", [{"BALLAST_SESSIONS_COMPACT_MAX_SESSIONS": "1"}])
+async def test_compaction_drivers_are_capped_and_the_cap_is_named(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown, clock: ManualClock
+) -> None:
+    stub = clocked_stub
+    router.down = True
+    for sid in ("s1", "s2"):
+        await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id=sid))
+    await _append(stub, *(user_turn(f"t{i}") for i in range(1, 13)))  # s1: its driver backs off
+    await _until(lambda: clock.sleeping == 1, "s1's failed pass to back off")
+    await stub.AppendTurns(
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(),
+            session_id="s2",
+            expected_version=-1,
+            turns=[user_turn(f"u{i}") for i in range(12)],
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s2"))
+    assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "BALLAST_SESSIONS_COMPACT_MAX_SESSIONS" in (full.value.details() or "")
+    ctx = await stub.GetContext(
+        sessions_pb2.GetContextRequest(caller=caller(), session_id="s2", token_budget=30)
+    )
+    assert ctx.omitted_unsummarized and ctx.omitted_turns == 6
+    # s1 converges once the router is back, which frees the slot for s2.
+    router.down = False
+    clock.advance(10)
+    await _compactor(clocked).wait_idle()
+    reply = await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s2"))
+    assert reply.outcome == sessions_pb2.COMPACTION_OUTCOME_FOLDED
