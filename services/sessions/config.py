@@ -38,9 +38,11 @@ class SessionsSettings:
     context_batch: int = 64
     # Compaction: fold older turns into the summary when the unsummarised part passes
     # compact_threshold_tokens, keeping about compact_keep_tokens of recent turns verbatim.
+    # Threshold + summary_max_tokens fit the edge's default window (4000 tokens), so compaction
+    # stays ahead of GetContext instead of running while a chat waits for its context.
     compaction_enabled: bool = True
-    compact_threshold_tokens: int = 8000
-    compact_keep_tokens: int = 2000
+    compact_threshold_tokens: int = 3000
+    compact_keep_tokens: int = 1500
     compact_model: str = "budget"
     compact_timeout: float = 30.0
     # After a failed pass the session's compaction retries by itself, first after
@@ -101,8 +103,8 @@ class SessionsSettings:
             ),
             context_batch=env.integer(f"{p}CONTEXT_BATCH", 64, minimum=1, maximum=10_000),
             compaction_enabled=env.boolean(f"{p}COMPACTION", True),
-            compact_threshold_tokens=env.integer(f"{p}COMPACT_THRESHOLD_TOKENS", 8000, minimum=1),
-            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 2000, minimum=0),
+            compact_threshold_tokens=env.integer(f"{p}COMPACT_THRESHOLD_TOKENS", 3000, minimum=1),
+            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 1500, minimum=0),
             compact_model=env.string(f"{p}COMPACT_MODEL", "budget"),
             compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", 30.0, minimum=0.1),
             compact_retry_initial=retry_initial,
