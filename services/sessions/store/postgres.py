@@ -471,6 +471,14 @@ def _turn(row: Any, prefix: str = "") -> StoredTurn:
     )
 
 
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset on release (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL),
+    a round trip on every call: this store leaves no session state behind. Its advisory locks
+    are transaction-scoped, it never LISTENs, opens cursors or SETs, and asyncpg still rolls
+    back an unfinished transaction before calling this."""
+    return None
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Applies the migrations this replica knows and the database lacks; returns them."""
     applied_now: list[int] = []
@@ -506,6 +514,7 @@ class PostgresStore:
             max_size=s.pool_max_size,
             timeout=s.connect_timeout,
             command_timeout=s.command_timeout,
+            reset=_no_session_state,
         )
         return pool
 
