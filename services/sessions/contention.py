@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
@@ -72,21 +72,47 @@ class _Lane:
     busy: bool = False
     held_for: int | None = None
     held_writer: str = ""
-    held_timer: asyncio.TimerHandle | None = None
+    held_timer: _Timer | None = None
     queue: deque[_Waiter] = field(default_factory=deque)
+    # Writers whose held turn lapsed before they came back: they rejoin at the front (for
+    # max_wait, after which they count as new).
+    lapsed: set[str] = field(default_factory=set)
 
     @property
-    def idle(self) -> bool:
+    def free(self) -> bool:
+        """Nobody appending, no turn held, nobody waiting: the next writer goes straight in."""
         return not self.busy and self.held_for is None and not self.queue
 
 
+class _Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+Schedule = Callable[[float, Callable[[], None]], _Timer]
+
+
+def _call_later(delay: float, callback: Callable[[], None]) -> _Timer:
+    return asyncio.get_running_loop().call_later(delay, callback)
+
+
 class ContentionQueue:
-    def __init__(self, policy: ContentionPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: ContentionPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = _call_later,
+    ) -> None:
         self._policy = policy
         self._clock = clock
+        self._schedule = schedule
         self._lanes: dict[_Key, _Lane] = {}
         # Seconds one append attempt takes (moving average): the retry hint when the queue is full.
         self._attempt_seconds = 0.002
+
+    def waiting(self, key: _Key) -> int:
+        """Versioned appends of this session waiting their turn (observability and tests)."""
+        lane = self._lanes.get(key)
+        return 0 if lane is None else len(lane.queue)
 
     def saw(self, key: _Key, version: int) -> None:
         """A version observed outside the queue (a head append): keeps stale checks exact."""
@@ -120,11 +146,12 @@ class ContentionQueue:
             lane = self._lanes[key] = _Lane(key)
         if lane.held_for is not None and lane.held_for == expected and lane.held_writer in ("", writer):
             self._unhold(lane)  # the writer whose turn it is came back
-        elif not lane.idle:
+        elif not lane.free:
             wait = self._policy.max_wait if patience is None else min(self._policy.max_wait, patience)
             verdict = await self._wait(lane, expected, writer, wait)
             if verdict is not None:
                 raise self._your_turn(lane, expected, verdict, writer)
+        lane.lapsed.discard(writer)
         lane.busy = True
         started = self._clock()
         try:
@@ -154,7 +181,11 @@ class ContentionQueue:
         if len(lane.queue) >= self._policy.max_queue:
             raise self._conflict(lane, expected)
         waiter = _Waiter(expected, writer, asyncio.get_running_loop().create_future())
-        lane.queue.append(waiter)
+        if writer and writer in lane.lapsed:
+            lane.lapsed.discard(writer)
+            lane.queue.appendleft(waiter)  # it was its turn already: a slow client keeps its place
+        else:
+            lane.queue.append(waiter)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.decision), max(wait, 0.0))
         except TimeoutError:
@@ -184,9 +215,7 @@ class ContentionQueue:
         self._unhold(lane)
         lane.held_for = current
         lane.held_writer = writer
-        lane.held_timer = asyncio.get_running_loop().call_later(
-            self._policy.turn_timeout, self._expire, lane, current
-        )
+        lane.held_timer = self._schedule(self._policy.turn_timeout, lambda: self._expire(lane, current))
         return VersionConflict(expected, current, 0.0)
 
     def _unhold(self, lane: _Lane) -> None:
@@ -198,6 +227,10 @@ class ContentionQueue:
 
     def _expire(self, lane: _Lane, version: int) -> None:
         if lane.held_for == version:
+            writer = lane.held_writer
+            if writer and len(lane.lapsed) < self._policy.max_queue:
+                lane.lapsed.add(writer)
+                self._schedule(self._policy.max_wait, lambda: self._forget_lapsed(lane, writer))
             self._unhold(lane)  # the writer did not come back in time: the next one goes
             self._next(lane)
 
@@ -219,7 +252,11 @@ class ContentionQueue:
             return
         self._forget_if_idle(lane)
 
+    def _forget_lapsed(self, lane: _Lane, writer: str) -> None:
+        lane.lapsed.discard(writer)
+        self._forget_if_idle(lane)
+
     def _forget_if_idle(self, lane: _Lane) -> None:
-        # An idle session keeps no state here (a quiet session costs nothing).
-        if lane.idle and self._lanes.get(lane.key) is lane:
+        # A quiet session keeps no state here (it costs nothing).
+        if lane.free and not lane.lapsed and self._lanes.get(lane.key) is lane:
             del self._lanes[lane.key]
