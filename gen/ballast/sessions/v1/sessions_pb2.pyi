@@ -648,9 +648,10 @@ class GetContextResponse(_message.Message):
     omitted_unsummarized: _builtins.bool
     """True when older turns are left out of the window with no summary covering them
     (omitted_turns says how many): the unsummarised tail did not fit the budget and
-    compaction could not fold it in time (summariser unreachable, compaction disabled, or
-    a budget too small for a summary). When false, every turn of the session is either in
-    the summary or in the window. Callers should trace and count it.
+    compaction could not fold it in time (summariser unreachable or at capacity, compaction
+    disabled, the wait ran out, or a budget too small for a summary). When this and
+    summary_omitted are both false, every turn of the session is either in the summary or in
+    the window. Callers should trace and count it.
     """
     summary_omitted: _builtins.bool
     """True when a summary exists but was left out because it alone exceeds the budget."""

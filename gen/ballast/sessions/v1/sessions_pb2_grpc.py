@@ -145,7 +145,8 @@ class SessionsServiceServicer:
         """Fold older turns into the summary now instead of waiting for the threshold. Joins a
         pass already running for the session and then runs its own, so it never answers OK
         without having compacted unless there was nothing to fold (see CompactionOutcome).
-        UNAVAILABLE when the summariser cannot be reached (the service keeps retrying).
+        UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+        or too many sessions are being compacted at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,8 @@ class SessionsServiceStub:
     """Fold older turns into the summary now instead of waiting for the threshold. Joins a
     pass already running for the session and then runs its own, so it never answers OK
     without having compacted unless there was nothing to fold (see CompactionOutcome).
-    UNAVAILABLE when the summariser cannot be reached (the service keeps retrying).
+    UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+    or too many sessions are being compacted at once.
     """
 
 @_typing.type_check_only
@@ -83,7 +84,8 @@ class SessionsServiceAsyncStub(SessionsServiceStub):
     """Fold older turns into the summary now instead of waiting for the threshold. Joins a
     pass already running for the session and then runs its own, so it never answers OK
     without having compacted unless there was nothing to fold (see CompactionOutcome).
-    UNAVAILABLE when the summariser cannot be reached (the service keeps retrying).
+    UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+    or too many sessions are being compacted at once.
     """
 
 class SessionsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -162,7 +164,8 @@ class SessionsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Fold older turns into the summary now instead of waiting for the threshold. Joins a
         pass already running for the session and then runs its own, so it never answers OK
         without having compacted unless there was nothing to fold (see CompactionOutcome).
-        UNAVAILABLE when the summariser cannot be reached (the service keeps retrying).
+        UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+        or too many sessions are being compacted at once.
         """
 
 def add_SessionsServiceServicer_to_server(servicer: SessionsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
