@@ -207,6 +207,7 @@ class Compactor:
 
     async def _run(self, key: _Key, drive: _Drive) -> None:
         policy = self._policy
+        serving: list[asyncio.Future[SessionRecord]] = []
         try:
             while True:
                 serving, drive.waiters = drive.waiters, []
@@ -244,7 +245,7 @@ class Compactor:
                     continue  # appends during the pass, or a pass capped at max_turns
                 return
         except asyncio.CancelledError:
-            _settle(drive.waiters, Unavailable("the sessions service is shutting down"))
+            _settle(serving + drive.waiters, Unavailable("the sessions service is shutting down"))
             raise
         finally:
             if self._drives.get(key) is drive:
