@@ -250,17 +250,19 @@ class Sessions:
         driver retries by itself). What is still left out is flagged, never silent.
         """
         window = await self._window(scope, session_id, budget, model)
-        if window.omitted_turns == 0 or not self.compactor.enabled or wait <= 0:
+        if window.omitted_turns == 0 or not self.compactor.enabled:
             return self._flagged(window)
         keep = min(self.compactor.policy.keep_tokens, budget - self.compactor.policy.summary_max_tokens)
         if keep <= 0:
-            return self._flagged(window)  # no summary and turns could fit: nothing to gain
+            return self._flagged(window)  # the budget cannot hold a summary: folding cannot help
         if self.compactor.failing(scope, session_id):
             return self._flagged(window)  # its driver retries on its own schedule: do not wake it
         try:
             pending = self.compactor.request(scope, session_id, keep)
         except BallastError:
             return self._flagged(window)  # compaction is at capacity
+        if wait <= 0:
+            return self._flagged(window)  # the pass runs in the background for the next call
         try:
             await asyncio.wait_for(asyncio.shield(pending), wait)
         except (TimeoutError, BallastError) as exc:

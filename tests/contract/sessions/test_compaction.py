@@ -431,3 +431,22 @@ async def test_compaction_drivers_are_capped_and_the_cap_is_named(
     await _compactor(clocked).wait_idle()
     reply = await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s2"))
     assert reply.outcome == sessions_pb2.COMPACTION_OUTCOME_FOLDED
+
+
+@pytest.mark.parametrize("extra_env", [{"BALLAST_SESSIONS_CONTEXT_COMPACT_WAIT": "0"}])
+async def test_without_a_wait_get_context_flags_at_once_and_the_pass_runs_behind_it(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown
+) -> None:
+    stub = clocked_stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    router.gate = asyncio.Event()  # the pass cannot finish before GetContext answers
+    await _append(stub, *(user_turn(f"t{i}") for i in range(1, 8)))  # 35 tokens: under the threshold
+    first = await _context(stub, 30)
+    assert first.omitted_unsummarized and first.omitted_turns == 1
+    router.gate.set()
+    await _compactor(clocked).wait_idle()
+    second = await _context(stub, 30)
+    assert router.calls and not second.omitted_unsummarized and second.omitted_turns == 0
+    assert _covered(second.summary) + [t.message.content for t in second.turns] == [
+        f"t{i}" for i in range(1, 8)
+    ]
