@@ -58,7 +58,7 @@ class EdgeApp(ServiceApp):
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
         )
         self.downstream = Downstream(settings, telemetry)
-        self.pipeline = ChatPipeline(settings, self.downstream)
+        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter)
         self.metrics = EdgeMetrics(
             telemetry.meter,
             self.store,
