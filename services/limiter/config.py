@@ -30,6 +30,11 @@ class LimiterSettings:
     fail_mode: str = "local"
     # Replicas sharing the store: the local fallback enforces limit/replicas per replica.
     replicas: int = 1
+    # This replica's share of each limit while it decides alone (0 = 1/replicas).
+    local_share: float = 0.0
+    # Most limits remembered (what the store last said was left) and most local charges kept
+    # for write-back during an outage: bounds the replica's memory.
+    outage_memory: int = 100_000
     # Sub-buckets per sliding window (precision: a window is counted over W..W+W/buckets).
     window_buckets: int = 20
     # How long a Check's request_id is remembered (retries within it are not counted twice).
@@ -84,6 +89,8 @@ class LimiterSettings:
             store_retry_interval=env.duration(f"{p}STORE_RETRY_INTERVAL", 1.0, minimum=0.0),
             fail_mode=env.choice(f"{p}FAIL_MODE", "local", FAIL_MODES),
             replicas=env.integer(f"{p}REPLICAS", 1, minimum=1, maximum=10_000),
+            local_share=env.number(f"{p}LOCAL_SHARE", 0.0, minimum=0.0, maximum=1.0),
+            outage_memory=env.integer(f"{p}OUTAGE_MEMORY", 100_000, minimum=1, maximum=100_000_000),
             window_buckets=env.integer(f"{p}WINDOW_BUCKETS", 20, minimum=1, maximum=600),
             idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 600.0, minimum=1.0),
             headroom_refresh=env.duration(f"{p}HEADROOM_REFRESH", 1.0, minimum=0.01),
