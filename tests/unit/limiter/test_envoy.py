@@ -128,6 +128,8 @@ async def envoy(
             "BALLAST_LIMITER_STORE": store,
             "BALLAST_LIMITER_ENVOY_CONFIG": str(config_dir),
             "BALLAST_LIMITER_RELOAD_INTERVAL": "50ms",
+            # Behaviour with Redis, not outages: no fail-mode decision on a busy machine.
+            "BALLAST_LIMITER_STORE_TIMEOUT": "60s",
         },
     )
     yield suite
