@@ -66,6 +66,7 @@ class ResilientStore:
         # This replica's part of each limit while it decides alone (default: 1 / replicas).
         self.share = share if share > 0 else 1 / self.replicas
         self.memory = max(1, memory)
+        self._buckets = buckets
         self.local = MemoryStore(clock=clock, buckets=buckets)
         self._monotonic = monotonic
         self._clock = clock
@@ -150,9 +151,13 @@ class ResilientStore:
         for _ in range(applied):
             self._journal.popleft()
         self.replayed_charges += applied
-        if self._journal:
+        if applied < len(batch):
             raise StoreUnavailableError("the store stopped answering while local charges were written back")
         log.info("limiter store caught up with local charges", extra={"charges": applied})
+        if not self._journal and not self.dropped_charges:
+            # Everything counted here is in the store now: a later outage starts from what the
+            # store says, not from this one's counts as well.
+            self.local = MemoryStore(clock=self._clock, buckets=self._buckets)
 
     def _record(self, charge: Charge) -> None:
         if len(self._journal) >= self.memory:
