@@ -65,9 +65,10 @@ class LimiterSettings:
         if not settings.store_url.startswith("memory:"):
             from services.kit.redisconn import split_key_prefix
             from services.limiter.store.pipelined import Endpoint
+            from services.limiter.store.redis import connection_options
 
             try:
-                Endpoint.from_url(split_key_prefix(settings.store_url)[0])
+                Endpoint.from_url(connection_options(split_key_prefix(settings.store_url)[0])[0])
             except ValueError as exc:
                 env.problems.append(f"{p}STORE={settings.store_url!r} is invalid: {exc}")
         if settings.envoy_config:

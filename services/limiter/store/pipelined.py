@@ -191,6 +191,11 @@ class PipelinedRedis:
             raise reply
         return reply
 
+    async def script_load(self, source: str) -> str:
+        """Loads a script; its SHA1."""
+        loaded = await self.execute("SCRIPT", "LOAD", source)
+        return loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+
     def _lost(self, conn: _Replies) -> None:
         if self._conn is conn:
             self._conn = None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from services.kit.redisconn import split_key_prefix
 from services.limiter.store.base import (
@@ -25,6 +26,7 @@ from services.limiter.store.base import (
     Settlement,
     StoreUnavailableError,
 )
+from services.limiter.store.library import LibraryRedis
 from services.limiter.store.pipelined import Endpoint, PipelinedRedis, RedisReplyError
 
 _COMMON = r"""
@@ -340,11 +342,21 @@ return out
 """
 
 
-class _Script:
-    """EVALSHA by the script's SHA1 (computed here); on NOSCRIPT (a restarted or flushed Redis)
-    SCRIPT LOAD it and call again."""
+class Connection(Protocol):
+    """What the store needs of a Redis connection: the pipelined one, or redis-py's client."""
 
-    def __init__(self, redis: PipelinedRedis, source: str) -> None:
+    async def execute(self, *args: Any) -> Any: ...
+
+    async def script_load(self, source: str) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class _Script:
+    """EVALSHA by the script's SHA1 (computed here); on NOSCRIPT (a restarted or flushed Redis,
+    or a promoted cluster replica) SCRIPT LOAD it and call again."""
+
+    def __init__(self, redis: Connection, source: str) -> None:
         self.redis = redis
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -355,9 +367,30 @@ class _Script:
         except RedisReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
-        loaded = await self.redis.execute("SCRIPT", "LOAD", self.source)
-        self.sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        self.sha = await self.redis.script_load(self.source)
         return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+CLIENTS = ("pipelined", "redis-py")
+
+
+def connection_options(url: str) -> tuple[str, str, bool]:
+    """The URL without the store's own options, the client (`client=pipelined|redis-py`) and
+    whether it is a Redis Cluster (`cluster=true`, which implies redis-py's cluster client)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = {k: v for k, v in query if k in ("client", "cluster")}
+    cluster_text = options.get("cluster", "false").lower()
+    if cluster_text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"cluster must be true or false, got {options['cluster']!r}")
+    cluster = cluster_text in ("true", "1", "yes")
+    client = options.get("client", "redis-py" if cluster else "pipelined")
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {client!r}")
+    if cluster and client != "redis-py":
+        raise ValueError("a Redis Cluster is reached with client=redis-py")
+    rest = urlencode([(k, v) for k, v in query if k not in ("client", "cluster")])
+    return urlunsplit(parts._replace(query=rest)), client, cluster
 
 
 def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:
@@ -383,9 +416,19 @@ class RedisStore:
         clock_ms: Any = None,
     ) -> None:
         clean, self.prefix = split_key_prefix(url)
-        # One pipelined connection per replica (see pipelined.py): concurrent decisions share
-        # writes and reads instead of each taking a pooled connection.
-        self.redis = PipelinedRedis(Endpoint.from_url(clean), connect_timeout=timeout, stall_after=timeout)
+        clean, client, cluster = connection_options(clean)
+        self.redis: Connection
+        if client == "pipelined":
+            # One pipelined connection per replica (see pipelined.py): concurrent decisions share
+            # writes and reads instead of each taking a pooled connection.
+            self.redis = PipelinedRedis(
+                Endpoint.from_url(clean), connect_timeout=timeout, stall_after=timeout
+            )
+        else:
+            self.redis = LibraryRedis(clean, timeout=timeout, cluster=cluster)
+            # redis-py bounds a socket read, not a wait for a pooled connection: the resilient
+            # store adds its own timer.
+            self.bounds_own_calls = False
         self.buckets = buckets
         # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
         self._clock_ms = clock_ms
