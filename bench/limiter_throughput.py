@@ -1,11 +1,11 @@
 """Limiter decisions per second and latency, beside a no-op gRPC call on the same server.
 
     .venv/bin/python -m bench.limiter_throughput [--seconds 2] [--rounds 4] [--concurrency 1,16,64]
-        [--stores memory,redis,redis-py,cluster]
+        [--stores memory,redis,cluster]
 
-Stores: `memory`; `redis` (one redis-server, the pipelined connection, store/pipelined.py);
-`redis-py` (the same redis-server through redis-py's asyncio client); `cluster` (a private
-three-primary Redis Cluster, each primary with a replica, through redis-py's cluster client).
+Stores: `memory`; `redis` (one private redis-server, through redis-py's asyncio client);
+`cluster` (a private three-primary Redis Cluster, each primary with a replica, through
+redis-py's cluster client).
 Each store's limiter runs as its own process (`python -m services.limiter`, as in production),
 all started up front, and this process is the client. The stores are measured alternately:
 every round measures each store in turn, so load from elsewhere on the machine hits them alike.
@@ -335,10 +335,9 @@ async def _main(seconds: float, concurrencies: list[int], stores: list[str], rou
         for store in stores:
             if store == "memory":
                 targets.append(("memory", "memory://", []))
-            elif store in ("redis", "redis-py"):
+            elif store == "redis":
                 server = stack.enter_context(private_redis())
-                url = server.url + ("?client=redis-py" if store == "redis-py" else "")
-                targets.append((store, url, [server.url]))
+                targets.append((store, server.url, [server.url]))
             elif store == "cluster":
                 cluster = stack.enter_context(private_redis_cluster(masters=3, replicas=1))
                 primaries = [
@@ -346,7 +345,7 @@ async def _main(seconds: float, concurrencies: list[int], stores: list[str], rou
                 ]
                 targets.append(("cluster", cluster.url, primaries))
             else:
-                raise SystemExit(f"unknown store {store!r} (memory, redis, redis-py, cluster)")
+                raise SystemExit(f"unknown store {store!r} (memory, redis, cluster)")
         meta["redis_py"] = importlib.metadata.version("redis")
         results = await _bench(targets, seconds, concurrencies, tiers, rounds)
     for result in results:
@@ -367,7 +366,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--stores", default="memory,redis,redis-py,cluster")
+    parser.add_argument("--stores", default="memory,redis,cluster")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per cell")
     args = parser.parse_args()
     asyncio.run(

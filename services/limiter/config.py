@@ -24,6 +24,8 @@ class LimiterSettings:
     reload_interval: float = 1.0
     # A store call slower than this counts as a store failure (the fail mode decides).
     store_timeout: float = 0.25
+    # Connections to Redis per replica (per cluster node); past them a call waits for one.
+    redis_pool_size: int = 64
     # After a store failure, decide by the fail mode for this long before trying the store again.
     store_retry_interval: float = 1.0
     # What to do while the shared store is unreachable: a local per-replica limit, allow, or deny.
@@ -64,11 +66,11 @@ class LimiterSettings:
             env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
         if not settings.store_url.startswith("memory:"):
             from services.kit.redisconn import split_key_prefix
-            from services.limiter.store.pipelined import Endpoint
-            from services.limiter.store.redis import connection_options
+            from services.limiter.store.library import check_url
+            from services.limiter.store.redis import cluster_option
 
             try:
-                Endpoint.from_url(connection_options(split_key_prefix(settings.store_url)[0])[0])
+                check_url(cluster_option(split_key_prefix(settings.store_url)[0])[0])
             except ValueError as exc:
                 env.problems.append(f"{p}STORE={settings.store_url!r} is invalid: {exc}")
         if settings.envoy_config:
@@ -87,6 +89,7 @@ class LimiterSettings:
             envoy_config=env.string(f"{p}ENVOY_CONFIG", ""),
             reload_interval=env.duration(f"{p}RELOAD_INTERVAL", 1.0, minimum=0.01),
             store_timeout=env.duration(f"{p}STORE_TIMEOUT", 0.25, minimum=0.001),
+            redis_pool_size=env.integer(f"{p}REDIS_POOL_SIZE", 64, minimum=1, maximum=10_000),
             store_retry_interval=env.duration(f"{p}STORE_RETRY_INTERVAL", 1.0, minimum=0.0),
             fail_mode=env.choice(f"{p}FAIL_MODE", "local", FAIL_MODES),
             replicas=env.integer(f"{p}REPLICAS", 1, minimum=1, maximum=10_000),

@@ -1,6 +1,6 @@
 """Redis store: every decision is one EVALSHA of one Lua script, whatever the number of limits.
 
-The scripts are called by SHA (EVALSHA) over one pipelined connection (pipelined.py); a Redis
+The scripts are called by SHA (EVALSHA) over redis-py (library.py, one node or a Cluster); a Redis
 that does not know a script yet (new, restarted, flushed) answers NOSCRIPT and the script is
 loaded (SCRIPT LOAD) and called again, transparently. Time comes from Redis (TIME inside the
 script), never from the replicas' clocks. All keys of one call share a {hash tag} (the domain tags by
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from services.kit.redisconn import split_key_prefix
@@ -26,8 +26,7 @@ from services.limiter.store.base import (
     Settlement,
     StoreUnavailableError,
 )
-from services.limiter.store.library import LibraryRedis
-from services.limiter.store.pipelined import Endpoint, PipelinedRedis, RedisReplyError
+from services.limiter.store.library import LibraryRedis, RedisReplyError
 
 _COMMON = r"""
 local function now_ms(arg)
@@ -342,21 +341,11 @@ return out
 """
 
 
-class Connection(Protocol):
-    """What the store needs of a Redis connection: the pipelined one, or redis-py's client."""
-
-    async def execute(self, *args: Any) -> Any: ...
-
-    async def script_load(self, source: str) -> str: ...
-
-    async def close(self) -> None: ...
-
-
 class _Script:
     """EVALSHA by the script's SHA1 (computed here); on NOSCRIPT (a restarted or flushed Redis,
     or a promoted cluster replica) SCRIPT LOAD it and call again."""
 
-    def __init__(self, redis: Connection, source: str) -> None:
+    def __init__(self, redis: LibraryRedis, source: str) -> None:
         self.redis = redis
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -371,26 +360,17 @@ class _Script:
         return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-CLIENTS = ("pipelined", "redis-py")
-
-
-def connection_options(url: str) -> tuple[str, str, bool]:
-    """The URL without the store's own options, the client (`client=pipelined|redis-py`) and
-    whether it is a Redis Cluster (`cluster=true`, which implies redis-py's cluster client)."""
+def cluster_option(url: str) -> tuple[str, bool]:
+    """The URL without the store's `cluster` option, and whether it names a Redis Cluster
+    (`?cluster=true`: the URL is one node to start from, the client finds the others)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    options = {k: v for k, v in query if k in ("client", "cluster")}
-    cluster_text = options.get("cluster", "false").lower()
-    if cluster_text not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"cluster must be true or false, got {options['cluster']!r}")
-    cluster = cluster_text in ("true", "1", "yes")
-    client = options.get("client", "redis-py" if cluster else "pipelined")
-    if client not in CLIENTS:
-        raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {client!r}")
-    if cluster and client != "redis-py":
-        raise ValueError("a Redis Cluster is reached with client=redis-py")
-    rest = urlencode([(k, v) for k, v in query if k not in ("client", "cluster")])
-    return urlunsplit(parts._replace(query=rest)), client, cluster
+    flags = [v.lower() for k, v in query if k == "cluster"]
+    if any(f not in ("true", "false", "1", "0", "yes", "no") for f in flags):
+        raise ValueError(f"cluster must be true or false, got {flags[0]!r}")
+    cluster = bool(flags) and flags[-1] in ("true", "1", "yes")
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    return urlunsplit(parts._replace(query=rest)), cluster
 
 
 def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:
@@ -402,11 +382,6 @@ def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:
 
 
 class RedisStore:
-    # Every call ends within `timeout` by itself (the connection's connect timeout and stall
-    # watchdog; a script Redis has forgotten costs up to three such waits, once): ResilientStore
-    # adds no timer of its own.
-    bounds_own_calls = True
-
     def __init__(
         self,
         url: str,
@@ -414,21 +389,13 @@ class RedisStore:
         buckets: int = 20,
         timeout: float = 0.25,
         clock_ms: Any = None,
+        pool_size: int = 64,
     ) -> None:
         clean, self.prefix = split_key_prefix(url)
-        clean, client, cluster = connection_options(clean)
-        self.redis: Connection
-        if client == "pipelined":
-            # One pipelined connection per replica (see pipelined.py): concurrent decisions share
-            # writes and reads instead of each taking a pooled connection.
-            self.redis = PipelinedRedis(
-                Endpoint.from_url(clean), connect_timeout=timeout, stall_after=timeout
-            )
-        else:
-            self.redis = LibraryRedis(clean, timeout=timeout, cluster=cluster)
-            # redis-py bounds a socket read, not a wait for a pooled connection: the resilient
-            # store adds its own timer.
-            self.bounds_own_calls = False
+        clean, cluster = cluster_option(clean)
+        # redis-py bounds each socket read and connect by `timeout`, not a wait for a pooled
+        # connection: the resilient store keeps its own timer around every call.
+        self.redis = LibraryRedis(clean, timeout=timeout, cluster=cluster, pool_size=pool_size)
         self.buckets = buckets
         # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
         self._clock_ms = clock_ms

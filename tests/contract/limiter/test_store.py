@@ -37,14 +37,12 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "redis", "redis-py"])
+@pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore(clock=clock, buckets=BUCKETS)
         return
     url = request.getfixturevalue("redis_url")
-    if request.param == "redis-py":  # the same scripts over redis-py's client
-        url += "&client=redis-py"
     s = RedisStore(url, buckets=BUCKETS, clock_ms=clock.ms, timeout=2.0)
     yield s
     await s.close()
