@@ -197,6 +197,15 @@ def _validate_keys(name: str, data: Any) -> None:
         raise EnvoyConfigError(f"{name}: config error, unsupported value {data!r}")
 
 
+def _text(scalar: Any) -> str:
+    """A YAML scalar as upstream's Go YAML reads it into a string (`true`, not Python's `True`)."""
+    if scalar is None:
+        return ""
+    if isinstance(scalar, bool):
+        return "true" if scalar else "false"
+    return str(scalar)
+
+
 def _flag(name: str, full_key: str, d: dict[str, Any], key: str) -> bool:
     value = d.get(key, False)
     if value is None:
@@ -212,11 +221,10 @@ def _load_descriptors(name: str, parent: Node, parent_key: str, descriptors: Any
     if not isinstance(descriptors, list):
         raise EnvoyConfigError(f"{name}: descriptors must be a list")
     for d in descriptors:
-        key = str(d.get("key") or "")
+        key = _text(d.get("key"))
         if not key:
             raise EnvoyConfigError(f"{name}: descriptor has empty key")
-        value = d.get("value")
-        value = "" if value is None else str(value)
+        value = _text(d.get("value"))
         final = f"{key}_{value}" if value else key
         full_key = parent_key + final
         if final in parent.children:

@@ -187,6 +187,18 @@ def test_nested_levels_zero_limits_unlimited_shadow_and_multipliers(config: Envo
     assert find(config, "catalog", ("aisle", "7")).limit.window_ms == 30 * 86_400_000
 
 
+def test_scalar_values_read_as_upstream_reads_them() -> None:
+    config = parse_envoy_config(
+        [
+            (
+                "s.yaml",
+                yaml.safe_load("domain: s\ndescriptors: [{key: flag, value: true}, {key: n, value: 42}]"),
+            )
+        ]
+    )
+    assert set(config.domains["s"].children) == {"flag_true", "n_42"}
+
+
 def test_metadata_is_free_form_and_kept(config: EnvoyConfig) -> None:
     assert rpu(config, "catalog", ("region", "north"), ("shelf", "s1")) == 3
     assert rpu(config, "catalog", ("region", "north"), ("shelf", "top")) == 8  # explicit beats key-only
