@@ -2,7 +2,9 @@
 
 The domain keeps plain counters (no telemetry imports there); these observable instruments
 read them at each collection. Labels are the configured limit names and decision reasons,
-so cardinality is bounded by the tiers file, not by users.
+so cardinality is bounded by the tiers file, not by users; the Envoy statistics are labelled by
+the config's limit keys, which grow with request values only where the config asks for it
+(`detailed_metric`, `value_to_metric`), as upstream warns.
 """
 
 from __future__ import annotations
