@@ -17,7 +17,7 @@ from ballast.limiter.v1 import limiter_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.backends import PrivateRedisCluster, private_redis_cluster
 

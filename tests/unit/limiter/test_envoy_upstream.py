@@ -23,9 +23,9 @@ from google.protobuf import wrappers_pb2
 from services.kit.config import Env
 from services.kit.server import start_service
 from services.kit.telemetry import setup_telemetry
-from services.kit.testing import Suite
 from services.limiter.app import LimiterApp
 from services.limiter.config import LimiterSettings
+from services.testing import Suite
 from tests.unit.limiter.upstream_reference import UpstreamReference
 
 OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
