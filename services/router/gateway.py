@@ -9,6 +9,9 @@ Rules (the README explains them for operators):
 - the caller's own 4xx mistakes are never retried: the provider's message comes back as
   INVALID_ARGUMENT;
 - a candidate whose breaker is open is skipped at no cost and shows in the trail;
+- a refused key or an account out of credit takes the provider (every model behind its key) out
+  of rotation at once, with an alert-worthy log line and a metric: no retry on it, failover to the
+  next candidate, until a probe succeeds;
 - streams fail over only before the first content; a stream that breaks later ends with
   UNAVAILABLE, never with a clean finish.
 """
@@ -40,7 +43,13 @@ from services.router.health import HealthBook
 from services.router.metrics import RouterMetrics
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult, Usage
 from services.router.pricing import Cost, cost_of
-from services.router.providers.base import Adapter, Headroom, Outcome, ProviderError
+from services.router.providers.base import (
+    OUT_OF_ROTATION_OUTCOMES,
+    Adapter,
+    Headroom,
+    Outcome,
+    ProviderError,
+)
 from services.router.routing import Choice, Hints, Plan, Planner
 
 log = logging.getLogger("ballast.router.gateway")
@@ -102,6 +111,24 @@ class Call:
 
 HeadroomListener = Callable[[str, str, Headroom], None]
 
+# The request field a provider's `param` names, in Ballast's request (for INVALID_ARGUMENT).
+_PROVIDER_FIELDS = {
+    "temperature": "params.temperature",
+    "top_p": "params.top_p",
+    "max_tokens": "params.max_output_tokens",
+    "max_completion_tokens": "params.max_output_tokens",
+    "stop": "params.stop",
+    "stop_sequences": "params.stop",
+    "seed": "params.seed",
+    "tools": "tools",
+    "tool_choice": "tool_choice",
+}
+
+
+def _caller_field(provider_field: str) -> str:
+    head = provider_field.split(".", 1)[0].split("[", 1)[0]
+    return _PROVIDER_FIELDS.get(head, "messages")
+
 
 class Gateway:
     def __init__(
@@ -161,19 +188,25 @@ class Gateway:
             for a in attempts
         )
         if not errors:
+            if attempts and all(a.outcome is Outcome.OUT_OF_ROTATION for a in attempts):
+                return FailedPrecondition(
+                    f"every provider of {plan.resolved!r} is out of rotation (refused key or no credit): {trail}"
+                )
             return Unavailable(f"every candidate of {plan.resolved!r} has an open circuit breaker: {trail}")
         if self.clock() >= call.deadline - MIN_ATTEMPT_TIME and all(
             e.outcome is Outcome.TIMEOUT for e in errors[-1:]
         ):
             return DeadlineExceeded(f"the deadline passed before a provider answered: {trail}")
-        if all(e.outcome is Outcome.RATE_LIMITED for e in errors):
-            waits = [e.retry_after for e in errors if e.retry_after is not None]
+        limited = [e for e in errors if e.outcome not in OUT_OF_ROTATION_OUTCOMES]
+        if limited and all(e.outcome is Outcome.RATE_LIMITED for e in limited):
+            # Providers out of rotation will not help; the rate-limited ones will, after the wait.
+            waits = [e.retry_after for e in limited if e.retry_after is not None]
             return ResourceExhausted(
                 f"every provider of {plan.resolved!r} is rate limited: {trail}",
                 retry_after=min(waits) if waits else 1.0,
                 reason="PROVIDER_RATE_LIMITED",
             )
-        if all(e.outcome is Outcome.CLIENT_ERROR for e in errors):
+        if all(e.outcome is Outcome.CLIENT_ERROR or e.outcome in OUT_OF_ROTATION_OUTCOMES for e in errors):
             return FailedPrecondition(
                 f"every provider of {plan.resolved!r} refused the router's credentials or model: {trail}"
             )
@@ -204,7 +237,7 @@ class Gateway:
                 target = choice.target
                 if not self.health.acquire(target):
                     if round_ == 0:
-                        attempts.append(AttemptRecord(*target, Outcome.BREAKER_OPEN, error="circuit open"))
+                        attempts.append(self._skipped(target))
                         self._count(operation, attempts[-1])
                     continue
                 more = made + 1 < max_attempts and any(
@@ -251,6 +284,11 @@ class Gateway:
                     raise
                 else:
                     latency = self.clock() - started
+                    if self.health.out_of_rotation(choice.provider.name) is not None:
+                        log.warning(
+                            "provider back in rotation",
+                            extra={"provider": choice.provider.name, "model": choice.model.id},
+                        )
                     self.health.success(target, latency, latency_kind)
                     if latency_kind == "first_token" and self.metrics is not None:
                         self.metrics.first_token(operation, choice.provider.name, choice.model.id, latency)
@@ -264,6 +302,8 @@ class Gateway:
                 span.set_attribute("error.type", error.outcome.value)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 span.end()
+                if error.outcome in OUT_OF_ROTATION_OUTCOMES:
+                    self._take_out(choice, error, call)
                 self.health.failure(target, error.outcome, latency, error.retry_after)
                 attempts.append(
                     AttemptRecord(*target, error.outcome, error.http_status, latency, error.message)
@@ -281,7 +321,8 @@ class Gateway:
                 )
                 if error.caller_fault:
                     raise InvalidArgument(
-                        "messages", f"provider {choice.provider.name} rejected the request: {error.message}"
+                        _caller_field(error.field),
+                        f"provider {choice.provider.name} rejected the request: {error.message}",
                     )
                 round_errors.append(error)
                 errors.append(error)
@@ -296,6 +337,36 @@ class Gateway:
                 break
             await self.sleep(wait)
         raise self._failure(call, plan, attempts, errors)
+
+    def _skipped(self, target: tuple[str, str]) -> AttemptRecord:
+        removal = self.health.out_of_rotation(target[0])
+        if removal is not None:
+            return AttemptRecord(
+                *target, Outcome.OUT_OF_ROTATION, error=f"out of rotation ({removal.reason})"
+            )
+        return AttemptRecord(*target, Outcome.BREAKER_OPEN, error="circuit open")
+
+    def _take_out(self, choice: Choice, error: ProviderError, call: Call) -> None:
+        """Takes the provider out of rotation; says so loudly the first time."""
+        provider = choice.provider.name
+        if not self.health.take_out(provider, error.category, error.http_status):
+            return
+        # ERROR level and a fixed event name: what an operator's alert matches on. No retry clears
+        # this; someone has to fix the key or the account (a probe then brings it back).
+        log.error(
+            "provider out of rotation",
+            extra={
+                "alert": "router_provider_out_of_rotation",
+                "provider": provider,
+                "model": choice.model.id,
+                "reason": error.category,
+                "http_status": error.http_status,
+                "probe_in_seconds": self.health.settings.rotation_probe_interval,
+                "request_id": call.request_id,
+            },
+        )
+        if self.metrics is not None:
+            self.metrics.out_of_rotation(provider, error.category)
 
     def _count(self, operation: str, record: AttemptRecord) -> None:
         if self.metrics is not None:

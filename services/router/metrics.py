@@ -40,6 +40,16 @@ class RouterMetrics:
         self._cost = meter.create_counter(
             "ballast.router.cost", unit="{microdollar}", description="Cost of answered calls in micro-dollars"
         )
+        self._removals = meter.create_counter(
+            "ballast.router.provider.removals",
+            unit="{removal}",
+            description="Times a provider was taken out of rotation (refused key, out of credit), by reason",
+        )
+        meter.create_observable_gauge(
+            "ballast.router.provider.out_of_rotation",
+            callbacks=[self._observe_rotation],
+            description="1 while a provider is out of rotation (label reason), until a probe succeeds",
+        )
         meter.create_observable_gauge(
             "ballast.router.breaker.state",
             callbacks=[self._observe_breakers],
@@ -97,6 +107,13 @@ class RouterMetrics:
         if operation == "chat":
             self._tokens.record(usage.output_tokens, {**base, "gen_ai.token.type": "output"})
         self._cost.add(cost.total_micros, {"provider": provider, "model": model})
+
+    def out_of_rotation(self, provider: str, reason: str) -> None:
+        self._removals.add(1, {"provider": provider, "reason": reason})
+
+    def _observe_rotation(self, options: CallbackOptions) -> Iterable[Observation]:
+        for removal in list(self._health.removed.values()):
+            yield Observation(1, {"provider": removal.provider, "reason": removal.reason})
 
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
         for health in self._health.all():

@@ -69,6 +69,9 @@ _OUTCOMES = {
     Outcome.CLIENT_ERROR: router_pb2.ATTEMPT_OUTCOME_CLIENT_ERROR,
     Outcome.BREAKER_OPEN: router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN,
     Outcome.PROTOCOL_ERROR: router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR,
+    Outcome.AUTH_ERROR: router_pb2.ATTEMPT_OUTCOME_AUTH_ERROR,
+    Outcome.QUOTA_EXHAUSTED: router_pb2.ATTEMPT_OUTCOME_QUOTA_EXHAUSTED,
+    Outcome.OUT_OF_ROTATION: router_pb2.ATTEMPT_OUTCOME_OUT_OF_ROTATION,
 }
 _BREAKER = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
@@ -387,6 +390,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 continue
             target = (model.provider, model.id)
             health = self.health.get(target)
+            removal = self.health.out_of_rotation(model.provider)
             room = health.headroom
             headroom = router_pb2.Headroom(
                 remaining_requests=room.remaining_requests,
@@ -413,6 +417,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     simulated=self.catalog.providers[model.provider].simulated,
                     requests=health.requests,
                     failures=health.failures,
+                    out_of_rotation_reason=removal.reason if removal is not None else "",
                 )
             )
         return router_pb2.GetProviderStatusResponse(providers=out)

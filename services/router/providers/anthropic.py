@@ -27,16 +27,13 @@ from services.router.providers.base import (
     HeadersSink,
     Outcome,
     ProviderError,
-    classify_status,
     endpoint_url,
-    error_message,
     make_client,
-    parse_headroom,
     parse_json,
-    parse_retry_after,
     sse_events,
     transport_error,
 )
+from services.router.providers.errors import check_response, stream_error
 
 API_VERSION = "2023-06-01"
 STOP = {
@@ -48,7 +45,6 @@ STOP = {
     "tool_use": Finish.TOOL_CALLS,
     "refusal": Finish.CONTENT_FILTER,
 }
-_OVERLOADED = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429}
 
 
 def _arguments(text: str) -> Any:
@@ -185,12 +181,8 @@ class AnthropicAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _check(self, model: Model, response: httpx.Response, body: bytes) -> None:
-        self._sink(model, response.status_code, parse_headroom(response.headers, response.status_code))
-        if response.status_code >= 400:
-            raise classify_status(
-                response.status_code, error_message(body), parse_retry_after(response.headers)
-            )
+    def _check(self, model: Model, response: httpx.Response, body: bytes | None) -> None:
+        check_response(self.provider, model, response, body, self._sink, self.options.max_reset_wait)
 
     def _body(self, model: Model, request: ChatRequest, stream: bool) -> bytes:
         body = to_anthropic_body(
@@ -223,11 +215,7 @@ class AnthropicAdapter:
         simulated = stopped = False
         try:
             async with self._client.stream(self._url, content=self._body(model, request, True)) as response:
-                if response.status_code >= 400:
-                    self._check(model, response, await response.aread())
-                self._sink(
-                    model, response.status_code, parse_headroom(response.headers, response.status_code)
-                )
+                self._check(model, response, await response.aread() if response.status_code >= 400 else None)
                 async for event in sse_events(response):
                     try:
                         data = json.loads(event.data)
@@ -292,13 +280,7 @@ class AnthropicAdapter:
                         stopped = True
                         break
                     elif kind == "error":
-                        error = data.get("error") or {}
-                        status = _OVERLOADED.get(str(error.get("type")), 500)
-                        raise ProviderError(
-                            Outcome.RATE_LIMITED if status == 429 else Outcome.SERVER_ERROR,
-                            f"error in stream: {error.get('message', error.get('type', 'unknown'))}",
-                            http_status=status,
-                        )
+                        raise stream_error(self.provider, data)
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         if not stopped:

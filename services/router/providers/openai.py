@@ -28,16 +28,13 @@ from services.router.providers.base import (
     HeadersSink,
     Outcome,
     ProviderError,
-    classify_status,
     endpoint_url,
-    error_message,
     make_client,
-    parse_headroom,
     parse_json,
-    parse_retry_after,
     sse_events,
     transport_error,
 )
+from services.router.providers.errors import check_response, stream_error
 
 FINISH = {
     "stop": Finish.STOP,
@@ -180,12 +177,8 @@ class OpenAIAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _check(self, model: Model, response: httpx.Response, body: bytes) -> None:
-        self._sink(model, response.status_code, parse_headroom(response.headers, response.status_code))
-        if response.status_code >= 400:
-            raise classify_status(
-                response.status_code, error_message(body), parse_retry_after(response.headers)
-            )
+    def _check(self, model: Model, response: httpx.Response, body: bytes | None) -> None:
+        check_response(self.provider, model, response, body, self._sink, self.options.max_reset_wait)
 
     async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         content = json.dumps(body, separators=(",", ":")).encode()
@@ -224,11 +217,7 @@ class OpenAIAdapter:
         simulated = done = False
         try:
             async with self._client.stream(self._url(model, "chat/completions"), content=content) as response:
-                if response.status_code >= 400:
-                    self._check(model, response, await response.aread())
-                self._sink(
-                    model, response.status_code, parse_headroom(response.headers, response.status_code)
-                )
+                self._check(model, response, await response.aread() if response.status_code >= 400 else None)
                 async for event in sse_events(response):
                     if event.data.strip() == "[DONE]":
                         done = True
@@ -242,9 +231,7 @@ class OpenAIAdapter:
                     if not isinstance(chunk, dict):
                         raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
                     if "error" in chunk:
-                        raise ProviderError(
-                            Outcome.SERVER_ERROR, f"error in stream: {error_message(event.data.encode())}"
-                        )
+                        raise stream_error(self.provider, chunk)
                     provider_model = str(chunk.get("model") or provider_model)
                     response_id = str(chunk.get("id") or response_id)
                     simulated = simulated or bool(chunk.get("simulated"))

@@ -164,13 +164,21 @@ class _Request:
 
 class _HttpError(Exception):
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+        # OpenAI names the offending request field in `param`.
+        self.param = param
 
 
 class _AbortError(Exception):
@@ -445,7 +453,7 @@ class SimServer:
             exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
         )
         return {
-            "error": {"message": exc.message, "type": kind, "param": None, "code": exc.code},
+            "error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code},
             "simulated": True,
         }
 
@@ -767,6 +775,7 @@ def _parse_openai(data: dict[str, Any], path: str) -> _Chat:
             f"Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got "
             f"{temperature} instead.",
             code="decimal_above_max_value",
+            param="temperature",
         )
     tools = []
     for t in data.get("tools") or []:

@@ -69,7 +69,7 @@ async def test_primary_500s_fail_over(
         ("primary", R.ATTEMPT_OUTCOME_SERVER_ERROR),
         ("secondary", R.ATTEMPT_OUTCOME_OK),
     ]
-    assert reply.attempts[0].http_status == 500 and "simulated outage" in reply.attempts[0].error
+    assert reply.attempts[0].http_status == 500 and reply.attempts[0].error == "HTTP 500: server_error"
     assert (reply.provider, reply.model) == ("secondary", "secondary-model")
     assert reply.message.content.startswith("[simulated sim-secondary-test/s-model]")
 
