@@ -99,6 +99,14 @@ class Model:
     type: str = "chat"
     dimensions: int = 0
     max_output_tokens: int = 0
+    # Price of input tokens written to the prompt cache; None: the input price.
+    cache_write_price_micros_per_mtok: int | None = None
+
+    @property
+    def cache_write_price(self) -> int:
+        if self.cache_write_price_micros_per_mtok is None:
+            return self.input_price_micros_per_mtok
+        return self.cache_write_price_micros_per_mtok
 
 
 @dataclass(frozen=True)
@@ -497,6 +505,7 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             "input_price_micros_per_mtok",
             "output_price_micros_per_mtok",
             "cached_input_price_micros_per_mtok",
+            "cache_write_price_micros_per_mtok",
             "type",
             "dimensions",
             "max_output_tokens",
@@ -507,6 +516,12 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
     if "provider" in items and provider not in providers:
         reader.bad(items["provider"][1], f"{what}.provider: unknown provider {provider!r}")
     input_price = reader.number(items, "input_price_micros_per_mtok", what, 0, integer=True)
+    # Without explicit cache prices, Anthropic's price sheet rule applies to its models (reads
+    # 0.1x, 5-minute writes 1.25x input); other providers' cached input costs the input price
+    # until the catalog says otherwise.
+    anthropic = provider in providers and providers[provider].wire == "anthropic"
+    default_read = (input_price + 5) // 10 if anthropic else input_price
+    default_write = (input_price * 5 + 2) // 4 if anthropic else input_price
     model_type = reader.string(items, "type", what, "chat", MODEL_TYPES)
     dimensions = reader.number(items, "dimensions", what, 0, integer=True)
     if model_type == "embedding" and dimensions <= 0:
@@ -521,7 +536,10 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             items, "output_price_micros_per_mtok", what, 0, integer=True
         ),
         cached_input_price_micros_per_mtok=reader.number(
-            items, "cached_input_price_micros_per_mtok", what, input_price, integer=True
+            items, "cached_input_price_micros_per_mtok", what, default_read, integer=True
+        ),
+        cache_write_price_micros_per_mtok=reader.number(
+            items, "cache_write_price_micros_per_mtok", what, default_write, integer=True
         ),
         type=model_type,
         dimensions=dimensions,

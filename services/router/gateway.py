@@ -51,6 +51,7 @@ from services.router.providers.base import (
     ProviderError,
 )
 from services.router.routing import Choice, Hints, Plan, Planner
+from services.router.tokens import estimate_chat, estimate_embedding
 
 log = logging.getLogger("ballast.router.gateway")
 T = TypeVar("T")
@@ -328,6 +329,10 @@ class Gateway:
                 errors.append(error)
             if not progressed or made >= max_attempts:
                 break
+            if not any(self.health.available(c.target) for c in plan.choices):
+                # Every candidate is out of rotation or behind an open breaker: waiting a backoff
+                # would not change that.
+                break
             round_ += 1
             wait = self._backoff(round_, round_errors)
             if (
@@ -397,6 +402,7 @@ class Gateway:
             return await adapter.complete(choice.model, request)
 
         result, choice, attempts, _ = await self._run(call, plan, "chat", attempt)
+        settle_usage(result, choice, request)
         cost = self._answered("chat", choice, result.usage, cost_of(choice.model, result.usage))
         return Answer(result, choice, attempts, cost, self.clock() - started)
 
@@ -416,6 +422,8 @@ class Gateway:
             return await adapter.embed(choice.model, inputs)
 
         result, choice, attempts, _ = await self._run(call, plan, "embeddings", attempt)
+        if not result.usage_reported:
+            result.usage = estimate_embedding(choice.model.provider_model, inputs)
         cost = self._answered("embeddings", choice, result.usage, cost_of(choice.model, result.usage))
         return Embedded(result, choice, attempts, cost)
 
@@ -481,6 +489,7 @@ class Gateway:
             if not isinstance(item, ChatResult):
                 span.end()
         result = item
+        settle_usage(result, choice, request)
         annotate(span, result, choice)
         span.end()
         cost = self._answered("chat", choice, result.usage, cost_of(choice.model, result.usage))
@@ -497,6 +506,12 @@ class Gateway:
                 listener(provider, model.id, headroom)
 
         return sink
+
+
+def settle_usage(result: ChatResult, choice: Choice, request: ChatRequest) -> None:
+    """A provider that reported no usage gets a flagged tokenizer estimate, never zero."""
+    if not result.usage_reported:
+        result.usage = estimate_chat(choice.model.provider_model, request, result.message)
 
 
 def annotate(span: trace.Span, value: object, choice: Choice) -> None:

@@ -40,6 +40,11 @@ class RouterMetrics:
         self._cost = meter.create_counter(
             "ballast.router.cost", unit="{microdollar}", description="Cost of answered calls in micro-dollars"
         )
+        self._estimated = meter.create_counter(
+            "ballast.router.usage.estimated",
+            unit="{call}",
+            description="Answered calls whose provider reported no usage (counted with the model's tokenizer)",
+        )
         self._removals = meter.create_counter(
             "ballast.router.provider.removals",
             unit="{removal}",
@@ -103,10 +108,17 @@ class RouterMetrics:
             "gen_ai.provider.name": provider,
             "gen_ai.request.model": model,
         }
+        # Estimated counts (the provider reported none) carry the flag, so dashboards can tell
+        # measured from counted-by-tokenizer.
+        estimated = "true" if usage.estimated else "false"
+        base["ballast.usage.estimated"] = estimated
         self._tokens.record(usage.input_tokens, {**base, "gen_ai.token.type": "input"})
         if operation == "chat":
             self._tokens.record(usage.output_tokens, {**base, "gen_ai.token.type": "output"})
-        self._cost.add(cost.total_micros, {"provider": provider, "model": model})
+        labels = {"provider": provider, "model": model}
+        self._cost.add(cost.total_micros, {**labels, "estimated": estimated})
+        if usage.estimated:
+            self._estimated.add(1, {**labels, "operation": operation})
 
     def out_of_rotation(self, provider: str, reason: str) -> None:
         self._removals.add(1, {"provider": provider, "reason": reason})

@@ -219,6 +219,8 @@ def to_response(answer: Answer) -> router_pb2.CompleteResponse:
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
             total_tokens=usage.total_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+            estimated=usage.estimated,
         ),
         cost=common_pb2.Cost(
             input_cost_micros=answer.cost.input_micros,
@@ -340,7 +342,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         usage = done.result.usage
         return router_pb2.EmbedResponse(
             embeddings=[router_pb2.Embedding(values=v) for v in done.result.vectors],
-            usage=common_pb2.Usage(input_tokens=usage.input_tokens, total_tokens=usage.total_tokens),
+            usage=common_pb2.Usage(
+                input_tokens=usage.input_tokens, total_tokens=usage.total_tokens, estimated=usage.estimated
+            ),
             cost=common_pb2.Cost(
                 input_cost_micros=done.cost.input_micros,
                 output_cost_micros=done.cost.output_micros,

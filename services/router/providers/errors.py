@@ -50,7 +50,10 @@ _LOGGED_BODY = 2000
 _SECRET_PATTERNS = (
     (re.compile(r"(?i)\bbearer\s+[^\s\"',;}]+"), "Bearer [REDACTED]"),
     (
-        re.compile(r"(?i)\b(authorization|x-api-key|api-key|api_key|apikey)(\"?\s*[:=]\s*\"?)[^\s\"',;}]+"),
+        re.compile(
+            r"(?i)\b(authorization|x-api-key|api-key|api_key|apikey)(\"?\s*[:=]\s*\"?)"
+            r"(?:(?:basic|bearer|token)\s+)?[^\s\"',;}]+"
+        ),
         r"\1\2[REDACTED]",
     ),
     (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), "sk-[REDACTED]"),

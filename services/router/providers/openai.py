@@ -21,7 +21,6 @@ from services.router.model import (
     ToolCallDelta,
     ToolChoiceMode,
     Usage,
-    request_tokens,
 )
 from services.router.providers.base import (
     ClientOptions,
@@ -138,13 +137,15 @@ def from_openai_body(data: dict[str, Any]) -> ChatResult:
         raise ProviderError(
             Outcome.PROTOCOL_ERROR, f"unexpected answer shape ({type(exc).__name__})"
         ) from exc
+    usage = usage_of(data.get("usage"))
     return ChatResult(
         message=Message(Role.ASSISTANT, str(content), tool_calls=calls),
         finish=finish,
-        usage=usage_of(data.get("usage")) or Usage(),
+        usage=usage or Usage(),
         provider_model=str(data.get("model", "")),
         response_id=str(data.get("id", "")),
         simulated=bool(data.get("simulated")),
+        usage_reported=usage is not None,
     )
 
 
@@ -203,8 +204,14 @@ class OpenAIAdapter:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "unexpected embeddings shape") from exc
         if len(vectors) != len(inputs):
             raise ProviderError(Outcome.PROTOCOL_ERROR, f"{len(vectors)} embeddings for {len(inputs)} inputs")
-        usage = usage_of(data.get("usage")) or Usage()
-        return EmbedResult(vectors, usage, str(data.get("model", "")), bool(data.get("simulated")))
+        usage = usage_of(data.get("usage"))
+        return EmbedResult(
+            vectors,
+            usage or Usage(),
+            str(data.get("model", "")),
+            bool(data.get("simulated")),
+            usage_reported=usage is not None,
+        )
 
     async def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
         body = to_openai_body(model, request, stream=True, provider=self.provider)
@@ -268,14 +275,13 @@ class OpenAIAdapter:
         if finish is Finish.UNSPECIFIED:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended without a finish reason")
         tool_calls = tuple(ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(calls.items()))
-        if usage is None:
-            # Servers that ignore stream_options send no usage: estimate rather than report zero.
-            usage = Usage(request_tokens(request), max(1, sum(len(t) for t in text) // 4))
+        # Servers that ignore stream_options send no usage: the gateway estimates it then.
         yield ChatResult(
             message=Message(Role.ASSISTANT, "".join(text), tool_calls=tool_calls),
             finish=finish,
-            usage=usage,
+            usage=usage or Usage(),
             provider_model=provider_model,
             response_id=response_id,
             simulated=simulated,
+            usage_reported=usage is not None,
         )

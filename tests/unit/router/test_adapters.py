@@ -519,6 +519,6 @@ async def test_stream_usage_can_be_turned_off_for_servers_that_reject_stream_opt
         finally:
             await adapter.aclose()
     assert "stream_options" not in captured[0] and captured[0]["stream"] is True
-    # no usage in the stream: estimated rather than reported as zero
-    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+    # no usage in the stream: the adapter says so, and the gateway estimates it (test_replay.py)
+    assert not result.usage_reported
     assert result.message.content == "four words here ok"
