@@ -18,6 +18,9 @@ PROVIDER_KINDS = ("openai", "anthropic", "openai_compatible", "sim")
 WIRE_FORMATS = ("openai", "anthropic")
 MODEL_TYPES = ("chat", "embedding")
 AUTO_ALIAS = "auto"
+# Sampling parameters a model may or may not take (GenerationParams fields, by name).
+SAMPLING_PARAMS = ("temperature", "top_p", "stop", "seed")
+UNSUPPORTED_PARAM_POLICIES = ("drop", "reject")
 
 
 class Strategy(enum.Enum):
@@ -88,6 +91,21 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a model takes, checked before every call (a provider 400 costs a round trip and says
+    less). Unsupported sampling parameters are dropped or the request is refused, per model."""
+
+    params: frozenset[str] = frozenset(SAMPLING_PARAMS)
+    # drop: the parameter is not sent; reject: INVALID_ARGUMENT naming the field (when no other
+    # candidate takes it).
+    unsupported_params: str = "drop"
+    tools: bool = True
+    vision: bool = False
+    # Extended thinking / reasoning before the answer (reported in ListModels).
+    thinking: bool = False
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     provider: str
@@ -101,6 +119,7 @@ class Model:
     max_output_tokens: int = 0
     # Price of input tokens written to the prompt cache; None: the input price.
     cache_write_price_micros_per_mtok: int | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
     @property
     def cache_write_price(self) -> int:
@@ -509,6 +528,7 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             "type",
             "dimensions",
             "max_output_tokens",
+            "capabilities",
         },
         what,
     )
@@ -544,6 +564,39 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
         type=model_type,
         dimensions=dimensions,
         max_output_tokens=reader.number(items, "max_output_tokens", what, 0, integer=True),
+        capabilities=_capabilities(reader, items["capabilities"][1], what)
+        if "capabilities" in items
+        else Capabilities(),
+    )
+
+
+def _capabilities(reader: _Reader, node: yaml.Node, parent: str) -> Capabilities:
+    what = f"{parent}.capabilities"
+    items = reader.mapping(node, what)
+    if items is None:
+        return Capabilities()
+    reader.unknown(items, {"params", "unsupported_params", "tools", "vision", "thinking"}, what)
+    params: set[str] = set(SAMPLING_PARAMS)
+    if "params" in items:
+        params = set()
+
+        def one(item: yaml.Node, index: int) -> None:
+            name = str(reader.scalar(item, f"{what}.params[{index}]"))
+            if name not in SAMPLING_PARAMS:
+                reader.bad(
+                    item, f"{what}.params[{index}]: {name!r} is not one of {', '.join(SAMPLING_PARAMS)}"
+                )
+            params.add(name)
+
+        reader.each(items["params"][1], f"{what}.params", one)
+    return Capabilities(
+        params=frozenset(params),
+        unsupported_params=reader.string(
+            items, "unsupported_params", what, "drop", UNSUPPORTED_PARAM_POLICIES
+        ),
+        tools=reader.boolean(items, "tools", what, True),
+        vision=reader.boolean(items, "vision", what, False),
+        thinking=reader.boolean(items, "thinking", what, False),
     )
 
 

@@ -37,6 +37,7 @@ from services.kit.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.router.capabilities import fit
 from services.router.catalog import Model
 from services.router.config import RouterSettings
 from services.router.health import HealthBook
@@ -399,7 +400,7 @@ class Gateway:
         plan = self._chat_plan(call, request)
 
         async def attempt(adapter: Adapter, choice: Choice) -> ChatResult:
-            return await adapter.complete(choice.model, request)
+            return await adapter.complete(choice.model, fit(choice.model, request))
 
         result, choice, attempts, _ = await self._run(call, plan, "chat", attempt)
         settle_usage(result, choice, request)
@@ -435,7 +436,7 @@ class Gateway:
         holder: dict[str, AsyncIterator[Delta | ChatResult]] = {}
 
         async def first_event(adapter: Adapter, choice: Choice) -> Delta | ChatResult:
-            events = adapter.stream(choice.model, request)
+            events = adapter.stream(choice.model, fit(choice.model, request))
             holder["events"] = events
             try:
                 async with asyncio.timeout(timeouts.first_token):

@@ -368,6 +368,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 output_price_micros_per_mtok=m.output_price_micros_per_mtok,
                 region=catalog.providers[m.provider].region,
                 simulated=catalog.providers[m.provider].simulated,
+                cache_read_price_micros_per_mtok=m.cached_input_price_micros_per_mtok,
+                cache_write_price_micros_per_mtok=m.cache_write_price,
+                capabilities=router_pb2.ModelCapabilities(
+                    params=sorted(m.capabilities.params),
+                    unsupported_params=m.capabilities.unsupported_params,
+                    tools=m.capabilities.tools,
+                    vision=m.capabilities.vision,
+                    thinking=m.capabilities.thinking,
+                ),
             )
             for m in catalog.enabled_models()
         ]
