@@ -21,7 +21,14 @@ from typing import Any
 import httpx
 
 from services.router.catalog import Model, Provider
-from services.router.providers.base import HeadersSink, Headroom, Outcome, ProviderError, parse_headroom
+from services.router.providers.base import (
+    HeadersSink,
+    Headroom,
+    Outcome,
+    ProviderError,
+    parse_headroom,
+    parse_retry_after,
+)
 
 log = logging.getLogger("ballast.router.providers")
 
@@ -150,7 +157,10 @@ def http_error(
     field = _field(provider, error)
     where = "error in stream" if stream_event else f"HTTP {status}"
     summary = f"{where}: {category}" + (f" (field {field})" if field else "")
-    log.info(
+    # Rate limits and overloads come in storms and say nothing new: their bodies at debug level.
+    level = logging.DEBUG if category in (RATE_LIMITED, OVERLOADED) else logging.INFO
+    log.log(
+        level,
         "provider error",
         extra={
             "provider": provider.name,
@@ -187,7 +197,12 @@ def check_response(
     never longer than `max_reset_wait` (a wrong clock or header must not bench a provider)."""
     status = response.status_code
     headroom = parse_headroom(response.headers, status)
-    if headroom is not None and headroom.retry_after is not None:
+    if (
+        headroom is not None
+        and headroom.retry_after is not None
+        and parse_retry_after(response.headers) is None
+    ):
+        # The wait came from a reset header, not from a retry-after the provider asked for.
         headroom = replace(headroom, retry_after=min(headroom.retry_after, max_reset_wait))
     sink(model, status, headroom)
     if status >= 400:

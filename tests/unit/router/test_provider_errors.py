@@ -14,7 +14,7 @@ from ballast.router.v1 import router_pb2
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from services.kit.config import ServerSettings
+from services.kit.config import Env, ServerSettings
 from services.kit.errors import FailedPrecondition
 from services.router.catalog import Provider, parse_catalog
 from services.router.config import BreakerSettings, RetrySettings, RouterSettings
@@ -375,3 +375,33 @@ def test_redaction_catches_keys_in_every_shape() -> None:
     for secret in (OPENAI_KEY, ANTHROPIC_KEY, "abcdefghijklmnop", "dXNlcjpwYXNz"):
         assert secret not in clean
     assert clean.count("[REDACTED]") >= 5
+
+
+def test_the_new_limits_are_validated_config_values() -> None:
+    env = Env({"BALLAST_ROUTER_MAX_RESET_WAIT": "90s", "BALLAST_ROUTER_ROTATION_PROBE_INTERVAL": "2m"})
+    settings = RouterSettings.from_env(env)
+    assert (settings.retry.max_reset_wait, settings.breaker.rotation_probe_interval) == (90.0, 120.0)
+    bad = Env(
+        {"BALLAST_ROUTER_MAX_RESET_WAIT": "until reset", "BALLAST_ROUTER_ROTATION_PROBE_INTERVAL": "0s"}
+    )
+    RouterSettings.from_env(bad)
+    problems = "\n".join(bad.problems)
+    assert (
+        "BALLAST_ROUTER_MAX_RESET_WAIT" in problems and "BALLAST_ROUTER_ROTATION_PROBE_INTERVAL" in problems
+    )
+
+
+async def test_a_providers_own_retry_after_is_not_capped_by_the_reset_wait() -> None:
+    # A retry-after is the provider's explicit word (handled by MAX_RETRY_AFTER, and told to the
+    # caller as is); only waits derived from reset headers are capped.
+    raw = transcript("anthropic_error_rate_limit_reset.http").replace(
+        b"x-should-retry: true\n", b"x-should-retry: true\nretry-after: 120\n"
+    )
+    async with ReplayServer([raw]) as server:
+        adapter = build_adapter(provider("anthropic", server.url), ClientOptions(max_reset_wait=10.0), Sink())
+        try:
+            with pytest.raises(ProviderError) as info:
+                await adapter.complete(CLAUDE_SONNET, ASK)
+        finally:
+            await adapter.aclose()
+    assert info.value.retry_after == 120.0
