@@ -117,11 +117,18 @@ class HealthBook:
             # A failed probe: stay out, probe again after the interval.
             removal.reason, removal.http_status, removal.probing = reason, http_status, False
             removal.probe_at = now + self.settings.rotation_probe_interval
-            return False
-        self.removed[provider] = Removal(
-            provider, reason, http_status, now, now + self.settings.rotation_probe_interval
-        )
-        return True
+        else:
+            self.removed[provider] = Removal(
+                provider, reason, http_status, now, now + self.settings.rotation_probe_interval
+            )
+        # To the listeners it looks like an open breaker until the probe: other replicas skip the
+        # provider's models too (hints.py) and the limiter stops judging by its last headroom.
+        for target in self._targets_of(provider):
+            self._tell("open", target, self.settings.rotation_probe_interval)
+        return removal is None
+
+    def _targets_of(self, provider: str) -> list[Target]:
+        return [target for target in self._targets if target[0] == provider]
 
     def out_of_rotation(self, provider: str) -> Removal | None:
         return self.removed.get(provider)
@@ -185,7 +192,11 @@ class HealthBook:
         health.samples_by_kind[kind] = health.samples_by_kind.get(kind, 0) + 1
         health.consecutive_failures = 0
         # A success is the probe the provider was waiting for: back in rotation.
-        self.removed.pop(target[0], None)
+        if self.removed.pop(target[0], None) is not None:
+            for known in self._targets_of(target[0]):
+                self.shared_open.pop(known, None)
+                self._closed_at[known] = self.clock()
+                self._tell("close", known, None)
         if health.state is not BreakerState.CLOSED:
             health.probes_in_flight = max(0, health.probes_in_flight - 1)
             health.state = BreakerState.CLOSED

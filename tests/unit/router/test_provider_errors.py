@@ -221,7 +221,12 @@ def test_a_probe_slot_is_one_request_at_a_time() -> None:
     clock = Clock()
     health = HealthBook(BreakerSettings(rotation_probe_interval=60.0), clock)
     target = ("p", "m")
+    told: list[tuple[str, tuple[str, str], float | None]] = []
+    health.listeners.append(lambda event, where, seconds: told.append((event, where, seconds)))
+    health.get(target)
     assert health.take_out("p", "authentication", 401)
+    # Other replicas (hints) and the limiter (headroom reporter) hear of it as an open breaker.
+    assert told == [("open", target, 60.0)]
     assert not health.take_out("p", "authentication", 401)
     assert not health.acquire(target)
     clock.now = 60.0
@@ -231,6 +236,7 @@ def test_a_probe_slot_is_one_request_at_a_time() -> None:
     assert health.acquire(target)
     health.success(target, 0.1)
     assert health.out_of_rotation("p") is None and health.acquire(("p", "other-model"))
+    assert ("close", target, None) in told
 
 
 # --- through the router: failover, and no key in anything a client sees -------------------------
