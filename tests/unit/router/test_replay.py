@@ -280,3 +280,29 @@ async def test_a_stream_without_usage_yields_a_flagged_tokenizer_estimate(
     assert done.usage.output_tokens == 7
     assert done.usage.input_tokens == 3 + 3 + 7
     assert done.cost.total_cost_micros > 0
+
+
+async def test_embeddings_without_usage_get_a_flagged_estimate(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    async with (
+        ReplayServer([transcript("openai_embeddings_no_usage.http")]) as openai,
+        ReplayServer([transcript("anthropic_message_cached.http")]) as anthropic,
+    ):
+        suite = await suite_factory(
+            ["router"],
+            {
+                **FAST_ENV,
+                "BALLAST_ROUTER_CATALOG_FILE": shipped_catalog_pointing_at(
+                    openai.url, anthropic.url, tmp_path
+                ),
+                "OPENAI_API_KEY": "sk-test-openai",
+            },
+        )
+        reply = await suite.router.Embed(
+            router_pb2.EmbedRequest(model="text-embedding-3-small", inputs=["a cat sat on the mat"]),
+            timeout=10,
+        )
+    assert len(reply.embeddings) == 1
+    # cl100k_base: "a cat sat on the mat" is 6 tokens; $0.02 per million rounds to 0 micro-dollars.
+    assert (reply.usage.input_tokens, reply.usage.estimated) == (6, True)
