@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -216,12 +217,8 @@ class OpenAIAdapter:
     async def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
         body = to_openai_body(model, request, stream=True, provider=self.provider)
         content = json.dumps(body, separators=(",", ":")).encode()
-        text: list[str] = []
-        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
-        finish = Finish.UNSPECIFIED
-        usage: Usage | None = None
-        provider_model = response_id = ""
-        simulated = done = False
+        state = _StreamState()
+        done = False
         try:
             async with self._client.stream(self._url(model, "chat/completions"), content=content) as response:
                 self._check(model, response, await response.aread() if response.status_code >= 400 else None)
@@ -229,59 +226,96 @@ class OpenAIAdapter:
                     if event.data.strip() == "[DONE]":
                         done = True
                         break
-                    try:
-                        chunk = json.loads(event.data)
-                    except ValueError as exc:
-                        raise ProviderError(
-                            Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)"
-                        ) from exc
-                    if not isinstance(chunk, dict):
-                        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+                    chunk = _chunk(event.data)
                     if "error" in chunk:
                         raise stream_error(self.provider, chunk)
-                    provider_model = str(chunk.get("model") or provider_model)
-                    response_id = str(chunk.get("id") or response_id)
-                    simulated = simulated or bool(chunk.get("simulated"))
-                    if chunk.get("usage"):
-                        usage = usage_of(chunk["usage"])
-                    for choice in chunk.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        piece = delta.get("content") or ""
-                        deltas: list[ToolCallDelta] = []
-                        for call in delta.get("tool_calls") or []:
-                            index = int(call.get("index", 0))
-                            fn = call.get("function") or {}
-                            slot = calls.setdefault(index, ["", "", ""])
-                            if call.get("id"):
-                                slot[0] = str(call["id"])
-                            if fn.get("name"):
-                                slot[1] += str(fn["name"])
-                            fragment = str(fn.get("arguments") or "")
-                            slot[2] += fragment
-                            deltas.append(
-                                ToolCallDelta(
-                                    index, str(call.get("id") or ""), str(fn.get("name") or ""), fragment
-                                )
-                            )
-                        if choice.get("finish_reason"):
-                            finish = FINISH.get(str(choice["finish_reason"]), Finish.UNSPECIFIED)
-                        if piece or deltas:
-                            text.append(piece)
-                            yield Delta(piece, tuple(deltas))
+                    for delta in state.apply(chunk):
+                        yield delta
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         if not done:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended before [DONE]")
-        if finish is Finish.UNSPECIFIED:
+        if state.finish is Finish.UNSPECIFIED:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended without a finish reason")
-        tool_calls = tuple(ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(calls.items()))
+        yield state.result()
+
+
+def _chunk(text: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(text)
+    except ValueError as exc:
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)") from exc
+    if not isinstance(chunk, dict):
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+    return chunk
+
+
+@dataclass
+class _Call:
+    """One tool call of a streamed answer as its deltas arrive."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class _StreamState:
+    """What a chat-completions stream has said so far; `apply` takes one chunk, returns its deltas."""
+
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _Call] = field(default_factory=dict)
+    finish: Finish = Finish.UNSPECIFIED
+    # None until a chunk reports usage (the last one does, when stream_options asked for it).
+    usage: Usage | None = None
+    provider_model: str = ""
+    response_id: str = ""
+    simulated: bool = False
+
+    def apply(self, chunk: dict[str, Any]) -> list[Delta]:
+        self.provider_model = str(chunk.get("model") or self.provider_model)
+        self.response_id = str(chunk.get("id") or self.response_id)
+        self.simulated = self.simulated or bool(chunk.get("simulated"))
+        if chunk.get("usage"):
+            self.usage = usage_of(chunk["usage"])
+        out = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") or ""
+            calls = tuple(self._call_delta(call) for call in delta.get("tool_calls") or [])
+            if choice.get("finish_reason"):
+                self.finish = FINISH.get(str(choice["finish_reason"]), Finish.UNSPECIFIED)
+            if piece or calls:
+                self.text.append(piece)
+                out.append(Delta(piece, calls))
+        return out
+
+    def _call_delta(self, call: dict[str, Any]) -> ToolCallDelta:
+        index = int(call.get("index", 0))
+        fn = call.get("function") or {}
+        slot = self.calls.setdefault(index, _Call())
+        if call.get("id"):
+            slot.id = str(call["id"])
+        if fn.get("name"):
+            slot.name += str(fn["name"])
+        fragment = str(fn.get("arguments") or "")
+        slot.arguments += fragment
+        return ToolCallDelta(index, str(call.get("id") or ""), str(fn.get("name") or ""), fragment)
+
+    def result(self) -> ChatResult:
         # Servers that ignore stream_options send no usage: the gateway estimates it then.
-        yield ChatResult(
-            message=Message(Role.ASSISTANT, "".join(text), tool_calls=tool_calls),
-            finish=finish,
-            usage=usage or Usage(),
-            provider_model=provider_model,
-            response_id=response_id,
-            simulated=simulated,
-            usage_reported=usage is not None,
+        return ChatResult(
+            message=Message(
+                Role.ASSISTANT,
+                "".join(self.text),
+                tool_calls=tuple(
+                    ToolCall(c.id, c.name, c.arguments or "{}") for _, c in sorted(self.calls.items())
+                ),
+            ),
+            finish=self.finish,
+            usage=self.usage or Usage(),
+            provider_model=self.provider_model,
+            response_id=self.response_id,
+            simulated=self.simulated,
+            usage_reported=self.usage is not None,
         )
