@@ -5,6 +5,7 @@ retry-after waits for the reset header's time; callers see a summary, never the 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from services.router.health import HealthBook
 from services.router.metrics import RouterMetrics
 from services.router.model import ChatRequest, Message, Role
 from services.router.providers.base import ClientOptions, Outcome, ProviderError, build_adapter
-from services.router.providers.errors import redact
+from services.router.providers.errors import http_error, redact
 from services.router.routing import Planner
 from tests.conftest import SuiteFactory
 from tests.unit.router.conftest import FAST_ENV, complete_request, write
@@ -411,3 +412,18 @@ async def test_a_providers_own_retry_after_is_not_capped_by_the_reset_wait() -> 
         finally:
             await adapter.aclose()
     assert info.value.retry_after == 120.0
+
+
+def test_a_field_name_that_is_really_the_key_is_not_passed_on() -> None:
+    # A key with no dashes or capitals looks like a field name; it is still refused.
+    key = "plainlowercasekey0123456789"
+    body = json.dumps({"error": {"type": "invalid_request_error", "param": key, "message": key}}).encode()
+    error = http_error(Provider("openai", "openai", "http://127.0.0.1:1/v1", api_key=key), 400, body, None)
+    assert error.field == "" and key not in error.message
+    error = http_error(
+        Provider("anthropic", "anthropic", "http://127.0.0.1:1", wire="anthropic", api_key=key),
+        400,
+        json.dumps({"error": {"type": "invalid_request_error", "message": f"{key}: bad"}}).encode(),
+        None,
+    )
+    assert error.field == "" and key not in error.message
