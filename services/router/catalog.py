@@ -45,7 +45,7 @@ class Outage:
     start_s: float
     duration_s: float
     # down: connections are refused/closed; hang: no answer; error: HTTP 500 (or `status`);
-    # break: streams stop after a few tokens.
+    # break: streams stop after a few tokens; no_credit: the account is out of credit.
     mode: str
     status: int = 500
 
@@ -500,7 +500,7 @@ def _sim(reader: _Reader, node: yaml.Node, parent: str) -> SimSpec:
             Outage(
                 start_s=reader.number(o, "start_s", w, 0.0),
                 duration_s=reader.number(o, "duration_s", w, 0.0),
-                mode=reader.string(o, "mode", w, "error", ("down", "hang", "error", "break")),
+                mode=reader.string(o, "mode", w, "error", ("down", "hang", "error", "break", "no_credit")),
                 status=reader.number(o, "status", w, 500, minimum=400, maximum=599, integer=True),
             )
         )
