@@ -29,6 +29,10 @@ BREAKER_FAILURES = frozenset(
 )
 
 
+# Answers that prove a provider accepted the router's key and account, even though they failed.
+KEY_ACCEPTED = frozenset({Outcome.RATE_LIMITED, Outcome.CLIENT_ERROR})
+
+
 class BreakerState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
@@ -127,6 +131,14 @@ class HealthBook:
             self._tell("open", target, self.settings.rotation_probe_interval)
         return removal is None
 
+    def _restore(self, provider: str) -> None:
+        if self.removed.pop(provider, None) is None:
+            return
+        for known in self._targets_of(provider):
+            self.shared_open.pop(known, None)
+            self._closed_at[known] = self.clock()
+            self._tell("close", known, None)
+
     def _targets_of(self, provider: str) -> list[Target]:
         return [target for target in self._targets if target[0] == provider]
 
@@ -192,11 +204,7 @@ class HealthBook:
         health.samples_by_kind[kind] = health.samples_by_kind.get(kind, 0) + 1
         health.consecutive_failures = 0
         # A success is the probe the provider was waiting for: back in rotation.
-        if self.removed.pop(target[0], None) is not None:
-            for known in self._targets_of(target[0]):
-                self.shared_open.pop(known, None)
-                self._closed_at[known] = self.clock()
-                self._tell("close", known, None)
+        self._restore(target[0])
         if health.state is not BreakerState.CLOSED:
             health.probes_in_flight = max(0, health.probes_in_flight - 1)
             health.state = BreakerState.CLOSED
@@ -209,8 +217,13 @@ class HealthBook:
     ) -> None:
         health = self.get(target)
         removal = self.removed.get(target[0])
-        if removal is not None:
-            # A probe that failed for another reason: the provider stays out until the next one.
+        if removal is not None and removal.probing and outcome in KEY_ACCEPTED:
+            # The probe's answer says the key and the account work again (a rate limit, or a
+            # complaint about the request itself): back in rotation. Only the probe's: a request
+            # that was already in flight when the provider left rotation proves nothing new.
+            self._restore(target[0])
+        elif removal is not None:
+            # The probe failed for a reason that says nothing of the key: out until the next one.
             removal.probing = False
         if outcome is Outcome.RATE_LIMITED:
             self._sample(health, None, True)

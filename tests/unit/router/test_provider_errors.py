@@ -427,3 +427,18 @@ def test_a_field_name_that_is_really_the_key_is_not_passed_on() -> None:
         None,
     )
     assert error.field == "" and key not in error.message
+
+
+def test_a_probe_answered_with_a_rate_limit_proves_the_key_works() -> None:
+    clock = Clock()
+    health = HealthBook(BreakerSettings(rotation_probe_interval=60.0), clock)
+    target = ("p", "m")
+    health.take_out("p", "out_of_credit", 429)
+    clock.now = 60.0
+    assert health.acquire(target)
+    health.failure(target, Outcome.SERVER_ERROR, 0.1)  # says nothing about the key: still out
+    assert health.out_of_rotation("p") is not None and not health.acquire(target)
+    clock.now = 120.0
+    assert health.acquire(target)
+    health.failure(target, Outcome.RATE_LIMITED, 0.1, retry_after=1.0)  # the account answers again
+    assert health.out_of_rotation("p") is None
