@@ -12,8 +12,8 @@ import pytest
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2
 
-from services.kit.testing import Suite
 from services.router.catalog import CatalogError, parse_catalog
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.unit.router.conftest import FAST_ENV, complete_request, write
 from tests.unit.router.replay import ReplayServer, transcript

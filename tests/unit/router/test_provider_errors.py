@@ -19,12 +19,12 @@ from services.kit.config import Env, ServerSettings
 from services.kit.errors import FailedPrecondition
 from services.router.catalog import Provider, parse_catalog
 from services.router.config import BreakerSettings, RetrySettings, RouterSettings
-from services.router.gateway import Call, Gateway
 from services.router.health import HealthBook
 from services.router.metrics import RouterMetrics
 from services.router.model import ChatRequest, Message, Role
 from services.router.providers.base import ClientOptions, Outcome, ProviderError, build_adapter
 from services.router.providers.errors import http_error, redact
+from services.router.router import Call, Gateway
 from services.router.routing import Planner
 from tests.conftest import SuiteFactory
 from tests.unit.router.conftest import FAST_ENV, complete_request, write
