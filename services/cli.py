@@ -1,6 +1,7 @@
 """The `ballast` command: run one service, or the whole suite in one process.
 
 ballast serve limiter        one service (same as `python -m services.limiter`)
+ballast serve worker         the burst queue's workers alone (the edge then runs BALLAST_EDGE_WORKERS=0)
 ballast up                   all five services, each on its own port
 ballast up --only router,limiter
 """
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ballast", description="Run Ballast services.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.add_argument("service", choices=[*SERVICE_NAMES, *registry.ROLES])
     up = sub.add_parser("up", help="run every service in one process, each on its own port")
     up.add_argument("--only", default=",".join(SERVICE_NAMES), help="comma-separated services to run")
     sub.add_parser(

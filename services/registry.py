@@ -14,24 +14,34 @@ from services.kit.telemetry import Telemetry
 START_ORDER: tuple[str, ...] = ("router", "limiter", "cache", "sessions", "edge")
 assert set(START_ORDER) == set(SERVICE_NAMES)
 
+# Roles that run part of a service on their own (`ballast serve <role>`), started after the
+# services: role -> (package, settings class, app builder). `ballast up` runs none of them.
+ROLES: dict[str, tuple[str, str, str]] = {
+    # The burst queue's workers apart from the edge, scaled on the queue's lag.
+    "worker": ("services.edge", "WorkerSettings", "build_worker"),
+}
+
 
 def ordered(names: Sequence[str]) -> list[str]:
-    unknown = sorted(set(names) - set(SERVICE_NAMES))
+    known = (*START_ORDER, *ROLES)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(START_ORDER)}")
-    return [name for name in START_ORDER if name in names]
+        raise ValueError(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    return [name for name in known if name in names]
 
 
 def load_settings(name: str, env: Env) -> Any:
     """The typed settings of service `name`; problems are collected in `env`."""
-    module = importlib.import_module(f"services.{name}.config")
-    settings_cls = getattr(module, f"{name.capitalize()}Settings")
+    package, settings_name, _ = ROLES.get(name, (f"services.{name}", f"{name.capitalize()}Settings", ""))
+    module = importlib.import_module(f"{package}.config")
+    settings_cls = getattr(module, settings_name)
     return settings_cls.from_env(env)
 
 
 def build_app(name: str, settings: Any, telemetry: Telemetry) -> ServiceApp:
-    module = importlib.import_module(f"services.{name}.app")
-    app: ServiceApp = module.build(settings, telemetry)
+    package, _, builder = ROLES.get(name, (f"services.{name}", "", "build"))
+    module = importlib.import_module(f"{package}.app")
+    app: ServiceApp = getattr(module, builder)(settings, telemetry)
     return app
 
 
