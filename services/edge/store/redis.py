@@ -46,6 +46,30 @@ redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'running')
 return 1
 """
 
+# KEYS[1] stream; ARGV[1] group, ARGV[2] entry id. Acknowledges a delivery, then trims the stream's
+# head up to its oldest entry still pending, or past the last one delivered when none is: entries
+# leave the stream only from its head. An XDEL in the middle (a job finishing before an older one,
+# as concurrent workers do) leaves a tombstone after which Redis cannot count the group's lag and
+# reports it as nil, which an autoscaler on the lag (KEDA) reads as 0 while jobs wait.
+_ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+if pending[1] > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', pending[2])
+  return 1
+end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+for _, group in ipairs(groups) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[1] then
+    local ms, seq = string.match(fields['last-delivered-id'], '^(%d+)-(%d+)$')
+    redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  end
+end
+return 1
+"""
+
 # KEYS[1] parked zset, KEYS[2] stream; ARGV[1] now, ARGV[2] job key prefix. Moves due jobs to the stream.
 _PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -55,6 +79,15 @@ for _, id in ipairs(due) do
 end
 return #due
 """
+
+
+def stream_key(priority: str, key_prefix: str = "") -> str:
+    """The Redis Stream of one priority: what workers read and an autoscaler watches (KEDA)."""
+    return f"{key_prefix}{{edge}}:stream:{priority}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _unavailable_when_redis_fails(cls: type[T]) -> type[T]:
@@ -99,14 +132,16 @@ class RedisEdgeStore:
         clean, prefix = split_key_prefix(url)
         # Each waiting worker holds a connection: past pool_size in use, calls wait for one.
         self._redis = pooled_client(clean, pool_size=pool_size, timeout=socket_timeout)
+        self._prefix = prefix
         self._p = f"{prefix}{{edge}}:"
         self._job_ttl = int(job_ttl)
         self._finish = self._redis.register_script(_FINISH)
         self._promote = self._redis.register_script(_PROMOTE)
         self._start = self._redis.register_script(_START)
+        self._ack_script = self._redis.register_script(_ACK)
 
     def _stream(self, priority: str) -> str:
-        return f"{self._p}stream:{priority}"
+        return stream_key(priority, self._prefix)
 
     def _parked(self, priority: str) -> str:
         return f"{self._p}parked:{priority}"
@@ -195,10 +230,7 @@ class RedisEdgeStore:
         return priority, entry_id.decode(), fields[b"job_id"].decode()
 
     async def _ack(self, priority: str, entry_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream(priority), GROUP, entry_id)
-            pipe.xdel(self._stream(priority), entry_id)
-            await pipe.execute()
+        await self._ack_script(keys=[self._stream(priority)], args=[GROUP, entry_id])
 
     async def claim(self, consumer: str, block: float) -> Claim | None:
         deadline = time.monotonic() + block
@@ -308,8 +340,15 @@ class RedisEdgeStore:
     async def depth(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for priority in PRIORITY_ORDER:
-            length = await self._redis.xlen(self._stream(priority))
-            pending: Any = await self._redis.xpending(self._stream(priority), GROUP)
+            # Not yet delivered (the group's lag, what KEDA scales on) plus parked until their time.
+            groups: Any = await self._redis.xinfo_groups(self._stream(priority))
+            lag = next((g.get("lag") for g in groups if _text(g["name"]) == GROUP), None)
+            if lag is None:
+                # Redis before 7, or tombstones an older Ballast left (it deleted entries on ack):
+                # entries in the stream that no worker holds (may count acknowledged ones not yet trimmed).
+                length = await self._redis.xlen(self._stream(priority))
+                pending: Any = await self._redis.xpending(self._stream(priority), GROUP)
+                lag = int(length) - int(pending["pending"])
             parked = await self._redis.zcard(self._parked(priority))
-            counts[priority] = int(length) - int(pending["pending"]) + int(parked)
+            counts[priority] = int(lag) + int(parked)
         return counts
