@@ -57,10 +57,10 @@ async def test_lag_stays_countable_when_jobs_finish_out_of_order(redis_url: str)
         assert await client.xlen(stream) == 3
         assert await _lag(client, stream) == 3
         rest = [await store.claim("w", block=1.0) for _ in range(3)]
-        for claim in reversed(rest):
-            assert claim is not None
-            claim.job.state = SUCCEEDED
-            assert await store.finish(claim, claim.job)
+        for later in reversed(rest):
+            assert later is not None
+            later.job.state = SUCCEEDED
+            assert await store.finish(later, later.job)
             assert await _lag(client, stream) == 0
         assert await client.xlen(stream) == 0
         assert (await store.depth())["normal"] == 0 and await store.oldest_enqueued_at() is None
