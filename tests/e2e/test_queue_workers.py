@@ -270,3 +270,39 @@ def test_worker_refuses_a_queue_it_cannot_share() -> None:
     message = str(raised.value)
     assert "BALLAST_EDGE_STORE='memory://' is invalid for a queue worker" in message
     assert "BALLAST_EDGE_WORKERS=0 is invalid for a queue worker" in message
+
+
+async def test_a_stopping_worker_finishes_the_jobs_it_runs(tmp_path: Path, redis_url: str) -> None:
+    """SIGTERM's drain (kit: server.stop alongside app.drain): the worker stops claiming and the
+    job it runs ends before it closes, instead of waiting BALLAST_EDGE_JOB_CLAIM_IDLE to be rerun."""
+    environ = {
+        # Each model call takes two seconds: the job is mid-call when the worker is stopped.
+        **write_test_config(tmp_path, sim_latency_ms=2000, sim_rpm=1_000_000),
+        "BALLAST_EDGE_STORE": redis_url,
+        "BALLAST_EDGE_WORKERS": "0",
+    }
+    suite = await start_suite(["router", "limiter", "cache", "sessions", "edge"], environ)
+    addresses = {
+        f"BALLAST_{name.upper()}_ADDR": suite.address(name)
+        for name in ("router", "limiter", "cache", "sessions")
+    }
+    worker = await start_suite(
+        ["worker"], {**environ, **addresses, "BALLAST_EDGE_WORKERS": "2", "BALLAST_EDGE_JOB_CLAIM_IDLE": "1h"}
+    )
+    try:
+        chat = edge_pb2.ChatRequest(
+            messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="drain me")]
+        )
+        job_id = (await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=chat), metadata=KEY)).job.job_id
+        deadline = time.monotonic() + DEADLINE
+        state = edge_pb2.JOB_STATE_QUEUED
+        while state == edge_pb2.JOB_STATE_QUEUED:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+            state = (await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=KEY)).job.state
+        await worker.stop(grace=DEADLINE)
+        job = (await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=KEY)).job
+        assert job.state == edge_pb2.JOB_STATE_SUCCEEDED and job.attempts == 1
+    finally:
+        await worker.stop(0)
+        await suite.stop(0)
