@@ -149,9 +149,11 @@ class JobRunner:
     def start(self) -> None:
         for index in range(self._settings.workers):
             self._tasks.append(asyncio.create_task(self._work(index), name=f"edge-worker-{index}"))
-        if self._settings.workers:
-            self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer")
-            self._tasks.append(self._reclaimer)
+        # With its workers apart (`ballast serve worker`, scaled on the queue's lag, possibly to
+        # zero), the edge still keeps the queue moving: it re-queues jobs whose worker died and
+        # parked jobs whose time came, so they show as lag and an autoscaler brings a worker.
+        self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer")
+        self._tasks.append(self._reclaimer)
 
     async def drain(self, grace: float) -> None:
         """Stops claiming jobs and lets the ones running finish, for at most `grace` seconds.
@@ -189,11 +191,17 @@ class JobRunner:
 
     async def _reclaim_loop(self) -> None:
         interval = max(0.05, self._settings.job_claim_idle / 2)
+        if not self._settings.workers:
+            # No claim loop here promotes parked jobs: wake often enough that one due is queued
+            # within a second.
+            interval = min(interval, 1.0)
         while not self._stopping.is_set():
             try:
                 count = await self._store.reclaim(self.consumer, self._settings.job_claim_idle)
                 if count:
                     log.warning("reclaimed %d abandoned jobs", count)
+                if not self._settings.workers:
+                    await self._store.promote_due()
             except Exception:
                 log.exception("reclaiming abandoned jobs failed")
             await asyncio.sleep(interval)

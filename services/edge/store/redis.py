@@ -235,9 +235,7 @@ class RedisEdgeStore:
     async def claim(self, consumer: str, block: float) -> Claim | None:
         deadline = time.monotonic() + block
         while True:
-            now = time.time()
-            for priority in PRIORITY_ORDER:
-                await self._promote(keys=[self._parked(priority), self._stream(priority)], args=[now])
+            await self.promote_due()
             found = await self._read(consumer, None)
             if found is None:
                 remaining = deadline - time.monotonic()
@@ -288,6 +286,15 @@ class RedisEdgeStore:
                 await self._redis.xadd(self._stream(priority), {"job_id": job.job_id})
                 count += 1
         return count
+
+    async def promote_due(self) -> int:
+        now = time.time()
+        moved = 0
+        for priority in PRIORITY_ORDER:
+            moved += int(
+                await self._promote(keys=[self._parked(priority), self._stream(priority)], args=[now])
+            )
+        return moved
 
     async def park(self, claim: Claim, not_before: float) -> None:
         priority, entry_id = claim.token.split("|", 1)
