@@ -3,22 +3,26 @@ the queue worker role, which runs the same job workers without the public API.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import grpc
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 
 from services.edge import auth
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings, WorkerSettings
 from services.edge.downstream import Downstream
+from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
+
+log = logging.getLogger("ballast.edge")
 
 
 def open_store(settings: EdgeSettings) -> EdgeStore:
@@ -90,6 +94,11 @@ class EdgeApp(_QueueApp):
     def __init__(self, settings: EdgeSettings, telemetry: Telemetry) -> None:
         # A malformed keys file stops start-up with the file and entry named.
         self.file_keys = auth.load_keys_file(settings.keys_file)
+        if not self.file_keys and not settings.admin_key:
+            log.warning(
+                "no API keys: every call will be UNAUTHENTICATED; set BALLAST_EDGE_KEYS_FILE (the demo keys: "
+                "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
+            )
         super().__init__(settings, telemetry)
         self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
         self.metrics.watch_governor(self.governor)
@@ -149,3 +158,9 @@ def build(settings: EdgeSettings, telemetry: Telemetry) -> EdgeApp:
 
 def build_worker(settings: WorkerSettings, telemetry: Telemetry) -> WorkerApp:
     return WorkerApp(settings, telemetry)
+
+
+# How `python -m services.edge` and the all-in-one runner start this service.
+ENTRY = Entry("edge", EdgeSettings.from_env, build)
+# `ballast serve worker`: the queue's workers apart from the edge.
+WORKER_ENTRY = Entry("worker", WorkerSettings.from_env, build_worker)

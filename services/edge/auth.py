@@ -59,12 +59,36 @@ def new_key(tenant_id: str, user_id: str, tier: str, region: str = "") -> tuple[
     return key, secret
 
 
+# The demo keys' secrets are published (README, config/edge_keys.yaml): anyone can use them, so
+# an edge that others can reach must not accept them, whichever file they are copied into.
+DEMO_SECRETS = ("bk_demo_free", "bk_demo_paid", "bk_demo_enterprise", "bk_demo_globex")
+DEMO_KEY_HASHES = frozenset(hashlib.sha256(secret.encode()).hexdigest() for secret in DEMO_SECRETS)
+
+
+def demo_keys_in(path: str | Path) -> list[str]:
+    """key_ids of the entries in a keys file whose secret is a published demo key. A file that
+    cannot be read or parsed yields none here; load_keys_file reports it at start-up."""
+    try:
+        data: Any = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    entries = data.get("keys") if isinstance(data, dict) else None
+    return [
+        str(entry.get("key_id") or f"keys[{index}]")
+        for index, entry in enumerate(entries if isinstance(entries, list) else [])
+        if isinstance(entry, dict) and str(entry.get("sha256", "")).lower() in DEMO_KEY_HASHES
+    ]
+
+
 class KeysFileError(ValueError):
     """The keys file is malformed; the message names the file and entry."""
 
 
 def load_keys_file(path: str | Path) -> list[ApiKey]:
-    """Reads `keys:` entries (key_id, sha256, tenant, user, tier, region). A missing file means no keys."""
+    """Reads `keys:` entries (key_id, sha256, tenant, user, tier, region). No path or a missing
+    file means no keys."""
+    if not str(path):
+        return []
     file = Path(path)
     if not file.exists():
         return []

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from services.edge import auth
 from services.kit.config import Env, ServerSettings
+from services.kit.tls import is_loopback
 
 PRIORITIES = ("low", "normal", "high", "critical")
 
@@ -36,8 +38,9 @@ class EdgeSettings:
     # Job queue, job records and API keys created through the admin RPC:
     # memory:// (one process) or redis://host:6379/2 (Redis Streams, shared by replicas).
     store_url: str = "memory://"
-    # API keys (hashes only) mapped to tenant, user and tier; see services/edge/README.md.
-    keys_file: str = "config/edge_keys.yaml"
+    # API keys (hashes only) mapped to tenant, user and tier; see services/edge/README.md. None by
+    # default: the shipped config/edge_keys.yaml holds the demo keys, loaded only when named here.
+    keys_file: str = ""
     # Guards EdgeAdminService; empty disables the admin RPCs.
     admin_key: str = ""
     # Requests served at once by this replica; beyond it callers get RESOURCE_EXHAUSTED at once.
@@ -105,6 +108,14 @@ class EdgeSettings:
                 f"BALLAST_EDGE_STORE_POOL_SIZE={settings.store_pool_size} is invalid: it must exceed "
                 f"BALLAST_EDGE_WORKERS={settings.workers} (each worker holds a connection while it waits for a job)"
             )
+        demo_keys = auth.demo_keys_in(settings.keys_file) if settings.keys_file else []
+        if demo_keys and not is_loopback(settings.server.host):
+            env.problems.append(
+                f"BALLAST_EDGE_KEYS_FILE={settings.keys_file!r} holds the demo keys {', '.join(demo_keys)}, whose "
+                f"secrets are published, and the edge would listen on BALLAST_HOST={settings.server.host!r}: "
+                "anyone reaching it could use them. Remove them from the file (make your own keys: "
+                "services/edge/README.md) or listen on 127.0.0.1"
+            )
         return settings
 
     @classmethod
@@ -112,7 +123,7 @@ class EdgeSettings:
         return cls(
             server=ServerSettings.from_env("edge", env),
             store_url=env.url("BALLAST_EDGE_STORE", "memory://", ["memory", "redis", "rediss"]),
-            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", "config/edge_keys.yaml"),
+            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", ""),
             admin_key=env.string("BALLAST_EDGE_ADMIN_KEY", ""),
             max_in_flight=env.integer("BALLAST_EDGE_MAX_IN_FLIGHT", 512, minimum=1, maximum=1_000_000),
             max_messages=env.integer("BALLAST_EDGE_MAX_MESSAGES", 256, minimum=1, maximum=100_000),

@@ -29,13 +29,14 @@ from google.rpc import status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
+from services.edge.edge import ChatPipeline
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
 from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
+from services.kit.protos import timestamp
 
 log = logging.getLogger("ballast.edge.jobs")
 
@@ -55,11 +56,7 @@ PRIORITIES = {
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
-    if not seconds:
-        return None
-    value = timestamp_pb2.Timestamp()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
+    return timestamp(seconds) if seconds else None  # unset stays unset
 
 
 def job_to_proto(job: JobRecord) -> edge_pb2.Job:

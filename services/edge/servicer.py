@@ -18,9 +18,9 @@ from ballast.sessions.v1 import sessions_pb2
 from google.protobuf import duration_pb2
 
 from services.edge import auth
-from services.edge.chat import ChatPipeline, new_request_id, quota_metadata
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
+from services.edge.edge import ChatPipeline, new_request_id, quota_metadata
 from services.edge.jobs import JobRunner, job_to_proto
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
@@ -36,6 +36,7 @@ from services.kit.errors import (
     abort_with,
 )
 from services.kit.interceptors import Around, AroundInterceptor
+from services.kit.protos import seconds, timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -90,7 +91,7 @@ def _key_info(key: auth.ApiKey) -> edge_pb2.ApiKeyInfo:
         revoked=key.revoked,
     )
     if key.created_at:
-        info.created_at.FromNanoseconds(int(key.created_at * 1e9))
+        info.created_at.CopyFrom(timestamp(key.created_at))
     return info
 
 
@@ -253,7 +254,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 limit = status.quota.limit
                 used = max(0, status.quota.limit - status.quota.remaining)
         if check.decision == limiter_pb2.DECISION_DENY:
-            retry_after = check.retry_after.seconds + check.retry_after.nanos / 1e9
+            retry_after = seconds(check.retry_after)
             error = ResourceExhausted(
                 f"tool-call cap reached for session {request.session_id!r}: {used} of {limit} used",
                 retry_after=retry_after or None,

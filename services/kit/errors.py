@@ -11,12 +11,13 @@ import logging
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
+from services.kit.protos import duration
 
 log = logging.getLogger("ballast.kit.errors")
 
@@ -107,9 +108,7 @@ class ResourceExhausted(BallastError):
     def details(self) -> list[Any]:
         out: list[Any] = []
         if self.retry_after is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(self.retry_after * 1e9))
-            out.append(error_details_pb2.RetryInfo(retry_delay=delay))
+            out.append(error_details_pb2.RetryInfo(retry_delay=duration(self.retry_after)))
         if self.reason:
             out.append(error_details_pb2.ErrorInfo(reason=self.reason, domain="ballast"))
         return out

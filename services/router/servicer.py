@@ -10,12 +10,12 @@ from typing import Any
 import grpc
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2, router_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from services.kit.errors import InvalidArgument
+from services.kit.protos import duration, timestamp
 from services.router.catalog import Catalog, Strategy
 from services.router.config import RouterSettings
-from services.router.gateway import Answer, AttemptRecord, Call, Gateway, StreamStarted
 from services.router.health import BreakerState, HealthBook
 from services.router.model import (
     ChatRequest,
@@ -30,6 +30,7 @@ from services.router.model import (
     ToolChoiceMode,
 )
 from services.router.providers.base import Outcome
+from services.router.router import Answer, AttemptRecord, Call, Gateway, StreamStarted
 from services.router.routing import Hints, Planner
 
 _ROLES = {
@@ -81,9 +82,7 @@ MAX_ATTEMPTS_HINT = 20
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(max(0.0, seconds) * 1e9))
-    return value
+    return duration(max(0.0, seconds))  # a latency or a reset is never negative on the wire
 
 
 # --- request translation ------------------------------------------------------------------------
@@ -399,9 +398,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if room.reset_tokens is not None:
                 headroom.reset_tokens.CopyFrom(_duration(room.reset_tokens))
             if room.observed_at:
-                stamp = timestamp_pb2.Timestamp()
-                stamp.FromNanoseconds(int(room.observed_at * 1e9))
-                headroom.observed_at.CopyFrom(stamp)
+                headroom.observed_at.CopyFrom(timestamp(room.observed_at))
             out.append(
                 router_pb2.ProviderStatus(
                     provider=model.provider,

@@ -10,12 +10,13 @@ import grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.clients import open_channel
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.sessions.compaction import CompactionPolicy, Compactor, Summariser
 from services.sessions.config import SessionsSettings
-from services.sessions.service import Limits, Sessions
 from services.sessions.servicer import SessionsServicer
+from services.sessions.sessions import Limits, Sessions
 from services.sessions.store import SessionStore
 from services.sessions.store.memory import MemoryStore
 from services.sessions.summariser import RouterSummariser
@@ -97,3 +98,7 @@ class SessionsApp(ServiceApp):
 
 def build(settings: SessionsSettings, telemetry: Telemetry) -> SessionsApp:
     return SessionsApp(settings, telemetry)
+
+
+# How `python -m services.sessions` and the all-in-one runner start this service.
+ENTRY = Entry("sessions", SessionsSettings.from_env, build)

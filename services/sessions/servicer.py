@@ -11,9 +11,10 @@ from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.errors import InvalidArgument
+from services.kit.protos import seconds
 from services.sessions.config import SessionsSettings
 from services.sessions.model import Scope, SessionRecord
-from services.sessions.service import Sessions
+from services.sessions.sessions import Sessions
 from services.sessions.turns import new_turn, timestamp, to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -90,7 +91,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
                 )
         ttl: float | None = None
         if request.HasField("ttl"):
-            ttl = request.ttl.ToNanoseconds() / 1e9
+            ttl = seconds(request.ttl)
             if ttl <= 0 or ttl > self._settings.max_ttl:
                 raise InvalidArgument("ttl", f"more than 0s and at most {self._settings.max_ttl:g}s")
         record = await self._sessions.create(scope, session_id, request.title, request.metadata, ttl)

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 from tests.support.suite_config import ADMIN_KEY, write_test_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

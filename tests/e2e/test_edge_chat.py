@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.edge.jobs import verify
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.e2e.conftest import WEBHOOK_SECRET, new_tenant
 from tests.support.http_receiver import HttpReceiver
 

@@ -29,7 +29,7 @@ from ballast.sessions.v1 import sessions_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.edge.store.redis import GROUP
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 from tests.support.backends import PrivateRedis, free_port, private_redis
 from tests.support.suite_config import write_test_config
 

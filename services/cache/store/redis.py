@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.cache.store.base import COUNTERS, Entry, LocalIndexes, NamespaceCounters, StoreOptions, Vector
+from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 from services.kit.redisconn import pooled_client, split_key_prefix
 
@@ -37,6 +38,9 @@ log = logging.getLogger("ballast.cache.redis")
 SEP = "\x1f"
 BACKSTOP_SECONDS = 86400
 SWEEP_BATCH = 500
+# After the change stream fails, the follower retries after 0.1 s, doubling up to 5 s.
+_FOLLOW_RETRY_FIRST = 0.1
+_FOLLOW_RETRY_CAP = 5.0
 
 _DELETE_FN = """
 local P = ARGV[1]
@@ -279,7 +283,7 @@ class RedisStore:
 
     async def _follow(self) -> None:
         block_ms = max(1, int(self.options.sync_block * 1000))
-        backoff = 0.1
+        backoff = Backoff(_FOLLOW_RETRY_FIRST, _FOLLOW_RETRY_CAP)
         while not self._closing:
             try:
                 if not self._last_id:
@@ -287,7 +291,7 @@ class RedisStore:
                 replies = await self._follower.xread(
                     {self._k("changes"): self._last_id}, count=1000, block=block_ms
                 )
-                backoff = 0.1
+                backoff.succeeded()
                 for _, messages in replies or []:
                     for message_id, fields in messages:
                         self._apply(fields)
@@ -301,8 +305,7 @@ class RedisStore:
                     return
                 log.warning("cache change stream failed; resyncing", extra={"error": str(exc)})
                 self._last_id = ""
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.failed())
 
     async def _trimmed_past_us(self) -> bool:
         first = await self._redis.xrange(self._k("changes"), count=1)

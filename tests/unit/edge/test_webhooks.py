@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 from opentelemetry import trace
 
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
+from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner, sign, verify
 from services.edge.store import SUCCEEDED, JobRecord
 from services.edge.store.memory import MemoryEdgeStore

@@ -15,8 +15,8 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.kit.testing import Suite
 from services.limiter.envoy_config import EnvoyConfigError, parse_envoy_config
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 
 OK = rls_pb2.RateLimitResponse.OK

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 
 TIERS = """

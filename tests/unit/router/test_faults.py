@@ -14,10 +14,10 @@ from ballast.router.v1 import router_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.kit.testing import Suite
 from services.router.app import RouterApp
 from services.router.catalog import SimSpec
 from services.router.sim import Fault, SimServer
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.unit.router.conftest import FAST_ENV, SimFactory, complete_request, two_provider_catalog, write
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.surge.load import Event, LoadState
-from services.surge.scenario import TIERS, ScenarioConfig
+from ballast_demo.load import Event, LoadState
+from ballast_demo.scenario import TIERS, ScenarioConfig
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -100,6 +101,11 @@ def series(events: Sequence[Event], duration: float) -> dict[str, list[float]]:
         out["p50"][second] = statistics.median(values) if values else float("nan")
         out["p99"][second] = percentile(values, 0.99) if values else float("nan")
     return out
+
+
+def plotting_available() -> bool:
+    """Whether the optional plotting extra (`ballast[demo]`, matplotlib) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def chart(events: Sequence[Event], config: ScenarioConfig, path: Path, title: str) -> None:

@@ -8,7 +8,7 @@ from ballast.cache.v1 import cache_pb2
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.e2e.conftest import new_tenant
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

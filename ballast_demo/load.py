@@ -20,8 +20,8 @@ from ballast.router.v1 import router_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ballast_demo.scenario import ScenarioConfig, Turn, UserPlan
 from services.kit.tasks import cancel_and_wait
-from services.surge.scenario import ScenarioConfig, Turn, UserPlan
 
 WEATHER = common_pb2.ToolDefinition(
     name="get_weather",

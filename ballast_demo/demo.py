@@ -24,13 +24,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ballast_demo import report
+from ballast_demo.load import LoadState, run_surge
+from ballast_demo.scenario import ScenarioConfig, demo, plan_users, write_suite_config
 from services.kit.config import DEFAULT_PORTS
 from services.kit.net import free_port
-from services.surge import report
-from services.surge.load import LoadState, run_surge
-from services.surge.scenario import ScenarioConfig, demo, plan_users, write_suite_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _busy(port: int) -> bool:
@@ -81,9 +81,11 @@ def write_report(state: LoadState, config: ScenarioConfig, out: Path) -> None:
     rows = report.tier_rows(state.events, config)
     table = report.markdown_table(rows)
     out.mkdir(parents=True, exist_ok=True)
-    report.chart(
-        state.events, config, out / "surge.png", "Ballast demo: front-page surge (simulated providers)"
-    )
+    charted = report.plotting_available()
+    if charted:
+        report.chart(
+            state.events, config, out / "surge.png", "Ballast demo: front-page surge (simulated providers)"
+        )
     (out / "surge.md").write_text(f"# Ballast demo\n\n{table}\n")
     (out / "surge.json").write_text(
         json.dumps(
@@ -94,7 +96,11 @@ def write_report(state: LoadState, config: ScenarioConfig, out: Path) -> None:
           f"primary provider down from {config.outage_start_s:.0f}s to "
           f"{config.outage_start_s + config.outage_s:.0f}s (SIMULATED providers):\n")  # fmt: skip
     print(table)
-    print(f"\nChart: {out / 'surge.png'}   Tables: {out / 'surge.md'}, {out / 'surge.json'}")
+    if charted:
+        print(f"\nChart: {out / 'surge.png'}   Tables: {out / 'surge.md'}, {out / 'surge.json'}")
+    else:
+        print(f"\nTables: {out / 'surge.md'}, {out / 'surge.json'}")
+        print("No chart: plotting is an optional extra (pip install 'ballast[demo]').")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -127,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         **os.environ,
         **write_suite_config(folder, config, ROOT),
         "BALLAST_EDGE_ADMIN_KEY": admin_key,
+        # The demo keys the closing hints use (bk_demo_*); the suite listens on loopback only.
+        "BALLAST_EDGE_KEYS_FILE": str(ROOT / "config" / "edge_keys.yaml"),
+        "BALLAST_HOST": "127.0.0.1",
         "BALLAST_LOG_FORMAT": "text",
         "BALLAST_LOG_LEVEL": "warning",
         "BALLAST_EDGE_JOB_MAX_WAIT": f"{config.duration_s + 20:.0f}s",

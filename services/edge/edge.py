@@ -24,12 +24,12 @@ from ballast.edge.v1 import edge_pb2
 from ballast.limiter.v1 import limiter_pb2
 from ballast.router.v1 import router_pb2
 from ballast.sessions.v1 import sessions_pb2
-from google.protobuf import duration_pb2
 from opentelemetry import trace
 
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable
+from services.kit.protos import duration, seconds
 
 log = logging.getLogger("ballast.edge.chat")
 T = TypeVar("T")
@@ -90,17 +90,13 @@ def quota_metadata(quotas: list[common_pb2.Quota]) -> tuple[tuple[str, str], ...
     if not finite:
         return ()
     tightest = min(finite, key=lambda q: q.remaining / q.limit)
-    reset = tightest.reset_after.seconds + tightest.reset_after.nanos / 1e9
+    reset = seconds(tightest.reset_after)
     return (
         ("x-ratelimit-limit", str(tightest.limit)),
         ("x-ratelimit-remaining", str(max(0, tightest.remaining))),
         ("x-ratelimit-reset", f"{reset:.3f}"),
         ("x-ratelimit-policy", tightest.name),
     )
-
-
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return float(duration.seconds) + duration.nanos / 1e9
 
 
 @dataclass
@@ -285,7 +281,7 @@ class ChatPipeline:
     ) -> None:
         trailing = quota_metadata(prepared.quotas)
         if check.decision == limiter_pb2.DECISION_DENY:
-            retry_after = _seconds(check.retry_after)
+            retry_after = seconds(check.retry_after)
             error = ResourceExhausted(
                 f"rate limited by {check.reason or 'a limit'}; retry after {retry_after:.1f}s",
                 retry_after=retry_after,
@@ -294,7 +290,7 @@ class ChatPipeline:
             error.trailing = trailing
             raise error
         if check.decision == limiter_pb2.DECISION_DELAY:
-            delay = _seconds(check.delay)
+            delay = seconds(check.delay)
             budget = deadline.cap(self._settings.max_throttle_wait)
             if delay > budget:
                 await self._release(prepared.caller, prepared.reservation_id, deadline)
@@ -471,7 +467,7 @@ class ChatPipeline:
             request_id=prepared.request_id,
             quotas=quotas,
             attempts=answer.attempts,
-            throttle_delay=_duration(prepared.throttle_delay),
+            throttle_delay=duration(prepared.throttle_delay),
         )
 
     def cached_answer(self, prepared: Prepared) -> router_pb2.CompleteResponse:
@@ -563,9 +559,3 @@ def _merge_quotas(before: list[common_pb2.Quota], after: list[common_pb2.Quota])
     merged = {q.name: q for q in before}
     merged.update({q.name: q for q in after})
     return list(merged.values())
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value

@@ -14,7 +14,7 @@ import pytest
 from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.backends import PrivateRedis, private_redis
 

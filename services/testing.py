@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from ballast.cache.v1 import cache_pb2_grpc
@@ -19,6 +20,8 @@ from ballast.sessions.v1 import sessions_pb2_grpc
 from opentelemetry.sdk.trace import SpanProcessor
 
 from services import registry
+from services.kit import tls
+from services.kit.certs import Identity, make_certs
 from services.kit.config import Env
 from services.kit.server import RunningService, start_service
 from services.kit.telemetry import setup_telemetry
@@ -30,13 +33,20 @@ class Suite:
 
     running: dict[str, RunningService]
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    #: The certificate the suite's own channels present when the services run mutual TLS.
+    client_tls: tls.TlsFiles | None = None
 
     def address(self, name: str) -> str:
         return self.running[name].address
 
     def channel(self, name: str) -> grpc.aio.Channel:
         if name not in self._channels:
-            self._channels[name] = grpc.aio.insecure_channel(self.address(name))
+            served = self.running[name].app.server_settings.server_tls
+            if served is None or self.client_tls is None:
+                self._channels[name] = grpc.aio.insecure_channel(self.address(name))
+            else:
+                credentials = tls.channel_credentials(self.client_tls)
+                self._channels[name] = grpc.aio.secure_channel(self.address(name), credentials)
         return self._channels[name]
 
     @property
@@ -77,22 +87,36 @@ async def start_suite(
     *,
     span_processors: Sequence[SpanProcessor] = (),
     base_environ: Mapping[str, str] | None = None,
+    tls_dir: Path | None = None,
 ) -> Suite:
     """Starts `names` in dependency order on free ports of 127.0.0.1.
 
     `environ` overrides the process environment; each service learns the addresses
     of the ones started before it through BALLAST_<NAME>_ADDR, as in production.
+    With `tls_dir`, every service runs mutual TLS with its own certificate from a CA kept
+    there (suites started with the same folder trust each other), a plaintext health port,
+    and the suite's channels present a certificate of their own.
     """
     env_vars = dict(os.environ if base_environ is None else base_environ)
     env_vars.setdefault("OTEL_SDK_DISABLED", "false" if span_processors else "true")
     env_vars.update(environ or {})
     env_vars["BALLAST_HOST"] = "127.0.0.1"
+    ordered = registry.ordered(list(names))
+    identities = make_certs(tls_dir, [*ordered, "tests"]) if tls_dir is not None else {}
     running: dict[str, RunningService] = {}
     suite = Suite(running)
+    if "tests" in identities:
+        suite.client_tls = _tls_files(identities["tests"])
     try:
-        for name in registry.ordered(list(names)):
+        for name in ordered:
             env_vars[f"BALLAST_{name.upper()}_PORT"] = "0"
             env_vars[f"BALLAST_{name.upper()}_METRICS_PORT"] = "0"
+            if name in identities:
+                identity = identities[name]
+                env_vars["BALLAST_TLS_CERT_FILE"] = str(identity.cert_file)
+                env_vars["BALLAST_TLS_KEY_FILE"] = str(identity.key_file)
+                env_vars["BALLAST_TLS_CA_FILE"] = str(identity.ca_file)
+                env_vars[f"BALLAST_{name.upper()}_HEALTH_PORT"] = "0"
             env = Env(env_vars)
             settings = registry.load_settings(name, env)
             env.check()
@@ -104,3 +128,7 @@ async def start_suite(
         await suite.stop()
         raise
     return suite
+
+
+def _tls_files(identity: Identity) -> tls.TlsFiles:
+    return tls.TlsFiles(str(identity.cert_file), str(identity.key_file), str(identity.ca_file))
