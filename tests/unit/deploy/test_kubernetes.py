@@ -26,7 +26,8 @@ from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 from services import registry
 from services.edge.store import PRIORITY_ORDER
 from services.edge.store.redis import GROUP, stream_key
-from services.kit.config import SERVICE_NAMES, Env
+from services.kit.certs import make_certs
+from services.kit.config import DEFAULT_HEALTH_PORTS, SERVICE_NAMES, Env
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -34,14 +35,6 @@ DATA = Path(__file__).parent / "data"
 OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSIONS = ("1.29", "1.33")
 ROLES = (*SERVICE_NAMES, *registry.ROLES)
-# Variables of the service-to-service mTLS work that the manifests already set (components/mtls,
-# components/mesh); drop each from here once the code reads it.
-PENDING_VARIABLES = {
-    "BALLAST_TLS_CERT_FILE",
-    "BALLAST_TLS_KEY_FILE",
-    "BALLAST_TLS_CA_FILE",
-    "BALLAST_INSECURE_INTERNAL",
-}
 KEDA = {"ScaledObject", "TriggerAuthentication"}
 # Custom resources no Kubernetes schema covers: KEDA's (checked below against its CRD) and the
 # Prometheus operator's (the monitoring component, checked by its own tests).
@@ -461,7 +454,17 @@ def _mount_files(
         if "configMap" in volume:
             files = maps[volume["configMap"]["name"]]
         elif "secret" in volume:
-            files = secrets.get(volume["secret"]["secretName"], {})  # prod's are the operator's
+            name = volume["secret"]["secretName"]
+            files = secrets.get(name, {})  # prod's are the operator's
+            if not files and name.startswith("ballast-tls-"):
+                # What cert-manager or `ballast certs` puts there.
+                identity = make_certs(folder / "pki", [name.removeprefix("ballast-tls-")])
+                (made,) = identity.values()
+                files = {
+                    "tls.crt": made.cert_file.read_text(),
+                    "tls.key": made.key_file.read_text(),
+                    "ca.crt": made.ca_file.read_text(),
+                }
         else:
             continue
         target = folder / mount["name"]
@@ -475,7 +478,7 @@ def _mount_files(
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_images_commands_and_variables_exist_in_the_code(overlay: str, tmp_path: Path) -> None:
     docs = rendered(overlay)
-    known = _known_variables() | PENDING_VARIABLES
+    known = _known_variables()
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     compose_images = {s["image"] for s in compose["services"].values() if "image" in s}
     assert 'ENTRYPOINT ["ballast"]' in (ROOT / "Dockerfile").read_text()
@@ -504,7 +507,7 @@ def test_images_commands_and_variables_exist_in_the_code(overlay: str, tmp_path:
             moved = _mount_files(
                 docs, spec, container, tmp_path / doc["metadata"]["name"] / container["name"]
             )
-            values = {k: v for k, v in env.items() if v != "<secret>" and k not in PENDING_VARIABLES}
+            values = {k: v for k, v in env.items() if v != "<secret>"}
             for variable, value in values.items():
                 for mount_path, local in moved.items():
                     if value.startswith(mount_path + "/"):
@@ -531,6 +534,13 @@ def test_ports_match_the_code(overlay: str) -> None:
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         opened = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert opened["grpc"] == ports[name] and opened["metrics"] == metrics[name], name
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        probed = {container[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+        if "BALLAST_TLS_CERT_FILE" in env and name in DEFAULT_HEALTH_PORTS and name != "edge":
+            # Mutual TLS on the main port: the kubelet probes the plaintext health-only port.
+            assert probed == {DEFAULT_HEALTH_PORTS[name]} and opened["health"] == DEFAULT_HEALTH_PORTS[name]
+        else:
+            assert probed == {ports[name]}, name
     for service in _of(docs, "Service"):
         name = service["metadata"]["name"]
         if name in ports:
