@@ -456,9 +456,9 @@ def _mount_files(
         elif "secret" in volume:
             name = volume["secret"]["secretName"]
             files = secrets.get(name, {})  # prod's are the operator's
-            if not files and name.startswith("ballast-tls-"):
+            if not files and name.endswith("-tls"):
                 # What cert-manager or `ballast certs` puts there.
-                identity = make_certs(folder / "pki", [name.removeprefix("ballast-tls-")])
+                identity = make_certs(folder / "pki", [name.removeprefix("ballast-").removesuffix("-tls")])
                 (made,) = identity.values()
                 files = {
                     "tls.crt": made.cert_file.read_text(),
@@ -591,7 +591,7 @@ def test_the_readme_names_every_secret_prod_needs() -> None:
         for ref in auth["spec"]["secretTargetRef"]:
             needed.add((ref["name"], ref["key"]))
     for name, key in needed:
-        generic = re.sub(r"-(edge|router|limiter|cache|sessions|worker)$", "-<role>", name)
+        generic = re.sub(r"-(edge|router|limiter|cache|sessions|worker)-", "-<role>-", name)
         assert f"`{name}`" in readme or f"`{generic}`" in readme, f"README does not name Secret {name}"
         if key:
             assert f"`{key}`" in readme, f"README does not name {name}'s key {key}"
