@@ -38,6 +38,8 @@ def make_store(settings: CacheSettings) -> CacheStore:
         settings.store_url,
         StoreOptions(
             max_bytes=settings.max_bytes,
+            max_tenant_bytes=settings.max_tenant_bytes,
+            tenant_max_bytes=settings.policy.tenant_max_bytes,
             ann=AnnParams(
                 threshold=settings.ann_threshold,
                 m=settings.ann_m,

@@ -18,6 +18,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
+from services.edge.webhooks import WebhookSecrets, load_tenant_secrets
 from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
@@ -29,7 +30,7 @@ def open_store(settings: EdgeSettings) -> EdgeStore:
     if settings.store_url.startswith("memory://"):
         from services.edge.store.memory import MemoryEdgeStore
 
-        return MemoryEdgeStore()
+        return MemoryEdgeStore(job_ttl=settings.job_ttl)
     from services.edge.store.redis import RedisEdgeStore
 
     return RedisEdgeStore(
@@ -69,6 +70,8 @@ class _QueueApp(ServiceApp):
             self.metrics,
             lane=queue_lane,
             role=self.name,
+            # Per-tenant secrets live with the keys (the keys file's `tenants:` section).
+            webhook_secrets=WebhookSecrets(settings.webhook_secret, load_tenant_secrets(settings.keys_file)),
         )
 
     async def start(self) -> None:

@@ -127,7 +127,9 @@ def load_keys_file(path: str | Path) -> list[ApiKey]:
 def key_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The API key from `authorization: Bearer <key>` or `x-api-key: <key>`."""
     for name, value in metadata or ():
-        text = value.decode() if isinstance(value, bytes) else value
+        if name not in ("authorization", "x-api-key") or not isinstance(value, str):
+            continue  # only these two carry a key; other values (`*-bin` bytes) are not ours to decode
+        text = value
         if name == "authorization":
             scheme, _, token = text.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
@@ -143,8 +145,8 @@ def check_admin(metadata: Iterable[tuple[str, str | bytes]] | None, admin_key: s
     if not admin_key:
         raise PermissionDenied("the admin API is disabled: set BALLAST_EDGE_ADMIN_KEY to enable it")
     for name, value in metadata or ():
-        if name == "x-admin-key":
-            text = value.decode() if isinstance(value, bytes) else value
+        if name == "x-admin-key" and isinstance(value, str):
+            text = value
             if hmac.compare_digest(text.strip().encode(), admin_key.encode()):
                 return
             raise Unauthenticated("invalid admin key")

@@ -192,6 +192,23 @@ def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_REGION = "local"
+# A region is a metric label and a resource attribute: short, and safe in both.
+_REGION = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def region_from_env(env: Env) -> str:
+    """BALLAST_REGION: where this replica runs (`cloud.region` on telemetry, `cloud_region` on metrics)."""
+    name = f"{PREFIX}REGION"
+    value = env.string(name, DEFAULT_REGION)
+    if not _REGION.match(value):
+        env._bad(
+            name, value, "lower-case letters, digits, '.', '_' or '-', at most 63 (for example eu-west-1)"
+        )
+        return DEFAULT_REGION
+    return value
+
+
 LOG_FORMATS = ("json", "text")
 
 
@@ -224,6 +241,7 @@ class ServerSettings:
     client_tls: tls.TlsFiles | None = None
     # Plaintext health-only port (None: health is on the main port only).
     health_port: int | None = None
+    region: str = DEFAULT_REGION
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -251,6 +269,7 @@ class ServerSettings:
             },
             metrics_enabled=env.boolean(f"{PREFIX}METRICS", True),
             metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", False),
+            region=region_from_env(env),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),

@@ -104,7 +104,9 @@ class MetricsInterceptor(AroundInterceptor):
             async def __aexit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
                 code = self.context.code()
                 if kind is not None and not code:
-                    code = grpc.StatusCode.UNKNOWN  # raised without setting a status
+                    # A client that goes away cancels the handler: CANCELLED, not an unknown failure.
+                    cancelled = issubclass(kind, asyncio.CancelledError) or self.context.cancelled()
+                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
                 done(self.started, code)
 
         return Timed

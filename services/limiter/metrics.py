@@ -15,6 +15,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.limiter.envoy import EnvoyLimiter
 from services.limiter.limiter import Limiter
+from services.limiter.tiers import REQUESTS, TENANT_TOKENS, TOOL_CALLS, USER_TOKENS
 
 
 def _from(
@@ -36,6 +37,24 @@ def register(meter: metrics.Meter, limiter: Limiter, envoy: EnvoyLimiter) -> Non
     def degraded(options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(limiter.stats.degraded)]
 
+    def limits(options: CallbackOptions) -> Iterable[Observation]:
+        # The tiers file as a gauge (it reloads live): dashboards and alerts set usage against it.
+        for tier in limiter.tiers.current.tiers.values():
+            configured = (
+                (REQUESTS, tier.requests),
+                (USER_TOKENS, tier.user_tokens),
+                (TENANT_TOKENS, tier.tenant_tokens),
+                (TOOL_CALLS, tier.tool_calls),
+            )
+            for name, limit in configured:
+                if not limit.unlimited:
+                    yield Observation(limit.limit, {"tier": tier.name, "limit": name})
+
+    meter.create_observable_gauge(
+        "ballast.limiter.configured_limit",
+        callbacks=[limits],
+        description="Each tier's configured limits (requests per window, tokens per day, tool calls); unlimited ones are absent",
+    )
     meter.create_observable_counter(
         "ballast.limiter.decisions",
         callbacks=[decisions],

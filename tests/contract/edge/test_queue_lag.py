@@ -15,9 +15,10 @@ from services.kit.redisconn import split_key_prefix
 
 
 def _job(job_id: str) -> JobRecord:
+    # A tenant each: fair admission keeps one waiting entry per tenant in the stream.
     return JobRecord(
         job_id=job_id,
-        tenant_id="t",
+        tenant_id=f"t-{job_id}",
         user_id="u",
         priority="normal",
         request=b"r",

@@ -15,7 +15,7 @@ from services.kit.certs import make_certs
 from services.kit.config import DEFAULT_HEALTH_PORTS, DEFAULT_METRICS_PORTS, DEFAULT_PORTS, SERVICE_NAMES, Env
 
 ROOT = Path(__file__).resolve().parents[3]
-INFRA = {"redis", "postgres", "jaeger"}
+INFRA = {"redis", "postgres", "jaeger", "prometheus", "grafana"}
 # One-shot jobs the services wait for (condition: service_completed_successfully).
 JOBS = {"certs"}
 INTERNAL = [name for name in SERVICE_NAMES if name != "edge"]
@@ -76,9 +76,15 @@ def test_service_command_port_and_health_check_match_the_code(compose: dict[str,
         assert probe[4] == f"127.0.0.1:{health}"
 
 
-def test_only_the_edge_and_the_local_jaeger_ui_are_published(compose: dict[str, Any]) -> None:
+def test_only_the_edge_and_the_local_operator_uis_are_published(compose: dict[str, Any]) -> None:
     published = {name: s["ports"] for name, s in compose["services"].items() if "ports" in s}
-    assert published == {"edge": ["50051:50051"], "jaeger": ["127.0.0.1:16686:16686"]}
+    assert published == {
+        "edge": ["50051:50051"],
+        # Operator UIs, on the host's loopback only.
+        "jaeger": ["127.0.0.1:16686:16686"],
+        "prometheus": ["127.0.0.1:9090:9090"],
+        "grafana": ["127.0.0.1:3000:3000"],
+    }
 
 
 def test_backends_need_credentials_that_compose_requires(compose: dict[str, Any]) -> None:
@@ -99,8 +105,15 @@ def test_backends_need_credentials_that_compose_requires(compose: dict[str, Any]
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(postgres_password)
     assert postgres_password in services["sessions"]["environment"]["BALLAST_SESSIONS_STORE"]
     assert services["edge"]["environment"]["BALLAST_EDGE_ADMIN_KEY"].startswith("${BALLAST_EDGE_ADMIN_KEY:?")
+    grafana_password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert grafana_password.startswith("${GRAFANA_ADMIN_PASSWORD:?")
     example = (ROOT / ".env.example").read_text()
-    for variable in ("BALLAST_REDIS_PASSWORD", "BALLAST_POSTGRES_PASSWORD", "BALLAST_EDGE_ADMIN_KEY"):
+    for variable in (
+        "BALLAST_REDIS_PASSWORD",
+        "BALLAST_POSTGRES_PASSWORD",
+        "BALLAST_EDGE_ADMIN_KEY",
+        "GRAFANA_ADMIN_PASSWORD",
+    ):
         assert f"\n{variable}=" in example
 
 
