@@ -103,6 +103,11 @@ class EdgeApp(_QueueApp):
                 "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
             )
         super().__init__(settings, telemetry)
+        if not settings.workers and settings.store_url.startswith("memory://"):
+            log.warning(
+                "BALLAST_EDGE_WORKERS=0 on a memory:// queue: no process will run queued jobs; set "
+                "BALLAST_EDGE_STORE=redis://… and run `ballast serve worker`"
+            )
         self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
         self.metrics.watch_governor(self.governor)
         self.in_flight = InFlightLimit(settings.max_in_flight)

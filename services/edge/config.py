@@ -155,11 +155,6 @@ class EdgeSettings:
     @classmethod
     def from_env(cls, env: Env) -> EdgeSettings:
         settings = cls._read(env)
-        if settings.workers == 0 and settings.store_url.startswith("memory://"):
-            env.problems.append(
-                "BALLAST_EDGE_WORKERS=0 needs a shared queue: set BALLAST_EDGE_STORE=redis://… so "
-                "`ballast serve worker` processes can run the jobs (a memory:// queue lives in this process)"
-            )
         if settings.store_pool_size <= settings.workers:
             env.problems.append(
                 f"BALLAST_EDGE_STORE_POOL_SIZE={settings.store_pool_size} is invalid: it must exceed "
