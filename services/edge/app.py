@@ -52,7 +52,7 @@ class _QueueApp(ServiceApp):
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
         )
         self.downstream = Downstream(settings, telemetry)
-        self.pipeline = ChatPipeline(settings, self.downstream)
+        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter)
         self.metrics = EdgeMetrics(
             telemetry.meter,
             self.store,

@@ -24,7 +24,7 @@ from ballast.edge.v1 import edge_pb2
 from ballast.limiter.v1 import limiter_pb2
 from ballast.router.v1 import router_pb2
 from ballast.sessions.v1 import sessions_pb2
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
@@ -126,9 +126,15 @@ async def _settle(awaitable: Awaitable[T]) -> T | BaseException:
 
 
 class ChatPipeline:
-    def __init__(self, settings: EdgeSettings, downstream: Downstream) -> None:
+    def __init__(
+        self, settings: EdgeSettings, downstream: Downstream, meter: metrics.Meter | None = None
+    ) -> None:
         self._settings = settings
         self._down = downstream
+        self._context_incomplete = (meter or metrics.NoOpMeter("ballast")).create_counter(
+            "ballast.edge.context.omitted_unsummarized",
+            description="Chats whose session context left out older turns that no summary covers",
+        )
 
     # --- before the model ------------------------------------------------------------------------------
 
@@ -174,9 +180,16 @@ class ChatPipeline:
             token_budget=request.context_token_budget or self._settings.context_tokens,
             model=request.model,
         )
-        return await self._down.call(
+        reply: sessions_pb2.GetContextResponse = await self._down.call(
             "sessions", self._down.sessions.GetContext, get, self._down.timeout(deadline)
         )
+        if reply.omitted_unsummarized:
+            # The model will not see those turns at all (sessions could not summarise them).
+            trace.get_current_span().set_attribute(
+                "ballast.session.omitted_unsummarized_turns", reply.omitted_turns
+            )
+            self._context_incomplete.add(1, {"tenant": caller.tenant_id})
+        return reply
 
     async def _lookup(
         self,

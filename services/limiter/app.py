@@ -58,7 +58,7 @@ class LimiterApp(ServiceApp):
         self.envoy_config: Reloading[EnvoyConfig] | None = None
         if settings.envoy_config:
             self.envoy_config = Reloading(settings.envoy_config, load_envoy_config)
-        self.envoy = EnvoyLimiter(self.store, self._current_envoy_config)
+        self.envoy = EnvoyLimiter(self.store, self._current_envoy_config, clock=clock)
         metrics.register(telemetry.meter, self.limiter, self.envoy)
         self._headroom_task: asyncio.Task[None] | None = None
 

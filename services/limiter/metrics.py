@@ -2,7 +2,9 @@
 
 The domain keeps plain counters (no telemetry imports there); these observable instruments
 read them at each collection. Labels are the configured limit names and decision reasons,
-so cardinality is bounded by the tiers file, not by users.
+so cardinality is bounded by the tiers file, not by users; the Envoy statistics are labelled by
+the config's limit keys, which grow with request values only where the config asks for it
+(`detailed_metric`, `value_to_metric`), as upstream warns.
 """
 
 from __future__ import annotations
@@ -85,15 +87,27 @@ def register(meter: metrics.Meter, limiter: Limiter, envoy: EnvoyLimiter) -> Non
         unit="{decision}",
         description="Decisions made without the shared store (fail mode during an outage)",
     )
-    meter.create_observable_counter(
-        "ballast.limiter.envoy.hits",
-        callbacks=[_from(lambda: envoy.stats.total_hits, "key")],
-        unit="{hit}",
-        description="Envoy ShouldRateLimit hits per configured limit",
-    )
-    meter.create_observable_counter(
-        "ballast.limiter.envoy.over_limit",
-        callbacks=[_from(lambda: envoy.stats.over_limit, "key")],
-        unit="{hit}",
-        description="Envoy hits over their limit per configured limit",
-    )
+    # envoyproxy/ratelimit's statistics under its names (its statsd names are
+    # ratelimit.service.rate_limit.<domain>.<key>.<stat>; the Prometheus mapping it ships makes
+    # them ratelimit_service_rate_limit_<stat>{domain, key}), so its dashboards keep working.
+    for stat, description in (
+        ("total_hits", "Envoy hits per configured limit"),
+        ("over_limit", "Envoy hits over their limit"),
+        ("near_limit", "Envoy hits past the near-limit ratio, within the limit"),
+        ("within_limit", "Envoy hits within their limit"),
+        ("shadow_mode", "Envoy hits over a shadow-mode limit (answered OK)"),
+    ):
+        meter.create_observable_counter(
+            f"ratelimit.service.rate_limit.{stat}",
+            callbacks=[_envoy(envoy, stat)],
+            unit="{hit}",
+            description=description,
+        )
+
+
+def _envoy(envoy: EnvoyLimiter, stat: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        counter: Counter[tuple[str, str]] = getattr(envoy.stats, stat)
+        return [Observation(value, {"domain": d, "key": k}) for (d, k), value in counter.items()]
+
+    return observe

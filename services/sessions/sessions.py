@@ -11,14 +11,15 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ballast.sessions.v1 import sessions_pb2
 from opentelemetry import metrics
 
-from services.kit.errors import Aborted, InvalidArgument, NotFound
-from services.sessions.compaction import Compactor
+from services.kit.errors import Aborted, BallastError, InvalidArgument, NotFound
+from services.sessions.compaction import Compacted, Compactor
+from services.sessions.contention import ContentionPolicy, ContentionQueue
 from services.sessions.context import Window
 from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
 from services.sessions.store import SessionStore
@@ -35,6 +36,8 @@ class Limits:
     default_page_size: int
     max_page_size: int
     context_batch: int
+    # Live sessions one (tenant, user) may hold; 0: no cap.
+    max_sessions_per_user: int = 0
 
 
 @dataclass
@@ -44,8 +47,10 @@ class ContextWindow:
     summary_tokens: int
     turns: list[tuple[StoredTurn, int]]
     total_tokens: int
+    # Unsummarised turns left out of the window: no summary covers them.
     omitted_turns: int
     tokenizer: str
+    summary_omitted: bool = False
 
 
 def request_hash(turns: Sequence[NewTurn]) -> bytes:
@@ -82,6 +87,7 @@ class Sessions:
         limits: Limits,
         clock: Callable[[], float],
         meter: metrics.Meter | None = None,
+        contention: ContentionQueue | None = None,
     ) -> None:
         meter = meter or metrics.NoOpMeter("ballast")
         self._appends = meter.create_counter(
@@ -92,11 +98,17 @@ class Sessions:
         self._context_tokens = meter.create_histogram(
             "ballast.sessions.context.tokens", unit="{token}", description="Tokens returned by GetContext"
         )
+        self._omitted = meter.create_counter(
+            "ballast.sessions.context.omitted_unsummarized",
+            description="GetContext answers that left out older turns no summary covers",
+        )
         self.store = store
         self.tokenizers = tokenizers
         self.compactor = compactor
         self.limits = limits
         self.clock = clock
+        # Without a policy, conflicts are answered at once (still with a retry hint).
+        self.contention = contention or ContentionQueue(ContentionPolicy(0, 0.0, 0.0))
         self._sweeper: asyncio.Task[None] | None = None
 
     def now(self) -> float:
@@ -124,7 +136,7 @@ class Sessions:
             expires_at=now + ttl,
             ttl=ttl,
         )
-        return await self.store.create(record)
+        return await self.store.create(record, self.limits.max_sessions_per_user)
 
     async def get(self, scope: Scope, session_id: str) -> SessionRecord:
         record = await self.store.get(scope, session_id, self.now())
@@ -170,14 +182,18 @@ class Sessions:
         idempotency_key: str,
         turns: Sequence[NewTurn],
         fingerprint: str = "",
+        patience: float | None = None,
     ) -> AppendOutcome:
+        """Appends; a versioned append waits its turn on a contended session (see contention.py),
+        for at most `patience` seconds (what is left of the caller's deadline)."""
         bound_to = b""
         if idempotency_key:
             bound_to = (
                 hashlib.sha256(fingerprint.encode()).digest()[:16] if fingerprint else request_hash(turns)
             )
-        try:
-            outcome = await self.store.append(
+
+        def attempt() -> Awaitable[AppendOutcome]:
+            return self.store.append(
                 scope,
                 session_id,
                 expected_version,
@@ -186,6 +202,14 @@ class Sessions:
                 self.now(),
                 request_hash=bound_to,
             )
+
+        key = (scope.tenant_id, scope.user_id, session_id)
+        try:
+            if expected_version < 0:
+                outcome = await attempt()
+                self.contention.saw(key, outcome.session.version)
+            else:
+                outcome = await self.contention.run(key, expected_version, attempt, idempotency_key, patience)
         except Aborted:
             self._appends.add(1, {"outcome": "conflict"})
             raise
@@ -215,8 +239,44 @@ class Sessions:
             token = _encode_token({"k": "t", "i": session_id, "a": turns[-1].seq})
         return turns, token
 
-    async def context(self, scope: Scope, session_id: str, budget: int, model: str) -> ContextWindow:
-        """Summary plus the newest unsummarised turns within budget, read from the primary."""
+    async def context(
+        self, scope: Scope, session_id: str, budget: int, model: str, wait: float = 0.0
+    ) -> ContextWindow:
+        """Summary plus the newest unsummarised turns within budget, read from the primary.
+
+        When the unsummarised tail does not fit, older turns would fall out of the context
+        with nothing covering them: a pass that folds the tail down to what fits is asked
+        for and awaited up to `wait` seconds (not while the summariser is failing, whose
+        driver retries by itself). What is still left out is flagged, never silent.
+        """
+        window = await self._window(scope, session_id, budget, model)
+        if window.omitted_turns == 0 or not self.compactor.enabled:
+            return self._flagged(window)
+        keep = min(self.compactor.policy.keep_tokens, budget - self.compactor.policy.summary_max_tokens)
+        if keep <= 0:
+            return self._flagged(window)  # the budget cannot hold a summary: folding cannot help
+        if self.compactor.failing(scope, session_id):
+            return self._flagged(window)  # its driver retries on its own schedule: do not wake it
+        try:
+            pending = self.compactor.request(scope, session_id, keep)
+        except BallastError:
+            return self._flagged(window)  # compaction is at capacity
+        if wait <= 0:
+            return self._flagged(window)  # the pass runs in the background for the next call
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), wait)
+        except (TimeoutError, BallastError) as exc:
+            log.info("context served before compaction caught up", extra={"reason": type(exc).__name__})
+            return self._flagged(window)
+        return self._flagged(await self._window(scope, session_id, budget, model))
+
+    def _flagged(self, window: ContextWindow) -> ContextWindow:
+        if window.omitted_turns:
+            self._omitted.add(1)
+        self._context_tokens.record(window.total_tokens)
+        return window
+
+    async def _window(self, scope: Scope, session_id: str, budget: int, model: str) -> ContextWindow:
         batch = self.limits.context_batch
         found = await self.store.context_tail(scope, session_id, self.now(), batch)
         if found is None:
@@ -234,7 +294,8 @@ class Sessions:
         summary, summary_tokens = record.summary, record.summary_tokens
         if recount and summary:
             summary_tokens = tokenizer.count_message(MessageParts(summary))
-        if summary_tokens > budget:
+        summary_omitted = summary_tokens > budget
+        if summary_omitted:
             # A summary larger than the whole budget is left out rather than truncated.
             summary, summary_tokens = "", 0
         window = Window(budget - summary_tokens, count)
@@ -251,7 +312,6 @@ class Sessions:
             if not turns:
                 break
         chosen = window.oldest_first()
-        self._context_tokens.record(summary_tokens + window.used)
         unsummarised = record.head_seq - record.summarized_seq
         return ContextWindow(
             record=record,
@@ -261,10 +321,11 @@ class Sessions:
             total_tokens=summary_tokens + window.used,
             omitted_turns=unsummarised - len(chosen),
             tokenizer=tokenizer.name,
+            summary_omitted=summary_omitted,
         )
 
-    async def compact(self, scope: Scope, session_id: str) -> SessionRecord:
-        return await self.compactor.compact(scope, session_id, force=True)
+    async def compact(self, scope: Scope, session_id: str) -> Compacted:
+        return await self.compactor.compact(scope, session_id)
 
     # Background sweep of expired sessions and old idempotency keys.
 
@@ -280,7 +341,7 @@ class Sessions:
                     purged = await self.sweep_once(batch, idempotency_ttl)
                     if purged:
                         log.info("expired sessions purged", extra={"count": purged})
-                except Exception as exc:
+                except Exception as exc:  # a failed sweep (database down) must not end the sweeper
                     log.warning("sweep failed", extra={"error": type(exc).__name__})
 
         self._sweeper = asyncio.create_task(loop())
