@@ -112,6 +112,11 @@ class EdgeStore(Protocol):
         """Re-queues jobs whose worker went silent for `min_idle` seconds; returns how many."""
         ...
 
+    async def promote_due(self) -> int:
+        """Puts parked jobs whose time has come back on the queue; returns how many. `claim`
+        does this too: it matters where no worker claims (an edge whose workers run apart)."""
+        ...
+
     async def park(self, claim: Claim, not_before: float) -> None:
         """Puts a claimed job back until `not_before` (waiting for quota)."""
         ...

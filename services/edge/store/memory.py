@@ -182,6 +182,10 @@ class MemoryEdgeStore:
                 count += 1
         return count
 
+    async def promote_due(self) -> int:
+        # Parked jobs wait in the same heaps, ordered by their time: nothing to move.
+        return 0
+
     async def park(self, claim: Claim, not_before: float) -> None:
         self._claims.pop(claim.token, None)
         job = self._jobs.get(claim.job.job_id)
