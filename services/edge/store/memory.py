@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from services.edge.auth import ApiKey
-from services.edge.store import (
+from services.edge.store.base import (
     PRIORITY_ORDER,
     QUEUED,
     RUNNING,

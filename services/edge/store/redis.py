@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from services.edge.auth import ApiKey
-from services.edge.store import (
+from services.edge.store.base import (
     PRIORITY_ORDER,
     QUEUED,
     RUNNING,
