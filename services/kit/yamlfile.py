@@ -52,6 +52,11 @@ def read_text(path: str | Path, what: str) -> str:
         raise YamlFileError([f"{path}: cannot read the {what} ({exc.strerror or exc})"]) from exc
 
 
+def _at(what: str, key: str) -> str:
+    """The dotted path of `key` inside `what`; an empty `what` is the file's top level."""
+    return f"{what}.{key}" if what else key
+
+
 class YamlReader:
     """Validating accessors over a composed document; problems collect in `problems`."""
 
@@ -118,12 +123,12 @@ class YamlReader:
                 return ""
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         if value is None:
             return default or ""
         text = str(value)
         if choices and text not in choices:
-            self.bad(node, f"{what}.{key}: {text!r} is not one of {', '.join(choices)}")
+            self.bad(node, f"{_at(what, key)}: {text!r} is not one of {', '.join(choices)}")
         return text
 
     def number(
@@ -140,15 +145,15 @@ class YamlReader:
         if key not in items:
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         kind = "an integer" if integer else "a number"
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok:
-            self.bad(node, f"{what}.{key}: expected {kind}, got {value!r}")
+            self.bad(node, f"{_at(what, key)}: expected {kind}, got {value!r}")
             return default
         if value < minimum or (maximum is not None and value > maximum):
             limit = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"at least {minimum:g}"
-            self.bad(node, f"{what}.{key}: {value!r} must be {limit}")
+            self.bad(node, f"{_at(what, key)}: {value!r} must be {limit}")
             return default
         return value
 
@@ -158,9 +163,9 @@ class YamlReader:
         if key not in items:
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         if not isinstance(value, bool):
-            self.bad(node, f"{what}.{key}: expected true or false, got {value!r}")
+            self.bad(node, f"{_at(what, key)}: expected true or false, got {value!r}")
             return default
         return value
 
@@ -177,16 +182,16 @@ class YamlReader:
         if key not in items:
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         seconds: float | None
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         else:
             seconds = parse_duration(value) if isinstance(value, str) else None
         if seconds is None or seconds <= 0:
-            self.bad(node, f"{what}.{key}: expected a positive duration such as {DURATION_EXAMPLES}")
+            self.bad(node, f"{_at(what, key)}: expected a positive duration such as {DURATION_EXAMPLES}")
             return default
         if maximum is not None and seconds > maximum:
-            self.bad(node, f"{what}.{key}: must be at most {maximum:g}s, got {seconds:g}s")
+            self.bad(node, f"{_at(what, key)}: must be at most {maximum:g}s, got {seconds:g}s")
             return default
         return seconds

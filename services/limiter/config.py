@@ -63,7 +63,9 @@ class LimiterSettings:
         try:
             load_tiers(tiers_path(settings.tiers_file))
         except TiersError as exc:
-            env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
+            env.problems.extend(
+                f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {problem}" for problem in exc.problems
+            )
         if not settings.store_url.startswith("memory:"):
             from services.kit.redisconn import split_key_prefix
             from services.limiter.store.library import check_url
