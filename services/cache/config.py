@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from services.kit.config import Env, ServerSettings
+from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text
 
 EMBEDDERS = ("local", "router")
 
@@ -147,69 +147,82 @@ class CacheSettings:
 
 
 def load_policy(env: Env, variable: str, path: str) -> CachePolicy:
-    """Reads the YAML policy file; problems are reported through `env`, naming the file."""
-    file = Path(path)
-    if not file.exists():
+    """Reads the YAML policy file; each problem is reported through `env`, at its line."""
+    if not Path(path).exists():
         return CachePolicy()
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        env.problems.append(f"{variable}={path!r} is invalid: cannot read YAML ({exc})")
-        return CachePolicy()
-    try:
-        return parse_policy(data)
-    except ValueError as exc:
-        env.problems.append(f"{variable}={path!r} is invalid: {exc}")
+        return parse_policy(read_text(path, "cache policy"), path)
+    except YamlFileError as exc:
+        env.problems.extend(f"{variable}={path!r} is invalid: {problem}" for problem in exc.problems)
         return CachePolicy()
 
 
-def _seconds(value: Any, where: str) -> float:
-    env = Env({"X": str(value)})
-    seconds = env.duration("X", 0.0)
-    if env.problems:
-        raise ValueError(f"{where}: expected a duration such as 30s, 5m or 1h, got {value!r}")
-    return seconds
-
-
-def parse_policy(data: Any) -> CachePolicy:
-    if not isinstance(data, dict):
-        raise ValueError("expected a mapping at the top level")
-    unknown = set(data) - {"namespaces", "tenants", "tools"}
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}; expected namespaces, tenants, tools")
-    namespaces: dict[str, NamespacePolicy] = {}
-    for name, spec in (data.get("namespaces") or {}).items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"namespaces.{name}: expected a mapping")
-        threshold = spec.get("threshold")
-        if threshold is not None and (not isinstance(threshold, int | float) or not 0 <= threshold <= 1):
-            raise ValueError(f"namespaces.{name}.threshold: expected a number from 0 to 1")
-        ttl = spec.get("default_ttl")
-        namespaces[str(name)] = NamespacePolicy(
-            threshold=None if threshold is None else float(threshold),
-            default_ttl=None if ttl is None else _seconds(ttl, f"namespaces.{name}.default_ttl"),
-        )
-    tenant_max_ttl: dict[str, float] = {}
-    tenant_max_bytes: dict[str, int] = {}
-    for tenant, spec in (data.get("tenants") or {}).items():
-        if not isinstance(spec, dict) or not ({"max_ttl", "max_bytes"} & set(spec)):
-            raise ValueError(f"tenants.{tenant}: expected a mapping with max_ttl and/or max_bytes")
-        if "max_ttl" in spec:
-            tenant_max_ttl[str(tenant)] = _seconds(spec["max_ttl"], f"tenants.{tenant}.max_ttl")
-        if "max_bytes" in spec:
-            size = spec["max_bytes"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError(
-                    f"tenants.{tenant}.max_bytes: expected a whole number of bytes (0 = no quota)"
-                )
-            tenant_max_bytes[str(tenant)] = size
-    tool_ttl: dict[str, float] = {}
-    for tool, spec in (data.get("tools") or {}).items():
-        value = spec.get("ttl") if isinstance(spec, dict) else spec
-        tool_ttl[str(tool)] = _seconds(value, f"tools.{tool}.ttl")
-    return CachePolicy(
-        namespaces=namespaces,
+def parse_policy(text: str, source: str = "cache.yaml") -> CachePolicy:
+    """The policy in `text`; raises YamlFileError listing every problem at its line."""
+    document = compose(text, source)
+    r = YamlReader(source)
+    root = r.entries(document, "cache policy")
+    r.unknown(root, {"namespaces", "tenants", "tools"}, "cache policy")
+    tenant_max_ttl, tenant_max_bytes = _tenants(r, r.entries(_value(root, "tenants"), "tenants"))
+    policy = CachePolicy(
+        namespaces=_namespaces(r, r.entries(_value(root, "namespaces"), "namespaces")),
         tenant_max_ttl=tenant_max_ttl,
         tenant_max_bytes=tenant_max_bytes,
-        tool_ttl=tool_ttl,
+        tool_ttl=_tool_ttls(r, r.entries(_value(root, "tools"), "tools")),
     )
+    r.check()
+    return policy
+
+
+def _value(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
+    return items[key][1] if key in items else None
+
+
+def _namespaces(r: YamlReader, section: Mapping[str, Entry]) -> dict[str, NamespacePolicy]:
+    namespaces: dict[str, NamespacePolicy] = {}
+    for name, (_, node) in section.items():
+        what = f"namespaces.{name}"
+        spec = r.entries(node, what)
+        r.unknown(spec, {"threshold", "default_ttl"}, what)
+        namespaces[name] = NamespacePolicy(
+            threshold=float(r.number(spec, "threshold", what, 0.0, maximum=1.0))
+            if "threshold" in spec
+            else None,
+            default_ttl=r.duration(spec, "default_ttl", what, 0.0, allow_zero=True)
+            if "default_ttl" in spec
+            else None,
+        )
+    return namespaces
+
+
+def _tenants(r: YamlReader, section: Mapping[str, Entry]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each tenant's longest TTL and byte quota (0 = none of its own), either or both."""
+    max_ttl: dict[str, float] = {}
+    max_bytes: dict[str, int] = {}
+    for tenant, (_, node) in section.items():
+        what = f"tenants.{tenant}"
+        spec = r.entries(node, what)
+        r.unknown(spec, {"max_ttl", "max_bytes"}, what)
+        if not {"max_ttl", "max_bytes"} & set(spec):
+            r.bad(node, f"{what}: expected max_ttl and/or max_bytes")
+        if "max_ttl" in spec:
+            max_ttl[tenant] = r.duration(spec, "max_ttl", what, 0.0, allow_zero=True)
+        if "max_bytes" in spec:
+            max_bytes[tenant] = int(r.number(spec, "max_bytes", what, 0, integer=True))
+    return max_ttl, max_bytes
+
+
+def _tool_ttls(r: YamlReader, section: Mapping[str, Entry]) -> dict[str, float]:
+    """`tool: 10m` or `tool: {ttl: 10m}`; 0 never caches that tool's results."""
+    ttls: dict[str, float] = {}
+    for tool, (key, node) in section.items():
+        if not isinstance(node, yaml.MappingNode):
+            ttls[tool] = r.duration({tool: (key, node)}, tool, "tools", 0.0, allow_zero=True)
+            continue
+        what = f"tools.{tool}"
+        spec = r.entries(node, what)
+        r.unknown(spec, {"ttl"}, what)
+        if "ttl" not in spec:
+            r.bad(node, f"{what}: expected ttl")
+        ttls[tool] = r.duration(spec, "ttl", what, 0.0, allow_zero=True)
+    return ttls

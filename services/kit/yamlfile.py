@@ -25,7 +25,16 @@ class YamlFileError(ValueError):
         super().__init__("\n".join(problems))
 
 
-class Items(dict[str, tuple[yaml.Node, yaml.Node]]):
+# One entry of a mapping: its key's node and its value's node (each knows its line).
+Entry = tuple[yaml.Node, yaml.Node]
+
+
+def is_null(node: yaml.Node) -> bool:
+    """Whether the node is an empty value (`key:`, `~` or `null`)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+class Items(dict[str, Entry]):
     """A mapping's entries by key (key node, value node), remembering the mapping's own node."""
 
     def __init__(self, node: yaml.Node) -> None:
@@ -86,6 +95,18 @@ class YamlReader:
                 self.bad(key, f"{what}: duplicate key {key.value!r}")
             out[key.value] = (key, value)
         return out
+
+    def entries(self, node: yaml.Node | None, what: str) -> Mapping[str, Entry]:
+        """A mapping's entries where leaving something empty (`key:`) means not writing it: an
+        absent or empty mapping has no entries and an empty value is left out (its default applies)."""
+        if node is None or is_null(node):
+            return {}
+        items = self.mapping(node, what)
+        if items is None:
+            return {}
+        kept = Items(node)
+        kept.update((name, entry) for name, entry in items.items() if not is_null(entry[1]))
+        return kept
 
     def unknown(self, items: Mapping[str, tuple[yaml.Node, yaml.Node]], allowed: set[str], what: str) -> None:
         for name, (key, _) in items.items():
@@ -177,8 +198,10 @@ class YamlReader:
         default: float,
         *,
         maximum: float | None = None,
+        allow_zero: bool = False,
     ) -> float:
-        """Seconds from a positive number or a duration text such as 500ms, 30s, 10m, 1h or 1d."""
+        """Seconds from a positive number or a duration text such as 500ms, 30s, 10m, 1h or 1d
+        (or 0 where `allow_zero`, for a TTL whose 0 means "never keep")."""
         if key not in items:
             return default
         node = items[key][1]
@@ -188,8 +211,9 @@ class YamlReader:
             seconds = float(value)
         else:
             seconds = parse_duration(value) if isinstance(value, str) else None
-        if seconds is None or seconds <= 0:
-            self.bad(node, f"{_at(what, key)}: expected a positive duration such as {DURATION_EXAMPLES}")
+        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+            kind = "a duration (0 or more)" if allow_zero else "a positive duration"
+            self.bad(node, f"{_at(what, key)}: expected {kind} such as {DURATION_EXAMPLES}")
             return default
         if maximum is not None and seconds > maximum:
             self.bad(node, f"{_at(what, key)}: must be at most {maximum:g}s, got {seconds:g}s")

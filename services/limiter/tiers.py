@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from services.kit.yamlfile import Items, YamlFileError, YamlReader, compose, read_text
+from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text
 
 PRIORITIES = ("low", "normal", "high", "critical")
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES, start=1)}
@@ -26,8 +26,6 @@ LIMIT_NAMES = (REQUESTS, USER_TOKENS, TENANT_TOKENS, TOOL_CALLS)
 
 #: The longest `reservation_ttl` accepted (the Redis store keeps a budget to the end of the next day).
 MAX_RESERVATION_TTL = 86400.0
-# A mapping entry of the file: its key's node and its value's node (each knows its line).
-Entry = tuple[yaml.Node, yaml.Node]
 
 
 class TiersError(YamlFileError):
@@ -96,23 +94,6 @@ class TiersConfig:
         return self.tiers.get(name or self.default_tier)
 
 
-def _entries(r: YamlReader, node: yaml.Node | None, what: str) -> Items | dict[str, Entry]:
-    """A mapping's entries; an absent or empty (`key:`) mapping has none, and an entry left
-    empty counts as not written, so its default applies."""
-    if node is None or _is_null(node):
-        return {}
-    items = r.mapping(node, what)
-    if items is None:
-        return {}
-    kept = Items(node)
-    kept.update((name, entry) for name, entry in items.items() if not _is_null(entry[1]))
-    return kept
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
 def _value(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
     return items[key][1] if key in items else None
 
@@ -120,7 +101,7 @@ def _value(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
 def _limit(r: YamlReader, node: yaml.Node | None, what: str, *, windowed: bool) -> Limit:
     if node is None:
         return Limit()
-    items = _entries(r, node, what)
+    items = r.entries(node, what)
     r.unknown(items, {"limit", "unlimited", "shadow", *(("window",) if windowed else ())}, what)
     unlimited = r.boolean(items, "unlimited", what, False)
     if not unlimited and "limit" not in items:
@@ -134,7 +115,7 @@ def _limit(r: YamlReader, node: yaml.Node | None, what: str, *, windowed: bool) 
 
 
 def _tier(r: YamlReader, name: str, node: yaml.Node, what: str) -> Tier:
-    items = _entries(r, node, what)
+    items = r.entries(node, what)
     r.unknown(items, {"priority", *LIMIT_NAMES}, what)
     priority = r.string(items, "priority", what, "normal", choices=PRIORITIES)
     return Tier(
@@ -157,7 +138,7 @@ def parse_tiers(text: str, source: str = "tiers") -> TiersConfig:
     except YamlFileError as exc:
         raise TiersError(exc.problems) from exc
     r = YamlReader(source)
-    root = _entries(r, document, "tiers file")
+    root = r.entries(document, "tiers file")
     r.unknown(root, _TOP_LEVEL, "tiers file")
     tiers = _parse_tier_list(r, root, document)
     default_tier = r.string(root, "default_tier", "", "")
@@ -195,17 +176,17 @@ def _parse_tier_list(r: YamlReader, root: Mapping[str, Entry], document: yaml.No
 
 
 def _parse_throttle(r: YamlReader, node: yaml.Node | None) -> Throttle:
-    items = _entries(r, node, "throttle")
+    items = r.entries(node, "throttle")
     r.unknown(items, {"stale_after", "max_delay", "priorities"}, "throttle")
     default = Throttle()
     policies = dict(default.policies)
-    listed = _entries(r, _value(items, "priorities"), "throttle.priorities")
+    listed = r.entries(_value(items, "priorities"), "throttle.priorities")
     r.unknown(listed, set(PRIORITIES), "throttle.priorities")
     for name, (_, spec) in listed.items():
         if name not in PRIORITIES:
             continue
         what = f"throttle.priorities.{name}"
-        item = _entries(r, spec, what)
+        item = r.entries(spec, what)
         r.unknown(item, {"delay_below", "deny_below"}, what)
         base = policies[name]
         delay = float(r.number(item, "delay_below", what, base.delay_below, maximum=1.0))
