@@ -53,6 +53,14 @@ def compose(text: str, source: str) -> yaml.Node | None:
     return node
 
 
+def load(text: str, source: str) -> Any:
+    """The document as plain data (None if empty), for a format whose rules are another
+    program's and are written over plain values (envoyproxy/ratelimit's descriptor files);
+    a syntax error names its line as compose's does."""
+    node = compose(text, source)
+    return None if node is None else yaml.SafeLoader("").construct_document(node)
+
+
 def read_text(path: str | Path, what: str) -> str:
     """The file's text; an unreadable file is a YamlFileError naming it and why."""
     try:
