@@ -103,44 +103,57 @@ class CacheSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> CacheSettings:
-        policy_file = env.string("BALLAST_CACHE_FILE", "config/cache.yaml")
+        # Each default is the field's own (cls.<field>), written once above.
+        policy_file = env.string("BALLAST_CACHE_FILE", cls.policy_file)
         for variable in ("BALLAST_CACHE_MODEL_PATH", "BALLAST_CACHE_TOKENIZER_PATH"):
             path = env.string(variable, "")
             if path and not Path(path).is_file():
                 env.problems.append(f"{variable}={path!r} is invalid: expected an existing file")
         return cls(
             server=ServerSettings.from_env("cache", env),
-            store_url=env.url("BALLAST_CACHE_STORE", "memory://", ["memory", "redis", "rediss"]),
-            embedder=env.choice("BALLAST_CACHE_EMBEDDER", "local", EMBEDDERS),
-            router_embed_model=env.string("BALLAST_CACHE_ROUTER_EMBED_MODEL", "embedding"),
-            embed_timeout=env.duration("BALLAST_CACHE_EMBED_TIMEOUT", 2.0, minimum=0.001),
-            model_path=env.string("BALLAST_CACHE_MODEL_PATH", ""),
-            tokenizer_path=env.string("BALLAST_CACHE_TOKENIZER_PATH", ""),
-            embed_threads=env.integer("BALLAST_CACHE_EMBED_THREADS", 1, minimum=1, maximum=64),
-            embed_max_tokens=env.integer("BALLAST_CACHE_EMBED_MAX_TOKENS", 256, minimum=8, maximum=512),
-            embed_cache_entries=env.integer("BALLAST_CACHE_EMBED_CACHE_ENTRIES", 10_000, minimum=0),
-            preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", True),
-            threshold=env.number("BALLAST_CACHE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0),
-            semantic_max_chars=env.integer("BALLAST_CACHE_SEMANTIC_MAX_CHARS", 1000, minimum=1),
-            candidates=env.integer("BALLAST_CACHE_CANDIDATES", 4, minimum=1, maximum=100),
-            default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", 3600.0, minimum=0.001),
-            max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", 7 * 86400.0, minimum=0.001),
-            tool_ttl=env.duration("BALLAST_CACHE_TOOL_TTL", 300.0, minimum=0.0),
-            retrieval_ttl=env.duration("BALLAST_CACHE_RETRIEVAL_TTL", 600.0, minimum=0.001),
-            tool_error_ttl=env.duration("BALLAST_CACHE_TOOL_ERROR_TTL", 30.0, minimum=0.0),
-            max_bytes=env.integer("BALLAST_CACHE_MAX_BYTES", 256 * 1024 * 1024, minimum=1024),
-            max_tenant_bytes=env.integer("BALLAST_CACHE_MAX_TENANT_BYTES", 64 * 1024 * 1024, minimum=0),
-            max_entry_bytes=env.integer("BALLAST_CACHE_MAX_ENTRY_BYTES", 1024 * 1024, minimum=256),
-            ann_threshold=env.integer("BALLAST_CACHE_ANN_THRESHOLD", 20_000, minimum=1),
-            ann_m=env.integer("BALLAST_CACHE_ANN_M", 12, minimum=2, maximum=128),
-            ann_ef_construction=env.integer("BALLAST_CACHE_ANN_EF_CONSTRUCTION", 64, minimum=8, maximum=2000),
-            ann_ef=env.integer("BALLAST_CACHE_ANN_EF", 64, minimum=1, maximum=10_000),
-            max_messages=env.integer("BALLAST_CACHE_MAX_MESSAGES", 1024, minimum=1),
-            max_text_chars=env.integer("BALLAST_CACHE_MAX_TEXT_CHARS", 200_000, minimum=1),
-            sync_block=env.duration("BALLAST_CACHE_SYNC_BLOCK", 1.0, minimum=0.01),
-            stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", 20_000, minimum=100),
-            store_pool_size=env.integer("BALLAST_CACHE_STORE_POOL_SIZE", 128, minimum=1, maximum=100_000),
-            store_timeout=env.duration("BALLAST_CACHE_STORE_TIMEOUT", 2.0, minimum=0.001),
+            store_url=env.url("BALLAST_CACHE_STORE", cls.store_url, ["memory", "redis", "rediss"]),
+            embedder=env.choice("BALLAST_CACHE_EMBEDDER", cls.embedder, EMBEDDERS),
+            router_embed_model=env.string("BALLAST_CACHE_ROUTER_EMBED_MODEL", cls.router_embed_model),
+            embed_timeout=env.duration("BALLAST_CACHE_EMBED_TIMEOUT", cls.embed_timeout, minimum=0.001),
+            model_path=env.string("BALLAST_CACHE_MODEL_PATH", cls.model_path),
+            tokenizer_path=env.string("BALLAST_CACHE_TOKENIZER_PATH", cls.tokenizer_path),
+            embed_threads=env.integer(
+                "BALLAST_CACHE_EMBED_THREADS", cls.embed_threads, minimum=1, maximum=64
+            ),
+            embed_max_tokens=env.integer(
+                "BALLAST_CACHE_EMBED_MAX_TOKENS", cls.embed_max_tokens, minimum=8, maximum=512
+            ),
+            embed_cache_entries=env.integer(
+                "BALLAST_CACHE_EMBED_CACHE_ENTRIES", cls.embed_cache_entries, minimum=0
+            ),
+            preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", cls.preload_embedder),
+            threshold=env.number("BALLAST_CACHE_THRESHOLD", cls.threshold, minimum=0.0, maximum=1.0),
+            semantic_max_chars=env.integer(
+                "BALLAST_CACHE_SEMANTIC_MAX_CHARS", cls.semantic_max_chars, minimum=1
+            ),
+            candidates=env.integer("BALLAST_CACHE_CANDIDATES", cls.candidates, minimum=1, maximum=100),
+            default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", cls.default_ttl, minimum=0.001),
+            max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", cls.max_ttl, minimum=0.001),
+            tool_ttl=env.duration("BALLAST_CACHE_TOOL_TTL", cls.tool_ttl, minimum=0.0),
+            retrieval_ttl=env.duration("BALLAST_CACHE_RETRIEVAL_TTL", cls.retrieval_ttl, minimum=0.001),
+            tool_error_ttl=env.duration("BALLAST_CACHE_TOOL_ERROR_TTL", cls.tool_error_ttl, minimum=0.0),
+            max_bytes=env.integer("BALLAST_CACHE_MAX_BYTES", cls.max_bytes, minimum=1024),
+            max_tenant_bytes=env.integer("BALLAST_CACHE_MAX_TENANT_BYTES", cls.max_tenant_bytes, minimum=0),
+            max_entry_bytes=env.integer("BALLAST_CACHE_MAX_ENTRY_BYTES", cls.max_entry_bytes, minimum=256),
+            ann_threshold=env.integer("BALLAST_CACHE_ANN_THRESHOLD", cls.ann_threshold, minimum=1),
+            ann_m=env.integer("BALLAST_CACHE_ANN_M", cls.ann_m, minimum=2, maximum=128),
+            ann_ef_construction=env.integer(
+                "BALLAST_CACHE_ANN_EF_CONSTRUCTION", cls.ann_ef_construction, minimum=8, maximum=2000
+            ),
+            ann_ef=env.integer("BALLAST_CACHE_ANN_EF", cls.ann_ef, minimum=1, maximum=10_000),
+            max_messages=env.integer("BALLAST_CACHE_MAX_MESSAGES", cls.max_messages, minimum=1),
+            max_text_chars=env.integer("BALLAST_CACHE_MAX_TEXT_CHARS", cls.max_text_chars, minimum=1),
+            sync_block=env.duration("BALLAST_CACHE_SYNC_BLOCK", cls.sync_block, minimum=0.01),
+            stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", cls.stream_maxlen, minimum=100),
+            store_pool_size=env.integer(
+                "BALLAST_CACHE_STORE_POOL_SIZE", cls.store_pool_size, minimum=1, maximum=100_000
+            ),
+            store_timeout=env.duration("BALLAST_CACHE_STORE_TIMEOUT", cls.store_timeout, minimum=0.001),
             policy_file=policy_file,
             policy=load_policy(env, "BALLAST_CACHE_FILE", policy_file),
         )
