@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from services.kit.config import Env, ServerSettings
-from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text
+from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text, value_node
 
 EMBEDDERS = ("local", "router")
 
@@ -176,19 +176,15 @@ def parse_policy(text: str, source: str = "cache.yaml") -> CachePolicy:
     r = YamlReader(source)
     root = r.entries(document, "cache policy")
     r.unknown(root, {"namespaces", "tenants", "tools"}, "cache policy")
-    tenant_max_ttl, tenant_max_bytes = _tenants(r, r.entries(_value(root, "tenants"), "tenants"))
+    tenant_max_ttl, tenant_max_bytes = _tenants(r, r.entries(value_node(root, "tenants"), "tenants"))
     policy = CachePolicy(
-        namespaces=_namespaces(r, r.entries(_value(root, "namespaces"), "namespaces")),
+        namespaces=_namespaces(r, r.entries(value_node(root, "namespaces"), "namespaces")),
         tenant_max_ttl=tenant_max_ttl,
         tenant_max_bytes=tenant_max_bytes,
-        tool_ttl=_tool_ttls(r, r.entries(_value(root, "tools"), "tools")),
+        tool_ttl=_tool_ttls(r, r.entries(value_node(root, "tools"), "tools")),
     )
     r.check()
     return policy
-
-
-def _value(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
-    return items[key][1] if key in items else None
 
 
 def _namespaces(r: YamlReader, section: Mapping[str, Entry]) -> dict[str, NamespacePolicy]:

@@ -34,6 +34,11 @@ def is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
+def value_node(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
+    """The value's node of `key` (None when not written), for a section read by its own function."""
+    return items[key][1] if key in items else None
+
+
 class Items(dict[str, Entry]):
     """A mapping's entries by key (key node, value node), remembering the mapping's own node."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text
+from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text, value_node
 
 PRIORITIES = ("low", "normal", "high", "critical")
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES, start=1)}
@@ -94,23 +94,20 @@ class TiersConfig:
         return self.tiers.get(name or self.default_tier)
 
 
-def _value(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
-    return items[key][1] if key in items else None
-
-
 def _limit(r: YamlReader, node: yaml.Node | None, what: str, *, windowed: bool) -> Limit:
     if node is None:
         return Limit()
     items = r.entries(node, what)
     r.unknown(items, {"limit", "unlimited", "shadow", *(("window",) if windowed else ())}, what)
+    # A limit written out is enforced unless it says `unlimited: true`.
     unlimited = r.boolean(items, "unlimited", what, False)
     if not unlimited and "limit" not in items:
         r.bad(node, f"{what}: needs `limit` (or `unlimited: true`)")
     return Limit(
-        limit=int(r.number(items, "limit", what, 0, integer=True)),
+        limit=int(r.number(items, "limit", what, Limit.limit, integer=True)),
         unlimited=unlimited,
-        window=r.duration(items, "window", what, 3600.0) if windowed else 86400.0,
-        shadow=r.boolean(items, "shadow", what, False),
+        window=r.duration(items, "window", what, Limit.window) if windowed else 86400.0,
+        shadow=r.boolean(items, "shadow", what, Limit.shadow),
     )
 
 
@@ -121,10 +118,10 @@ def _tier(r: YamlReader, name: str, node: yaml.Node, what: str) -> Tier:
     return Tier(
         name=name,
         priority=priority if priority in PRIORITIES else "normal",
-        requests=_limit(r, _value(items, REQUESTS), f"{what}.{REQUESTS}", windowed=True),
-        user_tokens=_limit(r, _value(items, USER_TOKENS), f"{what}.{USER_TOKENS}", windowed=False),
-        tenant_tokens=_limit(r, _value(items, TENANT_TOKENS), f"{what}.{TENANT_TOKENS}", windowed=False),
-        tool_calls=_limit(r, _value(items, TOOL_CALLS), f"{what}.{TOOL_CALLS}", windowed=False),
+        requests=_limit(r, value_node(items, REQUESTS), f"{what}.{REQUESTS}", windowed=True),
+        user_tokens=_limit(r, value_node(items, USER_TOKENS), f"{what}.{USER_TOKENS}", windowed=False),
+        tenant_tokens=_limit(r, value_node(items, TENANT_TOKENS), f"{what}.{TENANT_TOKENS}", windowed=False),
+        tool_calls=_limit(r, value_node(items, TOOL_CALLS), f"{what}.{TOOL_CALLS}", windowed=False),
     )
 
 
@@ -143,16 +140,20 @@ def parse_tiers(text: str, source: str = "tiers") -> TiersConfig:
     tiers = _parse_tier_list(r, root, document)
     default_tier = r.string(root, "default_tier", "", "")
     if default_tier and default_tier not in tiers:
-        r.bad(_value(root, "default_tier"), f"default_tier: {default_tier!r} is not a tier")
+        r.bad(value_node(root, "default_tier"), f"default_tier: {default_tier!r} is not a tier")
     config = TiersConfig(
         tiers=tiers,
         default_tier=default_tier,
         # A reservation covers one model call in flight. At most a day, so a budget's keys (kept
         # to the end of the next day) outlive every reservation they count.
-        reservation_ttl=r.duration(root, "reservation_ttl", "", 600.0, maximum=MAX_RESERVATION_TTL),
-        session_ttl=r.duration(root, "session_ttl", "", 86400.0),
-        near_limit_ratio=float(r.number(root, "near_limit_ratio", "", 0.8, minimum=0.0, maximum=1.0)),
-        throttle=_parse_throttle(r, _value(root, "throttle")),
+        reservation_ttl=r.duration(
+            root, "reservation_ttl", "", TiersConfig.reservation_ttl, maximum=MAX_RESERVATION_TTL
+        ),
+        session_ttl=r.duration(root, "session_ttl", "", TiersConfig.session_ttl),
+        near_limit_ratio=float(
+            r.number(root, "near_limit_ratio", "", TiersConfig.near_limit_ratio, maximum=1.0)
+        ),
+        throttle=_parse_throttle(r, value_node(root, "throttle")),
     )
     if r.problems:
         raise TiersError(r.problems)
@@ -160,7 +161,7 @@ def parse_tiers(text: str, source: str = "tiers") -> TiersConfig:
 
 
 def _parse_tier_list(r: YamlReader, root: Mapping[str, Entry], document: yaml.Node | None) -> dict[str, Tier]:
-    node = _value(root, "tiers")
+    node = value_node(root, "tiers")
     listed = r.mapping(node, "tiers") if node is not None else None
     if not listed:
         if listed is not None or node is None:
@@ -180,7 +181,7 @@ def _parse_throttle(r: YamlReader, node: yaml.Node | None) -> Throttle:
     r.unknown(items, {"stale_after", "max_delay", "priorities"}, "throttle")
     default = Throttle()
     policies = dict(default.policies)
-    listed = r.entries(_value(items, "priorities"), "throttle.priorities")
+    listed = r.entries(value_node(items, "priorities"), "throttle.priorities")
     r.unknown(listed, set(PRIORITIES), "throttle.priorities")
     for name, (_, spec) in listed.items():
         if name not in PRIORITIES:
