@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -48,7 +48,11 @@ class KeyRegistry:
         self._store = store
 
     async def caller(self, context: Context) -> common_pb2.Caller:
-        secret = auth.key_from_metadata(context.invocation_metadata())
+        return await self.caller_from(context.invocation_metadata())
+
+    async def caller_from(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> common_pb2.Caller:
+        """The caller for gRPC metadata or HTTP headers (lower-case names, as both deliver them)."""
+        secret = auth.key_from_metadata(metadata)
         digest = auth.hash_key(secret)
         key = self._by_hash.get(digest) or await self._store.key_by_hash(digest)
         if key is None or key.revoked:
@@ -156,15 +160,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     async def Chat(self, request: edge_pb2.ChatRequest, context: Context) -> edge_pb2.ChatResponse:
         caller = await self._keys.caller(context)
-        validate_chat(request, self._settings)
         deadline = Deadline(context.time_remaining())
-        try:
-            async with self._paced(caller, deadline):
-                response = await self._pipeline.chat(caller, request, _request_id(context), deadline)
-        except BallastError as exc:
-            self._metrics.failed(caller, exc.code.name)
-            raise
-        self._metrics.chat(caller, response)
+        response = await self.chat(caller, request, _request_id(context), deadline)
         context.set_trailing_metadata(quota_metadata(list(response.quotas)))
         return response
 
@@ -172,16 +169,44 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self, request: edge_pb2.ChatStreamRequest, context: Context
     ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
         caller = await self._keys.caller(context)
-        validate_chat(request.chat, self._settings, "chat")
         deadline = Deadline(context.time_remaining())
+        async for event in self.chat_stream(caller, request.chat, _request_id(context), deadline, "chat"):
+            if event.WhichOneof("event") == "done":
+                context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
+            yield event
+
+    # Both faces of the edge (this gRPC servicer and the OpenAI-compatible HTTP API) run a chat
+    # turn through these two, so validation, pacing and metrics cannot drift apart.
+
+    async def chat(
+        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, request_id: str, deadline: Deadline
+    ) -> edge_pb2.ChatResponse:
+        """One chat turn for an authenticated caller."""
+        validate_chat(request, self._settings)
         try:
             async with self._paced(caller, deadline):
-                async for event in self._pipeline.chat_stream(
-                    caller, request.chat, _request_id(context), deadline
-                ):
+                response = await self._pipeline.chat(caller, request, request_id, deadline)
+        except BallastError as exc:
+            self._metrics.failed(caller, exc.code.name)
+            raise
+        self._metrics.chat(caller, response)
+        return response
+
+    async def chat_stream(
+        self,
+        caller: common_pb2.Caller,
+        request: edge_pb2.ChatRequest,
+        request_id: str,
+        deadline: Deadline,
+        field: str = "",
+    ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
+        """One streamed chat turn for an authenticated caller; `field` prefixes validation errors."""
+        validate_chat(request, self._settings, field)
+        try:
+            async with self._paced(caller, deadline):
+                async for event in self._pipeline.chat_stream(caller, request, request_id, deadline):
                     if event.WhichOneof("event") == "done":
                         self._metrics.chat(caller, event.done)
-                        context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
                     yield event
         except BallastError as exc:
             self._metrics.failed(caller, exc.code.name)

@@ -55,6 +55,9 @@ class ServiceApp:
     async def start(self) -> None:
         """Opens pools and starts background work, before the port accepts calls."""
 
+    async def drain(self, grace: float) -> None:
+        """Stops other doors into the service (an HTTP face) within `grace`, while gRPC drains."""
+
     async def close(self) -> None:
         """Closes pools and stops background work, after in-flight calls drained."""
 
@@ -128,7 +131,7 @@ class RunningService:
         grace = self.app.server_settings.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
         try:
             # Closing pools must not hold the process forever (a pool waiting for a connection
             # that a dead backend never returns): bounded, and the overrun is logged.

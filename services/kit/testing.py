@@ -93,6 +93,8 @@ async def start_suite(
         for name in registry.ordered(list(names)):
             env_vars[f"BALLAST_{name.upper()}_PORT"] = "0"
             env_vars[f"BALLAST_{name.upper()}_METRICS_PORT"] = "0"
+            # The edge's OpenAI-compatible HTTP face too: suites run side by side on one machine.
+            env_vars["BALLAST_EDGE_HTTP_PORT"] = "0"
             env = Env(env_vars)
             settings = registry.load_settings(name, env)
             env.check()
