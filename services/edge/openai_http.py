@@ -290,16 +290,6 @@ class OpenAIHttpApp:
                         await _chunk(send, writer.tool_calls(event.delta.tool_calls))
                 elif kind == "done":
                     done = event.done
-                    # A replayed (cached) answer streams its text only: its tool calls come whole here.
-                    missing = [
-                        router_pb2.ToolCallDelta(
-                            index=i, id=c.id, name=c.name, arguments_json_fragment=c.arguments_json
-                        )
-                        for i, c in enumerate(done.message.tool_calls)
-                        if i not in writer.started_calls
-                    ]
-                    if missing:
-                        await _chunk(send, writer.tool_calls(missing))
                     await _chunk(send, writer.finish(done.finish_reason))
                     if call.include_usage:
                         await _chunk(send, writer.usage(done.usage))
