@@ -31,6 +31,7 @@ up: install
 ## The tests, as CI runs them: backends, lint, types, generated code, pytest.
 test: install
 	bash scripts/ensure_backends.sh
+	bash scripts/ensure_node_sdk.sh
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python scripts/gen_protos.py --check 2>/dev/null
 	$(BIN)/python -m pytest -q

@@ -96,6 +96,9 @@ class EdgeSettings:
     http_max_body_bytes: int = 4 * 1024 * 1024
     http_request_timeout: float = 600.0
     http_keep_alive: float = 75.0
+    # A 429 whose retry-after is longer than this tells OpenAI SDKs not to retry (x-should-retry:
+    # false): the Node SDK would otherwise sleep out any retry-after, even until midnight.
+    http_max_retry_wait: float = 60.0
 
     @classmethod
     def from_env(cls, env: Env) -> EdgeSettings:
@@ -153,4 +156,5 @@ class EdgeSettings:
             ),
             http_request_timeout=env.duration("BALLAST_EDGE_HTTP_REQUEST_TIMEOUT", 600.0, minimum=0.1),
             http_keep_alive=env.duration("BALLAST_EDGE_HTTP_KEEP_ALIVE", 75.0, minimum=1.0),
+            http_max_retry_wait=env.duration("BALLAST_EDGE_HTTP_MAX_RETRY_WAIT", 60.0),
         )

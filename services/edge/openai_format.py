@@ -733,7 +733,7 @@ def quota_headers(quotas: Iterable[common_pb2.Quota]) -> list[tuple[bytes, bytes
     return headers
 
 
-def http_error(exc: BallastError, call: ChatCall | None = None) -> HttpError:
+def http_error(exc: BallastError, call: ChatCall | None = None, *, max_retry_wait: float = 60.0) -> HttpError:
     """The HTTP answer for a domain error: status per gRPC code, OpenAI's envelope, retry headers."""
     status, kind, code = _STATUS.get(exc.code, (500, "server_error", "internal_error"))
     details = _details(exc)
@@ -769,6 +769,8 @@ def http_error(exc: BallastError, call: ChatCall | None = None) -> HttpError:
         if retry_after is not None and retry_after >= 0:
             headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
             headers.append((b"retry-after-ms", str(round(retry_after * 1000)).encode()))
+            if retry_after > max_retry_wait:
+                headers.append((b"x-should-retry", b"false"))
         headers += ratelimit_headers(exc.trailing)
     return HttpError(status, envelope(message, kind, param, code), headers)
 

@@ -148,14 +148,14 @@ class OpenAIHttpApp:
                 retry_after=0.5,
                 reason="edge_in_flight",
             )
-            return await _send_error(send, fmt.http_error(shed), headers)
+            return await _send_error(send, self._error(shed), headers)
         limit.active += 1
         try:
             return await handler(scope, headers, receive, send)
         except _ReplyError as reply:
             return await _send_error(send, reply.error, headers)
         except BallastError as exc:
-            return await _send_error(send, fmt.http_error(exc), headers)
+            return await _send_error(send, self._error(exc), headers)
         except Exception:
             trace_id = _trace_id()
             log.exception("unhandled error in %s (trace_id=%s)", scope["path"], trace_id)
@@ -164,6 +164,9 @@ class OpenAIHttpApp:
             limit.active -= 1
 
     # --- plumbing -------------------------------------------------------------------------------
+
+    def _error(self, exc: BallastError, call: fmt.ChatCall | None = None) -> fmt.HttpError:
+        return fmt.http_error(exc, call, max_retry_wait=self._settings.http_max_retry_wait)
 
     async def _body(self, headers: dict[str, str], receive: Receive) -> bytes:
         limit = self._settings.http_max_body_bytes
@@ -236,9 +239,9 @@ class OpenAIHttpApp:
                 response = await self._servicer.chat(caller, call.request, request_id, deadline)
         except InvalidArgument as exc:
             # Validation names the edge's fields; the caller wrote OpenAI's parameters.
-            raise _ReplyError(fmt.http_error(exc, call)) from None
+            raise _ReplyError(self._error(exc, call)) from None
         except BallastError as exc:
-            raise _ReplyError(fmt.http_error(exc, call)) from None
+            raise _ReplyError(self._error(exc, call)) from None
         reply_headers = [
             _JSON,
             *_identity(response.request_id),
@@ -302,7 +305,7 @@ class OpenAIHttpApp:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": fmt.error_event(fmt.http_error(exc, call).body),
+                    "body": fmt.error_event(self._error(exc, call).body),
                     "more_body": False,
                 }
             )

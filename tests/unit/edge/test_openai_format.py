@@ -300,6 +300,7 @@ def test_a_rate_limit_carries_retry_after_and_openai_rate_limit_headers() -> Non
     assert headers[b"x-ratelimit-reset-requests"] == b"3s"
     body = orjson.loads(error.body)["error"]
     assert (body["type"], body["code"]) == ("requests", "rate_limit_exceeded")
+    assert b"x-should-retry" not in headers
 
 
 def test_a_spent_token_budget_is_insufficient_quota() -> None:
@@ -311,9 +312,11 @@ def test_a_spent_token_budget_is_insufficient_quota() -> None:
             _packed(error_details_pb2.ErrorInfo(reason="user_tokens_per_day", domain="ballast")),
         ],
     )
-    error = fmt.http_error(spent)
+    error = fmt.http_error(spent, max_retry_wait=60)
     assert error.status == 429
     assert dict(error.headers)[b"retry-after"] == b"36000"
+    # Longer than the SDKs should wait: they are told not to retry.
+    assert dict(error.headers)[b"x-should-retry"] == b"false"
     body = orjson.loads(error.body)["error"]
     assert (body["type"], body["code"]) == ("insufficient_quota", "insufficient_quota")
 
