@@ -12,6 +12,6 @@ COPY config/ config/
 USER ballast
 # Containers listen on every interface; BALLAST_HOST defaults to loopback elsewhere.
 ENV BALLAST_HOST=0.0.0.0 BALLAST_LOG_FORMAT=json
-EXPOSE 50051 50052 50053 50054 50055
+EXPOSE 50051 50052 50053 50054 50055 8080
 ENTRYPOINT ["ballast"]
 CMD ["up"]

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from services import registry
+from services.edge.config import EdgeSettings
 from services.kit.config import SERVICE_NAMES, ConfigError
 from services.kit.logging import setup_logging
 from services.kit.server import run_until_signal
@@ -48,6 +49,9 @@ def _banner(settings: dict[str, object]) -> None:
     edge = settings.get("edge")
     if edge is not None:
         port = getattr(edge, "server").port  # noqa: B009
+        if isinstance(edge, EdgeSettings) and edge.http_enabled:
+            http = f"{edge.server.host}:{edge.http_port}"
+            lines.append(f"  {'edge http':<9} {http}  (OpenAI-compatible API: base_url http://{http}/v1)")
         lines.append(f"Try: grpcurl -plaintext 127.0.0.1:{port} list")
     print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -98,12 +98,14 @@ class EdgeApp(ServiceApp):
         )
 
     async def start(self) -> None:
+        if self.settings.http_enabled:
+            self.http.bind()
         await self.store.start()
         self.jobs.start()
         self.governor.start()
         self.metrics.start()
         if self.settings.http_enabled:
-            await self.http.start()
+            await self.http.serve()
 
     async def drain(self, grace: float) -> None:
         await self.http.drain(grace)

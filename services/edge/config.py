@@ -99,6 +99,8 @@ class EdgeSettings:
     # A 429 whose retry-after is longer than this tells OpenAI SDKs not to retry (x-should-retry:
     # false): the Node SDK would otherwise sleep out any retry-after, even until midnight.
     http_max_retry_wait: float = 60.0
+    # Connections the kernel queues for the HTTP port before uvicorn accepts them.
+    http_backlog: int = 2048
 
     @classmethod
     def from_env(cls, env: Env) -> EdgeSettings:
@@ -157,4 +159,5 @@ class EdgeSettings:
             http_request_timeout=env.duration("BALLAST_EDGE_HTTP_REQUEST_TIMEOUT", 600.0, minimum=0.1),
             http_keep_alive=env.duration("BALLAST_EDGE_HTTP_KEEP_ALIVE", 75.0, minimum=1.0),
             http_max_retry_wait=env.duration("BALLAST_EDGE_HTTP_MAX_RETRY_WAIT", 60.0),
+            http_backlog=env.integer("BALLAST_EDGE_HTTP_BACKLOG", 2048, minimum=1, maximum=65535),
         )

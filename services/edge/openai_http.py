@@ -33,6 +33,8 @@ from services.kit.errors import BallastError, InvalidArgument, ResourceExhausted
 from services.kit.telemetry import Telemetry
 
 log = logging.getLogger("ballast.edge.http")
+# uvicorn's own start and stop lines repeat the edge's in another shape; its warnings still show.
+logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -451,10 +453,12 @@ class HttpFront:
         self._settings = settings
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
         self.port = 0
 
-    async def start(self) -> int:
-        """Binds the port (a clash fails start-up, as the gRPC port's does) and starts serving."""
+    def bind(self) -> int:
+        """Takes the port first, so a clash fails start-up (as the gRPC port's does) before
+        anything else has started; `serve` answers on it once the edge is ready."""
         host = self._settings.server.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -467,9 +471,16 @@ class HttpFront:
                 f"edge: cannot listen for HTTP on {host}:{self._settings.http_port} ({exc}); "
                 "set BALLAST_EDGE_HTTP_PORT (0 picks a free port) or BALLAST_EDGE_HTTP=false"
             ) from None
-        sock.listen(1024)
+        sock.listen(self._settings.http_backlog)
         sock.setblocking(False)
+        self._socket = sock
         self.port = int(sock.getsockname()[1])
+        return self.port
+
+    async def serve(self) -> None:
+        sock = self._socket
+        if sock is None:
+            raise RuntimeError("HttpFront.serve() before bind()")
         config = uvicorn.Config(
             self._app,
             http="httptools",
@@ -477,7 +488,7 @@ class HttpFront:
             access_log=False,
             log_config=None,
             server_header=False,
-            timeout_keep_alive=int(self._settings.http_keep_alive),
+            timeout_keep_alive=math.ceil(self._settings.http_keep_alive),
         )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="edge-http")
@@ -486,7 +497,10 @@ class HttpFront:
         if not ready.done():
             ready.cancel()
             await self._task  # raises why it could not start
-        return self.port
+        log.info(
+            "serving the OpenAI-compatible HTTP API",
+            extra={"host": self._settings.server.host, "port": self.port},
+        )
 
     async def drain(self, grace: float) -> None:
         """Stops accepting, lets in-flight requests finish within `grace`, then closes."""
@@ -496,3 +510,4 @@ class HttpFront:
         self._server.should_exit = True
         await self._task
         self._server = None
+        self._socket = None

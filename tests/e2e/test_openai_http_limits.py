@@ -1,13 +1,17 @@
-"""The HTTP face's request-size limit, with a suite of its own (a small limit)."""
+"""The HTTP face with suites of its own: the request-size limit, and a graceful shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
+from services.edge.app import EdgeApp
 from tests.conftest import SuiteFactory
 from tests.support.openai_http import http_url
 from tests.support.suite_config import write_test_config
@@ -38,3 +42,36 @@ async def test_body_limit_and_a_trickled_body(suite_factory: SuiteFactory, tmp_p
 
 def _user_message(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
+
+
+def http_url_of(app: EdgeApp) -> str:
+    return f"http://127.0.0.1:{app.http.port}/v1"
+
+
+async def test_a_shutdown_lets_an_http_request_in_flight_finish(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    # A slow provider, so the request is certainly in flight when the edge is told to stop.
+    environ = write_test_config(tmp_path, sim_latency_ms=1500)
+    suite = await suite_factory(["router", "limiter", "cache", "sessions", "edge"], environ)
+    edge = suite.running["edge"]
+    app = edge.app
+    assert isinstance(app, EdgeApp)
+    async with httpx.AsyncClient(base_url=http_url(suite), timeout=60) as http:
+        request = asyncio.ensure_future(
+            http.post(
+                "/chat/completions",
+                headers={"authorization": "Bearer bk_demo_paid", "x-ballast-cache": "bypass"},
+                json={"model": "sim-small", "messages": [_user_message("slow one")]},
+            )
+        )
+        deadline = time.monotonic() + 30
+        while app.in_flight.active == 0:
+            assert time.monotonic() < deadline and not request.done(), "the request never arrived"
+            await asyncio.sleep(0.01)
+        await edge.stop(grace=30)
+        response = await request
+    assert response.status_code == 200, response.text
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(base_url=http_url_of(app)) as late:
+            await late.get("/models")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from services import registry
+from services.edge.config import EdgeSettings
 from services.kit.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, SERVICE_NAMES, Env
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -40,7 +41,9 @@ def test_service_command_port_and_health_check_match_the_code(compose: dict[str,
     port = DEFAULT_PORTS[name]
     assert service["command"] == ["serve", name]
     metrics = DEFAULT_METRICS_PORTS[name]
-    assert service["ports"] == [f"{port}:{port}", f"{metrics}:{metrics}"]
+    # The edge also serves the OpenAI-compatible HTTP API.
+    http = [f"{EdgeSettings.http_port}:{EdgeSettings.http_port}"] if name == "edge" else []
+    assert service["ports"] == [f"{port}:{port}", f"{metrics}:{metrics}", *http]
     probe = service["healthcheck"]["test"]
     assert probe[:4] == ["CMD", "python", "-m", "services.kit.healthcheck"]
     assert probe[4] == f"127.0.0.1:{port}"
