@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -29,7 +30,7 @@ from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
 from services.edge.embeddings import embed
 from services.edge.servicer import EdgeServicer, InFlightLimit, KeyRegistry
-from services.kit.errors import BallastError, InvalidArgument, ResourceExhausted
+from services.kit.errors import BallastError, InvalidArgument, ResourceExhausted, Unavailable
 from services.kit.telemetry import Telemetry
 
 log = logging.getLogger("ballast.edge.http")
@@ -54,6 +55,7 @@ _ROUTES = {
     "/v1/models": ("GET", "models"),
 }
 _MODEL_PREFIX = "/v1/models/"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 class _ReplyError(Exception):
@@ -201,8 +203,9 @@ class OpenAIHttpApp:
                     return b"".join(chunks)
 
     def _request_id(self, headers: dict[str, str]) -> str:
+        # As gRPC's x-request-id: the caller's own id when it is a plain id, a fresh one otherwise.
         given = headers.get("x-request-id", "")
-        return given if 0 < len(given) <= 128 else new_request_id()
+        return given if _REQUEST_ID.match(given) else new_request_id()
 
     # --- routes ---------------------------------------------------------------------------------
 
@@ -287,7 +290,7 @@ class OpenAIHttpApp:
                     await _chunk(send, writer.role())
                     continue
                 if writer is None:
-                    raise RuntimeError("the chat stream sent content before its start event")
+                    raise Unavailable("the chat stream sent content before its start event")
                 if kind == "delta":
                     if event.delta.text:
                         await _chunk(send, writer.text(event.delta.text))
@@ -300,21 +303,23 @@ class OpenAIHttpApp:
                         await _chunk(send, writer.usage(done.usage))
                     await send({"type": "http.response.body", "body": fmt.DONE, "more_body": False})
                     return 200
-        except BallastError as exc:
+            raise Unavailable("the chat stream ended without its final answer")
+        except Exception as exc:
             if writer is None:
                 raise
             # Headers are gone: the stream ends with an error event, never a clean [DONE].
+            if isinstance(exc, BallastError):
+                error = self._error(exc, call)
+            else:
+                trace_id = _trace_id()
+                log.exception("unhandled error in a chat stream (trace_id=%s)", trace_id)
+                error = fmt.internal_error(trace_id)
             await send(
-                {
-                    "type": "http.response.body",
-                    "body": fmt.error_event(self._error(exc, call).body),
-                    "more_body": False,
-                }
+                {"type": "http.response.body", "body": fmt.error_event(error.body), "more_body": False}
             )
             return 200
         finally:
             await events.aclose()  # type: ignore[attr-defined] # an async generator
-        raise RuntimeError("the chat stream ended without its final event")
 
     async def _models(self, scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> int:
         await self._keys.caller_from(headers.items())

@@ -1,4 +1,4 @@
-"""The HTTP face with suites of its own: the request-size limit, and a graceful shutdown."""
+"""The HTTP face with suites of its own: the request-size limit, a graceful shutdown, tracing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from services.edge.app import EdgeApp
 from tests.conftest import SuiteFactory
+from tests.e2e.test_telemetry import _service, _traced_suite
 from tests.support.openai_http import http_url
 from tests.support.suite_config import write_test_config
 
@@ -75,3 +76,29 @@ async def test_a_shutdown_lets_an_http_request_in_flight_finish(
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient(base_url=http_url_of(app)) as late:
             await late.get("/models")
+
+
+async def test_an_http_chat_is_one_trace_continuing_the_callers(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    suite, exporter = await _traced_suite(suite_factory, tmp_path)
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with httpx.AsyncClient(base_url=http_url(suite), timeout=60) as http:
+        response = await http.post(
+            "/chat/completions",
+            headers={
+                "authorization": "Bearer bk_demo_paid",
+                "traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01",
+                "x-ballast-cache": "bypass",
+            },
+            json={"model": "sim-small", "messages": [_user_message("What is a trace?")]},
+        )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-ballast-trace-id"] == caller_trace
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == int(caller_trace, 16)]
+    (root,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
+    assert root.kind.name == "SERVER" and (root.attributes or {})["http.response.status_code"] == 200
+    assert (root.attributes or {})["ballast.limiter.decision"] == "DECISION_ALLOW"
+    # The same downstream calls as a gRPC Chat (the cache is bypassed), all in the caller's trace.
+    assert {_service(s) for s in spans} == {f"ballast-{name}" for name in ("edge", "router", "limiter")}
+    assert any((s.attributes or {}).get("gen_ai.operation.name") == "chat" for s in spans)
