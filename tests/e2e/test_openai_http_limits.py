@@ -102,3 +102,33 @@ async def test_an_http_chat_is_one_trace_continuing_the_callers(
     # The same downstream calls as a gRPC Chat (the cache is bypassed), all in the caller's trace.
     assert {_service(s) for s in spans} == {f"ballast-{name}" for name in ("edge", "router", "limiter")}
     assert any((s.attributes or {}).get("gen_ai.operation.name") == "chat" for s in spans)
+
+
+async def test_http_and_grpc_share_the_in_flight_cap_and_http_is_measured(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    environ = {**write_test_config(tmp_path, sim_latency_ms=1500), "BALLAST_EDGE_MAX_IN_FLIGHT": "1"}
+    suite = await suite_factory(["router", "limiter", "cache", "sessions", "edge"], environ)
+    app = suite.running["edge"].app
+    assert isinstance(app, EdgeApp)
+    key = {"authorization": "Bearer bk_demo_paid", "x-ballast-cache": "bypass"}
+    body = {"model": "sim-small", "messages": [_user_message("slow one")]}
+    async with httpx.AsyncClient(base_url=http_url(suite), timeout=60) as http:
+        slow = asyncio.ensure_future(http.post("/chat/completions", headers=key, json=body))
+        deadline = time.monotonic() + 30
+        while app.in_flight.active == 0:
+            assert time.monotonic() < deadline and not slow.done(), "the request never arrived"
+            await asyncio.sleep(0.01)
+        shed = await http.post("/chat/completions", headers=key, json=body)
+        assert (await slow).status_code == 200
+    assert shed.status_code == 429
+    assert shed.headers["retry-after-ms"] == "500" and "in flight" in shed.json()["error"]["message"]
+    async with httpx.AsyncClient() as plain:
+        metrics = await plain.get(f"http://127.0.0.1:{suite.running['edge'].metrics_port}/metrics")
+    counts = {
+        line.split('http_response_status_code="')[1][:3]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_count")
+        and 'http_route="/v1/chat/completions"' in line
+    }
+    assert counts == {"200": 1.0, "429": 1.0}
