@@ -12,6 +12,11 @@ concurrency, rounds alternate the two faces (gRPC, then HTTP) and measure:
              /proc/<pid>/stat) over the round, divided by its requests
   p50, p99   client-side latency, and the same minus a direct call to the provider (`added`)
 
+With `--litellm PATH/TO/litellm` (LiteLLM installed apart, for example
+`python -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'`), LiteLLM's proxy
+(one worker, a master key, no database) routing to the same provider is measured in the same
+rounds, its CPU from its own process.
+
 Both faces and the direct provider calls use equally thin clients: grpc.aio for gRPC, a
 minimal keep-alive HTTP/1.1 client for HTTP (one connection per worker), so client costs do not
 blur the comparison. Tracing is off (OTEL_SDK_DISABLED), metrics on. The table goes to stdout and
@@ -54,9 +59,22 @@ QUESTION = "How do I reset my password if I no longer have access to my email?"
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """User + system CPU of a process (all its threads) and of the children it runs."""
+    total = 0.0
+    for member in [pid, *_descendants(pid)]:
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            for child in (task / "children").read_text().split():
+                found += [int(child), *_descendants(int(child))]
+    return found
 
 
 class RawHttp:
@@ -180,7 +198,53 @@ def _catalog(folder: Path, environ: dict[str, str], sim_port: int) -> None:
     path.write_text(yaml.safe_dump(catalog, sort_keys=False))
 
 
-async def _run(requests: int, rounds: int, concurrencies: list[int], folder: Path) -> list[dict[str, Any]]:
+LITELLM_KEY = "sk-ballast-bench-" + secrets.token_hex(16)
+
+
+def _start_litellm(
+    executable: str, sim_port: int, port: int, folder: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    config = folder / "litellm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_list": [
+                    {
+                        "model_name": "sim-small",
+                        "litellm_params": {
+                            "model": "openai/sim-small-1",
+                            "api_base": f"http://127.0.0.1:{sim_port}/v1",
+                            "api_key": "sk-sim",
+                        },
+                    }
+                ],
+                "litellm_settings": {"drop_params": True},
+            }
+        )
+    )
+    litellm_env = {
+        **env,
+        "LITELLM_MASTER_KEY": LITELLM_KEY,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+    }
+    command = [
+        executable,
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+        "--telemetry",
+        "False",
+    ]
+    return _start(command, litellm_env, folder / "litellm.log")
+
+
+async def _run(
+    requests: int, rounds: int, concurrencies: list[int], folder: Path, litellm: str | None
+) -> list[dict[str, Any]]:
     environ = write_test_config(folder, sim_latency_ms=0.0)
     sim_port = free_port()
     _catalog(folder, environ, sim_port)
@@ -218,12 +282,20 @@ async def _run(requests: int, rounds: int, concurrencies: list[int], folder: Pat
         folder / "sim.log",
     )
     suite = _start([sys.executable, "-m", "services.cli", "up"], env, folder / "suite.log")
+    processes = [suite, sim]
+    litellm_port = free_port()
+    litellm_process = None
+    if litellm:
+        litellm_process = _start_litellm(litellm, sim_port, litellm_port, folder, env)
+        processes.append(litellm_process)
     rows: list[dict[str, Any]] = []
     try:
         for port in ports.values():
             await _healthy(f"127.0.0.1:{port}")
         await _tcp_ready(http_port)
         await _tcp_ready(sim_port)
+        if litellm:
+            await _tcp_ready(litellm_port, within=180)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['edge']}") as channel:
             admin = edge_pb2_grpc.EdgeAdminServiceStub(channel)
             edge = edge_pb2_grpc.EdgeServiceStub(channel)
@@ -260,9 +332,20 @@ async def _run(requests: int, rounds: int, concurrencies: list[int], folder: Pat
                     ],
                 }
             )
+            litellm_body = orjson.dumps(
+                {
+                    "model": "sim-small",
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": QUESTION},
+                    ],
+                }
+            )
+            litellm_headers = {"authorization": f"Bearer {LITELLM_KEY}"}
             for concurrency in concurrencies:
                 http_clients = [RawHttp("127.0.0.1", http_port) for _ in range(concurrency)]
                 sim_clients = [RawHttp("127.0.0.1", sim_port) for _ in range(concurrency)]
+                litellm_clients = [RawHttp("127.0.0.1", litellm_port) for _ in range(concurrency)]
 
                 async def grpc_call(slot: int) -> None:
                     await edge.Chat(grpc_request, metadata=metadata)
@@ -277,15 +360,28 @@ async def _run(requests: int, rounds: int, concurrencies: list[int], folder: Pat
                     if status != 200:
                         raise RuntimeError(f"provider answered {status}: {body[:200]!r}")
 
+                async def litellm_call(slot: int, clients: list[RawHttp] = litellm_clients) -> None:
+                    status, body = await clients[slot].post(
+                        "/v1/chat/completions", litellm_body, litellm_headers
+                    )
+                    if status != 200:
+                        raise RuntimeError(f"LiteLLM answered {status}: {body[:200]!r}")
+
+                faces: list[tuple[str, Callable[[int], Awaitable[None]], int | None]] = [
+                    ("direct", direct_call, None),
+                    ("grpc", grpc_call, suite.pid),
+                    ("http", http_call, suite.pid),
+                ]
+                if litellm_process is not None:
+                    faces.append(("litellm", litellm_call, litellm_process.pid))
                 # Warm-up: connections, caches of the interpreter, the router's EWMA.
-                for call in (direct_call, grpc_call, http_call):
+                for _, call, _ in faces:
                     await _round(call, min(200, requests), concurrency, None)
-                measured: dict[str, list[dict[str, float]]] = {"direct": [], "grpc": [], "http": []}
+                measured: dict[str, list[dict[str, float]]] = {face: [] for face, _, _ in faces}
                 for _ in range(rounds):
-                    measured["direct"].append(await _round(direct_call, requests, concurrency, None))
-                    measured["grpc"].append(await _round(grpc_call, requests, concurrency, suite.pid))
-                    measured["http"].append(await _round(http_call, requests, concurrency, suite.pid))
-                for client in (*http_clients, *sim_clients):
+                    for face, call, pid in faces:
+                        measured[face].append(await _round(call, requests, concurrency, pid))
+                for client in (*http_clients, *sim_clients, *litellm_clients):
                     await client.close()
 
                 def median(
@@ -294,7 +390,7 @@ async def _run(requests: int, rounds: int, concurrencies: list[int], folder: Pat
                     return statistics.median(r[metric] for r in measured[face])
 
                 direct_p50, direct_p99 = median("direct", "p50_ms"), median("direct", "p99_ms")
-                for face in ("grpc", "http"):
+                for face in [name for name, _, _ in faces if name != "direct"]:
                     row = {
                         "concurrency": concurrency,
                         "face": face,
@@ -309,14 +405,14 @@ async def _run(requests: int, rounds: int, concurrencies: list[int], folder: Pat
                     }
                     rows.append(row)
                     print(_row(row), flush=True)
-                grpc_row, http_row = rows[-2], rows[-1]
+                grpc_row, http_row = (r for r in rows[-len(faces) + 1 :] if r["face"] in ("grpc", "http"))
                 print(
                     f"  concurrency {concurrency}: the HTTP face costs {http_row['cpu_ms'] - grpc_row['cpu_ms']:+.3f} ms "
                     f"CPU per request against gRPC Chat",
                     flush=True,
                 )
     finally:
-        _stop([suite, sim])
+        _stop(processes)
     return rows
 
 
@@ -328,7 +424,7 @@ HEADER = (
 
 def _row(r: dict[str, Any]) -> str:
     rounds = ", ".join(f"{c:.3f}" for c in r["cpu_ms_rounds"])
-    name = "gRPC Chat" if r["face"] == "grpc" else "HTTP /v1/chat/completions"
+    name = {"grpc": "gRPC Chat", "http": "HTTP /v1/chat/completions", "litellm": "LiteLLM proxy"}[r["face"]]
     return (
         f"| {r['concurrency']} | {name} | {r['cpu_ms']:.3f} ({rounds}) | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
         f"{r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} | {r['direct_p50_ms']:.2f} / {r['direct_p99_ms']:.2f} |"
@@ -342,15 +438,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per face per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--litellm", default="", help="path to a `litellm` executable to measure beside")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="ballast-openai-http-"))
     print(HEADER, flush=True)
-    rows = asyncio.run(_run(args.requests, args.rounds, concurrencies, folder))
+    rows = asyncio.run(_run(args.requests, args.rounds, concurrencies, folder, args.litellm or None))
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"load {os.getloadavg()[0]:.1f} at the end"
     )
+    if args.litellm:
+        version = subprocess.run([args.litellm, "--version"], capture_output=True, text=True, check=False)
+        machine += "; " + (version.stdout.strip().splitlines() or ["LiteLLM (version unknown)"])[-1]
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     summary = []
     for concurrency in concurrencies:
@@ -359,11 +459,18 @@ def main() -> None:
             f"- concurrency {concurrency}: HTTP face {by_face['http']['cpu_ms'] - by_face['grpc']['cpu_ms']:+.3f} ms "
             f"CPU per request against gRPC Chat (aim: at most +0.3 ms)"
         )
+        if "litellm" in by_face:
+            summary.append(
+                f"- concurrency {concurrency}: a routing-only request costs {by_face['http']['cpu_ms']:.2f} ms of CPU "
+                f"through Ballast's HTTP face (every service) and {by_face['litellm']['cpu_ms']:.2f} ms through "
+                f"LiteLLM's proxy: {by_face['http']['cpu_ms'] / by_face['litellm']['cpu_ms']:.2f} of it "
+                "(aim: at most 0.2)"
+            )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "openai_http.md").write_text(
         "# OpenAI-compatible HTTP face against gRPC Chat\n\n"
         f"{stamp}; {machine}; `python -m bench.openai_http --requests {args.requests} --rounds {args.rounds} "
-        f"--concurrency {args.concurrency}`. Routing-only chat turns (cache bypassed, no session) through "
+        f"--concurrency {args.concurrency}{' --litellm …' if args.litellm else ''}`. Routing-only chat turns (cache bypassed, no session) through "
         "`ballast up` in its own process; a standalone SIMULATED provider at zero latency; CPU is the "
         "suite process's user+system time per request; `added` is over a direct call to the provider.\n\n"
         + "\n".join([HEADER, *(_row(r) for r in rows)])
