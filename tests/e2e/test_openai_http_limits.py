@@ -1,8 +1,9 @@
-"""The HTTP face with suites of its own: the request-size limit, a graceful shutdown, tracing."""
+"""The HTTP face with suites of its own: the request-size limit, shutdown, hang-ups, tracing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from services.edge.app import EdgeApp
+from services.router.app import RouterApp
 from tests.conftest import SuiteFactory
 from tests.e2e.test_telemetry import _service, _traced_suite
 from tests.support.openai_http import http_url
@@ -132,3 +134,35 @@ async def test_http_and_grpc_share_the_in_flight_cap_and_http_is_measured(
         and 'http_route="/v1/chat/completions"' in line
     }
     assert counts == {"200": 1.0, "429": 1.0}
+
+
+async def test_a_client_that_hangs_up_cancels_its_model_call(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    # A provider slow enough that the call is still running when the client goes away.
+    environ = write_test_config(tmp_path, sim_latency_ms=20_000)
+    suite = await suite_factory(["router", "limiter", "cache", "sessions", "edge"], environ)
+    edge, router = suite.running["edge"].app, suite.running["router"].app
+    assert isinstance(edge, EdgeApp) and isinstance(router, RouterApp)
+    primary = router.sims["sim-primary"]
+    async with httpx.AsyncClient(base_url=http_url(suite), timeout=60) as http:
+        abandoned = asyncio.ensure_future(
+            http.post(
+                "/chat/completions",
+                headers={"authorization": "Bearer bk_demo_paid", "x-ballast-cache": "bypass"},
+                json={"model": "sim-small", "messages": [_user_message("never mind")]},
+            )
+        )
+        deadline = time.monotonic() + 30
+        while primary.stats.requests == 0:
+            assert time.monotonic() < deadline and not abandoned.done(), "the model was never called"
+            await asyncio.sleep(0.01)
+        abandoned.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await abandoned
+    # The edge drops the request (cancelling its router call) long before the provider could answer.
+    deadline = time.monotonic() + 15
+    while edge.in_flight.active:
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        await asyncio.sleep(0.05)
+    assert primary.stats.by_status == {}, "the provider answered: the request was not cut short"
