@@ -86,6 +86,17 @@ class RawHttp:
         self._writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        reused = self._writer is not None and not self._writer.is_closing()
+        try:
+            return await self._post(path, body, headers)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not reused:
+                raise
+            # The server closed the idle keep-alive connection meanwhile: once more on a new one.
+            await self.close()
+            return await self._post(path, body, headers)
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         assert self._reader is not None
@@ -118,6 +129,7 @@ class RawHttp:
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
+            self._writer = None
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
