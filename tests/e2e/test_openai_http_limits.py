@@ -166,3 +166,19 @@ async def test_a_client_that_hangs_up_cancels_its_model_call(
         assert time.monotonic() < deadline, "the abandoned request kept running"
         await asyncio.sleep(0.05)
     assert primary.stats.by_status == {}, "the provider answered: the request was not cut short"
+
+
+async def test_a_request_past_its_deadline_is_504(suite_factory: SuiteFactory, tmp_path: Path) -> None:
+    environ = {
+        **write_test_config(tmp_path, sim_latency_ms=20_000),
+        "BALLAST_EDGE_HTTP_REQUEST_TIMEOUT": "500ms",
+    }
+    suite = await suite_factory(["router", "limiter", "cache", "sessions", "edge"], environ)
+    async with httpx.AsyncClient(base_url=http_url(suite), timeout=60) as http:
+        response = await http.post(
+            "/chat/completions",
+            headers={"authorization": "Bearer bk_demo_paid", "x-ballast-cache": "bypass"},
+            json={"model": "sim-small", "messages": [_user_message("too slow")]},
+        )
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "timeout"
