@@ -14,6 +14,7 @@ from services.edge.downstream import Downstream
 from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner
 from services.edge.metrics import EdgeMetrics
+from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
@@ -81,6 +82,22 @@ class EdgeApp(ServiceApp):
             webhook_secrets=WebhookSecrets(settings.webhook_secret, load_tenant_secrets(settings.keys_file)),
         )
         self.in_flight = InFlightLimit(settings.max_in_flight)
+        self.keys = KeyRegistry(self.file_keys, self.store)
+        self.servicer = EdgeServicer(
+            settings,
+            self.keys,
+            self.downstream,
+            self.pipeline,
+            self.jobs,
+            self.store,
+            self.metrics,
+            self.chat_lane,
+        )
+        # The OpenAI-compatible face runs its requests through the same servicer (openai_http.py).
+        self.http = HttpFront(
+            OpenAIHttpApp(settings, self.keys, self.servicer, self.downstream, self.in_flight, telemetry),
+            settings,
+        )
 
     def service_names(self) -> Sequence[str]:
         return [
@@ -92,31 +109,26 @@ class EdgeApp(ServiceApp):
         return [self.in_flight]
 
     def register(self, server: grpc.aio.Server) -> None:
-        keys = KeyRegistry(self.file_keys, self.store)
-        edge_pb2_grpc.add_EdgeServiceServicer_to_server(
-            EdgeServicer(
-                self.settings,
-                keys,
-                self.downstream,
-                self.pipeline,
-                self.jobs,
-                self.store,
-                self.metrics,
-                self.chat_lane,
-            ),
-            server,
-        )
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(self.servicer, server)
         edge_pb2_grpc.add_EdgeAdminServiceServicer_to_server(
             EdgeAdminServicer(self.settings, self.store, self.file_keys), server
         )
 
     async def start(self) -> None:
+        if self.settings.http_enabled:
+            self.http.bind()
         await self.store.start()
         self.jobs.start()
         self.governor.start()
         self.metrics.start()
+        if self.settings.http_enabled:
+            await self.http.serve()
+
+    async def drain(self, grace: float) -> None:
+        await self.http.drain(grace)
 
     async def close(self) -> None:
+        await self.http.drain(self.server_settings.grace_period)
         await self.metrics.stop()
         await self.governor.stop()
         await self.jobs.stop()

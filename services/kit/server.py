@@ -56,6 +56,9 @@ class ServiceApp:
     async def start(self) -> None:
         """Opens pools and starts background work, before the port accepts calls."""
 
+    async def drain(self, grace: float) -> None:
+        """Stops other doors into the service (an HTTP face) within `grace`, while gRPC drains."""
+
     async def close(self) -> None:
         """Closes pools and stops background work, after in-flight calls drained."""
 
@@ -134,7 +137,7 @@ class RunningService:
         grace = self.app.server_settings.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
         if self._health_server is not None:
             await self._health_server.stop(0)
         try:
