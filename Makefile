@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,demo]'
 	# xds-protos ships an older copy of opentelemetry/proto/*; whichever installs last wins, so put
 	# opentelemetry-proto's own files back (the OTLP exporters need them).
 	$(BIN)/pip install -q -c constraints.txt --force-reinstall --no-deps opentelemetry-proto
@@ -24,21 +24,23 @@ install: $(STAMP)
 demo: install
 	$(BIN)/ballast demo
 
-## Just the suite, on embedded defaults.
+## Just the suite, on embedded defaults, with the demo keys (loopback only; the edge refuses
+## them on any other address).
 up: install
-	$(BIN)/ballast up
+	BALLAST_EDGE_KEYS_FILE=$${BALLAST_EDGE_KEYS_FILE:-config/edge_keys.yaml} $(BIN)/ballast up
 
 ## The tests, as CI runs them: backends, lint, types, generated code, pytest.
 test: install
 	bash scripts/ensure_backends.sh
+	bash scripts/ensure_prometheus.sh
 	bash scripts/ensure_node_sdk.sh
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python scripts/gen_protos.py --check 2>/dev/null
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check services tests bench scripts
-	$(BIN)/ruff format --check services tests bench scripts
+	$(BIN)/ruff check services ballast_demo tests bench scripts
+	$(BIN)/ruff format --check services ballast_demo tests bench scripts
 	$(BIN)/mypy
 
 ## Regenerate gen/ from protos/ (commit the result).

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from services.cache import guards
+from services.cache.cache import TIER_EXACT, Answer, CacheEngine
 from services.cache.config import CacheSettings
 from services.cache.embedder import LocalEmbedder
-from services.cache.engine import TIER_EXACT, Answer, CacheEngine
 from services.cache.keys import ChatRequest, Message, Params, ScopeId, ToolSchema
 from services.cache.store import StoreOptions, open_store
 from services.kit.config import ServerSettings

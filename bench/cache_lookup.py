@@ -35,7 +35,7 @@ from services.cache.keys import ChatRequest, Message, Params, ScopeId
 from services.cache.store.base import KIND_ANSWER, Entry
 from services.cache.store.memory import MemoryStore
 from services.cache.store.redis import RedisStore
-from services.kit.testing import start_suite
+from services.testing import start_suite
 from tests.support.backends import private_redis
 from tests.unit.cache.helpers import lookup, store
 

@@ -34,7 +34,7 @@ from ballast.edge.v1 import edge_pb2
 from ballast.router.v1 import router_pb2
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 from tests.support.suite_config import ADMIN_KEY, write_test_config
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,18 +1,24 @@
 """Limiter decisions per second and latency, beside a no-op gRPC call on the same server.
 
-    .venv/bin/python -m bench.limiter_throughput [--seconds 2] [--rounds 4] [--concurrency 1,16,64] [--stores memory,redis]
+    .venv/bin/python -m bench.limiter_throughput [--seconds 2] [--rounds 4] [--concurrency 1,16,64]
+        [--stores memory,redis,cluster]
 
-For each store the limiter runs as its own process (`python -m services.limiter`, as in
-production; the Redis store on a private redis-server started for the run), and this process
-is the client. At each concurrency it measures, for `--seconds` each:
+Stores: `memory`; `redis` (one private redis-server, through redis-py's asyncio client);
+`cluster` (a private three-primary Redis Cluster, each primary with a replica, through
+redis-py's cluster client).
+Each store's limiter runs as its own process (`python -m services.limiter`, as in production),
+all started up front, and this process is the client. The stores are measured alternately:
+every round measures each store in turn, so load from elsewhere on the machine hits them alike.
+At each concurrency it measures, for `--seconds` each:
   noop     grpc.health.v1.Health/Check on the limiter's port (the baseline: gRPC alone)
   rpc-noop LimiterService/ReportHeadroom carrying no figures: a limiter RPC that decides nothing,
            so it shows what the kit's interceptors (tracing, metrics, error mapping) cost
   check-1  Check with requests=1 (one limit: the sliding window)
   check-3  Check with requests=1 and reserve_tokens (three limits: window, user and tenant budgets)
 and prints decisions/s, p50/p99 latency and the ratio to the no-op call's throughput. For
-Redis it then counts round trips per decision from INFO commandstats (after CONFIG RESETSTAT):
-commands the limiter sent (EVALSHA and anything else not issued from inside the script).
+Redis it then counts round trips per decision from INFO commandstats (after CONFIG RESETSTAT,
+summed over a cluster's primaries): commands the limiter sent (EVALSHA and anything else not
+issued from inside the script).
 Results go to bench/results/limiter_throughput.{md,json}.
 """
 
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -39,7 +47,7 @@ from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.backends import free_port, private_redis
+from tests.support.backends import free_port, private_redis, private_redis_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -148,19 +156,26 @@ def _check(limits: int) -> Callable[[limiter_pb2_grpc.LimiterServiceAsyncStub], 
     return bind
 
 
-async def _round_trips(redis_url: str, stub: limiter_pb2_grpc.LimiterServiceAsyncStub) -> dict[str, Any]:
-    client = aioredis.from_url(redis_url)
+async def _round_trips(nodes: list[str], stub: limiter_pb2_grpc.LimiterServiceAsyncStub) -> dict[str, Any]:
+    """Commands per decision, summed over `nodes` (one server, or a cluster's primaries)."""
+    clients = [aioredis.from_url(url) for url in nodes]
     out: dict[str, Any] = {}
     try:
         for limits in (1, 3):
             call = _check(limits)(stub)
-            await call()  # the script is loaded before counting
-            await client.config_resetstat()
+            for _ in range(20):
+                await call()  # the script is loaded (on every shard its users reach) before counting
+            for client in clients:
+                await client.config_resetstat()
             decisions = 200
             for _ in range(decisions):
                 await call()
-            stats = await client.info("commandstats")
-            calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+            calls: dict[str, int] = {}
+            for client in clients:
+                stats = await client.info("commandstats")
+                for k, v in stats.items():
+                    name = k.removeprefix("cmdstat_")
+                    calls[name] = calls.get(name, 0) + int(v["calls"])
             calls.pop("info", None)
             calls.pop("config|resetstat", None)
             evalsha = calls.get("evalsha", 0)
@@ -172,72 +187,93 @@ async def _round_trips(redis_url: str, stub: limiter_pb2_grpc.LimiterServiceAsyn
                 "commands_inside_script_per_decision": (sum(calls.values()) - client_sent) / decisions,
             }
     finally:
-        await client.aclose()
+        for client in clients:
+            await client.aclose()
     return out
 
 
-async def _bench_store(
-    store: str, store_url: str, seconds: float, concurrencies: list[int], tiers: Path, rounds: int
-) -> dict[str, Any]:
-    port = free_port()
-    proc = _spawn(store_url, tiers, port)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"store": store, "rows": rows}
+async def _bench(
+    targets: list[tuple[str, str, list[str]]],
+    seconds: float,
+    concurrencies: list[int],
+    tiers: Path,
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """targets: (store name, store URL, Redis nodes to count round trips on). Alternating."""
+    procs = []
+    channels = []
+    results: list[dict[str, Any]] = [{"store": name, "rows": []} for name, _, _ in targets]
     try:
-        await _wait_serving(channel)
-        health = health_pb2_grpc.HealthStub(channel)
-        limiter = limiter_pb2_grpc.LimiterServiceStub(channel)
-
-        health_request = health_pb2.HealthCheckRequest()
-        headroom_request = limiter_pb2.ReportHeadroomRequest(
-            provider="bench", remaining_requests=-1, remaining_tokens=-1, limit_requests=-1, limit_tokens=-1
-        )
-
-        async def noop() -> None:
-            await health.Check(health_request)
-
-        async def rpc_noop() -> None:
-            await limiter.ReportHeadroom(headroom_request)
-
-        calls: dict[str, Callable[[], Awaitable[Any]]] = {
-            "noop": noop,
-            "rpc-noop": rpc_noop,
-            "check-1": _check(1)(limiter),
-            "check-3": _check(3)(limiter),
-        }
+        cells: list[dict[str, Callable[[], Awaitable[Any]]]] = []
+        limiters = []
+        for _, url, _ in targets:
+            port = free_port()
+            procs.append(_spawn(url, tiers, port))
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            channels.append(channel)
+            await _wait_serving(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            limiter = limiter_pb2_grpc.LimiterServiceStub(channel)
+            limiters.append(limiter)
+            cells.append(_calls(health, limiter))
         for concurrency in concurrencies:
-            # Interleaved short rounds, so load from elsewhere on the machine hits every call alike.
-            samples: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in calls}
+            # Interleaved short rounds, so load from elsewhere on the machine hits every store and
+            # every call alike.
+            samples: list[dict[str, tuple[list[float], float]]] = [
+                {name: ([], 0.0) for name in calls} for calls in cells
+            ]
             for _ in range(rounds):
-                for name, call in calls.items():
-                    lat, elapsed = await _measure(call, seconds / rounds, concurrency)
-                    samples[name] = (samples[name][0] + lat, samples[name][1] + elapsed)
-            base = _summary(*samples["noop"])
-            for name in calls:
-                m = _summary(*samples[name])
-                rows.append(
-                    {
+                for t, calls in enumerate(cells):
+                    for name, call in calls.items():
+                        lat, elapsed = await _measure(call, seconds / rounds, concurrency)
+                        old: tuple[list[float], float] = samples[t][name]
+                        samples[t][name] = (old[0] + lat, old[1] + elapsed)
+            for t, (store, _, _) in enumerate(targets):
+                base = _summary(*samples[t]["noop"])
+                for name in cells[t]:
+                    m = _summary(*samples[t][name])
+                    row = {
                         "store": store,
                         "call": name,
                         "concurrency": concurrency,
                         **m,
                         "ratio": m["rps"] / base["rps"],
                     }
-                )
-                _print_row(rows[-1])
-        if store == "redis":
-            result["round_trips"] = await _round_trips(store_url, limiter)
+                    results[t]["rows"].append(row)
+                    _print_row(row)
+        for t, (_, _, nodes) in enumerate(targets):
+            if nodes:
+                results[t]["round_trips"] = await _round_trips(nodes, limiters[t])
     finally:
-        await channel.close()
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 10)
-    return result
+        for channel in channels:
+            await channel.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 10)
+    return results
+
+
+def _calls(
+    health: health_pb2_grpc.HealthStub, limiter: limiter_pb2_grpc.LimiterServiceAsyncStub
+) -> dict[str, Callable[[], Awaitable[Any]]]:
+    health_request = health_pb2.HealthCheckRequest()
+    headroom_request = limiter_pb2.ReportHeadroomRequest(
+        provider="bench", remaining_requests=-1, remaining_tokens=-1, limit_requests=-1, limit_tokens=-1
+    )
+
+    async def noop() -> None:
+        await health.Check(health_request)
+
+    async def rpc_noop() -> None:
+        await limiter.ReportHeadroom(headroom_request)
+
+    return {"noop": noop, "rpc-noop": rpc_noop, "check-1": _check(1)(limiter), "check-3": _check(3)(limiter)}
 
 
 def _print_row(row: dict[str, Any]) -> None:
     print(
-        f"{row['store']:<7} {row['call']:<8} c={row['concurrency']:<3} {row['rps']:>9.0f}/s "
+        f"{row['store']:<9} {row['call']:<8} c={row['concurrency']:<3} {row['rps']:>9.0f}/s "
         f"p50 {row['p50_ms']:>7.2f} ms  p99 {row['p99_ms']:>7.2f} ms  x{row['ratio']:.2f} of noop",
         flush=True,
     )
@@ -249,7 +285,8 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs (load average {meta['load']} at start, shared"
         " with other work), Python "
-        f"{meta['python']}. The limiter runs as its own process, this benchmark is the client; "
+        f"{meta['python']}, redis-py {meta.get('redis_py', '?')}. Each store's limiter runs as its own process, this "
+        "benchmark is the client; the stores are measured alternately (each round measures each in turn); "
         f"{meta['seconds']} s per cell, in {meta['rounds']} interleaved rounds. `noop` is grpc.health.v1.Health/Check on the same server; "
         "`rpc-noop` is a LimiterService call that decides nothing (the kit's interceptors: tracing, metrics, "
         "error mapping); `check-1`/`check-3` are Check decisions touching 1 and 3 limits.",
@@ -268,7 +305,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if trips:
             lines += [
                 "",
-                "Redis round trips per decision (INFO commandstats, 200 sequential decisions each):",
+                f"{result['store']}: Redis round trips per decision (INFO commandstats, 200 sequential decisions each):",
                 "",
                 "| call | limits | EVALSHA / decision | round trips / decision | commands inside the script / decision |",
                 "|---|---:|---:|---:|---:|",
@@ -293,17 +330,28 @@ async def _main(seconds: float, concurrencies: list[int], stores: list[str], rou
         "seconds": seconds,
         "rounds": rounds,
     }
-    results = []
-    for store in stores:
-        if store == "memory":
-            results.append(await _bench_store("memory", "memory://", seconds, concurrencies, tiers, rounds))
-        else:
-            with private_redis() as server:
-                results.append(await _bench_store("redis", server.url, seconds, concurrencies, tiers, rounds))
+    with contextlib.ExitStack() as stack:
+        targets: list[tuple[str, str, list[str]]] = []
+        for store in stores:
+            if store == "memory":
+                targets.append(("memory", "memory://", []))
+            elif store == "redis":
+                server = stack.enter_context(private_redis())
+                targets.append((store, server.url, [server.url]))
+            elif store == "cluster":
+                cluster = stack.enter_context(private_redis_cluster(masters=3, replicas=1))
+                primaries = [
+                    f"redis://127.0.0.1:{n['port']}/0" for n in cluster.nodes() if n["role"] == "master"
+                ]
+                targets.append(("cluster", cluster.url, primaries))
+            else:
+                raise SystemExit(f"unknown store {store!r} (memory, redis, cluster)")
+        meta["redis_py"] = importlib.metadata.version("redis")
+        results = await _bench(targets, seconds, concurrencies, tiers, rounds)
     for result in results:
         for call, t in (result.get("round_trips") or {}).items():
             print(
-                f"redis round trips per decision, {call}: {t['round_trips_per_decision']:.2f} "
+                f"{result['store']} round trips per decision, {call}: {t['round_trips_per_decision']:.2f} "
                 f"(EVALSHA {t['evalsha_per_decision']:.2f}; {t['commands_inside_script_per_decision']:.1f} commands inside the script)"
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -318,7 +366,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--stores", default="memory,redis")
+    parser.add_argument("--stores", default="memory,redis,cluster")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per cell")
     args = parser.parse_args()
     asyncio.run(

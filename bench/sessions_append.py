@@ -38,7 +38,7 @@ import asyncpg
 from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2
 
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLER = common_pb2.Caller(tenant_id="bench", user_id="u1")

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.surge_benchmark [--users 1000] [--duration 150] [--modes direct,embedded,replicated]
 
-The same seeded workload (services/surge/scenario.py: users of every tier on a ramp, multi-turn
+The same seeded workload (ballast_demo/scenario.py: users of every tier on a ramp, multi-turn
 sessions with tool calls, repeated and paraphrased questions; the primary provider rate-limited
 and then down mid-run) is sent
   direct      straight to the SIMULATED primary provider over its OpenAI-format HTTP API
@@ -37,10 +37,10 @@ import httpx
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ballast_demo import report
+from ballast_demo.load import Event, LoadState, run_surge
+from ballast_demo.scenario import ScenarioConfig, UserPlan, full, plan_users, write_suite_config
 from services.kit.net import free_port
-from services.surge import report
-from services.surge.load import Event, LoadState, run_surge
-from services.surge.scenario import ScenarioConfig, UserPlan, full, plan_users, write_suite_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -262,7 +262,7 @@ async def run_replicated(
 
 async def run_direct(config: ScenarioConfig, users: list[UserPlan]) -> tuple[LoadState, dict[str, float]]:
     """The same users and turns, each turn one HTTP call to the primary provider, no gateway."""
-    from services.surge.load import script_outage
+    from ballast_demo.load import script_outage
 
     state = LoadState()
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)

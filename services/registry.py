@@ -1,4 +1,8 @@
-"""Finds each service's settings and composition root by name, in start-up order."""
+"""The all-in-one runner's table of services, in start-up order.
+
+The runner imports the services; no service imports the runner. Each service is imported
+only when asked for, so `ballast serve limiter` does not load the cache's embedder.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from services.kit.config import SERVICE_NAMES, Env
+from services.kit.entry import Entry
+from services.kit.entry import load_settings as _load_settings
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
 
-# Dependencies first: sessions calls the router (compaction); the edge calls everyone.
-START_ORDER: tuple[str, ...] = ("router", "limiter", "cache", "sessions", "edge")
+# Dependencies first, so each service finds the ones it calls already serving: the router reports
+# headroom to the limiter; the cache (router embedder) and sessions (compaction) call the router;
+# the edge calls everyone.
+START_ORDER: tuple[str, ...] = ("limiter", "router", "cache", "sessions", "edge")
 assert set(START_ORDER) == set(SERVICE_NAMES)
 
 
@@ -22,22 +30,28 @@ def ordered(names: Sequence[str]) -> list[str]:
     return [name for name in START_ORDER if name in names]
 
 
+def entry(name: str) -> Entry[Any]:
+    """The start-up recipe that `services/<name>/app.py` names."""
+    if name not in SERVICE_NAMES:
+        raise ValueError(f"unknown service {name!r}; known: {', '.join(START_ORDER)}")
+    found: Entry[Any] = importlib.import_module(f"services.{name}.app").ENTRY
+    return found
+
+
+def entries(names: Sequence[str]) -> list[Entry[Any]]:
+    return [entry(name) for name in ordered(names)]
+
+
 def load_settings(name: str, env: Env) -> Any:
     """The typed settings of service `name`; problems are collected in `env`."""
-    module = importlib.import_module(f"services.{name}.config")
-    settings_cls = getattr(module, f"{name.capitalize()}Settings")
-    return settings_cls.from_env(env)
+    return entry(name).load(env)
 
 
 def build_app(name: str, settings: Any, telemetry: Telemetry) -> ServiceApp:
-    module = importlib.import_module(f"services.{name}.app")
-    app: ServiceApp = module.build(settings, telemetry)
-    return app
+    return entry(name).build(settings, telemetry)
 
 
 def load_all_settings(names: Sequence[str], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Settings for each service, raising one ConfigError that lists every bad variable."""
-    env = Env(environ)
-    settings = {name: load_settings(name, env) for name in ordered(names)}
-    env.check()
-    return settings
+    chosen = entries(names)
+    return dict(zip((e.name for e in chosen), _load_settings(chosen, environ), strict=True))

@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlencode
 
@@ -17,12 +18,16 @@ import asyncpg
 import pytest
 import redis
 
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 
 REDIS_URL = os.environ.get("BALLAST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The edge loads the demo keys (bk_demo_*) only when told to; the tests use them, on loopback.
+os.environ.setdefault(
+    "BALLAST_EDGE_KEYS_FILE", str(Path(__file__).resolve().parents[1] / "config" / "edge_keys.yaml")
+)
 
 
 def _unavailable(what: str, exc: BaseException) -> None:

@@ -1,5 +1,6 @@
 """`python -m services.cache`: run the cache service alone."""
 
-from services.cli import serve_one
+from services.cache.app import ENTRY
+from services.kit.entry import run
 
-raise SystemExit(serve_one("cache"))
+raise SystemExit(run([ENTRY]))

@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
 
+from services.cache.cache import CacheEngine
 from services.cache.config import CacheSettings
 from services.cache.embedder import Embedder, LocalEmbedder, RouterEmbedder
-from services.cache.engine import CacheEngine
 from services.cache.index import AnnParams
 from services.cache.servicer import CacheServicer
 from services.cache.store import CacheStore, StoreOptions, open_store
 from services.kit.clients import open_channel
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
@@ -37,6 +38,8 @@ def make_store(settings: CacheSettings) -> CacheStore:
         settings.store_url,
         StoreOptions(
             max_bytes=settings.max_bytes,
+            max_tenant_bytes=settings.max_tenant_bytes,
+            tenant_max_bytes=settings.policy.tenant_max_bytes,
             ann=AnnParams(
                 threshold=settings.ann_threshold,
                 m=settings.ann_m,
@@ -86,3 +89,7 @@ class CacheApp(ServiceApp):
 
 def build(settings: CacheSettings, telemetry: Telemetry) -> CacheApp:
     return CacheApp(settings, telemetry)
+
+
+# How `python -m services.cache` and the all-in-one runner start this service.
+ENTRY = Entry("cache", CacheSettings.from_env, build)

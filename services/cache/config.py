@@ -31,6 +31,8 @@ class CachePolicy:
     namespaces: Mapping[str, NamespacePolicy] = field(default_factory=dict)
     # tenant -> longest TTL (seconds) any of its entries may live.
     tenant_max_ttl: Mapping[str, float] = field(default_factory=dict)
+    # tenant -> bytes its entries may take (overrides BALLAST_CACHE_MAX_TENANT_BYTES).
+    tenant_max_bytes: Mapping[str, int] = field(default_factory=dict)
     # tool name -> TTL (seconds) of its cached results; 0 disables caching that tool.
     tool_ttl: Mapping[str, float] = field(default_factory=dict)
 
@@ -74,6 +76,9 @@ class CacheSettings:
     tool_error_ttl: float = 30.0
     # Memory bound of all entries of this cache (least recently used evicted beyond it).
     max_bytes: int = 256 * 1024 * 1024
+    # Bytes one tenant's entries may take (0 = only max_bytes applies); a tenant at its quota
+    # evicts its own least recently used entries, never another tenant's.
+    max_tenant_bytes: int = 64 * 1024 * 1024
     # Largest single entry (answer, tool result or retrieval) accepted.
     max_entry_bytes: int = 1024 * 1024
     # Entries of one partition beyond which the approximate (HNSW) index is used.
@@ -124,6 +129,7 @@ class CacheSettings:
             retrieval_ttl=env.duration("BALLAST_CACHE_RETRIEVAL_TTL", 600.0, minimum=0.001),
             tool_error_ttl=env.duration("BALLAST_CACHE_TOOL_ERROR_TTL", 30.0, minimum=0.0),
             max_bytes=env.integer("BALLAST_CACHE_MAX_BYTES", 256 * 1024 * 1024, minimum=1024),
+            max_tenant_bytes=env.integer("BALLAST_CACHE_MAX_TENANT_BYTES", 64 * 1024 * 1024, minimum=0),
             max_entry_bytes=env.integer("BALLAST_CACHE_MAX_ENTRY_BYTES", 1024 * 1024, minimum=256),
             ann_threshold=env.integer("BALLAST_CACHE_ANN_THRESHOLD", 20_000, minimum=1),
             ann_m=env.integer("BALLAST_CACHE_ANN_M", 12, minimum=2, maximum=128),
@@ -184,12 +190,26 @@ def parse_policy(data: Any) -> CachePolicy:
             default_ttl=None if ttl is None else _seconds(ttl, f"namespaces.{name}.default_ttl"),
         )
     tenant_max_ttl: dict[str, float] = {}
+    tenant_max_bytes: dict[str, int] = {}
     for tenant, spec in (data.get("tenants") or {}).items():
-        if not isinstance(spec, dict) or "max_ttl" not in spec:
-            raise ValueError(f"tenants.{tenant}: expected a mapping with max_ttl")
-        tenant_max_ttl[str(tenant)] = _seconds(spec["max_ttl"], f"tenants.{tenant}.max_ttl")
+        if not isinstance(spec, dict) or not ({"max_ttl", "max_bytes"} & set(spec)):
+            raise ValueError(f"tenants.{tenant}: expected a mapping with max_ttl and/or max_bytes")
+        if "max_ttl" in spec:
+            tenant_max_ttl[str(tenant)] = _seconds(spec["max_ttl"], f"tenants.{tenant}.max_ttl")
+        if "max_bytes" in spec:
+            size = spec["max_bytes"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(
+                    f"tenants.{tenant}.max_bytes: expected a whole number of bytes (0 = no quota)"
+                )
+            tenant_max_bytes[str(tenant)] = size
     tool_ttl: dict[str, float] = {}
     for tool, spec in (data.get("tools") or {}).items():
         value = spec.get("ttl") if isinstance(spec, dict) else spec
         tool_ttl[str(tool)] = _seconds(value, f"tools.{tool}.ttl")
-    return CachePolicy(namespaces=namespaces, tenant_max_ttl=tenant_max_ttl, tool_ttl=tool_ttl)
+    return CachePolicy(
+        namespaces=namespaces,
+        tenant_max_ttl=tenant_max_ttl,
+        tenant_max_bytes=tenant_max_bytes,
+        tool_ttl=tool_ttl,
+    )

@@ -102,7 +102,11 @@ def _digest(value: Any) -> str:
 
 def canonical_json(text: str) -> str:
     """Sorted keys, no insignificant whitespace; raises ValueError when `text` is not JSON."""
-    value = json.loads(text) if text.strip() else {}
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except RecursionError:
+        # Nested deeper than the parser goes: not JSON this service can key on.
+        raise ValueError("JSON nested too deeply") from None
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
 from ballast.common.v1 import common_pb2
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 from opentelemetry import metrics
 
-from services.cache.engine import TIER_EXACT, Answer, CacheEngine, LookupResult
+from services.cache.cache import TIER_EXACT, Answer, CacheEngine, LookupResult
 from services.cache.keys import (
     ChatRequest,
     Message,
@@ -22,6 +22,7 @@ from services.cache.keys import (
     canonical_json,
 )
 from services.kit.errors import InvalidArgument
+from services.kit.protos import duration, seconds, timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -63,16 +64,10 @@ def _seconds(request: Any, field: str) -> float | None:
     if not request.HasField(field):
         return None
     value: duration_pb2.Duration = getattr(request, field)
-    seconds = value.ToNanoseconds() / 1e9
-    if seconds < 0:
+    length = seconds(value)
+    if length < 0:
         raise InvalidArgument(field, "must not be negative")
-    return seconds
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
+    return length
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
@@ -164,7 +159,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 hit=False, similarity=result.similarity, miss_reason=result.miss_reason
             )
         answer = cache_pb2.CachedAnswer.FromString(result.entry.payload)
-        answer.created_at.CopyFrom(_timestamp(result.entry.created_at))
+        answer.created_at.CopyFrom(timestamp(result.entry.created_at))
         tier = cache_pb2.HIT_TIER_EXACT if result.tier == TIER_EXACT else cache_pb2.HIT_TIER_SEMANTIC
         return cache_pb2.LookupResponse(
             hit=True, tier=tier, similarity=result.similarity, entry_id=result.entry.id, answer=answer
@@ -221,13 +216,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if found is None:
             return cache_pb2.GetToolResultResponse(hit=False)
         data = json.loads(found.payload)
-        remaining = duration_pb2.Duration()
-        remaining.FromNanoseconds(max(0, int((found.expires_at - self.engine.clock()) * 1e9)))
+        remaining = duration(max(0.0, found.expires_at - self.engine.clock()))
         return cache_pb2.GetToolResultResponse(
             hit=True,
             result=data["result"],
             is_error=data["is_error"],
-            created_at=_timestamp(found.created_at),
+            created_at=timestamp(found.created_at),
             remaining_ttl=remaining,
         )
 

@@ -1,5 +1,6 @@
 """`python -m services.edge`: run the edge service alone."""
 
-from services.cli import serve_one
+from services.edge.app import ENTRY
+from services.kit.entry import run
 
-raise SystemExit(serve_one("edge"))
+raise SystemExit(run([ENTRY]))

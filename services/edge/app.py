@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import grpc
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 
 from services.edge import auth
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Downstream
+from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner
 from services.edge.metrics import EdgeMetrics
 from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
+from services.edge.webhooks import WebhookSecrets, load_tenant_secrets
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
+
+log = logging.getLogger("ballast.edge")
 
 
 def open_store(settings: EdgeSettings) -> EdgeStore:
     if settings.store_url.startswith("memory://"):
         from services.edge.store.memory import MemoryEdgeStore
 
-        return MemoryEdgeStore()
+        return MemoryEdgeStore(job_ttl=settings.job_ttl)
     from services.edge.store.redis import RedisEdgeStore
 
     return RedisEdgeStore(
@@ -44,12 +49,17 @@ class EdgeApp(ServiceApp):
         self.settings = settings
         # A malformed keys file stops start-up with the file and entry named.
         self.file_keys = auth.load_keys_file(settings.keys_file)
+        if not self.file_keys and not settings.admin_key:
+            log.warning(
+                "no API keys: every call will be UNAUTHENTICATED; set BALLAST_EDGE_KEYS_FILE (the demo keys: "
+                "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
+            )
         self.store = open_store(settings)
         trace_store(
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
         )
         self.downstream = Downstream(settings, telemetry)
-        self.pipeline = ChatPipeline(settings, self.downstream)
+        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter)
         self.metrics = EdgeMetrics(
             telemetry.meter,
             self.store,
@@ -62,7 +72,14 @@ class EdgeApp(ServiceApp):
         self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
         self.metrics.watch_governor(self.governor)
         self.jobs = JobRunner(
-            settings, self.store, self.pipeline, telemetry.tracer, self.metrics, lane=queue_lane
+            settings,
+            self.store,
+            self.pipeline,
+            telemetry.tracer,
+            self.metrics,
+            lane=queue_lane,
+            # Per-tenant secrets live with the keys (the keys file's `tenants:` section).
+            webhook_secrets=WebhookSecrets(settings.webhook_secret, load_tenant_secrets(settings.keys_file)),
         )
         self.in_flight = InFlightLimit(settings.max_in_flight)
         self.keys = KeyRegistry(self.file_keys, self.store)
@@ -121,3 +138,7 @@ class EdgeApp(ServiceApp):
 
 def build(settings: EdgeSettings, telemetry: Telemetry) -> EdgeApp:
     return EdgeApp(settings, telemetry)
+
+
+# How `python -m services.edge` and the all-in-one runner start this service.
+ENTRY = Entry("edge", EdgeSettings.from_env, build)

@@ -59,12 +59,36 @@ def new_key(tenant_id: str, user_id: str, tier: str, region: str = "") -> tuple[
     return key, secret
 
 
+# The demo keys' secrets are published (README, config/edge_keys.yaml): anyone can use them, so
+# an edge that others can reach must not accept them, whichever file they are copied into.
+DEMO_SECRETS = ("bk_demo_free", "bk_demo_paid", "bk_demo_enterprise", "bk_demo_globex")
+DEMO_KEY_HASHES = frozenset(hashlib.sha256(secret.encode()).hexdigest() for secret in DEMO_SECRETS)
+
+
+def demo_keys_in(path: str | Path) -> list[str]:
+    """key_ids of the entries in a keys file whose secret is a published demo key. A file that
+    cannot be read or parsed yields none here; load_keys_file reports it at start-up."""
+    try:
+        data: Any = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    entries = data.get("keys") if isinstance(data, dict) else None
+    return [
+        str(entry.get("key_id") or f"keys[{index}]")
+        for index, entry in enumerate(entries if isinstance(entries, list) else [])
+        if isinstance(entry, dict) and str(entry.get("sha256", "")).lower() in DEMO_KEY_HASHES
+    ]
+
+
 class KeysFileError(ValueError):
     """The keys file is malformed; the message names the file and entry."""
 
 
 def load_keys_file(path: str | Path) -> list[ApiKey]:
-    """Reads `keys:` entries (key_id, sha256, tenant, user, tier, region). A missing file means no keys."""
+    """Reads `keys:` entries (key_id, sha256, tenant, user, tier, region). No path or a missing
+    file means no keys."""
+    if not str(path):
+        return []
     file = Path(path)
     if not file.exists():
         return []
@@ -103,7 +127,9 @@ def load_keys_file(path: str | Path) -> list[ApiKey]:
 def key_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The API key from `authorization: Bearer <key>` or `x-api-key: <key>`."""
     for name, value in metadata or ():
-        text = value.decode() if isinstance(value, bytes) else value
+        if name not in ("authorization", "x-api-key") or not isinstance(value, str):
+            continue  # only these two carry a key; other values (`*-bin` bytes) are not ours to decode
+        text = value
         if name == "authorization":
             scheme, _, token = text.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
@@ -119,8 +145,8 @@ def check_admin(metadata: Iterable[tuple[str, str | bytes]] | None, admin_key: s
     if not admin_key:
         raise PermissionDenied("the admin API is disabled: set BALLAST_EDGE_ADMIN_KEY to enable it")
     for name, value in metadata or ():
-        if name == "x-admin-key":
-            text = value.decode() if isinstance(value, bytes) else value
+        if name == "x-admin-key" and isinstance(value, str):
+            text = value
             if hmac.compare_digest(text.strip().encode(), admin_key.encode()):
                 return
             raise Unauthenticated("invalid admin key")

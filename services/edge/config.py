@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.edge import auth
 from services.kit.config import Env, ServerSettings
+from services.kit.tls import is_loopback
+
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
 PRIORITIES = ("low", "normal", "high", "critical")
+
+
+def _parse_webhook_allowed(env: Env, name: str) -> tuple[str, ...]:
+    raw = env.string(name, "")
+    out: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            if not _HOST_NAME.match(item):
+                env.problems.append(
+                    f"{name}={raw!r} is invalid: {item!r} is neither a CIDR (10.0.0.0/8, fd00::/8) nor a host name"
+                )
+                return ()
+        out.append(item)
+    return tuple(out)
+
+
+def _parse_tier_caps(env: Env, name: str, default: str) -> dict[str, int]:
+    raw = env.string(name, default)
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        tier, sep, count = item.partition("=")
+        if not sep or not tier.strip() or not count.strip().isdigit():
+            env.problems.append(
+                f"{name}={raw!r} is invalid: expected tier=count pairs separated by commas "
+                "(for example free=100,paid=1000; 0 = no cap)"
+            )
+            return {}
+        out[tier.strip()] = int(count)
+    return out
 
 
 def _parse_tier_priorities(env: Env, name: str, default: str) -> dict[str, str]:
@@ -32,8 +73,9 @@ class EdgeSettings:
     # Job queue, job records and API keys created through the admin RPC:
     # memory:// (one process) or redis://host:6379/2 (Redis Streams, shared by replicas).
     store_url: str = "memory://"
-    # API keys (hashes only) mapped to tenant, user and tier; see services/edge/README.md.
-    keys_file: str = "config/edge_keys.yaml"
+    # API keys (hashes only) mapped to tenant, user and tier; see services/edge/README.md. None by
+    # default: the shipped config/edge_keys.yaml holds the demo keys, loaded only when named here.
+    keys_file: str = ""
     # Guards EdgeAdminService; empty disables the admin RPCs.
     admin_key: str = ""
     # Requests served at once by this replica; beyond it callers get RESOURCE_EXHAUSTED at once.
@@ -42,6 +84,13 @@ class EdgeSettings:
     max_messages: int = 256
     max_content_chars: int = 200_000
     max_tools: int = 128
+    # Deepest nesting of a JSON field (tool arguments, schemas): checked before parsing, so a
+    # deeply nested value is a named INVALID_ARGUMENT, not a RecursionError.
+    max_json_depth: int = 64
+    # Largest context_token_budget and max_output_tokens a request may ask for (their sum is
+    # reserved against the limiter's int64 budgets).
+    max_context_tokens: int = 1_000_000
+    max_output_tokens: int = 1_000_000
     # Session context budget when the request does not set one.
     context_tokens: int = 4000
     # Output tokens reserved against the budget when the request sets no max_output_tokens.
@@ -81,8 +130,19 @@ class EdgeSettings:
     webhook_attempts: int = 6
     webhook_backoff: float = 0.5
     webhook_timeout: float = 5.0
+    # Internal webhook targets an operator opens on purpose (CIDRs and host names); every other
+    # non-public address is refused (webhooks.py).
+    webhook_allowed: tuple[str, ...] = ()
     # How often queue depth and the oldest job's age are sampled for the metrics.
     queue_sample_interval: float = 2.0
+    # Caps on jobs per tenant and per user (0 = none): queued counts jobs not yet ended, stored
+    # every record kept for BALLAST_EDGE_JOB_TTL. Beyond one, SubmitChat is RESOURCE_EXHAUSTED.
+    max_queued_per_tenant: int = 10_000
+    max_queued_per_user: int = 1_000
+    max_stored_per_tenant: int = 100_000
+    max_stored_per_user: int = 10_000
+    # Tier -> queued jobs per user (admission by tier), on top of max_queued_per_user.
+    tier_max_queued: Mapping[str, int] = field(default_factory=lambda: {"free": 100})
     # Tier -> queue priority for SubmitChat.
     tier_priorities: Mapping[str, str] = field(
         default_factory=lambda: {"free": "low", "paid": "normal", "enterprise": "high"}
@@ -110,6 +170,14 @@ class EdgeSettings:
                 f"BALLAST_EDGE_STORE_POOL_SIZE={settings.store_pool_size} is invalid: it must exceed "
                 f"BALLAST_EDGE_WORKERS={settings.workers} (each worker holds a connection while it waits for a job)"
             )
+        demo_keys = auth.demo_keys_in(settings.keys_file) if settings.keys_file else []
+        if demo_keys and not is_loopback(settings.server.host):
+            env.problems.append(
+                f"BALLAST_EDGE_KEYS_FILE={settings.keys_file!r} holds the demo keys {', '.join(demo_keys)}, whose "
+                f"secrets are published, and the edge would listen on BALLAST_HOST={settings.server.host!r}: "
+                "anyone reaching it could use them. Remove them from the file (make your own keys: "
+                "services/edge/README.md) or listen on 127.0.0.1"
+            )
         return settings
 
     @classmethod
@@ -117,7 +185,7 @@ class EdgeSettings:
         return cls(
             server=ServerSettings.from_env("edge", env),
             store_url=env.url("BALLAST_EDGE_STORE", "memory://", ["memory", "redis", "rediss"]),
-            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", "config/edge_keys.yaml"),
+            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", ""),
             admin_key=env.string("BALLAST_EDGE_ADMIN_KEY", ""),
             max_in_flight=env.integer("BALLAST_EDGE_MAX_IN_FLIGHT", 512, minimum=1, maximum=1_000_000),
             max_messages=env.integer("BALLAST_EDGE_MAX_MESSAGES", 256, minimum=1, maximum=100_000),
@@ -125,6 +193,14 @@ class EdgeSettings:
                 "BALLAST_EDGE_MAX_CONTENT_CHARS", 200_000, minimum=1, maximum=100_000_000
             ),
             max_tools=env.integer("BALLAST_EDGE_MAX_TOOLS", 128, minimum=0, maximum=10_000),
+            # Python's own parser gives up near 1000 levels; stay well inside it.
+            max_json_depth=env.integer("BALLAST_EDGE_MAX_JSON_DEPTH", 64, minimum=1, maximum=500),
+            max_context_tokens=env.integer(
+                "BALLAST_EDGE_MAX_CONTEXT_TOKENS", 1_000_000, minimum=1, maximum=100_000_000
+            ),
+            max_output_tokens=env.integer(
+                "BALLAST_EDGE_MAX_OUTPUT_TOKENS", 1_000_000, minimum=1, maximum=100_000_000
+            ),
             context_tokens=env.integer("BALLAST_EDGE_CONTEXT_TOKENS", 4000, minimum=0, maximum=10_000_000),
             reserve_output_tokens=env.integer(
                 "BALLAST_EDGE_RESERVE_OUTPUT_TOKENS", 1024, minimum=0, maximum=10_000_000
@@ -147,7 +223,13 @@ class EdgeSettings:
             webhook_attempts=env.integer("BALLAST_EDGE_WEBHOOK_ATTEMPTS", 6, minimum=1, maximum=100),
             webhook_backoff=env.duration("BALLAST_EDGE_WEBHOOK_BACKOFF", 0.5, minimum=0.0),
             webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
+            webhook_allowed=_parse_webhook_allowed(env, "BALLAST_EDGE_WEBHOOK_ALLOWED"),
             queue_sample_interval=env.duration("BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL", 2.0, minimum=0.05),
+            max_queued_per_tenant=env.integer("BALLAST_EDGE_MAX_QUEUED_PER_TENANT", 10_000, minimum=0),
+            max_queued_per_user=env.integer("BALLAST_EDGE_MAX_QUEUED_PER_USER", 1_000, minimum=0),
+            max_stored_per_tenant=env.integer("BALLAST_EDGE_MAX_STORED_PER_TENANT", 100_000, minimum=0),
+            max_stored_per_user=env.integer("BALLAST_EDGE_MAX_STORED_PER_USER", 10_000, minimum=0),
+            tier_max_queued=_parse_tier_caps(env, "BALLAST_EDGE_TIER_MAX_QUEUED", "free=100"),
             tier_priorities=_parse_tier_priorities(
                 env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
             ),

@@ -11,9 +11,9 @@ from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2
 from ballast.router.v1 import router_pb2
 
-from services.edge.chat import quota_metadata
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
+from services.edge.edge import quota_metadata
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger("ballast.edge.embeddings")

@@ -26,13 +26,33 @@ from google.rpc import status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from services.edge.chat import ChatPipeline
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline
+from services.edge.edge import ChatPipeline
 from services.edge.metrics import EdgeMetrics
 from services.edge.pacing import Lane
-from services.edge.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Claim, EdgeStore, JobRecord
+from services.edge.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    CapReachedError,
+    Claim,
+    EdgeStore,
+    JobCaps,
+    JobRecord,
+)
+from services.edge.webhooks import (
+    Target,
+    WebhookPolicy,
+    WebhookRefused,
+    WebhookSecrets,
+    WebhookUnresolved,
+    delivery_id,
+)
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable, to_status
+from services.kit.protos import timestamp
 
 log = logging.getLogger("ballast.edge.jobs")
 
@@ -52,11 +72,7 @@ PRIORITIES = {
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
-    if not seconds:
-        return None
-    value = timestamp_pb2.Timestamp()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
+    return timestamp(seconds) if seconds else None  # unset stays unset
 
 
 def job_to_proto(job: JobRecord) -> edge_pb2.Job:
@@ -102,6 +118,8 @@ class JobRunner:
         metrics: EdgeMetrics | None = None,
         clock: Callable[[], float] = time.time,
         lane: Lane | None = None,
+        webhooks: WebhookPolicy | None = None,
+        webhook_secrets: WebhookSecrets | None = None,
     ) -> None:
         self._metrics = metrics
         self._settings = settings
@@ -112,7 +130,19 @@ class JobRunner:
         self._consumer = f"edge-{secrets.token_hex(6)}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-        self._http = httpx.AsyncClient(timeout=settings.webhook_timeout)
+        self.webhooks = webhooks or WebhookPolicy(
+            settings.webhook_allowed, resolve_timeout=settings.webhook_timeout
+        )
+        self._secrets = webhook_secrets or WebhookSecrets(settings.webhook_secret)
+        # Connections go to vetted IPs with the URL's host as Host/SNI: no redirects, no proxy
+        # from the environment, and no reuse (a kept-alive connection to an IP could otherwise
+        # be reused for another host name served there).
+        self._http = httpx.AsyncClient(
+            timeout=settings.webhook_timeout,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
         self._webhooks: set[asyncio.Task[bool]] = set()
         # The governor's queue lane: how many workers may claim jobs now (pacing.py).
         self.lane = lane or Lane("queue", max(1, settings.workers), max(1, settings.workers))
@@ -135,7 +165,44 @@ class JobRunner:
             webhook_state="pending" if request.webhook_url else "",
             trace_context=carrier,
         )
-        return await self._store.submit(job, request.idempotency_key)
+        caps = self.caps(caller.tier)
+        try:
+            return await self._store.submit(job, request.idempotency_key, caps)
+        except CapReachedError as exc:
+            raise self._cap_error(exc.cap, caps, caller) from None
+
+    def caps(self, tier: str) -> JobCaps:
+        """The caps a job of `tier` is admitted under (a tier cap tightens the per-user one)."""
+        settings = self._settings
+        per_user = settings.max_queued_per_user
+        tier_cap = settings.tier_max_queued.get(tier, 0)
+        if tier_cap and (not per_user or tier_cap < per_user):
+            per_user = tier_cap
+        return JobCaps(
+            queued_per_tenant=settings.max_queued_per_tenant,
+            queued_per_user=per_user,
+            stored_per_tenant=settings.max_stored_per_tenant,
+            stored_per_user=settings.max_stored_per_user,
+        )
+
+    def _cap_error(self, cap: str, caps: JobCaps, caller: common_pb2.Caller) -> ResourceExhausted:
+        limit = getattr(caps, cap)
+        who = f"tenant {caller.tenant_id!r}" if cap.endswith("tenant") else f"user {caller.user_id!r}"
+        if cap == "queued_per_user" and limit == self._settings.tier_max_queued.get(caller.tier):
+            source = f"the {caller.tier} tier's cap (BALLAST_EDGE_TIER_MAX_QUEUED)"
+        else:
+            source = f"BALLAST_EDGE_MAX_{cap.upper()}"
+        if cap.startswith("queued"):
+            what, retry_after = "jobs waiting or running", self._settings.job_retry_backoff or 1.0
+            hint = "submit more when some have finished"
+        else:
+            what, retry_after = "job records kept", None
+            hint = f"records are kept for BALLAST_EDGE_JOB_TTL ({self._settings.job_ttl:.0f}s)"
+        return ResourceExhausted(
+            f"{who} has {limit} {what}, the most {source} allows; {hint}",
+            retry_after=retry_after,
+            reason=f"edge_jobs_{cap}",
+        )
 
     # --- working -----------------------------------------------------------------------------------------
 
@@ -278,10 +345,24 @@ class JobRunner:
         payload = json_format.MessageToDict(job_to_proto(job), preserving_proto_field_name=True)
         return json.dumps(payload, sort_keys=True).encode()
 
+    async def vet_webhook(self, url: str) -> Target:
+        """The address `url` would be delivered to; WebhookRefused (INVALID_ARGUMENT) if internal."""
+        return await self.webhooks.vet(url)
+
+    async def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        headers = {**headers, "host": target.host_header}
+        # The TLS server name (and the certificate check) is the URL's host, not the IP.
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        request = self._http.build_request(
+            "POST", target.connect_url, content=body, headers=headers, extensions=extensions
+        )
+        return await self._http.send(request)
+
     async def deliver(self, job: JobRecord) -> bool:
         """POSTs the result, retrying with exponential backoff; records delivered or failed."""
         body = self.webhook_body(job)
         delay = self._settings.webhook_backoff
+        secret = self._secrets.for_tenant(job.tenant_id)
         with self._tracer.start_as_current_span("edge.webhook", kind=trace.SpanKind.CLIENT) as span:
             span.set_attribute("ballast.job.id", job.job_id)
             for attempt in range(1, self._settings.webhook_attempts + 1):
@@ -289,21 +370,35 @@ class JobRunner:
                 headers = {
                     "content-type": "application/json",
                     "x-ballast-job-id": job.job_id,
+                    "x-ballast-delivery-id": delivery_id(job.job_id),
                     "x-ballast-timestamp": stamp,
                     "x-ballast-delivery-attempt": str(attempt),
                 }
-                if self._settings.webhook_secret:
-                    headers["x-ballast-signature"] = sign(self._settings.webhook_secret, stamp, body)
+                if secret:
+                    headers["x-ballast-signature"] = sign(secret, stamp, body)
                 propagate.inject(headers)
                 try:
-                    reply = await self._http.post(job.webhook_url, content=body, headers=headers)
+                    # Vetted again at every attempt: the name may resolve elsewhere by now.
+                    target = await self.webhooks.vet(job.webhook_url)
+                    reply = await self._post(target, body, headers)
                     if 200 <= reply.status_code < 300:
                         job.webhook_state = "delivered"
                         await self._store.update(job)
                         return True
-                    # A 4xx other than 408/429 will not get better by retrying.
-                    if 400 <= reply.status_code < 500 and reply.status_code not in (408, 429):
+                    # A redirect is not followed, and a 4xx other than 408/429 will not get
+                    # better by retrying.
+                    if 300 <= reply.status_code < 400 or (
+                        400 <= reply.status_code < 500 and reply.status_code not in (408, 429)
+                    ):
+                        log.info("webhook for %s answered %d; not retried", job.job_id, reply.status_code)
                         break
+                except WebhookUnresolved:
+                    log.info(
+                        "webhook attempt %d for %s failed: the host does not resolve", attempt, job.job_id
+                    )
+                except WebhookRefused as exc:
+                    log.warning("webhook for %s not delivered: %s", job.job_id, exc.description)
+                    break
                 except httpx.HTTPError as exc:
                     log.info("webhook attempt %d for %s failed: %s", attempt, job.job_id, type(exc).__name__)
                 if attempt < self._settings.webhook_attempts:

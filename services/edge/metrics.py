@@ -25,6 +25,11 @@ from services.kit.tasks import cancel_and_wait
 log = logging.getLogger("ballast.edge.metrics")
 
 
+def failure_outcome(code: str) -> str:
+    """The outcome label of a chat that ended with status `code`."""
+    return "limited" if code == "RESOURCE_EXHAUSTED" else "error"
+
+
 class EdgeMetrics:
     def __init__(
         self, meter: metrics.Meter, store: EdgeStore, *, per_user: bool, sample_every: float
@@ -50,6 +55,17 @@ class EdgeMetrics:
             "ballast.usage.cost",
             unit="{microdollar}",
             description="Model cost in micro-dollars, by tenant and model",
+        )
+        # By tier only (not tenant): what the overview compares, with bounded series.
+        self.duration = meter.create_histogram(
+            "ballast.edge.chat.duration",
+            unit="s",
+            description="Chat and ChatStream calls from arrival to the answer's end, by tier and outcome",
+        )
+        self.first_token = meter.create_histogram(
+            "ballast.edge.chat.time_to_first_token",
+            unit="s",
+            description="From a chat's arrival to its first content (the whole answer for unary Chat), by tier",
         )
         self.cache_savings = meter.create_counter(
             "ballast.edge.cache_saved_tokens",
@@ -112,8 +128,14 @@ class EdgeMetrics:
         self.cost.add(response.cost.total_cost_micros, self._labels(caller, model=model))
 
     def failed(self, caller: common_pb2.Caller, code: str) -> None:
-        outcome = "limited" if code == "RESOURCE_EXHAUSTED" else "error"
-        self.chats.add(1, self._labels(caller, outcome=outcome, code=code))
+        self.chats.add(1, self._labels(caller, outcome=failure_outcome(code), code=code))
+
+    def timed(self, caller: common_pb2.Caller, outcome: str, seconds: float) -> None:
+        """A call answered (or refused) directly, not through the queue: its whole duration."""
+        self.duration.record(seconds, {"tier": caller.tier, "outcome": outcome})
+
+    def first_content(self, caller: common_pb2.Caller, mode: str, seconds: float) -> None:
+        self.first_token.record(seconds, {"tier": caller.tier, "mode": mode})
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(count, {"priority": priority}) for priority, count in self._depth.items()]

@@ -25,9 +25,9 @@ from ballast.router.v1 import router_pb2
 from opentelemetry import propagate, trace
 
 from services.edge import openai_format as fmt
-from services.edge.chat import new_request_id
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
+from services.edge.edge import new_request_id
 from services.edge.embeddings import embed
 from services.edge.servicer import EdgeServicer, InFlightLimit, KeyRegistry
 from services.kit.errors import BallastError, InvalidArgument, ResourceExhausted, Unavailable
@@ -98,6 +98,7 @@ class OpenAIHttpApp:
         method: str = scope["method"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         route, handler = self._route(method, path)
+        scope["ballast.started"] = started
         status = 500
         with self._span(method, route, headers) as span:
             try:
@@ -240,8 +241,12 @@ class OpenAIHttpApp:
         try:
             async with _cancelled_on_disconnect(receive):
                 if call.stream:
-                    return await self._chat_stream(call, caller, request_id, deadline, headers, send)
-                response = await self._servicer.chat(caller, call.request, request_id, deadline)
+                    return await self._chat_stream(
+                        call, caller, request_id, deadline, send, started=scope["ballast.started"]
+                    )
+                response = await self._servicer.chat(
+                    caller, call.request, request_id, deadline, started=scope["ballast.started"]
+                )
         except InvalidArgument as exc:
             # Validation names the edge's fields; the caller wrote OpenAI's parameters.
             raise _ReplyError(self._error(exc, call)) from None
@@ -266,10 +271,11 @@ class OpenAIHttpApp:
         caller: Any,
         request_id: str,
         deadline: Deadline,
-        headers: dict[str, str],
         send: Send,
+        *,
+        started: float,
     ) -> int:
-        events = self._servicer.chat_stream(caller, call.request, request_id, deadline)
+        events = self._servicer.chat_stream(caller, call.request, request_id, deadline, started=started)
         writer: fmt.ChunkWriter | None = None
         try:
             async for event in events:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,14 +19,14 @@ from ballast.sessions.v1 import sessions_pb2
 from google.protobuf import duration_pb2
 
 from services.edge import auth
-from services.edge.chat import ChatPipeline, new_request_id, quota_metadata
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
+from services.edge.edge import ChatPipeline, new_request_id, quota_metadata
 from services.edge.jobs import JobRunner, job_to_proto
-from services.edge.metrics import EdgeMetrics
+from services.edge.metrics import EdgeMetrics, failure_outcome
 from services.edge.pacing import Lane
 from services.edge.store import EdgeStore
-from services.edge.validation import check_id, check_json_object, validate_chat, validate_webhook_url
+from services.edge.validation import check_id, check_json_object, validate_chat
 from services.kit.errors import (
     BallastError,
     DeadlineExceeded,
@@ -36,6 +37,7 @@ from services.kit.errors import (
     abort_with,
 )
 from services.kit.interceptors import Around, AroundInterceptor
+from services.kit.protos import seconds, timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -94,7 +96,7 @@ def _key_info(key: auth.ApiKey) -> edge_pb2.ApiKeyInfo:
         revoked=key.revoked,
     )
     if key.created_at:
-        info.created_at.FromNanoseconds(int(key.created_at * 1e9))
+        info.created_at.CopyFrom(timestamp(key.created_at))
     return info
 
 
@@ -159,37 +161,53 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             await lane.release()
 
     async def Chat(self, request: edge_pb2.ChatRequest, context: Context) -> edge_pb2.ChatResponse:
+        started = time.perf_counter()
         caller = await self._keys.caller(context)
         deadline = Deadline(context.time_remaining())
-        response = await self.chat(caller, request, _request_id(context), deadline)
+        response = await self.chat(caller, request, _request_id(context), deadline, started=started)
         context.set_trailing_metadata(quota_metadata(list(response.quotas)))
         return response
 
     async def ChatStream(
         self, request: edge_pb2.ChatStreamRequest, context: Context
     ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
+        started = time.perf_counter()
         caller = await self._keys.caller(context)
         deadline = Deadline(context.time_remaining())
-        async for event in self.chat_stream(caller, request.chat, _request_id(context), deadline, "chat"):
+        async for event in self.chat_stream(
+            caller, request.chat, _request_id(context), deadline, "chat", started=started
+        ):
             if event.WhichOneof("event") == "done":
                 context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
             yield event
 
     # Both faces of the edge (this gRPC servicer and the OpenAI-compatible HTTP API) run a chat
-    # turn through these two, so validation, pacing and metrics cannot drift apart.
+    # turn through these two, so validation, pacing and metrics cannot drift apart. `started` is
+    # when the call arrived (before authentication), for the latency metrics.
 
     async def chat(
-        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, request_id: str, deadline: Deadline
+        self,
+        caller: common_pb2.Caller,
+        request: edge_pb2.ChatRequest,
+        request_id: str,
+        deadline: Deadline,
+        *,
+        started: float | None = None,
     ) -> edge_pb2.ChatResponse:
         """One chat turn for an authenticated caller."""
+        started = time.perf_counter() if started is None else started
         validate_chat(request, self._settings)
         try:
             async with self._paced(caller, deadline):
                 response = await self._pipeline.chat(caller, request, request_id, deadline)
         except BallastError as exc:
             self._metrics.failed(caller, exc.code.name)
+            self._metrics.timed(caller, failure_outcome(exc.code.name), time.perf_counter() - started)
             raise
         self._metrics.chat(caller, response)
+        elapsed = time.perf_counter() - started
+        self._metrics.timed(caller, "cache_hit" if response.cache_hit else "ok", elapsed)
+        self._metrics.first_content(caller, "unary", elapsed)
         return response
 
     async def chat_stream(
@@ -199,17 +217,28 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         request_id: str,
         deadline: Deadline,
         field: str = "",
+        *,
+        started: float | None = None,
     ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
         """One streamed chat turn for an authenticated caller; `field` prefixes validation errors."""
+        started = time.perf_counter() if started is None else started
         validate_chat(request, self._settings, field)
+        first = True
         try:
             async with self._paced(caller, deadline):
                 async for event in self._pipeline.chat_stream(caller, request, request_id, deadline):
-                    if event.WhichOneof("event") == "done":
+                    kind = event.WhichOneof("event")
+                    if first and kind in ("delta", "done"):
+                        first = False
+                        self._metrics.first_content(caller, "stream", time.perf_counter() - started)
+                    if kind == "done":
                         self._metrics.chat(caller, event.done)
+                        outcome = "cache_hit" if event.done.cache_hit else "ok"
+                        self._metrics.timed(caller, outcome, time.perf_counter() - started)
                     yield event
         except BallastError as exc:
             self._metrics.failed(caller, exc.code.name)
+            self._metrics.timed(caller, failure_outcome(exc.code.name), time.perf_counter() - started)
             raise
 
     async def SubmitChat(
@@ -217,7 +246,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     ) -> edge_pb2.SubmitChatResponse:
         caller = await self._keys.caller(context)
         validate_chat(request.chat, self._settings, "chat")
-        validate_webhook_url(request.webhook_url)
+        if request.webhook_url:
+            await self._jobs.vet_webhook(request.webhook_url)
         if len(request.idempotency_key) > 128:
             raise InvalidArgument("idempotency_key", "at most 128 characters")
         job = await self._jobs.submit(caller, request)
@@ -227,8 +257,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("job_id", job_id)
         job = await self._store.get_job(job_id)
-        # Another tenant's job is reported as missing, so ids cannot be probed.
-        if job is None or job.tenant_id != caller.tenant_id:
+        # A job belongs to the user who submitted it: another user's (of this tenant or another)
+        # is reported as missing, so ids cannot be probed.
+        if job is None or (job.tenant_id, job.user_id) != (caller.tenant_id, caller.user_id):
             raise NotFound(f"job {job_id!r} not found")
         return job
 
@@ -251,7 +282,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json)
+        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
         deadline = Deadline(context.time_remaining())
         # The session must be the caller's before its cap is counted.
         await self._down.call(
@@ -278,7 +309,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 limit = status.quota.limit
                 used = max(0, status.quota.limit - status.quota.remaining)
         if check.decision == limiter_pb2.DECISION_DENY:
-            retry_after = check.retry_after.seconds + check.retry_after.nanos / 1e9
+            retry_after = seconds(check.retry_after)
             error = ResourceExhausted(
                 f"tool-call cap reached for session {request.session_id!r}: {used} of {limit} used",
                 retry_after=retry_after or None,
@@ -315,7 +346,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         caller = await self._keys.caller(context)
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json)
+        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
         if len(request.result) > self._settings.max_content_chars:
             raise InvalidArgument("result", f"at most {self._settings.max_content_chars} characters")
         deadline = Deadline(context.time_remaining())

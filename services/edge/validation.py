@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from urllib.parse import urlsplit
 
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
@@ -27,11 +26,32 @@ def check_id(field: str, value: str, *, required: bool = True) -> None:
         raise InvalidArgument(field, "must be 1-128 characters of letters, digits, '_', '-', '.', ':'")
 
 
-def check_json_object(field: str, value: str, *, required: bool = False) -> None:
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = {ord("{"): 1, ord("["): 1, ord("}"): -1, ord("]"): -1}
+
+
+def json_depth_exceeds(value: str, max_depth: int) -> bool:
+    """Whether `value`'s arrays and objects nest deeper than `max_depth` (brackets inside
+    strings do not count); cheap enough to run before the parser, which would recurse."""
+    depth = 0
+    for char in _JSON_STRING.sub("", value):
+        step = _BRACKETS.get(ord(char))
+        if step is not None:
+            depth += step
+            if depth > max_depth:
+                return True
+    return False
+
+
+def check_json_object(field: str, value: str, *, max_depth: int, required: bool = False) -> None:
     if not value:
         if required:
             raise InvalidArgument(field, "is required")
         return
+    if json_depth_exceeds(value, max_depth):
+        raise InvalidArgument(
+            field, f"nests arrays and objects deeper than {max_depth} levels (BALLAST_EDGE_MAX_JSON_DEPTH)"
+        )
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
@@ -65,7 +85,11 @@ def validate_chat(request: edge_pb2.ChatRequest, settings: EdgeSettings, field: 
                 raise InvalidArgument(
                     f"{where}.tool_calls[{call_index}].name", "must match [A-Za-z0-9_-]{1,64}"
                 )
-            check_json_object(f"{where}.tool_calls[{call_index}].arguments_json", call.arguments_json)
+            check_json_object(
+                f"{where}.tool_calls[{call_index}].arguments_json",
+                call.arguments_json,
+                max_depth=settings.max_json_depth,
+            )
         total += len(message.content)
     if total > settings.max_content_chars:
         raise InvalidArgument(
@@ -83,7 +107,11 @@ def validate_chat(request: edge_pb2.ChatRequest, settings: EdgeSettings, field: 
         if tool.name in names:
             raise InvalidArgument(f"{prefix}tools[{index}].name", f"duplicate tool {tool.name!r}")
         names.add(tool.name)
-        check_json_object(f"{prefix}tools[{index}].parameters_json_schema", tool.parameters_json_schema)
+        check_json_object(
+            f"{prefix}tools[{index}].parameters_json_schema",
+            tool.parameters_json_schema,
+            max_depth=settings.max_json_depth,
+        )
     choice = request.tool_choice
     if choice.mode == common_pb2.TOOL_CHOICE_MODE_NAMED and choice.name not in names:
         raise InvalidArgument(f"{prefix}tool_choice.name", "must name one of the request's tools")
@@ -94,25 +122,19 @@ def validate_chat(request: edge_pb2.ChatRequest, settings: EdgeSettings, field: 
         raise InvalidArgument(f"{prefix}params.temperature", "must be between 0 and 2")
     if params.HasField("top_p") and (math.isnan(params.top_p) or not 0.0 < params.top_p <= 1.0):
         raise InvalidArgument(f"{prefix}params.top_p", "must be in (0, 1]")
-    if params.max_output_tokens < 0:
-        raise InvalidArgument(f"{prefix}params.max_output_tokens", "must not be negative")
+    if not 0 <= params.max_output_tokens <= settings.max_output_tokens:
+        raise InvalidArgument(
+            f"{prefix}params.max_output_tokens", f"must be between 0 and {settings.max_output_tokens}"
+        )
     if len(params.stop) > 4:
         raise InvalidArgument(f"{prefix}params.stop", "at most 4 stop sequences")
-    if request.context_token_budget < 0:
-        raise InvalidArgument(f"{prefix}context_token_budget", "must not be negative")
+    if not 0 <= request.context_token_budget <= settings.max_context_tokens:
+        raise InvalidArgument(
+            f"{prefix}context_token_budget", f"must be between 0 and {settings.max_context_tokens}"
+        )
     if len(request.idempotency_key) > 128:
         raise InvalidArgument(f"{prefix}idempotency_key", "at most 128 characters")
     if request.cache_namespace:
         check_id(f"{prefix}cache_namespace", request.cache_namespace)
     if request.cache_mode not in edge_pb2.CacheMode.values():
         raise InvalidArgument(f"{prefix}cache_mode", "unknown cache mode")
-
-
-def validate_webhook_url(url: str) -> None:
-    if not url:
-        return
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidArgument("webhook_url", "must be an absolute http:// or https:// URL")
-    if len(url) > 2048:
-        raise InvalidArgument("webhook_url", "at most 2048 characters")

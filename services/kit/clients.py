@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
+from services.kit import tls
 from services.kit.config import ServerSettings
 from services.kit.telemetry import Telemetry
 
@@ -17,19 +20,45 @@ def channel_target(address: str) -> str:
 
 
 def open_channel(address: str, settings: ServerSettings, telemetry: Telemetry) -> grpc.aio.Channel:
-    """An insecure channel with W3C trace propagation and the suite's message limits.
+    """A channel with W3C trace propagation and the suite's message limits; mutual TLS with
+    this service's certificate when BALLAST_TLS_* are set, plaintext otherwise.
 
     Calls are spread round robin over every address the target resolves to (replicas behind
     a DNS name or listed in the setting), and a replica that goes away is skipped.
     """
-    return grpc.aio.insecure_channel(
-        channel_target(address),
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.enable_retries", 1),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+    target = channel_target(address)
+    if settings.client_tls is None:
+        return grpc.aio.insecure_channel(
+            target, interceptors=telemetry.client_interceptors(), options=options
+        )
+    name = _server_name(address, settings)
+    if name:
+        options.append(("grpc.ssl_target_name_override", name))
+    return grpc.aio.secure_channel(
+        target,
+        tls.channel_credentials(settings.client_tls),
         interceptors=telemetry.client_interceptors(),
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.enable_retries", 1),
-            ("grpc.lb_policy_name", "round_robin"),
-        ],
+        options=options,
     )
+
+
+def _server_name(address: str, settings: ServerSettings) -> str:
+    """The name to check the server's certificate against when the target has no single host.
+
+    A list of replicas (host:port,host:port) is checked against the service's name, which
+    every replica's certificate carries (`ballast certs` puts it in each), rather than one
+    replica's address that the others' certificates would not hold.
+    """
+    if channel_target(address) == address:
+        return ""
+    for service, configured in settings.addresses.items():
+        if configured == address:
+            return service
+    return address.split(",")[0].rpartition(":")[0]

@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
+
+from services.kit import tls
 
 PREFIX = "BALLAST_"
 
@@ -25,9 +28,23 @@ DEFAULT_PORTS: dict[str, int] = {
 SERVICE_NAMES: tuple[str, ...] = tuple(DEFAULT_PORTS)
 # Prometheus text endpoints (/metrics), one per service; BALLAST_<SERVICE>_METRICS_PORT overrides.
 DEFAULT_METRICS_PORTS: dict[str, int] = {name: 9451 + index for index, name in enumerate(DEFAULT_PORTS)}
+# Plaintext ports serving only grpc.health.v1, opened when the main port serves TLS (Kubernetes'
+# gRPC probe speaks plaintext); BALLAST_<SERVICE>_HEALTH_PORT overrides.
+DEFAULT_HEALTH_PORTS: dict[str, int] = {name: port + 10 for name, port in DEFAULT_PORTS.items()}
+# The one service the public calls; the others trust the caller their peers name.
+PUBLIC_SERVICE = "edge"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+DURATION_EXAMPLES = "250ms, 5s, 2m, 1h or 1d"
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds from '250ms', '5s', '2m', '1h', '1d' or a plain number of seconds; None if not one.
+
+    The one reading of a duration in Ballast's settings and config files."""
+    match = _DURATION.match(text.lower())
+    return None if match is None else float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 class ConfigError(ValueError):
@@ -120,13 +137,9 @@ class Env:
         value = self.raw(name)
         if value is None:
             return default
-        match = _DURATION.match(value.lower())
-        expected = f"a duration such as 250ms, 5s, 2m or 1h (at least {minimum:g}s)"
-        if not match:
-            self._bad(name, value, expected)
-            return default
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        if seconds < minimum:
+        seconds = parse_duration(value)
+        expected = f"a duration such as {DURATION_EXAMPLES} (at least {minimum:g}s)"
+        if seconds is None or seconds < minimum:
             self._bad(name, value, expected)
             return default
         return seconds
@@ -164,7 +177,8 @@ class Env:
 
     def check(self) -> None:
         if self.problems:
-            raise ConfigError(self.problems)
+            # Settings shared by several services (the TLS files) would repeat their problem once each.
+            raise ConfigError(dict.fromkeys(self.problems))
 
 
 def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
@@ -178,6 +192,23 @@ def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_REGION = "local"
+# A region is a metric label and a resource attribute: short, and safe in both.
+_REGION = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def region_from_env(env: Env) -> str:
+    """BALLAST_REGION: where this replica runs (`cloud.region` on telemetry, `cloud_region` on metrics)."""
+    name = f"{PREFIX}REGION"
+    value = env.string(name, DEFAULT_REGION)
+    if not _REGION.match(value):
+        env._bad(
+            name, value, "lower-case letters, digits, '.', '_' or '-', at most 63 (for example eu-west-1)"
+        )
+        return DEFAULT_REGION
+    return value
+
+
 LOG_FORMATS = ("json", "text")
 
 
@@ -203,9 +234,22 @@ class ServerSettings:
     metrics_port: int = 0
     # Per-user metric labels multiply series by the user count: off unless an operator opts in.
     metrics_per_user: bool = False
+    # TLS on this service's port: mutual for internal services (BALLAST_TLS_*), server-only on the
+    # edge's public port (BALLAST_EDGE_TLS_*); None serves plaintext.
+    server_tls: tls.TlsFiles | None = None
+    # The certificate this service presents when it calls the others, and the CA it trusts.
+    client_tls: tls.TlsFiles | None = None
+    # Plaintext health-only port (None: health is on the main port only).
+    health_port: int | None = None
+    region: str = DEFAULT_REGION
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
+        settings = cls._read(service, env)
+        return replace(settings, **_tls_settings(settings, env))
+
+    @classmethod
+    def _read(cls, service: str, env: Env) -> ServerSettings:
         upper = service.upper()
         return cls(
             service=service,
@@ -225,6 +269,7 @@ class ServerSettings:
             },
             metrics_enabled=env.boolean(f"{PREFIX}METRICS", True),
             metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", False),
+            region=region_from_env(env),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),
@@ -232,3 +277,45 @@ class ServerSettings:
                 maximum=65535,
             ),
         )
+
+
+def _tls_settings(settings: ServerSettings, env: Env) -> dict[str, Any]:
+    """TLS of one service. An internal service on a non-loopback address without TLS is a
+    problem unless BALLAST_INSECURE_INTERNAL says a mesh already provides mutual TLS."""
+    service = settings.service
+    internal = _tls_files(env, tls.TLS_VARIABLES, mutual=True)
+    if service == PUBLIC_SERVICE:
+        public_vars = ("BALLAST_EDGE_TLS_CERT_FILE", "BALLAST_EDGE_TLS_KEY_FILE", "")
+        served = _tls_files(env, public_vars, mutual=False)
+    else:
+        served = internal
+    insecure = env.boolean(f"{PREFIX}INSECURE_INTERNAL", False)
+    if service != PUBLIC_SERVICE and served is None and not insecure and not tls.is_loopback(settings.host):
+        env.problems.append(tls.insecure_internal_problem(service, settings.host))
+    health_var = f"{PREFIX}{service.upper()}_HEALTH_PORT"
+    health_port: int | None = env.integer(
+        health_var, DEFAULT_HEALTH_PORTS.get(service, 0), minimum=0, maximum=65535
+    )
+    if env.raw(health_var) is None and served is None:
+        health_port = None  # plaintext: the main port answers health checks itself
+    return {"server_tls": served, "client_tls": internal, "health_port": health_port}
+
+
+def _tls_files(env: Env, variables: tuple[str, str, str], *, mutual: bool) -> tls.TlsFiles | None:
+    """The files named by `variables` (certificate, key, CA), all or none of them set."""
+    names = variables if mutual else variables[:2]
+    values = [env.raw(name) for name in names]
+    if not any(values):
+        return None
+    missing = [name for name, value in zip(names, values, strict=True) if not value]
+    if missing:
+        env.problems.append(f"{', '.join(missing)} must be set too: TLS needs {' and '.join(names)} together")
+        return None
+    files = tls.TlsFiles(
+        cert_file=values[0] or "",
+        key_file=values[1] or "",
+        ca_file=(values[2] or "") if mutual else "",
+        variables=variables,
+    )
+    env.problems.extend(tls.check(files))
+    return files

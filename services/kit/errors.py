@@ -7,16 +7,18 @@ Anything else is a bug: logged with the trace id, answered as a generic INTERNAL
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
+from services.kit.protos import duration
 
 log = logging.getLogger("ballast.kit.errors")
 
@@ -107,9 +109,7 @@ class ResourceExhausted(BallastError):
     def details(self) -> list[Any]:
         out: list[Any] = []
         if self.retry_after is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(self.retry_after * 1e9))
-            out.append(error_details_pb2.RetryInfo(retry_delay=delay))
+            out.append(error_details_pb2.RetryInfo(retry_delay=duration(self.retry_after)))
         if self.reason:
             out.append(error_details_pb2.ErrorInfo(reason=self.reason, domain="ballast"))
         return out
@@ -180,6 +180,21 @@ def _is_passthrough(exc: BaseException) -> bool:
     return not isinstance(exc, Exception) or type(exc).__module__.startswith(("grpc", "asyncio"))
 
 
+def _cancellation(exc: BaseException) -> bool:
+    """Whether `exc` is, or was raised while handling, the task's cancellation (a driver may
+    turn a cancelled read into its own error type). A domain error means what it says, and a
+    TimeoutError is the handler's own `asyncio.timeout` (which works by cancelling), not the
+    client going away."""
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None or isinstance(seen, BallastError | TimeoutError):
+            return False
+        if isinstance(seen, asyncio.CancelledError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class ErrorInterceptor(AroundInterceptor):
     """Maps exceptions raised by servicers to statuses, for unary and streaming responses."""
 
@@ -197,7 +212,16 @@ class ErrorInterceptor(AroundInterceptor):
             async def __aexit__(
                 self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
             ) -> None:
-                if exc is not None and not _is_passthrough(exc):
+                if exc is None:
+                    return
+                if _cancellation(exc) or (self.context.cancelled() and not isinstance(exc, BallastError)):
+                    # The client went away (or the server is stopping): routine, not a bug, and
+                    # whatever the cancellation made the handler raise says nothing new.
+                    log.debug("call cancelled: %s (%s)", method, type(exc).__name__)
+                    if not _is_passthrough(exc):
+                        await self.context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+                    return
+                if not _is_passthrough(exc):
                     await _abort(self.context, exc, method)  # always raises: the call ends here
 
         return Mapped

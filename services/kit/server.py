@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics
 from prometheus_client import start_http_server
 
+from services.kit import tls
 from services.kit.config import ServerSettings
 from services.kit.errors import ErrorInterceptor
 from services.kit.interceptors import Around, AroundInterceptor, Context
@@ -102,7 +103,9 @@ class MetricsInterceptor(AroundInterceptor):
             async def __aexit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
                 code = self.context.code()
                 if kind is not None and not code:
-                    code = grpc.StatusCode.UNKNOWN  # raised without setting a status
+                    # A client that goes away cancels the handler: CANCELLED, not an unknown failure.
+                    cancelled = issubclass(kind, asyncio.CancelledError) or self.context.cancelled()
+                    code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
                 done(self.started, code)
 
         return Timed
@@ -116,7 +119,10 @@ class RunningService:
     port: int
     #: Port of the Prometheus /metrics endpoint, 0 when disabled.
     metrics_port: int = 0
+    #: Plaintext health-only port, 0 when there is none.
+    health_port: int = 0
     _metrics_http: Any = field(default=None, repr=False)
+    _health_server: grpc.aio.Server | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -132,6 +138,8 @@ class RunningService:
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
         await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         try:
             # Closing pools must not hold the process forever (a pool waiting for a connection
             # that a dead backend never returns): bounded, and the overrun is logged.
@@ -181,12 +189,31 @@ async def start_service(app: ServiceApp) -> RunningService:
     app.register(server)
     names = list(app.service_names())
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.server_tls is not None:
+        port = server.add_secure_port(address, tls.server_credentials(settings.server_tls))
+    else:
+        if app.name != "edge" and not tls.is_loopback(settings.host):
+            # Config allowed it only with BALLAST_INSECURE_INTERNAL: say so in every start-up log.
+            log.warning(
+                "serving without TLS beyond loopback (BALLAST_INSECURE_INTERNAL=true): only a mesh "
+                "providing mutual TLS keeps other callers out",
+                extra={"service": app.name, "host": settings.host},
+            )
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"{app.name}: cannot listen on {settings.host}:{settings.port}")
-    await app.start()
-    await server.start()
+    health_server = await _start_health_server(app, health_servicer)
+    try:
+        await app.start()
+        await server.start()
+    except BaseException:
+        if health_server is not None:
+            await health_server[0].stop(0)
+        raise
     running = RunningService(app=app, server=server, health=health_servicer, port=port)
+    if health_server is not None:
+        running._health_server, running.health_port = health_server
     if settings.metrics_enabled:
         httpd, _ = start_http_server(settings.metrics_port, settings.host, registry=app.telemetry.registry)
         running._metrics_http = httpd
@@ -200,9 +227,30 @@ async def start_service(app: ServiceApp) -> RunningService:
             "host": settings.host,
             "port": port,
             "metrics_port": running.metrics_port,
+            "tls": "off" if settings.server_tls is None else "mutual" if settings.server_tls.mutual else "on",
+            "health_port": running.health_port,
         },
     )
     return running
+
+
+async def _start_health_server(
+    app: ServiceApp, servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int] | None:
+    """A plaintext port serving only grpc.health.v1, for probes that cannot present a client
+    certificate (Kubernetes' gRPC probe speaks plaintext). It reads the same servicer as the
+    main port, so it reports NOT_SERVING the moment shutdown begins. It reveals only whether
+    the service is serving."""
+    settings = app.server_settings
+    if settings.health_port is None:
+        return None
+    server = grpc.aio.server(options=server_options(settings))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    if port == 0:
+        raise RuntimeError(f"{app.name}: cannot listen on {settings.host}:{settings.health_port} (health)")
+    await server.start()
+    return server, port
 
 
 async def run_until_signal(apps: Sequence[ServiceApp]) -> None:

@@ -18,12 +18,15 @@ import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
+
+from services.kit.config import Env, region_from_env
 
 _NOT_HEALTH = filters.negate(
     filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
@@ -117,6 +120,41 @@ def trace_store(store: object, telemetry: Telemetry, system: str, address: str =
         setattr(store, name, wrap(method, name))
 
 
+# The SDK's default buckets (0, 5, 10, 25 … 10000) suit milliseconds; Ballast records seconds and
+# token counts, so percentiles need the buckets the semantic conventions advise for each.
+_SECONDS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+_VIEWS = (
+    View(
+        instrument_type=Histogram,
+        instrument_unit="s",
+        aggregation=ExplicitBucketHistogramAggregation(_SECONDS_BUCKETS),
+    ),
+    View(
+        instrument_type=Histogram,
+        instrument_unit="{token}",
+        aggregation=ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS),
+    ),
+)
+
+
 def _insecure(env: Mapping[str, str], endpoint: str) -> bool:
     """Plain-text gRPC for http:// endpoints (as a local Jaeger or collector), or when asked."""
     flag = env.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower()
@@ -142,10 +180,16 @@ def setup_telemetry(
     base = env.get("OTEL_SERVICE_NAME")
     if base:
         name = f"{base}-{service}"
-    resource = Resource.create({"service.name": name, "service.namespace": "ballast"})
+    settings = Env(env)
+    region = region_from_env(settings)
+    settings.check()
+    resource = Resource.create({"service.name": name, "service.namespace": "ballast", "cloud.region": region})
     # Metrics are always collected for the service's Prometheus endpoint; OTLP export is optional.
+    # The region is copied onto every series (one value per replica, so no extra cardinality).
     registry = CollectorRegistry(auto_describe=True)
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
+    readers: list[MetricReader] = [
+        PrometheusMetricReader(registry=registry, resource_attribute_filter=lambda key: key == "cloud.region")
+    ]
     metrics_endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
@@ -157,7 +201,7 @@ def setup_telemetry(
                 OTLPMetricExporter(endpoint=metrics_endpoint, insecure=_insecure(env, metrics_endpoint))
             )
         )
-    meters = MeterProvider(resource=resource, metric_readers=readers)
+    meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS)
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
     provider = TracerProvider(resource=resource)

@@ -1,5 +1,6 @@
 """`python -m services.limiter`: run the limiter service alone."""
 
-from services.cli import serve_one
+from services.kit.entry import run
+from services.limiter.app import ENTRY
 
-raise SystemExit(serve_one("limiter"))
+raise SystemExit(run([ENTRY]))

@@ -11,6 +11,7 @@ import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.tasks import cancel_and_wait
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
@@ -57,7 +58,7 @@ class LimiterApp(ServiceApp):
         self.envoy_config: Reloading[EnvoyConfig] | None = None
         if settings.envoy_config:
             self.envoy_config = Reloading(settings.envoy_config, load_envoy_config)
-        self.envoy = EnvoyLimiter(self.store, self._current_envoy_config)
+        self.envoy = EnvoyLimiter(self.store, self._current_envoy_config, clock=clock)
         metrics.register(telemetry.meter, self.limiter, self.envoy)
         self._headroom_task: asyncio.Task[None] | None = None
 
@@ -100,3 +101,7 @@ class LimiterApp(ServiceApp):
 
 def build(settings: LimiterSettings, telemetry: Telemetry) -> LimiterApp:
     return LimiterApp(settings, telemetry)
+
+
+# How `python -m services.limiter` and the all-in-one runner start this service.
+ENTRY = Entry("limiter", LimiterSettings.from_env, build)

@@ -24,12 +24,19 @@ class LimiterSettings:
     reload_interval: float = 1.0
     # A store call slower than this counts as a store failure (the fail mode decides).
     store_timeout: float = 0.25
+    # Connections to Redis per replica (per cluster node); past them a call waits for one.
+    redis_pool_size: int = 64
     # After a store failure, decide by the fail mode for this long before trying the store again.
     store_retry_interval: float = 1.0
     # What to do while the shared store is unreachable: a local per-replica limit, allow, or deny.
     fail_mode: str = "local"
     # Replicas sharing the store: the local fallback enforces limit/replicas per replica.
     replicas: int = 1
+    # This replica's share of each limit while it decides alone (0 = 1/replicas).
+    local_share: float = 0.0
+    # Most limits remembered (what the store last said was left) and most local charges kept
+    # for write-back during an outage: bounds the replica's memory.
+    outage_memory: int = 100_000
     # Sub-buckets per sliding window (precision: a window is counted over W..W+W/buckets).
     window_buckets: int = 20
     # How long a Check's request_id is remembered (retries within it are not counted twice).
@@ -59,10 +66,11 @@ class LimiterSettings:
             env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
         if not settings.store_url.startswith("memory:"):
             from services.kit.redisconn import split_key_prefix
-            from services.limiter.store.pipelined import Endpoint
+            from services.limiter.store.library import check_url
+            from services.limiter.store.redis import cluster_option
 
             try:
-                Endpoint.from_url(split_key_prefix(settings.store_url)[0])
+                check_url(cluster_option(split_key_prefix(settings.store_url)[0])[0])
             except ValueError as exc:
                 env.problems.append(f"{p}STORE={settings.store_url!r} is invalid: {exc}")
         if settings.envoy_config:
@@ -81,9 +89,12 @@ class LimiterSettings:
             envoy_config=env.string(f"{p}ENVOY_CONFIG", ""),
             reload_interval=env.duration(f"{p}RELOAD_INTERVAL", 1.0, minimum=0.01),
             store_timeout=env.duration(f"{p}STORE_TIMEOUT", 0.25, minimum=0.001),
+            redis_pool_size=env.integer(f"{p}REDIS_POOL_SIZE", 64, minimum=1, maximum=10_000),
             store_retry_interval=env.duration(f"{p}STORE_RETRY_INTERVAL", 1.0, minimum=0.0),
             fail_mode=env.choice(f"{p}FAIL_MODE", "local", FAIL_MODES),
             replicas=env.integer(f"{p}REPLICAS", 1, minimum=1, maximum=10_000),
+            local_share=env.number(f"{p}LOCAL_SHARE", 0.0, minimum=0.0, maximum=1.0),
+            outage_memory=env.integer(f"{p}OUTAGE_MEMORY", 100_000, minimum=1, maximum=100_000_000),
             window_buckets=env.integer(f"{p}WINDOW_BUCKETS", 20, minimum=1, maximum=600),
             idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 600.0, minimum=1.0),
             headroom_refresh=env.duration(f"{p}HEADROOM_REFRESH", 1.0, minimum=0.01),

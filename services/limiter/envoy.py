@@ -1,21 +1,34 @@
-"""Envoy's rate-limit protocol decided by Ballast's store: exact and atomic for every descriptor.
+"""Envoy's rate-limit protocol with envoyproxy/ratelimit's own semantics, decided by Ballast's store.
 
-Where envoyproxy/ratelimit uses fixed windows (bursts up to 2x at a window edge), reads then
-increments each descriptor separately (not atomic) and adds one request's hits_addend to
-every descriptor, Ballast decides all descriptors of a request in one store call with
-sliding windows: either every enforced descriptor has room and all are counted, or none is;
-each descriptor counts its own hits (its `hits_addend`, else the request's, else 1).
+Answers are upstream's, for the same config and traffic:
+
+* fixed windows aligned to the unit (a minute starts at :00, a day at 00:00 UTC; with
+  `unit_multiplier` the window is that many units, aligned the same way);
+* every descriptor is counted on its own, over its limit or not (upstream increments, then
+  compares), with its own `hits_addend`, else the request's, else 1;
+* OVER_LIMIT reports `limit_remaining` 0; `duration_until_reset` is the time to the window's end
+  (whole seconds, rounded up, as upstream computes it from the Unix second);
+* shadow-mode limits are counted and answered OK; unlimited ones answer OK with
+  `limit_remaining` 2^32-1; a limit whose `name` another matched limit `replaces` is dropped;
+* statistics per limit: total_hits, over_limit, near_limit (past 80%), within_limit and
+  shadow_mode, split as upstream splits a request's hits across the thresholds.
+
+All descriptors of a request go to the store in one call (one Redis round trip).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from services.limiter.envoy_config import UNIT_MS, EnvoyConfig, EnvoyLimit
-from services.limiter.store.base import Kind, LimitOp, Store
+from services.limiter.envoy_config import UNIT_MS, EnvoyConfig, EnvoyLimit, Match
+from services.limiter.store.base import Kind, LimitOp, OpResult, Store
+
+UINT32_MAX = 2**32 - 1
 
 
 def _q(value: str) -> str:
@@ -38,87 +51,109 @@ class DescriptorVerdict:
     reset_ms: int = 0
 
 
+# (domain, key path) -> count; the key path is the stats key without the domain, as in
+# upstream's `ratelimit.service.rate_limit.<domain>.<key path>.<stat>`.
+StatKey = tuple[str, str]
+
+
 @dataclass
 class EnvoyStats:
-    """Per-limit counters in envoyproxy/ratelimit's spirit (keys are the limits' full keys)."""
+    """envoyproxy/ratelimit's per-limit statistics."""
 
-    total_hits: Counter[str] = field(default_factory=Counter)
-    over_limit: Counter[str] = field(default_factory=Counter)
-    near_limit: Counter[str] = field(default_factory=Counter)
-    shadow_mode: Counter[str] = field(default_factory=Counter)
+    total_hits: Counter[StatKey] = field(default_factory=Counter)
+    over_limit: Counter[StatKey] = field(default_factory=Counter)
+    near_limit: Counter[StatKey] = field(default_factory=Counter)
+    within_limit: Counter[StatKey] = field(default_factory=Counter)
+    shadow_mode: Counter[StatKey] = field(default_factory=Counter)
 
 
 class EnvoyLimiter:
     def __init__(
-        self, store: Store, config: Callable[[], EnvoyConfig | None], *, near_ratio: float = 0.8
+        self,
+        store: Store,
+        config: Callable[[], EnvoyConfig | None],
+        *,
+        near_ratio: float = 0.8,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.config = config
         self.near_ratio = near_ratio
+        self.clock = clock
         self.stats = EnvoyStats()
 
-    def _limits(self, domain: str, descriptors: Sequence[Descriptor]) -> list[EnvoyLimit | None]:
+    def _matches(self, domain: str, descriptors: Sequence[Descriptor]) -> list[Match | None]:
         config = self.config()
         if config is None or domain not in config.domains:
             return [None] * len(descriptors)
-        limits: list[EnvoyLimit | None] = []
+        matches: list[Match | None] = []
         for d in descriptors:
             if d.override is not None and d.override[1] in UNIT_MS:
+                # Upstream: an override applies in a configured domain, never in shadow mode.
                 key = domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in d.entries)
-                limits.append(EnvoyLimit(key, d.override[0], d.override[1]))
+                matches.append(Match(EnvoyLimit(key, d.override[0], d.override[1]), key, d.entries))
             else:
-                limits.append(config.find(domain, d.entries))
-        replaced = {name for lim in limits if lim is not None for name in lim.replaces}
-        return [None if lim is not None and lim.name and lim.name in replaced else lim for lim in limits]
+                matches.append(config.find(domain, d.entries))
+        # Unlimited limits are answered before replacement is worked out, as upstream does.
+        limited = [m for m in matches if m is not None and not m.limit.unlimited]
+        replaced = {name for m in limited for name in m.limit.replaces}
+        return [None if m is not None and m.limit.name and m.limit.name in replaced else m for m in matches]
 
     async def should_rate_limit(
         self, domain: str, descriptors: Sequence[Descriptor]
     ) -> tuple[bool, list[DescriptorVerdict]]:
         """(over limit overall, one verdict per descriptor)."""
-        limits = self._limits(domain, descriptors)
+        matches = self._matches(domain, descriptors)
         tag = "{rls:" + _q(domain) + "}"
         ops: list[LimitOp] = []
-        # descriptor index -> op index; identical descriptors of one request share one counter
-        # (their hits add up), so a duplicate cannot slip past the limit within the same call.
         op_of: dict[int, int] = {}
-        by_key: dict[str, int] = {}
-        for i, (d, lim) in enumerate(zip(descriptors, limits, strict=True)):
-            if lim is None or lim.unlimited:
+        for i, (d, m) in enumerate(zip(descriptors, matches, strict=True)):
+            if m is None or m.limit.unlimited:
                 continue
-            path = ".".join(f"{_q(k)}_{_q(v)}" for k, v in d.entries)
+            lim = m.limit
+            path = ".".join(f"{_q(k)}_{_q(v)}" for k, v in m.counter)
+            op_of[i] = len(ops)
             key = f"{tag}:{path}:{lim.window_ms}"
-            if key in by_key:
-                j = by_key[key]
-                ops[j] = LimitOp(
-                    Kind.WINDOW, key, ops[j].limit, ops[j].cost + d.hits, lim.window_ms, ops[j].shadow
-                )
-            else:
-                by_key[key] = len(ops)
-                ops.append(
-                    LimitOp(Kind.WINDOW, key, lim.requests_per_unit, d.hits, lim.window_ms, lim.shadow)
-                )
-            op_of[i] = by_key[key]
-        verdicts = [DescriptorVerdict(False, lim) for lim in limits]
+            ops.append(LimitOp(Kind.FIXED, key, lim.requests_per_unit, d.hits, lim.window_ms, lim.shadow))
+        verdicts = [DescriptorVerdict(False, None if m is None else m.limit) for m in matches]
         if not ops:
             return False, verdicts
         outcome = await self.store.decide(ops)
+        refused = outcome.degraded and not outcome.admitted  # fail mode `closed`: nothing is OK
+        now_ms = int(self.clock() * 1000)
         over_all = False
         for i, j in op_of.items():
-            lim, op, r = limits[i], ops[j], outcome.results[j]
-            assert lim is not None
+            m, op = matches[i], ops[j]
+            assert m is not None
+            if refused:
+                reset = op.period_ms - now_ms % op.period_ms
+                r = OpResult(True, 0, reset, reset, op.limit + op.cost)
+            else:
+                r = outcome.results[j]
             over = r.over and not op.shadow
-            verdicts[i] = DescriptorVerdict(over, lim, r.remaining, r.retry_ms if r.over else r.reset_ms)
-            self._count(descriptors[i], lim, op, r.over, r.remaining)
+            verdicts[i] = DescriptorVerdict(over, m.limit, 0 if r.over else r.remaining, r.reset_ms)
+            self._count((domain, m.stats_key[len(domain) + 1 :]), op, r)
             over_all = over_all or over
         return over_all, verdicts
 
-    def _count(self, d: Descriptor, lim: EnvoyLimit, op: LimitOp, over: bool, remaining: int) -> None:
-        key = lim.full_key
-        if lim.detailed_metric and d.entries:
-            key = f"{key}_{d.entries[-1][1]}"
+    def _count(self, key: StatKey, op: LimitOp, r: OpResult) -> None:
+        """Upstream's split of one request's hits across the near and over thresholds."""
         s = self.stats
-        s.total_hits[key] += op.cost
-        if over:
-            (s.shadow_mode if op.shadow else s.over_limit)[key] += op.cost
-        elif op.limit > 0 and remaining <= op.limit * (1 - self.near_ratio):
-            s.near_limit[key] += op.cost
+        hits = op.cost
+        after = r.used
+        before = max(0, after - hits)
+        limit = op.limit
+        near = math.floor(limit * self.near_ratio)
+        s.total_hits[key] += hits
+        if r.over:
+            if before >= limit:
+                s.over_limit[key] += hits
+            else:
+                s.over_limit[key] += max(0, after - limit)
+                s.near_limit[key] += max(0, limit - max(near, before))
+            if op.shadow:
+                s.shadow_mode[key] += hits
+        else:
+            if after > near:
+                s.near_limit[key] += hits if before >= near else max(0, after - near)
+            s.within_limit[key] += hits

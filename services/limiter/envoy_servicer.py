@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import duration_pb2
 
 from services.kit.errors import InvalidArgument
 from services.limiter.config import LimiterSettings
-from services.limiter.envoy import Descriptor, EnvoyLimiter
-from services.limiter.servicer import duration
+from services.limiter.envoy import UINT32_MAX, Descriptor, EnvoyLimiter
 
 SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
 _OK = rls_pb2.RateLimitResponse.OK
 _OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
-_UINT32_MAX = 2**32 - 1
 
 
 class EnvoyRateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -79,7 +79,7 @@ class EnvoyRateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ig
             if lim is None:
                 continue
             if lim.unlimited:
-                status.limit_remaining = _UINT32_MAX
+                status.limit_remaining = UINT32_MAX
                 continue
             status.current_limit.CopyFrom(
                 rls_pb2.RateLimitResponse.RateLimit(
@@ -88,6 +88,7 @@ class EnvoyRateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ig
                     unit=lim.unit,
                 )
             )
-            status.limit_remaining = max(0, min(v.remaining, _UINT32_MAX))
-            status.duration_until_reset.CopyFrom(duration(v.reset_ms / 1000))
+            status.limit_remaining = max(0, min(v.remaining, UINT32_MAX))
+            # Whole seconds, rounded up: upstream counts from the Unix second (window end - now).
+            status.duration_until_reset.CopyFrom(duration_pb2.Duration(seconds=math.ceil(v.reset_ms / 1000)))
         return response

@@ -2,7 +2,9 @@
 
 The domain keeps plain counters (no telemetry imports there); these observable instruments
 read them at each collection. Labels are the configured limit names and decision reasons,
-so cardinality is bounded by the tiers file, not by users.
+so cardinality is bounded by the tiers file, not by users; the Envoy statistics are labelled by
+the config's limit keys, which grow with request values only where the config asks for it
+(`detailed_metric`, `value_to_metric`), as upstream warns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.limiter.envoy import EnvoyLimiter
 from services.limiter.limiter import Limiter
+from services.limiter.tiers import REQUESTS, TENANT_TOKENS, TOOL_CALLS, USER_TOKENS
 
 
 def _from(
@@ -36,6 +39,24 @@ def register(meter: metrics.Meter, limiter: Limiter, envoy: EnvoyLimiter) -> Non
     def degraded(options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(limiter.stats.degraded)]
 
+    def limits(options: CallbackOptions) -> Iterable[Observation]:
+        # The tiers file as a gauge (it reloads live): dashboards and alerts set usage against it.
+        for tier in limiter.tiers.current.tiers.values():
+            configured = (
+                (REQUESTS, tier.requests),
+                (USER_TOKENS, tier.user_tokens),
+                (TENANT_TOKENS, tier.tenant_tokens),
+                (TOOL_CALLS, tier.tool_calls),
+            )
+            for name, limit in configured:
+                if not limit.unlimited:
+                    yield Observation(limit.limit, {"tier": tier.name, "limit": name})
+
+    meter.create_observable_gauge(
+        "ballast.limiter.configured_limit",
+        callbacks=[limits],
+        description="Each tier's configured limits (requests per window, tokens per day, tool calls); unlimited ones are absent",
+    )
     meter.create_observable_counter(
         "ballast.limiter.decisions",
         callbacks=[decisions],
@@ -66,15 +87,27 @@ def register(meter: metrics.Meter, limiter: Limiter, envoy: EnvoyLimiter) -> Non
         unit="{decision}",
         description="Decisions made without the shared store (fail mode during an outage)",
     )
-    meter.create_observable_counter(
-        "ballast.limiter.envoy.hits",
-        callbacks=[_from(lambda: envoy.stats.total_hits, "key")],
-        unit="{hit}",
-        description="Envoy ShouldRateLimit hits per configured limit",
-    )
-    meter.create_observable_counter(
-        "ballast.limiter.envoy.over_limit",
-        callbacks=[_from(lambda: envoy.stats.over_limit, "key")],
-        unit="{hit}",
-        description="Envoy hits over their limit per configured limit",
-    )
+    # envoyproxy/ratelimit's statistics under its names (its statsd names are
+    # ratelimit.service.rate_limit.<domain>.<key>.<stat>; the Prometheus mapping it ships makes
+    # them ratelimit_service_rate_limit_<stat>{domain, key}), so its dashboards keep working.
+    for stat, description in (
+        ("total_hits", "Envoy hits per configured limit"),
+        ("over_limit", "Envoy hits over their limit"),
+        ("near_limit", "Envoy hits past the near-limit ratio, within the limit"),
+        ("within_limit", "Envoy hits within their limit"),
+        ("shadow_mode", "Envoy hits over a shadow-mode limit (answered OK)"),
+    ):
+        meter.create_observable_counter(
+            f"ratelimit.service.rate_limit.{stat}",
+            callbacks=[_envoy(envoy, stat)],
+            unit="{hit}",
+            description=description,
+        )
+
+
+def _envoy(envoy: EnvoyLimiter, stat: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        counter: Counter[tuple[str, str]] = getattr(envoy.stats, stat)
+        return [Observation(value, {"domain": d, "key": k}) for (d, k), value in counter.items()]
+
+    return observe

@@ -10,6 +10,7 @@ from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from google.protobuf import duration_pb2
 
 from services.kit.errors import InvalidArgument, Unavailable
+from services.kit.protos import duration_fields, seconds
 from services.limiter.config import LimiterSettings
 from services.limiter.limiter import ALLOWED, DELAYED, CheckInput, Limiter, LimitState
 from services.limiter.store.base import StoreUnavailableError
@@ -24,14 +25,12 @@ _PRIORITY_NAMES = {rank: name for name, rank in PRIORITY_RANK.items()}
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def duration_fields(seconds: float) -> dict[str, int]:
-    whole, nanos = divmod(max(0, int(seconds * 1e9)), 1_000_000_000)
-    return {"seconds": whole, "nanos": nanos}
+def _duration_fields(seconds: float) -> dict[str, int]:
+    return duration_fields(max(0.0, seconds))  # a reset or a delay is never negative on the wire
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
-    # Built from its fields: Duration.FromNanoseconds is Python-level code.
-    return duration_pb2.Duration(**duration_fields(seconds))
+    return duration_pb2.Duration(**_duration_fields(seconds))
 
 
 def quota_fields(state: LimitState) -> dict[str, Any]:
@@ -41,7 +40,7 @@ def quota_fields(state: LimitState) -> dict[str, Any]:
         "name": state.name,
         "limit": state.limit,
         "remaining": max(0, state.remaining),
-        "reset_after": duration_fields(state.reset_after),
+        "reset_after": _duration_fields(state.reset_after),
         "unlimited": state.unlimited,
     }
 
@@ -159,7 +158,7 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
             if getattr(request, field) < -1:
                 raise InvalidArgument(field, "must be -1 (not reported) or a non-negative count")
         for field in ("reset_requests", "reset_tokens", "retry_after"):
-            if getattr(request, field).ToNanoseconds() < 0:
+            if seconds(getattr(request, field)) < 0:
                 raise InvalidArgument(field, "must not be negative")
         await self.limiter.report_headroom(
             provider,
@@ -168,10 +167,10 @@ class LimiterServicer(limiter_pb2_grpc.LimiterServiceServicer):
             remaining_tokens=request.remaining_tokens,
             limit_requests=request.limit_requests,
             limit_tokens=request.limit_tokens,
-            reset_requests=request.reset_requests.ToNanoseconds() / 1e9,
-            reset_tokens=request.reset_tokens.ToNanoseconds() / 1e9,
+            reset_requests=seconds(request.reset_requests),
+            reset_tokens=seconds(request.reset_tokens),
             rate_limited=request.rate_limited,
-            retry_after=request.retry_after.ToNanoseconds() / 1e9,
+            retry_after=seconds(request.retry_after),
         )
         return limiter_pb2.ReportHeadroomResponse()
 

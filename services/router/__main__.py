@@ -1,5 +1,6 @@
 """`python -m services.router`: run the router service alone."""
 
-from services.cli import serve_one
+from services.kit.entry import run
+from services.router.app import ENTRY
 
-raise SystemExit(serve_one("router"))
+raise SystemExit(run([ENTRY]))

@@ -11,16 +11,17 @@ import grpc
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
 from services.kit.clients import open_channel
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry
 from services.router.catalog import Catalog
 from services.router.config import RouterSettings
-from services.router.gateway import Gateway
 from services.router.health import HealthBook
 from services.router.hints import HintSharer
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import Adapter, ClientOptions, Headroom, build_adapter
 from services.router.reporter import HeadroomReporter
+from services.router.router import Gateway
 from services.router.routing import Planner
 from services.router.servicer import RouterServicer
 from services.router.sim import SimServer
@@ -93,6 +94,7 @@ class RouterApp(ServiceApp):
             read_timeout=max(timeouts.attempt, timeouts.stream_idle),
             max_connections=self.settings.max_connections,
             default_max_output_tokens=self.settings.default_max_output_tokens,
+            max_reset_wait=self.settings.retry.max_reset_wait,
         )
         adapters: dict[str, Adapter] = {}
         for provider in catalog.providers.values():
@@ -145,3 +147,7 @@ class RouterApp(ServiceApp):
 
 def build(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     return RouterApp(settings, telemetry)
+
+
+# How `python -m services.router` and the all-in-one runner start this service.
+ENTRY = Entry("router", RouterSettings.from_env, build)

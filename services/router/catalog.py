@@ -18,6 +18,9 @@ PROVIDER_KINDS = ("openai", "anthropic", "openai_compatible", "sim")
 WIRE_FORMATS = ("openai", "anthropic")
 MODEL_TYPES = ("chat", "embedding")
 AUTO_ALIAS = "auto"
+# Sampling parameters a model may or may not take (GenerationParams fields, by name).
+SAMPLING_PARAMS = ("temperature", "top_p", "stop", "seed")
+UNSUPPORTED_PARAM_POLICIES = ("drop", "reject")
 
 
 class Strategy(enum.Enum):
@@ -42,7 +45,7 @@ class Outage:
     start_s: float
     duration_s: float
     # down: connections are refused/closed; hang: no answer; error: HTTP 500 (or `status`);
-    # break: streams stop after a few tokens.
+    # break: streams stop after a few tokens; no_credit: the account is out of credit.
     mode: str
     status: int = 500
 
@@ -88,6 +91,21 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a model takes, checked before every call (a provider 400 costs a round trip and says
+    less). Unsupported sampling parameters are dropped or the request is refused, per model."""
+
+    params: frozenset[str] = frozenset(SAMPLING_PARAMS)
+    # drop: the parameter is not sent; reject: INVALID_ARGUMENT naming the field (when no other
+    # candidate takes it).
+    unsupported_params: str = "drop"
+    tools: bool = True
+    vision: bool = False
+    # Extended thinking / reasoning before the answer (reported in ListModels).
+    thinking: bool = False
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     provider: str
@@ -99,6 +117,15 @@ class Model:
     type: str = "chat"
     dimensions: int = 0
     max_output_tokens: int = 0
+    # Price of input tokens written to the prompt cache; None: the input price.
+    cache_write_price_micros_per_mtok: int | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    @property
+    def cache_write_price(self) -> int:
+        if self.cache_write_price_micros_per_mtok is None:
+            return self.input_price_micros_per_mtok
+        return self.cache_write_price_micros_per_mtok
 
 
 @dataclass(frozen=True)
@@ -473,7 +500,7 @@ def _sim(reader: _Reader, node: yaml.Node, parent: str) -> SimSpec:
             Outage(
                 start_s=reader.number(o, "start_s", w, 0.0),
                 duration_s=reader.number(o, "duration_s", w, 0.0),
-                mode=reader.string(o, "mode", w, "error", ("down", "hang", "error", "break")),
+                mode=reader.string(o, "mode", w, "error", ("down", "hang", "error", "break", "no_credit")),
                 status=reader.number(o, "status", w, 500, minimum=400, maximum=599, integer=True),
             )
         )
@@ -497,9 +524,11 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             "input_price_micros_per_mtok",
             "output_price_micros_per_mtok",
             "cached_input_price_micros_per_mtok",
+            "cache_write_price_micros_per_mtok",
             "type",
             "dimensions",
             "max_output_tokens",
+            "capabilities",
         },
         what,
     )
@@ -507,6 +536,12 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
     if "provider" in items and provider not in providers:
         reader.bad(items["provider"][1], f"{what}.provider: unknown provider {provider!r}")
     input_price = reader.number(items, "input_price_micros_per_mtok", what, 0, integer=True)
+    # Without explicit cache prices, Anthropic's price sheet rule applies to its models (reads
+    # 0.1x, 5-minute writes 1.25x input); other providers' cached input costs the input price
+    # until the catalog says otherwise.
+    anthropic = provider in providers and providers[provider].wire == "anthropic"
+    default_read = (input_price + 5) // 10 if anthropic else input_price
+    default_write = (input_price * 5 + 2) // 4 if anthropic else input_price
     model_type = reader.string(items, "type", what, "chat", MODEL_TYPES)
     dimensions = reader.number(items, "dimensions", what, 0, integer=True)
     if model_type == "embedding" and dimensions <= 0:
@@ -521,11 +556,47 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             items, "output_price_micros_per_mtok", what, 0, integer=True
         ),
         cached_input_price_micros_per_mtok=reader.number(
-            items, "cached_input_price_micros_per_mtok", what, input_price, integer=True
+            items, "cached_input_price_micros_per_mtok", what, default_read, integer=True
+        ),
+        cache_write_price_micros_per_mtok=reader.number(
+            items, "cache_write_price_micros_per_mtok", what, default_write, integer=True
         ),
         type=model_type,
         dimensions=dimensions,
         max_output_tokens=reader.number(items, "max_output_tokens", what, 0, integer=True),
+        capabilities=_capabilities(reader, items["capabilities"][1], what)
+        if "capabilities" in items
+        else Capabilities(),
+    )
+
+
+def _capabilities(reader: _Reader, node: yaml.Node, parent: str) -> Capabilities:
+    what = f"{parent}.capabilities"
+    items = reader.mapping(node, what)
+    if items is None:
+        return Capabilities()
+    reader.unknown(items, {"params", "unsupported_params", "tools", "vision", "thinking"}, what)
+    params: set[str] = set(SAMPLING_PARAMS)
+    if "params" in items:
+        params = set()
+
+        def one(item: yaml.Node, index: int) -> None:
+            name = str(reader.scalar(item, f"{what}.params[{index}]"))
+            if name not in SAMPLING_PARAMS:
+                reader.bad(
+                    item, f"{what}.params[{index}]: {name!r} is not one of {', '.join(SAMPLING_PARAMS)}"
+                )
+            params.add(name)
+
+        reader.each(items["params"][1], f"{what}.params", one)
+    return Capabilities(
+        params=frozenset(params),
+        unsupported_params=reader.string(
+            items, "unsupported_params", what, "drop", UNSUPPORTED_PARAM_POLICIES
+        ),
+        tools=reader.boolean(items, "tools", what, True),
+        vision=reader.boolean(items, "vision", what, False),
+        thinking=reader.boolean(items, "thinking", what, False),
     )
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from services.kit.backoff import Backoff
 from services.kit.tasks import cancel_and_wait
 from services.router.health import HealthBook, Target
 from services.router.store import COOLDOWN, OPEN, Hint, HintStore
@@ -79,6 +80,8 @@ class HintSharer:
 
     async def _loop(self) -> None:
         wait = self.interval
+        # After a failure the next sync waits twice the interval, then doubles, up to MAX_BACKOFF.
+        backoff = Backoff(2 * self.interval, max(MAX_BACKOFF, 2 * self.interval))
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -88,9 +91,10 @@ class HintSharer:
                 await self.sync()
             except Exception as exc:
                 self.failures += 1
-                wait = min(MAX_BACKOFF, max(wait * 2, self.interval))
+                wait = backoff.failed()
                 log.debug(
                     "sharing health hints failed", extra={"error": type(exc).__name__, "retry_in_s": wait}
                 )
             else:
+                backoff.succeeded()
                 wait = self.interval

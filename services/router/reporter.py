@@ -16,6 +16,8 @@ import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from google.protobuf import duration_pb2
 
+from services.kit.backoff import Backoff
+from services.kit.protos import duration
 from services.kit.tasks import cancel_and_wait
 from services.router.providers.base import Headroom
 
@@ -25,11 +27,7 @@ CALL_TIMEOUT = 1.0
 
 
 def _duration(seconds: float | None) -> duration_pb2.Duration | None:
-    if seconds is None:
-        return None
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
+    return None if seconds is None else duration(seconds)  # unknown stays unset
 
 
 def to_request(provider: str, model: str, headroom: Headroom) -> limiter_pb2.ReportHeadroomRequest:
@@ -75,10 +73,12 @@ class HeadroomReporter:
             self._channel = None
 
     async def _loop(self) -> None:
-        backoff = self.interval
+        wait = self.interval
+        # After a failure the next report waits twice the interval, then doubles, up to MAX_BACKOFF.
+        backoff = Backoff(2 * self.interval, max(MAX_BACKOFF, 2 * self.interval))
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             self._wake.clear()
             if not self._pending:
@@ -91,12 +91,11 @@ class HeadroomReporter:
                 # Keep the newest state for the next try, unless something newer arrived meanwhile.
                 for key, value in batch.items():
                     self._pending.setdefault(key, value)
-                backoff = min(MAX_BACKOFF, max(backoff * 2, self.interval))
-                log.debug(
-                    "headroom report failed", extra={"error": type(exc).__name__, "retry_in_s": backoff}
-                )
+                wait = backoff.failed()
+                log.debug("headroom report failed", extra={"error": type(exc).__name__, "retry_in_s": wait})
             else:
-                backoff = self.interval
+                backoff.succeeded()
+                wait = self.interval
 
     async def _send(self, batch: dict[tuple[str, str], Headroom]) -> None:
         if self._channel is None:

@@ -10,12 +10,12 @@ from typing import Any
 import grpc
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2, router_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from services.kit.errors import InvalidArgument
+from services.kit.protos import duration, timestamp
 from services.router.catalog import Catalog, Strategy
 from services.router.config import RouterSettings
-from services.router.gateway import Answer, AttemptRecord, Call, Gateway, StreamStarted
 from services.router.health import BreakerState, HealthBook
 from services.router.model import (
     ChatRequest,
@@ -30,6 +30,7 @@ from services.router.model import (
     ToolChoiceMode,
 )
 from services.router.providers.base import Outcome
+from services.router.router import Answer, AttemptRecord, Call, Gateway, StreamStarted
 from services.router.routing import Hints, Planner
 
 _ROLES = {
@@ -69,6 +70,9 @@ _OUTCOMES = {
     Outcome.CLIENT_ERROR: router_pb2.ATTEMPT_OUTCOME_CLIENT_ERROR,
     Outcome.BREAKER_OPEN: router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN,
     Outcome.PROTOCOL_ERROR: router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR,
+    Outcome.AUTH_ERROR: router_pb2.ATTEMPT_OUTCOME_AUTH_ERROR,
+    Outcome.QUOTA_EXHAUSTED: router_pb2.ATTEMPT_OUTCOME_QUOTA_EXHAUSTED,
+    Outcome.OUT_OF_ROTATION: router_pb2.ATTEMPT_OUTCOME_OUT_OF_ROTATION,
 }
 _BREAKER = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
@@ -81,9 +85,7 @@ MAX_ATTEMPTS_HINT = 20
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(max(0.0, seconds) * 1e9))
-    return value
+    return duration(max(0.0, seconds))  # a latency or a reset is never negative on the wire
 
 
 # --- request translation ------------------------------------------------------------------------
@@ -216,6 +218,8 @@ def to_response(answer: Answer) -> router_pb2.CompleteResponse:
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
             total_tokens=usage.total_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+            estimated=usage.estimated,
         ),
         cost=common_pb2.Cost(
             input_cost_micros=answer.cost.input_micros,
@@ -337,7 +341,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         usage = done.result.usage
         return router_pb2.EmbedResponse(
             embeddings=[router_pb2.Embedding(values=v) for v in done.result.vectors],
-            usage=common_pb2.Usage(input_tokens=usage.input_tokens, total_tokens=usage.total_tokens),
+            usage=common_pb2.Usage(
+                input_tokens=usage.input_tokens, total_tokens=usage.total_tokens, estimated=usage.estimated
+            ),
             cost=common_pb2.Cost(
                 input_cost_micros=done.cost.input_micros,
                 output_cost_micros=done.cost.output_micros,
@@ -361,6 +367,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 output_price_micros_per_mtok=m.output_price_micros_per_mtok,
                 region=catalog.providers[m.provider].region,
                 simulated=catalog.providers[m.provider].simulated,
+                cache_read_price_micros_per_mtok=m.cached_input_price_micros_per_mtok,
+                cache_write_price_micros_per_mtok=m.cache_write_price,
+                capabilities=router_pb2.ModelCapabilities(
+                    params=sorted(m.capabilities.params),
+                    unsupported_params=m.capabilities.unsupported_params,
+                    tools=m.capabilities.tools,
+                    vision=m.capabilities.vision,
+                    thinking=m.capabilities.thinking,
+                ),
             )
             for m in catalog.enabled_models()
         ]
@@ -387,6 +402,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 continue
             target = (model.provider, model.id)
             health = self.health.get(target)
+            removal = self.health.out_of_rotation(model.provider)
             room = health.headroom
             headroom = router_pb2.Headroom(
                 remaining_requests=room.remaining_requests,
@@ -399,9 +415,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if room.reset_tokens is not None:
                 headroom.reset_tokens.CopyFrom(_duration(room.reset_tokens))
             if room.observed_at:
-                stamp = timestamp_pb2.Timestamp()
-                stamp.FromNanoseconds(int(room.observed_at * 1e9))
-                headroom.observed_at.CopyFrom(stamp)
+                headroom.observed_at.CopyFrom(timestamp(room.observed_at))
             out.append(
                 router_pb2.ProviderStatus(
                     provider=model.provider,
@@ -413,6 +427,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     simulated=self.catalog.providers[model.provider].simulated,
                     requests=health.requests,
                     failures=health.failures,
+                    out_of_rotation_reason=removal.reason if removal is not None else "",
                 )
             )
         return router_pb2.GetProviderStatusResponse(providers=out)

@@ -1,5 +1,6 @@
 """`python -m services.sessions`: run the sessions service alone."""
 
-from services.cli import serve_one
+from services.kit.entry import run
+from services.sessions.app import ENTRY
 
-raise SystemExit(serve_one("sessions"))
+raise SystemExit(run([ENTRY]))

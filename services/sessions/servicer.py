@@ -11,9 +11,10 @@ from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.errors import InvalidArgument
+from services.kit.protos import seconds
 from services.sessions.config import SessionsSettings
 from services.sessions.model import Scope, SessionRecord
-from services.sessions.service import Sessions
+from services.sessions.sessions import Sessions
 from services.sessions.turns import new_turn, timestamp, to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -43,6 +44,12 @@ def _session_id(value: str, *, required: bool = True) -> str:
             "session_id", "1 to 128 characters of letters, digits and . _ : @ -" if value else "required"
         )
     return value
+
+
+def _patience(context: Context) -> float | None:
+    """How long a call may wait on the server and still answer before its deadline."""
+    remaining = context.time_remaining()
+    return None if remaining is None else remaining * 0.8
 
 
 def session_proto(record: SessionRecord) -> sessions_pb2.Session:
@@ -90,7 +97,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
                 )
         ttl: float | None = None
         if request.HasField("ttl"):
-            ttl = request.ttl.ToNanoseconds() / 1e9
+            ttl = seconds(request.ttl)
             if ttl <= 0 or ttl > self._settings.max_ttl:
                 raise InvalidArgument("ttl", f"more than 0s and at most {self._settings.max_ttl:g}s")
         record = await self._sessions.create(scope, session_id, request.title, request.metadata, ttl)
@@ -184,6 +191,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             request.idempotency_key,
             turns,
             request.request_fingerprint,
+            _patience(context),
         )
         return sessions_pb2.AppendTurnsResponse(
             session=session_proto(outcome.session),
@@ -212,7 +220,12 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             raise InvalidArgument("token_budget", f"from 1 to {self._settings.max_token_budget}")
         if len(request.model) > _MAX_ID_TEXT:
             raise InvalidArgument("model", f"at most {_MAX_ID_TEXT} characters")
-        window = await self._sessions.context(scope, session_id, request.token_budget, request.model)
+        wait = self._settings.context_compact_wait
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Leave the caller time to use the answer: never spend more than half its deadline.
+            wait = min(wait, remaining / 2)
+        window = await self._sessions.context(scope, session_id, request.token_budget, request.model, wait)
         turns = []
         for stored, tokens in window.turns:
             turn = to_proto(stored)
@@ -226,11 +239,20 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             version=window.record.version,
             omitted_turns=window.omitted_turns,
             tokenizer=window.tokenizer,
+            omitted_unsummarized=window.omitted_turns > 0,
+            summary_omitted=window.summary_omitted,
         )
 
     async def CompactSession(
         self, request: sessions_pb2.CompactSessionRequest, context: Context
     ) -> sessions_pb2.CompactSessionResponse:
         scope = _scope(request.caller)
-        record = await self._sessions.compact(scope, _session_id(request.session_id))
-        return sessions_pb2.CompactSessionResponse(session=session_proto(record))
+        done = await self._sessions.compact(scope, _session_id(request.session_id))
+        outcome = (
+            sessions_pb2.COMPACTION_OUTCOME_FOLDED
+            if done.folded > 0
+            else sessions_pb2.COMPACTION_OUTCOME_NOTHING_TO_FOLD
+        )
+        return sessions_pb2.CompactSessionResponse(
+            session=session_proto(done.record), outcome=outcome, folded_turns=done.folded
+        )

@@ -6,6 +6,7 @@ from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2
 from google.protobuf import timestamp_pb2
 
+from services.kit import protos
 from services.sessions.model import ROLE_ASSISTANT, NewTurn, StoredTurn
 from services.sessions.tokens import MessageParts, Tokenizer
 
@@ -40,9 +41,8 @@ def new_turn(turn: sessions_pb2.Turn, tokenizer: Tokenizer) -> NewTurn:
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(round(seconds * 1e6) * 1000)
-    return ts
+    # Microseconds, as PostgreSQL stores them: the memory store answers exactly as PostgreSQL does.
+    return protos.timestamp(seconds, resolution_ns=1000)
 
 
 def to_proto(turn: StoredTurn) -> sessions_pb2.Turn:

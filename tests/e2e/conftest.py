@@ -16,7 +16,7 @@ import pytest_asyncio
 from ballast.edge.v1 import edge_pb2
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 from tests.support.suite_config import ADMIN_KEY, WEBHOOK_SECRET, write_test_config
 
 __all__ = ["ADMIN_KEY", "WEBHOOK_SECRET", "Tenant", "new_tenant", "write_test_config"]

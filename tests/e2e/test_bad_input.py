@@ -1,5 +1,7 @@
 """Property-based bad input: random, malformed, oversized and boundary-value messages for every
-RPC of every service. None may answer INTERNAL or UNKNOWN, or take a service down.
+RPC of every service, with junk metadata (`-bin` values that are not UTF-8, malformed
+credentials and trace headers) and JSON nested far past the parser's recursion limit. None may
+answer INTERNAL or UNKNOWN, or take a service down.
 
 Messages are generated from the proto descriptors (so new fields are covered without editing
 this test), with values biased to the edges: empty and huge strings, control characters,
@@ -28,15 +30,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite, start_suite
+from services.testing import Suite, start_suite
 from tests.support.suite_config import ADMIN_KEY, write_test_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 EXAMPLES_PER_RPC = 25
+# What the edge's callers send: a valid key (so the request reaches validation), the admin key.
+METADATA: tuple[tuple[str, str | bytes], ...] = (
+    ("authorization", "Bearer bk_demo_paid"),
+    ("x-admin-key", ADMIN_KEY),
+)
 FD = descriptor.FieldDescriptor
 
+# JSON nested from a few levels to far past Python's parser (which gives up near 1000).
+NESTED_JSON = st.tuples(st.integers(1, 6000), st.sampled_from(["[", '{"a":'])).map(
+    lambda shape: '{"x":' + shape[1] * shape[0] + "1" + ("]" if shape[1] == "[" else "}") * shape[0] + "}"
+)
 STRINGS = st.one_of(
+    NESTED_JSON,
     st.sampled_from(
         ["", " ", "{", "{}", "[]", "null", "default", "free", "paid", "sim-small", "budget", "auto"]
     ),
@@ -135,6 +147,34 @@ def _fill(draw: st.DrawFn, msg: Message, field: descriptor.FieldDescriptor, dept
     setattr(msg, field.name, _scalar(draw, field))
 
 
+# Metadata as any client may send it: text values must be visible ASCII (the client library
+# enforces that), `-bin` values are arbitrary bytes (not necessarily UTF-8).
+_TEXT_KEYS = [
+    "authorization",
+    "x-api-key",
+    "x-admin-key",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "baggage",
+]
+_BIN_KEYS = ["x-api-key-bin", "authorization-bin", "x-admin-key-bin", "x-request-id-bin", "x-junk-bin"]
+METADATA_ITEMS = st.one_of(
+    st.tuples(
+        st.sampled_from(_TEXT_KEYS),
+        st.one_of(
+            st.sampled_from(["", "Bearer", "Bearer ", "bearer bk_", "Basic Zm9vOmJhcg==", "00-" + "0" * 32]),
+            st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300),
+        ),
+    ),
+    st.tuples(st.sampled_from(_BIN_KEYS), st.binary(max_size=64)),
+)
+# Junk before the caller's valid credentials, or junk alone.
+METADATA_SETS = st.tuples(st.lists(METADATA_ITEMS, max_size=4), st.booleans()).map(
+    lambda drawn: (*drawn[0], *(METADATA if drawn[1] else ()))
+)
+
+
 def examples(desc: descriptor.Descriptor, count: int) -> list[Message]:
     """Deterministic examples drawn by Hypothesis (derandomized: the same on every run)."""
     out: list[Message] = []
@@ -154,6 +194,27 @@ def examples(desc: descriptor.Descriptor, count: int) -> list[Message]:
     return out
 
 
+def metadata_examples(count: int) -> list[tuple[tuple[str, str | bytes], ...]]:
+    """Deterministic metadata sets; every other one keeps only the caller's valid credentials, so
+    requests still reach validation."""
+    out: list[tuple[tuple[str, str | bytes], ...]] = []
+
+    @settings(
+        max_examples=count,
+        database=None,
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(METADATA_SETS)
+    def collect(metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        out.append(metadata)
+
+    collect()
+    out += [METADATA] * max(0, count - len(out))
+    return [METADATA if index % 2 else out[index] for index in range(count)]
+
+
 SERVICES = [
     ("edge", edge_pb2.DESCRIPTOR.services_by_name["EdgeService"]),
     ("edge", edge_pb2.DESCRIPTOR.services_by_name["EdgeAdminService"]),
@@ -163,8 +224,6 @@ SERVICES = [
     ("sessions", sessions_pb2.DESCRIPTOR.services_by_name["SessionsService"]),
 ]
 METHODS = [(name, svc, method) for name, svc in SERVICES for method in svc.methods]
-# What the edge's callers send: a valid key (so the request reaches validation), the admin key.
-METADATA = (("authorization", "Bearer bk_demo_paid"), ("x-admin-key", ADMIN_KEY))
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED}
 
 
@@ -191,7 +250,8 @@ async def test_no_input_yields_internal_or_takes_a_service_down(
     response_cls = message_factory.GetMessageClass(method.output_type)
     path = f"/{method.containing_service.full_name}/{method.name}"
     unexpected: list[str] = []
-    for request in examples(method.input_type, EXAMPLES_PER_RPC):
+    requests = examples(method.input_type, EXAMPLES_PER_RPC)
+    for request, metadata in zip(requests, metadata_examples(len(requests)), strict=True):
         assert isinstance(request, request_cls)
         try:
             if method.server_streaming:
@@ -200,7 +260,7 @@ async def test_no_input_yields_internal_or_takes_a_service_down(
                     request_serializer=request_cls.SerializeToString,
                     response_deserializer=response_cls.FromString,
                 )
-                async for _ in stream(request, metadata=METADATA, timeout=20):
+                async for _ in stream(request, metadata=metadata, timeout=20):
                     pass
             else:
                 unary = channel.unary_unary(
@@ -208,12 +268,14 @@ async def test_no_input_yields_internal_or_takes_a_service_down(
                     request_serializer=request_cls.SerializeToString,
                     response_deserializer=response_cls.FromString,
                 )
-                await unary(request, metadata=METADATA, timeout=20)
+                await unary(request, metadata=metadata, timeout=20)
         except grpc.aio.AioRpcError as error:
             if error.code() in NEVER or (
                 error.code() == grpc.StatusCode.INVALID_ARGUMENT and not error.details()
             ):
-                unexpected.append(f"{error.code().name}: {error.details()} <- {str(request)[:300]!r}")
+                unexpected.append(
+                    f"{error.code().name}: {error.details()} <- {str(request)[:300]!r} {metadata!r:.200}"
+                )
     assert not unexpected, "\n".join(unexpected[:5])
     health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.edge.jobs import verify
-from services.kit.testing import Suite
-from tests.e2e.conftest import WEBHOOK_SECRET, new_tenant
+from services.kit.config import SERVICE_NAMES
+from services.testing import Suite, start_suite
+from tests.e2e.conftest import WEBHOOK_SECRET, new_tenant, write_test_config
 from tests.support.http_receiver import HttpReceiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -29,6 +31,18 @@ WEATHER = common_pb2.ToolDefinition(
         {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     ),
 )
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def suite(tmp_path_factory: Any) -> AsyncIterator[Suite]:
+    # The webhook receiver listens on loopback, which webhooks reach only when an operator allows it.
+    environ = {
+        **write_test_config(tmp_path_factory.mktemp("e2e")),
+        "BALLAST_EDGE_WEBHOOK_ALLOWED": "127.0.0.1/32",
+    }
+    running = await start_suite(SERVICE_NAMES, environ)
+    yield running
+    await running.stop()
 
 
 def user(text: str) -> common_pb2.ChatMessage:

@@ -22,9 +22,9 @@ from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2
 
-from services.kit.testing import Suite, start_suite
 from services.router.app import RouterApp
 from services.router.sim.server import Fault
+from services.testing import Suite, start_suite
 from tests.support.backends import PrivatePostgres, PrivateRedis, private_postgres, private_redis
 from tests.support.suite_config import write_test_config
 
@@ -67,10 +67,16 @@ class Cluster:
     channel: grpc.aio.Channel
 
 
-@pytest.fixture
+# With mTLS every replica has its own certificate from one CA, and every call between them
+# (including to a list of replicas) is mutually authenticated.
+@pytest.fixture(params=[False, True], ids=["plaintext", "mtls"])
 async def cluster(
-    tmp_path: Path, redis_server: PrivateRedis, postgres_server: PrivatePostgres
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    redis_server: PrivateRedis,
+    postgres_server: PrivatePostgres,
 ) -> AsyncIterator[Cluster]:
+    tls_dir = tmp_path / "certs" if request.param else None
     environ = {
         # Provider rate limits are not the fault under test here: lift them.
         **write_test_config(tmp_path, sim_rpm=1_000_000),
@@ -89,12 +95,14 @@ async def cluster(
     }
     replicas: dict[str, list[Suite]] = {}
     for name in ("router", "limiter", "cache", "sessions"):
-        replicas[name] = [await start_suite([name], environ) for _ in range(2)]
+        replicas[name] = [await start_suite([name], environ, tls_dir=tls_dir) for _ in range(2)]
     addresses = {
         f"BALLAST_{name.upper()}_ADDR": ",".join(s.address(name) for s in suites)
         for name, suites in replicas.items()
     }
-    replicas["edge"] = [await start_suite(["edge"], {**environ, **addresses}) for _ in range(2)]
+    replicas["edge"] = [
+        await start_suite(["edge"], {**environ, **addresses}, tls_dir=tls_dir) for _ in range(2)
+    ]
     target = "ipv4:" + ",".join(s.address("edge") for s in replicas["edge"])
     channel = grpc.aio.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")])
     yield Cluster(replicas, edge_pb2_grpc.EdgeServiceStub(channel), channel)

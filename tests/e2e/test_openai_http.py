@@ -14,9 +14,9 @@ import pytest_asyncio
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 
-from services.kit.testing import Suite
 from services.router.app import RouterApp
 from services.router.sim.server import Fault
+from services.testing import Suite
 from tests.e2e.conftest import Tenant, new_tenant
 from tests.support.openai_http import http_url
 

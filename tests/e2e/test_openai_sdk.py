@@ -22,9 +22,9 @@ from ballast.edge.v1 import edge_pb2
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite, start_suite
 from services.router.app import RouterApp
 from services.router.sim.server import Fault
+from services.testing import Suite, start_suite
 from tests.e2e.conftest import ADMIN_KEY, write_test_config
 from tests.support.openai_http import http_url
 

@@ -8,7 +8,7 @@ from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 from ballast.router.v1 import router_pb2
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.suite_config import write_test_config
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from ballast_demo import report
+from ballast_demo.load import run_surge
+from ballast_demo.scenario import ScenarioConfig, plan_users, write_suite_config
 from services.kit.config import SERVICE_NAMES
-from services.surge import report
-from services.surge.load import run_surge
-from services.surge.scenario import ScenarioConfig, plan_users, write_suite_config
 from tests.conftest import SuiteFactory
 from tests.support.backends import free_port
 
@@ -36,8 +38,9 @@ def test_the_plan_is_deterministic_and_follows_the_ramp() -> None:
     )
 
 
+@pytest.mark.parametrize("mtls", [False, True], ids=["plaintext", "mtls"])
 async def test_paid_and_enterprise_ride_through_an_outage(
-    suite_factory: SuiteFactory, tmp_path: Path
+    suite_factory: SuiteFactory, tmp_path: Path, mtls: bool
 ) -> None:
     config = ScenarioConfig(
         duration_s=10,
@@ -52,7 +55,7 @@ async def test_paid_and_enterprise_ride_through_an_outage(
         tokens_per_second=5000,
     ).with_ports(free_port(), free_port())
     environ = {**write_suite_config(tmp_path, config, ROOT), "BALLAST_EDGE_ADMIN_KEY": ADMIN}
-    suite = await suite_factory(SERVICE_NAMES, environ)
+    suite = await suite_factory(SERVICE_NAMES, environ, tls_dir=tmp_path / "certs" if mtls else None)
     state = await run_surge(suite.channel("edge"), suite.channel("router"), ADMIN, config, plan_users(config))
     rows = {row["tier"]: row for row in report.tier_rows(state.events, config)}
     assert rows["all"]["requests"] > 20

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,9 +18,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.kit.config import SERVICE_NAMES
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.suite_config import write_test_config
+from tests.support.waiting import eventually, until_passes
 
 KEY = (("authorization", "Bearer bk_demo_paid"),)
 GENAI_ATTRIBUTES = (
@@ -132,7 +132,12 @@ async def test_prompts_and_keys_never_reach_spans_metrics_or_logs(
             edge_pb2.ChatRequest(messages=[_user(prompt)], params=common_pb2.GenerationParams(temperature=9)),
             metadata=KEY,
         )
-    await asyncio.sleep(0.2)
+    # Server spans end just after the reply reaches the client: wait until all three calls' have.
+    await eventually(
+        lambda: sum(s.name.endswith(("EdgeService/Chat", "EdgeService/ChatStream"))
+                    for s in exporter.get_finished_spans()) >= 3,
+        what="the edge's server spans of the three calls",
+    )  # fmt: skip
     exported = []
     for span in exporter.get_finished_spans():
         exported.append(span.name)
@@ -177,41 +182,46 @@ async def test_metrics_show_tokens_cost_cache_limiter_and_queue(
     ):
         pass
     job = await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=question), metadata=KEY)
-    for _ in range(400):
-        state = (
-            await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job.job.job_id), metadata=KEY)
-        ).job.state
-        if state == edge_pb2.JOB_STATE_SUCCEEDED:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
-    texts = {}
-    async with httpx.AsyncClient() as client:
-        for name, running in suite.running.items():
-            texts[name] = (await client.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
 
-    tokens = _series(texts["edge"], "ballast_usage_tokens_total")
-    assert sum(tokens.values()) > 0 and all('tenant="demo"' in key for key in tokens)
-    assert any('direction="output"' in key for key in tokens)
-    assert sum(_series(texts["edge"], "ballast_usage_cost_total").values()) > 0
-    chats = _series(texts["edge"], "ballast_edge_chats_total")
-    assert sum(v for k, v in chats.items() if 'outcome="cache_hit"' in k) >= 2
-    assert (
-        "ballast_edge_queue_depth" in texts["edge"]
-        and "ballast_edge_queue_oldest_age_seconds" in texts["edge"]
-    )
-    # Per-user labels are off by default: cardinality stays bounded.
-    assert 'user="' not in texts["edge"]
-    assert sum(_series(texts["router"], "gen_ai_client_token_usage_sum").values()) > 0
-    assert sum(_series(texts["router"], "gen_ai_client_operation_duration_seconds_count").values()) >= 2
-    assert (
-        sum(_series(texts["router"], "gen_ai_client_operation_time_to_first_chunk_seconds_count").values())
-        >= 1
-    )
-    assert "ballast_router_breaker_state" in texts["router"]
-    lookups = _series(texts["cache"], "ballast_cache_lookups_total")
-    assert sum(lookups.values()) >= 5
-    decisions = _series(texts["limiter"], "ballast_limiter_decisions_total")
-    assert sum(v for k, v in decisions.items() if "allow" in k.lower()) >= 5
-    for name, text in texts.items():
-        assert "rpc_server_call_duration_seconds_count" in text or name == "sessions"
+    async def job_succeeded() -> bool:
+        reply = await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job.job.job_id), metadata=KEY)
+        return reply.job.state == edge_pb2.JOB_STATE_SUCCEEDED
+
+    await eventually(job_succeeded, what="the queued job succeeded")
+
+    # Usage, cost and queue gauges are recorded after the replies (and sampled): poll for them.
+    async def metrics_show_the_run() -> None:
+        texts = {}
+        async with httpx.AsyncClient() as client:
+            for name, running in suite.running.items():
+                texts[name] = (await client.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
+
+        tokens = _series(texts["edge"], "ballast_usage_tokens_total")
+        assert sum(tokens.values()) > 0 and all('tenant="demo"' in key for key in tokens)
+        assert any('direction="output"' in key for key in tokens)
+        assert sum(_series(texts["edge"], "ballast_usage_cost_total").values()) > 0
+        chats = _series(texts["edge"], "ballast_edge_chats_total")
+        assert sum(v for k, v in chats.items() if 'outcome="cache_hit"' in k) >= 2
+        assert (
+            "ballast_edge_queue_depth" in texts["edge"]
+            and "ballast_edge_queue_oldest_age_seconds" in texts["edge"]
+        )
+        # Per-user labels are off by default: cardinality stays bounded.
+        assert 'user="' not in texts["edge"]
+        assert sum(_series(texts["router"], "gen_ai_client_token_usage_sum").values()) > 0
+        assert sum(_series(texts["router"], "gen_ai_client_operation_duration_seconds_count").values()) >= 2
+        assert (
+            sum(
+                _series(texts["router"], "gen_ai_client_operation_time_to_first_chunk_seconds_count").values()
+            )
+            >= 1
+        )
+        assert "ballast_router_breaker_state" in texts["router"]
+        lookups = _series(texts["cache"], "ballast_cache_lookups_total")
+        assert sum(lookups.values()) >= 5
+        decisions = _series(texts["limiter"], "ballast_limiter_decisions_total")
+        assert sum(v for k, v in decisions.items() if "allow" in k.lower()) >= 5
+        for name, text in texts.items():
+            assert "rpc_server_call_duration_seconds_count" in text or name == "sessions"
+
+    await until_passes(metrics_show_the_run)

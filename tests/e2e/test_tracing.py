@@ -74,6 +74,8 @@ async def test_store_work_and_queued_jobs_join_the_trace(
         "BALLAST_CACHE_STORE": redis_url,
         "BALLAST_EDGE_STORE": redis_url,
         "BALLAST_SESSIONS_STORE": postgres_dsn,
+        # The webhook receiver listens on loopback.
+        "BALLAST_EDGE_WEBHOOK_ALLOWED": "127.0.0.1/32",
     }
     suite = await suite_factory(SERVICE_NAMES, environ, span_processors=[SimpleSpanProcessor(exporter)])
     session = (await suite.edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY)).session

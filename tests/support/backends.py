@@ -177,3 +177,140 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         yield server
     finally:
         server.close()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port + 10000)) != 0:
+                return port
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of our own: `masters` primaries, each with `replicas` replicas, on free
+    ports (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster create`)."""
+
+    def __init__(self, *, masters: int = 3, replicas: int = 1) -> None:
+        for tool in ("redis-server", "redis-cli"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is not installed")
+        self.replicas = replicas
+        self.ports = [_cluster_port() for _ in range(masters * (1 + replicas))]
+        self.dir = Path(tempfile.mkdtemp(prefix="ballast-redis-cluster-"))
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The limiter's store URL: one node to start from, the client finds the others."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0?cluster=true"
+
+    def cli(self, port: int, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), *args], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+
+    def start(self) -> None:
+        for port in self.ports:
+            folder = self.dir / str(port)
+            folder.mkdir()
+            self._procs[port] = subprocess.Popen(
+                [
+                    "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        for port in self.ports:
+            _wait_port(port, 10, up=True)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in self.ports),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every node says the cluster is ok and every replica is in sync."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in self.cli(p, "cluster", "info") for p in self._procs) and all(
+                "master_link_status:down" not in self.cli(p, "info", "replication") for p in self._procs
+            ):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the Redis Cluster did not become ok")
+
+    def nodes(self) -> list[dict[str, str]]:
+        """CLUSTER NODES as seen from a live node: id, port, role (master/slave), master id, slots."""
+        port = next(iter(self._procs))
+        out = []
+        for line in self.cli(port, "cluster", "nodes").splitlines():
+            fields = line.split()
+            out.append(
+                {
+                    "id": fields[0],
+                    "port": fields[1].split("@")[0].rsplit(":", 1)[1],
+                    "role": "master" if "master" in fields[2] else "slave",
+                    "master": fields[3],
+                    "slots": " ".join(fields[8:]),
+                }
+            )
+        return out
+
+    def master_of(self, key: str) -> int:
+        """The port of the primary that owns `key`'s slot."""
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key).strip())
+        for node in self.nodes():
+            if node["role"] != "master":
+                continue
+            for part in node["slots"].split():
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(node["port"])
+        raise LookupError(f"no primary serves slot {slot}")
+
+    def fail_over(self, master_port: int) -> int:
+        """Promotes a replica of `master_port` (CLUSTER FAILOVER on it); the new primary's port."""
+        master_id = next(n["id"] for n in self.nodes() if n["port"] == str(master_port))
+        replica = int(next(n["port"] for n in self.nodes() if n["master"] == master_id))
+        self.cli(replica, "cluster", "failover")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "role:master" in self.cli(replica, "info", "replication"):
+                self.wait_ok()
+                return replica
+            time.sleep(0.1)
+        raise TimeoutError(f"replica {replica} was not promoted")
+
+    def close(self) -> None:
+        for proc in self._procs.values():
+            proc.kill()
+        for proc in self._procs.values():
+            proc.wait(timeout=10)
+        self._procs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_redis_cluster(*, masters: int = 3, replicas: int = 1) -> Iterator[PrivateRedisCluster]:
+    cluster = PrivateRedisCluster(masters=masters, replicas=replicas)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

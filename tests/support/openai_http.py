@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.edge.app import EdgeApp
-from services.kit.testing import Suite
+from services.testing import Suite
 
 
 def http_url(suite: Suite) -> str:

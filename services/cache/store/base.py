@@ -66,8 +66,17 @@ class NamespaceCounters:
 @dataclass(frozen=True)
 class StoreOptions:
     max_bytes: int = 256 * 1024 * 1024
+    # Bytes one tenant's entries may take (0 = no quota), and per-tenant overrides: a tenant at
+    # its quota evicts its own least recently used entries, never another tenant's.
+    max_tenant_bytes: int = 0
+    tenant_max_bytes: Mapping[str, int] = field(default_factory=dict)
     dim: int = 384
     ann: AnnParams = field(default_factory=AnnParams)
+
+    def tenant_quota(self, tenant_id: str) -> int:
+        """The bytes `tenant_id` may hold; 0 when only the whole cache's bound applies."""
+        return self.tenant_max_bytes.get(tenant_id, self.max_tenant_bytes)
+
     # Redis: blocking read of the change stream, and how much of it is kept.
     sync_block: float = 1.0
     stream_maxlen: int = 20_000
@@ -88,8 +97,9 @@ class CacheStore(Protocol):
     async def close(self) -> None: ...
 
     async def put(self, entry: Entry, now: float) -> None:
-        """Stores `entry`, replacing any live entry with the same key; evicts LRU entries
-        beyond the byte bound (counted as evictions of their namespaces)."""
+        """Stores `entry`, replacing any live entry with the same key. Beyond its tenant's quota
+        the tenant's own least recently used entries are evicted; beyond the whole cache's bound,
+        those of the tenant holding the most bytes (evictions count in their namespaces)."""
 
     async def get(self, key: str, now: float) -> Entry | None: ...
 

@@ -12,7 +12,10 @@ from services.cache.store.base import COUNTERS, Entry, LocalIndexes, NamespaceCo
 class MemoryStore:
     def __init__(self, options: StoreOptions) -> None:
         self.options = options
-        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._entries: dict[str, Entry] = {}
+        # Per tenant, least recently used first; and the bytes each tenant holds.
+        self._lru: dict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
+        self._tenant_bytes: Counter[str] = Counter()
         self._by_key: dict[str, str] = {}
         self._by_ns: dict[tuple[str, str], set[str]] = defaultdict(set)
         self._by_attr: dict[tuple[str, str, str], set[str]] = defaultdict(set)
@@ -49,7 +52,27 @@ class MemoryStore:
                     del self._by_attr[(entry.tenant_id, k, v)]
         self.indexes.remove(entry_id)
         self._bytes -= entry.size
+        lru = self._lru.get(entry.tenant_id)
+        if lru is not None:
+            lru.pop(entry_id, None)
+            if not lru:
+                del self._lru[entry.tenant_id]
+        self._tenant_bytes[entry.tenant_id] -= entry.size
+        if self._tenant_bytes[entry.tenant_id] <= 0:
+            del self._tenant_bytes[entry.tenant_id]
         return entry
+
+    def tenant_bytes(self, tenant_id: str) -> int:
+        return self._tenant_bytes.get(tenant_id, 0)
+
+    def _evict_oldest_of(self, tenant_id: str) -> bool:
+        lru = self._lru.get(tenant_id)
+        if not lru:
+            return False
+        victim = self._remove(next(iter(lru)))
+        if victim is not None:
+            self._counters[(victim.tenant_id, victim.namespace)]["evictions"] += 1
+        return True
 
     def _expire(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -72,11 +95,18 @@ class MemoryStore:
         if entry.vector is not None:
             self.indexes.add(entry.id, entry.partition, entry.vector)
         self._bytes += entry.size
-        while self._bytes > self.options.max_bytes and self._entries:
-            victim_id = next(iter(self._entries))
-            victim = self._remove(victim_id)
-            if victim is not None:
-                self._counters[(victim.tenant_id, victim.namespace)]["evictions"] += 1
+        self._lru[entry.tenant_id][entry.id] = None
+        self._tenant_bytes[entry.tenant_id] += entry.size
+        quota = self.options.tenant_quota(entry.tenant_id)
+        while quota and self._tenant_bytes.get(entry.tenant_id, 0) > quota:
+            if not self._evict_oldest_of(entry.tenant_id):
+                break
+        # Over the whole bound, the heaviest tenant gives way: a tenant under its fair share
+        # never loses entries to another's traffic.
+        while self._bytes > self.options.max_bytes and self._tenant_bytes:
+            heaviest, _ = self._tenant_bytes.most_common(1)[0]
+            if not self._evict_oldest_of(heaviest):
+                break
 
     def _live(self, entry_id: str, now: float) -> Entry | None:
         entry = self._entries.get(entry_id)
@@ -93,8 +123,13 @@ class MemoryStore:
             return None
         entry = self._live(entry_id, now)
         if entry is not None:
-            self._entries.move_to_end(entry_id)
+            self._used(entry)
         return entry
+
+    def _used(self, entry: Entry) -> None:
+        lru = self._lru.get(entry.tenant_id)
+        if lru is not None and entry.id in lru:
+            lru.move_to_end(entry.id)
 
     def has_vectors(self, partition: str) -> bool:
         return self.indexes.has(partition)
@@ -108,8 +143,9 @@ class MemoryStore:
         return out
 
     async def touch(self, entry_id: str, now: float) -> None:
-        if entry_id in self._entries:
-            self._entries.move_to_end(entry_id)
+        entry = self._entries.get(entry_id)
+        if entry is not None:
+            self._used(entry)
 
     async def delete_ids(self, tenant_id: str, ids: list[str]) -> int:
         deleted = 0

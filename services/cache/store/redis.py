@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.cache.store.base import COUNTERS, Entry, LocalIndexes, NamespaceCounters, StoreOptions, Vector
+from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 from services.kit.redisconn import pooled_client, split_key_prefix
 
@@ -37,6 +38,9 @@ log = logging.getLogger("ballast.cache.redis")
 SEP = "\x1f"
 BACKSTOP_SECONDS = 86400
 SWEEP_BATCH = 500
+# After the change stream fails, the follower retries after 0.1 s, doubling up to 5 s.
+_FOLLOW_RETRY_FIRST = 0.1
+_FOLLOW_RETRY_CAP = 5.0
 
 _DELETE_FN = """
 local P = ARGV[1]
@@ -57,6 +61,10 @@ local function del(id, evicted, tenant)
   redis.call('ZREM', P .. 'ns:' .. nsk, id)
   for k, v in pairs(meta.a) do redis.call('SREM', P .. 'a:' .. meta.t .. '\\31' .. k .. '\\31' .. v, id) end
   redis.call('ZREM', P .. 'lru', id)
+  redis.call('ZREM', P .. 'tlru:' .. meta.t, id)
+  if tonumber(redis.call('ZINCRBY', P .. 'tbytes', -meta.sz, meta.t)) <= 0 then
+    redis.call('ZREM', P .. 'tbytes', meta.t)
+  end
   redis.call('ZREM', P .. 'exp', id)
   redis.call('DECRBY', P .. 'bytes', meta.sz)
   redis.call('DECRBY', P .. 'nsb:' .. nsk, meta.sz)
@@ -98,7 +106,10 @@ redis.call('ZADD', P .. 'ns:' .. nsk, meta.x, id)
 redis.call('SADD', P .. 'tns:' .. meta.t, meta.ns)
 for k, v in pairs(meta.a) do redis.call('SADD', P .. 'a:' .. meta.t .. '\\31' .. k .. '\\31' .. v, id) end
 -- LRU order is a sequence, not a clock: ties (same millisecond, other replicas) stay ordered.
-redis.call('ZADD', P .. 'lru', redis.call('INCR', P .. 'lruseq'), id)
+local seq = redis.call('INCR', P .. 'lruseq')
+redis.call('ZADD', P .. 'lru', seq, id)
+redis.call('ZADD', P .. 'tlru:' .. meta.t, seq, id)
+redis.call('ZINCRBY', P .. 'tbytes', meta.sz, meta.t)
 redis.call('ZADD', P .. 'exp', meta.x, id)
 redis.call('INCRBY', P .. 'bytes', meta.sz)
 redis.call('INCRBY', P .. 'nsb:' .. nsk, meta.sz)
@@ -107,10 +118,23 @@ if vector ~= '' then
 end
 sweep(now, 100)
 local evicted = {}
-while tonumber(redis.call('GET', P .. 'bytes') or '0') > max_bytes do
-  local victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1]
+-- A tenant over its quota evicts its own least recently used entries.
+local quota = tonumber(ARGV[10])
+while quota > 0 and tonumber(redis.call('ZSCORE', P .. 'tbytes', meta.t) or '0') > quota do
+  local victim = redis.call('ZRANGE', P .. 'tlru:' .. meta.t, 0, 0)[1]
   if not victim then break end
-  if del(victim, true, nil) == 1 then table.insert(evicted, victim) end
+  if del(victim, true, nil) == 1 then table.insert(evicted, victim)
+  else redis.call('ZREM', P .. 'tlru:' .. meta.t, victim) end
+end
+-- Over the whole bound, the tenant holding the most bytes gives way (entries stored before
+-- per-tenant bookkeeping existed fall back to the global order).
+while tonumber(redis.call('GET', P .. 'bytes') or '0') > max_bytes do
+  local heaviest = redis.call('ZREVRANGE', P .. 'tbytes', 0, 0)[1]
+  local victim = heaviest and redis.call('ZRANGE', P .. 'tlru:' .. heaviest, 0, 0)[1]
+  if not victim then victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1] end
+  if not victim then break end
+  if del(victim, true, nil) == 1 then table.insert(evicted, victim)
+  elseif heaviest then redis.call('ZREM', P .. 'tlru:' .. heaviest, victim) end
 end
 return evicted
 """
@@ -147,14 +171,20 @@ local id = redis.call('GET', P .. 'k:' .. ARGV[2])
 if not id then return nil end
 local r = redis.call('HMGET', P .. 'e:' .. id, 'm', 'p')
 if not r[1] then return nil end
-redis.call('ZADD', P .. 'lru', 'XX', redis.call('INCR', P .. 'lruseq'), id)
+local seq = redis.call('INCR', P .. 'lruseq')
+redis.call('ZADD', P .. 'lru', 'XX', seq, id)
+redis.call('ZADD', P .. 'tlru:' .. cjson.decode(r[1]).t, 'XX', seq, id)
 return {id, r[1], r[2]}
 """
 
 
 _TOUCH = """
 local P = ARGV[1]
-redis.call('ZADD', P .. 'lru', 'XX', redis.call('INCR', P .. 'lruseq'), ARGV[2])
+local m = redis.call('HGET', P .. 'e:' .. ARGV[2], 'm')
+if not m then return end
+local seq = redis.call('INCR', P .. 'lruseq')
+redis.call('ZADD', P .. 'lru', 'XX', seq, ARGV[2])
+redis.call('ZADD', P .. 'tlru:' .. cjson.decode(m).t, 'XX', seq, ARGV[2])
 """
 
 
@@ -279,7 +309,7 @@ class RedisStore:
 
     async def _follow(self) -> None:
         block_ms = max(1, int(self.options.sync_block * 1000))
-        backoff = 0.1
+        backoff = Backoff(_FOLLOW_RETRY_FIRST, _FOLLOW_RETRY_CAP)
         while not self._closing:
             try:
                 if not self._last_id:
@@ -287,7 +317,7 @@ class RedisStore:
                 replies = await self._follower.xread(
                     {self._k("changes"): self._last_id}, count=1000, block=block_ms
                 )
-                backoff = 0.1
+                backoff.succeeded()
                 for _, messages in replies or []:
                     for message_id, fields in messages:
                         self._apply(fields)
@@ -301,8 +331,7 @@ class RedisStore:
                     return
                 log.warning("cache change stream failed; resyncing", extra={"error": str(exc)})
                 self._last_id = ""
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.failed())
 
     async def _trimmed_past_us(self) -> bool:
         first = await self._redis.xrange(self._k("changes"), count=1)
@@ -350,6 +379,7 @@ class RedisStore:
                     now,
                     self.options.max_bytes,
                     backstop_ms,
+                    self.options.tenant_quota(entry.tenant_id),
                 ]
             )
         )

@@ -2,10 +2,14 @@
 
 One Protocol, two implementations chosen by BALLAST_EDGE_STORE: memory:// for one
 process and redis:// (Redis Streams with a consumer group per priority) for replicas.
+Both keep per-tenant and per-user job counts for the caps, and dequeue fairly across
+tenants within a priority.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,6 +47,30 @@ class JobRecord:
     not_before: float = 0.0
 
 
+def idempotency_scope(tenant_id: str, user_id: str, idempotency_key: str) -> str:
+    """One opaque name per (tenant, user, key); JSON keeps `a:b`+`c` apart from `a`+`b:c`."""
+    return hashlib.sha256(json.dumps([tenant_id, user_id, idempotency_key]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobCaps:
+    """How many jobs one tenant and one user may hold; 0 means no cap. Queued counts jobs not
+    yet ended (queued, parked or running); stored counts every record kept (BALLAST_EDGE_JOB_TTL)."""
+
+    queued_per_tenant: int = 0
+    queued_per_user: int = 0
+    stored_per_tenant: int = 0
+    stored_per_user: int = 0
+
+
+class CapReachedError(Exception):
+    """A submit would exceed `cap` (a JobCaps field name); nothing was stored."""
+
+    def __init__(self, cap: str) -> None:
+        super().__init__(cap)
+        self.cap = cap
+
+
 @dataclass(frozen=True)
 class Claim:
     """A job handed to one worker; `token` identifies the delivery for ack and heartbeat."""
@@ -62,8 +90,13 @@ class EdgeStore(Protocol):
     async def list_keys(self, tenant_id: str, offset: int, limit: int) -> list[ApiKey]: ...
 
     # Jobs.
-    async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
-        """Enqueues `job`, or returns the job already submitted with this tenant's key."""
+    async def submit(self, job: JobRecord, idempotency_key: str, caps: JobCaps | None = None) -> JobRecord:
+        """Enqueues `job`, or returns the job its user already submitted with this key (keys are
+        per tenant and user: another user's key never finds this user's job). Raises CapReachedError
+        when a new job would exceed `caps`.
+
+        Within a priority, jobs are claimed round-robin across tenants: a tenant with a
+        thousand jobs waiting delays another tenant's job by at most one of its own."""
         ...
 
     async def get_job(self, job_id: str) -> JobRecord | None: ...

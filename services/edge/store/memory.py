@@ -7,21 +7,39 @@ import contextlib
 import heapq
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
 from services.edge.auth import ApiKey
-from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, TERMINAL, Claim, JobRecord
+from services.edge.store import (
+    PRIORITY_ORDER,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    CapReachedError,
+    Claim,
+    JobCaps,
+    JobRecord,
+    idempotency_scope,
+)
 
 
 class MemoryEdgeStore:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, job_ttl: float = 86400.0) -> None:
         self._clock = clock
+        self._job_ttl = job_ttl
         self._keys: dict[str, ApiKey] = {}
+        # In submission order, so expired records are found at the front.
         self._jobs: dict[str, JobRecord] = {}
-        self._idempotency: dict[tuple[str, str], str] = {}
-        # Per priority: heap of (not_before, sequence, job_id).
-        self._queues: dict[str, list[tuple[float, int, str]]] = {p: [] for p in PRIORITY_ORDER}
+        self._idempotency: dict[str, str] = {}
+        # Per priority, per tenant (in round-robin order): heap of (not_before, sequence, job_id).
+        self._queues: dict[str, OrderedDict[str, list[tuple[float, int, str]]]] = {
+            p: OrderedDict() for p in PRIORITY_ORDER
+        }
+        # Job ids per ("tenant", t) / ("user", t, u): every record kept, and those not yet ended.
+        self._stored: dict[tuple[str, ...], set[str]] = {}
+        self._open: dict[tuple[str, ...], set[str]] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # token -> (job_id, last heartbeat)
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -49,16 +67,58 @@ class MemoryEdgeStore:
         return keys[offset : offset + limit]
 
     def _push(self, job: JobRecord) -> None:
-        heapq.heappush(self._queues[job.priority], (job.not_before, next(self._seq), job.job_id))
+        heap = self._queues[job.priority].setdefault(job.tenant_id, [])
+        heapq.heappush(heap, (job.not_before, next(self._seq), job.job_id))
         self._wakeup.set()
 
-    async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
-        if idempotency_key:
-            existing = self._idempotency.get((job.tenant_id, idempotency_key))
+    @staticmethod
+    def _owners(job: JobRecord) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return ("tenant", job.tenant_id), ("user", job.tenant_id, job.user_id)
+
+    def _ended(self, job: JobRecord) -> None:
+        for owner in self._owners(job):
+            self._open.get(owner, set()).discard(job.job_id)
+
+    def _expire(self) -> None:
+        """Drops ended records older than the TTL (Redis expires them; here the oldest go first)."""
+        cutoff = self._clock() - self._job_ttl
+        expired = []
+        for job in self._jobs.values():
+            if job.created_at >= cutoff:
+                break
+            if job.state in TERMINAL:
+                expired.append(job)
+        for job in expired:
+            del self._jobs[job.job_id]
+            for owner in self._owners(job):
+                self._stored.get(owner, set()).discard(job.job_id)
+
+    def _check_caps(self, job: JobRecord, caps: JobCaps) -> None:
+        tenant, user = self._owners(job)
+        for cap, limit, ids in (
+            ("queued_per_tenant", caps.queued_per_tenant, self._open.get(tenant)),
+            ("queued_per_user", caps.queued_per_user, self._open.get(user)),
+            ("stored_per_tenant", caps.stored_per_tenant, self._stored.get(tenant)),
+            ("stored_per_user", caps.stored_per_user, self._stored.get(user)),
+        ):
+            if limit and len(ids or ()) >= limit:
+                raise CapReachedError(cap)
+
+    async def submit(self, job: JobRecord, idempotency_key: str, caps: JobCaps | None = None) -> JobRecord:
+        scope = idempotency_scope(job.tenant_id, job.user_id, idempotency_key) if idempotency_key else ""
+        if scope:
+            existing = self._idempotency.get(scope)
             if existing is not None and existing in self._jobs:
                 return replace(self._jobs[existing])
-            self._idempotency[(job.tenant_id, idempotency_key)] = job.job_id
+        self._expire()
+        if caps is not None:
+            self._check_caps(job, caps)
+        if scope:
+            self._idempotency[scope] = job.job_id
         self._jobs[job.job_id] = replace(job)
+        for owner in self._owners(job):
+            self._stored.setdefault(owner, set()).add(job.job_id)
+            self._open.setdefault(owner, set()).add(job.job_id)
         self._push(job)
         return replace(job)
 
@@ -69,12 +129,20 @@ class MemoryEdgeStore:
     def _pop_due(self) -> JobRecord | None:
         now = self._clock()
         for priority in PRIORITY_ORDER:
-            queue = self._queues[priority]
-            while queue and queue[0][0] <= now:
-                _, _, job_id = heapq.heappop(queue)
-                job = self._jobs.get(job_id)
-                if job is not None and job.state == QUEUED:
-                    return job
+            tenants = self._queues[priority]
+            # Round robin: the first tenant with a due job gives one and goes to the back.
+            for tenant in list(tenants):
+                heap = tenants[tenant]
+                while heap and heap[0][0] <= now:
+                    _, _, job_id = heapq.heappop(heap)
+                    job = self._jobs.get(job_id)
+                    if job is not None and job.state == QUEUED:
+                        tenants.move_to_end(tenant)
+                        if not heap:
+                            del tenants[tenant]
+                        return job
+                if not heap:
+                    del tenants[tenant]
         return None
 
     async def claim(self, consumer: str, block: float) -> Claim | None:
@@ -129,6 +197,7 @@ class MemoryEdgeStore:
         if current is None or current.state in TERMINAL:
             return False
         self._jobs[job.job_id] = replace(job)
+        self._ended(job)
         return True
 
     async def update(self, job: JobRecord) -> None:
@@ -143,6 +212,7 @@ class MemoryEdgeStore:
         if job.state == QUEUED:
             job.state = "cancelled"
             job.finished_at = self._clock()
+            self._ended(job)
         return replace(job)
 
     async def oldest_enqueued_at(self) -> float | None:

@@ -1,7 +1,7 @@
 """Redis edge store: API keys, job records and a priority queue on Redis Streams.
 
 One stream per priority with one consumer group; workers read the highest priority
-first. A delivered entry stays pending until the job ends, so a worker that dies
+first, and within a priority tenants take turns (see _FAIR). A delivered entry stays pending until the job ends, so a worker that dies
 mid-job leaves it pending, and `reclaim` (XAUTOCLAIM) puts it back on the queue.
 A job's terminal state is written once (compare-and-set in Lua), so a duplicate
 delivery cannot overwrite a result. All keys share the `{edge}` hash tag, so the
@@ -22,7 +22,16 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from services.edge.auth import ApiKey
-from services.edge.store import PRIORITY_ORDER, QUEUED, RUNNING, Claim, JobRecord
+from services.edge.store import (
+    PRIORITY_ORDER,
+    QUEUED,
+    RUNNING,
+    CapReachedError,
+    Claim,
+    JobCaps,
+    JobRecord,
+    idempotency_scope,
+)
 from services.kit.errors import Unavailable
 from services.kit.redisconn import pooled_client, split_key_prefix
 
@@ -31,11 +40,128 @@ T = TypeVar("T")
 GROUP = "workers"
 _BYTES_FIELDS = ("request", "caller", "result", "error")
 
-# KEYS[1] job hash; ARGV[1] new record JSON, ARGV[2] new state. Writes only if not yet terminal.
+# Fair admission (round robin across tenants within a priority): the stream holds at most one
+# not-yet-delivered entry per tenant (`ready` counts them); a tenant's other jobs wait in its own
+# backlog list and the next one is admitted, at the back of the stream, when a worker takes the
+# previous one. Claims still go through the consumer group (pending entries, XAUTOCLAIM), so
+# exactly-once claiming is unchanged; admission runs inside the same scripts as the claim, so it
+# is atomic with it. `waiting` (job -> time) and `backlogged` (tenants) make depth and repair cheap.
+_FAIR = """
+local function enqueue(stream, ready, prefix, waiting, backlogged, job_id, tenant, front, now)
+  if tonumber(redis.call('HGET', ready, tenant) or '0') < 1 then
+    redis.call('XADD', stream, '*', 'job_id', job_id, 'tenant', tenant)
+    redis.call('HINCRBY', ready, tenant, 1)
+    return
+  end
+  if front then redis.call('LPUSH', prefix .. tenant, job_id) else redis.call('RPUSH', prefix .. tenant, job_id) end
+  redis.call('SADD', backlogged, tenant)
+  redis.call('ZADD', waiting, 'NX', now, job_id)
+end
+
+local function admit_next(stream, ready, prefix, waiting, backlogged, tenant)
+  local next_id = redis.call('LPOP', prefix .. tenant)
+  if not next_id then
+    redis.call('SREM', backlogged, tenant)
+    return false
+  end
+  redis.call('ZREM', waiting, next_id)
+  redis.call('XADD', stream, '*', 'job_id', next_id, 'tenant', tenant)
+  redis.call('HINCRBY', ready, tenant, 1)
+  if redis.call('LLEN', prefix .. tenant) == 0 then redis.call('SREM', backlogged, tenant) end
+  return true
+end
+"""
+
+# KEYS[1] job hash, KEYS[2] stream, KEYS[3] ready, KEYS[4] waiting, KEYS[5] backlogged,
+# KEYS[6..9] queued-per-tenant, queued-per-user, stored-per-tenant, stored-per-user (job -> time);
+# ARGV[1] job id, ARGV[2] tenant, ARGV[3] record, ARGV[4] state, ARGV[5] ttl, ARGV[6] now,
+# ARGV[7] oldest time still kept, ARGV[8..11] the four caps (0 = none), ARGV[12] backlog prefix.
+# Returns 'ok', or the name of the cap that refused the job (nothing is written then).
+_SUBMIT = (
+    _FAIR
+    + """
+local names = {'queued_per_tenant', 'queued_per_user', 'stored_per_tenant', 'stored_per_user'}
+for i = 1, 4 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[5 + i], '-inf', '(' .. ARGV[7])
+  local cap = tonumber(ARGV[7 + i])
+  if cap > 0 and redis.call('ZCARD', KEYS[5 + i]) >= cap then return names[i] end
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[3], 'state', ARGV[4], 'tenant', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+for i = 6, 9 do
+  redis.call('ZADD', KEYS[i], ARGV[6], ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
+end
+enqueue(KEYS[2], KEYS[3], ARGV[12], KEYS[4], KEYS[5], ARGV[1], ARGV[2], false, ARGV[6])
+return 'ok'
+"""
+)
+
+# KEYS: per priority, highest first, five keys: stream, ready, parked, waiting, backlogged.
+# ARGV[1] group, ARGV[2] consumer, ARGV[3] now, ARGV[4] job key prefix, ARGV[5..8] backlog
+# prefixes. Promotes due parked jobs, claims the next entry of the highest priority that has one
+# and admits that tenant's next job. Returns {priority index, entry id, job id} or false.
+_CLAIM = (
+    _FAIR
+    + """
+for i = 0, 3 do
+  local stream, ready, parked, waiting, backlogged = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4], KEYS[i*5+5]
+  local prefix = ARGV[5 + i]
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', ARGV[3], 'LIMIT', 0, 100)) do
+    redis.call('ZREM', parked, id)
+    local tenant = redis.call('HGET', ARGV[4] .. id, 'tenant')
+    if tenant then
+      enqueue(stream, ready, prefix, waiting, backlogged, id, tenant, true, ARGV[3])
+    else
+      redis.call('XADD', stream, '*', 'job_id', id)
+    end
+  end
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
+  if (not reply) and redis.call('SCARD', backlogged) > 0 then
+    -- Nothing undelivered in the stream, so no tenant holds a place there: any backlog left is
+    -- stranded (an interrupted upgrade, a hand edit) and is admitted again.
+    redis.call('DEL', ready)
+    for _, tenant in ipairs(redis.call('SMEMBERS', backlogged)) do
+      admit_next(stream, ready, prefix, waiting, backlogged, tenant)
+    end
+    reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
+  end
+  if reply then
+    local entry = reply[1][2][1]
+    local fields = entry[2]
+    local job_id, tenant = '', nil
+    for f = 1, #fields, 2 do
+      if fields[f] == 'job_id' then job_id = fields[f + 1] elseif fields[f] == 'tenant' then tenant = fields[f + 1] end
+    end
+    if tenant then
+      if redis.call('HINCRBY', ready, tenant, -1) <= 0 then redis.call('HDEL', ready, tenant) end
+      admit_next(stream, ready, prefix, waiting, backlogged, tenant)
+    end
+    return {i, entry[1], job_id}
+  end
+end
+return false
+"""
+)
+
+# KEYS[1] stream, KEYS[2] ready, KEYS[3] waiting, KEYS[4] backlogged; ARGV[1] job id, ARGV[2]
+# tenant, ARGV[3] now, ARGV[4] backlog prefix. Puts a reclaimed job back, ahead of its tenant's backlog.
+_REQUEUE = (
+    _FAIR
+    + """
+enqueue(KEYS[1], KEYS[2], ARGV[4], KEYS[3], KEYS[4], ARGV[1], ARGV[2], true, ARGV[3])
+return 1
+"""
+)
+
+# KEYS[1] job hash, KEYS[2..3] the job's queued-per-tenant and -per-user sets; ARGV[1] new record
+# JSON, ARGV[2] new state, ARGV[3] job id. Writes only if not yet terminal.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (not state) or state == 'succeeded' or state == 'failed' or state == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -44,16 +170,6 @@ _START = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'running')
 return 1
-"""
-
-# KEYS[1] parked zset, KEYS[2] stream; ARGV[1] now, ARGV[2] job key prefix. Moves due jobs to the stream.
-_PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('XADD', KEYS[2], '*', 'job_id', id)
-end
-return #due
 """
 
 
@@ -102,8 +218,21 @@ class RedisEdgeStore:
         self._p = f"{prefix}{{edge}}:"
         self._job_ttl = int(job_ttl)
         self._finish = self._redis.register_script(_FINISH)
-        self._promote = self._redis.register_script(_PROMOTE)
         self._start = self._redis.register_script(_START)
+        self._submit = self._redis.register_script(_SUBMIT)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._requeue = self._redis.register_script(_REQUEUE)
+        self._claim_keys = [
+            key
+            for p in PRIORITY_ORDER
+            for key in (
+                self._stream(p),
+                self._ready(p),
+                self._parked(p),
+                self._waiting(p),
+                self._backlogged(p),
+            )
+        ]
 
     def _stream(self, priority: str) -> str:
         return f"{self._p}stream:{priority}"
@@ -113,6 +242,23 @@ class RedisEdgeStore:
 
     def _job(self, job_id: str) -> str:
         return f"{self._p}job:{job_id}"
+
+    def _ready(self, priority: str) -> str:
+        return f"{self._p}ready:{priority}"
+
+    def _waiting(self, priority: str) -> str:
+        return f"{self._p}waiting:{priority}"
+
+    def _backlogged(self, priority: str) -> str:
+        return f"{self._p}backlogged:{priority}"
+
+    def _backlog(self, priority: str, tenant: str = "") -> str:
+        return f"{self._p}backlog:{priority}:{tenant}"
+
+    def _owned(self, kind: str, job: JobRecord) -> tuple[str, str]:
+        """The per-tenant and per-user sets of `kind` ("queued" or "stored") holding `job`."""
+        user = idempotency_scope(job.tenant_id, job.user_id, "")
+        return f"{self._p}{kind}:t:{job.tenant_id}", f"{self._p}{kind}:u:{user}"
 
     async def start(self) -> None:
         for priority in PRIORITY_ORDER:
@@ -151,19 +297,48 @@ class RedisEdgeStore:
 
     # --- jobs -------------------------------------------------------------------------------------------
 
-    async def submit(self, job: JobRecord, idempotency_key: str) -> JobRecord:
+    async def submit(self, job: JobRecord, idempotency_key: str, caps: JobCaps | None = None) -> JobRecord:
+        idem = ""
         if idempotency_key:
-            idem = f"{self._p}idem:{job.tenant_id}:{idempotency_key}"
+            idem = f"{self._p}idem:{idempotency_scope(job.tenant_id, job.user_id, idempotency_key)}"
             if not await self._redis.set(idem, job.job_id, nx=True, ex=self._job_ttl):
                 existing_id: Any = await self._redis.get(idem)
                 existing = await self.get_job(existing_id.decode()) if existing_id else None
                 if existing is not None:
                     return existing
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._job(job.job_id), mapping={"record": _encode(job), "state": job.state})
-            pipe.expire(self._job(job.job_id), self._job_ttl)
-            pipe.xadd(self._stream(job.priority), {"job_id": job.job_id})
-            await pipe.execute()
+        caps = caps or JobCaps()
+        now = time.time()
+        priority = job.priority
+        refused: Any = await self._submit(
+            keys=[
+                self._job(job.job_id),
+                self._stream(priority),
+                self._ready(priority),
+                self._waiting(priority),
+                self._backlogged(priority),
+                *self._owned("queued", job),
+                *self._owned("stored", job),
+            ],
+            args=[
+                job.job_id,
+                job.tenant_id,
+                _encode(job),
+                job.state,
+                self._job_ttl,
+                now,
+                now - self._job_ttl,
+                caps.queued_per_tenant,
+                caps.queued_per_user,
+                caps.stored_per_tenant,
+                caps.stored_per_user,
+                self._backlog(priority),
+            ],
+        )
+        if refused != b"ok":
+            if idem:
+                # The key names no job: a retry after jobs finish must be able to submit.
+                await self._redis.delete(idem)
+            raise CapReachedError(refused.decode())
         return job
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -173,27 +348,6 @@ class RedisEdgeStore:
     async def _save(self, job: JobRecord) -> None:
         await self._redis.hset(self._job(job.job_id), mapping={"record": _encode(job), "state": job.state})
 
-    async def _read(self, consumer: str, block_ms: int | None) -> tuple[str, str, str] | None:
-        streams: dict[Any, Any] = {self._stream(p): ">" for p in PRIORITY_ORDER}
-        if block_ms is None:
-            # Non-blocking, one priority at a time, highest first.
-            for priority in PRIORITY_ORDER:
-                reply: Any = await self._redis.xreadgroup(
-                    GROUP, consumer, {self._stream(priority): ">"}, count=1
-                )
-                if reply:
-                    entry_id, fields = reply[0][1][0]
-                    return priority, entry_id.decode(), fields[b"job_id"].decode()
-            return None
-        blocking: Any = await self._redis.xreadgroup(GROUP, consumer, streams, count=1, block=block_ms)
-        reply = blocking
-        if not reply:
-            return None
-        stream, entries = reply[0]
-        priority = stream.decode().rsplit(":", 1)[1]
-        entry_id, fields = entries[0]
-        return priority, entry_id.decode(), fields[b"job_id"].decode()
-
     async def _ack(self, priority: str, entry_id: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xack(self._stream(priority), GROUP, entry_id)
@@ -202,21 +356,25 @@ class RedisEdgeStore:
 
     async def claim(self, consumer: str, block: float) -> Claim | None:
         deadline = time.monotonic() + block
+        prefixes = [self._backlog(p) for p in PRIORITY_ORDER]
         while True:
-            now = time.time()
-            for priority in PRIORITY_ORDER:
-                await self._promote(keys=[self._parked(priority), self._stream(priority)], args=[now])
-            found = await self._read(consumer, None)
-            if found is None:
+            found: Any = await self._claim(
+                keys=self._claim_keys, args=[GROUP, consumer, time.time(), self._job(""), *prefixes]
+            )
+            if not found:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                # Wake at least every 100 ms so parked jobs that fall due are promoted.
-                found = await self._read(consumer, max(1, int(min(remaining, 0.1) * 1000)))
-                if found is None:
-                    continue
-            priority, entry_id, job_id = found
-            job = await self.get_job(job_id)
+                # Wait for a new entry without taking it (the script claims), and wake at least
+                # every 100 ms so parked jobs that fall due are promoted.
+                await self._redis.xread(
+                    {self._stream(p): "$" for p in PRIORITY_ORDER},
+                    count=1,
+                    block=max(1, int(min(remaining, 0.1) * 1000)),
+                )
+                continue
+            priority, entry_id, job_id = PRIORITY_ORDER[int(found[0])], found[1].decode(), found[2].decode()
+            job = await self.get_job(job_id) if job_id else None
             if job is None or job.state != QUEUED:
                 await self._ack(priority, entry_id)
                 continue
@@ -253,7 +411,15 @@ class RedisEdgeStore:
                     continue
                 job.state = QUEUED
                 await self._save(job)
-                await self._redis.xadd(self._stream(priority), {"job_id": job.job_id})
+                await self._requeue(
+                    keys=[
+                        self._stream(priority),
+                        self._ready(priority),
+                        self._waiting(priority),
+                        self._backlogged(priority),
+                    ],
+                    args=[job.job_id, job.tenant_id, time.time(), self._backlog(priority)],
+                )
                 count += 1
         return count
 
@@ -268,7 +434,10 @@ class RedisEdgeStore:
 
     async def finish(self, claim: Claim, job: JobRecord) -> bool:
         priority, entry_id = claim.token.split("|", 1)
-        written = await self._finish(keys=[self._job(job.job_id)], args=[_encode(job), job.state])
+        written = await self._finish(
+            keys=[self._job(job.job_id), *self._owned("queued", job)],
+            args=[_encode(job), job.state, job.job_id],
+        )
         await self._ack(priority, entry_id)
         return bool(written)
 
@@ -286,9 +455,15 @@ class RedisEdgeStore:
             job.state = "cancelled"
             job.finished_at = time.time()
             # A worker may claim it at the same moment; the CAS decides, and a claimed job sees the state.
-            await self._finish(keys=[self._job(job_id)], args=[_encode(job), job.state])
+            await self._finish(
+                keys=[self._job(job_id), *self._owned("queued", job)], args=[_encode(job), job.state, job_id]
+            )
+            # Out of the parked set and its tenant's backlog; an entry already in the stream is
+            # skipped by the worker that reads it.
             for priority in PRIORITY_ORDER:
                 await self._redis.zrem(self._parked(priority), job_id)
+            if await self._redis.zrem(self._waiting(job.priority), job_id):
+                await self._redis.lrem(self._backlog(job.priority, job.tenant_id), 1, job_id)
             return await self.get_job(job_id)
         return job
 
@@ -300,9 +475,11 @@ class RedisEdgeStore:
             if first:
                 entry_ms = int(first[0][0].decode().split("-", 1)[0])
                 oldest = entry_ms / 1000 if oldest is None else min(oldest, entry_ms / 1000)
-            parked: Any = await self._redis.zrange(self._parked(priority), 0, 0, withscores=True)
-            if parked:
-                oldest = float(parked[0][1]) if oldest is None else min(oldest, float(parked[0][1]))
+            for waiting in (self._parked(priority), self._waiting(priority)):
+                first_waiting: Any = await self._redis.zrange(waiting, 0, 0, withscores=True)
+                if first_waiting:
+                    at = float(first_waiting[0][1])
+                    oldest = at if oldest is None else min(oldest, at)
         return oldest
 
     async def depth(self) -> dict[str, int]:
@@ -311,5 +488,6 @@ class RedisEdgeStore:
             length = await self._redis.xlen(self._stream(priority))
             pending: Any = await self._redis.xpending(self._stream(priority), GROUP)
             parked = await self._redis.zcard(self._parked(priority))
-            counts[priority] = int(length) - int(pending["pending"]) + int(parked)
+            backlog = await self._redis.zcard(self._waiting(priority))
+            counts[priority] = int(length) - int(pending["pending"]) + int(parked) + int(backlog)
         return counts

@@ -22,6 +22,10 @@ def open_store(settings: LimiterSettings, *, clock: Callable[[], float] = time.t
         url,
         buckets=settings.window_buckets,
         timeout=settings.store_timeout,
+        pool_size=settings.redis_pool_size,
+        # A clock injected into the service (tests) drives the scripts too; otherwise they read
+        # Redis's TIME, the one clock every replica shares.
+        clock_ms=None if clock is time.time else (lambda: clock() * 1000),
     )
     return ResilientStore(
         primary,
@@ -29,6 +33,8 @@ def open_store(settings: LimiterSettings, *, clock: Callable[[], float] = time.t
         timeout=settings.store_timeout,
         retry_interval=settings.store_retry_interval,
         replicas=settings.replicas,
+        share=settings.local_share,
+        memory=settings.outage_memory,
         buckets=settings.window_buckets,
         clock=clock,
     )

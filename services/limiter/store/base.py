@@ -9,6 +9,12 @@ or nothing is counted. Each store implements the same three algorithms:
 * BUDGET  - a daily (UTC) token budget with reservations: available = limit - used - reserved;
             reservations expire after their TTL; settle() charges the actual tokens.
 * COUNTER - a plain counter with an idle TTL (tool calls per session).
+* FIXED   - envoyproxy/ratelimit's fixed window: windows of `period_ms` aligned to the epoch
+            (a minute starts at :00); every call adds its cost, over the limit or not (as
+            upstream increments before it compares), and a FIXED op never blocks the others.
+
+A replica that decided on its own while the shared store was down hands what it counted to
+`replay` on recovery (`Charge`s, in order), so the shared counters catch up.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class Kind(enum.IntEnum):
     WINDOW = 1
     BUDGET = 2
     COUNTER = 3
+    FIXED = 4
 
 
 # LimitOp, OpResult and Outcome are built for every decision: slotted, not frozen (see
@@ -38,7 +45,7 @@ class LimitOp:
     limit: int
     # What this request adds (hits, tokens reserved, tool calls); 0 only reads.
     cost: int
-    # WINDOW: window length; COUNTER: idle TTL; BUDGET: unused.
+    # WINDOW and FIXED: window length; COUNTER: idle TTL; BUDGET: unused.
     period_ms: int = 0
     # Reported, never enforced.
     shadow: bool = False
@@ -50,7 +57,7 @@ class OpResult:
     over: bool
     # Left after this request (-1 when unlimited).
     remaining: int
-    # Until the limit is fully replenished (0 when nothing is counted).
+    # Until the limit is fully replenished (0 when nothing is counted); FIXED: until the window ends.
     reset_ms: int
     # When over: until a retry of the same cost could fit.
     retry_ms: int
@@ -86,6 +93,40 @@ class Settlement:
 class BudgetRef:
     key: str
     limit: int
+
+
+class ChargeKind(enum.Enum):
+    DECIDE = "decide"
+    SETTLE = "settle"
+    HEADROOM = "headroom"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One call a replica decided (and counted) by itself while the shared store was down.
+
+    Replayed on recovery at its own time `at_ms`, counted whatever the limits say now: the
+    requests were admitted, so the shared counters must know. Each kind carries its arguments:
+    DECIDE the ops and the idempotency and reservation details, SETTLE the budgets and the
+    settlement, HEADROOM a provider report.
+    """
+
+    kind: ChargeKind
+    at_ms: int
+    ops: tuple[LimitOp, ...] = ()
+    idempotency_key: str = ""
+    idempotency_ttl_ms: int = 0
+    reservation_id: str = ""
+    reservation_ttl_ms: int = 0
+    delay_ms: int = 0
+    budgets: tuple[BudgetRef, ...] = ()
+    actual_tokens: int = 0
+    cost_micros: int = 0
+    done_key: str = ""
+    done_ttl_ms: int = 0
+    field: str = ""
+    record: str = ""
+    ttl_ms: int = 0
 
 
 class StoreUnavailableError(Exception):
@@ -131,6 +172,11 @@ class Store(Protocol):
 
     async def get_headroom(self) -> dict[str, str]:
         """Every unexpired headroom report."""
+        ...
+
+    async def replay(self, charges: Sequence[Charge]) -> int:
+        """Applies charges counted elsewhere, in order, forced past the limits; returns how many
+        from the start were applied (the rest are tried again later)."""
         ...
 
     async def close(self) -> None: ...

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from services.limiter.store.base import (
     DAY_MS,
     BudgetRef,
+    Charge,
+    ChargeKind,
     Kind,
     LimitOp,
     OpResult,
@@ -22,6 +24,14 @@ from services.limiter.store.base import (
 )
 
 Clock = Callable[[], float]
+
+
+def _nothing() -> None:
+    return None
+
+
+def _constant(result: OpResult) -> Callable[[bool], OpResult]:
+    return lambda _applied: result
 
 
 @dataclass
@@ -66,6 +76,13 @@ class _Counter:
     expires: int = 0
 
 
+@dataclass
+class _Fixed:
+    start: int = -1
+    value: int = 0
+    expires: int = 0
+
+
 class MemoryStore:
     def __init__(self, *, clock: Clock = time.time, buckets: int = 20, gc_interval_s: float = 30.0) -> None:
         self._clock = clock
@@ -73,6 +90,7 @@ class MemoryStore:
         self._windows: dict[str, _Window] = {}
         self._budgets: dict[str, _Budget] = {}
         self._counters: dict[str, _Counter] = {}
+        self._fixed: dict[str, _Fixed] = {}
         # idempotency key -> (outcome, expires)
         self._idem: dict[str, tuple[Outcome, int]] = {}
         self._done: dict[str, int] = {}
@@ -184,6 +202,23 @@ class MemoryStore:
 
         return result, apply
 
+    def _fixed_window(self, op: LimitOp, now: int, peek: bool) -> OpResult:
+        """Counted at once (FIXED ops always count): a second op on the same key in the same
+        call sees the first, as upstream's pipelined INCRBYs do."""
+        start = now - now % op.period_ms
+        state = self._fixed.get(op.key)
+        if state is None or state.start < start:
+            state = _Fixed(start, 0, start + op.period_ms)
+        if state.start > start:  # a replayed charge from a window that has already ended
+            return OpResult(False, max(0, op.limit - op.cost), 0, 0, op.cost)
+        after = state.value + (0 if peek else op.cost)
+        if not peek:
+            state.value = after
+            self._fixed[op.key] = state
+        reset = start + op.period_ms - now
+        over = after > op.limit
+        return OpResult(over, max(0, op.limit - after), reset, reset if over else 0, after)
+
     # -- Store ----------------------------------------------------------------------------
 
     async def decide(
@@ -197,7 +232,30 @@ class MemoryStore:
         reservation_ttl_ms: int = 0,
         delay_ms: int = 0,
     ) -> Outcome:
-        now = self._now()
+        return self._decide(
+            ops,
+            self._now(),
+            peek=peek,
+            idempotency_key=idempotency_key,
+            idempotency_ttl_ms=idempotency_ttl_ms,
+            reservation_id=reservation_id,
+            reservation_ttl_ms=reservation_ttl_ms,
+            delay_ms=delay_ms,
+        )
+
+    def _decide(
+        self,
+        ops: Sequence[LimitOp],
+        now: int,
+        *,
+        peek: bool = False,
+        idempotency_key: str = "",
+        idempotency_ttl_ms: int = 0,
+        reservation_id: str = "",
+        reservation_ttl_ms: int = 0,
+        delay_ms: int = 0,
+        force: bool = False,
+    ) -> Outcome:
         self._maybe_gc(now)
         if idempotency_key and idempotency_ttl_ms > 0:
             previous = self._idem.get(idempotency_key)
@@ -207,6 +265,10 @@ class MemoryStore:
         pending: list[tuple[Callable[[bool], OpResult], Callable[[], None]]] = []
         overs: list[bool] = []
         for op in ops:
+            if op.kind == Kind.FIXED:
+                pending.append((_constant(self._fixed_window(op, now, peek)), _nothing))
+                overs.append(False)
+                continue
             if op.kind == Kind.WINDOW:
                 res_fn, apply = self._window(op, now)
             elif op.kind == Kind.BUDGET:
@@ -215,7 +277,7 @@ class MemoryStore:
                 res_fn, apply = self._counter(op, now)
             pending.append((res_fn, apply))
             overs.append(res_fn(False).over and not op.shadow)
-        admitted = not peek and not any(overs)
+        admitted = not peek and (force or not any(overs))
         if admitted:
             for (_, apply), op in zip(pending, ops, strict=True):
                 if op.cost > 0 or op.kind == Kind.BUDGET:
@@ -236,7 +298,27 @@ class MemoryStore:
         done_key: str,
         done_ttl_ms: int,
     ) -> Settlement:
-        now = self._now()
+        return self._settle(
+            budgets,
+            self._now(),
+            reservation_id=reservation_id,
+            actual_tokens=actual_tokens,
+            cost_micros=cost_micros,
+            done_key=done_key,
+            done_ttl_ms=done_ttl_ms,
+        )
+
+    def _settle(
+        self,
+        budgets: Sequence[BudgetRef],
+        now: int,
+        *,
+        reservation_id: str,
+        actual_tokens: int,
+        cost_micros: int,
+        done_key: str,
+        done_ttl_ms: int,
+    ) -> Settlement:
         already = False
         if reservation_id and done_key:
             expires = self._done.get(done_key, 0)
@@ -261,6 +343,35 @@ class MemoryStore:
     async def put_headroom(self, field: str, record: str, ttl_ms: int) -> None:
         self._headroom[field] = (record, self._now() + ttl_ms)
 
+    async def replay(self, charges: Sequence[Charge]) -> int:
+        for c in charges:
+            if c.kind == ChargeKind.DECIDE:
+                self._decide(
+                    c.ops,
+                    c.at_ms,
+                    idempotency_key=c.idempotency_key,
+                    idempotency_ttl_ms=c.idempotency_ttl_ms,
+                    reservation_id=c.reservation_id,
+                    reservation_ttl_ms=c.reservation_ttl_ms,
+                    delay_ms=c.delay_ms,
+                    force=True,
+                )
+            elif c.kind == ChargeKind.SETTLE:
+                self._settle(
+                    c.budgets,
+                    c.at_ms,
+                    reservation_id=c.reservation_id,
+                    actual_tokens=c.actual_tokens,
+                    cost_micros=c.cost_micros,
+                    done_key=c.done_key,
+                    done_ttl_ms=c.done_ttl_ms,
+                )
+            elif c.kind == ChargeKind.HEADROOM:
+                left = c.at_ms + c.ttl_ms - self._now()
+                if left > 0:
+                    await self.put_headroom(c.field, c.record, left)
+        return len(charges)
+
     async def get_headroom(self) -> dict[str, str]:
         now = self._now()
         return {k: rec for k, (rec, exp) in self._headroom.items() if exp > now}
@@ -275,6 +386,7 @@ class MemoryStore:
         self._next_gc = now + self._gc_interval_ms
         self._windows = {k: v for k, v in self._windows.items() if v.expires > now}
         self._counters = {k: v for k, v in self._counters.items() if v.expires > now}
+        self._fixed = {k: v for k, v in self._fixed.items() if v.expires > now}
         for budget in self._budgets.values():
             budget.sweep(now)
         self._budgets = {k: v for k, v in self._budgets.items() if v.expires > now or v.holds}

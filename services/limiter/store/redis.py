@@ -1,6 +1,6 @@
 """Redis store: every decision is one EVALSHA of one Lua script, whatever the number of limits.
 
-The scripts are called by SHA (EVALSHA) over one pipelined connection (pipelined.py); a Redis
+The scripts are called by SHA (EVALSHA) over redis-py (library.py, one node or a Cluster); a Redis
 that does not know a script yet (new, restarted, flushed) answers NOSCRIPT and the script is
 loaded (SCRIPT LOAD) and called again, transparently. Time comes from Redis (TIME inside the
 script), never from the replicas' clocks. All keys of one call share a {hash tag} (the domain tags by
@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from services.kit.redisconn import split_key_prefix
 from services.limiter.store.base import (
     BudgetRef,
+    Charge,
+    ChargeKind,
     Kind,
     LimitOp,
     OpResult,
@@ -23,7 +26,7 @@ from services.limiter.store.base import (
     Settlement,
     StoreUnavailableError,
 )
-from services.limiter.store.pipelined import Endpoint, PipelinedRedis, RedisReplyError
+from services.limiter.store.library import LibraryRedis, RedisReplyError
 
 _COMMON = r"""
 local function now_ms(arg)
@@ -97,6 +100,7 @@ end
 # KEYS[1] idempotency key, then each op's key (a budget also its zset).
 # ARGV: now|'' peek idem_ttl_ms reservation_id reservation_ttl_ms delay_ms buckets n
 #       ops ("kind,limit,cost,period_ms,shadow;" per op: one argument, cheap to send)
+#       force ('1': count whatever the limits say, for charges replayed after an outage)
 DECIDE = (
     _COMMON
     + r"""
@@ -107,6 +111,7 @@ local rid = ARGV[4]
 local rttl = tonumber(ARGV[5])
 local B = tonumber(ARGV[7])
 local n = tonumber(ARGV[8])
+local force = ARGV[10] == '1'
 if idem_ttl > 0 then
   local prev = redis.call('GET', KEYS[1])
   if prev then
@@ -161,6 +166,34 @@ for i = 1, n do
     local newest = nil
     for _, e in ipairs(idx) do if newest == nil or e[1] > newest then newest = e[1] end end
     s.g, s.cur, s.used, s.newest = g, cur, used, newest
+  elseif kind == 4 then
+    -- envoyproxy/ratelimit's fixed window, aligned to the epoch: hash {w = window start, n = hits}.
+    -- Counted now, over the limit or not, as upstream increments before it compares.
+    local start = now - now % period
+    local v = redis.call('HMGET', k1, 'w', 'n')
+    local w = tonumber(v[1])
+    if w ~= nil and w > start then
+      -- a charge replayed from a window that has already ended: nothing left to count
+      s.over = false
+      s.row = {0, math.max(0, limit - cost), 0, 0, cost, 0}
+    else
+      local after = 0
+      if w == start then after = tonumber(v[2]) or 0 end
+      if not peek then
+        after = after + cost
+        if w == start then
+          redis.call('HINCRBY', k1, 'n', cost)
+        else
+          redis.call('HSET', k1, 'w', start, 'n', after)
+          redis.call('PEXPIRE', k1, start + period - now)
+        end
+      end
+      local reset = start + period - now
+      s.over = after > limit
+      local retry = 0
+      if s.over then retry = reset end
+      s.row = {s.over and 1 or 0, math.max(0, limit - after), reset, retry, after, 0}
+    end
   elseif kind == 2 then
     local b = budget_load(k1, k2, now)
     s.b = b
@@ -174,10 +207,11 @@ for i = 1, n do
     s.retry = 0
     if s.over then if ttl > 0 then s.retry = ttl else s.retry = period end end
   end
-  if s.over and not shadow then blocked = true end
+  -- A fixed window never blocks the others: upstream decides each descriptor on its own.
+  if s.over and not shadow and kind ~= 4 then blocked = true end
   st[i] = s
 end
-local admitted = (not peek) and (not blocked)
+local admitted = (not peek) and (force or not blocked)
 local out = {}
 for i = 1, n do
   local s = st[i]
@@ -210,6 +244,8 @@ for i = 1, n do
       redis.call('PEXPIRE', s.k2, budget_ttl(s.b.day, now))
     end
     out[i] = budget_result(s.b, s.k2, s.limit, s.cost, s.over, now)
+  elseif s.kind == 4 then
+    out[i] = s.row
   else
     local total, reset = s.used, s.ttl
     if applied then
@@ -306,10 +342,10 @@ return out
 
 
 class _Script:
-    """EVALSHA by the script's SHA1 (computed here); on NOSCRIPT (a restarted or flushed Redis)
-    SCRIPT LOAD it and call again."""
+    """EVALSHA by the script's SHA1 (computed here); on NOSCRIPT (a restarted or flushed Redis,
+    or a promoted cluster replica) SCRIPT LOAD it and call again."""
 
-    def __init__(self, redis: PipelinedRedis, source: str) -> None:
+    def __init__(self, redis: LibraryRedis, source: str) -> None:
         self.redis = redis
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -320,9 +356,21 @@ class _Script:
         except RedisReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
-        loaded = await self.redis.execute("SCRIPT", "LOAD", self.source)
-        self.sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        self.sha = await self.redis.script_load(self.source)
         return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def cluster_option(url: str) -> tuple[str, bool]:
+    """The URL without the store's `cluster` option, and whether it names a Redis Cluster
+    (`?cluster=true`: the URL is one node to start from, the client finds the others)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    flags = [v.lower() for k, v in query if k == "cluster"]
+    if any(f not in ("true", "false", "1", "0", "yes", "no") for f in flags):
+        raise ValueError(f"cluster must be true or false, got {flags[0]!r}")
+    cluster = bool(flags) and flags[-1] in ("true", "1", "yes")
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    return urlunsplit(parts._replace(query=rest)), cluster
 
 
 def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:
@@ -334,11 +382,6 @@ def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:
 
 
 class RedisStore:
-    # Every call ends within `timeout` by itself (the connection's connect timeout and stall
-    # watchdog; a script Redis has forgotten costs up to three such waits, once): ResilientStore
-    # adds no timer of its own.
-    bounds_own_calls = True
-
     def __init__(
         self,
         url: str,
@@ -346,11 +389,13 @@ class RedisStore:
         buckets: int = 20,
         timeout: float = 0.25,
         clock_ms: Any = None,
+        pool_size: int = 64,
     ) -> None:
         clean, self.prefix = split_key_prefix(url)
-        # One pipelined connection per replica (see pipelined.py): concurrent decisions share
-        # writes and reads instead of each taking a pooled connection.
-        self.redis = PipelinedRedis(Endpoint.from_url(clean), connect_timeout=timeout, stall_after=timeout)
+        clean, cluster = cluster_option(clean)
+        # redis-py bounds each socket read and connect by `timeout`, not a wait for a pooled
+        # connection: the resilient store keeps its own timer around every call.
+        self.redis = LibraryRedis(clean, timeout=timeout, cluster=cluster, pool_size=pool_size)
         self.buckets = buckets
         # Tests may inject a clock (epoch ms callable); production uses Redis TIME.
         self._clock_ms = clock_ms
@@ -379,11 +424,35 @@ class RedisStore:
         reservation_ttl_ms: int = 0,
         delay_ms: int = 0,
     ) -> Outcome:
+        return await self._call_decide(
+            ops,
+            self._now_arg(),
+            peek=peek,
+            idempotency_key=idempotency_key,
+            idempotency_ttl_ms=idempotency_ttl_ms,
+            reservation_id=reservation_id,
+            reservation_ttl_ms=reservation_ttl_ms,
+            delay_ms=delay_ms,
+        )
+
+    async def _call_decide(
+        self,
+        ops: Sequence[LimitOp],
+        now: str,
+        *,
+        peek: bool = False,
+        idempotency_key: str = "",
+        idempotency_ttl_ms: int = 0,
+        reservation_id: str = "",
+        reservation_ttl_ms: int = 0,
+        delay_ms: int = 0,
+        force: bool = False,
+    ) -> Outcome:
         p = self.prefix
         first = ops[0].key if ops else "x"
         keys = [p + (idempotency_key or first + ":noidem")]
         args: list[Any] = [
-            self._now_arg(),
+            now,
             "1" if peek else "0",
             idempotency_ttl_ms if idempotency_key else 0,
             reservation_id,
@@ -394,6 +463,7 @@ class RedisStore:
             "".join(
                 f"{int(op.kind)},{op.limit},{op.cost},{op.period_ms},{1 if op.shadow else 0};" for op in ops
             ),
+            "1" if force else "0",
         ]
         for op in ops:
             keys.append(p + op.key)
@@ -418,11 +488,12 @@ class RedisStore:
         cost_micros: int,
         done_key: str,
         done_ttl_ms: int,
+        now: str | None = None,
     ) -> Settlement:
         p = self.prefix
         keys = [p + (done_key or budgets[0].key + ":nodone")]
         args: list[Any] = [
-            self._now_arg(),
+            self._now_arg() if now is None else now,
             reservation_id if done_key else "",
             actual_tokens,
             cost_micros,
@@ -443,6 +514,40 @@ class RedisStore:
         flat = await self._run(self._get_headroom, [self.prefix + HEADROOM_KEY], [])
         items = [x.decode() if isinstance(x, bytes) else str(x) for x in flat]
         return dict(zip(items[::2], items[1::2], strict=True))
+
+    async def replay(self, charges: Sequence[Charge]) -> int:
+        """One script call per charge, in order (a reservation before its settlement); a
+        failure stops the replay and reports how far it got."""
+        applied = 0
+        for c in charges:
+            try:
+                if c.kind == ChargeKind.DECIDE:
+                    await self._call_decide(
+                        c.ops,
+                        str(c.at_ms),
+                        idempotency_key=c.idempotency_key,
+                        idempotency_ttl_ms=c.idempotency_ttl_ms,
+                        reservation_id=c.reservation_id,
+                        reservation_ttl_ms=c.reservation_ttl_ms,
+                        delay_ms=c.delay_ms,
+                        force=True,
+                    )
+                elif c.kind == ChargeKind.SETTLE:
+                    await self.settle(
+                        c.budgets,
+                        reservation_id=c.reservation_id,
+                        actual_tokens=c.actual_tokens,
+                        cost_micros=c.cost_micros,
+                        done_key=c.done_key,
+                        done_ttl_ms=c.done_ttl_ms,
+                        now=str(c.at_ms),
+                    )
+                elif c.kind == ChargeKind.HEADROOM:
+                    await self.put_headroom(c.field, c.record, c.ttl_ms)
+            except (StoreUnavailableError, OSError):
+                return applied
+            applied += 1
+        return applied
 
     async def close(self) -> None:
         await self.redis.close()

@@ -86,6 +86,7 @@ _HANG_LIMIT = 3600.0
 _ANTHROPIC_ERRORS = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
@@ -105,6 +106,7 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    402: "Payment Required",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -115,7 +117,7 @@ _REASONS = {
     503: "Service Unavailable",
     529: "Overloaded",
 }
-FAULT_MODES = ("ok", "down", "hang", "error", "rate_limit", "break", "stall")
+FAULT_MODES = ("ok", "down", "hang", "error", "rate_limit", "no_credit", "break", "stall")
 
 
 @dataclass
@@ -164,13 +166,21 @@ class _Request:
 
 class _HttpError(Exception):
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+        # OpenAI names the offending request field in `param`.
+        self.param = param
 
 
 class _AbortError(Exception):
@@ -445,7 +455,7 @@ class SimServer:
             exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
         )
         return {
-            "error": {"message": exc.message, "type": kind, "param": None, "code": exc.code},
+            "error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code},
             "simulated": True,
         }
 
@@ -493,6 +503,16 @@ class SimServer:
                 raise _AbortError()
             if fault.mode == "error":
                 raise _HttpError(fault.status, f"simulated outage of {self.name} (HTTP {fault.status})")
+            if fault.mode == "no_credit":
+                # The account is out of credit, as each provider says it (OpenAI: a 429 with
+                # insufficient_quota; Anthropic: 402 billing_error).
+                if wire == "anthropic":
+                    raise _HttpError(402, f"simulated: the {self.name} account has no credit left")
+                raise _HttpError(
+                    429,
+                    f"simulated: {self.name} says you exceeded your current quota",
+                    code="insufficient_quota",
+                )
             if fault.mode == "rate_limit":
                 raise _HttpError(
                     429,
@@ -767,6 +787,7 @@ def _parse_openai(data: dict[str, Any], path: str) -> _Chat:
             f"Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got "
             f"{temperature} instead.",
             code="decimal_above_max_value",
+            param="temperature",
         )
     tools = []
     for t in data.get("tools") or []:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from services.router.store import Hint
+from services.router.store.base import Hint
 
 
 class MemoryHintStore:

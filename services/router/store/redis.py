@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
-from services.router.store import Hint
+from services.router.store.base import Hint
 
 
 def _split_prefix(url: str) -> tuple[str, str]:

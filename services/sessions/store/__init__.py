@@ -12,14 +12,17 @@ class SessionStore(Protocol):
     """Every method filters by scope and hides expired sessions (expires_at <= now).
 
     Methods raise services.kit.errors exceptions: AlreadyExists, NotFound, Aborted,
-    Unavailable (backend down, retryable).
+    ResourceExhausted (a per-user cap), Unavailable (backend down, retryable).
     """
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def create(self, record: SessionRecord) -> SessionRecord: ...
+    async def create(self, record: SessionRecord, max_per_user: int = 0) -> SessionRecord:
+        """Stores a new session; ResourceExhausted when its user already has `max_per_user`
+        live sessions (0: no cap). The check and the insert are atomic per user."""
+        ...
 
     async def get(self, scope: Scope, session_id: str, now: float) -> SessionRecord | None: ...
 

@@ -10,8 +10,16 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.kit.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
-from services.sessions.model import KEY_REUSED, AppendOutcome, NewTurn, Scope, SessionRecord, StoredTurn
+from services.kit.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.sessions.model import (
+    KEY_REUSED,
+    AppendOutcome,
+    NewTurn,
+    Scope,
+    SessionRecord,
+    StoredTurn,
+    too_many_sessions,
+)
 
 
 @dataclass
@@ -43,10 +51,15 @@ class MemoryStore:
             return None
         return entry
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
+    async def create(self, record: SessionRecord, max_per_user: int = 0) -> SessionRecord:
         existing = self._entry(record.tenant_id, record.user_id, record.session_id)
         if existing is not None and existing.record.expires_at > record.created_at:
             raise AlreadyExists(f"session {record.session_id!r} already exists")
+        if max_per_user > 0:
+            mine = self._users.get((record.tenant_id, record.user_id), {}).values()
+            live = sum(1 for e in mine if e.record.expires_at > record.created_at)
+            if live >= max_per_user:
+                raise ResourceExhausted(too_many_sessions(max_per_user), reason="SESSIONS_PER_USER")
         stored = copy.deepcopy(record)
         stored.internal_id = self._next_id
         self._next_id += 1

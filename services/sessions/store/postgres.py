@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from services.kit.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable
+from services.kit.errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.sessions.config import SessionsSettings
 from services.sessions.model import (
     KEY_REUSED as _KEY_REUSED,
@@ -33,6 +40,7 @@ from services.sessions.model import (
     Scope,
     SessionRecord,
     StoredTurn,
+    too_many_sessions,
 )
 
 log = logging.getLogger("ballast.sessions.postgres")
@@ -380,6 +388,11 @@ RETURNING sid"""
 # A session that expired but was not swept yet still holds its id: free it first.
 _SQL_DROP_EXPIRED = """
 DELETE FROM sessions WHERE tenant_id = $1 AND user_id = $2 AND session_id = $3 AND expires_at <= $4"""
+_SQL_USER_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 7))"
+# Counts no further than the cap: the cost of the check does not grow past it.
+_SQL_COUNT_LIVE = """
+SELECT count(*) FROM (SELECT 1 FROM sessions
+ WHERE tenant_id = $1 AND user_id = $2 AND expires_at > $3 LIMIT $4) AS live"""
 _SQL_DELETE = """
 DELETE FROM sessions WHERE tenant_id = $1 AND user_id = $2 AND session_id = $3 AND expires_at > $4"""
 _SQL_DELETE_USER = "DELETE FROM sessions WHERE tenant_id = $1 AND user_id = $2"
@@ -458,6 +471,14 @@ def _turn(row: Any, prefix: str = "") -> StoredTurn:
     )
 
 
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset on release (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL),
+    a round trip on every call: this store leaves no session state behind. Its advisory locks
+    are transaction-scoped, it never LISTENs, opens cursors or SETs, and asyncpg still rolls
+    back an unfinished transaction before calling this."""
+    return None
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Applies the migrations this replica knows and the database lacks; returns them."""
     applied_now: list[int] = []
@@ -493,6 +514,7 @@ class PostgresStore:
             max_size=s.pool_max_size,
             timeout=s.connect_timeout,
             command_timeout=s.command_timeout,
+            reset=_no_session_state,
         )
         return pool
 
@@ -545,7 +567,7 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise Unavailable(f"sessions database unavailable ({type(exc).__name__})") from exc
 
-    async def create(self, record: SessionRecord) -> SessionRecord:
+    async def create(self, record: SessionRecord, max_per_user: int = 0) -> SessionRecord:
         key = (record.tenant_id, record.user_id, record.session_id)
         values = (
             record.title,
@@ -556,7 +578,30 @@ class PostgresStore:
             int(record.expires_at) // 3600,
         )
 
+        async def capped(conn: asyncpg.Connection) -> int:
+            # Serialises creates of one user only, so two at once cannot both take the last slot.
+            async with conn.transaction():
+                await conn.execute(_SQL_USER_LOCK, record.tenant_id, record.user_id)
+                await conn.execute(_SQL_DROP_EXPIRED, *key, _ts(record.created_at))
+                try:
+                    sid: int = await conn.fetchval(_SQL_CREATE, *key, *values)
+                except asyncpg.UniqueViolationError as exc:
+                    raise AlreadyExists(f"session {record.session_id!r} already exists") from exc
+                # Counted with the new one; over the cap rolls the insert back.
+                live = await conn.fetchval(
+                    _SQL_COUNT_LIVE,
+                    record.tenant_id,
+                    record.user_id,
+                    _ts(record.created_at),
+                    max_per_user + 1,
+                )
+                if live > max_per_user:
+                    raise ResourceExhausted(too_many_sessions(max_per_user), reason="SESSIONS_PER_USER")
+                return sid
+
         async def work(conn: asyncpg.Connection) -> int:
+            if max_per_user > 0:
+                return await capped(conn)
             try:
                 # One round trip in the common case: the id is free.
                 sid: int = await conn.fetchval(_SQL_CREATE, *key, *values)

@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.backends import private_redis
 from tests.unit.cache.helpers import lookup, store

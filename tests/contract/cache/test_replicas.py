@@ -9,7 +9,7 @@ from ballast.cache.v1 import cache_pb2
 
 from services.cache.app import CacheApp
 from services.cache.store.redis import RedisStore
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.unit.cache.helpers import lookup, scope, store
 

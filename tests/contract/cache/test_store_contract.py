@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,8 +52,10 @@ def answer(
     )
 
 
-async def _open(kind: str, url: str, max_bytes: int = 10_000_000) -> CacheStore:
-    store = open_store(url, StoreOptions(max_bytes=max_bytes, dim=DIM, ann=AnnParams(threshold=10_000)))
+async def _open(kind: str, url: str, max_bytes: int = 10_000_000, **options: Any) -> CacheStore:
+    store = open_store(
+        url, StoreOptions(max_bytes=max_bytes, dim=DIM, ann=AnnParams(threshold=10_000), **options)
+    )
     await store.start()
     if isinstance(store, RedisStore):
         await asyncio.wait_for(store.synced.wait(), 10)
@@ -64,8 +67,8 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[object]:
     opened: list[CacheStore] = []
     url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
-    async def factory(max_bytes: int = 10_000_000) -> CacheStore:
-        store = await _open(request.param, url, max_bytes)
+    async def factory(max_bytes: int = 10_000_000, **options: Any) -> CacheStore:
+        store = await _open(request.param, url, max_bytes, **options)
         opened.append(store)
         return store
 
@@ -181,3 +184,46 @@ async def test_more_concurrent_calls_than_redis_connections_wait_for_one(redis_u
         assert all(entry is not None and entry.payload == answer("busy").payload for entry in found)
     finally:
         await store.close()
+
+
+async def _present(store: CacheStore, keys: list[str], now: float) -> list[str]:
+    return [key for key in keys if await store.get(key, now) is not None]
+
+
+async def test_a_tenant_at_its_quota_evicts_only_its_own_oldest_entries(make_store: object) -> None:
+    size = answer("noisy-0", unit(1), tenant="noisy", payload=b"x" * 600).size
+    store: CacheStore = await make_store(  # type: ignore[operator]
+        max_tenant_bytes=3 * size, tenant_max_bytes={"roomy": 5 * size}
+    )
+    quiet = [f"quiet-{i}" for i in range(2)]
+    for i, key in enumerate(quiet):
+        await store.put(answer(key, unit(1, i), tenant="quiet", payload=b"x" * 600), NOW + i)
+    noisy = [f"noisy-{i}" for i in range(10)]
+    for i, key in enumerate(noisy):
+        await store.put(answer(key, unit(2, i), tenant="noisy", payload=b"x" * 600), NOW + 10 + i)
+    roomy = [f"roomy-{i}" for i in range(6)]
+    for i, key in enumerate(roomy):
+        await store.put(answer(key, unit(3, i), tenant="roomy", payload=b"x" * 600), NOW + 30 + i)
+    later = NOW + 50
+    assert await _present(store, quiet, later) == quiet
+    assert await _present(store, noisy, later) == noisy[-3:]
+    assert await _present(store, roomy, later) == roomy[-5:]
+    [stats] = await store.stats("noisy", "default", later)
+    assert stats.evictions == 7 and stats.bytes == 3 * size
+    [quiet_stats] = await store.stats("quiet", "default", later)
+    assert quiet_stats.evictions == 0
+
+
+async def test_over_the_whole_bound_the_heaviest_tenant_gives_way(make_store: object) -> None:
+    size = answer("noisy-00", unit(1), tenant="noisy", payload=b"x" * 600).size
+    store: CacheStore = await make_store(max_bytes=6 * size)  # type: ignore[operator]
+    # The quiet tenant's entries are the least recently used in the whole cache.
+    quiet = ["quiet-00", "quiet-01"]
+    for i, key in enumerate(quiet):
+        await store.put(answer(key, unit(1, i), tenant="quiet", payload=b"x" * 600), NOW + i)
+    noisy = [f"noisy-{i:02d}" for i in range(12)]
+    for i, key in enumerate(noisy):
+        await store.put(answer(key, unit(2, i), tenant="noisy", payload=b"x" * 600), NOW + 10 + i)
+    later = NOW + 50
+    assert await _present(store, quiet, later) == quiet
+    assert await _present(store, noisy, later) == noisy[-4:]

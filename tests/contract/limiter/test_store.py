@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.kit.redisconn import split_key_prefix
-from services.limiter.store.base import DAY_MS, BudgetRef, Kind, LimitOp, Store
+from services.limiter.store.base import DAY_MS, BudgetRef, Charge, ChargeKind, Kind, LimitOp, Store
 from services.limiter.store.memory import MemoryStore
 from services.limiter.store.redis import RedisStore
 
@@ -376,3 +376,57 @@ async def test_redis_replays_answers_stored_before_the_reply_format_changed(
     finally:
         await client.aclose()
         await s.close()
+
+
+def fixed(key: str, limit: int, cost: int = 1, *, window_ms: int = 60_000) -> LimitOp:
+    return LimitOp(Kind.FIXED, "{rls:d}:" + key, limit, cost, window_ms)
+
+
+async def test_fixed_windows_are_aligned_and_count_every_hit_as_upstream(
+    store: Store, clock: FakeClock
+) -> None:
+    clock.advance(12.5)  # 12.5 s into a minute
+    first = await store.decide([fixed("f", 2, 2), fixed("g", 5)])
+    assert first.admitted and [r.used for r in first.results] == [2, 1]
+    assert first.results[0].reset_ms == 47_500  # to the minute's end
+    # over the limit, still counted (upstream increments, then compares), never blocking the other op
+    over = await store.decide([fixed("f", 2), fixed("g", 5)])
+    assert over.admitted and over.results[0].over and over.results[0].used == 3
+    assert over.results[0].remaining == 0 and not over.results[1].over and over.results[1].used == 2
+    # the same key twice in one call: the second sees the first
+    twice = await store.decide([fixed("h", 5, 2), fixed("h", 5, 2)])
+    assert [r.used for r in twice.results] == [2, 4]
+    clock.advance(47.5)  # the next minute: a fresh window
+    fresh = await store.decide([fixed("f", 2)])
+    assert not fresh.results[0].over and fresh.results[0].used == 1 and fresh.results[0].reset_ms == 60_000
+
+
+async def test_replayed_charges_are_counted_at_their_time_whatever_the_limits(
+    store: Store, clock: FakeClock
+) -> None:
+    now_ms = int(clock.ms())
+    assert (await store.decide([window("r", 2, 2), counter("rc", 1)])).admitted
+    charges = [
+        Charge(ChargeKind.DECIDE, now_ms, ops=(window("r", 2, 3), counter("rc", 1, 2))),
+        Charge(
+            ChargeKind.DECIDE,
+            now_ms,
+            ops=(budget("rb", 100, 40),),
+            reservation_id="res-1",
+            reservation_ttl_ms=HOUR_MS,
+        ),
+        Charge(
+            ChargeKind.SETTLE,
+            now_ms,
+            budgets=(BudgetRef("{t:a}:rb", 100),),
+            reservation_id="res-1",
+            actual_tokens=30,
+            done_key="{t:a}:done:res-1",
+            done_ttl_ms=HOUR_MS,
+        ),
+        Charge(ChargeKind.DECIDE, now_ms - 120_000, ops=(fixed("old", 5, 4),)),  # its window has passed
+    ]
+    assert await store.replay(charges) == len(charges)
+    peek = await store.decide([window("r", 2, 0), counter("rc", 1, 0), budget("rb", 100, 0)], peek=True)
+    assert [r.used for r in peek.results[:2]] == [5, 3]  # forced past their limits
+    assert peek.results[2].used == 30 and peek.results[2].remaining == 70  # reservation released, 30 charged

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
-from services.kit.testing import Suite
+from services.testing import Suite
 
 if TYPE_CHECKING:
     from ballast.sessions.v1.sessions_pb2_grpc import SessionsServiceAsyncStub

@@ -7,7 +7,8 @@ folded lets the tests check exactly which turns went into the summary.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -16,9 +17,11 @@ from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.config import Env
+from services.kit.errors import Unavailable
 from services.kit.server import RunningService, start_service
 from services.kit.telemetry import setup_telemetry
 from services.sessions.app import SessionsApp
+from services.sessions.compaction import Compactor
 from services.sessions.config import SessionsSettings
 from services.sessions.model import Scope
 from tests.contract.sessions.helpers import caller, tool_call_turn, tool_result_turn, user_turn
@@ -174,3 +177,276 @@ async def test_compact_session_forces_a_pass_below_the_threshold(
     assert reply.session.summarized_turns == 2 and summariser.calls == [["t1", "t2"]]
     again = await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s1"))
     assert again.session.summarized_turns == 2 and len(summariser.calls) == 1
+
+
+# Convergence: a requested compaction always compacts (or says why not), a pass re-checks the
+# threshold when it ends, and a failing summariser is retried on a backoff without appends.
+
+
+class ManualClock:
+    """Time that moves only when the test says so; sleepers wake when it passes their deadline."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, future))
+        await future
+
+    @property
+    def sleeping(self) -> int:
+        return sum(1 for _, future in self._sleepers if not future.done())
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for deadline, future in self._sleepers:
+            if deadline <= self.now and not future.done():
+                future.set_result(None)
+        self._sleepers = [(d, f) for d, f in self._sleepers if not f.done()]
+
+
+class RouterDown(SpellingSummariser):
+    """The spelling summariser behind a router that can be switched off (as RouterSummariser fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.attempts = 0
+
+    async def summarise(
+        self, scope: Scope, previous: str, messages: Sequence[common_pb2.ChatMessage], max_tokens: int
+    ) -> str:
+        self.attempts += 1
+        if self.down:
+            raise Unavailable("summariser: router answered UNAVAILABLE: connection refused")
+        return await super().summarise(scope, previous, messages, max_tokens)
+
+
+async def _until(check: Callable[[], bool], what: str) -> None:
+    """Polls with a generous deadline (the machine may be slow; nothing here is timed)."""
+    deadline = time.monotonic() + 60
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def router() -> RouterDown:
+    return RouterDown()
+
+
+@pytest.fixture
+def extra_env() -> dict[str, str]:
+    return {}
+
+
+@pytest.fixture
+async def clocked(
+    store_url: str, router: RouterDown, clock: ManualClock, extra_env: dict[str, str]
+) -> AsyncIterator[RunningService]:
+    environ = {
+        "BALLAST_SESSIONS_PORT": "0",
+        "BALLAST_SESSIONS_STORE": store_url,
+        "BALLAST_SESSIONS_COMPACT_THRESHOLD_TOKENS": "40",
+        "BALLAST_SESSIONS_COMPACT_KEEP_TOKENS": "15",
+        # Small, so GetContext can ask for a pass that makes a small budget fit.
+        "BALLAST_SESSIONS_SUMMARY_MAX_TOKENS": "16",
+        "BALLAST_SESSIONS_COMPACT_RETRY_INITIAL": "10s",
+        "BALLAST_SESSIONS_COMPACT_RETRY_MAX": "40s",
+        "BALLAST_SESSIONS_CONTEXT_COMPACT_WAIT": "60s",
+        "OTEL_SDK_DISABLED": "true",
+        **extra_env,
+    }
+    env = Env(environ)
+    settings = SessionsSettings.from_env(env)
+    env.check()
+    app = SessionsApp(
+        settings,
+        setup_telemetry("sessions", environ=environ),
+        summariser=router,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    running = await start_service(app)
+    yield running
+    await running.stop(0)
+
+
+@pytest.fixture
+async def clocked_stub(clocked: RunningService) -> AsyncIterator[SessionsServiceAsyncStub]:
+    channel = grpc.aio.insecure_channel(clocked.address)
+    yield sessions_pb2_grpc.SessionsServiceStub(channel)
+    await channel.close()
+
+
+def _compactor(service: RunningService) -> Compactor:
+    assert isinstance(service.app, SessionsApp)
+    return service.app.sessions.compactor
+
+
+def _covered(summary: str) -> list[str]:
+    """The turn texts a spelled summary covers, in order ('[t1|t2] [t3]' → t1, t2, t3)."""
+    return [text for part in summary.split() for text in part.strip("[]").split("|") if text]
+
+
+async def test_compact_session_during_a_running_pass_compacts_and_no_turn_is_lost(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown
+) -> None:
+    stub = clocked_stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    router.gate = asyncio.Event()
+    for i in range(1, 10):
+        await _append(stub, user_turn(f"t{i}"))
+    await _until(lambda: len(router.calls) == 1, "the background pass to start")
+    # While that pass is held, more turns arrive and a client asks for a compaction.
+    for i in range(10, 21):
+        await _append(stub, user_turn(f"t{i}"))
+    requested = asyncio.ensure_future(
+        stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s1"))
+    )
+    compactor = _compactor(clocked)
+    await _until(lambda: compactor.waiting(Scope("t1", "u1"), "s1") == 1, "CompactSession to join the pass")
+    assert not requested.done()  # it waits for a pass of its own instead of answering OK at once
+    router.gate.set()
+    reply = await requested
+    # The held pass folded t1-t6; the requested one then folded down to the keep size (15 tokens).
+    assert reply.outcome == sessions_pb2.COMPACTION_OUTCOME_FOLDED
+    assert reply.session.summarized_turns == 17 and reply.folded_turns == 17
+    assert router.calls[0] == [f"t{i}" for i in range(1, 7)]
+    await compactor.wait_idle()
+    # No appends since: every turn is in the summary or in the window, once each, in order.
+    full = await _context(stub)
+    for budget in (100_000, full.summary_tokens + 15):
+        ctx = await _context(stub, budget)
+        assert ctx.omitted_turns == 0 and not ctx.omitted_unsummarized and not ctx.summary_omitted
+        window = [t.message.content for t in ctx.turns]
+        assert _covered(ctx.summary) + window == [f"t{i}" for i in range(1, 21)], budget
+    again = await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s1"))
+    assert again.outcome == sessions_pb2.COMPACTION_OUTCOME_NOTHING_TO_FOLD and again.folded_turns == 0
+
+
+async def test_a_pass_that_ends_over_the_threshold_runs_again_without_appends(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown
+) -> None:
+    stub = clocked_stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    router.gate = asyncio.Event()
+    for i in range(1, 10):
+        await _append(stub, user_turn(f"t{i}"))
+    await _until(lambda: len(router.calls) == 1, "the background pass to start")
+    await _append(stub, *(user_turn(f"t{i}") for i in range(10, 30)))
+    router.gate.set()
+    await _compactor(clocked).wait_idle()
+    # The first pass folded t1-t6 and ended with 23 turns (115 tokens) over the threshold of 40:
+    # the driver ran again by itself and folded down to the keep size.
+    ctx = await _context(stub)
+    assert len(router.calls) == 2 and ctx.total_tokens - ctx.summary_tokens <= 15
+    assert _covered(ctx.summary) + [t.message.content for t in ctx.turns] == [f"t{i}" for i in range(1, 30)]
+
+
+async def test_get_context_folds_what_does_not_fit_before_answering(
+    clocked_stub: SessionsServiceAsyncStub, router: RouterDown
+) -> None:
+    stub = clocked_stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    await _append(stub, *(user_turn(f"t{i}") for i in range(1, 8)))  # 35 tokens: under the threshold
+    ctx = await _context(stub, 30)
+    # 35 tokens do not fit 30: rather than drop t1.., GetContext had them folded first.
+    assert router.calls and ctx.omitted_turns == 0 and not ctx.omitted_unsummarized
+    assert _covered(ctx.summary) + [t.message.content for t in ctx.turns] == [f"t{i}" for i in range(1, 8)]
+    assert ctx.total_tokens <= 30
+
+
+async def test_router_down_flags_the_omission_and_the_session_converges_when_it_returns(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown, clock: ManualClock
+) -> None:
+    stub = clocked_stub
+    router.down = True
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    for i in range(1, 13):
+        await _append(stub, user_turn(f"t{i}"))  # 60 tokens: over the threshold of 40
+    await _until(lambda: clock.sleeping == 1, "the failed pass to back off")
+    assert router.attempts == 1
+    ctx = await _context(stub, 30)
+    # Only the newest 6 turns fit and nothing summarises the other 6: said, not silent.
+    assert ctx.omitted_unsummarized and ctx.omitted_turns == 6 and ctx.summary == ""
+    assert [t.message.content for t in ctx.turns] == [f"t{i}" for i in range(7, 13)]
+    assert router.attempts == 1  # GetContext did not hammer the router meanwhile
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s1"))
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "retries in 20s" in (failed.value.details() or "")
+    await _until(lambda: clock.sleeping == 1, "the second failure to back off")
+    # The router comes back; nobody appends. The driver's own retry converges the session.
+    router.down = False
+    clock.advance(20)
+    await _compactor(clocked).wait_idle()
+    ctx = await _context(stub)
+    assert not ctx.omitted_unsummarized and ctx.version == 12
+    assert ctx.total_tokens - ctx.summary_tokens <= 40
+    assert _covered(ctx.summary) + [t.message.content for t in ctx.turns] == [f"t{i}" for i in range(1, 13)]
+    small = await _context(stub, 30)
+    assert small.omitted_turns == 0 and not small.omitted_unsummarized
+
+
+@pytest.mark.parametrize("extra_env", [{"BALLAST_SESSIONS_COMPACT_MAX_SESSIONS": "1"}])
+async def test_compaction_drivers_are_capped_and_the_cap_is_named(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown, clock: ManualClock
+) -> None:
+    stub = clocked_stub
+    router.down = True
+    for sid in ("s1", "s2"):
+        await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id=sid))
+    await _append(stub, *(user_turn(f"t{i}") for i in range(1, 13)))  # s1: its driver backs off
+    await _until(lambda: clock.sleeping == 1, "s1's failed pass to back off")
+    await stub.AppendTurns(
+        sessions_pb2.AppendTurnsRequest(
+            caller=caller(),
+            session_id="s2",
+            expected_version=-1,
+            turns=[user_turn(f"u{i}") for i in range(12)],
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s2"))
+    assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "BALLAST_SESSIONS_COMPACT_MAX_SESSIONS" in (full.value.details() or "")
+    ctx = await stub.GetContext(
+        sessions_pb2.GetContextRequest(caller=caller(), session_id="s2", token_budget=30)
+    )
+    assert ctx.omitted_unsummarized and ctx.omitted_turns == 6
+    # s1 converges once the router is back, which frees the slot for s2.
+    router.down = False
+    clock.advance(10)
+    await _compactor(clocked).wait_idle()
+    reply = await stub.CompactSession(sessions_pb2.CompactSessionRequest(caller=caller(), session_id="s2"))
+    assert reply.outcome == sessions_pb2.COMPACTION_OUTCOME_FOLDED
+
+
+@pytest.mark.parametrize("extra_env", [{"BALLAST_SESSIONS_CONTEXT_COMPACT_WAIT": "0"}])
+async def test_without_a_wait_get_context_flags_at_once_and_the_pass_runs_behind_it(
+    clocked: RunningService, clocked_stub: SessionsServiceAsyncStub, router: RouterDown
+) -> None:
+    stub = clocked_stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    router.gate = asyncio.Event()  # the pass cannot finish before GetContext answers
+    await _append(stub, *(user_turn(f"t{i}") for i in range(1, 8)))  # 35 tokens: under the threshold
+    first = await _context(stub, 30)
+    assert first.omitted_unsummarized and first.omitted_turns == 1
+    router.gate.set()
+    await _compactor(clocked).wait_idle()
+    second = await _context(stub, 30)
+    assert router.calls and not second.omitted_unsummarized and second.omitted_turns == 0
+    assert _covered(second.summary) + [t.message.content for t in second.turns] == [
+        f"t{i}" for i in range(1, 8)
+    ]

@@ -18,7 +18,7 @@ from ballast.sessions.v1 import sessions_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.contract.sessions.helpers import assistant_turn, caller, user_turn
 from tests.support.backends import private_postgres

@@ -7,7 +7,7 @@ import pytest
 from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.contract.sessions.helpers import caller, stub, user_turn
 
 OWNER = caller("tenant-a", "alice")

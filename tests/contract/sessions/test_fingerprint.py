@@ -7,7 +7,7 @@ import grpc
 import pytest
 from ballast.sessions.v1 import sessions_pb2
 
-from services.kit.testing import Suite
+from services.testing import Suite
 from tests.contract.sessions.helpers import assistant_turn, caller, stub, user_turn
 
 

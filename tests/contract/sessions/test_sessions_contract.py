@@ -12,9 +12,9 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.kit.testing import Suite
 from services.sessions.tokens import Tokenizers
 from services.sessions.turns import message_parts
+from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.contract.sessions.helpers import (
     assistant_turn,

@@ -10,9 +10,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.cache.cache import Answer, CacheEngine
 from services.cache.config import CacheSettings
 from services.cache.embedder import Vectors
-from services.cache.engine import Answer, CacheEngine
 from services.cache.guards import check
 from services.cache.keys import ChatRequest, Message, ScopeId
 from services.cache.store import StoreOptions, open_store

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 from services.edge.pacing import Lane, LoadGovernor
+from tests.support.waiting import eventually
 
 
 def governor(target_lag: float = 0.01, interval: float = 0.01) -> tuple[LoadGovernor, Lane, Lane]:
@@ -44,11 +45,11 @@ async def test_work_past_the_allowance_waits_for_a_slot() -> None:
             await release.wait()
 
     tasks = [asyncio.create_task(worker(i)) for i in range(5)]
-    await asyncio.sleep(0.05)
-    assert len(entered) == 2 and lane.active == 2 and lane.waiting == 3
+    await eventually(lambda: lane.waiting == 3, what="three workers queued behind the allowance")
+    assert len(entered) == 2 and lane.active == 2
     await lane.set_allowed(3)  # one more may start
-    await asyncio.sleep(0.01)
-    assert len(entered) == 3
+    await eventually(lambda: len(entered) == 3, what="a third worker let in")
+    assert lane.active == 3 and lane.waiting == 2
     release.set()
     await asyncio.gather(*tasks)
     assert sorted(entered) == [0, 1, 2, 3, 4] and lane.active == 0 and lane.waiting == 0
@@ -78,8 +79,8 @@ async def test_a_busy_loop_is_measured_and_lower_priority_work_backs_off() -> No
             time.sleep(0.03)  # noqa: ASYNC251 - blocking on purpose: this is the CPU hog
             await asyncio.sleep(0)
         assert queue.allowed == 2 and chats.allowed < 64 and g.lag > 0.01
-        await asyncio.sleep(1.0)  # the loop keeps time again
-        assert chats.allowed == 64 and queue.allowed > 2
+        # The loop keeps time again: chats are restored first, then the queue.
+        await eventually(lambda: chats.allowed == 64 and queue.allowed > 2, what="lanes restored")
     finally:
         await g.stop()
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 
+from services.edge.validation import json_depth_exceeds
 from tests.conftest import SuiteFactory
 
 KEY = (("authorization", "Bearer bk_demo_paid"),)
 USER = common_pb2.ROLE_USER
+# 5,000 levels: past Python's parser, which raised RecursionError (INTERNAL) on it.
+DEEP = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
 
 
 def _chat(**fields: object) -> edge_pb2.ChatRequest:
@@ -84,6 +89,25 @@ CASES = [
     (_chat(params=common_pb2.GenerationParams(max_output_tokens=-1)), "params.max_output_tokens"),
     (_chat(session_id="has spaces"), "session_id"),
     (_chat(context_token_budget=-5), "context_token_budget"),
+    # Added to the output reservation downstream, this overflowed the limiter's int64.
+    (_chat(context_token_budget=2**63 - 1), "context_token_budget"),
+    (_chat(params=common_pb2.GenerationParams(max_output_tokens=2**31 - 1)), "params.max_output_tokens"),
+    (
+        _chat(
+            messages=[
+                common_pb2.ChatMessage(
+                    role=common_pb2.ROLE_ASSISTANT,
+                    tool_calls=[common_pb2.ToolCall(id="c1", name="t", arguments_json=DEEP)],
+                ),
+                common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, tool_call_id="c1", content="ok"),
+            ]
+        ),
+        "messages[0].tool_calls[0].arguments_json",
+    ),
+    (
+        _chat(tools=[common_pb2.ToolDefinition(name="t", parameters_json_schema=DEEP)]),
+        "tools[0].parameters_json_schema",
+    ),
     (_chat(cache_namespace="a/b"), "cache_namespace"),
     (_chat(messages=[common_pb2.ChatMessage(role=USER, content="x" * 300_001)]), "messages"),
 ]
@@ -122,3 +146,43 @@ async def test_oversized_messages_are_refused_by_the_transport(suite_factory: Su
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await suite.edge.Chat(big, metadata=KEY)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_json_depth_counts_brackets_outside_strings_only() -> None:
+    assert not json_depth_exceeds('{"a": "[[[[[[[[", "b": "\\"[[[["}', 1)
+    assert not json_depth_exceeds('{"a": [[1]]}', 3)
+    assert json_depth_exceeds('{"a": [[1]]}', 2)
+    assert json_depth_exceeds("[" * 5000, 64)
+
+
+async def test_deep_tool_arguments_are_refused_with_the_configured_depth(suite_factory: SuiteFactory) -> None:
+    suite = await suite_factory(["edge"], {"BALLAST_EDGE_MAX_JSON_DEPTH": "3"})
+    for arguments, ok in (('{"a": [[1]]}', True), ('{"a": [[[1]]]}', False), (DEEP, False)):
+        request = edge_pb2.BeginToolCallRequest(session_id="s1", tool_name="t", arguments_json=arguments)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await suite.edge.BeginToolCall(request, metadata=KEY)
+        if ok:  # past validation: the sessions service is not running in this suite
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        else:
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (info.value.details() or "").startswith("arguments_json: nests")
+            assert "3 levels" in (info.value.details() or "")
+
+
+async def test_binary_metadata_that_is_not_utf8_is_not_an_internal_error(
+    suite_factory: SuiteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    suite = await suite_factory(["edge"])
+    caplog.set_level(logging.INFO)
+    junk = (("x-api-key-bin", b"\xff\xfe\x00"), ("x-trace-bin", b"\xc3\x28"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.GetUsage(edge_pb2.GetUsageRequest(), metadata=junk)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge_admin.ListApiKeys(edge_pb2.ListApiKeysRequest(), metadata=junk)
+    assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    # Junk next to a valid key is ignored, wherever it comes.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id="job_x"), metadata=junk + KEY)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -42,12 +42,17 @@ class ProbeApp(ServiceApp):
     def __init__(self, settings: ServerSettings, telemetry: Telemetry) -> None:
         super().__init__(settings, telemetry)
         self.closed = False
+        # Set (and announced on stdout) when a Sleep call has arrived, so a test can stop the
+        # server while that call is surely in flight instead of guessing how long arrival takes.
+        self.sleeping = asyncio.Event()
 
     def service_names(self) -> Sequence[str]:
         return [SERVICE]
 
     def register(self, server: grpc.aio.Server) -> None:
         async def sleep(request: bytes, context: Any) -> bytes:
+            self.sleeping.set()
+            print("probe sleeping", flush=True)
             await asyncio.sleep(float(request.decode()))
             return b"slept"
 

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -155,7 +154,7 @@ async def test_stop_drains_an_in_flight_call_before_closing() -> None:
             f"/{probe_app.SERVICE}/Sleep"
         )
         call = sleep(b"0.5")
-        await asyncio.sleep(0.1)
+        await app.sleeping.wait()
         stopping = asyncio.create_task(service.stop(5.0))
         assert await call == b"slept"
         await stopping
@@ -178,7 +177,7 @@ def test_sigterm_lets_an_in_flight_call_finish_and_exits_zero() -> None:
                 f"/{probe_app.SERVICE}/Sleep"
             )
             future = sleep.future(b"1.0")
-            time.sleep(0.3)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "probe sleeping"
             proc.send_signal(signal.SIGTERM)
             assert future.result(timeout=10) == b"slept"
         assert proc.wait(timeout=15) == 0

@@ -17,10 +17,10 @@ from services.kit.config import ServerSettings
 from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.router.catalog import Model, Provider, parse_catalog
 from services.router.config import BreakerSettings, RetrySettings, RouterSettings
-from services.router.gateway import Call, Gateway
 from services.router.health import HealthBook
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult, Finish, Message, Role, Usage
 from services.router.providers.base import Outcome, ProviderError
+from services.router.router import Call, Gateway
 from services.router.routing import Hints, Planner
 
 CATALOG = """

@@ -49,3 +49,26 @@ def test_bad_values_name_every_variable() -> None:
     text = str(info.value)
     for name in ("STORE=", "READ_STORE=", "CONNECT_TIMEOUT=", "MAX_PAGE_SIZE="):
         assert f"BALLAST_SESSIONS_{name}" in text
+
+
+def test_compaction_retry_backoff_is_configured_and_checked() -> None:
+    settings = _load(
+        {
+            "BALLAST_SESSIONS_COMPACT_RETRY_INITIAL": "2s",
+            "BALLAST_SESSIONS_COMPACT_RETRY_MAX": "1m",
+            "BALLAST_SESSIONS_CONTEXT_COMPACT_WAIT": "0",
+        }
+    )
+    assert (settings.compact_retry_initial, settings.compact_retry_max) == (2.0, 60.0)
+    assert settings.context_compact_wait == 0
+    with pytest.raises(ConfigError) as info:
+        _load({"BALLAST_SESSIONS_COMPACT_RETRY_INITIAL": "10s", "BALLAST_SESSIONS_COMPACT_RETRY_MAX": "5s"})
+    assert "BALLAST_SESSIONS_COMPACT_RETRY_MAX" in str(info.value)
+
+
+def test_sessions_per_user_cap_is_configured() -> None:
+    assert _load({}).max_sessions_per_user == 10_000
+    assert _load({"BALLAST_SESSIONS_MAX_PER_USER": "0"}).max_sessions_per_user == 0
+    with pytest.raises(ConfigError) as info:
+        _load({"BALLAST_SESSIONS_MAX_PER_USER": "-1"})
+    assert "BALLAST_SESSIONS_MAX_PER_USER" in str(info.value)

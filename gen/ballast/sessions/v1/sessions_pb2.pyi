@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CompactionOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompactionOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CompactionOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPACTION_OUTCOME_UNSPECIFIED: _CompactionOutcome.ValueType  # 0
+    COMPACTION_OUTCOME_FOLDED: _CompactionOutcome.ValueType  # 1
+    """The summary now covers more turns than when the call arrived (folded_turns says how many)."""
+    COMPACTION_OUTCOME_NOTHING_TO_FOLD: _CompactionOutcome.ValueType  # 2
+    """Nothing to fold: the unsummarised turns already fit the keep size
+    (BALLAST_SESSIONS_COMPACT_KEEP_TOKENS), or cannot be cut without separating a tool
+    call from its results.
+    """
+
+class CompactionOutcome(_CompactionOutcome, metaclass=_CompactionOutcomeEnumTypeWrapper):
+    """What a CompactSession call achieved."""
+
+COMPACTION_OUTCOME_UNSPECIFIED: CompactionOutcome.ValueType  # 0
+COMPACTION_OUTCOME_FOLDED: CompactionOutcome.ValueType  # 1
+"""The summary now covers more turns than when the call arrived (folded_turns says how many)."""
+COMPACTION_OUTCOME_NOTHING_TO_FOLD: CompactionOutcome.ValueType  # 2
+"""Nothing to fold: the unsummarised turns already fit the keep size
+(BALLAST_SESSIONS_COMPACT_KEEP_TOKENS), or cannot be cut without separating a tool
+call from its results.
+"""
+Global___CompactionOutcome: _TypeAlias = CompactionOutcome  # noqa: Y015
 
 @_typing.final
 class SessionCounters(_message.Message):
@@ -438,7 +467,20 @@ class AppendTurnsRequest(_message.Message):
     REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     expected_version: _builtins.int
-    """The version the caller last saw. -1 appends at whatever the current version is."""
+    """-1 appends at the head (whatever the current version is): use it with an
+    idempotency_key whenever the turns do not depend on exactly what the caller last read,
+    which is the case for almost every chat (a user message and the answer to it). It never
+    conflicts, so many writers on one session do not slow each other down.
+    A version (0 or more) appends only if the session is still at that version: send it
+    when the turns are valid only on top of exactly that history (for example an agent
+    that must not interleave with another writer). On ABORTED, wait the RetryInfo delay
+    (zero when the service is keeping your place), re-read what the turns depend on (the
+    current version is in the error's ErrorInfo metadata "current_version") and retry with
+    that version and the same idempotency_key (even with recomputed turns: a key is bound
+    to its turns only once applied). The service queues the versioned writers of
+    a session in arrival order and holds the session for the writer whose turn it is, so
+    writers that follow this need at most one ABORTED per append.
+    """
     idempotency_key: _builtins.str
     """A retried append with the same key is applied once and returns the original result."""
     request_fingerprint: _builtins.str
@@ -592,6 +634,8 @@ class GetContextResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     OMITTED_TURNS_FIELD_NUMBER: _builtins.int
     TOKENIZER_FIELD_NUMBER: _builtins.int
+    OMITTED_UNSUMMARIZED_FIELD_NUMBER: _builtins.int
+    SUMMARY_OMITTED_FIELD_NUMBER: _builtins.int
     summary: _builtins.str
     """Summary of the turns older than those returned; empty when none."""
     summary_tokens: _builtins.int
@@ -601,6 +645,16 @@ class GetContextResponse(_message.Message):
     """Unsummarised turns left out because they did not fit."""
     tokenizer: _builtins.str
     """The tokenizer used for counting."""
+    omitted_unsummarized: _builtins.bool
+    """True when older turns are left out of the window with no summary covering them
+    (omitted_turns says how many): the unsummarised tail did not fit the budget and
+    compaction could not fold it in time (summariser unreachable or at capacity, compaction
+    disabled, the wait ran out, or a budget too small for a summary). When this and
+    summary_omitted are both false, every turn of the session is either in the summary or in
+    the window. Callers should trace and count it.
+    """
+    summary_omitted: _builtins.bool
+    """True when a summary exists but was left out because it alone exceeds the budget."""
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]:
         """The most recent turns that fit, oldest first. A tool call and its results are never split."""
@@ -615,10 +669,12 @@ class GetContextResponse(_message.Message):
         version: _builtins.int = ...,
         omitted_turns: _builtins.int = ...,
         tokenizer: _builtins.str = ...,
+        omitted_unsummarized: _builtins.bool = ...,
+        summary_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["omitted_turns", b"omitted_turns", "summary", b"summary", "summary_tokens", b"summary_tokens", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens", "turns", b"turns", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["omitted_turns", b"omitted_turns", "omitted_unsummarized", b"omitted_unsummarized", "summary", b"summary", "summary_omitted", b"summary_omitted", "summary_tokens", b"summary_tokens", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens", "turns", b"turns", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -652,16 +708,26 @@ class CompactSessionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    FOLDED_TURNS_FIELD_NUMBER: _builtins.int
+    outcome: Global___CompactionOutcome.ValueType
+    """Whether the summary moved, and if not why not."""
+    folded_turns: _builtins.int
+    """Turns newly covered by the summary since the call arrived (by this call's pass or by a
+    pass that was running when it arrived).
+    """
     @_builtins.property
     def session(self) -> Global___Session: ...
     def __init__(
         self,
         *,
         session: Global___Session | None = ...,
+        outcome: Global___CompactionOutcome.ValueType = ...,
+        folded_turns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folded_turns", b"folded_turns", "outcome", b"outcome", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

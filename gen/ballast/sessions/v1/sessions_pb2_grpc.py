@@ -117,7 +117,11 @@ class SessionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AppendTurns(self, request, context):
-        """Append turns at the expected version; idempotent by key. ABORTED on a stale version.
+        """Append turns at the expected version (or at the head with -1); idempotent by key.
+        Most writers should append at the head with an idempotency key: see
+        AppendTurnsRequest.expected_version for when to send a version instead. ABORTED on a
+        stale version, with the current version (google.rpc.ErrorInfo metadata
+        "current_version") and how long to wait before retrying (google.rpc.RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +142,11 @@ class SessionsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CompactSession(self, request, context):
-        """Fold older turns into the summary now instead of waiting for the threshold.
+        """Fold older turns into the summary now instead of waiting for the threshold. Joins a
+        pass already running for the session and then runs its own, so it never answers OK
+        without having compacted unless there was nothing to fold (see CompactionOutcome).
+        UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+        or too many sessions are being compacted at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

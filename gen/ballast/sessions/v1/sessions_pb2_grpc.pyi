@@ -41,13 +41,23 @@ class SessionsServiceStub:
     DeleteUserData: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.DeleteUserDataRequest, _sessions_pb2.DeleteUserDataResponse]
     """Delete every session of one user (data deletion requests)."""
     AppendTurns: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.AppendTurnsRequest, _sessions_pb2.AppendTurnsResponse]
-    """Append turns at the expected version; idempotent by key. ABORTED on a stale version."""
+    """Append turns at the expected version (or at the head with -1); idempotent by key.
+    Most writers should append at the head with an idempotency key: see
+    AppendTurnsRequest.expected_version for when to send a version instead. ABORTED on a
+    stale version, with the current version (google.rpc.ErrorInfo metadata
+    "current_version") and how long to wait before retrying (google.rpc.RetryInfo).
+    """
     ListTurns: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.ListTurnsRequest, _sessions_pb2.ListTurnsResponse]
     """The full history, paged, oldest first."""
     GetContext: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.GetContextRequest, _sessions_pb2.GetContextResponse]
     """Summary plus the most recent turns that fit a token budget."""
     CompactSession: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.CompactSessionRequest, _sessions_pb2.CompactSessionResponse]
-    """Fold older turns into the summary now instead of waiting for the threshold."""
+    """Fold older turns into the summary now instead of waiting for the threshold. Joins a
+    pass already running for the session and then runs its own, so it never answers OK
+    without having compacted unless there was nothing to fold (see CompactionOutcome).
+    UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+    or too many sessions are being compacted at once.
+    """
 
 @_typing.type_check_only
 class SessionsServiceAsyncStub(SessionsServiceStub):
@@ -60,13 +70,23 @@ class SessionsServiceAsyncStub(SessionsServiceStub):
     DeleteUserData: _aio.UnaryUnaryMultiCallable[_sessions_pb2.DeleteUserDataRequest, _sessions_pb2.DeleteUserDataResponse]  # type: ignore[assignment]
     """Delete every session of one user (data deletion requests)."""
     AppendTurns: _aio.UnaryUnaryMultiCallable[_sessions_pb2.AppendTurnsRequest, _sessions_pb2.AppendTurnsResponse]  # type: ignore[assignment]
-    """Append turns at the expected version; idempotent by key. ABORTED on a stale version."""
+    """Append turns at the expected version (or at the head with -1); idempotent by key.
+    Most writers should append at the head with an idempotency key: see
+    AppendTurnsRequest.expected_version for when to send a version instead. ABORTED on a
+    stale version, with the current version (google.rpc.ErrorInfo metadata
+    "current_version") and how long to wait before retrying (google.rpc.RetryInfo).
+    """
     ListTurns: _aio.UnaryUnaryMultiCallable[_sessions_pb2.ListTurnsRequest, _sessions_pb2.ListTurnsResponse]  # type: ignore[assignment]
     """The full history, paged, oldest first."""
     GetContext: _aio.UnaryUnaryMultiCallable[_sessions_pb2.GetContextRequest, _sessions_pb2.GetContextResponse]  # type: ignore[assignment]
     """Summary plus the most recent turns that fit a token budget."""
     CompactSession: _aio.UnaryUnaryMultiCallable[_sessions_pb2.CompactSessionRequest, _sessions_pb2.CompactSessionResponse]  # type: ignore[assignment]
-    """Fold older turns into the summary now instead of waiting for the threshold."""
+    """Fold older turns into the summary now instead of waiting for the threshold. Joins a
+    pass already running for the session and then runs its own, so it never answers OK
+    without having compacted unless there was nothing to fold (see CompactionOutcome).
+    UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+    or too many sessions are being compacted at once.
+    """
 
 class SessionsServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -112,7 +132,12 @@ class SessionsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _sessions_pb2.AppendTurnsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sessions_pb2.AppendTurnsResponse, _abc.Awaitable[_sessions_pb2.AppendTurnsResponse]]:
-        """Append turns at the expected version; idempotent by key. ABORTED on a stale version."""
+        """Append turns at the expected version (or at the head with -1); idempotent by key.
+        Most writers should append at the head with an idempotency key: see
+        AppendTurnsRequest.expected_version for when to send a version instead. ABORTED on a
+        stale version, with the current version (google.rpc.ErrorInfo metadata
+        "current_version") and how long to wait before retrying (google.rpc.RetryInfo).
+        """
 
     @_abc_1.abstractmethod
     def ListTurns(
@@ -136,6 +161,11 @@ class SessionsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _sessions_pb2.CompactSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sessions_pb2.CompactSessionResponse, _abc.Awaitable[_sessions_pb2.CompactSessionResponse]]:
-        """Fold older turns into the summary now instead of waiting for the threshold."""
+        """Fold older turns into the summary now instead of waiting for the threshold. Joins a
+        pass already running for the session and then runs its own, so it never answers OK
+        without having compacted unless there was nothing to fold (see CompactionOutcome).
+        UNAVAILABLE when the summariser cannot be reached (the service keeps retrying by itself)
+        or too many sessions are being compacted at once.
+        """
 
 def add_SessionsServiceServicer_to_server(servicer: SessionsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,574 @@
+"""One chat turn through the whole path: limits, context and cache at once, then the
+model on a miss, then the session, the cache and the limiter settle concurrently.
+
+Latency is the slowest of the first three calls, not their sum. The answer-cache
+lookup starts before the session context is known, as a standalone turn; when the
+context turns out to hold earlier turns, that guess is dropped and an exact lookup with
+the full conversation is made instead (a follow-up is only a hit in the same state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ballast.cache.v1 import cache_pb2
+from ballast.common.v1 import common_pb2
+from ballast.edge.v1 import edge_pb2
+from ballast.limiter.v1 import limiter_pb2
+from ballast.router.v1 import router_pb2
+from ballast.sessions.v1 import sessions_pb2
+from opentelemetry import metrics, trace
+
+from services.edge.config import EdgeSettings
+from services.edge.downstream import Deadline, Downstream
+from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable
+from services.kit.protos import duration, seconds
+
+log = logging.getLogger("ballast.edge.chat")
+T = TypeVar("T")
+
+SUMMARY_PREFIX = "Summary of the earlier conversation:\n"
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+def estimate_tokens(messages: list[common_pb2.ChatMessage]) -> int:
+    """A cheap upper-bound guess for the reservation; the limiter settles the real count after."""
+    total = 0
+    for message in messages:
+        total += 4 + len(message.content) // 3
+        for call in message.tool_calls:
+            total += 4 + (len(call.name) + len(call.arguments_json)) // 3
+    return total
+
+
+def request_fingerprint(request: edge_pb2.ChatRequest) -> str:
+    """What makes two chat calls the same request, for the session's idempotency key."""
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def replayed_answer(
+    fresh: router_pb2.CompleteResponse, turns: list[sessions_pb2.Turn]
+) -> router_pb2.CompleteResponse:
+    original = next((t for t in reversed(turns) if t.message.role == common_pb2.ROLE_ASSISTANT), None)
+    if original is None:
+        return fresh
+    answer = router_pb2.CompleteResponse()
+    answer.CopyFrom(fresh)
+    answer.message.CopyFrom(original.message)
+    answer.usage.CopyFrom(original.usage)
+    answer.cost.Clear()
+    answer.cost.total_cost_micros = original.cost_micros
+    answer.model = original.model or fresh.model
+    answer.finish_reason = (
+        common_pb2.FINISH_REASON_TOOL_CALLS if original.message.tool_calls else common_pb2.FINISH_REASON_STOP
+    )
+    return answer
+
+
+def cache_model(caller: common_pb2.Caller, request: edge_pb2.ChatRequest) -> str:
+    """The model part of the cache scope: what was asked for, known before routing.
+
+    An empty model means the tier's default, so tiers (which may map to different models)
+    never share answers through it; lookup and store must use the same value.
+    """
+    return request.model or f"default:{caller.tier or 'none'}"
+
+
+def quota_metadata(quotas: list[common_pb2.Quota]) -> tuple[tuple[str, str], ...]:
+    """x-ratelimit-* trailing metadata from the most constraining finite quota."""
+    finite = [q for q in quotas if not q.unlimited and q.limit > 0]
+    if not finite:
+        return ()
+    tightest = min(finite, key=lambda q: q.remaining / q.limit)
+    reset = seconds(tightest.reset_after)
+    return (
+        ("x-ratelimit-limit", str(tightest.limit)),
+        ("x-ratelimit-remaining", str(max(0, tightest.remaining))),
+        ("x-ratelimit-reset", f"{reset:.3f}"),
+        ("x-ratelimit-policy", tightest.name),
+    )
+
+
+@dataclass
+class Prepared:
+    """Everything known before the model is called."""
+
+    request_id: str
+    caller: common_pb2.Caller
+    request: edge_pb2.ChatRequest
+    model_messages: list[common_pb2.ChatMessage]
+    session_version: int = -1
+    reservation_id: str = ""
+    quotas: list[common_pb2.Quota] = field(default_factory=list)
+    throttle_delay: float = 0.0
+    cached: cache_pb2.LookupResponse | None = None
+    # The limiter's priority for this caller: the router keeps providers' last headroom for high.
+    priority: int = common_pb2.PRIORITY_UNSPECIFIED
+
+
+async def _settle(awaitable: Awaitable[T]) -> T | BaseException:
+    try:
+        return await awaitable
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return exc
+
+
+class ChatPipeline:
+    def __init__(
+        self, settings: EdgeSettings, downstream: Downstream, meter: metrics.Meter | None = None
+    ) -> None:
+        self._settings = settings
+        self._down = downstream
+        self._context_incomplete = (meter or metrics.NoOpMeter("ballast")).create_counter(
+            "ballast.edge.context.omitted_unsummarized",
+            description="Chats whose session context left out older turns that no summary covers",
+        )
+
+    # --- before the model ------------------------------------------------------------------------------
+
+    def _cache_scope(self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest) -> cache_pb2.Scope:
+        # Answers are shared within a tenant and namespace; a per-user namespace keeps personal ones apart.
+        return cache_pb2.Scope(tenant_id=caller.tenant_id, namespace=request.cache_namespace or "default")
+
+    def _system(self, request: edge_pb2.ChatRequest) -> list[common_pb2.ChatMessage]:
+        if not request.system_prompt:
+            return []
+        return [common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=request.system_prompt)]
+
+    async def _check(
+        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, request_id: str, deadline: Deadline
+    ) -> limiter_pb2.CheckResponse | None:
+        output = request.params.max_output_tokens or self._settings.reserve_output_tokens
+        context = (request.context_token_budget or self._settings.context_tokens) if request.session_id else 0
+        check = limiter_pb2.CheckRequest(
+            caller=caller,
+            session_id=request.session_id,
+            requests=1,
+            reserve_tokens=estimate_tokens(list(request.messages)) + context + output,
+            request_id=request_id,
+        )
+        try:
+            return await self._down.call(
+                "limiter", self._down.limiter.Check, check, self._down.timeout(deadline)
+            )
+        except (Unavailable, DeadlineExceeded) as exc:
+            if self._settings.limiter_failure == "open":
+                log.warning("limiter unavailable; failing open", extra={"request_id": request_id})
+                return None
+            raise Unavailable("the limiter is unavailable and BALLAST_EDGE_LIMITER_FAILURE=closed") from exc
+
+    async def _context(
+        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, deadline: Deadline
+    ) -> sessions_pb2.GetContextResponse | None:
+        if not request.session_id:
+            return None
+        get = sessions_pb2.GetContextRequest(
+            caller=caller,
+            session_id=request.session_id,
+            token_budget=request.context_token_budget or self._settings.context_tokens,
+            model=request.model,
+        )
+        reply: sessions_pb2.GetContextResponse = await self._down.call(
+            "sessions", self._down.sessions.GetContext, get, self._down.timeout(deadline)
+        )
+        if reply.omitted_unsummarized:
+            # The model will not see those turns at all (sessions could not summarise them).
+            trace.get_current_span().set_attribute(
+                "ballast.session.omitted_unsummarized_turns", reply.omitted_turns
+            )
+            self._context_incomplete.add(1, {"tenant": caller.tenant_id})
+        return reply
+
+    async def _lookup(
+        self,
+        caller: common_pb2.Caller,
+        request: edge_pb2.ChatRequest,
+        messages: list[common_pb2.ChatMessage],
+        deadline: Deadline,
+        *,
+        semantic: bool,
+    ) -> cache_pb2.LookupResponse | None:
+        mode = request.cache_mode
+        if mode in (edge_pb2.CACHE_MODE_BYPASS, edge_pb2.CACHE_MODE_REFRESH):
+            return None
+        lookup = cache_pb2.LookupRequest(
+            scope=self._cache_scope(caller, request),
+            model=cache_model(caller, request),
+            messages=messages,
+            tools=request.tools,
+            params=request.params,
+            semantic=semantic and mode != edge_pb2.CACHE_MODE_EXACT_ONLY,
+            allow_nondeterministic=request.allow_nondeterministic_cache,
+        )
+        try:
+            return await self._down.call(
+                "cache", self._down.cache.Lookup, lookup, self._down.timeout(deadline)
+            )
+        except BallastError as exc:
+            # A cache outage costs a model call, never the chat.
+            log.warning("cache lookup failed (%s); treating as a miss", exc.message)
+            return None
+
+    async def prepare(
+        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, request_id: str, deadline: Deadline
+    ) -> Prepared:
+        system = self._system(request)
+        standalone = [*system, *request.messages]
+        check_task = asyncio.ensure_future(self._check(caller, request, request_id, deadline))
+        context_task = asyncio.ensure_future(self._context(caller, request, deadline))
+        lookup_task = asyncio.ensure_future(
+            self._lookup(caller, request, standalone, deadline, semantic=True)
+        )
+        tasks = (check_task, context_task, lookup_task)
+        try:
+            check, context, cached = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            # A reservation made by a Check that succeeded must not leak.
+            if check_task.done() and not check_task.cancelled() and check_task.exception() is None:
+                result = check_task.result()
+                if result is not None and result.reservation_id:
+                    await self._release(caller, result.reservation_id, deadline)
+            raise
+        prepared = Prepared(request_id=request_id, caller=caller, request=request, model_messages=standalone)
+        if check is not None:
+            prepared.reservation_id = check.reservation_id
+            prepared.quotas = [status.quota for status in check.limits]
+            prepared.priority = check.priority
+        if context is not None:
+            prepared.session_version = context.version
+            history: list[common_pb2.ChatMessage] = []
+            if context.summary:
+                history.append(
+                    common_pb2.ChatMessage(
+                        role=common_pb2.ROLE_SYSTEM, content=SUMMARY_PREFIX + context.summary
+                    )
+                )
+            history.extend(turn.message for turn in context.turns)
+            if history:
+                prepared.model_messages = [*system, *history, *request.messages]
+                # The standalone guess does not apply to a follow-up: look up the exact conversation.
+                cached = await self._lookup(
+                    caller, request, prepared.model_messages, deadline, semantic=False
+                )
+        prepared.cached = cached if cached is not None and cached.hit else None
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "ballast.request.id": request_id,
+                "ballast.tenant.id": caller.tenant_id,
+                "ballast.tier": caller.tier,
+                "ballast.session.id": request.session_id,
+                "ballast.limiter.decision": (
+                    limiter_pb2.Decision.Name(check.decision) if check is not None else "UNCHECKED"
+                ),
+                "ballast.cache.hit": prepared.cached is not None,
+            }
+        )
+        if prepared.cached is not None:
+            span.set_attributes(
+                {
+                    "ballast.cache.similarity": prepared.cached.similarity,
+                    "ballast.cache.tier": cache_pb2.HitTier.Name(prepared.cached.tier),
+                }
+            )
+        if check is not None:
+            await self._apply_decision(prepared, check, deadline)
+        return prepared
+
+    async def _apply_decision(
+        self, prepared: Prepared, check: limiter_pb2.CheckResponse, deadline: Deadline
+    ) -> None:
+        trailing = quota_metadata(prepared.quotas)
+        if check.decision == limiter_pb2.DECISION_DENY:
+            retry_after = seconds(check.retry_after)
+            error = ResourceExhausted(
+                f"rate limited by {check.reason or 'a limit'}; retry after {retry_after:.1f}s",
+                retry_after=retry_after,
+                reason=check.reason,
+            )
+            error.trailing = trailing
+            raise error
+        if check.decision == limiter_pb2.DECISION_DELAY:
+            delay = seconds(check.delay)
+            budget = deadline.cap(self._settings.max_throttle_wait)
+            if delay > budget:
+                await self._release(prepared.caller, prepared.reservation_id, deadline)
+                error = ResourceExhausted(
+                    f"throttled by {check.reason or 'provider headroom'}: waiting {delay:.1f}s would pass the "
+                    f"deadline or BALLAST_EDGE_MAX_THROTTLE_WAIT",
+                    retry_after=delay,
+                    reason=check.reason,
+                )
+                error.trailing = trailing
+                raise error
+            prepared.throttle_delay = delay
+            await asyncio.sleep(delay)
+
+    async def _release(self, caller: common_pb2.Caller, reservation_id: str, deadline: Deadline) -> None:
+        if not reservation_id:
+            return
+        with contextlib.suppress(BallastError):
+            await self._down.call(
+                "limiter",
+                self._down.limiter.Commit,
+                limiter_pb2.CommitRequest(reservation_id=reservation_id, caller=caller, actual_tokens=0),
+                self._down.timeout(deadline),
+            )
+
+    # --- the model -------------------------------------------------------------------------------------
+
+    def complete_request(self, prepared: Prepared) -> router_pb2.CompleteRequest:
+        request = prepared.request
+        return router_pb2.CompleteRequest(
+            model=request.model,
+            messages=prepared.model_messages,
+            tools=request.tools,
+            tool_choice=request.tool_choice,
+            params=request.params,
+            hints=request.routing,
+            caller=prepared.caller,
+            request_id=prepared.request_id,
+            priority=prepared.priority,  # type: ignore[arg-type] # the same enum, read back as int
+        )
+
+    async def call_model(self, prepared: Prepared, deadline: Deadline) -> router_pb2.CompleteResponse:
+        try:
+            return await self._down.call(
+                "router", self._down.router.Complete, self.complete_request(prepared), deadline.remaining()
+            )
+        except BaseException:
+            await self._release(
+                prepared.caller, prepared.reservation_id, Deadline(self._settings.downstream_timeout)
+            )
+            raise
+
+    # --- after the model -------------------------------------------------------------------------------
+
+    async def finish(
+        self,
+        prepared: Prepared,
+        answer: router_pb2.CompleteResponse,
+        *,
+        cache_hit: bool,
+        similarity: float = 0.0,
+    ) -> edge_pb2.ChatResponse:
+        """Appends to the session, stores in the cache and settles the limiter, concurrently."""
+        request, caller = prepared.request, prepared.caller
+        # Settling must happen even if the caller's deadline is gone: the tokens were spent.
+        after = Deadline(self._settings.downstream_timeout)
+        jobs: dict[str, Awaitable[Any]] = {}
+        if request.session_id:
+            turns = [sessions_pb2.Turn(message=m) for m in request.messages]
+            turns.append(
+                sessions_pb2.Turn(
+                    message=answer.message,
+                    usage=answer.usage if not cache_hit else common_pb2.Usage(),
+                    cost_micros=answer.cost.total_cost_micros if not cache_hit else 0,
+                    model=answer.model,
+                )
+            )
+            jobs["append"] = self._down.call(
+                "sessions",
+                self._down.sessions.AppendTurns,
+                sessions_pb2.AppendTurnsRequest(
+                    caller=caller,
+                    session_id=request.session_id,
+                    expected_version=prepared.session_version,
+                    idempotency_key=request.idempotency_key or prepared.request_id,
+                    # A retried request is the same request even though the model answered anew.
+                    request_fingerprint=request_fingerprint(request),
+                    turns=turns,
+                ),
+                self._down.timeout(after),
+            )
+        if not cache_hit and request.cache_mode != edge_pb2.CACHE_MODE_BYPASS:
+            jobs["store"] = self._down.call(
+                "cache",
+                self._down.cache.Store,
+                cache_pb2.StoreRequest(
+                    scope=self._cache_scope(caller, request),
+                    model=cache_model(caller, request),
+                    messages=prepared.model_messages,
+                    tools=request.tools,
+                    params=request.params,
+                    answer=cache_pb2.CachedAnswer(
+                        message=answer.message,
+                        finish_reason=answer.finish_reason,
+                        usage=answer.usage,
+                        cost=answer.cost,
+                        model=answer.model,
+                    ),
+                    allow_nondeterministic=request.allow_nondeterministic_cache,
+                ),
+                self._down.timeout(after),
+            )
+        if prepared.reservation_id:
+            spent = (
+                0
+                if cache_hit
+                else answer.usage.total_tokens or (answer.usage.input_tokens + answer.usage.output_tokens)
+            )
+            jobs["commit"] = self._down.call(
+                "limiter",
+                self._down.limiter.Commit,
+                limiter_pb2.CommitRequest(
+                    reservation_id=prepared.reservation_id,
+                    caller=caller,
+                    actual_tokens=spent,
+                    cost_micros=0 if cache_hit else answer.cost.total_cost_micros,
+                ),
+                self._down.timeout(after),
+            )
+        results = dict(zip(jobs, await asyncio.gather(*(_settle(j) for j in jobs.values())), strict=True))
+        for name in ("store", "commit"):
+            if isinstance(results.get(name), BaseException):
+                log.warning(
+                    "%s after the model failed: %s",
+                    name,
+                    results[name],
+                    extra={"request_id": prepared.request_id},
+                )
+        session_version = prepared.session_version
+        appended = results.get("append")
+        if isinstance(appended, BaseException):
+            raise appended
+        if appended is not None:
+            session_version = appended.session.version
+            if appended.replayed:
+                # This request was already answered and recorded (its reply was lost on the way):
+                # give back that answer, so the session and the client agree.
+                answer = replayed_answer(answer, list(appended.turns))
+        trace.get_current_span().set_attributes(
+            {
+                "ballast.router.provider": answer.provider,
+                "ballast.router.model": answer.model,
+                "ballast.router.attempts": len(answer.attempts),
+                "ballast.cost.micros": 0 if cache_hit else answer.cost.total_cost_micros,
+                "ballast.usage.input_tokens": 0 if cache_hit else answer.usage.input_tokens,
+                "ballast.usage.output_tokens": 0 if cache_hit else answer.usage.output_tokens,
+            }
+        )
+        quotas = prepared.quotas
+        committed = results.get("commit")
+        if committed is not None and not isinstance(committed, BaseException):
+            quotas = _merge_quotas(quotas, list(committed.budgets))
+        return edge_pb2.ChatResponse(
+            message=answer.message,
+            finish_reason=answer.finish_reason,
+            usage=answer.usage if not cache_hit else common_pb2.Usage(),
+            cost=answer.cost if not cache_hit else common_pb2.Cost(),
+            cache_hit=cache_hit,
+            cache_similarity=similarity,
+            provider=answer.provider,
+            model=answer.model,
+            simulated=answer.simulated,
+            session_version=session_version,
+            request_id=prepared.request_id,
+            quotas=quotas,
+            attempts=answer.attempts,
+            throttle_delay=duration(prepared.throttle_delay),
+        )
+
+    def cached_answer(self, prepared: Prepared) -> router_pb2.CompleteResponse:
+        assert prepared.cached is not None
+        hit = prepared.cached.answer
+        return router_pb2.CompleteResponse(
+            message=hit.message,
+            finish_reason=hit.finish_reason,
+            usage=hit.usage,
+            cost=hit.cost,
+            provider="cache",
+            model=hit.model,
+        )
+
+    # --- the whole turn --------------------------------------------------------------------------------
+
+    async def chat(
+        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, request_id: str, deadline: Deadline
+    ) -> edge_pb2.ChatResponse:
+        prepared = await self.prepare(caller, request, request_id, deadline)
+        if prepared.cached is not None:
+            return await self.finish(
+                prepared, self.cached_answer(prepared), cache_hit=True, similarity=prepared.cached.similarity
+            )
+        answer = await self.call_model(prepared, deadline)
+        return await self.finish(prepared, answer, cache_hit=False)
+
+    async def chat_stream(
+        self, caller: common_pb2.Caller, request: edge_pb2.ChatRequest, request_id: str, deadline: Deadline
+    ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
+        prepared = await self.prepare(caller, request, request_id, deadline)
+        if prepared.cached is not None:
+            answer = self.cached_answer(prepared)
+            yield edge_pb2.ChatStreamResponse(
+                start=edge_pb2.ChatStreamStart(
+                    request_id=request_id, provider="cache", model=answer.model, cache_hit=True
+                )
+            )
+            # A cached answer is replayed as a stream: its text, then its final event.
+            yield edge_pb2.ChatStreamResponse(delta=router_pb2.ContentDelta(text=answer.message.content))
+            done = await self.finish(prepared, answer, cache_hit=True, similarity=prepared.cached.similarity)
+            yield edge_pb2.ChatStreamResponse(done=done)
+            return
+        final: router_pb2.CompleteResponse | None = None
+        streamed_chars = 0
+        try:
+            stream = self._down.stream(
+                "router",
+                self._down.router.StreamComplete,
+                router_pb2.StreamCompleteRequest(request=self.complete_request(prepared)),
+                deadline.remaining(),
+            )
+            async for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "start":
+                    yield edge_pb2.ChatStreamResponse(
+                        start=edge_pb2.ChatStreamStart(
+                            request_id=request_id,
+                            provider=event.start.provider,
+                            model=event.start.model,
+                            simulated=event.start.simulated,
+                        )
+                    )
+                elif kind == "delta":
+                    streamed_chars += len(event.delta.text)
+                    yield edge_pb2.ChatStreamResponse(delta=event.delta)
+                elif kind == "done":
+                    final = event.done
+        except BaseException:
+            # Tokens already streamed were spent: settle what we can estimate, release the rest.
+            spent = estimate_tokens(prepared.model_messages) + streamed_chars // 3 if streamed_chars else 0
+            with contextlib.suppress(BallastError):
+                if prepared.reservation_id:
+                    await self._down.call(
+                        "limiter",
+                        self._down.limiter.Commit,
+                        limiter_pb2.CommitRequest(
+                            reservation_id=prepared.reservation_id, caller=caller, actual_tokens=spent
+                        ),
+                        self._settings.downstream_timeout,
+                    )
+            raise
+        if final is None:
+            raise Unavailable("the router's stream ended without a final answer")
+        yield edge_pb2.ChatStreamResponse(done=await self.finish(prepared, final, cache_hit=False))
+
+
+def _merge_quotas(before: list[common_pb2.Quota], after: list[common_pb2.Quota]) -> list[common_pb2.Quota]:
+    merged = {q.name: q for q in before}
+    merged.update({q.name: q for q in after})
+    return list(merged.values())

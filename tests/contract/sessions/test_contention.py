@@ -1,0 +1,148 @@
+"""Versioned appends on a contended session: clear retry hints and fair turns.
+
+Writers follow the client behaviour the README documents: on ABORTED, wait RetryInfo's delay
+and retry with ErrorInfo's current_version. The queue's waits are set long here so that the
+assertions (attempt counts) do not depend on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from ballast.sessions.v1 import sessions_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.testing import Suite
+from tests.conftest import SuiteFactory
+from tests.contract.sessions.helpers import caller, user_turn
+
+PATIENT = {"BALLAST_SESSIONS_CONFLICT_QUEUE_WAIT": "120s", "BALLAST_SESSIONS_CONFLICT_TURN_TIMEOUT": "120s"}
+
+
+def _hint(exc: grpc.aio.AioRpcError) -> tuple[int | None, float]:
+    """(current_version, retry delay in seconds) from an ABORTED status's details."""
+    status = rpc_status.from_call(exc)
+    assert status is not None
+    current: int | None = None
+    delay: float | None = None
+    for detail in status.details:
+        info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            current = int(info.metadata["current_version"])
+        elif detail.Unpack(retry):
+            delay = retry.retry_delay.ToNanoseconds() / 1e9
+    assert delay is not None, "ABORTED carries google.rpc.RetryInfo"
+    return current, delay
+
+
+async def _start(suite_factory: SuiteFactory, store_url: str, **extra: str) -> Suite:
+    suite = await suite_factory(
+        ["sessions"],
+        {"BALLAST_SESSIONS_STORE": store_url, "BALLAST_SESSIONS_COMPACTION": "false", **extra},
+    )
+    await suite.sessions.CreateSession(sessions_pb2.CreateSessionRequest(caller=caller(), session_id="s1"))
+    return suite
+
+
+def _append(version: int, text: str, key: str = "") -> sessions_pb2.AppendTurnsRequest:
+    return sessions_pb2.AppendTurnsRequest(
+        caller=caller(),
+        session_id="s1",
+        expected_version=version,
+        idempotency_key=key,
+        turns=[user_turn(text)],
+    )
+
+
+@pytest.fixture
+async def patient(suite_factory: SuiteFactory, store_url: str) -> AsyncIterator[Suite]:
+    yield await _start(suite_factory, store_url, **PATIENT)
+
+
+@pytest.mark.parametrize("queue", ["on", "off"])
+async def test_aborted_carries_the_current_version_and_a_retry_delay(
+    suite_factory: SuiteFactory, store_url: str, queue: str
+) -> None:
+    extra = {} if queue == "on" else {"BALLAST_SESSIONS_CONFLICT_QUEUE_MAX": "0"}
+    suite = await _start(suite_factory, store_url, **extra)
+    await suite.sessions.AppendTurns(_append(0, "first"))
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await suite.sessions.AppendTurns(_append(0, "late", "k-late"))
+    assert stale.value.code() == grpc.StatusCode.ABORTED
+    assert "version 1" in (stale.value.details() or "")
+    current, delay = _hint(stale.value)
+    assert current == 1 and 0 <= delay < 1
+    # Retrying as told succeeds, with the same key even though the re-read changed the turn.
+    reply = await suite.sessions.AppendTurns(_append(current, "late, having read 'first'", "k-late"))
+    assert reply.session.version == 2 and not reply.replayed
+
+
+async def test_contended_writers_take_turns_and_none_retries_more_than_once(patient: Suite) -> None:
+    writers, appends = 20, 5
+    attempts: list[int] = []
+
+    async def writer(who: int) -> None:
+        version = 0
+        for n in range(appends):
+            for attempt in range(1, 1000):
+                try:
+                    reply = await patient.sessions.AppendTurns(_append(version, f"w{who}.{n}", f"w{who}.{n}"))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.ABORTED, exc
+                    current, delay = _hint(exc)
+                    assert current is not None
+                    version = current
+                    await asyncio.sleep(delay)
+                    continue
+                version = reply.session.version
+                attempts.append(attempt)
+                break
+
+    await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(writers))), 300)
+    # Each append needed at most one ABORTED: the service kept every writer's place in line.
+    assert len(attempts) == writers * appends and max(attempts) <= 2
+    assert attempts.count(2) > 0, "the test must actually race"
+    session = await patient.sessions.GetSession(
+        sessions_pb2.GetSessionRequest(caller=caller(), session_id="s1")
+    )
+    assert session.session.version == writers * appends
+
+
+async def test_a_writer_that_does_not_come_back_does_not_block_the_session(
+    suite_factory: SuiteFactory, store_url: str
+) -> None:
+    suite = await _start(
+        suite_factory,
+        store_url,
+        BALLAST_SESSIONS_CONFLICT_TURN_TIMEOUT="10ms",
+        BALLAST_SESSIONS_CONFLICT_QUEUE_WAIT="120s",
+    )
+    await suite.sessions.AppendTurns(_append(0, "first"))
+    # This writer is told it is its turn at version 1, and then never retries.
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await suite.sessions.AppendTurns(_append(0, "abandoned"))
+    assert _hint(gone.value) == (1, 0.0)
+    # Another stale writer waits behind that turn, gets its own once it lapses, and succeeds.
+    with pytest.raises(grpc.aio.AioRpcError) as next_in_line:
+        await asyncio.wait_for(suite.sessions.AppendTurns(_append(0, "second")), 60)
+    assert _hint(next_in_line.value) == (1, 0.0)
+    reply = await suite.sessions.AppendTurns(_append(1, "second"))
+    assert reply.session.version == 2
+
+
+async def test_head_appends_never_wait_for_versioned_writers(patient: Suite) -> None:
+    await patient.sessions.AppendTurns(_append(0, "first"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await patient.sessions.AppendTurns(_append(0, "stale"))  # its turn is now held (120 s)
+    # A head append goes straight through while that turn is held.
+    reply = await asyncio.wait_for(patient.sessions.AppendTurns(_append(-1, "head")), 60)
+    assert reply.session.version == 2
+    # The held writer, retrying at the version it was given, was overtaken: told again, at once.
+    with pytest.raises(grpc.aio.AioRpcError) as overtaken:
+        await patient.sessions.AppendTurns(_append(1, "stale"))
+    assert _hint(overtaken.value) == (2, 0.0)
+    assert (await patient.sessions.AppendTurns(_append(2, "stale"))).session.version == 3

@@ -1,0 +1,130 @@
+"""The turn-taking of versioned appends, on the real memory store, with timers the test fires."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from ballast.common.v1 import common_pb2
+from ballast.sessions.v1 import sessions_pb2
+
+from services.sessions.contention import ContentionPolicy, ContentionQueue, VersionConflict
+from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord
+from services.sessions.store.memory import MemoryStore
+
+SCOPE = Scope("t1", "u1")
+KEY = ("t1", "u1", "s1")
+
+
+class Timers:
+    """Turn timeouts that lapse when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[], None], list[bool]]] = []
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> Timers.Handle:
+        cancelled = [False]
+        self.pending.append((callback, cancelled))
+        return Timers.Handle(cancelled)
+
+    def lapse_all(self) -> None:
+        due, self.pending = self.pending, []
+        for callback, cancelled in due:
+            if not cancelled[0]:
+                callback()
+
+    class Handle:
+        def __init__(self, cancelled: list[bool]) -> None:
+            self._cancelled = cancelled
+
+        def cancel(self) -> None:
+            self._cancelled[0] = True
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    for _ in range(1000):  # event-loop turns, not time
+        if check():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the queue never reached the expected state")
+
+
+@pytest.fixture
+async def store() -> MemoryStore:
+    store = MemoryStore()
+    await store.create(SessionRecord("s1", "t1", "u1", "", {}, 1.0, 1.0, 1e12, 1e12))
+    return store
+
+
+def _append(
+    queue: ContentionQueue, store: MemoryStore, version: int, writer: str
+) -> asyncio.Future[AppendOutcome]:
+    payload = sessions_pb2.Turn(
+        message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=writer)
+    ).SerializeToString()
+    turn = NewTurn(common_pb2.ROLE_USER, 5, 0, 0, 0, 0, payload)
+
+    def attempt() -> asyncio.Future[AppendOutcome]:
+        return asyncio.ensure_future(store.append(SCOPE, "s1", version, writer, [turn], 2.0))
+
+    return asyncio.ensure_future(queue.run(KEY, version, attempt, writer))
+
+
+async def _conflict(pending: asyncio.Future[AppendOutcome]) -> tuple[int | None, float]:
+    with pytest.raises(VersionConflict) as info:
+        await pending
+    return info.value.current_version, info.value.retry_after
+
+
+async def test_a_writer_whose_turn_lapsed_rejoins_at_the_front(store: MemoryStore) -> None:
+    timers = Timers()
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=1.0), schedule=timers.schedule
+    )
+    assert (await _append(queue, store, 0, "first")).session.version == 1
+    # "slow" is told it is its turn at version 1, and takes too long to come back.
+    assert await _conflict(_append(queue, store, 0, "slow")) == (1, 0.0)
+    timers.lapse_all()
+    # "other" gets the next turn; while it holds it, "third" and then "slow" arrive.
+    assert await _conflict(_append(queue, store, 0, "other")) == (1, 0.0)
+    third = _append(queue, store, 1, "third")
+    await _until(lambda: queue.waiting(KEY) == 1)
+    slow = _append(queue, store, 1, "slow")
+    await _until(lambda: queue.waiting(KEY) == 2)
+    # "other" never comes back either; "slow", whose turn had come before, goes ahead of "third".
+    timers.lapse_all()
+    assert (await slow).session.version == 2
+    assert await _conflict(third) == (2, 0.0)
+
+
+async def test_writers_are_served_in_arrival_order_with_one_conflict_each(store: MemoryStore) -> None:
+    timers = Timers()
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=1.0), schedule=timers.schedule
+    )
+    assert (await _append(queue, store, 0, "w0")).session.version == 1
+    assert await _conflict(_append(queue, store, 0, "w1")) == (1, 0.0)  # w1 holds the next turn
+    later = [_append(queue, store, 0, f"w{n}") for n in range(2, 6)]
+    await _until(lambda: queue.waiting(KEY) == 4)
+    # w1 retries at the version it was given: through at once, then w2 is told, and so on.
+    assert (await _append(queue, store, 1, "w1")).session.version == 2
+    for n, pending in enumerate(later, start=2):
+        assert await _conflict(pending) == (n, 0.0)
+        assert (await _append(queue, store, n, f"w{n}")).session.version == n + 1
+    assert queue.waiting(KEY) == 0 and all(cancelled[0] for _, cancelled in timers.pending)
+
+
+async def test_a_full_queue_answers_at_once_with_a_retry_delay(store: MemoryStore) -> None:
+    timers = Timers()
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=1, max_wait=60.0, turn_timeout=1.0), schedule=timers.schedule
+    )
+    await _append(queue, store, 0, "w0")
+    await _conflict(_append(queue, store, 0, "w1"))  # holds the turn
+    waiting = _append(queue, store, 0, "w2")
+    await _until(lambda: queue.waiting(KEY) == 1)
+    current, delay = await _conflict(_append(queue, store, 0, "w3"))
+    assert current == 1 and delay > 0
+    timers.lapse_all()
+    assert await _conflict(waiting) == (1, 0.0)
