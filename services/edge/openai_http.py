@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
@@ -501,6 +502,14 @@ class HttpFront:
         sock = self._socket
         if sock is None:
             raise RuntimeError("HttpFront.serve() before bind()")
+        # The same certificate as the edge's public gRPC port (BALLAST_EDGE_TLS_*): with TLS on
+        # there, the HTTP face speaks HTTPS too, never plaintext beside it.
+        served = self._settings.server.server_tls
+        tls: dict[str, Any] = {}
+        if served is not None:
+            tls = {"ssl_certfile": served.cert_file, "ssl_keyfile": served.key_file}
+            if served.mutual:
+                tls.update(ssl_ca_certs=served.ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
             self._app,
             http="httptools",
@@ -509,6 +518,7 @@ class HttpFront:
             log_config=None,
             server_header=False,
             timeout_keep_alive=math.ceil(self._settings.http_keep_alive),
+            **tls,
         )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="edge-http")
@@ -519,7 +529,7 @@ class HttpFront:
             await self._task  # raises why it could not start
         log.info(
             "serving the OpenAI-compatible HTTP API",
-            extra={"host": self._settings.server.host, "port": self.port},
+            extra={"host": self._settings.server.host, "port": self.port, "tls": "on" if served else "off"},
         )
 
     async def drain(self, grace: float) -> None:

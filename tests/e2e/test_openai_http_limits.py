@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import orjson
 import pytest
 
 from services.edge.app import EdgeApp
+from services.kit.certs import make_certs
 from services.router.app import RouterApp
 from tests.conftest import SuiteFactory
 from tests.e2e.test_telemetry import _service, _traced_suite
@@ -182,3 +184,25 @@ async def test_a_request_past_its_deadline_is_504(suite_factory: SuiteFactory, t
         )
     assert response.status_code == 504, response.text
     assert response.json()["error"]["type"] == "timeout"
+
+
+async def test_with_the_edges_public_tls_the_http_face_speaks_https(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    public = make_certs(tmp_path / "public", ["edge"])["edge"]
+    environ = {
+        **write_test_config(tmp_path),
+        "BALLAST_EDGE_TLS_CERT_FILE": str(public.cert_file),
+        "BALLAST_EDGE_TLS_KEY_FILE": str(public.key_file),
+    }
+    suite = await suite_factory(["router", "limiter", "cache", "sessions", "edge"], environ)
+    app = suite.running["edge"].app
+    assert isinstance(app, EdgeApp)
+    key = {"authorization": "Bearer bk_demo_paid"}
+    verified = ssl.create_default_context(cafile=str(public.ca_file))
+    async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{app.http.port}/v1", verify=verified) as https:
+        assert (await https.get("/models", headers=key)).status_code == 200
+    # Never plaintext beside it.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}/v1") as plain:
+        with pytest.raises(httpx.HTTPError):
+            await plain.get("/models", headers=key)
