@@ -17,6 +17,6 @@ USER ballast
 # BALLAST_INSECURE_INTERNAL=true says a mesh provides it. The demo keys in config/ load only when
 # BALLAST_EDGE_KEYS_FILE names them, and an edge on 0.0.0.0 refuses them.
 ENV BALLAST_HOST=0.0.0.0 BALLAST_LOG_FORMAT=json
-EXPOSE 50051 50052 50053 50054 50055
+EXPOSE 50051 50052 50053 50054 50055 8080
 ENTRYPOINT ["ballast"]
 CMD ["up"]

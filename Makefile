@@ -33,6 +33,7 @@ up: install
 test: install
 	bash scripts/ensure_backends.sh
 	bash scripts/ensure_prometheus.sh
+	bash scripts/ensure_node_sdk.sh
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python scripts/gen_protos.py --check 2>/dev/null
 	$(BIN)/python -m pytest -q

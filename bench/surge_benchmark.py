@@ -132,6 +132,8 @@ def _suite_env(config: ScenarioConfig, folder: Path, admin_key: str) -> dict[str
         "BALLAST_EDGE_JOB_MAX_WAIT": f"{config.duration_s + 20:.0f}s",
         "BALLAST_EDGE_MAX_IN_FLIGHT": "4096",
         "OTEL_SDK_DISABLED": "true",
+        # The benchmark drives gRPC only; two edge replicas must not both claim HTTP port 8080.
+        "BALLAST_EDGE_HTTP_PORT": "0",
     }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from services import registry
+from services.edge.config import EdgeSettings
 from services.kit.config import SERVICE_NAMES, ConfigError, Env
 from services.kit.entry import run
 from services.kit.logging import setup_logging
@@ -42,6 +43,9 @@ def _banner(chosen: Sequence[Any], settings: Sequence[Any]) -> None:
         lines.append(f"  {entry.name:<9} {s.server.host}:{s.server.port}")
         if entry.name == "edge":
             edge_port = s.server.port
+            if isinstance(s, EdgeSettings) and s.http_enabled:
+                http = f"{s.server.host}:{s.http_port}"
+                lines.append(f"  {'edge http':<9} {http}  (OpenAI-compatible API: base_url http://{http}/v1)")
     if edge_port is not None:
         lines.append(f"Try: grpcurl -plaintext 127.0.0.1:{edge_port} list")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -117,6 +117,8 @@ async def start_suite(
                 env_vars["BALLAST_TLS_KEY_FILE"] = str(identity.key_file)
                 env_vars["BALLAST_TLS_CA_FILE"] = str(identity.ca_file)
                 env_vars[f"BALLAST_{name.upper()}_HEALTH_PORT"] = "0"
+            # The edge's OpenAI-compatible HTTP face too: suites run side by side on one machine.
+            env_vars["BALLAST_EDGE_HTTP_PORT"] = "0"
             env = Env(env_vars)
             settings = registry.load_settings(name, env)
             env.check()

@@ -3,6 +3,7 @@ the queue worker role, which runs the same job workers without the public API.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from services.edge.downstream import Downstream
 from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner
 from services.edge.metrics import EdgeMetrics
+from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
@@ -111,6 +113,22 @@ class EdgeApp(_QueueApp):
         self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
         self.metrics.watch_governor(self.governor)
         self.in_flight = InFlightLimit(settings.max_in_flight)
+        self.keys = KeyRegistry(self.file_keys, self.store)
+        self.servicer = EdgeServicer(
+            settings,
+            self.keys,
+            self.downstream,
+            self.pipeline,
+            self.jobs,
+            self.store,
+            self.metrics,
+            self.chat_lane,
+        )
+        # The OpenAI-compatible face runs its requests through the same servicer (openai_http.py).
+        self.http = HttpFront(
+            OpenAIHttpApp(settings, self.keys, self.servicer, self.downstream, self.in_flight, telemetry),
+            settings,
+        )
 
     def service_names(self) -> Sequence[str]:
         return [
@@ -122,23 +140,26 @@ class EdgeApp(_QueueApp):
         return [self.in_flight]
 
     def register(self, server: grpc.aio.Server) -> None:
-        keys = KeyRegistry(self.file_keys, self.store)
-        edge_pb2_grpc.add_EdgeServiceServicer_to_server(
-            EdgeServicer(
-                self.settings,
-                keys,
-                self.downstream,
-                self.pipeline,
-                self.jobs,
-                self.store,
-                self.metrics,
-                self.chat_lane,
-            ),
-            server,
-        )
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(self.servicer, server)
         edge_pb2_grpc.add_EdgeAdminServiceServicer_to_server(
             EdgeAdminServicer(self.settings, self.store, self.file_keys), server
         )
+
+    async def start(self) -> None:
+        # The HTTP port is bound before anything starts, so a clash fails start-up at once.
+        if self.settings.http_enabled:
+            self.http.bind()
+        await super().start()
+        if self.settings.http_enabled:
+            await self.http.serve()
+
+    async def drain(self, grace: float) -> None:
+        # The HTTP face drains its requests while the queue's running jobs finish.
+        await asyncio.gather(self.http.drain(grace), super().drain(grace))
+
+    async def close(self) -> None:
+        await self.http.drain(self.server_settings.grace_period)
+        await super().close()
 
 
 class WorkerApp(_QueueApp):

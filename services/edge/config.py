@@ -151,6 +151,20 @@ class EdgeSettings:
     tier_priorities: Mapping[str, str] = field(
         default_factory=lambda: {"free": "low", "paid": "normal", "enterprise": "high"}
     )
+    # The OpenAI-compatible HTTP face (openai_http.py), served beside the gRPC port by the same
+    # process: its port (0 picks a free one), the largest request body, how long one request may
+    # take end to end (the gRPC face takes the caller's deadline; HTTP clients send none), and how
+    # long an idle keep-alive connection stays open.
+    http_enabled: bool = True
+    http_port: int = 8080
+    http_max_body_bytes: int = 4 * 1024 * 1024
+    http_request_timeout: float = 600.0
+    http_keep_alive: float = 75.0
+    # A 429 whose retry-after is longer than this tells OpenAI SDKs not to retry (x-should-retry:
+    # false): the Node SDK would otherwise sleep out any retry-after, even until midnight.
+    http_max_retry_wait: float = 60.0
+    # Connections the kernel queues for the HTTP port before uvicorn accepts them.
+    http_backlog: int = 2048
 
     @classmethod
     def from_env(cls, env: Env) -> EdgeSettings:
@@ -223,6 +237,15 @@ class EdgeSettings:
             tier_priorities=_parse_tier_priorities(
                 env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
             ),
+            http_enabled=env.boolean("BALLAST_EDGE_HTTP", True),
+            http_port=env.integer("BALLAST_EDGE_HTTP_PORT", 8080, minimum=0, maximum=65535),
+            http_max_body_bytes=env.integer(
+                "BALLAST_EDGE_HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024
+            ),
+            http_request_timeout=env.duration("BALLAST_EDGE_HTTP_REQUEST_TIMEOUT", 600.0, minimum=0.1),
+            http_keep_alive=env.duration("BALLAST_EDGE_HTTP_KEEP_ALIVE", 75.0, minimum=1.0),
+            http_max_retry_wait=env.duration("BALLAST_EDGE_HTTP_MAX_RETRY_WAIT", 60.0),
+            http_backlog=env.integer("BALLAST_EDGE_HTTP_BACKLOG", 2048, minimum=1, maximum=65535),
         )
 
 

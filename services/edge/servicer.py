@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,7 +50,11 @@ class KeyRegistry:
         self._store = store
 
     async def caller(self, context: Context) -> common_pb2.Caller:
-        secret = auth.key_from_metadata(context.invocation_metadata())
+        return await self.caller_from(context.invocation_metadata())
+
+    async def caller_from(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> common_pb2.Caller:
+        """The caller for gRPC metadata or HTTP headers (lower-case names, as both deliver them)."""
+        secret = auth.key_from_metadata(metadata)
         digest = auth.hash_key(secret)
         key = self._by_hash.get(digest) or await self._store.key_by_hash(digest)
         if key is None or key.revoked:
@@ -159,19 +163,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     async def Chat(self, request: edge_pb2.ChatRequest, context: Context) -> edge_pb2.ChatResponse:
         started = time.perf_counter()
         caller = await self._keys.caller(context)
-        validate_chat(request, self._settings)
         deadline = Deadline(context.time_remaining())
-        try:
-            async with self._paced(caller, deadline):
-                response = await self._pipeline.chat(caller, request, _request_id(context), deadline)
-        except BallastError as exc:
-            self._metrics.failed(caller, exc.code.name)
-            self._metrics.timed(caller, failure_outcome(exc.code.name), time.perf_counter() - started)
-            raise
-        self._metrics.chat(caller, response)
-        elapsed = time.perf_counter() - started
-        self._metrics.timed(caller, "cache_hit" if response.cache_hit else "ok", elapsed)
-        self._metrics.first_content(caller, "unary", elapsed)
+        response = await self.chat(caller, request, _request_id(context), deadline, started=started)
         context.set_trailing_metadata(quota_metadata(list(response.quotas)))
         return response
 
@@ -180,14 +173,60 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
         started = time.perf_counter()
         caller = await self._keys.caller(context)
-        validate_chat(request.chat, self._settings, "chat")
         deadline = Deadline(context.time_remaining())
+        async for event in self.chat_stream(
+            caller, request.chat, _request_id(context), deadline, "chat", started=started
+        ):
+            if event.WhichOneof("event") == "done":
+                context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
+            yield event
+
+    # Both faces of the edge (this gRPC servicer and the OpenAI-compatible HTTP API) run a chat
+    # turn through these two, so validation, pacing and metrics cannot drift apart. `started` is
+    # when the call arrived (before authentication), for the latency metrics.
+
+    async def chat(
+        self,
+        caller: common_pb2.Caller,
+        request: edge_pb2.ChatRequest,
+        request_id: str,
+        deadline: Deadline,
+        *,
+        started: float | None = None,
+    ) -> edge_pb2.ChatResponse:
+        """One chat turn for an authenticated caller."""
+        started = time.perf_counter() if started is None else started
+        validate_chat(request, self._settings)
+        try:
+            async with self._paced(caller, deadline):
+                response = await self._pipeline.chat(caller, request, request_id, deadline)
+        except BallastError as exc:
+            self._metrics.failed(caller, exc.code.name)
+            self._metrics.timed(caller, failure_outcome(exc.code.name), time.perf_counter() - started)
+            raise
+        self._metrics.chat(caller, response)
+        elapsed = time.perf_counter() - started
+        self._metrics.timed(caller, "cache_hit" if response.cache_hit else "ok", elapsed)
+        self._metrics.first_content(caller, "unary", elapsed)
+        return response
+
+    async def chat_stream(
+        self,
+        caller: common_pb2.Caller,
+        request: edge_pb2.ChatRequest,
+        request_id: str,
+        deadline: Deadline,
+        field: str = "",
+        *,
+        started: float | None = None,
+    ) -> AsyncIterator[edge_pb2.ChatStreamResponse]:
+        """One streamed chat turn for an authenticated caller; `field` prefixes validation errors."""
+        started = time.perf_counter() if started is None else started
+        validate_chat(request, self._settings, field)
         first = True
         try:
             async with self._paced(caller, deadline):
-                async for event in self._pipeline.chat_stream(
-                    caller, request.chat, _request_id(context), deadline
-                ):
+                async for event in self._pipeline.chat_stream(caller, request, request_id, deadline):
                     kind = event.WhichOneof("event")
                     if first and kind in ("delta", "done"):
                         first = False
@@ -196,7 +235,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                         self._metrics.chat(caller, event.done)
                         outcome = "cache_hit" if event.done.cache_hit else "ok"
                         self._metrics.timed(caller, outcome, time.perf_counter() - started)
-                        context.set_trailing_metadata(quota_metadata(list(event.done.quotas)))
                     yield event
         except BallastError as exc:
             self._metrics.failed(caller, exc.code.name)

@@ -57,8 +57,9 @@ class ServiceApp:
         """Opens pools and starts background work, before the port accepts calls."""
 
     async def drain(self, grace: float) -> None:
-        """Lets background work in flight (queued jobs) finish within the grace period, while
-        the server drains its calls; nothing new may start."""
+        """Within `grace`, while the gRPC server drains its calls: stops the service's other doors
+        (the edge's HTTP face) and lets background work in flight (queued jobs) finish; nothing
+        new may start."""
 
     async def close(self) -> None:
         """Closes pools and stops background work, after in-flight calls drained."""

@@ -39,6 +39,7 @@ async def test_a_job_survives_its_worker_being_killed_and_completes_once(
         **environ,
         "BALLAST_EDGE_STORE": redis_url,
         "BALLAST_EDGE_PORT": str(free_port()),
+        "BALLAST_EDGE_HTTP_PORT": "0",
         "BALLAST_EDGE_WORKERS": "1",
         "BALLAST_EDGE_JOB_CLAIM_IDLE": "1s",
         "OTEL_SDK_DISABLED": "true",

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from services import registry
+from services.edge.config import EdgeSettings
 from services.kit.certs import make_certs
 from services.kit.config import DEFAULT_HEALTH_PORTS, DEFAULT_METRICS_PORTS, DEFAULT_PORTS, SERVICE_NAMES, Env
 
@@ -65,7 +66,8 @@ def test_service_command_port_and_health_check_match_the_code(compose: dict[str,
     probe = service["healthcheck"]["test"]
     assert probe[:4] == ["CMD", "python", "-m", "services.kit.healthcheck"]
     if name == "edge":
-        assert service["ports"] == [f"{port}:{port}"]
+        # gRPC and the OpenAI-compatible HTTP API.
+        assert service["ports"] == [f"{port}:{port}", f"{EdgeSettings.http_port}:{EdgeSettings.http_port}"]
         assert service["expose"] == [str(metrics)]
         assert probe[4] == f"127.0.0.1:{port}"
     else:
@@ -79,7 +81,7 @@ def test_service_command_port_and_health_check_match_the_code(compose: dict[str,
 def test_only_the_edge_and_the_local_operator_uis_are_published(compose: dict[str, Any]) -> None:
     published = {name: s["ports"] for name, s in compose["services"].items() if "ports" in s}
     assert published == {
-        "edge": ["50051:50051"],
+        "edge": ["50051:50051", f"{EdgeSettings.http_port}:{EdgeSettings.http_port}"],
         # Operator UIs, on the host's loopback only.
         "jaeger": ["127.0.0.1:16686:16686"],
         "prometheus": ["127.0.0.1:9090:9090"],
