@@ -21,7 +21,7 @@ time (limiter, cache lookup with the local embedder, router, cache store, commit
 stateless question again (an exact cache hit); `dN` a chat in a session that already holds N
 earlier exchanges (a user turn and an answer each, about 70 tokens an exchange), prefilled through
 sessions.AppendTurns before the clock starts. Sessions stay within 10% of their depth while
-measured: each gets at most max(1, N/10) of the measured chats. With the default 4,000-token
+measured: each gets at most max(1, N/10) of the measured chats (at least 16 sessions), one at a time. With the default 4,000-token
 context and 3,000-token compaction threshold, sessions from about d50 up are compacted (by the
 sim, through the router), and that CPU is counted when it happens inside the measured window.
 
@@ -406,7 +406,7 @@ class PathRunner:
         elif path.startswith("d"):
             depth = int(path[1:])
             self.per_session = max(1, depth // 10)
-            count = max(8, -(-self.calls // self.per_session))
+            count = max(16, -(-self.calls // self.per_session))
             self.sessions = await _prefilled_sessions(client, count, depth)
             await _idle(client.suite)
 
@@ -431,9 +431,17 @@ class PathRunner:
 
             return cached
         sessions, count = self.sessions, len(self.sessions)
-        return lambda i: client.edge.Chat(
-            _chat(USER_TURN.format(i=i, tag=tag), sessions[i % count]), metadata=METADATA, timeout=60
-        )
+        # One chat at a time per session, as a person or an agent talks: concurrent chats on one
+        # session would race for its version (ABORTED), which is not what this measures.
+        locks = [asyncio.Lock() for _ in sessions]
+
+        async def in_session(i: int) -> None:
+            async with locks[i % count]:
+                await client.edge.Chat(
+                    _chat(USER_TURN.format(i=i, tag=tag), sessions[i % count]), metadata=METADATA, timeout=60
+                )
+
+        return in_session
 
 
 # --- the run ------------------------------------------------------------------------------------------

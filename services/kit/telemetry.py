@@ -66,7 +66,9 @@ class Telemetry:
     def client_interceptors(self) -> list[Any]:
         if not self.tracing:
             return []
-        return list(aio_client_interceptors(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH))  # type: ignore[no-untyped-call]
+        # No filter: Ballast's clients never call health or reflection, and a filter is evaluated
+        # on every call (about 2% of a chat's CPU when exporting).
+        return list(aio_client_interceptors(tracer_provider=self.tracer_provider))  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
         """Flushes and stops exporters (after the server has drained)."""
