@@ -16,7 +16,8 @@ Telemetry: `off` is the default set-up (no OTEL_* variable: no exporter is confi
 sends traces and metrics over OTLP/gRPC to a collector this benchmark runs in another child
 process (it decodes and counts every span it receives, so the table shows spans per chat);
 `disabled` sets OTEL_SDK_DISABLED=true.
-Paths: `noop` is grpc.health.v1 Check on the edge; `miss` a stateless chat with a new question each
+Paths: `noop` is grpc.health.v1 Check on the edge; `router` is RouterService/Complete called
+directly (one non-streamed provider call through the router, nothing else); `miss` a stateless chat with a new question each
 time (limiter, cache lookup with the local embedder, router, cache store, commit); `hit` the same
 stateless question again (an exact cache hit); `dN` a chat in a session that already holds N
 earlier exchanges (a user turn and an answer each, about 70 tokens an exchange), prefilled through
@@ -55,6 +56,7 @@ from typing import Any
 import grpc
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
+from ballast.router.v1 import router_pb2, router_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -64,7 +66,7 @@ SERVICES = ("limiter", "router", "cache", "sessions", "edge")  # start order: de
 API_KEY = "bk_demo_enterprise"  # tenant demo, user carol: no request or daily token limit
 CALLER = common_pb2.Caller(tenant_id="demo", user_id="carol", tier="enterprise")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-PATHS = ("noop", "miss", "hit", "d1", "d10", "d100", "d1000")
+PATHS = ("noop", "router", "miss", "hit", "d1", "d10", "d100", "d1000")
 
 CATALOG = """
 providers:
@@ -279,17 +281,20 @@ class Client:
     edge: Any
     sessions: Any
     health: Any
+    router: Any
 
     @classmethod
     def of(cls, suite: Suite) -> Client:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['edge']}")
         internal = grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['sessions']}")
+        router = grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['router']}")
         return cls(
             suite,
             channel,
             edge_pb2_grpc.EdgeServiceStub(channel),
             sessions_pb2_grpc.SessionsServiceStub(internal),
             health_pb2_grpc.HealthStub(channel),
+            router_pb2_grpc.RouterServiceStub(router),
         )
 
 
@@ -418,6 +423,13 @@ class PathRunner:
         if self.path == "noop":
             check = health_pb2.HealthCheckRequest()
             return lambda _: client.health.Check(check, timeout=30)
+        if self.path == "router":
+            complete = router_pb2.CompleteRequest(
+                model="budget",
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=self._hit_question())],
+                caller=CALLER,
+            )
+            return lambda _: client.router.Complete(complete, timeout=30)
         if self.path == "miss":
             return lambda i: client.edge.Chat(
                 _chat(USER_TURN.format(i=i, tag=tag)), metadata=METADATA, timeout=30
@@ -497,7 +509,7 @@ async def _measure_config(
             await _warm(client)
         await asyncio.sleep(1.5)  # the warm-up's spans are exported before any batch counts its own
         for path in args.paths:
-            calls = args.noop_calls if path == "noop" else args.chats
+            calls = args.noop_calls if path in ("noop", "router") else args.chats
             batches: dict[str, list[Batch]] = {s.label: [] for s in suites}
             for round_ in range(args.rounds):
                 order = clients if round_ % 2 == 0 else list(reversed(clients))
@@ -549,6 +561,7 @@ def _baseline_tree(rev: str, folder: Path) -> Path:
 
 PATH_NAMES = {
     "noop": "no-op gRPC call (health Check)",
+    "router": "router alone (RouterService/Complete)",
     "miss": "stateless, cache miss",
     "hit": "stateless, exact cache hit",
 }
@@ -589,7 +602,12 @@ def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chat_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--chats", type=int, default=120, help="completed chats per path, round and tree")
-    parser.add_argument("--noop-calls", type=int, default=1000, help="health checks per round and tree")
+    parser.add_argument(
+        "--noop-calls",
+        type=int,
+        default=1000,
+        help="health checks (and direct router calls) per round and tree",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="batches per path and tree (order alternates)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--layouts", type=lambda s: s.split(","), default=["one", "split"])
