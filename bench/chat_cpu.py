@@ -640,7 +640,15 @@ def main() -> int:
         folder = Path(tmp)
         trees = [("now", ROOT)]
         if args.baseline:
-            trees.insert(0, ("base", _baseline_tree(args.baseline, folder)))
+            # A branch name moves while others merge: record the commit that was measured.
+            resolved = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            args.baseline = f"{args.baseline} ({resolved.stdout.strip()})"
+            trees.insert(0, ("base", _baseline_tree(resolved.stdout.strip(), folder)))
         helpers: list[subprocess.Popen[bytes]] = []
         sim_port, sink_port = _free_port(), _free_port()
         sink_file = folder / "spans"
