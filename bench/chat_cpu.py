@@ -634,6 +634,8 @@ def main() -> int:
         parser.error("--chats, --noop-calls, --rounds and --concurrency must be at least 1")
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
+    # A stopped benchmark still stops its suites, sim and collector (the finally blocks below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="chat_cpu-") as tmp:
