@@ -301,10 +301,11 @@ class Client:
 METADATA = (("authorization", f"Bearer {API_KEY}"),)
 
 
-def _chat(content: str, session_id: str = "") -> edge_pb2.ChatRequest:
+def _chat(content: str, session_id: str = "", *, exact_only: bool = False) -> edge_pb2.ChatRequest:
     return edge_pb2.ChatRequest(
         session_id=session_id,
         messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=content)],
+        cache_mode=edge_pb2.CACHE_MODE_EXACT_ONLY if exact_only else edge_pb2.CACHE_MODE_UNSPECIFIED,
     )
 
 
@@ -399,8 +400,9 @@ async def _run_batch(
 class PathRunner:
     """Builds the calls of one path for one suite: set-up outside the clock, then the batch."""
 
-    def __init__(self, client: Client, path: str, calls: int) -> None:
+    def __init__(self, client: Client, path: str, calls: int, *, session_exact_only: bool = False) -> None:
         self.client, self.path, self.calls = client, path, calls
+        self.session_exact_only = session_exact_only
         self.sessions: list[str] = []
         self.per_session = 1
 
@@ -449,9 +451,10 @@ class PathRunner:
 
         async def in_session(i: int) -> None:
             async with locks[i % count]:
-                await client.edge.Chat(
-                    _chat(USER_TURN.format(i=i, tag=tag), sessions[i % count]), metadata=METADATA, timeout=60
+                request = _chat(
+                    USER_TURN.format(i=i, tag=tag), sessions[i % count], exact_only=self.session_exact_only
                 )
+                await client.edge.Chat(request, metadata=METADATA, timeout=60)
 
         return in_session
 
@@ -514,7 +517,7 @@ async def _measure_config(
             for round_ in range(args.rounds):
                 order = clients if round_ % 2 == 0 else list(reversed(clients))
                 for client in order:
-                    runner = PathRunner(client, path, calls)
+                    runner = PathRunner(client, path, calls, session_exact_only=args.session_exact_only)
                     await runner.prepare()
                     spans_before = _spans(sink_file)
                     name = f"{client.suite.layout}-{client.suite.telemetry}-{path}-r{round_}"
@@ -613,6 +616,11 @@ def main() -> int:
     parser.add_argument("--layouts", type=lambda s: s.split(","), default=["one", "split"])
     parser.add_argument("--telemetry", type=lambda s: s.split(","), default=["off", "export"])
     parser.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS))
+    parser.add_argument(
+        "--session-exact-only",
+        action="store_true",
+        help="session chats ask for CACHE_MODE_EXACT_ONLY (no semantic lookup, so no embedding)",
+    )
     parser.add_argument("--baseline", default="", help="a git revision to measure beside this tree")
     parser.add_argument("--py-spy", type=Path, default=None, help="folder for py-spy profiles of this tree")
     parser.add_argument("--output", default="chat_cpu", help="name of the results files under bench/results")
