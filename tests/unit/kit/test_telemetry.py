@@ -1,0 +1,68 @@
+"""Tracing is on only when someone takes the spans: an exporter or a processor given in code."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.kit.telemetry import setup_telemetry
+
+
+def test_without_an_exporter_no_span_is_made_and_no_interceptor_runs() -> None:
+    telemetry = setup_telemetry("probe", environ={})
+    try:
+        assert not telemetry.tracing
+        assert telemetry.server_interceptors() == []
+        assert telemetry.client_interceptors() == []
+        with telemetry.tracer.start_as_current_span("work") as span:
+            assert not span.is_recording()
+    finally:
+        telemetry.shutdown()
+
+
+def test_an_exporter_that_is_switched_off_leaves_tracing_off() -> None:
+    environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_EXPORTER": "none"}
+    telemetry = setup_telemetry("probe", environ=environ)
+    try:
+        assert not telemetry.tracing
+    finally:
+        telemetry.shutdown()
+
+
+def test_an_otlp_endpoint_turns_tracing_on() -> None:
+    telemetry = setup_telemetry(
+        "probe", environ={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4317"}
+    )
+    try:
+        assert telemetry.tracing
+        assert len(telemetry.server_interceptors()) == 1
+        with telemetry.tracer.start_as_current_span("work") as span:
+            assert span.is_recording()
+    finally:
+        telemetry.shutdown()
+
+
+def test_a_processor_given_in_code_receives_the_spans() -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("probe", environ={}, extra_processors=[SimpleSpanProcessor(exporter)])
+    try:
+        assert telemetry.tracing
+        with telemetry.tracer.start_as_current_span("work"):
+            pass
+        assert [span.name for span in exporter.get_finished_spans()] == ["work"]
+    finally:
+        telemetry.shutdown()
+
+
+def test_the_sdk_switch_wins_over_a_processor() -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(
+        "probe", environ={"OTEL_SDK_DISABLED": "true"}, extra_processors=[SimpleSpanProcessor(exporter)]
+    )
+    try:
+        assert not telemetry.tracing
+        with telemetry.tracer.start_as_current_span("work"):
+            pass
+        assert exporter.get_finished_spans() == ()
+    finally:
+        telemetry.shutdown()
