@@ -60,6 +60,8 @@ from ballast.router.v1 import router_pb2, router_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.support import instant_sim
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVICES = ("limiter", "router", "cache", "sessions", "edge")  # start order: dependencies first
@@ -663,29 +665,7 @@ def main() -> int:
         sim_port, sink_port = _free_port(), _free_port()
         sink_file = folder / "spans"
         try:
-            helpers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "services.router.sim",
-                        "--port",
-                        str(sim_port),
-                        "--name",
-                        "sim-bench",
-                        "--latency-ms",
-                        "0",
-                        "--p99-ms",
-                        "0",
-                        "--distribution",
-                        "fixed",
-                        "--tokens-per-second",
-                        "0",
-                    ],
-                    cwd=ROOT,
-                    stdout=subprocess.DEVNULL,
-                )
-            )
+            helpers.append(subprocess.Popen(instant_sim(sim_port), cwd=ROOT, stdout=subprocess.DEVNULL))
             _wait_port(sim_port, helpers[-1])
             if "export" in args.telemetry:
                 helpers.append(

@@ -46,8 +46,8 @@ import orjson
 import yaml
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.support import healthy, instant_sim, start, stop
 from services.kit.net import free_port
 from tests.support.suite_config import ADMIN_KEY, write_test_config
 
@@ -130,36 +130,6 @@ class RawHttp:
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
             self._writer = None
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("ab")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=handle, stderr=handle)
-
-
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-async def _healthy(address: str, within: float = 180.0) -> None:
-    deadline = time.monotonic() + within
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{address} did not become healthy")
-            await asyncio.sleep(0.25)
 
 
 async def _tcp_ready(port: int, within: float = 60.0) -> None:
@@ -251,7 +221,7 @@ def _start_litellm(
         "--telemetry",
         "False",
     ]
-    return _start(command, litellm_env, folder / "litellm.log")
+    return start(command, litellm_env, folder / "litellm.log")
 
 
 async def _run(
@@ -274,26 +244,8 @@ async def _run(
         env[f"BALLAST_{name.upper()}_PORT"] = str(port)
         env[f"BALLAST_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
         env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(free_port())
-    sim = _start(
-        [
-            sys.executable,
-            "-m",
-            "services.router.sim",
-            "--port",
-            str(sim_port),
-            "--name",
-            "sim-bench",
-            "--latency-ms",
-            "0",
-            "--distribution",
-            "fixed",
-            "--tokens-per-second",
-            "0",
-        ],
-        env,
-        folder / "sim.log",
-    )
-    suite = _start([sys.executable, "-m", "services.cli", "up"], env, folder / "suite.log")
+    sim = start(instant_sim(sim_port), env, folder / "sim.log")
+    suite = start([sys.executable, "-m", "services.cli", "up"], env, folder / "suite.log")
     processes = [suite, sim]
     litellm_port = free_port()
     litellm_process = None
@@ -303,7 +255,7 @@ async def _run(
     rows: list[dict[str, Any]] = []
     try:
         for port in ports.values():
-            await _healthy(f"127.0.0.1:{port}")
+            await healthy(f"127.0.0.1:{port}")
         await _tcp_ready(http_port)
         await _tcp_ready(sim_port)
         if litellm:
@@ -424,7 +376,7 @@ async def _run(
                     flush=True,
                 )
     finally:
-        _stop(processes)
+        stop(processes)
     return rows
 
 

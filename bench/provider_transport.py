@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ import httpcore
 import httpx
 
 from bench.router_overhead import PROMPT, _percentile, _wait_port
+from bench.support import instant_sim
 from services.kit.net import free_port
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, Message, Role
@@ -130,11 +130,7 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")])}
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "services.router.sim", "--port", str(port), "--name", "sim-bench",
-         "--latency-ms", "0", "--p99-ms", "0", "--distribution", "fixed", "--tokens-per-second", "0"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    sim = subprocess.Popen(instant_sim(port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         _wait_port(port)
         rows = asyncio.run(_run(args, port))

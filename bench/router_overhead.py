@@ -34,6 +34,7 @@ import httpx
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from bench.support import instant_sim
 from services.kit.net import free_port
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, Message, Role
@@ -221,28 +222,7 @@ def main() -> int:
         env["BALLAST_ROUTER_CATALOG_FILE"] = str(catalog)
         try:
             processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "services.router.sim",
-                        "--port",
-                        str(sim_port),
-                        "--name",
-                        "sim-bench",
-                        "--latency-ms",
-                        "0",
-                        "--p99-ms",
-                        "0",
-                        "--distribution",
-                        "fixed",
-                        "--tokens-per-second",
-                        "0",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                )
+                subprocess.Popen(instant_sim(sim_port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
             )
             _wait_port(sim_port)
             processes.append(subprocess.Popen([sys.executable, "-m", "services.router"], cwd=ROOT, env=env))

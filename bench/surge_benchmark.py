@@ -35,46 +35,16 @@ from typing import Any
 import grpc
 import httpx
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ballast_demo import report
 from ballast_demo.load import Event, LoadState, run_surge
 from ballast_demo.scenario import ScenarioConfig, UserPlan, full, plan_users, write_suite_config
+from bench.support import healthy, start, stop
 from services.kit.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SERVICES = ("router", "limiter", "cache", "sessions", "edge")
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("ab")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=handle, stderr=handle)
-
-
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-async def _healthy(address: str, within: float = 120.0) -> None:
-    deadline = time.monotonic() + within
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{address} did not become healthy")
-            await asyncio.sleep(0.25)
 
 
 def _start_sims(config: ScenarioConfig, folder: Path) -> list[subprocess.Popen[bytes]]:
@@ -95,7 +65,7 @@ def _start_sims(config: ScenarioConfig, folder: Path) -> list[subprocess.Popen[b
         ),
     )
     return [
-        _start(
+        start(
             [sys.executable, "-m", "services.router.sim", "--distribution", "lognormal",
              "--name", name, "--port", str(port), "--seed", str(seed),
              "--latency-ms", str(latency_ms), "--p99-ms", str(latency_ms * 4),
@@ -201,15 +171,15 @@ async def run_embedded(
         env[f"BALLAST_{name.upper()}_PORT"] = str(port)
         env[f"BALLAST_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
         env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(free_port())
-    suite = _start([sys.executable, "-m", "services.cli", "up"], env, folder / "suite.log")
+    suite = start([sys.executable, "-m", "services.cli", "up"], env, folder / "suite.log")
     try:
         for port in ports.values():
-            await _healthy(f"127.0.0.1:{port}")
+            await healthy(f"127.0.0.1:{port}")
         return await _ballast(
             config, users, f"127.0.0.1:{ports['edge']}", f"127.0.0.1:{ports['router']}", admin_key
         )
     finally:
-        _stop([suite])
+        stop([suite])
 
 
 async def run_replicated(
@@ -243,19 +213,19 @@ async def run_replicated(
             for replica, port in enumerate(ports[name]):
                 replica_env = {**env, f"BALLAST_{name.upper()}_PORT": str(port), "BALLAST_METRICS": "false"}
                 processes.append(
-                    _start(
+                    start(
                         [sys.executable, "-m", f"services.{name}"],
                         replica_env,
                         folder / f"{name}-{replica}.log",
                     )
                 )
             for port in ports[name]:
-                await _healthy(f"127.0.0.1:{port}")
+                await healthy(f"127.0.0.1:{port}")
         edge_target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports["edge"])
         router_target = f"127.0.0.1:{ports['router'][0]}"
         return await _ballast(config, users, edge_target, router_target, admin_key)
     finally:
-        _stop(processes)
+        stop(processes)
         await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()
 
@@ -381,7 +351,7 @@ async def main_async(args: argparse.Namespace) -> None:
             else:
                 state, unloaded = await run_replicated(config, users, folder)
         finally:
-            _stop(sims)
+            stop(sims)
         rows = _rows(mode, state, config)
         # Every answered request, for looking closer than the table does.
         (folder / "events.json").write_text(json.dumps([asdict(e) for e in state.events]))
