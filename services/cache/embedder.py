@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 
 log = logging.getLogger("ballast.cache.embedder")
@@ -37,6 +38,10 @@ class Embedder(Protocol):
     async def embed(self, texts: Sequence[str]) -> Vectors: ...
 
     async def start(self) -> None: ...
+
+    def ready(self) -> Awaitable[None] | None:
+        """None when embed() can answer now; otherwise what finishes when it can."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -137,8 +142,12 @@ class LocalEmbedder:
         threads: int = 1,
         max_tokens: int = 256,
         preload: bool = True,
+        retry_base: float = 1.0,
+        retry_cap: float = 30.0,
     ) -> None:
         self._args = (model_path, tokenizer_path)
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
         self._threads = threads
         self._max_tokens = max_tokens
         self._preload = preload
@@ -182,6 +191,23 @@ class LocalEmbedder:
             self._loading = asyncio.ensure_future(asyncio.to_thread(self._load_sync))
             self._loading.add_done_callback(_report_load)
 
+    def ready(self) -> Awaitable[None] | None:
+        # Without preloading the first semantic call loads the model: nothing to wait for here.
+        if self._model is not None or not self._preload:
+            return None
+        return self._until_loaded()
+
+    async def _until_loaded(self) -> None:
+        # A failed load (a file briefly missing during a rollout) is retried, so the service
+        # becomes ready without a restart once it can.
+        backoff = Backoff(self._retry_base, self._retry_cap)
+        while True:
+            try:
+                await self._ensure()
+                return
+            except Unavailable:
+                await asyncio.sleep(backoff.failed())
+
     async def embed(self, texts: Sequence[str]) -> Vectors:
         model = await self._ensure()
         return await asyncio.to_thread(model.encode, texts)
@@ -212,6 +238,10 @@ class RouterEmbedder:
         return f"router:{self._model}"
 
     async def start(self) -> None:
+        return None
+
+    def ready(self) -> Awaitable[None] | None:
+        # The router's own health says whether it can embed; nothing loads here.
         return None
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
