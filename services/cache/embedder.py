@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import threading
@@ -103,9 +105,17 @@ class MiniLMModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Memory: the arena keeps the largest batch's buffers for ever and the memory pattern
+        # plans them ahead per input shape; without both, a burst of long texts is given back
+        # (measured in bench/cache_memory.py; single-query latency unchanged).
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         self._session = ort.InferenceSession(
             str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
         )
+        # Graph optimisation parses and rewrites the model in temporary buffers that glibc
+        # keeps mapped after freeing them (about 60 MB here): hand them back to the system.
+        _release_freed_memory()
         self._inputs = {i.name for i in self._session.get_inputs()}
         self.load_seconds = time.perf_counter() - started
 
@@ -126,6 +136,17 @@ class MiniLMModel:
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         return l2_normalise(pooled)
+
+
+def _release_freed_memory() -> None:
+    """malloc_trim(0) where the C library is glibc; nothing elsewhere (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    libc = ctypes.CDLL(name)
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class LocalEmbedder:
