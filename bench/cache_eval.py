@@ -19,7 +19,10 @@ score is >= 4.0 of 5; every other pair is a trap, of the first kind that applies
 `related (1-3)`, `unrelated (<1)`.
 
 Project set: tests/unit/cache/data/cache_eval.jsonl (built by build_eval.py there): "tuned"
-pairs were written alongside the guards, "held-out" ones after them (see HOLDOUT_NOTE).
+pairs were written alongside the guards, "held-out" ones after them (see HOLDOUT_NOTE). The
+follow-up pairs (followup_*) were written before the conversation-state scope and never tuned
+on: a follow-up reworded in the same conversation, or resent with cosmetic changes to the
+earlier turns (same answer), and the reworded follow-up after another conversation (a trap).
 """
 
 from __future__ import annotations
@@ -285,6 +288,7 @@ async def main() -> None:
     single = [o for o in single_all if o.pair.get("split") != "holdout"]
     holdout = [o for o in single_all if o.pair.get("split") == "holdout"]
     multi = [o for o in outcomes if o.pair["kind"] in ("multiturn", "multiturn_same")]
+    followups = [o for o in outcomes if o.pair["kind"].startswith("followup_")]
     scope = [o for o in outcomes if o.pair["kind"] == "scope"]
     report: dict[str, Any] = {
         "pairs": len(pairs),
@@ -372,7 +376,12 @@ async def main() -> None:
         + side_by_side(
             f"Multi-turn, shipped defaults (threshold {default:.2f}): the project's own set "
             "(recall = same-conversation follow-ups served)",
-            {f"project set ({len(multi)} pairs)": detailed(multi, default)},
+            {
+                f"project set, exact repeats ({len(multi)} pairs)": detailed(multi, default),
+                f"project set, follow-ups reworded, held out ({len(followups)} pairs)": detailed(
+                    followups, default
+                ),
+            },
         ),
     )
     for split, split_outcomes in sts.items():
@@ -421,6 +430,7 @@ async def main() -> None:
     report["headline"] = headline
     report["project_set"] = {name: detailed(o, default) for name, o in own_single.items()}
     report["project_multi_turn"] = detailed(multi, default)
+    report["project_follow_ups_held_out"] = detailed(followups, default)
     report["single_turn"] = dict(rows_guarded)
     report["single_turn_bare"] = dict(rows_bare)
     report["multi_turn"] = dict(rows_multi)
