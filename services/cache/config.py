@@ -64,6 +64,9 @@ class CacheSettings:
     # Longest user turn (characters) the semantic tier considers; longer turns are exact-only,
     # since the embedding truncates and would not see where two long turns differ.
     semantic_max_chars: int = 1000
+    # Follow-up turns: compared semantically (with the guards) within their conversation state,
+    # the partition of everything said before them; false limits them to the exact tier.
+    semantic_follow_ups: bool = True
     # Candidates the index returns per semantic lookup (each is checked by the guards).
     candidates: int = 4
     # TTL of an answer when Store sets none, and the cap on any TTL (per-tenant caps in the file).
@@ -122,6 +125,7 @@ class CacheSettings:
             preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", True),
             threshold=env.number("BALLAST_CACHE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0),
             semantic_max_chars=env.integer("BALLAST_CACHE_SEMANTIC_MAX_CHARS", 1000, minimum=1),
+            semantic_follow_ups=env.boolean("BALLAST_CACHE_SEMANTIC_FOLLOW_UPS", True),
             candidates=env.integer("BALLAST_CACHE_CANDIDATES", 4, minimum=1, maximum=100),
             default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", 3600.0, minimum=0.001),
             max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", 7 * 86400.0, minimum=0.001),
