@@ -101,6 +101,14 @@ async def measure(tree: Path, entries: int) -> dict[str, Any]:
                 question = f"question number {i}: how do I configure feature {i * 7919 % 10007}?"
                 await cache.Store(store(question, f"answer {i} " * 20, namespace="bench"), timeout=60)
             out["rss_entries_mb"] = _mb(_status_kb(proc.pid, "VmRSS"))
+            # Follow-ups, each in its own conversation: one small partition (and index) each.
+            for i in range(entries):
+                history = [(f"tell me about product {i}", f"product {i} is a widget")]
+                await cache.Store(
+                    store("how much does it cost?", f"{i} dollars", history=history, namespace="bench"),
+                    timeout=60,
+                )
+            out["rss_conversations_mb"] = _mb(_status_kb(proc.pid, "VmRSS"))
             out["rss_peak_mb"] = _mb(_status_kb(proc.pid, "VmHWM"))
     finally:
         proc.terminate()
@@ -133,6 +141,7 @@ async def main() -> None:
         ("rss_started_mb", "RSS at port open (MB)"),
         ("rss_model_mb", "RSS after model load (MB)"),
         ("rss_entries_mb", f"RSS after {args.entries} entries (MB)"),
+        ("rss_conversations_mb", f"+ {args.entries} follow-ups in as many conversations (MB)"),
         ("rss_peak_mb", "peak RSS (MB)"),
         ("seconds_to_model", "s to first semantic answer"),
     ]
