@@ -131,6 +131,7 @@ async def grpc_lookup(
             "BALLAST_CACHE_FILE": "/nonexistent.yaml",
             "BALLAST_CACHE_ANN_THRESHOLD": str(n + 1),  # fill exact, then build once below
             "BALLAST_CACHE_MAX_BYTES": str(4 * 1024**3),
+            "BALLAST_CACHE_MAX_TENANT_BYTES": "0",  # one tenant holds every entry here
             "BALLAST_LOG_LEVEL": "warning",
         }
     )
