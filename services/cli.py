@@ -1,6 +1,8 @@
 """The `ballast` command: run one service, or the whole suite in one process.
 
 ballast serve limiter        one service (same as `python -m services.limiter`)
+ballast serve worker         the burst queue's workers alone (the edge then runs BALLAST_EDGE_WORKERS=0)
+ballast migrate sessions     apply the sessions schema migrations and exit (a Kubernetes Job)
 ballast up                   all five services, each on its own port
 ballast up --only router,limiter
 ballast certs DIR            a local CA and a certificate per service, for mutual TLS
@@ -9,6 +11,7 @@ ballast certs DIR            a local CA and a certificate per service, for mutua
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -17,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from services import registry
-from services.kit.config import SERVICE_NAMES
+from services.kit.config import SERVICE_NAMES, ConfigError, Env
 from services.kit.entry import run
+from services.kit.logging import setup_logging
 
 # Commands that live outside services/ (the demo is a client of the suite, not a service)
 # register here from their own package's metadata, so nothing in services/ imports them.
@@ -41,6 +45,36 @@ def _banner(chosen: Sequence[Any], settings: Sequence[Any]) -> None:
     if edge_port is not None:
         lines.append(f"Try: grpcurl -plaintext 127.0.0.1:{edge_port} list")
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _migrate(wait: str | None) -> int:
+    """`ballast migrate sessions`: what a Kubernetes Job runs before the sessions replicas roll."""
+    from services.sessions import migrate
+
+    env = Env()
+    settings = registry.load_settings("sessions", env)
+    # The flag is checked like a variable, so a bad one is named with what it accepts.
+    flags = Env({"--wait": wait or ""})
+    timeout = flags.duration("--wait", 0.0)
+    env.problems.extend(flags.problems)
+    try:
+        env.check()
+        setup_logging(settings.server.log_level, settings.server.log_format)
+        if wait is None:
+            applied = asyncio.run(migrate.apply(settings))
+            print(
+                f"ballast: sessions schema migrations applied: {applied or 'none, up to date'}",
+                file=sys.stderr,
+            )
+            return 0
+        lacking = asyncio.run(migrate.wait(settings, timeout))
+    except (ConfigError, migrate.MigrateError) as exc:
+        print(f"ballast: {exc}", file=sys.stderr)
+        return 2
+    if lacking:
+        print(f"ballast: sessions schema migrations still missing after {wait}: {lacking}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def certs(argv: Sequence[str]) -> int:
@@ -102,9 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ballast", description="Run Ballast services.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.add_argument("service", choices=[*SERVICE_NAMES, *registry.ROLES])
     up = sub.add_parser("up", help="run every service in one process, each on its own port")
     up.add_argument("--only", default=",".join(SERVICE_NAMES), help="comma-separated services to run")
+    migrate = sub.add_parser("migrate", help="apply a store's schema migrations and exit")
+    migrate.add_argument("service", choices=["sessions"])
+    migrate.add_argument(
+        "--wait",
+        metavar="DURATION",
+        help="apply nothing: wait (up to DURATION, e.g. 10m) until the migrations this build needs are applied",
+    )
     sub.add_parser(
         "demo", help="the front-page surge in a minute, then leave the suite running", add_help=False
     )
@@ -123,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_one(args.service)
+    if args.command == "migrate":
+        return _migrate(args.wait)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     try:
         registry.ordered(names)

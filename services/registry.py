@@ -22,19 +22,28 @@ from services.kit.telemetry import Telemetry
 START_ORDER: tuple[str, ...] = ("limiter", "router", "cache", "sessions", "edge")
 assert set(START_ORDER) == set(SERVICE_NAMES)
 
+# Roles that run part of a service on their own (`ballast serve <role>`), started after the
+# services: role -> the module naming its Entry and that Entry's name. `ballast up` runs none.
+ROLES: dict[str, tuple[str, str]] = {
+    # The burst queue's workers apart from the edge, scaled on the queue's lag.
+    "worker": ("services.edge.app", "WORKER_ENTRY"),
+}
+
 
 def ordered(names: Sequence[str]) -> list[str]:
-    unknown = sorted(set(names) - set(SERVICE_NAMES))
+    known = (*START_ORDER, *ROLES)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(START_ORDER)}")
-    return [name for name in START_ORDER if name in names]
+        raise ValueError(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    return [name for name in known if name in names]
 
 
 def entry(name: str) -> Entry[Any]:
-    """The start-up recipe that `services/<name>/app.py` names."""
-    if name not in SERVICE_NAMES:
-        raise ValueError(f"unknown service {name!r}; known: {', '.join(START_ORDER)}")
-    found: Entry[Any] = importlib.import_module(f"services.{name}.app").ENTRY
+    """The start-up recipe that `services/<name>/app.py` names (a role's, its service's app.py)."""
+    if name not in SERVICE_NAMES and name not in ROLES:
+        raise ValueError(f"unknown service {name!r}; known: {', '.join((*START_ORDER, *ROLES))}")
+    module, attribute = ROLES.get(name, (f"services.{name}.app", "ENTRY"))
+    found: Entry[Any] = getattr(importlib.import_module(module), attribute)
     return found
 
 

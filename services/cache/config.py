@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from services.kit.config import Env, ServerSettings
+from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text, value_node
 
 EMBEDDERS = ("local", "router")
 
@@ -106,114 +106,136 @@ class CacheSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> CacheSettings:
-        policy_file = env.string("BALLAST_CACHE_FILE", "config/cache.yaml")
+        # Each default is the field's own (cls.<field>), written once above.
+        policy_file = env.string("BALLAST_CACHE_FILE", cls.policy_file)
         for variable in ("BALLAST_CACHE_MODEL_PATH", "BALLAST_CACHE_TOKENIZER_PATH"):
             path = env.string(variable, "")
             if path and not Path(path).is_file():
                 env.problems.append(f"{variable}={path!r} is invalid: expected an existing file")
         return cls(
             server=ServerSettings.from_env("cache", env),
-            store_url=env.url("BALLAST_CACHE_STORE", "memory://", ["memory", "redis", "rediss"]),
-            embedder=env.choice("BALLAST_CACHE_EMBEDDER", "local", EMBEDDERS),
-            router_embed_model=env.string("BALLAST_CACHE_ROUTER_EMBED_MODEL", "embedding"),
-            embed_timeout=env.duration("BALLAST_CACHE_EMBED_TIMEOUT", 2.0, minimum=0.001),
-            model_path=env.string("BALLAST_CACHE_MODEL_PATH", ""),
-            tokenizer_path=env.string("BALLAST_CACHE_TOKENIZER_PATH", ""),
-            embed_threads=env.integer("BALLAST_CACHE_EMBED_THREADS", 1, minimum=1, maximum=64),
-            embed_max_tokens=env.integer("BALLAST_CACHE_EMBED_MAX_TOKENS", 256, minimum=8, maximum=512),
-            embed_cache_entries=env.integer("BALLAST_CACHE_EMBED_CACHE_ENTRIES", 10_000, minimum=0),
-            preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", True),
-            threshold=env.number("BALLAST_CACHE_THRESHOLD", 0.95, minimum=0.0, maximum=1.0),
-            semantic_max_chars=env.integer("BALLAST_CACHE_SEMANTIC_MAX_CHARS", 1000, minimum=1),
-            semantic_follow_ups=env.boolean("BALLAST_CACHE_SEMANTIC_FOLLOW_UPS", True),
-            candidates=env.integer("BALLAST_CACHE_CANDIDATES", 4, minimum=1, maximum=100),
-            default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", 3600.0, minimum=0.001),
-            max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", 7 * 86400.0, minimum=0.001),
-            tool_ttl=env.duration("BALLAST_CACHE_TOOL_TTL", 300.0, minimum=0.0),
-            retrieval_ttl=env.duration("BALLAST_CACHE_RETRIEVAL_TTL", 600.0, minimum=0.001),
-            tool_error_ttl=env.duration("BALLAST_CACHE_TOOL_ERROR_TTL", 30.0, minimum=0.0),
-            max_bytes=env.integer("BALLAST_CACHE_MAX_BYTES", 256 * 1024 * 1024, minimum=1024),
-            max_tenant_bytes=env.integer("BALLAST_CACHE_MAX_TENANT_BYTES", 64 * 1024 * 1024, minimum=0),
-            max_entry_bytes=env.integer("BALLAST_CACHE_MAX_ENTRY_BYTES", 1024 * 1024, minimum=256),
-            ann_threshold=env.integer("BALLAST_CACHE_ANN_THRESHOLD", 20_000, minimum=1),
-            ann_m=env.integer("BALLAST_CACHE_ANN_M", 12, minimum=2, maximum=128),
-            ann_ef_construction=env.integer("BALLAST_CACHE_ANN_EF_CONSTRUCTION", 64, minimum=8, maximum=2000),
-            ann_ef=env.integer("BALLAST_CACHE_ANN_EF", 64, minimum=1, maximum=10_000),
-            max_messages=env.integer("BALLAST_CACHE_MAX_MESSAGES", 1024, minimum=1),
-            max_text_chars=env.integer("BALLAST_CACHE_MAX_TEXT_CHARS", 200_000, minimum=1),
-            sync_block=env.duration("BALLAST_CACHE_SYNC_BLOCK", 1.0, minimum=0.01),
-            stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", 20_000, minimum=100),
-            store_pool_size=env.integer("BALLAST_CACHE_STORE_POOL_SIZE", 128, minimum=1, maximum=100_000),
-            store_timeout=env.duration("BALLAST_CACHE_STORE_TIMEOUT", 2.0, minimum=0.001),
+            store_url=env.url("BALLAST_CACHE_STORE", cls.store_url, ["memory", "redis", "rediss"]),
+            embedder=env.choice("BALLAST_CACHE_EMBEDDER", cls.embedder, EMBEDDERS),
+            router_embed_model=env.string("BALLAST_CACHE_ROUTER_EMBED_MODEL", cls.router_embed_model),
+            embed_timeout=env.duration("BALLAST_CACHE_EMBED_TIMEOUT", cls.embed_timeout, minimum=0.001),
+            model_path=env.string("BALLAST_CACHE_MODEL_PATH", cls.model_path),
+            tokenizer_path=env.string("BALLAST_CACHE_TOKENIZER_PATH", cls.tokenizer_path),
+            embed_threads=env.integer(
+                "BALLAST_CACHE_EMBED_THREADS", cls.embed_threads, minimum=1, maximum=64
+            ),
+            embed_max_tokens=env.integer(
+                "BALLAST_CACHE_EMBED_MAX_TOKENS", cls.embed_max_tokens, minimum=8, maximum=512
+            ),
+            embed_cache_entries=env.integer(
+                "BALLAST_CACHE_EMBED_CACHE_ENTRIES", cls.embed_cache_entries, minimum=0
+            ),
+            preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", cls.preload_embedder),
+            threshold=env.number("BALLAST_CACHE_THRESHOLD", cls.threshold, minimum=0.0, maximum=1.0),
+            semantic_max_chars=env.integer(
+                "BALLAST_CACHE_SEMANTIC_MAX_CHARS", cls.semantic_max_chars, minimum=1
+            ),
+            semantic_follow_ups=env.boolean("BALLAST_CACHE_SEMANTIC_FOLLOW_UPS", cls.semantic_follow_ups),
+            candidates=env.integer("BALLAST_CACHE_CANDIDATES", cls.candidates, minimum=1, maximum=100),
+            default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", cls.default_ttl, minimum=0.001),
+            max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", cls.max_ttl, minimum=0.001),
+            tool_ttl=env.duration("BALLAST_CACHE_TOOL_TTL", cls.tool_ttl, minimum=0.0),
+            retrieval_ttl=env.duration("BALLAST_CACHE_RETRIEVAL_TTL", cls.retrieval_ttl, minimum=0.001),
+            tool_error_ttl=env.duration("BALLAST_CACHE_TOOL_ERROR_TTL", cls.tool_error_ttl, minimum=0.0),
+            max_bytes=env.integer("BALLAST_CACHE_MAX_BYTES", cls.max_bytes, minimum=1024),
+            max_tenant_bytes=env.integer("BALLAST_CACHE_MAX_TENANT_BYTES", cls.max_tenant_bytes, minimum=0),
+            max_entry_bytes=env.integer("BALLAST_CACHE_MAX_ENTRY_BYTES", cls.max_entry_bytes, minimum=256),
+            ann_threshold=env.integer("BALLAST_CACHE_ANN_THRESHOLD", cls.ann_threshold, minimum=1),
+            ann_m=env.integer("BALLAST_CACHE_ANN_M", cls.ann_m, minimum=2, maximum=128),
+            ann_ef_construction=env.integer(
+                "BALLAST_CACHE_ANN_EF_CONSTRUCTION", cls.ann_ef_construction, minimum=8, maximum=2000
+            ),
+            ann_ef=env.integer("BALLAST_CACHE_ANN_EF", cls.ann_ef, minimum=1, maximum=10_000),
+            max_messages=env.integer("BALLAST_CACHE_MAX_MESSAGES", cls.max_messages, minimum=1),
+            max_text_chars=env.integer("BALLAST_CACHE_MAX_TEXT_CHARS", cls.max_text_chars, minimum=1),
+            sync_block=env.duration("BALLAST_CACHE_SYNC_BLOCK", cls.sync_block, minimum=0.01),
+            stream_maxlen=env.integer("BALLAST_CACHE_STREAM_MAXLEN", cls.stream_maxlen, minimum=100),
+            store_pool_size=env.integer(
+                "BALLAST_CACHE_STORE_POOL_SIZE", cls.store_pool_size, minimum=1, maximum=100_000
+            ),
+            store_timeout=env.duration("BALLAST_CACHE_STORE_TIMEOUT", cls.store_timeout, minimum=0.001),
             policy_file=policy_file,
             policy=load_policy(env, "BALLAST_CACHE_FILE", policy_file),
         )
 
 
 def load_policy(env: Env, variable: str, path: str) -> CachePolicy:
-    """Reads the YAML policy file; problems are reported through `env`, naming the file."""
-    file = Path(path)
-    if not file.exists():
+    """Reads the YAML policy file; each problem is reported through `env`, at its line."""
+    if not Path(path).exists():
         return CachePolicy()
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        env.problems.append(f"{variable}={path!r} is invalid: cannot read YAML ({exc})")
-        return CachePolicy()
-    try:
-        return parse_policy(data)
-    except ValueError as exc:
-        env.problems.append(f"{variable}={path!r} is invalid: {exc}")
+        return parse_policy(read_text(path, "cache policy"), path)
+    except YamlFileError as exc:
+        env.problems.extend(f"{variable}={path!r} is invalid: {problem}" for problem in exc.problems)
         return CachePolicy()
 
 
-def _seconds(value: Any, where: str) -> float:
-    env = Env({"X": str(value)})
-    seconds = env.duration("X", 0.0)
-    if env.problems:
-        raise ValueError(f"{where}: expected a duration such as 30s, 5m or 1h, got {value!r}")
-    return seconds
-
-
-def parse_policy(data: Any) -> CachePolicy:
-    if not isinstance(data, dict):
-        raise ValueError("expected a mapping at the top level")
-    unknown = set(data) - {"namespaces", "tenants", "tools"}
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}; expected namespaces, tenants, tools")
-    namespaces: dict[str, NamespacePolicy] = {}
-    for name, spec in (data.get("namespaces") or {}).items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"namespaces.{name}: expected a mapping")
-        threshold = spec.get("threshold")
-        if threshold is not None and (not isinstance(threshold, int | float) or not 0 <= threshold <= 1):
-            raise ValueError(f"namespaces.{name}.threshold: expected a number from 0 to 1")
-        ttl = spec.get("default_ttl")
-        namespaces[str(name)] = NamespacePolicy(
-            threshold=None if threshold is None else float(threshold),
-            default_ttl=None if ttl is None else _seconds(ttl, f"namespaces.{name}.default_ttl"),
-        )
-    tenant_max_ttl: dict[str, float] = {}
-    tenant_max_bytes: dict[str, int] = {}
-    for tenant, spec in (data.get("tenants") or {}).items():
-        if not isinstance(spec, dict) or not ({"max_ttl", "max_bytes"} & set(spec)):
-            raise ValueError(f"tenants.{tenant}: expected a mapping with max_ttl and/or max_bytes")
-        if "max_ttl" in spec:
-            tenant_max_ttl[str(tenant)] = _seconds(spec["max_ttl"], f"tenants.{tenant}.max_ttl")
-        if "max_bytes" in spec:
-            size = spec["max_bytes"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError(
-                    f"tenants.{tenant}.max_bytes: expected a whole number of bytes (0 = no quota)"
-                )
-            tenant_max_bytes[str(tenant)] = size
-    tool_ttl: dict[str, float] = {}
-    for tool, spec in (data.get("tools") or {}).items():
-        value = spec.get("ttl") if isinstance(spec, dict) else spec
-        tool_ttl[str(tool)] = _seconds(value, f"tools.{tool}.ttl")
-    return CachePolicy(
-        namespaces=namespaces,
+def parse_policy(text: str, source: str = "cache.yaml") -> CachePolicy:
+    """The policy in `text`; raises YamlFileError listing every problem at its line."""
+    document = compose(text, source)
+    r = YamlReader(source)
+    root = r.entries(document, "cache policy")
+    r.unknown(root, {"namespaces", "tenants", "tools"}, "cache policy")
+    tenant_max_ttl, tenant_max_bytes = _tenants(r, r.entries(value_node(root, "tenants"), "tenants"))
+    policy = CachePolicy(
+        namespaces=_namespaces(r, r.entries(value_node(root, "namespaces"), "namespaces")),
         tenant_max_ttl=tenant_max_ttl,
         tenant_max_bytes=tenant_max_bytes,
-        tool_ttl=tool_ttl,
+        tool_ttl=_tool_ttls(r, r.entries(value_node(root, "tools"), "tools")),
     )
+    r.check()
+    return policy
+
+
+def _namespaces(r: YamlReader, section: Mapping[str, Entry]) -> dict[str, NamespacePolicy]:
+    namespaces: dict[str, NamespacePolicy] = {}
+    for name, (_, node) in section.items():
+        what = f"namespaces.{name}"
+        spec = r.entries(node, what)
+        r.unknown(spec, {"threshold", "default_ttl"}, what)
+        namespaces[name] = NamespacePolicy(
+            threshold=float(r.number(spec, "threshold", what, 0.0, maximum=1.0))
+            if "threshold" in spec
+            else None,
+            default_ttl=r.duration(spec, "default_ttl", what, 0.0, allow_zero=True)
+            if "default_ttl" in spec
+            else None,
+        )
+    return namespaces
+
+
+def _tenants(r: YamlReader, section: Mapping[str, Entry]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each tenant's longest TTL and byte quota (0 = none of its own), either or both."""
+    max_ttl: dict[str, float] = {}
+    max_bytes: dict[str, int] = {}
+    for tenant, (_, node) in section.items():
+        what = f"tenants.{tenant}"
+        spec = r.entries(node, what)
+        r.unknown(spec, {"max_ttl", "max_bytes"}, what)
+        if not {"max_ttl", "max_bytes"} & set(spec):
+            r.bad(node, f"{what}: expected max_ttl and/or max_bytes")
+        if "max_ttl" in spec:
+            max_ttl[tenant] = r.duration(spec, "max_ttl", what, 0.0, allow_zero=True)
+        if "max_bytes" in spec:
+            max_bytes[tenant] = int(r.number(spec, "max_bytes", what, 0, integer=True))
+    return max_ttl, max_bytes
+
+
+def _tool_ttls(r: YamlReader, section: Mapping[str, Entry]) -> dict[str, float]:
+    """`tool: 10m` or `tool: {ttl: 10m}`; 0 never caches that tool's results."""
+    ttls: dict[str, float] = {}
+    for tool, (key, node) in section.items():
+        if not isinstance(node, yaml.MappingNode):
+            ttls[tool] = r.duration({tool: (key, node)}, tool, "tools", 0.0, allow_zero=True)
+            continue
+        what = f"tools.{tool}"
+        spec = r.entries(node, what)
+        r.unknown(spec, {"ttl"}, what)
+        if "ttl" not in spec:
+            r.bad(node, f"{what}: expected ttl")
+        ttls[tool] = r.duration(spec, "ttl", what, 0.0, allow_zero=True)
+    return ttls

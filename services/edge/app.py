@@ -1,4 +1,5 @@
-"""Composition root of the edge: keys, store, downstream clients, pipeline, job workers."""
+"""Composition roots of the edge (keys, store, downstream clients, pipeline, job workers) and of
+the queue worker role, which runs the same job workers without the public API."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import grpc
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 
 from services.edge import auth
-from services.edge.config import EdgeSettings
+from services.edge.config import EdgeSettings, WorkerSettings
 from services.edge.downstream import Downstream
 from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner
@@ -40,19 +41,12 @@ def open_store(settings: EdgeSettings) -> EdgeStore:
     )
 
 
-class EdgeApp(ServiceApp):
-    name = "edge"
+class _QueueApp(ServiceApp):
+    """What the edge and the queue worker share: the store, the pipeline and the job workers."""
 
     def __init__(self, settings: EdgeSettings, telemetry: Telemetry) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
-        # A malformed keys file stops start-up with the file and entry named.
-        self.file_keys = auth.load_keys_file(settings.keys_file)
-        if not self.file_keys and not settings.admin_key:
-            log.warning(
-                "no API keys: every call will be UNAUTHENTICATED; set BALLAST_EDGE_KEYS_FILE (the demo keys: "
-                "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
-            )
         self.store = open_store(settings)
         trace_store(
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
@@ -68,8 +62,6 @@ class EdgeApp(ServiceApp):
         # High priority first when short of CPU: the queue gives way, then low/normal chats.
         self.governor = LoadGovernor(target_lag=settings.pacing_target_lag, interval=settings.pacing_interval)
         queue_lane = self.governor.lane("queue", settings.workers, settings.queue_min_workers)
-        self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
-        self.metrics.watch_governor(self.governor)
         self.jobs = JobRunner(
             settings,
             self.store,
@@ -77,9 +69,47 @@ class EdgeApp(ServiceApp):
             telemetry.tracer,
             self.metrics,
             lane=queue_lane,
+            role=self.name,
             # Per-tenant secrets live with the keys (the keys file's `tenants:` section).
             webhook_secrets=WebhookSecrets(settings.webhook_secret, load_tenant_secrets(settings.keys_file)),
         )
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.jobs.start()
+        self.governor.start()
+        self.metrics.start()
+
+    async def drain(self, grace: float) -> None:
+        await self.jobs.drain(grace)
+
+    async def close(self) -> None:
+        await self.metrics.stop()
+        await self.governor.stop()
+        await self.jobs.stop()
+        await self.downstream.close()
+        await self.store.close()
+
+
+class EdgeApp(_QueueApp):
+    name = "edge"
+
+    def __init__(self, settings: EdgeSettings, telemetry: Telemetry) -> None:
+        # A malformed keys file stops start-up with the file and entry named.
+        self.file_keys = auth.load_keys_file(settings.keys_file)
+        if not self.file_keys and not settings.admin_key:
+            log.warning(
+                "no API keys: every call will be UNAUTHENTICATED; set BALLAST_EDGE_KEYS_FILE (the demo keys: "
+                "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
+            )
+        super().__init__(settings, telemetry)
+        if not settings.workers and settings.store_url.startswith("memory://"):
+            log.warning(
+                "BALLAST_EDGE_WORKERS=0 on a memory:// queue: no process will run queued jobs; set "
+                "BALLAST_EDGE_STORE=redis://… and run `ballast serve worker`"
+            )
+        self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
+        self.metrics.watch_governor(self.governor)
         self.in_flight = InFlightLimit(settings.max_in_flight)
 
     def service_names(self) -> Sequence[str]:
@@ -110,23 +140,35 @@ class EdgeApp(ServiceApp):
             EdgeAdminServicer(self.settings, self.store, self.file_keys), server
         )
 
-    async def start(self) -> None:
-        await self.store.start()
-        self.jobs.start()
-        self.governor.start()
-        self.metrics.start()
 
-    async def close(self) -> None:
-        await self.metrics.stop()
-        await self.governor.stop()
-        await self.jobs.stop()
-        await self.downstream.close()
-        await self.store.close()
+class WorkerApp(_QueueApp):
+    """`ballast serve worker`: the burst queue's workers apart from the public API.
+
+    It serves only the health service (and Prometheus metrics): no API keys, no EdgeService.
+    """
+
+    name = "worker"
+
+    def __init__(self, settings: WorkerSettings, telemetry: Telemetry) -> None:
+        super().__init__(settings.edge, telemetry)
+        self.metrics.watch_governor(self.governor)
+
+    def service_names(self) -> Sequence[str]:
+        return []
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Nothing but health: the worker takes its work from the queue, not from callers."""
 
 
 def build(settings: EdgeSettings, telemetry: Telemetry) -> EdgeApp:
     return EdgeApp(settings, telemetry)
 
 
+def build_worker(settings: WorkerSettings, telemetry: Telemetry) -> WorkerApp:
+    return WorkerApp(settings, telemetry)
+
+
 # How `python -m services.edge` and the all-in-one runner start this service.
 ENTRY = Entry("edge", EdgeSettings.from_env, build)
+# `ballast serve worker`: the queue's workers apart from the edge.
+WORKER_ENTRY = Entry("worker", WorkerSettings.from_env, build_worker)

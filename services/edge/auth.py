@@ -11,14 +11,14 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from services.kit.errors import PermissionDenied, Unauthenticated
+from services.kit.yamlfile import YamlFileError, YamlReader, compose, read_text
 
 KEY_PREFIX = "bk_"
 
@@ -67,61 +67,134 @@ DEMO_KEY_HASHES = frozenset(hashlib.sha256(secret.encode()).hexdigest() for secr
 
 def demo_keys_in(path: str | Path) -> list[str]:
     """key_ids of the entries in a keys file whose secret is a published demo key. A file that
-    cannot be read or parsed yields none here; load_keys_file reports it at start-up."""
+    cannot be read or is invalid yields none here; load_keys_file reports it at start-up."""
     try:
-        data: Any = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        keys = read_keys_file(path).keys
+    except KeysFileError:
         return []
-    entries = data.get("keys") if isinstance(data, dict) else None
-    return [
-        str(entry.get("key_id") or f"keys[{index}]")
-        for index, entry in enumerate(entries if isinstance(entries, list) else [])
-        if isinstance(entry, dict) and str(entry.get("sha256", "")).lower() in DEMO_KEY_HASHES
-    ]
+    return [key.key_id for key in keys if key.sha256 in DEMO_KEY_HASHES]
 
 
-class KeysFileError(ValueError):
-    """The keys file is malformed; the message names the file and entry."""
+class KeysFileError(YamlFileError):
+    """The keys file is malformed; each problem names the file, the line and the entry."""
+
+
+# A tenant's own webhook secret: shorter ones are guessable.
+MIN_WEBHOOK_SECRET_CHARS = 16
+_KEY_FIELDS = ("key_id", "sha256", "tenant", "user", "tier")
+
+
+@dataclass(frozen=True)
+class KeysFile:
+    """What the keys file says: the operators' static keys, and per-tenant settings."""
+
+    keys: tuple[ApiKey, ...] = ()
+    # tenant -> the secret its webhooks are signed with (`tenants.<id>.webhook_secret[_file]`).
+    webhook_secrets: Mapping[str, str] = field(default_factory=dict)
+
+
+def read_keys_file(path: str | Path) -> KeysFile:
+    """The one reading of the keys file (`keys:` and `tenants:`), every problem at its line.
+    No path or a missing file means no keys and no tenant settings."""
+    if not str(path) or not Path(path).exists():  # Path("") would be the working directory
+        return KeysFile()
+    source = str(path)
+    try:
+        document = compose(read_text(path, "keys file"), source)
+    except YamlFileError as exc:
+        raise KeysFileError(exc.problems) from exc
+    r = YamlReader(source)
+    root = r.entries(document, "keys file")
+    r.unknown(root, {"keys", "tenants"}, "keys file")
+    keys = _file_keys(r, root["keys"][1]) if "keys" in root else []
+    secrets: dict[str, str] = {}
+    tenants = r.entries(root["tenants"][1], "tenants") if "tenants" in root else {}
+    for tenant, (_, node) in tenants.items():
+        secret = _webhook_secret(r, node, f"tenants.{tenant}")
+        if secret is not None:
+            secrets[tenant] = secret
+    if r.problems:
+        raise KeysFileError(r.problems)
+    return KeysFile(tuple(keys), secrets)
+
+
+def _file_keys(r: YamlReader, node: yaml.Node) -> list[ApiKey]:
+    if not isinstance(node, yaml.SequenceNode):
+        r.bad(node, "keys: expected a mapping with a `keys:` list")
+        return []
+    keys: list[ApiKey] = []
+    seen: set[str] = set()
+    for index, item in enumerate(node.value):
+        key = _file_key(r, item, f"keys[{index}]")
+        if key is None:
+            continue
+        if key.key_id in seen:
+            r.bad(item, f"keys[{index}]: duplicate key_id {key.key_id!r}")
+            continue
+        seen.add(key.key_id)
+        keys.append(key)
+    return keys
+
+
+def _file_key(r: YamlReader, node: yaml.Node, what: str) -> ApiKey | None:
+    items = r.mapping(node, what)
+    if items is None:
+        return None
+    r.unknown(items, {*_KEY_FIELDS, "region"}, what)
+    values = {
+        name: r.scalar(items[name][1], f"{what}.{name}") for name in items if name in (*_KEY_FIELDS, "region")
+    }
+    missing = [name for name in _KEY_FIELDS if not values.get(name)]
+    if missing:
+        r.bad(node, f"{what}: missing {', '.join(missing)}")
+        return None
+    digest = str(values["sha256"]).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        r.bad(items["sha256"][1], f"{what}: sha256 must be 64 hex digits (the SHA-256 of the key)")
+        return None
+    return ApiKey(
+        key_id=str(values["key_id"]),
+        sha256=digest,
+        tenant_id=str(values["tenant"]),
+        user_id=str(values["user"]),
+        tier=str(values["tier"]),
+        region=str(values.get("region") or ""),
+    )
+
+
+def _webhook_secret(r: YamlReader, node: yaml.Node, what: str) -> str | None:
+    """The tenant's secret, inline or from a mounted file; None when it has none of its own."""
+    items = r.entries(node, what)
+    r.unknown(items, {"webhook_secret", "webhook_secret_file"}, what)
+    if "webhook_secret" in items and "webhook_secret_file" in items:
+        r.bad(node, f"{what}: set webhook_secret or webhook_secret_file, not both")
+        return None
+    if "webhook_secret_file" in items:
+        secret_node = items["webhook_secret_file"][1]
+        secret_file = r.string(items, "webhook_secret_file", what)
+        try:
+            secret = Path(secret_file).read_text().strip()
+        except OSError as exc:
+            r.bad(secret_node, f"{what}.webhook_secret_file: {exc.strerror or exc}")
+            return None
+    elif "webhook_secret" in items:
+        secret_node = items["webhook_secret"][1]
+        secret = r.scalar(secret_node, f"{what}.webhook_secret")
+    else:
+        return None
+    if not isinstance(secret, str) or len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+        r.bad(
+            secret_node,
+            f"{what}: the webhook secret must be a string of at least {MIN_WEBHOOK_SECRET_CHARS} characters",
+        )
+        return None
+    return secret
 
 
 def load_keys_file(path: str | Path) -> list[ApiKey]:
-    """Reads `keys:` entries (key_id, sha256, tenant, user, tier, region). No path or a missing
-    file means no keys."""
-    if not str(path):
-        return []
-    file = Path(path)
-    if not file.exists():
-        return []
-    data: Any = yaml.safe_load(file.read_text()) or {}
-    entries = data.get("keys", []) if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise KeysFileError(f"{file}: expected a mapping with a `keys:` list")
-    keys: list[ApiKey] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        where = f"{file}: keys[{index}]"
-        if not isinstance(entry, dict):
-            raise KeysFileError(f"{where}: expected a mapping")
-        missing = [f for f in ("key_id", "sha256", "tenant", "user", "tier") if not entry.get(f)]
-        if missing:
-            raise KeysFileError(f"{where}: missing {', '.join(missing)}")
-        digest = str(entry["sha256"]).lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise KeysFileError(f"{where}: sha256 must be 64 hex digits (the SHA-256 of the key)")
-        if entry["key_id"] in seen:
-            raise KeysFileError(f"{where}: duplicate key_id {entry['key_id']!r}")
-        seen.add(str(entry["key_id"]))
-        keys.append(
-            ApiKey(
-                key_id=str(entry["key_id"]),
-                sha256=digest,
-                tenant_id=str(entry["tenant"]),
-                user_id=str(entry["user"]),
-                tier=str(entry["tier"]),
-                region=str(entry.get("region") or ""),
-            )
-        )
-    return keys
+    """The keys file's `keys:` entries (key_id, sha256, tenant, user, tier, region). No path or a
+    missing file means no keys."""
+    return list(read_keys_file(path).keys)
 
 
 def key_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

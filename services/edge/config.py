@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.edge import auth
 from services.kit.config import Env, ServerSettings
@@ -14,6 +14,10 @@ from services.kit.tls import is_loopback
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
 PRIORITIES = ("low", "normal", "high", "critical")
+
+# The queue worker role (`ballast serve worker`) listens next to the five services' ports.
+WORKER_PORT = 50056
+WORKER_METRICS_PORT = 9456
 
 
 def _parse_webhook_allowed(env: Env, name: str) -> tuple[str, ...]:
@@ -220,3 +224,42 @@ class EdgeSettings:
                 env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
             ),
         )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The queue worker role: the edge's job settings, its own health and metrics ports.
+
+    It runs the edge's JobRunner, so the same BALLAST_EDGE_* variables tune its jobs
+    (BALLAST_EDGE_WORKERS is then the number of jobs one worker process runs at once).
+    """
+
+    edge: EdgeSettings
+
+    @property
+    def server(self) -> ServerSettings:
+        return self.edge.server
+
+    @classmethod
+    def from_env(cls, env: Env) -> WorkerSettings:
+        edge = EdgeSettings.from_env(env)
+        # The edge's listener settings (TLS, grace, logging) with the worker's own ports.
+        server = replace(
+            edge.server,
+            service="worker",
+            port=env.integer("BALLAST_WORKER_PORT", WORKER_PORT, minimum=0, maximum=65535),
+            metrics_port=env.integer(
+                "BALLAST_WORKER_METRICS_PORT", WORKER_METRICS_PORT, minimum=0, maximum=65535
+            ),
+        )
+        if not edge.store_url.startswith(("redis://", "rediss://")):
+            env.problems.append(
+                f"BALLAST_EDGE_STORE={edge.store_url!r} is invalid for a queue worker: expected a "
+                "redis:// URL shared with the edge (a memory:// queue lives inside one edge process)"
+            )
+        if edge.workers < 1:
+            env.problems.append(
+                f"BALLAST_EDGE_WORKERS={edge.workers} is invalid for a queue worker: expected at least 1 "
+                "(the jobs one worker process runs at once)"
+            )
+        return cls(edge=replace(edge, server=server))

@@ -99,6 +99,37 @@ def quota_metadata(quotas: list[common_pb2.Quota]) -> tuple[tuple[str, str], ...
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Billed:
+    """What this turn cost the caller: the model's usage and cost, or nothing for a cache hit."""
+
+    usage: common_pb2.Usage
+    cost: common_pb2.Cost
+    cost_micros: int
+    tokens: int
+
+    @classmethod
+    def of(cls, answer: router_pb2.CompleteResponse, *, cache_hit: bool) -> _Billed:
+        if cache_hit:
+            return cls(common_pb2.Usage(), common_pb2.Cost(), 0, 0)
+        usage = answer.usage
+        tokens = usage.total_tokens or (usage.input_tokens + usage.output_tokens)
+        return cls(usage, answer.cost, answer.cost.total_cost_micros, tokens)
+
+
+def _trace_answer(answer: router_pb2.CompleteResponse, billed: _Billed) -> None:
+    trace.get_current_span().set_attributes(
+        {
+            "ballast.router.provider": answer.provider,
+            "ballast.router.model": answer.model,
+            "ballast.router.attempts": len(answer.attempts),
+            "ballast.cost.micros": billed.cost_micros,
+            "ballast.usage.input_tokens": billed.usage.input_tokens,
+            "ballast.usage.output_tokens": billed.usage.output_tokens,
+        }
+    )
+
+
 @dataclass
 class Prepared:
     """Everything known before the model is called."""
@@ -367,72 +398,16 @@ class ChatPipeline:
         similarity: float = 0.0,
     ) -> edge_pb2.ChatResponse:
         """Appends to the session, stores in the cache and settles the limiter, concurrently."""
-        request, caller = prepared.request, prepared.caller
+        billed = _Billed.of(answer, cache_hit=cache_hit)
         # Settling must happen even if the caller's deadline is gone: the tokens were spent.
         after = Deadline(self._settings.downstream_timeout)
         jobs: dict[str, Awaitable[Any]] = {}
-        if request.session_id:
-            turns = [sessions_pb2.Turn(message=m) for m in request.messages]
-            turns.append(
-                sessions_pb2.Turn(
-                    message=answer.message,
-                    usage=answer.usage if not cache_hit else common_pb2.Usage(),
-                    cost_micros=answer.cost.total_cost_micros if not cache_hit else 0,
-                    model=answer.model,
-                )
-            )
-            jobs["append"] = self._down.call(
-                "sessions",
-                self._down.sessions.AppendTurns,
-                sessions_pb2.AppendTurnsRequest(
-                    caller=caller,
-                    session_id=request.session_id,
-                    expected_version=prepared.session_version,
-                    idempotency_key=request.idempotency_key or prepared.request_id,
-                    # A retried request is the same request even though the model answered anew.
-                    request_fingerprint=request_fingerprint(request),
-                    turns=turns,
-                ),
-                self._down.timeout(after),
-            )
-        if not cache_hit and request.cache_mode != edge_pb2.CACHE_MODE_BYPASS:
-            jobs["store"] = self._down.call(
-                "cache",
-                self._down.cache.Store,
-                cache_pb2.StoreRequest(
-                    scope=self._cache_scope(caller, request),
-                    model=cache_model(caller, request),
-                    messages=prepared.model_messages,
-                    tools=request.tools,
-                    params=request.params,
-                    answer=cache_pb2.CachedAnswer(
-                        message=answer.message,
-                        finish_reason=answer.finish_reason,
-                        usage=answer.usage,
-                        cost=answer.cost,
-                        model=answer.model,
-                    ),
-                    allow_nondeterministic=request.allow_nondeterministic_cache,
-                ),
-                self._down.timeout(after),
-            )
+        if prepared.request.session_id:
+            jobs["append"] = self._append_answer(prepared, answer, billed, after)
+        if not cache_hit and prepared.request.cache_mode != edge_pb2.CACHE_MODE_BYPASS:
+            jobs["store"] = self._store_answer(prepared, answer, after)
         if prepared.reservation_id:
-            spent = (
-                0
-                if cache_hit
-                else answer.usage.total_tokens or (answer.usage.input_tokens + answer.usage.output_tokens)
-            )
-            jobs["commit"] = self._down.call(
-                "limiter",
-                self._down.limiter.Commit,
-                limiter_pb2.CommitRequest(
-                    reservation_id=prepared.reservation_id,
-                    caller=caller,
-                    actual_tokens=spent,
-                    cost_micros=0 if cache_hit else answer.cost.total_cost_micros,
-                ),
-                self._down.timeout(after),
-            )
+            jobs["commit"] = self._commit_spend(prepared, billed, after)
         results = dict(zip(jobs, await asyncio.gather(*(_settle(j) for j in jobs.values())), strict=True))
         for name in ("store", "commit"):
             if isinstance(results.get(name), BaseException):
@@ -452,16 +427,7 @@ class ChatPipeline:
                 # This request was already answered and recorded (its reply was lost on the way):
                 # give back that answer, so the session and the client agree.
                 answer = replayed_answer(answer, list(appended.turns))
-        trace.get_current_span().set_attributes(
-            {
-                "ballast.router.provider": answer.provider,
-                "ballast.router.model": answer.model,
-                "ballast.router.attempts": len(answer.attempts),
-                "ballast.cost.micros": 0 if cache_hit else answer.cost.total_cost_micros,
-                "ballast.usage.input_tokens": 0 if cache_hit else answer.usage.input_tokens,
-                "ballast.usage.output_tokens": 0 if cache_hit else answer.usage.output_tokens,
-            }
-        )
+        _trace_answer(answer, billed)
         quotas = prepared.quotas
         committed = results.get("commit")
         if committed is not None and not isinstance(committed, BaseException):
@@ -469,8 +435,8 @@ class ChatPipeline:
         return edge_pb2.ChatResponse(
             message=answer.message,
             finish_reason=answer.finish_reason,
-            usage=answer.usage if not cache_hit else common_pb2.Usage(),
-            cost=answer.cost if not cache_hit else common_pb2.Cost(),
+            usage=billed.usage,
+            cost=billed.cost,
             cache_hit=cache_hit,
             cache_similarity=similarity,
             provider=answer.provider,
@@ -481,6 +447,77 @@ class ChatPipeline:
             quotas=quotas,
             attempts=answer.attempts,
             throttle_delay=duration(prepared.throttle_delay),
+        )
+
+    def _append_answer(
+        self, prepared: Prepared, answer: router_pb2.CompleteResponse, billed: _Billed, after: Deadline
+    ) -> Awaitable[sessions_pb2.AppendTurnsResponse]:
+        """The turn's messages and the answer, appended to the session."""
+        request = prepared.request
+        turns = [sessions_pb2.Turn(message=m) for m in request.messages]
+        turns.append(
+            sessions_pb2.Turn(
+                message=answer.message,
+                usage=billed.usage,
+                cost_micros=billed.cost_micros,
+                model=answer.model,
+            )
+        )
+        return self._down.call(
+            "sessions",
+            self._down.sessions.AppendTurns,
+            sessions_pb2.AppendTurnsRequest(
+                caller=prepared.caller,
+                session_id=request.session_id,
+                expected_version=prepared.session_version,
+                idempotency_key=request.idempotency_key or prepared.request_id,
+                # A retried request is the same request even though the model answered anew.
+                request_fingerprint=request_fingerprint(request),
+                turns=turns,
+            ),
+            self._down.timeout(after),
+        )
+
+    def _store_answer(
+        self, prepared: Prepared, answer: router_pb2.CompleteResponse, after: Deadline
+    ) -> Awaitable[cache_pb2.StoreResponse]:
+        """The model's answer, stored in the cache for the next caller who asks the same."""
+        request, caller = prepared.request, prepared.caller
+        return self._down.call(
+            "cache",
+            self._down.cache.Store,
+            cache_pb2.StoreRequest(
+                scope=self._cache_scope(caller, request),
+                model=cache_model(caller, request),
+                messages=prepared.model_messages,
+                tools=request.tools,
+                params=request.params,
+                answer=cache_pb2.CachedAnswer(
+                    message=answer.message,
+                    finish_reason=answer.finish_reason,
+                    usage=answer.usage,
+                    cost=answer.cost,
+                    model=answer.model,
+                ),
+                allow_nondeterministic=request.allow_nondeterministic_cache,
+            ),
+            self._down.timeout(after),
+        )
+
+    def _commit_spend(
+        self, prepared: Prepared, billed: _Billed, after: Deadline
+    ) -> Awaitable[limiter_pb2.CommitResponse]:
+        """The tokens and cost actually spent, settled against the Check's reservation."""
+        return self._down.call(
+            "limiter",
+            self._down.limiter.Commit,
+            limiter_pb2.CommitRequest(
+                reservation_id=prepared.reservation_id,
+                caller=prepared.caller,
+                actual_tokens=billed.tokens,
+                cost_micros=billed.cost_micros,
+            ),
+            self._down.timeout(after),
         )
 
     def cached_answer(self, prepared: Prepared) -> router_pb2.CompleteResponse:

@@ -14,9 +14,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from ballast.common.v1 import common_pb2
@@ -120,6 +123,7 @@ class JobRunner:
         lane: Lane | None = None,
         webhooks: WebhookPolicy | None = None,
         webhook_secrets: WebhookSecrets | None = None,
+        role: str = "edge",
     ) -> None:
         self._metrics = metrics
         self._settings = settings
@@ -127,8 +131,11 @@ class JobRunner:
         self._pipeline = pipeline
         self._tracer = tracer
         self._clock = clock
-        self._consumer = f"edge-{secrets.token_hex(6)}"
+        # The role, pod (host) and process in the consumer's name, so XINFO CONSUMERS and
+        # XPENDING say which replica holds a job.
+        self.consumer = f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._tasks: list[asyncio.Task[None]] = []
+        self._reclaimer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.webhooks = webhooks or WebhookPolicy(
             settings.webhook_allowed, resolve_timeout=settings.webhook_timeout
@@ -209,8 +216,34 @@ class JobRunner:
     def start(self) -> None:
         for index in range(self._settings.workers):
             self._tasks.append(asyncio.create_task(self._work(index), name=f"edge-worker-{index}"))
-        if self._settings.workers:
-            self._tasks.append(asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer"))
+        # With its workers apart (`ballast serve worker`, scaled on the queue's lag, possibly to
+        # zero), the edge still keeps the queue moving: it re-queues jobs whose worker died and
+        # parked jobs whose time came, so they show as lag and an autoscaler brings a worker.
+        self._reclaimer = asyncio.create_task(self._reclaim_loop(), name="edge-reclaimer")
+        self._tasks.append(self._reclaimer)
+
+    async def drain(self, grace: float) -> None:
+        """Stops claiming jobs and lets the ones running finish, for at most `grace` seconds.
+
+        A job still running after that is cut by `stop`; its entry stays pending and another
+        worker reclaims it after BALLAST_EDGE_JOB_CLAIM_IDLE, so it is run again, not lost.
+        """
+        self._stopping.set()
+        if self._reclaimer is not None:
+            self._reclaimer.cancel()
+        # Each worker loop ends by itself once its current job is done (a claim waits at most 1 s);
+        # webhooks of jobs that ended are delivered meanwhile.
+        pending: list[asyncio.Task[Any]] = [t for t in self._tasks if t is not self._reclaimer]
+        pending.extend(self._webhooks)
+        pending = [task for task in pending if not task.done()]
+        if pending and grace > 0:
+            _, running = await asyncio.wait(pending, timeout=grace)
+            if running:
+                log.warning(
+                    "%d workers or webhooks still busy after the %.1fs drain; jobs cut now are reclaimed",
+                    len(running),
+                    grace,
+                )
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -225,11 +258,17 @@ class JobRunner:
 
     async def _reclaim_loop(self) -> None:
         interval = max(0.05, self._settings.job_claim_idle / 2)
+        if not self._settings.workers:
+            # No claim loop here promotes parked jobs: wake often enough that one due is queued
+            # within a second.
+            interval = min(interval, 1.0)
         while not self._stopping.is_set():
             try:
-                count = await self._store.reclaim(self._consumer, self._settings.job_claim_idle)
+                count = await self._store.reclaim(self.consumer, self._settings.job_claim_idle)
                 if count:
                     log.warning("reclaimed %d abandoned jobs", count)
+                if not self._settings.workers:
+                    await self._store.promote_due()
             except Exception:
                 log.exception("reclaiming abandoned jobs failed")
             await asyncio.sleep(interval)
@@ -239,8 +278,10 @@ class JobRunner:
             # A slot first, then a claim: a job this replica has no capacity for stays in the
             # queue for another replica.
             async with self.lane.slot():
+                if self._stopping.is_set():
+                    return
                 try:
-                    claim = await self._store.claim(self._consumer, block=1.0)
+                    claim = await self._store.claim(self.consumer, block=1.0)
                 except Exception:
                     log.exception("claiming a job failed; retrying")
                     await asyncio.sleep(1.0)
@@ -259,7 +300,7 @@ class JobRunner:
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
-                await self._store.heartbeat(claim, self._consumer)
+                await self._store.heartbeat(claim, self.consumer)
 
     async def run(self, claim: Claim) -> None:
         """Runs one claimed job to its end, or parks it until quota frees up."""

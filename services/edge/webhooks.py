@@ -24,11 +24,9 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
+from services.edge.auth import read_keys_file
 from services.kit.errors import InvalidArgument
 
 log = logging.getLogger("ballast.edge.webhooks")
@@ -276,12 +274,9 @@ def delivery_id(job_id: str) -> str:
     return "dlv_" + hashlib.sha256(job_id.encode()).hexdigest()[:32]
 
 
-class TenantSecretsError(ValueError):
-    """The keys file's `tenants:` section is malformed; the message names the file and entry."""
-
-
 def load_tenant_secrets(path: str | Path) -> dict[str, str]:
-    """Per-tenant webhook secrets from the keys file's `tenants:` mapping:
+    """Per-tenant webhook secrets from the keys file's `tenants:` mapping (read and validated
+    with the keys, auth.read_keys_file):
 
         tenants:
           acme:
@@ -289,38 +284,7 @@ def load_tenant_secrets(path: str | Path) -> dict[str, str]:
 
     No path, a missing file or section means none (every tenant uses BALLAST_EDGE_WEBHOOK_SECRET).
     """
-    if not str(path):  # no keys file configured (Path("") would be the working directory)
-        return {}
-    file = Path(path)
-    if not file.exists():
-        return {}
-    data: Any = yaml.safe_load(file.read_text()) or {}
-    tenants = data.get("tenants") if isinstance(data, dict) else None
-    if tenants is None:
-        return {}
-    if not isinstance(tenants, dict):
-        raise TenantSecretsError(f"{file}: `tenants:` must map tenant ids to settings")
-    secrets: dict[str, str] = {}
-    for tenant, entry in tenants.items():
-        where = f"{file}: tenants.{tenant}"
-        if not isinstance(entry, dict):
-            raise TenantSecretsError(f"{where}: expected a mapping")
-        inline, secret_file = entry.get("webhook_secret"), entry.get("webhook_secret_file")
-        if inline is not None and secret_file is not None:
-            raise TenantSecretsError(f"{where}: set webhook_secret or webhook_secret_file, not both")
-        if secret_file is not None:
-            try:
-                inline = Path(str(secret_file)).read_text().strip()
-            except OSError as exc:
-                raise TenantSecretsError(f"{where}: webhook_secret_file: {exc.strerror}") from None
-        if inline is None:
-            continue
-        if not isinstance(inline, str) or len(inline) < 16:
-            raise TenantSecretsError(
-                f"{where}: the webhook secret must be a string of at least 16 characters"
-            )
-        secrets[str(tenant)] = inline
-    return secrets
+    return dict(read_keys_file(path).webhook_secrets)
 
 
 class WebhookSecrets:

@@ -250,25 +250,26 @@ class ServerSettings:
 
     @classmethod
     def _read(cls, service: str, env: Env) -> ServerSettings:
+        # Each default is the field's own (cls.<field>), written once above.
         upper = service.upper()
         return cls(
             service=service,
-            host=env.string(f"{PREFIX}HOST", "127.0.0.1"),
+            host=env.string(f"{PREFIX}HOST", cls.host),
             port=env.integer(f"{PREFIX}{upper}_PORT", DEFAULT_PORTS[service], minimum=0, maximum=65535),
-            grace_period=env.duration(f"{PREFIX}GRACE_PERIOD", 10.0),
-            close_timeout=env.duration(f"{PREFIX}CLOSE_TIMEOUT", 10.0, minimum=0.1),
+            grace_period=env.duration(f"{PREFIX}GRACE_PERIOD", cls.grace_period),
+            close_timeout=env.duration(f"{PREFIX}CLOSE_TIMEOUT", cls.close_timeout, minimum=0.1),
             max_message_bytes=env.integer(
-                f"{PREFIX}MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024
+                f"{PREFIX}MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024, maximum=256 * 1024 * 1024
             ),
-            log_level=env.choice(f"{PREFIX}LOG_LEVEL", "info", LOG_LEVELS),
-            log_format=env.choice(f"{PREFIX}LOG_FORMAT", "json", LOG_FORMATS),
-            capture_content=env.boolean(f"{PREFIX}CAPTURE_CONTENT", False),
+            log_level=env.choice(f"{PREFIX}LOG_LEVEL", cls.log_level, LOG_LEVELS),
+            log_format=env.choice(f"{PREFIX}LOG_FORMAT", cls.log_format, LOG_FORMATS),
+            capture_content=env.boolean(f"{PREFIX}CAPTURE_CONTENT", cls.capture_content),
             addresses={
                 name: env.address(f"{PREFIX}{name.upper()}_ADDR", f"127.0.0.1:{port}")
                 for name, port in DEFAULT_PORTS.items()
             },
-            metrics_enabled=env.boolean(f"{PREFIX}METRICS", True),
-            metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", False),
+            metrics_enabled=env.boolean(f"{PREFIX}METRICS", cls.metrics_enabled),
+            metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", cls.metrics_per_user),
             region=region_from_env(env),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",

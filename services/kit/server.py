@@ -56,6 +56,10 @@ class ServiceApp:
     async def start(self) -> None:
         """Opens pools and starts background work, before the port accepts calls."""
 
+    async def drain(self, grace: float) -> None:
+        """Lets background work in flight (queued jobs) finish within the grace period, while
+        the server drains its calls; nothing new may start."""
+
     async def close(self) -> None:
         """Closes pools and stops background work, after in-flight calls drained."""
 
@@ -146,7 +150,7 @@ class RunningService:
             self._becoming_ready.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
         if self._health_server is not None:
             await self._health_server.stop(0)
         try:

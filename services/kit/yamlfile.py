@@ -25,7 +25,21 @@ class YamlFileError(ValueError):
         super().__init__("\n".join(problems))
 
 
-class Items(dict[str, tuple[yaml.Node, yaml.Node]]):
+# One entry of a mapping: its key's node and its value's node (each knows its line).
+Entry = tuple[yaml.Node, yaml.Node]
+
+
+def is_null(node: yaml.Node) -> bool:
+    """Whether the node is an empty value (`key:`, `~` or `null`)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def value_node(items: Mapping[str, Entry], key: str) -> yaml.Node | None:
+    """The value's node of `key` (None when not written), for a section read by its own function."""
+    return items[key][1] if key in items else None
+
+
+class Items(dict[str, Entry]):
     """A mapping's entries by key (key node, value node), remembering the mapping's own node."""
 
     def __init__(self, node: yaml.Node) -> None:
@@ -44,12 +58,25 @@ def compose(text: str, source: str) -> yaml.Node | None:
     return node
 
 
+def load(text: str, source: str) -> Any:
+    """The document as plain data (None if empty), for a format whose rules are another
+    program's and are written over plain values (envoyproxy/ratelimit's descriptor files);
+    a syntax error names its line as compose's does."""
+    node = compose(text, source)
+    return None if node is None else yaml.SafeLoader("").construct_document(node)
+
+
 def read_text(path: str | Path, what: str) -> str:
     """The file's text; an unreadable file is a YamlFileError naming it and why."""
     try:
         return Path(path).read_text()
     except OSError as exc:
         raise YamlFileError([f"{path}: cannot read the {what} ({exc.strerror or exc})"]) from exc
+
+
+def _at(what: str, key: str) -> str:
+    """The dotted path of `key` inside `what`; an empty `what` is the file's top level."""
+    return f"{what}.{key}" if what else key
 
 
 class YamlReader:
@@ -81,6 +108,18 @@ class YamlReader:
                 self.bad(key, f"{what}: duplicate key {key.value!r}")
             out[key.value] = (key, value)
         return out
+
+    def entries(self, node: yaml.Node | None, what: str) -> Mapping[str, Entry]:
+        """A mapping's entries where leaving something empty (`key:`) means not writing it: an
+        absent or empty mapping has no entries and an empty value is left out (its default applies)."""
+        if node is None or is_null(node):
+            return {}
+        items = self.mapping(node, what)
+        if items is None:
+            return {}
+        kept = Items(node)
+        kept.update((name, entry) for name, entry in items.items() if not is_null(entry[1]))
+        return kept
 
     def unknown(self, items: Mapping[str, tuple[yaml.Node, yaml.Node]], allowed: set[str], what: str) -> None:
         for name, (key, _) in items.items():
@@ -118,12 +157,12 @@ class YamlReader:
                 return ""
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         if value is None:
             return default or ""
         text = str(value)
         if choices and text not in choices:
-            self.bad(node, f"{what}.{key}: {text!r} is not one of {', '.join(choices)}")
+            self.bad(node, f"{_at(what, key)}: {text!r} is not one of {', '.join(choices)}")
         return text
 
     def number(
@@ -140,15 +179,15 @@ class YamlReader:
         if key not in items:
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         kind = "an integer" if integer else "a number"
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok:
-            self.bad(node, f"{what}.{key}: expected {kind}, got {value!r}")
+            self.bad(node, f"{_at(what, key)}: expected {kind}, got {value!r}")
             return default
         if value < minimum or (maximum is not None and value > maximum):
             limit = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"at least {minimum:g}"
-            self.bad(node, f"{what}.{key}: {value!r} must be {limit}")
+            self.bad(node, f"{_at(what, key)}: {value!r} must be {limit}")
             return default
         return value
 
@@ -158,9 +197,9 @@ class YamlReader:
         if key not in items:
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         if not isinstance(value, bool):
-            self.bad(node, f"{what}.{key}: expected true or false, got {value!r}")
+            self.bad(node, f"{_at(what, key)}: expected true or false, got {value!r}")
             return default
         return value
 
@@ -172,21 +211,24 @@ class YamlReader:
         default: float,
         *,
         maximum: float | None = None,
+        allow_zero: bool = False,
     ) -> float:
-        """Seconds from a positive number or a duration text such as 500ms, 30s, 10m, 1h or 1d."""
+        """Seconds from a positive number or a duration text such as 500ms, 30s, 10m, 1h or 1d
+        (or 0 where `allow_zero`, for a TTL whose 0 means "never keep")."""
         if key not in items:
             return default
         node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
+        value = self.scalar(node, _at(what, key))
         seconds: float | None
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         else:
             seconds = parse_duration(value) if isinstance(value, str) else None
-        if seconds is None or seconds <= 0:
-            self.bad(node, f"{what}.{key}: expected a positive duration such as {DURATION_EXAMPLES}")
+        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+            kind = "a duration (0 or more)" if allow_zero else "a positive duration"
+            self.bad(node, f"{_at(what, key)}: expected {kind} such as {DURATION_EXAMPLES}")
             return default
         if maximum is not None and seconds > maximum:
-            self.bad(node, f"{what}.{key}: must be at most {maximum:g}s, got {seconds:g}s")
+            self.bad(node, f"{_at(what, key)}: must be at most {maximum:g}s, got {seconds:g}s")
             return default
         return seconds

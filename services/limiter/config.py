@@ -63,7 +63,9 @@ class LimiterSettings:
         try:
             load_tiers(tiers_path(settings.tiers_file))
         except TiersError as exc:
-            env.problems.append(f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {exc}")
+            env.problems.extend(
+                f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {problem}" for problem in exc.problems
+            )
         if not settings.store_url.startswith("memory:"):
             from services.kit.redisconn import split_key_prefix
             from services.limiter.store.library import check_url
@@ -82,28 +84,33 @@ class LimiterSettings:
 
     @classmethod
     def _read(cls, env: Env, p: str) -> LimiterSettings:
+        # Each default is the field's own (cls.<field>), written once above.
         return cls(
             server=ServerSettings.from_env("limiter", env),
-            store_url=env.url(f"{p}STORE", "memory://", ["memory", "redis", "rediss", "unix"]),
-            tiers_file=env.string(f"{p}TIERS_FILE", DEFAULT_TIERS_FILE),
-            envoy_config=env.string(f"{p}ENVOY_CONFIG", ""),
-            reload_interval=env.duration(f"{p}RELOAD_INTERVAL", 1.0, minimum=0.01),
-            store_timeout=env.duration(f"{p}STORE_TIMEOUT", 0.25, minimum=0.001),
-            redis_pool_size=env.integer(f"{p}REDIS_POOL_SIZE", 64, minimum=1, maximum=10_000),
-            store_retry_interval=env.duration(f"{p}STORE_RETRY_INTERVAL", 1.0, minimum=0.0),
-            fail_mode=env.choice(f"{p}FAIL_MODE", "local", FAIL_MODES),
-            replicas=env.integer(f"{p}REPLICAS", 1, minimum=1, maximum=10_000),
-            local_share=env.number(f"{p}LOCAL_SHARE", 0.0, minimum=0.0, maximum=1.0),
-            outage_memory=env.integer(f"{p}OUTAGE_MEMORY", 100_000, minimum=1, maximum=100_000_000),
-            window_buckets=env.integer(f"{p}WINDOW_BUCKETS", 20, minimum=1, maximum=600),
-            idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 600.0, minimum=1.0),
-            headroom_refresh=env.duration(f"{p}HEADROOM_REFRESH", 1.0, minimum=0.01),
-            max_requests=env.integer(f"{p}MAX_REQUESTS", 10_000, minimum=1),
-            max_tokens=env.integer(f"{p}MAX_TOKENS", 100_000_000, minimum=1),
-            max_tool_calls=env.integer(f"{p}MAX_TOOL_CALLS", 10_000, minimum=1),
-            max_id_length=env.integer(f"{p}MAX_ID_LENGTH", 256, minimum=8, maximum=4096),
-            max_descriptors=env.integer(f"{p}MAX_DESCRIPTORS", 64, minimum=1, maximum=4096),
-            max_entries=env.integer(f"{p}MAX_ENTRIES", 32, minimum=1, maximum=1024),
+            store_url=env.url(f"{p}STORE", cls.store_url, ["memory", "redis", "rediss", "unix"]),
+            tiers_file=env.string(f"{p}TIERS_FILE", cls.tiers_file),
+            envoy_config=env.string(f"{p}ENVOY_CONFIG", cls.envoy_config),
+            reload_interval=env.duration(f"{p}RELOAD_INTERVAL", cls.reload_interval, minimum=0.01),
+            store_timeout=env.duration(f"{p}STORE_TIMEOUT", cls.store_timeout, minimum=0.001),
+            redis_pool_size=env.integer(
+                f"{p}REDIS_POOL_SIZE", cls.redis_pool_size, minimum=1, maximum=10_000
+            ),
+            store_retry_interval=env.duration(
+                f"{p}STORE_RETRY_INTERVAL", cls.store_retry_interval, minimum=0.0
+            ),
+            fail_mode=env.choice(f"{p}FAIL_MODE", cls.fail_mode, FAIL_MODES),
+            replicas=env.integer(f"{p}REPLICAS", cls.replicas, minimum=1, maximum=10_000),
+            local_share=env.number(f"{p}LOCAL_SHARE", cls.local_share, minimum=0.0, maximum=1.0),
+            outage_memory=env.integer(f"{p}OUTAGE_MEMORY", cls.outage_memory, minimum=1, maximum=100_000_000),
+            window_buckets=env.integer(f"{p}WINDOW_BUCKETS", cls.window_buckets, minimum=1, maximum=600),
+            idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", cls.idempotency_ttl, minimum=1.0),
+            headroom_refresh=env.duration(f"{p}HEADROOM_REFRESH", cls.headroom_refresh, minimum=0.01),
+            max_requests=env.integer(f"{p}MAX_REQUESTS", cls.max_requests, minimum=1),
+            max_tokens=env.integer(f"{p}MAX_TOKENS", cls.max_tokens, minimum=1),
+            max_tool_calls=env.integer(f"{p}MAX_TOOL_CALLS", cls.max_tool_calls, minimum=1),
+            max_id_length=env.integer(f"{p}MAX_ID_LENGTH", cls.max_id_length, minimum=8, maximum=4096),
+            max_descriptors=env.integer(f"{p}MAX_DESCRIPTORS", cls.max_descriptors, minimum=1, maximum=4096),
+            max_entries=env.integer(f"{p}MAX_ENTRIES", cls.max_entries, minimum=1, maximum=1024),
         )
 
 

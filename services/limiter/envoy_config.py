@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from services.kit.yamlfile import YamlFileError, load, read_text
 from services.limiter.reload import yaml_files
 
 # envoy.service.ratelimit.v3.RateLimitResponse.RateLimit.Unit numbers, and their lengths, as
@@ -312,9 +311,7 @@ def load_envoy_config(path: Path) -> EnvoyConfig:
     documents = []
     for file in yaml_files(path):
         try:
-            documents.append((file.name, yaml.safe_load(file.read_text())))
-        except OSError as exc:
-            raise EnvoyConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise EnvoyConfigError(f"{file}: error loading config file: {exc}") from exc
+            documents.append((file.name, load(read_text(file, "Envoy config file"), str(file))))
+        except YamlFileError as exc:
+            raise EnvoyConfigError("\n".join(exc.problems)) from exc
     return parse_envoy_config(documents)

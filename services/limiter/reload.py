@@ -66,7 +66,7 @@ class Reloading(Generic[T]):
         self._signature = sig
         try:
             value = self.loader(self.path)
-        except Exception as exc:
+        except Exception as exc:  # whatever a bad file raises, the last good config stays in force
             self.errors += 1
             log.error(
                 "config not reloaded, keeping the last good one",

@@ -1,18 +1,19 @@
 """The tiers file: per-tier limits, priorities and the throttling policy, validated on load.
 
-A bad file never replaces a good one: `TiersError` names the file and the path of every
-problem, and the service keeps deciding with the last good configuration.
+A bad file never replaces a good one: `TiersError` names the file, the line and the path of
+every problem (`tiers.yaml:12: tiers.free.requests.limit: -3 must be at least 0`), and the
+service keeps deciding with the last good configuration.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text, value_node
 
 PRIORITIES = ("low", "normal", "high", "critical")
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES, start=1)}
@@ -23,18 +24,12 @@ TENANT_TOKENS = "tenant_tokens_per_day"
 TOOL_CALLS = "session_tool_calls"
 LIMIT_NAMES = (REQUESTS, USER_TOKENS, TENANT_TOKENS, TOOL_CALLS)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 #: The longest `reservation_ttl` accepted (the Redis store keeps a budget to the end of the next day).
 MAX_RESERVATION_TTL = 86400.0
 
 
-class TiersError(ValueError):
-    """The tiers file is invalid; lists every problem with its path in the file."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
+class TiersError(YamlFileError):
+    """The tiers file is invalid; `problems` holds every problem as `file:line: path: what`."""
 
 
 @dataclass(frozen=True)
@@ -99,163 +94,119 @@ class TiersConfig:
         return self.tiers.get(name or self.default_tier)
 
 
-class _Reader:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def bad(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.bad(path, "expected a mapping")
-            return {}
-        for key in value:
-            if key not in allowed:
-                self.bad(
-                    f"{path}.{key}" if path else str(key), f"unknown key (allowed: {', '.join(allowed)})"
-                )
-        return value
-
-    def integer(self, value: Any, path: str, default: int, minimum: int = 0) -> int:
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.bad(path, f"expected an integer of at least {minimum}")
-            return default
-        return value
-
-    def number(self, value: Any, path: str, default: float, lo: float, hi: float) -> float:
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            self.bad(path, f"expected a number from {lo:g} to {hi:g}")
-            return default
-        return float(value)
-
-    def boolean(self, value: Any, path: str, default: bool) -> bool:
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            self.bad(path, "expected true or false")
-            return default
-        return value
-
-    def duration(self, value: Any, path: str, default: float, maximum: float | None = None) -> float:
-        if value is None:
-            return default
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            seconds = float(value)
-        else:
-            match = _DURATION.match(str(value).lower()) if isinstance(value, str) else None
-            if not match or float(match.group(1)) <= 0:
-                self.bad(path, "expected a positive duration such as 500ms, 30s, 10m, 1h or 1d")
-                return default
-            seconds = float(match.group(1)) * _UNITS[match.group(2)]
-        if maximum is not None and seconds > maximum:
-            self.bad(path, f"must be at most {maximum:g}s, got {seconds:g}s")
-            return default
-        return seconds
-
-    def limit(self, value: Any, path: str, *, windowed: bool) -> Limit:
-        if value is None:
-            return Limit()
-        allowed = ("limit", "unlimited", "shadow", *(("window",) if windowed else ()))
-        data = self.mapping(value, path, allowed)
-        unlimited = self.boolean(data.get("unlimited"), f"{path}.unlimited", False)
-        if not unlimited and "limit" not in data:
-            self.bad(path, "needs `limit` (or `unlimited: true`)")
-        return Limit(
-            limit=self.integer(data.get("limit"), f"{path}.limit", 0),
-            unlimited=unlimited,
-            window=self.duration(data.get("window"), f"{path}.window", 3600.0) if windowed else 86400.0,
-            shadow=self.boolean(data.get("shadow"), f"{path}.shadow", False),
-        )
-
-
-def parse_tiers(data: Any, source: str = "tiers") -> TiersConfig:
-    """Validates a parsed YAML document; raises TiersError listing every problem."""
-    r = _Reader()
-    root = r.mapping(
-        data,
-        "",
-        ("tiers", "default_tier", "reservation_ttl", "session_ttl", "near_limit_ratio", "throttle"),
+def _limit(r: YamlReader, node: yaml.Node | None, what: str, *, windowed: bool) -> Limit:
+    if node is None:
+        return Limit()
+    items = r.entries(node, what)
+    r.unknown(items, {"limit", "unlimited", "shadow", *(("window",) if windowed else ())}, what)
+    # A limit written out is enforced unless it says `unlimited: true`.
+    unlimited = r.boolean(items, "unlimited", what, False)
+    if not unlimited and "limit" not in items:
+        r.bad(node, f"{what}: needs `limit` (or `unlimited: true`)")
+    return Limit(
+        limit=int(r.number(items, "limit", what, Limit.limit, integer=True)),
+        unlimited=unlimited,
+        window=r.duration(items, "window", what, Limit.window) if windowed else 86400.0,
+        shadow=r.boolean(items, "shadow", what, Limit.shadow),
     )
-    tiers: dict[str, Tier] = {}
-    raw_tiers = root.get("tiers")
-    if not isinstance(raw_tiers, dict) or not raw_tiers:
-        r.bad("tiers", "expected a non-empty mapping of tier name to limits")
-        raw_tiers = {}
-    for name, raw in raw_tiers.items():
-        path = f"tiers.{name}"
-        if not isinstance(name, str) or not name:
-            r.bad(path, "tier names are non-empty strings")
-            continue
-        spec = r.mapping(raw, path, ("priority", *LIMIT_NAMES))
-        priority = spec.get("priority", "normal")
-        if priority not in PRIORITIES:
-            r.bad(f"{path}.priority", f"expected one of {', '.join(PRIORITIES)}")
-            priority = "normal"
-        tiers[name] = Tier(
-            name=name,
-            priority=priority,
-            requests=r.limit(spec.get(REQUESTS), f"{path}.{REQUESTS}", windowed=True),
-            user_tokens=r.limit(spec.get(USER_TOKENS), f"{path}.{USER_TOKENS}", windowed=False),
-            tenant_tokens=r.limit(spec.get(TENANT_TOKENS), f"{path}.{TENANT_TOKENS}", windowed=False),
-            tool_calls=r.limit(spec.get(TOOL_CALLS), f"{path}.{TOOL_CALLS}", windowed=False),
-        )
-    default_tier = root.get("default_tier") or ""
+
+
+def _tier(r: YamlReader, name: str, node: yaml.Node, what: str) -> Tier:
+    items = r.entries(node, what)
+    r.unknown(items, {"priority", *LIMIT_NAMES}, what)
+    priority = r.string(items, "priority", what, "normal", choices=PRIORITIES)
+    return Tier(
+        name=name,
+        priority=priority if priority in PRIORITIES else "normal",
+        requests=_limit(r, value_node(items, REQUESTS), f"{what}.{REQUESTS}", windowed=True),
+        user_tokens=_limit(r, value_node(items, USER_TOKENS), f"{what}.{USER_TOKENS}", windowed=False),
+        tenant_tokens=_limit(r, value_node(items, TENANT_TOKENS), f"{what}.{TENANT_TOKENS}", windowed=False),
+        tool_calls=_limit(r, value_node(items, TOOL_CALLS), f"{what}.{TOOL_CALLS}", windowed=False),
+    )
+
+
+_TOP_LEVEL = {"tiers", "default_tier", "reservation_ttl", "session_ttl", "near_limit_ratio", "throttle"}
+
+
+def parse_tiers(text: str, source: str = "tiers") -> TiersConfig:
+    """Validates the text of a tiers file; raises TiersError listing every problem at its line."""
+    try:
+        document = compose(text, source)
+    except YamlFileError as exc:
+        raise TiersError(exc.problems) from exc
+    r = YamlReader(source)
+    root = r.entries(document, "tiers file")
+    r.unknown(root, _TOP_LEVEL, "tiers file")
+    tiers = _parse_tier_list(r, root, document)
+    default_tier = r.string(root, "default_tier", "", "")
     if default_tier and default_tier not in tiers:
-        r.bad("default_tier", f"{default_tier!r} is not a tier")
-    throttle = _parse_throttle(r, root.get("throttle"))
+        r.bad(value_node(root, "default_tier"), f"default_tier: {default_tier!r} is not a tier")
     config = TiersConfig(
         tiers=tiers,
         default_tier=default_tier,
         # A reservation covers one model call in flight. At most a day, so a budget's keys (kept
         # to the end of the next day) outlive every reservation they count.
         reservation_ttl=r.duration(
-            root.get("reservation_ttl"), "reservation_ttl", 600.0, maximum=MAX_RESERVATION_TTL
+            root, "reservation_ttl", "", TiersConfig.reservation_ttl, maximum=MAX_RESERVATION_TTL
         ),
-        session_ttl=r.duration(root.get("session_ttl"), "session_ttl", 86400.0),
-        near_limit_ratio=r.number(root.get("near_limit_ratio"), "near_limit_ratio", 0.8, 0.0, 1.0),
-        throttle=throttle,
+        session_ttl=r.duration(root, "session_ttl", "", TiersConfig.session_ttl),
+        near_limit_ratio=float(
+            r.number(root, "near_limit_ratio", "", TiersConfig.near_limit_ratio, maximum=1.0)
+        ),
+        throttle=_parse_throttle(r, value_node(root, "throttle")),
     )
     if r.problems:
-        raise TiersError(source, r.problems)
+        raise TiersError(r.problems)
     return config
 
 
-def _parse_throttle(r: _Reader, value: Any) -> Throttle:
-    data = r.mapping(value, "throttle", ("stale_after", "max_delay", "priorities"))
+def _parse_tier_list(r: YamlReader, root: Mapping[str, Entry], document: yaml.Node | None) -> dict[str, Tier]:
+    node = value_node(root, "tiers")
+    listed = r.mapping(node, "tiers") if node is not None else None
+    if not listed:
+        if listed is not None or node is None:
+            r.bad(node or document, "tiers: expected a non-empty mapping of tier name to limits")
+        return {}
+    tiers: dict[str, Tier] = {}
+    for name, (key, spec) in listed.items():
+        if not name:
+            r.bad(key, "tiers: tier names are non-empty strings")
+            continue
+        tiers[name] = _tier(r, name, spec, f"tiers.{name}")
+    return tiers
+
+
+def _parse_throttle(r: YamlReader, node: yaml.Node | None) -> Throttle:
+    items = r.entries(node, "throttle")
+    r.unknown(items, {"stale_after", "max_delay", "priorities"}, "throttle")
     default = Throttle()
     policies = dict(default.policies)
-    raw = r.mapping(data.get("priorities"), "throttle.priorities", PRIORITIES)
-    for name, spec in raw.items():
+    listed = r.entries(value_node(items, "priorities"), "throttle.priorities")
+    r.unknown(listed, set(PRIORITIES), "throttle.priorities")
+    for name, (_, spec) in listed.items():
         if name not in PRIORITIES:
             continue
-        path = f"throttle.priorities.{name}"
-        item = r.mapping(spec, path, ("delay_below", "deny_below"))
+        what = f"throttle.priorities.{name}"
+        item = r.entries(spec, what)
+        r.unknown(item, {"delay_below", "deny_below"}, what)
         base = policies[name]
-        delay = r.number(item.get("delay_below"), f"{path}.delay_below", base.delay_below, 0.0, 1.0)
-        deny = r.number(item.get("deny_below"), f"{path}.deny_below", base.deny_below, 0.0, 1.0)
+        delay = float(r.number(item, "delay_below", what, base.delay_below, maximum=1.0))
+        deny = float(r.number(item, "deny_below", what, base.deny_below, maximum=1.0))
         if deny > delay:
-            r.bad(path, "deny_below must not exceed delay_below (requests are delayed before denied)")
+            r.bad(
+                spec, f"{what}: deny_below must not exceed delay_below (requests are delayed before denied)"
+            )
         policies[name] = PriorityPolicy(delay, deny)
     return Throttle(
-        stale_after=r.duration(data.get("stale_after"), "throttle.stale_after", default.stale_after),
-        max_delay=r.duration(data.get("max_delay"), "throttle.max_delay", default.max_delay),
+        stale_after=r.duration(items, "stale_after", "throttle", default.stale_after),
+        max_delay=r.duration(items, "max_delay", "throttle", default.max_delay),
         policies=policies,
     )
 
 
 def load_tiers(path: str | Path) -> TiersConfig:
-    file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text())
-    except OSError as exc:
-        raise TiersError(str(file), [f"cannot read: {exc.strerror or exc}"]) from exc
-    except yaml.YAMLError as exc:
-        raise TiersError(str(file), [f"not valid YAML: {exc}"]) from exc
-    return parse_tiers(data, str(file))
+        text = read_text(path, "tiers file")
+    except YamlFileError as exc:
+        raise TiersError(exc.problems) from exc
+    return parse_tiers(text, str(path))

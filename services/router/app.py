@@ -94,6 +94,7 @@ class RouterApp(ServiceApp):
             read_timeout=max(timeouts.attempt, timeouts.stream_idle),
             max_connections=self.settings.max_connections,
             default_max_output_tokens=self.settings.default_max_output_tokens,
+            max_reset_wait=self.settings.retry.max_reset_wait,
         )
         adapters: dict[str, Adapter] = {}
         for provider in catalog.providers.values():

@@ -10,14 +10,18 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from services.kit.yamlfile import YamlFileError, YamlReader, compose, read_text
 
 PROVIDER_KINDS = ("openai", "anthropic", "openai_compatible", "sim")
 WIRE_FORMATS = ("openai", "anthropic")
 MODEL_TYPES = ("chat", "embedding")
 AUTO_ALIAS = "auto"
+# Sampling parameters a model may or may not take (GenerationParams fields, by name).
+SAMPLING_PARAMS = ("temperature", "top_p", "stop", "seed")
+UNSUPPORTED_PARAM_POLICIES = ("drop", "reject")
 
 
 class Strategy(enum.Enum):
@@ -42,7 +46,7 @@ class Outage:
     start_s: float
     duration_s: float
     # down: connections are refused/closed; hang: no answer; error: HTTP 500 (or `status`);
-    # break: streams stop after a few tokens.
+    # break: streams stop after a few tokens; no_credit: the account is out of credit.
     mode: str
     status: int = 500
 
@@ -88,6 +92,21 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a model takes, checked before every call (a provider 400 costs a round trip and says
+    less). Unsupported sampling parameters are dropped or the request is refused, per model."""
+
+    params: frozenset[str] = frozenset(SAMPLING_PARAMS)
+    # drop: the parameter is not sent; reject: INVALID_ARGUMENT naming the field (when no other
+    # candidate takes it).
+    unsupported_params: str = "drop"
+    tools: bool = True
+    vision: bool = False
+    # Extended thinking / reasoning before the answer (reported in ListModels).
+    thinking: bool = False
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     provider: str
@@ -99,6 +118,15 @@ class Model:
     type: str = "chat"
     dimensions: int = 0
     max_output_tokens: int = 0
+    # Price of input tokens written to the prompt cache; None: the input price.
+    cache_write_price_micros_per_mtok: int | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    @property
+    def cache_write_price(self) -> int:
+        if self.cache_write_price_micros_per_mtok is None:
+            return self.input_price_micros_per_mtok
+        return self.cache_write_price_micros_per_mtok
 
 
 @dataclass(frozen=True)
@@ -150,116 +178,6 @@ class Catalog:
 # --- loading -----------------------------------------------------------------------------------
 
 
-class _Items(dict[str, tuple[yaml.Node, yaml.Node]]):
-    """A mapping's entries by key, remembering the mapping node for line numbers."""
-
-    def __init__(self, node: yaml.Node) -> None:
-        super().__init__()
-        self.node = node
-
-
-class _Reader:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def bad(self, node: yaml.Node | None, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
-        self.problems.append(f"{self.source}:{line}: {message}")
-
-    def mapping(self, node: yaml.Node, what: str) -> _Items | None:
-        if not isinstance(node, yaml.MappingNode):
-            self.bad(node, f"{what} must be a mapping")
-            return None
-        out = _Items(node)
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode):
-                self.bad(key, f"{what}: keys must be plain names")
-                continue
-            if key.value in out:
-                self.bad(key, f"{what}: duplicate key {key.value!r}")
-            out[key.value] = (key, value)
-        return out
-
-    def unknown(self, items: Mapping[str, tuple[yaml.Node, yaml.Node]], allowed: set[str], what: str) -> None:
-        for name, (key, _) in items.items():
-            if name not in allowed:
-                self.bad(key, f"{what}: unknown key {name!r} (allowed: {', '.join(sorted(allowed))})")
-
-    def scalar(self, node: yaml.Node, what: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            self.bad(node, f"{what} must be a single value")
-            return None
-        return yaml.safe_load(yaml.serialize(node))
-
-    def string(
-        self,
-        items: Mapping[str, tuple[yaml.Node, yaml.Node]],
-        key: str,
-        what: str,
-        default: str | None = None,
-        choices: tuple[str, ...] = (),
-    ) -> str:
-        if key not in items:
-            if default is None:
-                self.bad(getattr(items, "node", None), f"{what}: {key} is required")
-                return ""
-            return default
-        node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
-        if value is None:
-            return default or ""
-        text = str(value)
-        if choices and text not in choices:
-            self.bad(node, f"{what}.{key}: {text!r} is not one of {', '.join(choices)}")
-        return text
-
-    def number(
-        self,
-        items: Mapping[str, tuple[yaml.Node, yaml.Node]],
-        key: str,
-        what: str,
-        default: float,
-        *,
-        minimum: float = 0.0,
-        maximum: float | None = None,
-        integer: bool = False,
-    ) -> Any:
-        if key not in items:
-            return default
-        node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
-        kind = "an integer" if integer else "a number"
-        ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok:
-            self.bad(node, f"{what}.{key}: expected {kind}, got {value!r}")
-            return default
-        if value < minimum or (maximum is not None and value > maximum):
-            limit = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"at least {minimum:g}"
-            self.bad(node, f"{what}.{key}: {value!r} must be {limit}")
-            return default
-        return value
-
-    def boolean(
-        self, items: Mapping[str, tuple[yaml.Node, yaml.Node]], key: str, what: str, default: bool
-    ) -> bool:
-        if key not in items:
-            return default
-        node = items[key][1]
-        value = self.scalar(node, f"{what}.{key}")
-        if not isinstance(value, bool):
-            self.bad(node, f"{what}.{key}: expected true or false, got {value!r}")
-            return default
-        return value
-
-    def each(self, node: yaml.Node, what: str, fn: Callable[[yaml.Node, int], None]) -> None:
-        if not isinstance(node, yaml.SequenceNode):
-            self.bad(node, f"{what} must be a list")
-            return
-        for index, item in enumerate(node.value):
-            fn(item, index)
-
-
 KeyLookup = Callable[[str], "str | None"]
 
 
@@ -268,22 +186,19 @@ def load_catalog(path: str | Path, lookup: KeyLookup | None = None) -> Catalog:
 
     `lookup` reads the API-key variables the providers name (the config module passes its Env).
     """
-    path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CatalogError([f"{path}: cannot read the catalog ({exc.strerror or exc})"]) from exc
+        text = read_text(path, "catalog")
+    except YamlFileError as exc:
+        raise CatalogError(exc.problems) from exc
     return parse_catalog(text, str(path), lookup)
 
 
 def parse_catalog(text: str, source: str = "<catalog>", lookup: KeyLookup | None = None) -> Catalog:
-    reader = _Reader(source)
+    reader = YamlReader(source)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        raise CatalogError([f"{source}:{line}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from exc
+        root = compose(text, source)
+    except YamlFileError as exc:
+        raise CatalogError(exc.problems) from exc
     if root is None:
         raise CatalogError([f"{source}:1: the catalog is empty"])
     top = reader.mapping(root, "catalog")
@@ -356,7 +271,7 @@ def parse_catalog(text: str, source: str = "<catalog>", lookup: KeyLookup | None
     return Catalog(providers, models, aliases, tier_defaults, auto, mix, source)
 
 
-def _provider(reader: _Reader, name: str, node: yaml.Node, env: KeyLookup) -> Provider | None:
+def _provider(reader: YamlReader, name: str, node: yaml.Node, env: KeyLookup) -> Provider | None:
     what = f"providers.{name}"
     items = reader.mapping(node, what)
     if items is None:
@@ -415,7 +330,7 @@ def _provider(reader: _Reader, name: str, node: yaml.Node, env: KeyLookup) -> Pr
     )
 
 
-def _sim(reader: _Reader, node: yaml.Node, parent: str) -> SimSpec:
+def _sim(reader: YamlReader, node: yaml.Node, parent: str) -> SimSpec:
     what = f"{parent}.sim"
     items = reader.mapping(node, what)
     if items is None:
@@ -473,7 +388,7 @@ def _sim(reader: _Reader, node: yaml.Node, parent: str) -> SimSpec:
             Outage(
                 start_s=reader.number(o, "start_s", w, 0.0),
                 duration_s=reader.number(o, "duration_s", w, 0.0),
-                mode=reader.string(o, "mode", w, "error", ("down", "hang", "error", "break")),
+                mode=reader.string(o, "mode", w, "error", ("down", "hang", "error", "break", "no_credit")),
                 status=reader.number(o, "status", w, 500, minimum=400, maximum=599, integer=True),
             )
         )
@@ -483,7 +398,7 @@ def _sim(reader: _Reader, node: yaml.Node, parent: str) -> SimSpec:
     return replace(spec, outages=tuple(outages))
 
 
-def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, Provider]) -> Model | None:
+def _model(reader: YamlReader, name: str, node: yaml.Node, providers: Mapping[str, Provider]) -> Model | None:
     what = f"models.{name}"
     items = reader.mapping(node, what)
     if items is None:
@@ -497,9 +412,11 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             "input_price_micros_per_mtok",
             "output_price_micros_per_mtok",
             "cached_input_price_micros_per_mtok",
+            "cache_write_price_micros_per_mtok",
             "type",
             "dimensions",
             "max_output_tokens",
+            "capabilities",
         },
         what,
     )
@@ -507,6 +424,12 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
     if "provider" in items and provider not in providers:
         reader.bad(items["provider"][1], f"{what}.provider: unknown provider {provider!r}")
     input_price = reader.number(items, "input_price_micros_per_mtok", what, 0, integer=True)
+    # Without explicit cache prices, Anthropic's price sheet rule applies to its models (reads
+    # 0.1x, 5-minute writes 1.25x input); other providers' cached input costs the input price
+    # until the catalog says otherwise.
+    anthropic = provider in providers and providers[provider].wire == "anthropic"
+    default_read = (input_price + 5) // 10 if anthropic else input_price
+    default_write = (input_price * 5 + 2) // 4 if anthropic else input_price
     model_type = reader.string(items, "type", what, "chat", MODEL_TYPES)
     dimensions = reader.number(items, "dimensions", what, 0, integer=True)
     if model_type == "embedding" and dimensions <= 0:
@@ -521,15 +444,51 @@ def _model(reader: _Reader, name: str, node: yaml.Node, providers: Mapping[str, 
             items, "output_price_micros_per_mtok", what, 0, integer=True
         ),
         cached_input_price_micros_per_mtok=reader.number(
-            items, "cached_input_price_micros_per_mtok", what, input_price, integer=True
+            items, "cached_input_price_micros_per_mtok", what, default_read, integer=True
+        ),
+        cache_write_price_micros_per_mtok=reader.number(
+            items, "cache_write_price_micros_per_mtok", what, default_write, integer=True
         ),
         type=model_type,
         dimensions=dimensions,
         max_output_tokens=reader.number(items, "max_output_tokens", what, 0, integer=True),
+        capabilities=_capabilities(reader, items["capabilities"][1], what)
+        if "capabilities" in items
+        else Capabilities(),
     )
 
 
-def _alias(reader: _Reader, name: str, node: yaml.Node, models: Mapping[str, Model]) -> Alias | None:
+def _capabilities(reader: YamlReader, node: yaml.Node, parent: str) -> Capabilities:
+    what = f"{parent}.capabilities"
+    items = reader.mapping(node, what)
+    if items is None:
+        return Capabilities()
+    reader.unknown(items, {"params", "unsupported_params", "tools", "vision", "thinking"}, what)
+    params: set[str] = set(SAMPLING_PARAMS)
+    if "params" in items:
+        params = set()
+
+        def one(item: yaml.Node, index: int) -> None:
+            name = str(reader.scalar(item, f"{what}.params[{index}]"))
+            if name not in SAMPLING_PARAMS:
+                reader.bad(
+                    item, f"{what}.params[{index}]: {name!r} is not one of {', '.join(SAMPLING_PARAMS)}"
+                )
+            params.add(name)
+
+        reader.each(items["params"][1], f"{what}.params", one)
+    return Capabilities(
+        params=frozenset(params),
+        unsupported_params=reader.string(
+            items, "unsupported_params", what, "drop", UNSUPPORTED_PARAM_POLICIES
+        ),
+        tools=reader.boolean(items, "tools", what, True),
+        vision=reader.boolean(items, "vision", what, False),
+        thinking=reader.boolean(items, "thinking", what, False),
+    )
+
+
+def _alias(reader: YamlReader, name: str, node: yaml.Node, models: Mapping[str, Model]) -> Alias | None:
     what = f"aliases.{name}"
     items = reader.mapping(node, what)
     if items is None:
@@ -571,7 +530,7 @@ def _alias(reader: _Reader, name: str, node: yaml.Node, models: Mapping[str, Mod
 
 
 def _auto(
-    reader: _Reader, node: yaml.Node, aliases: Mapping[str, Alias], models: Mapping[str, Model]
+    reader: YamlReader, node: yaml.Node, aliases: Mapping[str, Alias], models: Mapping[str, Model]
 ) -> AutoRule:
     items = reader.mapping(node, "auto")
     if items is None:

@@ -19,6 +19,9 @@ class RetrySettings:
     # A retry-after longer than this is not waited for: the next candidate is tried, or the caller
     # gets RESOURCE_EXHAUSTED with the retry-after.
     max_retry_after: float = 5.0
+    # A 429 without retry-after cools the target down until the exhausted limit's reset time
+    # (x-ratelimit-reset-*, anthropic-ratelimit-*-reset), but never longer than this.
+    max_reset_wait: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class BreakerSettings:
     # With no new calls the error rate halves every this many seconds, so a target that lost its
     # traffic to an error streak is tried again instead of staying behind the others for good.
     error_half_life: float = 10.0
+    # A provider out of rotation (bad key, out of credit) lets one request through as a probe this
+    # often; a probe that succeeds puts it back.
+    rotation_probe_interval: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class RouterSettings:
                 backoff_base=env.duration(f"{P}BACKOFF_BASE", 0.05),
                 backoff_max=env.duration(f"{P}BACKOFF_MAX", 2.0),
                 max_retry_after=env.duration(f"{P}MAX_RETRY_AFTER", 5.0),
+                max_reset_wait=env.duration(f"{P}MAX_RESET_WAIT", 60.0),
             ),
             timeouts=TimeoutSettings(
                 request=env.duration(f"{P}REQUEST_TIMEOUT", 120.0, minimum=0.001),
@@ -103,6 +110,7 @@ class RouterSettings:
                 half_open_probes=env.integer(f"{P}BREAKER_HALF_OPEN_PROBES", 1, minimum=1),
                 ewma_alpha=env.number(f"{P}EWMA_ALPHA", 0.2, minimum=0.001, maximum=1.0),
                 error_half_life=env.duration(f"{P}ERROR_HALF_LIFE", 10.0, minimum=0.001),
+                rotation_probe_interval=env.duration(f"{P}ROTATION_PROBE_INTERVAL", 300.0, minimum=0.001),
             ),
             max_connections=env.integer(f"{P}MAX_CONNECTIONS", 200, minimum=1),
             default_max_output_tokens=env.integer(f"{P}DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1),

@@ -1,9 +1,14 @@
-"""Per provider+model health on this replica: circuit breaker, EWMA latency and error rate, headroom.
+"""Per provider+model health on this replica: circuit breaker, EWMA latency and error rate, headroom;
+and per provider, whether it is out of rotation.
 
 The breaker opens after `failure_threshold` consecutive failures, stays open for `open_for`
 seconds (requests skip it without paying for a failure), then lets `half_open_probes` requests
 through; a probe that succeeds closes it, one that fails opens it again. Time comes from an
 injected clock.
+
+A provider whose key is refused or whose account is out of credit is out of rotation: every model
+behind that key is skipped at no cost (waiting seconds will not fix a billing problem) until a
+probe succeeds. Every `rotation_probe_interval` one request may go through as the probe.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ Target = tuple[str, str]  # (provider, catalog model id)
 BREAKER_FAILURES = frozenset(
     {Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR, Outcome.PROTOCOL_ERROR}
 )
+
+
+# Answers that prove a provider accepted the router's key and account, even though they failed.
+KEY_ACCEPTED = frozenset({Outcome.RATE_LIMITED, Outcome.CLIENT_ERROR})
 
 
 class BreakerState(enum.Enum):
@@ -53,6 +62,19 @@ class TargetHealth:
     cooldown_until: float = 0.0
 
 
+@dataclass
+class Removal:
+    """Why and since when a provider is out of rotation."""
+
+    provider: str
+    # The error category that took it out: out_of_credit, authentication or permission.
+    reason: str
+    http_status: int
+    since: float
+    probe_at: float
+    probing: bool = False
+
+
 # Told when a breaker opens ("open", seconds) or closes ("close", None) and when a provider asks
 # to back off ("cooldown", seconds): what other replicas may want to know (see hints.py).
 HealthListener = Callable[[str, Target, float | None], None]
@@ -67,6 +89,7 @@ class HealthBook:
         # Breakers other replicas opened, until when (this clock): treated as open here too.
         self.shared_open: dict[Target, float] = {}
         self._closed_at: dict[Target, float] = {}
+        self.removed: dict[str, Removal] = {}
 
     def get(self, target: Target) -> TargetHealth:
         health = self._targets.get(target)
@@ -90,8 +113,43 @@ class HealthBook:
             return BreakerState.OPEN
         return health.state
 
+    def take_out(self, provider: str, reason: str, http_status: int) -> bool:
+        """Takes `provider` out of rotation; True when it was in rotation until now."""
+        now = self.clock()
+        removal = self.removed.get(provider)
+        if removal is not None:
+            # A failed probe: stay out, probe again after the interval.
+            removal.reason, removal.http_status, removal.probing = reason, http_status, False
+            removal.probe_at = now + self.settings.rotation_probe_interval
+        else:
+            self.removed[provider] = Removal(
+                provider, reason, http_status, now, now + self.settings.rotation_probe_interval
+            )
+        # To the listeners it looks like an open breaker until the probe: other replicas skip the
+        # provider's models too (hints.py) and the limiter stops judging by its last headroom.
+        for target in self._targets_of(provider):
+            self._tell("open", target, self.settings.rotation_probe_interval)
+        return removal is None
+
+    def _restore(self, provider: str) -> None:
+        if self.removed.pop(provider, None) is None:
+            return
+        for known in self._targets_of(provider):
+            self.shared_open.pop(known, None)
+            self._closed_at[known] = self.clock()
+            self._tell("close", known, None)
+
+    def _targets_of(self, provider: str) -> list[Target]:
+        return [target for target in self._targets if target[0] == provider]
+
+    def out_of_rotation(self, provider: str) -> Removal | None:
+        return self.removed.get(provider)
+
     def available(self, target: Target) -> bool:
         """Whether a request may go to `target` now, without reserving anything."""
+        removal = self.removed.get(target[0])
+        if removal is not None and (removal.probing or self.clock() < removal.probe_at):
+            return False
         state = self.state(target)
         if state is BreakerState.OPEN:
             return False
@@ -103,6 +161,10 @@ class HealthBook:
         """Admits one request; in half-open state it takes one of the probe slots."""
         if not self.available(target):
             return False
+        removal = self.removed.get(target[0])
+        if removal is not None:
+            removal.probing = True
+            removal.probe_at = self.clock() + self.settings.rotation_probe_interval
         health = self.get(target)
         if self.state(target) is BreakerState.HALF_OPEN:
             health.state = BreakerState.HALF_OPEN
@@ -141,6 +203,8 @@ class HealthBook:
         health.ewma_by_kind[kind] = self._ewma(health.ewma_by_kind.get(kind), latency)
         health.samples_by_kind[kind] = health.samples_by_kind.get(kind, 0) + 1
         health.consecutive_failures = 0
+        # A success is the probe the provider was waiting for: back in rotation.
+        self._restore(target[0])
         if health.state is not BreakerState.CLOSED:
             health.probes_in_flight = max(0, health.probes_in_flight - 1)
             health.state = BreakerState.CLOSED
@@ -152,6 +216,15 @@ class HealthBook:
         self, target: Target, outcome: Outcome, latency: float, retry_after: float | None = None
     ) -> None:
         health = self.get(target)
+        removal = self.removed.get(target[0])
+        if removal is not None and removal.probing and outcome in KEY_ACCEPTED:
+            # The probe's answer says the key and the account work again (a rate limit, or a
+            # complaint about the request itself): back in rotation. Only the probe's: a request
+            # that was already in flight when the provider left rotation proves nothing new.
+            self._restore(target[0])
+        elif removal is not None:
+            # The probe failed for a reason that says nothing of the key: out until the next one.
+            removal.probing = False
         if outcome is Outcome.RATE_LIMITED:
             self._sample(health, None, True)
             health.cooldown_until = max(health.cooldown_until, self.clock() + (retry_after or 1.0))
@@ -172,6 +245,10 @@ class HealthBook:
 
     def release(self, target: Target) -> None:
         """An admitted request ended without telling anything about the provider (cancelled)."""
+        removal = self.removed.get(target[0])
+        if removal is not None and removal.probing:
+            removal.probing = False
+            removal.probe_at = self.clock()
         self._release_probe(self.get(target), reopen=False)
 
     def _release_probe(self, health: TargetHealth, *, reopen: bool) -> None:

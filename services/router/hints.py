@@ -89,7 +89,9 @@ class HintSharer:
             self._wake.clear()
             try:
                 await self.sync()
-            except Exception as exc:
+            except (
+                Exception
+            ) as exc:  # any failure (Redis down, a bad record): retry later, never stop sharing
                 self.failures += 1
                 wait = backoff.failed()
                 log.debug(

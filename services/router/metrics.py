@@ -40,6 +40,21 @@ class RouterMetrics:
         self._cost = meter.create_counter(
             "ballast.router.cost", unit="{microdollar}", description="Cost of answered calls in micro-dollars"
         )
+        self._estimated = meter.create_counter(
+            "ballast.router.usage.estimated",
+            unit="{call}",
+            description="Answered calls whose provider reported no usage (counted with the model's tokenizer)",
+        )
+        self._removals = meter.create_counter(
+            "ballast.router.provider.removals",
+            unit="{removal}",
+            description="Times a provider was taken out of rotation (refused key, out of credit), by reason",
+        )
+        meter.create_observable_gauge(
+            "ballast.router.provider.out_of_rotation",
+            callbacks=[self._observe_rotation],
+            description="1 while a provider is out of rotation (label reason), until a probe succeeds",
+        )
         meter.create_observable_gauge(
             "ballast.router.breaker.state",
             callbacks=[self._observe_breakers],
@@ -93,10 +108,24 @@ class RouterMetrics:
             "gen_ai.provider.name": provider,
             "gen_ai.request.model": model,
         }
+        # Estimated counts (the provider reported none) carry the flag, so dashboards can tell
+        # measured from counted-by-tokenizer.
+        estimated = "true" if usage.estimated else "false"
+        base["ballast.usage.estimated"] = estimated
         self._tokens.record(usage.input_tokens, {**base, "gen_ai.token.type": "input"})
         if operation == "chat":
             self._tokens.record(usage.output_tokens, {**base, "gen_ai.token.type": "output"})
-        self._cost.add(cost.total_micros, {"provider": provider, "model": model})
+        labels = {"provider": provider, "model": model}
+        self._cost.add(cost.total_micros, {**labels, "estimated": estimated})
+        if usage.estimated:
+            self._estimated.add(1, {**labels, "operation": operation})
+
+    def out_of_rotation(self, provider: str, reason: str) -> None:
+        self._removals.add(1, {"provider": provider, "reason": reason})
+
+    def _observe_rotation(self, options: CallbackOptions) -> Iterable[Observation]:
+        for removal in list(self._health.removed.values()):
+            yield Observation(1, {"provider": removal.provider, "reason": removal.reason})
 
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
         for health in self._health.all():

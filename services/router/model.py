@@ -86,8 +86,12 @@ class ChatRequest:
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
-    # Included in input_tokens.
+    # Read from the provider's prompt cache; included in input_tokens.
     cached_input_tokens: int = 0
+    # Written to the provider's prompt cache (Anthropic bills them above input); in input_tokens.
+    cache_write_input_tokens: int = 0
+    # Counted with the model's tokenizer because the provider reported no usage.
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -105,6 +109,8 @@ class ChatResult:
     response_id: str = ""
     # The provider said the answer is simulated (the sim labels every answer).
     simulated: bool = False
+    # False when the provider reported no usage: the gateway then estimates it (never zero).
+    usage_reported: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class EmbedResult:
     usage: Usage
     provider_model: str = ""
     simulated: bool = False
+    usage_reported: bool = True
 
 
 def estimate_tokens(text: str) -> int:

@@ -26,11 +26,15 @@ def _scaled(tokens: int, price_per_mtok: int) -> int:
 
 
 def cost_of(model: Model, usage: Usage) -> Cost:
+    """Cost by the provider's price sheet: cache reads and cache writes at their own prices
+    (Anthropic: 0.1x and 1.25x input), the rest of the input at the input price; one rounding."""
     cached = min(usage.cached_input_tokens, usage.input_tokens)
-    uncached = usage.input_tokens - cached
+    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
+    uncached = usage.input_tokens - cached - written
     input_micros = (
         uncached * model.input_price_micros_per_mtok
         + cached * model.cached_input_price_micros_per_mtok
+        + written * model.cache_write_price
         + _MILLION // 2
     ) // _MILLION
     return Cost(input_micros, _scaled(usage.output_tokens, model.output_price_micros_per_mtok))

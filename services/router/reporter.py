@@ -86,7 +86,7 @@ class HeadroomReporter:
             batch, self._pending = self._pending, {}
             try:
                 await self._send(batch)
-            except Exception as exc:
+            except Exception as exc:  # any failure (limiter down, TLS, a bug): keep the state, retry later
                 self.failures += 1
                 # Keep the newest state for the next try, unless something newer arrived meanwhile.
                 for key, value in batch.items():

@@ -9,6 +9,9 @@ Rules (the README explains them for operators):
 - the caller's own 4xx mistakes are never retried: the provider's message comes back as
   INVALID_ARGUMENT;
 - a candidate whose breaker is open is skipped at no cost and shows in the trail;
+- a refused key or an account out of credit takes the provider (every model behind its key) out
+  of rotation at once, with an alert-worthy log line and a metric: no retry on it, failover to the
+  next candidate, until a probe succeeds;
 - streams fail over only before the first content; a stream that breaks later ends with
   UNAVAILABLE, never with a clean finish.
 """
@@ -21,7 +24,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -34,14 +37,22 @@ from services.kit.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.router.capabilities import fit
 from services.router.catalog import Model
 from services.router.config import RouterSettings
 from services.router.health import HealthBook
 from services.router.metrics import RouterMetrics
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult, Usage
 from services.router.pricing import Cost, cost_of
-from services.router.providers.base import Adapter, Headroom, Outcome, ProviderError
+from services.router.providers.base import (
+    OUT_OF_ROTATION_OUTCOMES,
+    Adapter,
+    Headroom,
+    Outcome,
+    ProviderError,
+)
 from services.router.routing import Choice, Hints, Plan, Planner
+from services.router.tokens import estimate_chat, estimate_embedding
 
 log = logging.getLogger("ballast.router.gateway")
 T = TypeVar("T")
@@ -103,6 +114,68 @@ class Call:
 HeadroomListener = Callable[[str, str, Headroom], None]
 
 
+@dataclass(frozen=True)
+class Operation:
+    """What kind of call the attempts make, for spans, metrics and latency bookkeeping."""
+
+    # gen_ai.operation.name: chat | embeddings
+    name: str
+    # "call": a whole answer; "first_token": a stream's first content (what stall detection uses).
+    latency_kind: str = "call"
+    # False for streams: the span stays open until the stream ends.
+    end_span: bool = True
+
+
+CHAT = Operation("chat")
+CHAT_STREAM = Operation("chat", latency_kind="first_token", end_span=False)
+EMBEDDINGS = Operation("embeddings")
+
+
+@dataclass
+class Success(Generic[T]):
+    """The attempt that answered: its value, who answered, the trail so far and its span."""
+
+    value: T
+    choice: Choice
+    attempts: list[AttemptRecord]
+    span: trace.Span
+
+
+@dataclass
+class _Request(Generic[T]):
+    """One request on its way through its plan: what it runs, and what it has tried so far."""
+
+    call: Call
+    plan: Plan
+    operation: Operation
+    attempt: Callable[[Adapter, Choice], Awaitable[T]]
+    max_attempts: int
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    errors: list[ProviderError] = field(default_factory=list)
+    made: int = 0
+    # Whether the current round made at least one call (a round of skips ends the request).
+    progressed: bool = False
+
+
+# The request field a provider's `param` names, in Ballast's request (for INVALID_ARGUMENT).
+_PROVIDER_FIELDS = {
+    "temperature": "params.temperature",
+    "top_p": "params.top_p",
+    "max_tokens": "params.max_output_tokens",
+    "max_completion_tokens": "params.max_output_tokens",
+    "stop": "params.stop",
+    "stop_sequences": "params.stop",
+    "seed": "params.seed",
+    "tools": "tools",
+    "tool_choice": "tool_choice",
+}
+
+
+def _caller_field(provider_field: str) -> str:
+    head = provider_field.split(".", 1)[0].split("[", 1)[0]
+    return _PROVIDER_FIELDS.get(head, "messages")
+
+
 class Gateway:
     def __init__(
         self,
@@ -161,19 +234,25 @@ class Gateway:
             for a in attempts
         )
         if not errors:
+            if attempts and all(a.outcome is Outcome.OUT_OF_ROTATION for a in attempts):
+                return FailedPrecondition(
+                    f"every provider of {plan.resolved!r} is out of rotation (refused key or no credit): {trail}"
+                )
             return Unavailable(f"every candidate of {plan.resolved!r} has an open circuit breaker: {trail}")
         if self.clock() >= call.deadline - MIN_ATTEMPT_TIME and all(
             e.outcome is Outcome.TIMEOUT for e in errors[-1:]
         ):
             return DeadlineExceeded(f"the deadline passed before a provider answered: {trail}")
-        if all(e.outcome is Outcome.RATE_LIMITED for e in errors):
-            waits = [e.retry_after for e in errors if e.retry_after is not None]
+        limited = [e for e in errors if e.outcome not in OUT_OF_ROTATION_OUTCOMES]
+        if limited and all(e.outcome is Outcome.RATE_LIMITED for e in limited):
+            # Providers out of rotation will not help; the rate-limited ones will, after the wait.
+            waits = [e.retry_after for e in limited if e.retry_after is not None]
             return ResourceExhausted(
                 f"every provider of {plan.resolved!r} is rate limited: {trail}",
                 retry_after=min(waits) if waits else 1.0,
                 reason="PROVIDER_RATE_LIMITED",
             )
-        if all(e.outcome is Outcome.CLIENT_ERROR for e in errors):
+        if all(e.outcome is Outcome.CLIENT_ERROR or e.outcome in OUT_OF_ROTATION_OUTCOMES for e in errors):
             return FailedPrecondition(
                 f"every provider of {plan.resolved!r} refused the router's credentials or model: {trail}"
             )
@@ -183,119 +262,195 @@ class Gateway:
         self,
         call: Call,
         plan: Plan,
-        operation: str,
+        operation: Operation,
         attempt: Callable[[Adapter, Choice], Awaitable[T]],
-        *,
-        end_span: bool = True,
-        latency_kind: str = "call",
-    ) -> tuple[T, Choice, list[AttemptRecord], trace.Span]:
-        """Tries the plan's candidates; returns the first success and its still-open span if not end_span."""
-        attempts: list[AttemptRecord] = []
-        errors: list[ProviderError] = []
-        max_attempts = call.hints.max_attempts or self.settings.retry.max_attempts
-        made = 0
+    ) -> Success[T]:
+        """Tries the plan's candidates, round after round, until one answers or it is time to stop."""
+        request = _Request(
+            call, plan, operation, attempt, call.hints.max_attempts or self.settings.retry.max_attempts
+        )
         round_ = 0
         while True:
-            round_errors: list[ProviderError] = []
-            progressed = False
-            for position, choice in enumerate(plan.choices):
-                if made >= max_attempts:
-                    break
-                target = choice.target
-                if not self.health.acquire(target):
-                    if round_ == 0:
-                        attempts.append(AttemptRecord(*target, Outcome.BREAKER_OPEN, error="circuit open"))
-                        self._count(operation, attempts[-1])
-                    continue
-                more = made + 1 < max_attempts and any(
-                    self.health.available(c.target) for c in plan.choices[position + 1 :]
-                )
-                timeout = self._timeout_for(call, more, target, latency_kind)
-                if timeout < MIN_ATTEMPT_TIME:
-                    self.health.release(target)
-                    raise DeadlineExceeded(
-                        "the deadline passed before a provider answered"
-                        + (
-                            ": " + "; ".join(f"{a.provider}/{a.model}: {a.outcome.value}" for a in attempts)
-                            if attempts
-                            else ""
-                        )
-                    )
-                made += 1
-                progressed = True
-                started = self.clock()
-                address = urlsplit(choice.provider.base_url)
-                span = self.tracer.start_span(
-                    f"{operation} {choice.model.provider_model}",
-                    kind=trace.SpanKind.CLIENT,
-                    attributes={
-                        "gen_ai.operation.name": operation,
-                        "gen_ai.provider.name": choice.provider.kind,
-                        "gen_ai.request.model": choice.model.provider_model,
-                        "server.address": address.hostname or "",
-                        "server.port": address.port or (443 if address.scheme == "https" else 80),
-                        "ballast.router.provider": choice.provider.name,
-                        "ballast.router.simulated": choice.provider.simulated,
-                    },
-                )
-                try:
-                    async with asyncio.timeout(timeout):
-                        value = await attempt(self.adapters[choice.provider.name], choice)
-                except TimeoutError:
-                    error = ProviderError(Outcome.TIMEOUT, f"no answer within {timeout:.3f}s")
-                except ProviderError as exc:
-                    error = exc
-                except BaseException:
-                    self.health.release(target)
-                    span.end()
-                    raise
-                else:
-                    latency = self.clock() - started
-                    self.health.success(target, latency, latency_kind)
-                    if latency_kind == "first_token" and self.metrics is not None:
-                        self.metrics.first_token(operation, choice.provider.name, choice.model.id, latency)
-                    attempts.append(AttemptRecord(*target, Outcome.OK, 200, latency))
-                    self._count(operation, attempts[-1])
-                    annotate(span, value, choice)
-                    if end_span:
-                        span.end()
-                    return value, choice, attempts, span
-                latency = self.clock() - started
-                span.set_attribute("error.type", error.outcome.value)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-                span.end()
-                self.health.failure(target, error.outcome, latency, error.retry_after)
-                attempts.append(
-                    AttemptRecord(*target, error.outcome, error.http_status, latency, error.message)
-                )
-                self._count(operation, attempts[-1])
-                log.info(
-                    "attempt failed",
-                    extra={
-                        "provider": target[0],
-                        "model": target[1],
-                        "outcome": error.outcome.value,
-                        "http_status": error.http_status,
-                        "request_id": call.request_id,
-                    },
-                )
-                if error.caller_fault:
-                    raise InvalidArgument(
-                        "messages", f"provider {choice.provider.name} rejected the request: {error.message}"
-                    )
-                round_errors.append(error)
-                errors.append(error)
-            if not progressed or made >= max_attempts:
-                break
+            success, round_errors = await self._round(request, round_)
+            if success is not None:
+                return success
             round_ += 1
-            wait = self._backoff(round_, round_errors)
-            if (
-                wait > self.settings.retry.max_retry_after
-                or self.clock() + wait >= call.deadline - MIN_ATTEMPT_TIME
-            ):
-                break
+            wait = self._next_round_wait(request, round_, round_errors)
+            if wait is None:
+                raise self._failure(call, plan, request.attempts, request.errors)
             await self.sleep(wait)
-        raise self._failure(call, plan, attempts, errors)
+
+    async def _round(
+        self, request: _Request[T], round_: int
+    ) -> tuple[Success[T] | None, list[ProviderError]]:
+        """One pass over the candidates: the first success, else the errors this round met."""
+        round_errors: list[ProviderError] = []
+        request.progressed = False
+        choices = request.plan.choices
+        for position, choice in enumerate(choices):
+            if request.made >= request.max_attempts:
+                break
+            target = choice.target
+            if not self.health.acquire(target):
+                if round_ == 0:
+                    request.attempts.append(self._skipped(target))
+                    self._count(request.operation.name, request.attempts[-1])
+                continue
+            more = request.made + 1 < request.max_attempts and any(
+                self.health.available(c.target) for c in choices[position + 1 :]
+            )
+            time_limit = self._timeout_for(request.call, more, target, request.operation.latency_kind)
+            if time_limit < MIN_ATTEMPT_TIME:
+                self.health.release(target)
+                raise DeadlineExceeded(
+                    "the deadline passed before a provider answered"
+                    + (
+                        ": "
+                        + "; ".join(f"{a.provider}/{a.model}: {a.outcome.value}" for a in request.attempts)
+                        if request.attempts
+                        else ""
+                    )
+                )
+            request.made += 1
+            request.progressed = True
+            outcome = await self._try(request, choice, time_limit)
+            if isinstance(outcome, Success):
+                return outcome, round_errors
+            round_errors.append(outcome)
+            request.errors.append(outcome)
+        return None, round_errors
+
+    def _next_round_wait(
+        self, request: _Request[T], round_: int, round_errors: list[ProviderError]
+    ) -> float | None:
+        """How long to back off before round `round_`; None when another round is not worth it."""
+        if not request.progressed or request.made >= request.max_attempts:
+            return None
+        if not any(self.health.available(c.target) for c in request.plan.choices):
+            # Every candidate is out of rotation or behind an open breaker: waiting a backoff
+            # would not change that.
+            return None
+        wait = self._backoff(round_, round_errors)
+        if (
+            wait > self.settings.retry.max_retry_after
+            or self.clock() + wait >= request.call.deadline - MIN_ATTEMPT_TIME
+        ):
+            return None
+        return wait
+
+    async def _try(
+        self, request: _Request[T], choice: Choice, time_limit: float
+    ) -> Success[T] | ProviderError:
+        """One attempt on one candidate, traced and recorded; a caller's mistake ends the request."""
+        operation = request.operation
+        started = self.clock()
+        span = self._span(operation.name, choice)
+        try:
+            async with asyncio.timeout(time_limit):
+                value = await request.attempt(self.adapters[choice.provider.name], choice)
+        except TimeoutError:
+            error = ProviderError(Outcome.TIMEOUT, f"no answer within {time_limit:.3f}s")
+        except ProviderError as exc:
+            error = exc
+        except BaseException:
+            self.health.release(choice.target)
+            span.end()
+            raise
+        else:
+            self._succeeded(request, choice, self.clock() - started)
+            annotate(span, value, choice)
+            if operation.end_span:
+                span.end()
+            return Success(value, choice, request.attempts, span)
+        span.set_attribute("error.type", error.outcome.value)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+        span.end()
+        self._failed(request, choice, error, self.clock() - started)
+        if error.caller_fault:
+            raise InvalidArgument(
+                _caller_field(error.field),
+                f"provider {choice.provider.name} rejected the request: {error.message}",
+            )
+        return error
+
+    def _span(self, operation: str, choice: Choice) -> trace.Span:
+        address = urlsplit(choice.provider.base_url)
+        return self.tracer.start_span(
+            f"{operation} {choice.model.provider_model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": choice.provider.kind,
+                "gen_ai.request.model": choice.model.provider_model,
+                "server.address": address.hostname or "",
+                "server.port": address.port or (443 if address.scheme == "https" else 80),
+                "ballast.router.provider": choice.provider.name,
+                "ballast.router.simulated": choice.provider.simulated,
+            },
+        )
+
+    def _succeeded(self, request: _Request[T], choice: Choice, latency: float) -> None:
+        target, operation = choice.target, request.operation
+        if self.health.out_of_rotation(choice.provider.name) is not None:
+            log.warning(
+                "provider back in rotation",
+                extra={"provider": choice.provider.name, "model": choice.model.id},
+            )
+        self.health.success(target, latency, operation.latency_kind)
+        if operation.latency_kind == "first_token" and self.metrics is not None:
+            self.metrics.first_token(operation.name, choice.provider.name, choice.model.id, latency)
+        request.attempts.append(AttemptRecord(*target, Outcome.OK, 200, latency))
+        self._count(operation.name, request.attempts[-1])
+
+    def _failed(self, request: _Request[T], choice: Choice, error: ProviderError, latency: float) -> None:
+        target = choice.target
+        if error.outcome in OUT_OF_ROTATION_OUTCOMES:
+            self._take_out(choice, error, request.call)
+        self.health.failure(target, error.outcome, latency, error.retry_after)
+        request.attempts.append(
+            AttemptRecord(*target, error.outcome, error.http_status, latency, error.message)
+        )
+        self._count(request.operation.name, request.attempts[-1])
+        log.info(
+            "attempt failed",
+            extra={
+                "provider": target[0],
+                "model": target[1],
+                "outcome": error.outcome.value,
+                "http_status": error.http_status,
+                "request_id": request.call.request_id,
+            },
+        )
+
+    def _skipped(self, target: tuple[str, str]) -> AttemptRecord:
+        removal = self.health.out_of_rotation(target[0])
+        if removal is not None:
+            return AttemptRecord(
+                *target, Outcome.OUT_OF_ROTATION, error=f"out of rotation ({removal.reason})"
+            )
+        return AttemptRecord(*target, Outcome.BREAKER_OPEN, error="circuit open")
+
+    def _take_out(self, choice: Choice, error: ProviderError, call: Call) -> None:
+        """Takes the provider out of rotation; says so loudly the first time."""
+        provider = choice.provider.name
+        if not self.health.take_out(provider, error.category, error.http_status):
+            return
+        # ERROR level and a fixed event name: what an operator's alert matches on. No retry clears
+        # this; someone has to fix the key or the account (a probe then brings it back).
+        log.error(
+            "provider out of rotation",
+            extra={
+                "alert": "router_provider_out_of_rotation",
+                "provider": provider,
+                "model": choice.model.id,
+                "reason": error.category,
+                "http_status": error.http_status,
+                "probe_in_seconds": self.health.settings.rotation_probe_interval,
+                "request_id": call.request_id,
+            },
+        )
+        if self.metrics is not None:
+            self.metrics.out_of_rotation(provider, error.category)
 
     def _count(self, operation: str, record: AttemptRecord) -> None:
         if self.metrics is not None:
@@ -323,9 +478,11 @@ class Gateway:
         plan = self._chat_plan(call, request)
 
         async def attempt(adapter: Adapter, choice: Choice) -> ChatResult:
-            return await adapter.complete(choice.model, request)
+            return await adapter.complete(choice.model, fit(choice.model, request))
 
-        result, choice, attempts, _ = await self._run(call, plan, "chat", attempt)
+        success = await self._run(call, plan, CHAT, attempt)
+        result, choice, attempts = success.value, success.choice, success.attempts
+        await settle_usage(result, choice, request)
         cost = self._answered("chat", choice, result.usage, cost_of(choice.model, result.usage))
         return Answer(result, choice, attempts, cost, self.clock() - started)
 
@@ -344,7 +501,10 @@ class Gateway:
         async def attempt(adapter: Adapter, choice: Choice) -> EmbedResult:
             return await adapter.embed(choice.model, inputs)
 
-        result, choice, attempts, _ = await self._run(call, plan, "embeddings", attempt)
+        success = await self._run(call, plan, EMBEDDINGS, attempt)
+        result, choice, attempts = success.value, success.choice, success.attempts
+        if not result.usage_reported:
+            result.usage = await asyncio.to_thread(estimate_embedding, choice.model.provider_model, inputs)
         cost = self._answered("embeddings", choice, result.usage, cost_of(choice.model, result.usage))
         return Embedded(result, choice, attempts, cost)
 
@@ -356,7 +516,7 @@ class Gateway:
         holder: dict[str, AsyncIterator[Delta | ChatResult]] = {}
 
         async def first_event(adapter: Adapter, choice: Choice) -> Delta | ChatResult:
-            events = adapter.stream(choice.model, request)
+            events = adapter.stream(choice.model, fit(choice.model, request))
             holder["events"] = events
             try:
                 async with asyncio.timeout(timeouts.first_token):
@@ -371,9 +531,8 @@ class Gateway:
                 await _close(events)
                 raise
 
-        first, choice, attempts, span = await self._run(
-            call, plan, "chat", first_event, end_span=False, latency_kind="first_token"
-        )
+        success = await self._run(call, plan, CHAT_STREAM, first_event)
+        first, choice, attempts, span = success.value, success.choice, success.attempts, success.span
         events = holder["events"]
         target = choice.target
         # _run counted the first token as success; a later break is recorded as a failure below.
@@ -410,6 +569,7 @@ class Gateway:
             if not isinstance(item, ChatResult):
                 span.end()
         result = item
+        await settle_usage(result, choice, request)
         annotate(span, result, choice)
         span.end()
         cost = self._answered("chat", choice, result.usage, cost_of(choice.model, result.usage))
@@ -426,6 +586,17 @@ class Gateway:
                 listener(provider, model.id, headroom)
 
         return sink
+
+
+async def settle_usage(result: ChatResult, choice: Choice, request: ChatRequest) -> None:
+    """A provider that reported no usage gets a flagged tokenizer estimate, never zero.
+
+    Counting is off the event loop: about 0.5 ms per thousand tokens, which a long prompt would
+    otherwise take from every other call this replica is serving."""
+    if not result.usage_reported:
+        result.usage = await asyncio.to_thread(
+            estimate_chat, choice.model.provider_model, request, result.message
+        )
 
 
 def annotate(span: trace.Span, value: object, choice: Choice) -> None:

@@ -2,6 +2,8 @@
 
 Resolution: an empty model means the caller tier's default; `auto` picks the simple or the
 complex target by the rule below; an alias gives its candidates; a model id gives itself.
+Candidates that cannot take the request (tools to a model without tool use, a sampling parameter
+a model's catalog entry rejects) are left out; when none is left, the caller hears which field.
 Ranking: the strategy orders the candidates (ordered, weighted, lowest latency, lowest cost),
 then a stable sort moves less healthy ones back: open breaker, rate-limit cooldown, exhausted
 headroom, a high recent error rate, and (when a region is preferred) other regions.
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.kit.errors import FailedPrecondition, InvalidArgument
+from services.router.capabilities import refusal
 from services.router.catalog import AUTO_ALIAS, AutoRule, Candidate, Catalog, Model, Provider, Strategy
 from services.router.health import HealthBook
 from services.router.model import ChatRequest, Role, request_tokens
@@ -160,6 +163,7 @@ class Planner:
         else:
             output_tokens = 0
         choices: list[Choice] = []
+        refused: list[InvalidArgument] = []
         for candidate in candidates:
             model = self.catalog.models[candidate.model]
             provider = self.catalog.providers[model.provider]
@@ -169,9 +173,16 @@ class Planner:
                 continue
             if kind == "chat" and input_tokens > model.context_window:
                 continue
+            problem = refusal(model, request) if request is not None else None
+            if problem is not None:
+                refused.append(problem)
+                continue
             if hints.max_cost_micros and estimate(model, input_tokens, output_tokens) > hints.max_cost_micros:
                 continue
             choices.append(Choice(model, provider, candidate.weight))
+        if not choices and refused:
+            # The request asks for something no candidate takes: the caller's to fix.
+            raise refused[0]
         if not choices:
             raise FailedPrecondition(
                 f"no candidate of {resolved!r} satisfies the request (region, excluded providers, "

@@ -70,6 +70,9 @@ _OUTCOMES = {
     Outcome.CLIENT_ERROR: router_pb2.ATTEMPT_OUTCOME_CLIENT_ERROR,
     Outcome.BREAKER_OPEN: router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN,
     Outcome.PROTOCOL_ERROR: router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR,
+    Outcome.AUTH_ERROR: router_pb2.ATTEMPT_OUTCOME_AUTH_ERROR,
+    Outcome.QUOTA_EXHAUSTED: router_pb2.ATTEMPT_OUTCOME_QUOTA_EXHAUSTED,
+    Outcome.OUT_OF_ROTATION: router_pb2.ATTEMPT_OUTCOME_OUT_OF_ROTATION,
 }
 _BREAKER = {
     BreakerState.CLOSED: router_pb2.BREAKER_STATE_CLOSED,
@@ -215,6 +218,8 @@ def to_response(answer: Answer) -> router_pb2.CompleteResponse:
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
             total_tokens=usage.total_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
+            estimated=usage.estimated,
         ),
         cost=common_pb2.Cost(
             input_cost_micros=answer.cost.input_micros,
@@ -336,7 +341,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         usage = done.result.usage
         return router_pb2.EmbedResponse(
             embeddings=[router_pb2.Embedding(values=v) for v in done.result.vectors],
-            usage=common_pb2.Usage(input_tokens=usage.input_tokens, total_tokens=usage.total_tokens),
+            usage=common_pb2.Usage(
+                input_tokens=usage.input_tokens, total_tokens=usage.total_tokens, estimated=usage.estimated
+            ),
             cost=common_pb2.Cost(
                 input_cost_micros=done.cost.input_micros,
                 output_cost_micros=done.cost.output_micros,
@@ -360,6 +367,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 output_price_micros_per_mtok=m.output_price_micros_per_mtok,
                 region=catalog.providers[m.provider].region,
                 simulated=catalog.providers[m.provider].simulated,
+                cache_read_price_micros_per_mtok=m.cached_input_price_micros_per_mtok,
+                cache_write_price_micros_per_mtok=m.cache_write_price,
+                capabilities=router_pb2.ModelCapabilities(
+                    params=sorted(m.capabilities.params),
+                    unsupported_params=m.capabilities.unsupported_params,
+                    tools=m.capabilities.tools,
+                    vision=m.capabilities.vision,
+                    thinking=m.capabilities.thinking,
+                ),
             )
             for m in catalog.enabled_models()
         ]
@@ -386,6 +402,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 continue
             target = (model.provider, model.id)
             health = self.health.get(target)
+            removal = self.health.out_of_rotation(model.provider)
             room = health.headroom
             headroom = router_pb2.Headroom(
                 remaining_requests=room.remaining_requests,
@@ -410,6 +427,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     simulated=self.catalog.providers[model.provider].simulated,
                     requests=health.requests,
                     failures=health.failures,
+                    out_of_rotation_reason=removal.reason if removal is not None else "",
                 )
             )
         return router_pb2.GetProviderStatusResponse(providers=out)

@@ -219,7 +219,7 @@ class Compactor:
                     _settle(serving + drive.waiters, exc)
                     drive.waiters = []
                     return
-                except Exception as exc:
+                except Exception as exc:  # router or store down, or a bug: retried with backoff
                     drive.failures += 1
                     delay = policy.retry_delay(drive.failures)
                     drive.retry_at = self._clock() + delay

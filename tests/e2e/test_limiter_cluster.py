@@ -40,8 +40,21 @@ SCRIPT_INTERNAL = {
     "hgetall", "hdel", "hincrby", "pexpire", "hmget", "hset", "hget", "zrangebyscore",
     "zremrangebyscore", "zrange", "zadd", "zrem", "get", "set", "pttl", "incrby", "time",
 }  # fmt: skip
-# Commands redis-py's cluster client may send for itself (topology), not for a decision.
-HOUSEKEEPING = ("cluster", "command", "info", "config", "ping", "readonly", "client", "hello")
+# Commands redis-py's cluster client may send for itself (topology), not for a decision, and the
+# replication traffic a replica sends its primary (REPLCONF ACK every second, PSYNC on reconnect).
+HOUSEKEEPING = (
+    "cluster",
+    "command",
+    "info",
+    "config",
+    "ping",
+    "readonly",
+    "client",
+    "hello",
+    "replconf",
+    "psync",
+    "sync",
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from services.edge.auth import ApiKey
-from services.edge.store import (
+from services.edge.store.base import (
     PRIORITY_ORDER,
     QUEUED,
     RUNNING,
@@ -181,6 +181,10 @@ class MemoryEdgeStore:
                 self._push(job)
                 count += 1
         return count
+
+    async def promote_due(self) -> int:
+        # Parked jobs wait in the same heaps, ordered by their time: nothing to move.
+        return 0
 
     async def park(self, claim: Claim, not_before: float) -> None:
         self._claims.pop(claim.token, None)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from services.edge.auth import ApiKey
-from services.edge.store import (
+from services.edge.store.base import (
     PRIORITY_ORDER,
     QUEUED,
     RUNNING,
@@ -172,6 +172,64 @@ redis.call('HSET', KEYS[1], 'record', ARGV[1], 'state', 'running')
 return 1
 """
 
+# KEYS[1] stream; ARGV[1] group, ARGV[2] entry id. Acknowledges a delivery, then trims the stream's
+# head up to its oldest entry still pending, or past the last one delivered when none is: entries
+# leave the stream only from its head. An XDEL in the middle (a job finishing before an older one,
+# as concurrent workers do) leaves a tombstone after which Redis cannot count the group's lag and
+# reports it as nil, which an autoscaler on the lag (KEDA) reads as 0 while jobs wait.
+_ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+if pending[1] > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', pending[2])
+  return 1
+end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+for _, group in ipairs(groups) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[1] then
+    local ms, seq = string.match(fields['last-delivered-id'], '^(%d+)-(%d+)$')
+    redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  end
+end
+return 1
+"""
+
+# KEYS: per priority, as _CLAIM's (stream, ready, parked, waiting, backlogged); ARGV[1] now,
+# ARGV[2] job key prefix, ARGV[3..6] backlog prefixes. Puts parked jobs that fell due back in line
+# as _CLAIM does, for an edge whose workers run apart (no claim promotes them there).
+_PROMOTE = (
+    _FAIR
+    + """
+local moved = 0
+for i = 0, 3 do
+  local stream, ready, parked, waiting, backlogged = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4], KEYS[i*5+5]
+  local prefix = ARGV[3 + i]
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', ARGV[1], 'LIMIT', 0, 100)) do
+    redis.call('ZREM', parked, id)
+    local tenant = redis.call('HGET', ARGV[2] .. id, 'tenant')
+    if tenant then
+      enqueue(stream, ready, prefix, waiting, backlogged, id, tenant, true, ARGV[1])
+    else
+      redis.call('XADD', stream, '*', 'job_id', id)
+    end
+    moved = moved + 1
+  end
+end
+return moved
+"""
+)
+
+
+def stream_key(priority: str, key_prefix: str = "") -> str:
+    """The Redis Stream of one priority: what workers read and an autoscaler watches (KEDA)."""
+    return f"{key_prefix}{{edge}}:stream:{priority}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
 
 def _unavailable_when_redis_fails(cls: type[T]) -> type[T]:
     """Wraps every public coroutine so a Redis outage surfaces as UNAVAILABLE, never as INTERNAL."""
@@ -215,10 +273,13 @@ class RedisEdgeStore:
         clean, prefix = split_key_prefix(url)
         # Each waiting worker holds a connection: past pool_size in use, calls wait for one.
         self._redis = pooled_client(clean, pool_size=pool_size, timeout=socket_timeout)
+        self._prefix = prefix
         self._p = f"{prefix}{{edge}}:"
         self._job_ttl = int(job_ttl)
         self._finish = self._redis.register_script(_FINISH)
         self._start = self._redis.register_script(_START)
+        self._ack_script = self._redis.register_script(_ACK)
+        self._promote = self._redis.register_script(_PROMOTE)
         self._submit = self._redis.register_script(_SUBMIT)
         self._claim = self._redis.register_script(_CLAIM)
         self._requeue = self._redis.register_script(_REQUEUE)
@@ -235,7 +296,7 @@ class RedisEdgeStore:
         ]
 
     def _stream(self, priority: str) -> str:
-        return f"{self._p}stream:{priority}"
+        return stream_key(priority, self._prefix)
 
     def _parked(self, priority: str) -> str:
         return f"{self._p}parked:{priority}"
@@ -349,10 +410,7 @@ class RedisEdgeStore:
         await self._redis.hset(self._job(job.job_id), mapping={"record": _encode(job), "state": job.state})
 
     async def _ack(self, priority: str, entry_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream(priority), GROUP, entry_id)
-            pipe.xdel(self._stream(priority), entry_id)
-            await pipe.execute()
+        await self._ack_script(keys=[self._stream(priority)], args=[GROUP, entry_id])
 
     async def claim(self, consumer: str, block: float) -> Claim | None:
         deadline = time.monotonic() + block
@@ -423,6 +481,11 @@ class RedisEdgeStore:
                 count += 1
         return count
 
+    async def promote_due(self) -> int:
+        prefixes = [self._backlog(p) for p in PRIORITY_ORDER]
+        moved: Any = await self._promote(keys=self._claim_keys, args=[time.time(), self._job(""), *prefixes])
+        return int(moved)
+
     async def park(self, claim: Claim, not_before: float) -> None:
         priority, entry_id = claim.token.split("|", 1)
         job = claim.job
@@ -485,9 +548,17 @@ class RedisEdgeStore:
     async def depth(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for priority in PRIORITY_ORDER:
-            length = await self._redis.xlen(self._stream(priority))
-            pending: Any = await self._redis.xpending(self._stream(priority), GROUP)
+            # Not yet delivered (the group's lag, what KEDA scales on) plus parked until their time.
+            groups: Any = await self._redis.xinfo_groups(self._stream(priority))
+            lag = next((g.get("lag") for g in groups if _text(g["name"]) == GROUP), None)
+            if lag is None:
+                # Redis before 7, or tombstones an older Ballast left (it deleted entries on ack):
+                # entries in the stream that no worker holds (may count acknowledged ones not yet trimmed).
+                length = await self._redis.xlen(self._stream(priority))
+                pending: Any = await self._redis.xpending(self._stream(priority), GROUP)
+                lag = int(length) - int(pending["pending"])
             parked = await self._redis.zcard(self._parked(priority))
+            # Fair admission keeps each tenant's further jobs in its backlog, outside the stream.
             backlog = await self._redis.zcard(self._waiting(priority))
-            counts[priority] = int(length) - int(pending["pending"]) + int(parked) + int(backlog)
+            counts[priority] = int(lag) + int(parked) + int(backlog)
         return counts

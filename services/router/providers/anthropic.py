@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -27,16 +28,13 @@ from services.router.providers.base import (
     HeadersSink,
     Outcome,
     ProviderError,
-    classify_status,
     endpoint_url,
-    error_message,
     make_client,
-    parse_headroom,
     parse_json,
-    parse_retry_after,
     sse_events,
     transport_error,
 )
+from services.router.providers.errors import check_response, stream_error
 
 API_VERSION = "2023-06-01"
 STOP = {
@@ -48,7 +46,6 @@ STOP = {
     "tool_use": Finish.TOOL_CALLS,
     "refusal": Finish.CONTENT_FILTER,
 }
-_OVERLOADED = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429}
 
 
 def _arguments(text: str) -> Any:
@@ -141,6 +138,7 @@ def usage_of(data: Any) -> Usage:
         input_tokens=int(data.get("input_tokens") or 0) + cached + created,
         output_tokens=int(data.get("output_tokens") or 0),
         cached_input_tokens=cached,
+        cache_write_input_tokens=created,
     )
 
 
@@ -166,6 +164,7 @@ def from_anthropic_body(data: dict[str, Any]) -> ChatResult:
         provider_model=str(data.get("model", "")),
         response_id=str(data.get("id", "")),
         simulated=bool(data.get("simulated")),
+        usage_reported=isinstance(data.get("usage"), dict),
     )
 
 
@@ -185,12 +184,8 @@ class AnthropicAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _check(self, model: Model, response: httpx.Response, body: bytes) -> None:
-        self._sink(model, response.status_code, parse_headroom(response.headers, response.status_code))
-        if response.status_code >= 400:
-            raise classify_status(
-                response.status_code, error_message(body), parse_retry_after(response.headers)
-            )
+    def _check(self, model: Model, response: httpx.Response, body: bytes | None) -> None:
+        check_response(self.provider, model, response, body, self._sink, self.options.max_reset_wait)
 
     def _body(self, model: Model, request: ChatRequest, stream: bool) -> bytes:
         body = to_anthropic_body(
@@ -215,104 +210,129 @@ class AnthropicAdapter:
         )
 
     async def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
-        blocks: dict[int, list[str]] = {}  # index -> [type, id, name, text/json]
-        tool_order: dict[int, int] = {}  # block index -> tool call index
-        usage = Usage()
-        finish = Finish.UNSPECIFIED
-        provider_model = response_id = ""
-        simulated = stopped = False
+        state = _StreamState()
         try:
             async with self._client.stream(self._url, content=self._body(model, request, True)) as response:
-                if response.status_code >= 400:
-                    self._check(model, response, await response.aread())
-                self._sink(
-                    model, response.status_code, parse_headroom(response.headers, response.status_code)
-                )
+                self._check(model, response, await response.aread() if response.status_code >= 400 else None)
                 async for event in sse_events(response):
-                    try:
-                        data = json.loads(event.data)
-                    except ValueError as exc:
-                        raise ProviderError(
-                            Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)"
-                        ) from exc
-                    if not isinstance(data, dict):
-                        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+                    data = _event_data(event.data)
                     kind = data.get("type", event.event)
-                    if kind == "message_start":
-                        message = data.get("message") or {}
-                        provider_model = str(message.get("model", ""))
-                        response_id = str(message.get("id", ""))
-                        simulated = bool(message.get("simulated"))
-                        usage = usage_of(message.get("usage"))
-                    elif kind == "content_block_start":
-                        index = int(data.get("index", 0))
-                        block = data.get("content_block") or {}
-                        blocks[index] = [
-                            str(block.get("type")),
-                            str(block.get("id", "")),
-                            str(block.get("name", "")),
-                            "",
-                        ]
-                        if block.get("type") == "tool_use":
-                            tool_order[index] = len(tool_order)
-                            yield Delta(
-                                "",
-                                (ToolCallDelta(tool_order[index], blocks[index][1], blocks[index][2], ""),),
-                            )
-                    elif kind == "content_block_delta":
-                        index = int(data.get("index", 0))
-                        delta = data.get("delta") or {}
-                        slot = blocks.setdefault(index, ["text", "", "", ""])
-                        if delta.get("type") == "text_delta":
-                            piece = str(delta.get("text", ""))
-                            slot[3] += piece
-                            if piece:
-                                yield Delta(piece)
-                        elif delta.get("type") == "input_json_delta" and index in tool_order:
-                            fragment = str(delta.get("partial_json", ""))
-                            slot[3] += fragment
-                            if fragment:
-                                yield Delta(
-                                    "", (ToolCallDelta(tool_order[index], arguments_fragment=fragment),)
-                                )
-                    elif kind == "message_delta":
-                        reason = (data.get("delta") or {}).get("stop_reason")
-                        if reason:
-                            finish = STOP.get(str(reason), Finish.UNSPECIFIED)
-                        delta_usage = data.get("usage") or {}
-                        if "output_tokens" in delta_usage:
-                            usage.output_tokens = int(delta_usage["output_tokens"] or 0)
-                        if delta_usage.get("input_tokens") is not None:
-                            usage = Usage(
-                                usage_of(delta_usage).input_tokens or usage.input_tokens,
-                                usage.output_tokens,
-                                usage.cached_input_tokens,
-                            )
-                    elif kind == "message_stop":
-                        stopped = True
+                    if kind == "message_stop":
+                        state.stopped = True
                         break
-                    elif kind == "error":
-                        error = data.get("error") or {}
-                        status = _OVERLOADED.get(str(error.get("type")), 500)
-                        raise ProviderError(
-                            Outcome.RATE_LIMITED if status == 429 else Outcome.SERVER_ERROR,
-                            f"error in stream: {error.get('message', error.get('type', 'unknown'))}",
-                            http_status=status,
-                        )
+                    if kind == "error":
+                        raise stream_error(self.provider, data)
+                    delta = state.apply(kind, data)
+                    if delta is not None:
+                        yield delta
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
-        if not stopped:
+        if not state.stopped:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended before message_stop")
-        text = "".join(b[3] for _, b in sorted(blocks.items()) if b[0] == "text")
-        calls = tuple(
-            ToolCall(blocks[i][1], blocks[i][2], blocks[i][3] or "{}")
-            for i in sorted(tool_order, key=tool_order.get)  # type: ignore[arg-type]
+        yield state.result()
+
+
+def _event_data(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)") from exc
+    if not isinstance(data, dict):
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+    return data
+
+
+@dataclass
+class _Block:
+    """One content block of a streamed message as it grows."""
+
+    type: str
+    id: str = ""
+    name: str = ""
+    # Text for text blocks, the arguments' JSON for tool_use blocks.
+    content: str = ""
+    # The block's place among the message's tool calls (tool_use blocks only).
+    tool_index: int = -1
+
+
+@dataclass
+class _StreamState:
+    """What a message stream has said so far; `apply` takes one event and returns its delta."""
+
+    blocks: dict[int, _Block] = field(default_factory=dict)
+    tool_calls: int = 0
+    # The usage object as last reported: message_start's, overwritten field by field by
+    # message_delta's, which carries the final counts (output and, since 2025, input and cache).
+    usage: dict[str, Any] = field(default_factory=dict)
+    usage_reported: bool = False
+    finish: Finish = Finish.UNSPECIFIED
+    provider_model: str = ""
+    response_id: str = ""
+    simulated: bool = False
+    stopped: bool = False
+
+    def apply(self, kind: str, data: dict[str, Any]) -> Delta | None:
+        if kind == "message_start":
+            self._start(data.get("message") or {})
+        elif kind == "content_block_start":
+            return self._block_start(int(data.get("index", 0)), data.get("content_block") or {})
+        elif kind == "content_block_delta":
+            return self._block_delta(int(data.get("index", 0)), data.get("delta") or {})
+        elif kind == "message_delta":
+            reason = (data.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.finish = STOP.get(str(reason), Finish.UNSPECIFIED)
+            self._usage(data.get("usage"))
+        return None
+
+    def _start(self, message: dict[str, Any]) -> None:
+        self.provider_model = str(message.get("model", ""))
+        self.response_id = str(message.get("id", ""))
+        self.simulated = bool(message.get("simulated"))
+        self._usage(message.get("usage"))
+
+    def _usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage.update({k: v for k, v in usage.items() if v is not None})
+            self.usage_reported = True
+
+    def _block_start(self, index: int, block: dict[str, Any]) -> Delta | None:
+        entry = self.blocks[index] = _Block(
+            str(block.get("type")), str(block.get("id", "")), str(block.get("name", ""))
         )
-        yield ChatResult(
-            message=Message(Role.ASSISTANT, text, tool_calls=calls),
-            finish=finish,
-            usage=usage,
-            provider_model=provider_model,
-            response_id=response_id,
-            simulated=simulated,
+        if entry.type != "tool_use":
+            return None
+        entry.tool_index = self.tool_calls
+        self.tool_calls += 1
+        return Delta("", (ToolCallDelta(entry.tool_index, entry.id, entry.name, ""),))
+
+    def _block_delta(self, index: int, delta: dict[str, Any]) -> Delta | None:
+        entry = self.blocks.setdefault(index, _Block("text"))
+        if delta.get("type") == "text_delta":
+            piece = str(delta.get("text", ""))
+            entry.content += piece
+            return Delta(piece) if piece else None
+        if delta.get("type") == "input_json_delta" and entry.tool_index >= 0:
+            fragment = str(delta.get("partial_json", ""))
+            entry.content += fragment
+            if fragment:
+                return Delta("", (ToolCallDelta(entry.tool_index, arguments_fragment=fragment),))
+        # thinking_delta and signature_delta: the reasoning is not part of the answer.
+        return None
+
+    def result(self) -> ChatResult:
+        ordered = [block for _, block in sorted(self.blocks.items())]
+        tools = sorted((b for b in ordered if b.tool_index >= 0), key=lambda b: b.tool_index)
+        return ChatResult(
+            message=Message(
+                Role.ASSISTANT,
+                "".join(b.content for b in ordered if b.type == "text"),
+                tool_calls=tuple(ToolCall(b.id, b.name, b.content or "{}") for b in tools),
+            ),
+            finish=self.finish,
+            usage=usage_of(self.usage),
+            provider_model=self.provider_model,
+            response_id=self.response_id,
+            simulated=self.simulated,
+            usage_reported=self.usage_reported,
         )

@@ -29,10 +29,25 @@ class Outcome(enum.Enum):
     CLIENT_ERROR = "client_error"
     BREAKER_OPEN = "breaker_open"
     PROTOCOL_ERROR = "protocol_error"
+    # The provider refused the router's key (invalid, revoked, no permission): it leaves rotation.
+    AUTH_ERROR = "auth_error"
+    # The provider's account is out of credit (OpenAI insufficient_quota, Anthropic billing): it
+    # leaves rotation too; waiting seconds will not help.
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    # Skipped without a call: the provider is out of rotation after one of the two above.
+    OUT_OF_ROTATION = "out_of_rotation"
+
+
+# Outcomes after which a provider (every model behind its key) is taken out of rotation.
+OUT_OF_ROTATION_OUTCOMES = frozenset({Outcome.AUTH_ERROR, Outcome.QUOTA_EXHAUSTED})
 
 
 class ProviderError(Exception):
-    """One failed attempt. `caller_fault` marks the caller's own mistakes (never retried)."""
+    """One failed attempt. `caller_fault` marks the caller's own mistakes (never retried).
+
+    `message` may reach callers (attempt trails, status messages): it is Ballast's summary, never
+    the provider's raw words (see errors.py). `category` is the summary's category and `field` the
+    request field the provider named, if any."""
 
     def __init__(
         self,
@@ -42,6 +57,8 @@ class ProviderError(Exception):
         http_status: int = 0,
         retry_after: float | None = None,
         caller_fault: bool = False,
+        category: str = "",
+        field: str = "",
     ) -> None:
         super().__init__(message)
         self.outcome = outcome
@@ -49,6 +66,8 @@ class ProviderError(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.caller_fault = caller_fault
+        self.category = category
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,8 @@ class ClientOptions:
     read_timeout: float = 60.0
     max_connections: int = 200
     default_max_output_tokens: int = 4096
+    # Longest wait a provider's rate-limit reset time may impose when it sent no retry-after.
+    max_reset_wait: float = 60.0
 
 
 def build_adapter(provider: Provider, options: ClientOptions, sink: HeadersSink) -> Adapter:
@@ -186,39 +207,6 @@ def endpoint_url(provider: Provider, path: str) -> httpx.URL:
 # --- errors ------------------------------------------------------------------------------------
 
 
-def classify_status(status: int, message: str, retry_after: float | None) -> ProviderError:
-    """Maps an HTTP error status to an attempt outcome."""
-    text = f"HTTP {status}: {message}" if message else f"HTTP {status}"
-    if status == 429:
-        return ProviderError(Outcome.RATE_LIMITED, text, http_status=status, retry_after=retry_after)
-    if status >= 500:
-        # 529 is Anthropic's "overloaded"; 5xx may carry a retry-after too.
-        return ProviderError(Outcome.SERVER_ERROR, text, http_status=status, retry_after=retry_after)
-    if status in (408, 409):
-        return ProviderError(Outcome.SERVER_ERROR, text, http_status=status, retry_after=retry_after)
-    # 401/403/404 mean the provider entry (key, model name) is wrong, not the caller's request:
-    # another candidate may well succeed.
-    caller = status not in (401, 403, 404)
-    return ProviderError(Outcome.CLIENT_ERROR, text, http_status=status, caller_fault=caller)
-
-
-def error_message(body: bytes) -> str:
-    """The provider's own error message (OpenAI and Anthropic both nest it under `error`)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body[:200].decode("utf-8", "replace").strip()
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and "message" in error:
-            return str(error["message"])[:500]
-        if isinstance(error, str):
-            return error[:500]
-        if "message" in data:
-            return str(data["message"])[:500]
-    return json.dumps(data)[:200]
-
-
 def transport_error(exc: BaseException) -> ProviderError:
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return ProviderError(Outcome.TIMEOUT, f"timed out ({type(exc).__name__})")
@@ -295,6 +283,33 @@ def _int(headers: Mapping[str, str], name: str) -> int:
         return -1
 
 
+# (remaining, reset) header pairs per limit, for both providers' families of headers.
+_LIMIT_PAIRS = (
+    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    *(
+        (f"anthropic-ratelimit-{kind}-remaining", f"anthropic-ratelimit-{kind}-reset")
+        for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+    ),
+)
+
+
+def _reset_wait(found: Mapping[str, str], now: float) -> float | None:
+    """Seconds until the exhausted limits reset (the latest of them); when none says it is
+    exhausted (a request larger than what is left), until every reported limit has reset."""
+    exhausted: list[float] = []
+    reported: list[float] = []
+    for remaining_name, reset_name in _LIMIT_PAIRS:
+        reset = parse_reset(found.get(reset_name), now)
+        if reset is None:
+            continue
+        reported.append(reset)
+        if _int(found, remaining_name) == 0:
+            exhausted.append(reset)
+    waits = exhausted or reported
+    return max(waits) if waits else None
+
+
 def parse_headroom(headers: httpx.Headers, status: int) -> Headroom | None:
     """OpenAI `x-ratelimit-*` and Anthropic `anthropic-ratelimit-*` headers, plus retry-after."""
     # One pass into a plain dict: httpx.Headers scans every header on each lookup.
@@ -307,6 +322,9 @@ def parse_headroom(headers: httpx.Headers, status: int) -> Headroom | None:
         return None
     now = time.time()
     retry_after = parse_retry_after(found, now)
+    if retry_after is None and status == 429:
+        # No retry-after: the limit that ran out says when it resets.
+        retry_after = _reset_wait(found, now)
     if (
         "x-ratelimit-limit-requests" in found
         or "x-ratelimit-remaining-requests" in found
@@ -369,5 +387,7 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
             data.append(value)
         elif name == "event":
             event = value
-    # An event without its closing blank line was cut off mid-way: it is dropped, and the caller
-    # notices the missing terminal event.
+    if data:
+        # The last event may end without its blank line (the SDKs accept it); one cut off
+        # mid-way fails to parse, or lacks the terminal event, and the adapter notices.
+        yield SseEvent(event or "message", "\n".join(data))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -21,23 +22,19 @@ from services.router.model import (
     ToolCallDelta,
     ToolChoiceMode,
     Usage,
-    request_tokens,
 )
 from services.router.providers.base import (
     ClientOptions,
     HeadersSink,
     Outcome,
     ProviderError,
-    classify_status,
     endpoint_url,
-    error_message,
     make_client,
-    parse_headroom,
     parse_json,
-    parse_retry_after,
     sse_events,
     transport_error,
 )
+from services.router.providers.errors import check_response, stream_error
 
 FINISH = {
     "stop": Finish.STOP,
@@ -141,13 +138,15 @@ def from_openai_body(data: dict[str, Any]) -> ChatResult:
         raise ProviderError(
             Outcome.PROTOCOL_ERROR, f"unexpected answer shape ({type(exc).__name__})"
         ) from exc
+    usage = usage_of(data.get("usage"))
     return ChatResult(
         message=Message(Role.ASSISTANT, str(content), tool_calls=calls),
         finish=finish,
-        usage=usage_of(data.get("usage")) or Usage(),
+        usage=usage or Usage(),
         provider_model=str(data.get("model", "")),
         response_id=str(data.get("id", "")),
         simulated=bool(data.get("simulated")),
+        usage_reported=usage is not None,
     )
 
 
@@ -180,12 +179,8 @@ class OpenAIAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _check(self, model: Model, response: httpx.Response, body: bytes) -> None:
-        self._sink(model, response.status_code, parse_headroom(response.headers, response.status_code))
-        if response.status_code >= 400:
-            raise classify_status(
-                response.status_code, error_message(body), parse_retry_after(response.headers)
-            )
+    def _check(self, model: Model, response: httpx.Response, body: bytes | None) -> None:
+        check_response(self.provider, model, response, body, self._sink, self.options.max_reset_wait)
 
     async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         content = json.dumps(body, separators=(",", ":")).encode()
@@ -210,85 +205,117 @@ class OpenAIAdapter:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "unexpected embeddings shape") from exc
         if len(vectors) != len(inputs):
             raise ProviderError(Outcome.PROTOCOL_ERROR, f"{len(vectors)} embeddings for {len(inputs)} inputs")
-        usage = usage_of(data.get("usage")) or Usage()
-        return EmbedResult(vectors, usage, str(data.get("model", "")), bool(data.get("simulated")))
+        usage = usage_of(data.get("usage"))
+        return EmbedResult(
+            vectors,
+            usage or Usage(),
+            str(data.get("model", "")),
+            bool(data.get("simulated")),
+            usage_reported=usage is not None,
+        )
 
     async def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
         body = to_openai_body(model, request, stream=True, provider=self.provider)
         content = json.dumps(body, separators=(",", ":")).encode()
-        text: list[str] = []
-        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
-        finish = Finish.UNSPECIFIED
-        usage: Usage | None = None
-        provider_model = response_id = ""
-        simulated = done = False
+        state = _StreamState()
+        done = False
         try:
             async with self._client.stream(self._url(model, "chat/completions"), content=content) as response:
-                if response.status_code >= 400:
-                    self._check(model, response, await response.aread())
-                self._sink(
-                    model, response.status_code, parse_headroom(response.headers, response.status_code)
-                )
+                self._check(model, response, await response.aread() if response.status_code >= 400 else None)
                 async for event in sse_events(response):
                     if event.data.strip() == "[DONE]":
                         done = True
                         break
-                    try:
-                        chunk = json.loads(event.data)
-                    except ValueError as exc:
-                        raise ProviderError(
-                            Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)"
-                        ) from exc
-                    if not isinstance(chunk, dict):
-                        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+                    chunk = _chunk(event.data)
                     if "error" in chunk:
-                        raise ProviderError(
-                            Outcome.SERVER_ERROR, f"error in stream: {error_message(event.data.encode())}"
-                        )
-                    provider_model = str(chunk.get("model") or provider_model)
-                    response_id = str(chunk.get("id") or response_id)
-                    simulated = simulated or bool(chunk.get("simulated"))
-                    if chunk.get("usage"):
-                        usage = usage_of(chunk["usage"])
-                    for choice in chunk.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        piece = delta.get("content") or ""
-                        deltas: list[ToolCallDelta] = []
-                        for call in delta.get("tool_calls") or []:
-                            index = int(call.get("index", 0))
-                            fn = call.get("function") or {}
-                            slot = calls.setdefault(index, ["", "", ""])
-                            if call.get("id"):
-                                slot[0] = str(call["id"])
-                            if fn.get("name"):
-                                slot[1] += str(fn["name"])
-                            fragment = str(fn.get("arguments") or "")
-                            slot[2] += fragment
-                            deltas.append(
-                                ToolCallDelta(
-                                    index, str(call.get("id") or ""), str(fn.get("name") or ""), fragment
-                                )
-                            )
-                        if choice.get("finish_reason"):
-                            finish = FINISH.get(str(choice["finish_reason"]), Finish.UNSPECIFIED)
-                        if piece or deltas:
-                            text.append(piece)
-                            yield Delta(piece, tuple(deltas))
+                        raise stream_error(self.provider, chunk)
+                    for delta in state.apply(chunk):
+                        yield delta
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         if not done:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended before [DONE]")
-        if finish is Finish.UNSPECIFIED:
+        if state.finish is Finish.UNSPECIFIED:
             raise ProviderError(Outcome.PROTOCOL_ERROR, "the stream ended without a finish reason")
-        tool_calls = tuple(ToolCall(c[0], c[1], c[2] or "{}") for _, c in sorted(calls.items()))
-        if usage is None:
-            # Servers that ignore stream_options send no usage: estimate rather than report zero.
-            usage = Usage(request_tokens(request), max(1, sum(len(t) for t in text) // 4))
-        yield ChatResult(
-            message=Message(Role.ASSISTANT, "".join(text), tool_calls=tool_calls),
-            finish=finish,
-            usage=usage,
-            provider_model=provider_model,
-            response_id=response_id,
-            simulated=simulated,
+        yield state.result()
+
+
+def _chunk(text: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(text)
+    except ValueError as exc:
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)") from exc
+    if not isinstance(chunk, dict):
+        raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event")
+    return chunk
+
+
+@dataclass
+class _Call:
+    """One tool call of a streamed answer as its deltas arrive."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class _StreamState:
+    """What a chat-completions stream has said so far; `apply` takes one chunk, returns its deltas."""
+
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _Call] = field(default_factory=dict)
+    finish: Finish = Finish.UNSPECIFIED
+    # None until a chunk reports usage (the last one does, when stream_options asked for it).
+    usage: Usage | None = None
+    provider_model: str = ""
+    response_id: str = ""
+    simulated: bool = False
+
+    def apply(self, chunk: dict[str, Any]) -> list[Delta]:
+        self.provider_model = str(chunk.get("model") or self.provider_model)
+        self.response_id = str(chunk.get("id") or self.response_id)
+        self.simulated = self.simulated or bool(chunk.get("simulated"))
+        if chunk.get("usage"):
+            self.usage = usage_of(chunk["usage"])
+        out = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") or ""
+            calls = tuple(self._call_delta(call) for call in delta.get("tool_calls") or [])
+            if choice.get("finish_reason"):
+                self.finish = FINISH.get(str(choice["finish_reason"]), Finish.UNSPECIFIED)
+            if piece or calls:
+                self.text.append(piece)
+                out.append(Delta(piece, calls))
+        return out
+
+    def _call_delta(self, call: dict[str, Any]) -> ToolCallDelta:
+        index = int(call.get("index", 0))
+        fn = call.get("function") or {}
+        slot = self.calls.setdefault(index, _Call())
+        if call.get("id"):
+            slot.id = str(call["id"])
+        if fn.get("name"):
+            slot.name += str(fn["name"])
+        fragment = str(fn.get("arguments") or "")
+        slot.arguments += fragment
+        return ToolCallDelta(index, str(call.get("id") or ""), str(fn.get("name") or ""), fragment)
+
+    def result(self) -> ChatResult:
+        # Servers that ignore stream_options send no usage: the gateway estimates it then.
+        return ChatResult(
+            message=Message(
+                Role.ASSISTANT,
+                "".join(self.text),
+                tool_calls=tuple(
+                    ToolCall(c.id, c.name, c.arguments or "{}") for _, c in sorted(self.calls.items())
+                ),
+            ),
+            finish=self.finish,
+            usage=self.usage or Usage(),
+            provider_model=self.provider_model,
+            response_id=self.response_id,
+            simulated=self.simulated,
+            usage_reported=self.usage is not None,
         )

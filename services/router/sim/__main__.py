@@ -30,7 +30,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="START:DURATION:MODE",
-        help="scripted outage in seconds since start, mode down|hang|error|break|stall",
+        help="scripted outage in seconds since start, mode down|hang|error|break|stall|no_credit",
     )
     args = parser.parse_args()
     outages = []

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import random
-import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.router.catalog import SimSpec
+from services.router.sim.wire import (
+    Answer,
+    Chat,
+    HttpError,
+    anthropic_body,
+    anthropic_frames,
+    deployment,
+    embed_text,
+    header_seconds,
+    openai_body,
+    openai_duration,
+    openai_frames,
+    parse_anthropic,
+    parse_openai,
+    pick_tool,
+    tool_arguments,
+)
 
 log = logging.getLogger("ballast.router.sim")
 
@@ -86,6 +102,7 @@ _HANG_LIMIT = 3600.0
 _ANTHROPIC_ERRORS = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
@@ -105,6 +122,7 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    402: "Payment Required",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -115,7 +133,7 @@ _REASONS = {
     503: "Service Unavailable",
     529: "Overloaded",
 }
-FAULT_MODES = ("ok", "down", "hang", "error", "rate_limit", "break", "stall")
+FAULT_MODES = ("ok", "down", "hang", "error", "rate_limit", "no_credit", "break", "stall")
 
 
 @dataclass
@@ -162,52 +180,8 @@ class _Request:
     body: bytes
 
 
-class _HttpError(Exception):
-    def __init__(
-        self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.headers = dict(headers or {})
-
-
 class _AbortError(Exception):
     """Close the connection without an answer."""
-
-
-@dataclass
-class _Chat:
-    """A chat request, whatever the wire format."""
-
-    wire: str
-    model: str
-    messages: list[tuple[str, str]]  # (role, text); role "tool" marks a tool result
-    tools: list[tuple[str, dict[str, Any]]]
-    tool_choice: str  # auto | none | required | name:<tool>
-    max_tokens: int
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-
-
-@dataclass
-class _Answer:
-    pieces: list[str]
-    tool_calls: list[tuple[str, str, str]]  # (id, name, arguments JSON)
-    finish: str  # stop | length | tool_calls
-    input_tokens: int
-    cached_tokens: int
-    response_id: str
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    @property
-    def output_tokens(self) -> int:
-        return len(self.pieces) + sum(1 + len(args) // 4 for _, _, args in self.tool_calls)
 
 
 @dataclass
@@ -417,7 +391,7 @@ class SimServer:
                     },
                 )
             elif request.method != "POST":
-                raise _HttpError(405, f"{request.method} {path} is not supported")
+                raise HttpError(405, f"{request.method} {path} is not supported")
             elif path in ("/v1/chat/completions", "/chat/completions") or (
                 path.startswith("/openai/deployments/") and path.endswith("/chat/completions")
             ):
@@ -432,12 +406,12 @@ class SimServer:
                 self.stats.requests += 1
                 await self._embeddings(request, writer)
             else:
-                raise _HttpError(404, f"no route for {path}")
-        except _HttpError as exc:
+                raise HttpError(404, f"no route for {path}")
+        except HttpError as exc:
             await self._send(writer, exc.status, self._error_body(wire, exc), exc.headers)
         return keep
 
-    def _error_body(self, wire: str, exc: _HttpError) -> dict[str, Any]:
+    def _error_body(self, wire: str, exc: HttpError) -> dict[str, Any]:
         if wire == "anthropic":
             kind = _ANTHROPIC_ERRORS.get(exc.status, "api_error")
             return {"type": "error", "error": {"type": kind, "message": exc.message}, "simulated": True}
@@ -445,7 +419,7 @@ class SimServer:
             exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
         )
         return {
-            "error": {"message": exc.message, "type": kind, "param": None, "code": exc.code},
+            "error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code},
             "simulated": True,
         }
 
@@ -464,7 +438,7 @@ class SimServer:
                 retry_after=float(data.get("retry_after_s", 1.0)),
             )
         except (ValueError, TypeError, AttributeError) as exc:
-            raise _HttpError(400, f"bad fault: {exc}; modes: {', '.join(FAULT_MODES)}") from exc
+            raise HttpError(400, f"bad fault: {exc}; modes: {', '.join(FAULT_MODES)}") from exc
         self.set_fault(fault)
         return {"provider": self.name, "simulated": True, "mode": mode}
 
@@ -480,7 +454,7 @@ class SimServer:
                 "authorization", ""
             ).removeprefix("Bearer ")
         if given != self.api_key:
-            raise _HttpError(401, "invalid API key (simulated provider)", code="invalid_api_key")
+            raise HttpError(401, "invalid API key (simulated provider)", code="invalid_api_key")
 
     async def _before(self, wire: str, tokens: int) -> dict[str, str]:
         """Faults, random errors and rate limits; returns the rate-limit headers to send."""
@@ -492,18 +466,28 @@ class SimServer:
                 await self._hang(fault)
                 raise _AbortError()
             if fault.mode == "error":
-                raise _HttpError(fault.status, f"simulated outage of {self.name} (HTTP {fault.status})")
+                raise HttpError(fault.status, f"simulated outage of {self.name} (HTTP {fault.status})")
+            if fault.mode == "no_credit":
+                # The account is out of credit, as each provider says it (OpenAI: a 429 with
+                # insufficient_quota; Anthropic: 402 billing_error).
+                if wire == "anthropic":
+                    raise HttpError(402, f"simulated: the {self.name} account has no credit left")
+                raise HttpError(
+                    429,
+                    f"simulated: {self.name} says you exceeded your current quota",
+                    code="insufficient_quota",
+                )
             if fault.mode == "rate_limit":
-                raise _HttpError(
+                raise HttpError(
                     429,
                     f"simulated rate limit of {self.name}",
-                    headers={"retry-after": _seconds(fault.retry_after)},
+                    headers={"retry-after": header_seconds(fault.retry_after)},
                 )
         roll = self._rng.random()
         if roll < self.spec.error_rate:
-            raise _HttpError(500, f"simulated random error of {self.name}")
+            raise HttpError(500, f"simulated random error of {self.name}")
         if roll < self.spec.error_rate + self.spec.rate_limit_rate:
-            raise _HttpError(429, f"simulated random rate limit of {self.name}", headers={"retry-after": "1"})
+            raise HttpError(429, f"simulated random rate limit of {self.name}", headers={"retry-after": "1"})
         now = self.clock()
         wait = 0.0
         if self._rpm is not None:
@@ -512,8 +496,8 @@ class SimServer:
             wait = max(wait, self._tpm.take(tokens, now))
         headers = self._limit_headers(wire)
         if wait > 0:
-            headers["retry-after"] = _seconds(wait)
-            raise _HttpError(
+            headers["retry-after"] = header_seconds(wait)
+            raise HttpError(
                 429,
                 f"simulated provider {self.name}: rate limit reached (RPM {self.spec.rpm}, "
                 f"TPM {self.spec.tpm})",
@@ -547,7 +531,7 @@ class SimServer:
             else:
                 headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
                 headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-                headers[f"x-ratelimit-reset-{kind}"] = _openai_duration(reset)
+                headers[f"x-ratelimit-reset-{kind}"] = openai_duration(reset)
         return headers
 
     def _latency(self) -> float:
@@ -578,10 +562,10 @@ class SimServer:
             if not isinstance(data, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as exc:
-            raise _HttpError(400, f"We could not parse the JSON body of your request. ({exc})") from exc
-        chat = _parse_openai(data, request.path) if wire == "openai" else _parse_anthropic(data)
+            raise HttpError(400, f"We could not parse the JSON body of your request. ({exc})") from exc
+        chat = parse_openai(data, request.path) if wire == "openai" else parse_anthropic(data)
         if self.models is not None and chat.model not in self.models:
-            raise _HttpError(
+            raise HttpError(
                 404,
                 f"The model `{chat.model}` does not exist or you do not have access to it.",
                 code="model_not_found",
@@ -596,7 +580,7 @@ class SimServer:
             generation = self._token_delay() * answer.output_tokens
             if generation > 0:
                 await asyncio.sleep(generation)
-            body = _openai_body(chat, answer) if wire == "openai" else _anthropic_body(chat, answer)
+            body = openai_body(chat, answer) if wire == "openai" else anthropic_body(chat, answer)
             if fault is not None and fault.mode == "break":
                 raw = json.dumps(body).encode()
                 writer.write(
@@ -614,7 +598,7 @@ class SimServer:
             await self._send(writer, 200, body, headers)
             return
         self._start_stream(writer, headers)
-        frames = _openai_frames(chat, answer) if wire == "openai" else _anthropic_frames(chat, answer)
+        frames = openai_frames(chat, answer) if wire == "openai" else anthropic_frames(chat, answer)
         step = self._token_delay()
         sent_tokens = 0
         for frame, is_token in frames:
@@ -636,7 +620,7 @@ class SimServer:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
-    def _answer(self, chat: _Chat) -> _Answer:
+    def _answer(self, chat: Chat) -> Answer:
         digest = hashlib.sha256(
             json.dumps([self.spec.seed, chat.model, chat.messages, [t[0] for t in chat.tools]]).encode()
         ).digest()
@@ -655,13 +639,13 @@ class SimServer:
             if len(self._seen_prefixes) > 10_000:
                 self._seen_prefixes.clear()
         last_role, last_text = chat.messages[-1] if chat.messages else ("user", "")
-        tool = _pick_tool(chat, last_role, last_text)
+        tool = pick_tool(chat, last_role, last_text)
         if tool is not None:
             name, schema = tool
             call_id = ("toolu_" if chat.wire == "anthropic" else "call_") + digest[6:18].hex()
-            args = json.dumps(_arguments(schema), separators=(",", ":"))
+            args = json.dumps(tool_arguments(schema), separators=(",", ":"))
             label = f"[simulated {self.name}/{chat.model}] calling {name}."
-            return _Answer([label], [(call_id, name, args)], "tool_calls", input_tokens, cached, response_id)
+            return Answer([label], [(call_id, name, args)], "tool_calls", input_tokens, cached, response_id)
         label = f"[simulated {self.name}/{chat.model}]"
         if last_role == "tool":
             label += " Based on the tool result:"
@@ -682,7 +666,7 @@ class SimServer:
                     finish = "stop"
                     break
                 text = candidate
-        return _Answer(pieces, [], finish, input_tokens, cached, response_id)
+        return Answer(pieces, [], finish, input_tokens, cached, response_id)
 
     # --- embeddings ---------------------------------------------------------------------------
 
@@ -692,13 +676,13 @@ class SimServer:
             data = json.loads(request.body)
             raw = data["input"]
             inputs = [raw] if isinstance(raw, str) else [str(x) for x in raw]
-            model = str(data["model"]) if "model" in data else _deployment(request.path)
+            model = str(data["model"]) if "model" in data else deployment(request.path)
         except (ValueError, KeyError, TypeError) as exc:
-            raise _HttpError(400, f"'input' and 'model' are required ({exc})") from exc
+            raise HttpError(400, f"'input' and 'model' are required ({exc})") from exc
         if not inputs or any(not text for text in inputs):
-            raise _HttpError(400, "'$.input' is invalid: inputs must be non-empty strings")
+            raise HttpError(400, "'$.input' is invalid: inputs must be non-empty strings")
         if self.models is not None and model not in self.models:
-            raise _HttpError(404, f"The model `{model}` does not exist.", code="model_not_found")
+            raise HttpError(404, f"The model `{model}` does not exist.", code="model_not_found")
         dims = int(data.get("dimensions") or (self.models or {}).get(model) or 256)
         tokens = sum((len(t) + 3) // 4 for t in inputs)
         headers = await self._before("openai", tokens)
@@ -719,406 +703,3 @@ class SimServer:
 
 
 # --- wire formats ------------------------------------------------------------------------------
-
-
-def _deployment(path: str) -> str:
-    parts = path.split("/")
-    return parts[3] if path.startswith("/openai/deployments/") and len(parts) > 3 else ""
-
-
-def _text_of(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    raise _HttpError(400, "Invalid type for 'content': expected a string or an array of content parts")
-
-
-def _parse_openai(data: dict[str, Any], path: str) -> _Chat:
-    model = str(data.get("model") or _deployment(path))
-    if not model:
-        raise _HttpError(400, "you must provide a model parameter")
-    raw = data.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise _HttpError(400, "'messages' must contain at least one message", code="invalid_value")
-    messages: list[tuple[str, str]] = []
-    for index, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in (
-            "system",
-            "developer",
-            "user",
-            "assistant",
-            "tool",
-        ):
-            raise _HttpError(400, f"Invalid value for 'messages[{index}].role'", code="invalid_value")
-        text = _text_of(m.get("content"))
-        if m["role"] == "tool" and not m.get("tool_call_id"):
-            raise _HttpError(400, f"Missing required parameter: 'messages[{index}].tool_call_id'.")
-        if m["role"] == "assistant":
-            for call in m.get("tool_calls") or []:
-                text += f" <call {call['function']['name']}({call['function']['arguments']})>"
-        messages.append((str(m["role"]), text))
-    temperature = data.get("temperature")
-    if temperature is not None and not 0 <= float(temperature) <= 2:
-        raise _HttpError(
-            400,
-            f"Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got "
-            f"{temperature} instead.",
-            code="decimal_above_max_value",
-        )
-    tools = []
-    for t in data.get("tools") or []:
-        fn = t.get("function", {})
-        tools.append((str(fn.get("name", "")), dict(fn.get("parameters") or {})))
-    choice = data.get("tool_choice", "auto")
-    if isinstance(choice, dict):
-        choice = "name:" + str(choice.get("function", {}).get("name", ""))
-    stop = data.get("stop") or []
-    max_tokens = int(data.get("max_completion_tokens") or data.get("max_tokens") or 0)
-    options = data.get("stream_options") or {}
-    return _Chat(
-        "openai",
-        model,
-        messages,
-        tools,
-        str(choice),
-        max_tokens,
-        [stop] if isinstance(stop, str) else list(stop),
-        bool(data.get("stream")),
-        bool(options.get("include_usage")),
-    )
-
-
-def _parse_anthropic(data: dict[str, Any]) -> _Chat:
-    model = str(data.get("model") or "")
-    if not model:
-        raise _HttpError(400, "model: Field required")
-    if "max_tokens" not in data:
-        raise _HttpError(400, "max_tokens: Field required")
-    raw = data.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise _HttpError(400, "messages: at least one message is required")
-    messages: list[tuple[str, str]] = []
-    system = data.get("system")
-    if system:
-        messages.append(("system", _text_of(system)))
-    for index, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise _HttpError(400, f"messages.{index}.role: Input should be 'user' or 'assistant'")
-        content = m.get("content")
-        role = str(m["role"])
-        if isinstance(content, list):
-            parts = []
-            for block in content:
-                kind = block.get("type")
-                if kind == "text":
-                    parts.append(str(block.get("text", "")))
-                elif kind == "tool_use":
-                    parts.append(f" <call {block.get('name')}({json.dumps(block.get('input'))})>")
-                elif kind == "tool_result":
-                    role = "tool"
-                    parts.append(_text_of(block.get("content")))
-                else:
-                    raise _HttpError(400, f"messages.{index}.content: unsupported block type {kind!r}")
-            messages.append((role, "".join(parts)))
-        else:
-            messages.append((role, _text_of(content)))
-    temperature = data.get("temperature")
-    if temperature is not None and not 0 <= float(temperature) <= 1:
-        raise _HttpError(400, "temperature: Input should be less than or equal to 1")
-    tools = [(str(t.get("name", "")), dict(t.get("input_schema") or {})) for t in data.get("tools") or []]
-    choice_raw = data.get("tool_choice") or {"type": "auto"}
-    kind = choice_raw.get("type", "auto")
-    choice = {"any": "required", "tool": "name:" + str(choice_raw.get("name", ""))}.get(kind, kind)
-    return _Chat(
-        "anthropic",
-        model,
-        messages,
-        tools,
-        choice,
-        int(data["max_tokens"]),
-        list(data.get("stop_sequences") or []),
-        bool(data.get("stream")),
-        True,
-    )
-
-
-def _pick_tool(chat: _Chat, last_role: str, last_text: str) -> tuple[str, dict[str, Any]] | None:
-    """The sim's tool rule: named/required choices call a tool; `auto` calls the first tool whose
-    name appears in the last user message; after a tool result it answers in text."""
-    if not chat.tools or chat.tool_choice == "none" or last_role == "tool":
-        return None
-    if chat.tool_choice.startswith("name:"):
-        wanted = chat.tool_choice[5:]
-        return next((t for t in chat.tools if t[0] == wanted), chat.tools[0])
-    mentioned = next((t for t in chat.tools if t[0] and t[0] in last_text), None)
-    if chat.tool_choice == "required":
-        return mentioned or chat.tools[0]
-    return mentioned
-
-
-def _arguments(schema: dict[str, Any]) -> dict[str, Any]:
-    props = schema.get("properties") or {}
-    required = schema.get("required") or list(props)
-    samples: dict[str, Any] = {
-        "string": "sim",
-        "integer": 1,
-        "number": 1.5,
-        "boolean": True,
-        "array": [],
-        "object": {},
-    }
-    out: dict[str, Any] = {}
-    for name in required:
-        spec = props.get(name) or {}
-        if spec.get("enum"):
-            out[name] = spec["enum"][0]
-        else:
-            out[name] = samples.get(str(spec.get("type", "string")), "sim")
-    return out
-
-
-_OPENAI_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
-_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-
-
-def _openai_usage(answer: _Answer) -> dict[str, Any]:
-    return {
-        "prompt_tokens": answer.input_tokens,
-        "completion_tokens": answer.output_tokens,
-        "total_tokens": answer.input_tokens + answer.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": answer.cached_tokens},
-    }
-
-
-def _openai_body(chat: _Chat, answer: _Answer) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
-    if answer.tool_calls:
-        message["tool_calls"] = [
-            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
-            for i, n, a in answer.tool_calls
-        ]
-    return {
-        "id": "chatcmpl-sim" + answer.response_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": chat.model,
-        "system_fingerprint": "sim",
-        "simulated": True,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": _OPENAI_FINISH[answer.finish]}
-        ],
-        "usage": _openai_usage(answer),
-    }
-
-
-def _sse(payload: Any, event: str | None = None) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
-
-
-def _openai_frames(chat: _Chat, answer: _Answer) -> list[tuple[str, bool]]:
-    base = {
-        "id": "chatcmpl-sim" + answer.response_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": chat.model,
-        "system_fingerprint": "sim",
-        "simulated": True,
-    }
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return _sse(
-            {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        )
-
-    frames = [(chunk({"role": "assistant", "content": ""}), False)]
-    frames += [(chunk({"content": piece}), True) for piece in answer.pieces]
-    for index, (call_id, name, args) in enumerate(answer.tool_calls):
-        frames.append(
-            (
-                chunk(
-                    {
-                        "tool_calls": [
-                            {
-                                "index": index,
-                                "id": call_id,
-                                "type": "function",
-                                "function": {"name": name, "arguments": ""},
-                            }
-                        ]
-                    }
-                ),
-                True,
-            )
-        )
-        for start in range(0, len(args), 8):
-            frames.append(
-                (
-                    chunk(
-                        {"tool_calls": [{"index": index, "function": {"arguments": args[start : start + 8]}}]}
-                    ),
-                    True,
-                )
-            )
-    frames.append((chunk({}, _OPENAI_FINISH[answer.finish]), False))
-    if chat.include_usage:
-        frames.append((_sse({**base, "choices": [], "usage": _openai_usage(answer)}), False))
-    frames.append((_sse("[DONE]"), False))
-    return frames
-
-
-def _anthropic_usage(answer: _Answer, output: int) -> dict[str, Any]:
-    return {
-        "input_tokens": answer.input_tokens - answer.cached_tokens,
-        "output_tokens": output,
-        "cache_read_input_tokens": answer.cached_tokens,
-        "cache_creation_input_tokens": 0,
-    }
-
-
-def _anthropic_body(chat: _Chat, answer: _Answer) -> dict[str, Any]:
-    content: list[dict[str, Any]] = []
-    if answer.text:
-        content.append({"type": "text", "text": answer.text})
-    for call_id, name, args in answer.tool_calls:
-        content.append({"type": "tool_use", "id": call_id, "name": name, "input": json.loads(args)})
-    return {
-        "id": "msg_sim" + answer.response_id,
-        "type": "message",
-        "role": "assistant",
-        "model": chat.model,
-        "content": content,
-        "stop_reason": _ANTHROPIC_STOP[answer.finish],
-        "stop_sequence": None,
-        "usage": _anthropic_usage(answer, answer.output_tokens),
-        "simulated": True,
-    }
-
-
-def _anthropic_frames(chat: _Chat, answer: _Answer) -> list[tuple[str, bool]]:
-    message: dict[str, Any] = {
-        "id": "msg_sim" + answer.response_id,
-        "type": "message",
-        "role": "assistant",
-        "model": chat.model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": _anthropic_usage(answer, 1),
-        "simulated": True,
-    }
-    frames = [(_sse({"type": "message_start", "message": message}, "message_start"), False)]
-    index = 0
-    if answer.pieces:
-        frames.append(
-            (
-                _sse(
-                    {
-                        "type": "content_block_start",
-                        "index": 0,
-                        "content_block": {"type": "text", "text": ""},
-                    },
-                    "content_block_start",
-                ),
-                False,
-            )
-        )
-        frames.append((_sse({"type": "ping"}, "ping"), False))
-        for piece in answer.pieces:
-            frames.append(
-                (
-                    _sse(
-                        {
-                            "type": "content_block_delta",
-                            "index": 0,
-                            "delta": {"type": "text_delta", "text": piece},
-                        },
-                        "content_block_delta",
-                    ),
-                    True,
-                )
-            )
-        frames.append((_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"), False))
-        index = 1
-    for call_id, name, args in answer.tool_calls:
-        frames.append(
-            (
-                _sse(
-                    {
-                        "type": "content_block_start",
-                        "index": index,
-                        "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}},
-                    },
-                    "content_block_start",
-                ),
-                True,
-            )
-        )
-        for start in range(0, len(args), 8):
-            frames.append(
-                (
-                    _sse(
-                        {
-                            "type": "content_block_delta",
-                            "index": index,
-                            "delta": {"type": "input_json_delta", "partial_json": args[start : start + 8]},
-                        },
-                        "content_block_delta",
-                    ),
-                    True,
-                )
-            )
-        frames.append((_sse({"type": "content_block_stop", "index": index}, "content_block_stop"), False))
-        index += 1
-    frames.append(
-        (
-            _sse(
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": _ANTHROPIC_STOP[answer.finish], "stop_sequence": None},
-                    "usage": {"output_tokens": answer.output_tokens},
-                },
-                "message_delta",
-            ),
-            False,
-        )
-    )
-    frames.append((_sse({"type": "message_stop"}, "message_stop"), False))
-    return frames
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def embed_text(text: str, dims: int) -> list[float]:
-    """A deterministic unit vector: hashed words and character trigrams, so similar texts are close."""
-    vector = [0.0] * dims
-    lowered = text.lower()
-    features = lowered.split() + [lowered[i : i + 3] for i in range(max(0, len(lowered) - 2))]
-    for feature in features:
-        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
-        index, sign = struct.unpack("<IxxxB", digest)
-        vector[index % dims] += 1.0 if sign & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-    return [round(v / norm, 6) for v in vector]
-
-
-def _seconds(value: float) -> str:
-    return str(max(1, math.ceil(value)))
-
-
-def _openai_duration(seconds: float) -> str:
-    """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
-    if seconds < 0.9995:
-        return f"{max(0, round(seconds * 1000))}ms"
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    text = f"{secs:.3g}s" if secs != int(secs) else f"{int(secs)}s"
-    if minutes or hours:
-        text = f"{minutes}m{text}"
-    if hours:
-        text = f"{hours}h{text}"
-    return text

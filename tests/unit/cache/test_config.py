@@ -8,8 +8,9 @@ import pytest
 from ballast.cache.v1 import cache_pb2
 from google.protobuf import duration_pb2
 
-from services.cache.config import CacheSettings, parse_policy
+from services.cache.config import CachePolicy, CacheSettings, NamespacePolicy, parse_policy
 from services.kit.config import ConfigError, Env
+from services.kit.yamlfile import YamlFileError
 from tests.conftest import SuiteFactory
 from tests.unit.cache.helpers import lookup, scope, store
 
@@ -36,10 +37,18 @@ def test_the_shipped_policy_file_parses() -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("namespaces: {a: {threshold: 2}}", "namespaces.a.threshold"),
-        ("tenants: {t: {max_ttl: soon}}", "tenants.t.max_ttl"),
-        ("colours: {}", "unknown keys"),
-        ("[1, 2]", "mapping"),
+        ("namespaces: {a: {threshold: 2}}", "cache.yaml:1: namespaces.a.threshold: 2 must be from 0 to 1"),
+        (
+            "\ntenants: {t: {max_ttl: soon}}",
+            "cache.yaml:2: tenants.t.max_ttl: expected a duration (0 or more)",
+        ),
+        ("tenants: {t: {max_bytes: -1}}", "cache.yaml:1: tenants.t.max_bytes: -1 must be at least 0"),
+        ("tenants: {t: {}}", "cache.yaml:1: tenants.t: expected max_ttl and/or max_bytes"),
+        ("tools: {a: soon, b: {tll: 1m}}", "cache.yaml:1: tools.a: expected a duration (0 or more)"),
+        ("tools: {a: soon, b: {tll: 1m}}", "cache.yaml:1: tools.b: unknown key 'tll' (allowed: ttl)"),
+        ("colours: {}", "cache.yaml:1: cache policy: unknown key 'colours'"),
+        ("[1, 2]", "cache.yaml:1: cache policy must be a mapping"),
+        ("tools: {a: [1,\n", "cache.yaml:2: not valid YAML"),
     ],
 )
 def test_bad_policy_files_are_reported(tmp_path: Path, text: str, problem: str) -> None:
@@ -62,11 +71,23 @@ def test_bad_policy_files_are_reported(tmp_path: Path, text: str, problem: str) 
 
 
 def test_parse_policy_values() -> None:
-    import yaml
-
-    policy = parse_policy(yaml.safe_load(POLICY))
+    policy = parse_policy(POLICY)
     assert policy.namespaces["t1/loose"].default_ttl == 120 and policy.tenant_max_ttl["t1"] == 600
+    assert policy.namespaces["strict"] == NamespacePolicy(threshold=0.99, default_ttl=None)
     assert policy.tool_ttl == {"weather": 60, "balance": 0}
+    assert parse_policy("tools: {w: {ttl: 30s}}\ntenants: {t: {max_bytes: 0}}\nnamespaces:\n") == CachePolicy(
+        tool_ttl={"w": 30}, tenant_max_bytes={"t": 0}
+    )
+    assert parse_policy("") == CachePolicy()
+
+
+def test_every_policy_problem_is_reported_at_once() -> None:
+    with pytest.raises(YamlFileError) as info:
+        parse_policy("namespaces: {a: {threshold: 2}}\ntools: {a: soon}\n", "p.yaml")
+    assert info.value.problems == [
+        "p.yaml:1: namespaces.a.threshold: 2 must be from 0 to 1",
+        "p.yaml:2: tools.a: expected a duration (0 or more) such as 250ms, 5s, 2m, 1h or 1d",
+    ]
 
 
 async def test_policy_applies_to_lookups_and_stores(suite_factory: SuiteFactory, tmp_path: Path) -> None:

@@ -62,6 +62,41 @@ def test_bad_keys_file_names_the_entry(tmp_path: Path, text: str, message: str) 
         auth.load_keys_file(path)
 
 
+def test_the_keys_file_is_read_once_with_every_problem_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    digest = auth.hash_key("bk_x")
+    path.write_text(
+        f"""\
+keys:
+  - {{key_id: a, sha256: {digest}, tenant: t, user: u, tier: free, regoin: eu}}
+  - {{key_id: a, sha256: {digest}, tenant: t, user: v, tier: free}}
+  - just a key
+tenants:
+  t: {{webhook_secret: whsec_tenant_t_inline}}
+  u: {{webhook_secret: short, webhook_secret_file: /x}}
+colour: red
+"""
+    )
+    with pytest.raises(auth.KeysFileError) as info:
+        auth.read_keys_file(path)
+    assert info.value.problems == [
+        f"{path}:8: keys file: unknown key 'colour' (allowed: keys, tenants)",
+        f"{path}:2: keys[0]: unknown key 'regoin' (allowed: key_id, region, sha256, tenant, tier, user)",
+        f"{path}:3: keys[1]: duplicate key_id 'a'",
+        f"{path}:4: keys[2] must be a mapping",
+        f"{path}:7: tenants.u: set webhook_secret or webhook_secret_file, not both",
+    ]
+    path.write_text(
+        f"keys:\n  - {{key_id: a, sha256: {digest}, tenant: t, user: u, tier: free}}\n"
+        "tenants:\n  t: {webhook_secret: whsec_tenant_t_inline}\n  v:\n"
+    )
+    both = auth.read_keys_file(path)
+    assert [key.user_id for key in both.keys] == ["u"] and both.webhook_secrets == {
+        "t": "whsec_tenant_t_inline"
+    }
+    assert auth.read_keys_file("") == auth.KeysFile() == auth.read_keys_file(tmp_path / "none.yaml")
+
+
 def test_admin_guard() -> None:
     with pytest.raises(PermissionDenied, match="BALLAST_EDGE_ADMIN_KEY"):
         auth.check_admin([("x-admin-key", "x")], "")

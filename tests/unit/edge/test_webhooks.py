@@ -16,6 +16,7 @@ import pytest
 import yaml
 from opentelemetry import trace
 
+from services.edge.auth import KeysFileError
 from services.edge.config import EdgeSettings
 from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner, sign, verify
@@ -24,7 +25,6 @@ from services.edge.store.memory import MemoryEdgeStore
 from services.edge.webhooks import (
     IPAddress,
     Resolver,
-    TenantSecretsError,
     WebhookPolicy,
     WebhookSecrets,
     load_tenant_secrets,
@@ -398,10 +398,10 @@ def test_tenant_secrets_come_from_the_keys_file(tmp_path: Path) -> None:
     }
     assert load_tenant_secrets(tmp_path / "missing.yaml") == {}
     keys.write_text(yaml.safe_dump({"tenants": {"acme": {"webhook_secret": "short"}}}))
-    with pytest.raises(TenantSecretsError, match=r"tenants\.acme"):
+    with pytest.raises(KeysFileError, match=r"keys.yaml:3: tenants\.acme: the webhook secret must be"):
         load_tenant_secrets(keys)
     keys.write_text(yaml.safe_dump({"tenants": {"acme": {"webhook_secret_file": str(tmp_path / "nope")}}}))
-    with pytest.raises(TenantSecretsError, match="webhook_secret_file"):
+    with pytest.raises(KeysFileError, match=r"keys.yaml:3: tenants\.acme\.webhook_secret_file: No such file"):
         load_tenant_secrets(keys)
 
 

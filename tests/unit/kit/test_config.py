@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
 
 import pytest
 
 from services import registry
+from services.cache.config import CacheSettings
 from services.kit.config import DEFAULT_PORTS, ConfigError, Env, ServerSettings
+from services.limiter.config import LimiterSettings
+from services.sessions.config import SessionsSettings
 
 
 def test_defaults_give_the_well_known_ports() -> None:
@@ -22,6 +28,28 @@ def test_defaults_give_the_well_known_ports() -> None:
         "cache": 50054,
         "sessions": 50055,
     }
+
+
+@pytest.mark.parametrize(
+    ("settings_class", "read", "per_service"),
+    [
+        (ServerSettings, lambda env: ServerSettings.from_env("limiter", env), {"port", "metrics_port"}),
+        (LimiterSettings, LimiterSettings.from_env, set()),
+        (SessionsSettings, SessionsSettings.from_env, set()),
+        (CacheSettings, CacheSettings.from_env, set()),
+    ],
+)
+def test_an_unset_variable_gives_the_default_written_on_the_field(
+    settings_class: type, read: Callable[[Env], Any], per_service: set[str]
+) -> None:
+    """Each default is written once, on the dataclass field; from_env reads it from there."""
+    settings = read(Env({}))
+    defaults = {f.name: f.default for f in fields(settings_class) if f.default is not MISSING}
+    assert len(defaults) > 8
+    for name, default in defaults.items():
+        if name not in per_service:  # the well-known ports differ per service (DEFAULT_PORTS)
+            value = getattr(settings, name)
+            assert value == default and type(value) is type(default), name
 
 
 def test_values_are_parsed_and_typed() -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from services.kit.config import parse_duration
-from services.kit.yamlfile import YamlFileError, YamlReader, compose
+from services.kit.yamlfile import YamlFileError, YamlReader, compose, load
 
 DOC = """\
 name: limiter
@@ -64,3 +65,12 @@ def test_a_duration_has_one_reading() -> None:
     assert parse_duration("3") == 3.0
     assert parse_duration("soon") is None
     assert parse_duration("-1s") is None
+
+
+def test_load_gives_the_plain_data_safe_load_gives_and_locates_syntax_errors() -> None:
+    text = "a: 1\nb: [x, {c: true, d: 2020-01-01}]\nbase: &base {e: 2}\nf: {<<: *base, g: ~}\n"
+    assert load(text, "f.yaml") == yaml.safe_load(text)
+    assert load("", "f.yaml") is None
+    with pytest.raises(YamlFileError) as info:
+        load("a: 1\nb: [\n", "f.yaml")
+    assert info.value.problems[0].startswith("f.yaml:3: not valid YAML")

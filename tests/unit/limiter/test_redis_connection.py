@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +21,15 @@ from services.limiter.store.base import StoreUnavailableError
 from services.limiter.store.library import LibraryRedis, RedisReplyError
 
 PASSWORD = "s3cret"
+
+
+def _accepts(family: int, address: str | tuple[str, int]) -> bool:
+    with socket.socket(family) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+        return True
 
 
 class Server:
@@ -39,8 +49,12 @@ class Server:
             ],
             stdout=subprocess.DEVNULL,
         )
+        # The socket file appears when redis binds it, a moment before it listens: wait until
+        # both the unix socket and the port accept connections, not for the file.
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        while not (
+            _accepts(socket.AF_UNIX, str(self.socket)) and _accepts(socket.AF_INET, ("127.0.0.1", self.port))
+        ):
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
 

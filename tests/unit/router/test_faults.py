@@ -69,7 +69,7 @@ async def test_primary_500s_fail_over(
         ("primary", R.ATTEMPT_OUTCOME_SERVER_ERROR),
         ("secondary", R.ATTEMPT_OUTCOME_OK),
     ]
-    assert reply.attempts[0].http_status == 500 and "simulated outage" in reply.attempts[0].error
+    assert reply.attempts[0].http_status == 500 and reply.attempts[0].error == "HTTP 500: server_error"
     assert (reply.provider, reply.model) == ("secondary", "secondary-model")
     assert reply.message.content.startswith("[simulated sim-secondary-test/s-model]")
 
@@ -344,3 +344,24 @@ async def test_a_provider_that_hangs_after_answering_quickly_is_left_fast(
     # without stall detection the primary would have had half of the 20 s deadline
     assert time.monotonic() - started < 2.0
     assert outcomes(reply) == [("primary", R.ATTEMPT_OUTCOME_TIMEOUT), ("secondary", R.ATTEMPT_OUTCOME_OK)]
+
+
+@pytest.mark.parametrize("wires", [("openai", "anthropic"), ("anthropic", "openai")])
+async def test_a_primary_out_of_credit_leaves_rotation_and_the_fallback_answers(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path, wires: tuple[str, str]
+) -> None:
+    suite, primary, _ = await start(
+        suite_factory, sim_factory, tmp_path, primary_wire=wires[0], secondary_wire=wires[1]
+    )
+    primary.set_fault(Fault("no_credit"))
+    first = await suite.router.Complete(complete_request(), timeout=5)
+    second = await suite.router.Complete(complete_request(), timeout=5)
+    status = await suite.router.GetProviderStatus(R.GetProviderStatusRequest(provider="primary"), timeout=5)
+    assert outcomes(first) == [
+        ("primary", R.ATTEMPT_OUTCOME_QUOTA_EXHAUSTED),
+        ("secondary", R.ATTEMPT_OUTCOME_OK),
+    ]
+    assert first.attempts[0].http_status == (429 if wires[0] == "openai" else 402)
+    assert outcomes(second) == [("secondary", R.ATTEMPT_OUTCOME_OK)]
+    assert primary.stats.requests == 1
+    assert {s.out_of_rotation_reason for s in status.providers} == {"out_of_credit"}

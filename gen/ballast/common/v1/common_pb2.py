@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61llast/common/v1/common.proto\x12\x11\x62\x61llast.common.v1\x1a\x1egoogle/protobuf/duration.proto\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\xac\x01\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.ballast.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12/\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1b.ballast.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x10\n\x08is_error\x18\x06 \x01(\x08\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"K\n\nToolChoice\x12/\n\x04mode\x18\x01 \x01(\x0e\x32!.ballast.common.v1.ToolChoiceMode\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x9f\x01\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"g\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\"X\n\x04\x43ost\x12\x19\n\x11input_cost_micros\x18\x01 \x01(\x03\x12\x1a\n\x12output_cost_micros\x18\x02 \x01(\x03\x12\x19\n\x11total_cost_micros\x18\x03 \x01(\x03\"J\n\x06\x43\x61ller\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"z\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12.\n\x0breset_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tunlimited\x18\x05 \x01(\x08*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa3\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1a\n\x16TOOL_CHOICE_MODE_NAMED\x10\x04*\xb8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05*u\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x15\n\x11PRIORITY_CRITICAL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61llast/common/v1/common.proto\x12\x11\x62\x61llast.common.v1\x1a\x1egoogle/protobuf/duration.proto\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\xac\x01\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.ballast.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12/\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1b.ballast.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x10\n\x08is_error\x18\x06 \x01(\x08\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"K\n\nToolChoice\x12/\n\x04mode\x18\x01 \x01(\x0e\x32!.ballast.common.v1.ToolChoiceMode\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x9f\x01\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x9c\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x03\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x05 \x01(\x03\x12\x11\n\testimated\x18\x06 \x01(\x08\"X\n\x04\x43ost\x12\x19\n\x11input_cost_micros\x18\x01 \x01(\x03\x12\x1a\n\x12output_cost_micros\x18\x02 \x01(\x03\x12\x19\n\x11total_cost_micros\x18\x03 \x01(\x03\"J\n\x06\x43\x61ller\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\"z\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12.\n\x0breset_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tunlimited\x18\x05 \x01(\x08*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa3\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1a\n\x16TOOL_CHOICE_MODE_NAMED\x10\x04*\xb8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05*u\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x15\n\x11PRIORITY_CRITICAL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ballast.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1041
-  _globals['_ROLE']._serialized_end=1136
-  _globals['_TOOLCHOICEMODE']._serialized_start=1139
-  _globals['_TOOLCHOICEMODE']._serialized_end=1302
-  _globals['_FINISHREASON']._serialized_start=1305
-  _globals['_FINISHREASON']._serialized_end=1489
-  _globals['_PRIORITY']._serialized_start=1491
-  _globals['_PRIORITY']._serialized_end=1608
+  _globals['_ROLE']._serialized_start=1095
+  _globals['_ROLE']._serialized_end=1190
+  _globals['_TOOLCHOICEMODE']._serialized_start=1193
+  _globals['_TOOLCHOICEMODE']._serialized_end=1356
+  _globals['_FINISHREASON']._serialized_start=1359
+  _globals['_FINISHREASON']._serialized_end=1543
+  _globals['_PRIORITY']._serialized_start=1545
+  _globals['_PRIORITY']._serialized_end=1662
   _globals['_TOOLCALL']._serialized_start=85
   _globals['_TOOLCALL']._serialized_end=145
   _globals['_CHATMESSAGE']._serialized_start=148
@@ -50,12 +50,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCHOICE']._serialized_end=482
   _globals['_GENERATIONPARAMS']._serialized_start=485
   _globals['_GENERATIONPARAMS']._serialized_end=644
-  _globals['_USAGE']._serialized_start=646
-  _globals['_USAGE']._serialized_end=749
-  _globals['_COST']._serialized_start=751
-  _globals['_COST']._serialized_end=839
-  _globals['_CALLER']._serialized_start=841
-  _globals['_CALLER']._serialized_end=915
-  _globals['_QUOTA']._serialized_start=917
-  _globals['_QUOTA']._serialized_end=1039
+  _globals['_USAGE']._serialized_start=647
+  _globals['_USAGE']._serialized_end=803
+  _globals['_COST']._serialized_start=805
+  _globals['_COST']._serialized_end=893
+  _globals['_CALLER']._serialized_start=895
+  _globals['_CALLER']._serialized_end=969
+  _globals['_QUOTA']._serialized_start=971
+  _globals['_QUOTA']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)

@@ -324,12 +324,22 @@ class Usage(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     cached_input_tokens: _builtins.int
     """Input tokens served from the provider's prompt cache (included in input_tokens)."""
     total_tokens: _builtins.int
     """input_tokens + output_tokens."""
+    cache_write_input_tokens: _builtins.int
+    """Input tokens written to the provider's prompt cache (included in input_tokens; Anthropic
+    bills them above the input price).
+    """
+    estimated: _builtins.bool
+    """True when the provider reported no usage and the counts were estimated with the model's
+    tokenizer (never zero for real work).
+    """
     def __init__(
         self,
         *,
@@ -337,10 +347,12 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         cached_input_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
+        cache_write_input_tokens: _builtins.int = ...,
+        estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "estimated", b"estimated", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

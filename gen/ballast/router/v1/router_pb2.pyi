@@ -72,11 +72,25 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_TIMEOUT: _AttemptOutcome.ValueType  # 4
     ATTEMPT_OUTCOME_CONNECTION_ERROR: _AttemptOutcome.ValueType  # 5
     ATTEMPT_OUTCOME_CLIENT_ERROR: _AttemptOutcome.ValueType  # 6
-    """HTTP 4xx other than 429: the request itself is wrong; never retried."""
+    """HTTP 4xx other than 429: the request itself is wrong (never retried), or the catalog's model
+    name or key is wrong for this model (404, OpenAI 403: the next candidate is tried).
+    """
     ATTEMPT_OUTCOME_BREAKER_OPEN: _AttemptOutcome.ValueType  # 7
     """Skipped because the circuit breaker was open."""
     ATTEMPT_OUTCOME_PROTOCOL_ERROR: _AttemptOutcome.ValueType  # 8
     """The provider's answer could not be parsed, or a stream broke."""
+    ATTEMPT_OUTCOME_AUTH_ERROR: _AttemptOutcome.ValueType  # 9
+    """The provider refused the router's key (401; Anthropic 403): the provider was taken out of
+    rotation and the next candidate tried at once.
+    """
+    ATTEMPT_OUTCOME_QUOTA_EXHAUSTED: _AttemptOutcome.ValueType  # 10
+    """The provider's account is out of credit (OpenAI insufficient_quota, Anthropic billing): the
+    provider was taken out of rotation and the next candidate tried at once.
+    """
+    ATTEMPT_OUTCOME_OUT_OF_ROTATION: _AttemptOutcome.ValueType  # 11
+    """Skipped because the provider is out of rotation (after one of the two above) until a probe
+    succeeds.
+    """
 
 class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
     """What happened on one attempt to one provider."""
@@ -90,11 +104,25 @@ ATTEMPT_OUTCOME_SERVER_ERROR: AttemptOutcome.ValueType  # 3
 ATTEMPT_OUTCOME_TIMEOUT: AttemptOutcome.ValueType  # 4
 ATTEMPT_OUTCOME_CONNECTION_ERROR: AttemptOutcome.ValueType  # 5
 ATTEMPT_OUTCOME_CLIENT_ERROR: AttemptOutcome.ValueType  # 6
-"""HTTP 4xx other than 429: the request itself is wrong; never retried."""
+"""HTTP 4xx other than 429: the request itself is wrong (never retried), or the catalog's model
+name or key is wrong for this model (404, OpenAI 403: the next candidate is tried).
+"""
 ATTEMPT_OUTCOME_BREAKER_OPEN: AttemptOutcome.ValueType  # 7
 """Skipped because the circuit breaker was open."""
 ATTEMPT_OUTCOME_PROTOCOL_ERROR: AttemptOutcome.ValueType  # 8
 """The provider's answer could not be parsed, or a stream broke."""
+ATTEMPT_OUTCOME_AUTH_ERROR: AttemptOutcome.ValueType  # 9
+"""The provider refused the router's key (401; Anthropic 403): the provider was taken out of
+rotation and the next candidate tried at once.
+"""
+ATTEMPT_OUTCOME_QUOTA_EXHAUSTED: AttemptOutcome.ValueType  # 10
+"""The provider's account is out of credit (OpenAI insufficient_quota, Anthropic billing): the
+provider was taken out of rotation and the next candidate tried at once.
+"""
+ATTEMPT_OUTCOME_OUT_OF_ROTATION: AttemptOutcome.ValueType  # 11
+"""Skipped because the provider is out of rotation (after one of the two above) until a probe
+succeeds.
+"""
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 
 class _BreakerState:
@@ -580,6 +608,9 @@ class ModelInfo(_message.Message):
     OUTPUT_PRICE_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     SIMULATED_FIELD_NUMBER: _builtins.int
+    CACHE_READ_PRICE_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_PRICE_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Catalog id."""
     provider: _builtins.str
@@ -591,6 +622,14 @@ class ModelInfo(_message.Message):
     output_price_micros_per_mtok: _builtins.int
     region: _builtins.str
     simulated: _builtins.bool
+    cache_read_price_micros_per_mtok: _builtins.int
+    """Price of input tokens read from the provider's prompt cache."""
+    cache_write_price_micros_per_mtok: _builtins.int
+    """Price of input tokens written to the provider's prompt cache (Anthropic: 1.25x input)."""
+    @_builtins.property
+    def capabilities(self) -> Global___ModelCapabilities:
+        """What the model accepts, from the catalog; checked before every call."""
+
     def __init__(
         self,
         *,
@@ -602,14 +641,61 @@ class ModelInfo(_message.Message):
         output_price_micros_per_mtok: _builtins.int = ...,
         region: _builtins.str = ...,
         simulated: _builtins.bool = ...,
+        cache_read_price_micros_per_mtok: _builtins.int = ...,
+        cache_write_price_micros_per_mtok: _builtins.int = ...,
+        capabilities: Global___ModelCapabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "id", b"id", "input_price_micros_per_mtok", b"input_price_micros_per_mtok", "output_price_micros_per_mtok", b"output_price_micros_per_mtok", "provider", b"provider", "provider_model", b"provider_model", "region", b"region", "simulated", b"simulated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_read_price_micros_per_mtok", b"cache_read_price_micros_per_mtok", "cache_write_price_micros_per_mtok", b"cache_write_price_micros_per_mtok", "capabilities", b"capabilities", "context_window", b"context_window", "id", b"id", "input_price_micros_per_mtok", b"input_price_micros_per_mtok", "output_price_micros_per_mtok", b"output_price_micros_per_mtok", "provider", b"provider", "provider_model", b"provider_model", "region", b"region", "simulated", b"simulated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ModelCapabilities(_message.Message):
+    """What a model accepts. Requests that use something else are refused with INVALID_ARGUMENT or
+    have the parameter dropped, as `unsupported_params` says.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMS_FIELD_NUMBER: _builtins.int
+    UNSUPPORTED_PARAMS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
+    THINKING_FIELD_NUMBER: _builtins.int
+    unsupported_params: _builtins.str
+    """"drop" (the parameter is not sent) or "reject" (the request is refused naming the field)."""
+    tools: _builtins.bool
+    """Whether the model takes tool definitions."""
+    vision: _builtins.bool
+    """Whether the model takes images."""
+    thinking: _builtins.bool
+    """Whether the model thinks before answering (extended thinking / reasoning)."""
+    @_builtins.property
+    def params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """GenerationParams fields the model takes ("temperature", "top_p", "stop", "seed",
+        "max_output_tokens").
+        """
+
+    def __init__(
+        self,
+        *,
+        params: _abc.Iterable[_builtins.str] | None = ...,
+        unsupported_params: _builtins.str = ...,
+        tools: _builtins.bool = ...,
+        vision: _builtins.bool = ...,
+        thinking: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "thinking", b"thinking", "tools", b"tools", "unsupported_params", b"unsupported_params", "vision", b"vision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCapabilities: _TypeAlias = ModelCapabilities  # noqa: Y015
 
 @_typing.final
 class AliasInfo(_message.Message):
@@ -769,6 +855,7 @@ class ProviderStatus(_message.Message):
     SIMULATED_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
+    OUT_OF_ROTATION_REASON_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     breaker: Global___BreakerState.ValueType
@@ -777,6 +864,10 @@ class ProviderStatus(_message.Message):
     simulated: _builtins.bool
     requests: _builtins.int
     failures: _builtins.int
+    out_of_rotation_reason: _builtins.str
+    """Why the provider is out of rotation ("out_of_credit", "authentication", "permission");
+    empty while it is in rotation.
+    """
     @_builtins.property
     def ewma_latency(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -793,10 +884,11 @@ class ProviderStatus(_message.Message):
         simulated: _builtins.bool = ...,
         requests: _builtins.int = ...,
         failures: _builtins.int = ...,
+        out_of_rotation_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ewma_latency", b"ewma_latency", "headroom", b"headroom"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "error_rate", b"error_rate", "ewma_latency", b"ewma_latency", "failures", b"failures", "headroom", b"headroom", "model", b"model", "provider", b"provider", "requests", b"requests", "simulated", b"simulated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "error_rate", b"error_rate", "ewma_latency", b"ewma_latency", "failures", b"failures", "headroom", b"headroom", "model", b"model", "out_of_rotation_reason", b"out_of_rotation_reason", "provider", b"provider", "requests", b"requests", "simulated", b"simulated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
