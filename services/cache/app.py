@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -81,6 +81,10 @@ class CacheApp(ServiceApp):
         await self.store.start()
         # Loads the model in a background thread: the port opens without waiting for it.
         await self.embedder.start()
+
+    def ready(self) -> Awaitable[None] | None:
+        # Semantic lookups need the embedder: NOT_SERVING until the model has loaded.
+        return self.embedder.ready()
 
     async def close(self) -> None:
         await self.embedder.close()

@@ -160,7 +160,7 @@ class CacheEngine:
             return LookupResult(True, TIER_EXACT, 1.0, entry)
         if not semantic:
             return LookupResult(False, miss_reason="no exact match (semantic tier not requested)")
-        if not keys.standalone:
+        if not keys.standalone and not self.settings.semantic_follow_ups:
             return LookupResult(
                 False, miss_reason="no exact match; follow-up turns are served by the exact tier only"
             )
@@ -245,7 +245,9 @@ class CacheEngine:
             return StoreResult(
                 False, not_stored_reason=f"entry of {entry.size} bytes exceeds the per-entry limit"
             )
-        if keys.standalone and len(keys.text) <= self.settings.semantic_max_chars:
+        if (keys.standalone or self.settings.semantic_follow_ups) and len(
+            keys.text
+        ) <= self.settings.semantic_max_chars:
             entry.vector = await self._embed(keys.text)
         await self.store.put(entry, now)
         return StoreResult(True, entry_id=entry.id)

@@ -64,6 +64,9 @@ class CacheSettings:
     # Longest user turn (characters) the semantic tier considers; longer turns are exact-only,
     # since the embedding truncates and would not see where two long turns differ.
     semantic_max_chars: int = 1000
+    # Follow-up turns: compared semantically (with the guards) within their conversation state,
+    # the partition of everything said before them; false limits them to the exact tier.
+    semantic_follow_ups: bool = True
     # Candidates the index returns per semantic lookup (each is checked by the guards).
     candidates: int = 4
     # TTL of an answer when Store sets none, and the cap on any TTL (per-tenant caps in the file).
@@ -131,6 +134,7 @@ class CacheSettings:
             semantic_max_chars=env.integer(
                 "BALLAST_CACHE_SEMANTIC_MAX_CHARS", cls.semantic_max_chars, minimum=1
             ),
+            semantic_follow_ups=env.boolean("BALLAST_CACHE_SEMANTIC_FOLLOW_UPS", cls.semantic_follow_ups),
             candidates=env.integer("BALLAST_CACHE_CANDIDATES", cls.candidates, minimum=1, maximum=100),
             default_ttl=env.duration("BALLAST_CACHE_DEFAULT_TTL", cls.default_ttl, minimum=0.001),
             max_ttl=env.duration("BALLAST_CACHE_MAX_TTL", cls.max_ttl, minimum=0.001),

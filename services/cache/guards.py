@@ -352,6 +352,48 @@ _QUOTED = re.compile(
 )
 _SENTENCE_END = re.compile(r"[.!?:;]$")
 
+# Greetings and asides before the question ("Hi, quick one: ...", "Good morning! ..."): they
+# change nothing about the answer, but their words would trip the numbers and dates guards.
+# Only a run of them that ends in punctuation is dropped ("Hello world in Go" keeps "Hello").
+_PREAMBLE_ITEM = (
+    r"(?:hi|hello|hey|hiya|greetings|good\s+(?:morning|afternoon|evening|day)|ok|okay|so|btw|"
+    r"quick\s+(?:one|question)|one\s+more\s+(?:thing|question)|(?:a\s+)?question|sorry)"
+    r"(?:\s+(?:there|all|team|everyone))?"
+)
+_PREAMBLE = re.compile(rf"^\s*{_PREAMBLE_ITEM}(?:[\s,]+{_PREAMBLE_ITEM})*\s*[,:;!.\-–—]+\s*", re.IGNORECASE)
+# "one" as a pronoun ("the cheapest one?", "which one is faster", "quick one:") is no number.
+_PRONOUN_ONE_NEXT = re.compile(
+    r"\s*(?:$|[^\w\s]|(?:is|was|are|that|which|i|you|we|they|do|does|did|should|would|can|could|will|"
+    r"to|for|please|here|there|more|cost|costs)\b)",
+    re.IGNORECASE,
+)
+# Words that do not take part in the roles check (articles and politeness).
+_ROLE_SKIP = frozenset({"a", "an", "the", "please", "pls"})
+# Words whose two sides play different roles: what follows them must stay the same.
+_RELATIONS = (
+    "than",
+    "vs",
+    "versus",
+    "from",
+    "to",
+    "into",
+    "against",
+    "over",
+    "before",
+    "after",
+    "by",
+    "for",
+    "with",
+)
+
+
+def strip_preamble(text: str) -> str:
+    """The turn without a leading greeting or aside (never the whole turn)."""
+    match = _PREAMBLE.match(text)
+    if match is None or not text[match.end() :].strip():
+        return text
+    return text[match.end() :]
+
 
 @dataclass(frozen=True)
 class Features:
@@ -425,7 +467,7 @@ def features(text: str) -> Features:
         bare = lower.replace("'", "").replace("’", "")
         if bare in _NEGATIONS or lower.endswith(("n't", "n’t")):
             negations += 1
-        if lower in _NUMBER_WORDS:
+        if lower in _NUMBER_WORDS and not (lower == "one" and _PRONOUN_ONE_NEXT.match(text, match.end())):
             numbers.append(_NUMBER_WORDS[lower])
         if lower in ("am", "pm", "a.m", "p.m") and previous_number:
             temporal.add(lower.replace(".", ""))
@@ -526,8 +568,41 @@ def _prefixed_opposites(only_a: frozenset[str], only_b: frozenset[str]) -> bool:
     return False
 
 
+def _role_words(text: str) -> list[str]:
+    return [
+        w
+        for w in (m.group(0).lower().strip("'’.-/") for m in _TOKEN.finditer(text))
+        if w and w not in _ROLE_SKIP
+    ]
+
+
+def _after(words: list[str], marker: str) -> str:
+    return words[words.index(marker) + 1] if marker in words[:-1] else ""
+
+
+def _roles_swapped(query: str, cached: str) -> bool:
+    """The same words with the ends of a relation exchanged ("is Go faster than Rust" / "is Rust
+    faster than Go", "from checking to savings" / "from savings to checking"): the embedding
+    barely sees it, the answer is another one. A reordering that keeps what follows each
+    relation word ("what is the check-in time" / "what time is check-in") passes."""
+    a, b = _role_words(query), _role_words(cached)
+    if (
+        a != b
+        and sorted(a) == sorted(b)
+        and any(_after(a, marker) != _after(b, marker) for marker in _RELATIONS if marker in a)
+    ):
+        return True
+    source_a, source_b = _after(a, "from"), _after(b, "from")
+    target_a, target_b = _after(a, "to") or _after(a, "into"), _after(b, "to") or _after(b, "into")
+    return bool(source_a and target_a and source_a != target_a) and (source_a, target_a) == (
+        target_b,
+        source_b,
+    )
+
+
 def check(query: str, cached: str) -> Verdict:
     """Whether `cached` may answer `query` as far as the cheap guards can tell."""
+    query, cached = strip_preamble(query), strip_preamble(cached)
     a, b = features(query), features(cached)
     if a.numbers != b.numbers:
         return Verdict(False, "numbers")
@@ -541,4 +616,6 @@ def check(query: str, cached: str) -> Verdict:
         return Verdict(False, "units")
     if not _entities_agree(a, b):
         return Verdict(False, "entities")
+    if _roles_swapped(query, cached):
+        return Verdict(False, "roles")
     return PASS

@@ -34,7 +34,9 @@ class AnnParams:
 
 
 class _Flat:
-    def __init__(self, dim: int, capacity: int = 64) -> None:
+    # One row to start with and doubling: a partition per conversation state holds a few
+    # follow-ups, and 64 preallocated rows would cost 96 KB each at 384 dimensions.
+    def __init__(self, dim: int, capacity: int = 1) -> None:
         self.dim = dim
         self.rows = np.zeros((capacity, dim), dtype=np.float32)
         self.labels = np.zeros(capacity, dtype=np.int64)

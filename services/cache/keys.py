@@ -3,7 +3,9 @@
 The partition of an answer is a hash of everything that changes what the right answer is,
 except the new user turn itself: tenant, user, namespace, model, system prompt, tool
 schema, stop sequences and the prior conversation (every turn before the last user
-message). Entries never match across partitions, whatever their similarity. The prompt
+message, its texts normalised as the exact tier normalises a turn: this is the conversation
+state a follow-up's answer depends on, so "and in June?" after two different questions never
+shares an answer). Entries never match across partitions, whatever their similarity. The prompt
 text is never part of a partition key; it is hashed into the exact key only.
 """
 
@@ -48,7 +50,8 @@ class Message:
     def canonical(self) -> list[Any]:
         return [
             self.role,
-            self.content,
+            # Tool output keeps its exact text: its case can be data (ids, codes).
+            normalise(self.content) if self.role in (ROLE_USER, ROLE_ASSISTANT) else self.content,
             self.name,
             [[c.id, c.name, canonical_json_or_text(c.arguments_json)] for c in self.tool_calls],
             self.tool_call_id,
@@ -152,7 +155,8 @@ def request_keys(request: ChatRequest, *, space: str = "") -> RequestKeys:
     )
     partition = _digest(
         {
-            "v": 1,
+            # 2: earlier turns are normalised (case, spacing, trailing punctuation).
+            "v": 2,
             "tenant": request.scope.tenant_id,
             "user": request.scope.user_id,
             "namespace": request.scope.namespace,

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,13 @@ class ServiceApp:
 
     async def close(self) -> None:
         """Closes pools and stops background work, after in-flight calls drained."""
+
+    def ready(self) -> Awaitable[None] | None:
+        """None when the service can answer once the port opens; otherwise an awaitable that
+        finishes when it can. Health reports NOT_SERVING until then, so probes and load
+        balancers wait for it, while the port is already open (other services in the same
+        process start meanwhile)."""
+        return None
 
 
 class MetricsInterceptor(AroundInterceptor):
@@ -126,6 +133,9 @@ class RunningService:
     _metrics_http: Any = field(default=None, repr=False)
     _health_server: grpc.aio.Server | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
+    #: What the app awaits to become ready (cancelled by stop), and the task that then sets SERVING.
+    _becoming_ready: asyncio.Future[None] | None = field(default=None, repr=False)
+    _ready_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -137,6 +147,8 @@ class RunningService:
             return
         self._stopped = True
         grace = self.app.server_settings.grace_period if grace is None else grace
+        if self._becoming_ready is not None:
+            self._becoming_ready.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
         await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
@@ -187,6 +199,8 @@ async def start_service(app: ServiceApp) -> RunningService:
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
+    # The servicer starts with "" SERVING; the probe port opens before the app has started.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     names = list(app.service_names())
@@ -220,8 +234,17 @@ async def start_service(app: ServiceApp) -> RunningService:
         httpd, _ = start_http_server(settings.metrics_port, settings.host, registry=app.telemetry.registry)
         running._metrics_http = httpd
         running.metrics_port = int(httpd.server_port)
+    pending = app.ready()
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if pending is None
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, status)
+    if pending is not None:
+        running._becoming_ready = becoming = asyncio.ensure_future(pending)
+        running._ready_watch = asyncio.create_task(_serve_when_ready(app, becoming, health_servicer, names))
     log.info(
         "serving",
         extra={
@@ -234,6 +257,20 @@ async def start_service(app: ServiceApp) -> RunningService:
         },
     )
     return running
+
+
+async def _serve_when_ready(
+    app: ServiceApp, pending: Awaitable[None], servicer: health.aio.HealthServicer, names: Sequence[str]
+) -> None:
+    try:
+        await pending
+    except Exception:
+        log.exception("never became ready; health stays NOT_SERVING", extra={"service": app.name})
+        return
+    # After shutdown began the servicer ignores this: NOT_SERVING stays.
+    for name in ["", *names]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready", extra={"service": app.name})
 
 
 async def _start_health_server(

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from services.kit.config import SERVICE_NAMES
 from services.testing import Suite, start_suite
 from tests.support.suite_config import ADMIN_KEY, write_test_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -277,5 +278,10 @@ async def test_no_input_yields_internal_or_takes_a_service_down(
                     f"{error.code().name}: {error.details()} <- {str(request)[:300]!r} {metadata!r:.200}"
                 )
     assert not unexpected, "\n".join(unexpected[:5])
-    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def serving() -> bool:
+        # The cache reports NOT_SERVING until its embedding model has loaded.
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        return bool(health.status == health_pb2.HealthCheckResponse.SERVING)
+
+    await eventually(serving, what=f"{service} still SERVING")

@@ -21,6 +21,7 @@ from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.e2e.conftest import ADMIN_KEY, new_tenant
 from tests.support.suite_config import write_test_config
+from tests.support.waiting import eventually
 
 INTERNAL = ("router", "limiter", "cache", "sessions")
 
@@ -91,10 +92,14 @@ async def test_no_internal_port_answers_plaintext_but_every_health_port_does(sui
                 await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, name
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.health_port}") as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=20
-            )
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def serving(stub: health_pb2_grpc.HealthStub = stub) -> bool:
+                # The cache reports NOT_SERVING until its embedding model has loaded.
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=20)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            await eventually(serving, what=f"{name} SERVING on its health port")
 
 
 async def test_the_edge_serves_the_public_over_tls_without_asking_for_a_certificate(

@@ -116,3 +116,15 @@ async def test_policy_applies_to_lookups_and_stores(suite_factory: SuiteFactory,
     assert (await cache.PutToolResult(put)).stored
     other = await cache.GetToolResult(cache_pb2.GetToolResultRequest(scope=scope(), tool_name="other"))
     assert 590 <= other.remaining_ttl.seconds <= 600  # capped by tenant t1's max_ttl
+
+
+def test_semantic_follow_ups_setting_is_validated() -> None:
+    assert CacheSettings.from_env(Env({})).semantic_follow_ups is True
+    assert (
+        CacheSettings.from_env(Env({"BALLAST_CACHE_SEMANTIC_FOLLOW_UPS": "false"})).semantic_follow_ups
+        is False
+    )
+    env = Env({"BALLAST_CACHE_SEMANTIC_FOLLOW_UPS": "sometimes"})
+    CacheSettings.from_env(env)
+    with pytest.raises(ConfigError, match="BALLAST_CACHE_SEMANTIC_FOLLOW_UPS"):
+        env.check()

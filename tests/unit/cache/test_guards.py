@@ -130,3 +130,40 @@ def test_uncacheable_shapes_and_normalisation() -> None:
         ScopeId("t"), "w", '{"b":[1,2],"a":1}'
     )
     assert tool_key(ScopeId("t"), "w", "{}") != tool_key(ScopeId("t2"), "w", "{}")
+
+
+@pytest.mark.parametrize(
+    ("query", "cached"),
+    [
+        ("Hi, quick one: how do I reset my password?", "How do I reset my password?"),
+        ("Good morning! Is the pharmacy open?", "Is the pharmacy open?"),
+        ("Hey there, question: can I pay by card?", "Can I pay by card?"),
+        ("Which one is faster?", "Which of them is faster?"),
+        ("How much is the cheapest one?", "What is the price of the cheapest one?"),
+        ("What is the check-in time?", "What time is check-in?"),
+    ],
+)
+def test_greetings_and_pronoun_one_do_not_trip_the_guards(query: str, cached: str) -> None:
+    assert check(query, cached).ok, check(query, cached)
+
+
+@pytest.mark.parametrize(
+    ("query", "cached", "guard"),
+    [
+        # A greeting is dropped only before punctuation; what follows is still compared.
+        ("Hi, quick one: is the pharmacy open on Sunday?", "Is the pharmacy open on Monday?", "dates"),
+        ("Hello: how do I add two users?", "How do I add one user?", "numbers"),
+        ("Is one server enough?", "Are two servers enough?", "numbers"),
+        ("Transfer money from checking to savings", "Transfer money from savings to checking", "roles"),
+        ("is go faster than rust?", "is rust faster than go?", "roles"),
+        ("does the hare win against the tortoise", "does the tortoise win against the hare", "roles"),
+    ],
+)
+def test_verification_rejects_swapped_roles_and_keeps_rejecting_after_a_greeting(
+    query: str, cached: str, guard: str
+) -> None:
+    assert check(query, cached).guard == guard
+
+
+def test_a_turn_that_is_only_a_greeting_is_kept_whole() -> None:
+    assert check("Good morning!", "Good evening!").guard == "dates"

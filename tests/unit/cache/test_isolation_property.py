@@ -32,6 +32,9 @@ class SameVectorEmbedder:
     async def start(self) -> None:
         return None
 
+    def ready(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -99,7 +99,7 @@ async def test_guards_reject_near_misses_and_count_them(make_suite: MakeSuite) -
 
 
 async def test_follow_up_turns_only_match_the_same_conversation(make_suite: MakeSuite) -> None:
-    suite, _ = await make_suite()
+    suite, _ = await make_suite(BALLAST_CACHE_SEMANTIC_FOLLOW_UPS="false")
     cache = suite.cache
     shoes = [("Do you sell running shoes?", "Yes, from Acme and Bolt.")]
     hats = [("Do you sell hats?", "Yes, caps and beanies.")]
@@ -112,6 +112,35 @@ async def test_follow_up_turns_only_match_the_same_conversation(make_suite: Make
     assert not standalone.hit
     paraphrase = await cache.Lookup(lookup("What does the cheapest one cost?", history=shoes, threshold=0.1))
     assert not paraphrase.hit and "follow-up" in paraphrase.miss_reason
+
+
+async def test_follow_ups_are_matched_within_the_same_conversation_state(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
+    cache = suite.cache
+    shoes = [("Do you sell running shoes?", "Yes, from Acme and Bolt.")]
+    hats = [("Do you sell hats?", "Yes, caps and beanies.")]
+    await cache.Store(store("How much is the cheapest one?", "$40.", history=shoes))
+    # The same conversation resent with other case and punctuation is the same state.
+    resent = [("do you sell running shoes", "Yes, from Acme and Bolt.")]
+    cosmetic = await cache.Lookup(lookup("How much is the cheapest one?", history=resent))
+    assert cosmetic.hit and cosmetic.tier == cache_pb2.HIT_TIER_EXACT
+    # The follow-up in other words, after the same conversation: a semantic hit.
+    reworded = await cache.Lookup(lookup("What does the cheapest one cost?", history=shoes, threshold=0.8))
+    assert reworded.hit and reworded.tier == cache_pb2.HIT_TIER_SEMANTIC, reworded.miss_reason
+    assert reworded.answer.message.content == "$40."
+    # After another conversation it never matches, however similar the follow-up (even identical).
+    for question in ("What does the cheapest one cost?", "How much is the cheapest one?"):
+        other = await cache.Lookup(lookup(question, history=hats, threshold=0.01))
+        assert not other.hit, question
+    # Another answer in the conversation changes the state too.
+    changed = [("Do you sell running shoes?", "Only from Bolt.")]
+    assert not (
+        await cache.Lookup(lookup("How much is the cheapest one?", history=changed, threshold=0.01))
+    ).hit
+    # The guards still apply within a conversation: another number is another question.
+    await cache.Store(store("What about size 9?", "In stock.", history=shoes))
+    size = await cache.Lookup(lookup("What about size 10?", history=shoes, threshold=0.01))
+    assert not size.hit
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from services.kit.config import SERVICE_NAMES
 from services.kit.net import free_port
 from services.kit.server import start_service
 from tests.conftest import SuiteFactory
+from tests.support.waiting import eventually
 from tests.unit.kit import probe_app
 
 FULL_NAMES = {
@@ -49,8 +50,16 @@ async def test_every_service_serves_health_and_reflection(suite_factory: SuiteFa
         channel = suite.channel(name)
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", FULL_NAMES[name]):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING, (name, service)
+            request = health_pb2.HealthCheckRequest(service=service)
+
+            async def serving(
+                health: health_pb2_grpc.HealthStub = health, request: health_pb2.HealthCheckRequest = request
+            ) -> bool:
+                # The cache reports NOT_SERVING until its embedding model has loaded.
+                reply = await health.Check(request)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            await eventually(serving, what=f"{name} {service!r} SERVING")
         listed = await _list_services(channel)
         assert {
             FULL_NAMES[name],

@@ -521,6 +521,39 @@ MULTITURN = [
 ]
 
 
+# Held out for follow-up turns, written before the conversation-state scope existed and never
+# tuned on: each follow-up of MULTITURN (by index) asked in other words. Served only when the
+# conversation before it is the same; the same rewording after the other conversation is a trap.
+FOLLOWUP_REWORDED = {
+    0: "What does the cheapest one cost?",
+    1: "And the second one?",
+    2: "Could you shorten it?",
+    3: "What about in French?",
+    4: "Why is that?",
+    5: "How much time does it take?",
+    6: "Is it open right now?",
+    7: "What does it cost?",
+    8: "Can you give me an example?",
+    9: "What side effects does it have?",
+    10: "Who was the director?",
+    11: "Am I able to return it?",
+    12: "Tell me more about it",
+    13: "How can I fix it?",
+    14: "Which of them is faster?",
+    15: "What is the deadline?",
+    16: "Give me a summary of that",
+    17: "Is it safe to do?",
+    18: "How many calories does it have?",
+    19: "What should I do next?",
+    20: "What's the price?",
+}
+
+
+def _cosmetic(history: list[tuple[str, str]]) -> list[list[str]]:
+    """The same conversation as a client may resend it: case and trailing punctuation changed."""
+    return [[user.lower().rstrip("?!. "), assistant] for user, assistant in history]
+
+
 def _pairs() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, (a, b) in enumerate(PARAPHRASES):
@@ -571,6 +604,26 @@ def _pairs() -> list[dict[str, Any]]:
                 "label": True,
             }
         )
+    for i, reworded in FOLLOWUP_REWORDED.items():
+        text, history_a, history_b = MULTITURN[i]
+        same = [list(t) for t in history_a]
+        for kind, b, b_history, label in (
+            ("followup_reworded", reworded, same, True),
+            ("followup_cosmetic", text, _cosmetic(history_a), True),
+            ("followup_changed", reworded, [list(t) for t in history_b], False),
+        ):
+            out.append(
+                {
+                    "id": f"{kind}-{i}",
+                    "kind": kind,
+                    "split": "holdout",
+                    "a": text,
+                    "b": b,
+                    "a_history": same,
+                    "b_history": b_history,
+                    "label": label,
+                }
+            )
     return out
 
 
