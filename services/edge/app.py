@@ -20,7 +20,7 @@ from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
-from services.edge.webhooks import WebhookSecrets, load_tenant_secrets
+from services.edge.webhooks import WebhookSecrets
 from services.kit.entry import Entry
 from services.kit.server import ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
@@ -49,6 +49,9 @@ class _QueueApp(ServiceApp):
     def __init__(self, settings: EdgeSettings, telemetry: Telemetry) -> None:
         super().__init__(settings.server, telemetry)
         self.settings = settings
+        # Read once: the edge takes its keys from it, both roles their tenants' webhook secrets.
+        # A malformed keys file stops start-up with the file and entry named.
+        self.keys_file = auth.read_keys_file(settings.keys_file)
         self.store = open_store(settings)
         trace_store(
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
@@ -73,7 +76,7 @@ class _QueueApp(ServiceApp):
             lane=queue_lane,
             role=self.name,
             # Per-tenant secrets live with the keys (the keys file's `tenants:` section).
-            webhook_secrets=WebhookSecrets(settings.webhook_secret, load_tenant_secrets(settings.keys_file)),
+            webhook_secrets=WebhookSecrets(settings.webhook_secret, self.keys_file.webhook_secrets),
         )
 
     async def start(self) -> None:
@@ -97,14 +100,13 @@ class EdgeApp(_QueueApp):
     name = "edge"
 
     def __init__(self, settings: EdgeSettings, telemetry: Telemetry) -> None:
-        # A malformed keys file stops start-up with the file and entry named.
-        self.file_keys = auth.load_keys_file(settings.keys_file)
+        super().__init__(settings, telemetry)
+        self.file_keys = list(self.keys_file.keys)
         if not self.file_keys and not settings.admin_key:
             log.warning(
                 "no API keys: every call will be UNAUTHENTICATED; set BALLAST_EDGE_KEYS_FILE (the demo keys: "
                 "config/edge_keys.yaml, loopback only) or BALLAST_EDGE_ADMIN_KEY to make keys"
             )
-        super().__init__(settings, telemetry)
         if not settings.workers and settings.store_url.startswith("memory://"):
             log.warning(
                 "BALLAST_EDGE_WORKERS=0 on a memory:// queue: no process will run queued jobs; set "

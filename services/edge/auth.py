@@ -67,7 +67,7 @@ DEMO_KEY_HASHES = frozenset(hashlib.sha256(secret.encode()).hexdigest() for secr
 
 def demo_keys_in(path: str | Path) -> list[str]:
     """key_ids of the entries in a keys file whose secret is a published demo key. A file that
-    cannot be read or is invalid yields none here; load_keys_file reports it at start-up."""
+    cannot be read or is invalid yields none here; the app reports it at start-up (read_keys_file)."""
     try:
         keys = read_keys_file(path).keys
     except KeysFileError:
