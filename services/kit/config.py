@@ -212,6 +212,14 @@ def region_from_env(env: Env) -> str:
 LOG_FORMATS = ("json", "text")
 
 
+def _local_address(name: str, env: Env) -> str:
+    """Where service `name` listens when it runs on this host: its own port setting, so a suite
+    started on moved ports (`BALLAST_ROUTER_PORT=…  ballast up`) still finds itself. Port 0
+    (a free port, known only once bound) says nothing; the well-known port stands then."""
+    port = env.integer(f"{PREFIX}{name.upper()}_PORT", DEFAULT_PORTS[name], minimum=0, maximum=65535)
+    return f"127.0.0.1:{port or DEFAULT_PORTS[name]}"
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How one service listens, logs and shuts down."""
@@ -265,8 +273,8 @@ class ServerSettings:
             log_format=env.choice(f"{PREFIX}LOG_FORMAT", cls.log_format, LOG_FORMATS),
             capture_content=env.boolean(f"{PREFIX}CAPTURE_CONTENT", cls.capture_content),
             addresses={
-                name: env.address(f"{PREFIX}{name.upper()}_ADDR", f"127.0.0.1:{port}")
-                for name, port in DEFAULT_PORTS.items()
+                name: env.address(f"{PREFIX}{name.upper()}_ADDR", _local_address(name, env))
+                for name in DEFAULT_PORTS
             },
             metrics_enabled=env.boolean(f"{PREFIX}METRICS", cls.metrics_enabled),
             metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", cls.metrics_per_user),

@@ -1,4 +1,4 @@
-"""The official `openai` SDKs (Python sync and async, and Node) pointed at Ballast with only
+"""The official `openai` SDKs (Python sync and async, and Node) pointed at `ballast up` with only
 `base_url` and the key changed: completions, streams, tool calls, sessions, models, embeddings,
 and the errors the SDKs turn into their own exception types and retries."""
 
@@ -21,12 +21,8 @@ import yaml
 from ballast.edge.v1 import edge_pb2
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from services.kit.config import SERVICE_NAMES
-from services.router.app import RouterApp
-from services.router.sim.server import Fault
-from services.testing import Suite, start_suite
 from tests.e2e.conftest import ADMIN_KEY, write_test_config
-from tests.support.openai_http import http_url
+from tests.support.up import UpProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -60,14 +56,15 @@ def _config(folder: Path) -> dict[str, str]:
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def suite(tmp_path_factory: Any) -> AsyncIterator[Suite]:
-    environ = _config(tmp_path_factory.mktemp("sdk"))
-    running = await start_suite(SERVICE_NAMES, environ)
-    yield running
-    await running.stop()
+async def suite(tmp_path_factory: Any) -> AsyncIterator[UpProcess]:
+    """`ballast up` in its own process, as a user runs it: the SDKs reach it only by its ports."""
+    folder = tmp_path_factory.mktemp("sdk")
+    up = await UpProcess(_config(folder), folder).start()
+    yield up
+    await up.stop()
 
 
-async def _key(suite: Suite, tier: str = "paid") -> str:
+async def _key(suite: UpProcess, tier: str = "paid") -> str:
     created = await suite.edge_admin.CreateApiKey(
         edge_pb2.CreateApiKeyRequest(tenant_id="t" + secrets.token_hex(6), user_id="u", tier=tier),
         metadata=(("x-admin-key", ADMIN_KEY),),
@@ -76,16 +73,16 @@ async def _key(suite: Suite, tier: str = "paid") -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def key(suite: Suite) -> str:
+async def key(suite: UpProcess) -> str:
     return await _key(suite)
 
 
-def _sync(suite: Suite, key: str, **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=http_url(suite), api_key=key, **options)
+def _sync(suite: UpProcess, key: str, **options: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=suite.http_url, api_key=key, **options)
 
 
-def _async(suite: Suite, key: str, **options: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=http_url(suite), api_key=key, **options)
+def _async(suite: UpProcess, key: str, **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=suite.http_url, api_key=key, **options)
 
 
 QUESTION: list[ChatCompletionMessageParam] = [
@@ -94,7 +91,7 @@ QUESTION: list[ChatCompletionMessageParam] = [
 ]
 
 
-async def test_sync_and_async_clients_complete_and_stream_the_same_answer(suite: Suite, key: str) -> None:
+async def test_sync_and_async_clients_complete_and_stream_the_same_answer(suite: UpProcess, key: str) -> None:
     client = _sync(suite, key)
     # The sync client blocks: it runs in a thread while the suite serves on this loop.
     plain = await asyncio.to_thread(
@@ -145,7 +142,7 @@ async def test_sync_and_async_clients_complete_and_stream_the_same_answer(suite:
         assert raw.headers["x-ballast-request-id"] == raw.request_id
 
 
-async def test_a_tool_calling_round_trip_plain_and_streamed(suite: Suite, key: str) -> None:
+async def test_a_tool_calling_round_trip_plain_and_streamed(suite: UpProcess, key: str) -> None:
     question: ChatCompletionMessageParam = {"role": "user", "content": "Use get_weather for Paris."}
     async with _async(suite, key, default_headers=BYPASS) as client:
         first = await client.chat.completions.create(model="sim-small", messages=[question], tools=[WEATHER])
@@ -189,7 +186,7 @@ async def test_a_tool_calling_round_trip_plain_and_streamed(suite: Suite, key: s
         assert text == answer.choices[0].message.content
 
 
-async def test_a_session_carried_by_header_across_three_turns(suite: Suite, key: str) -> None:
+async def test_a_session_carried_by_header_across_three_turns(suite: UpProcess, key: str) -> None:
     auth = (("authorization", f"Bearer {key}"),)
     session_id = (
         await suite.edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=auth)
@@ -207,7 +204,7 @@ async def test_a_session_carried_by_header_across_three_turns(suite: Suite, key:
     assert session.turns == 6
 
 
-async def test_models_and_embeddings(suite: Suite, key: str) -> None:
+async def test_models_and_embeddings(suite: UpProcess, key: str) -> None:
     client = _sync(suite, key)
     ids = {m.id for m in await asyncio.to_thread(lambda: list(client.models.list()))}
     assert {"sim-small", "sim-large-eu", "fast", "reasoning", "embedding"} <= ids
@@ -237,7 +234,7 @@ class _Counting(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-async def test_a_429_is_a_rate_limit_error_and_its_retry_after_is_honoured(suite: Suite) -> None:
+async def test_a_429_is_a_rate_limit_error_and_its_retry_after_is_honoured(suite: UpProcess) -> None:
     tiny = await _key(suite, "tiny")
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
     counting = _Counting()
@@ -264,7 +261,7 @@ async def test_a_429_is_a_rate_limit_error_and_its_retry_after_is_honoured(suite
     assert 429 in counting.statuses and set(counting.statuses) == {200, 429}, counting.statuses
 
 
-async def test_a_spent_budget_is_not_retried(suite: Suite) -> None:
+async def test_a_spent_budget_is_not_retried(suite: UpProcess) -> None:
     free = await _key(suite, "free")
     counting = _Counting()
     async with _async(
@@ -279,7 +276,7 @@ async def test_a_spent_budget_is_not_retried(suite: Suite) -> None:
     assert counting.requests == 1
 
 
-async def test_a_bad_parameter_is_a_bad_request_error_naming_it(suite: Suite, key: str) -> None:
+async def test_a_bad_parameter_is_a_bad_request_error_naming_it(suite: UpProcess, key: str) -> None:
     async with _async(suite, key) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(
@@ -299,11 +296,8 @@ async def test_a_bad_parameter_is_a_bad_request_error_naming_it(suite: Suite, ke
             await client.models.list()
 
 
-async def test_a_provider_outage_is_invisible_to_the_client(suite: Suite, key: str) -> None:
-    router = suite.running["router"].app
-    assert isinstance(router, RouterApp)
-    primary = router.sims["sim-primary"]
-    primary.set_fault(Fault(mode="error", status=500))
+async def test_a_provider_outage_is_invisible_to_the_client(suite: UpProcess, key: str) -> None:
+    await suite.set_fault("sim-primary", {"mode": "error", "status": 500})
     counting = _Counting()
     try:
         async with _async(
@@ -324,13 +318,13 @@ async def test_a_provider_outage_is_invisible_to_the_client(suite: Suite, key: s
                     chunk.choices[0].delta.content if chunk.choices and chunk.choices[0].delta.content else ""
                 )
     finally:
-        primary.set_fault(None)
+        await suite.set_fault("sim-primary", None)
     # One request each, answered by the fallback: the failover happened inside Ballast.
     assert counting.requests == 2
     assert answer.model == "sim-large-eu" and text == answer.choices[0].message.content
 
 
-async def test_the_node_sdk(suite: Suite, key: str) -> None:
+async def test_the_node_sdk(suite: UpProcess, key: str) -> None:
     if shutil.which("node") is None or not (NODE_DIR / "node_modules" / "openai").exists():
         message = "node or the `openai` npm package is missing (make test runs scripts/ensure_node_sdk.sh)"
         if os.environ.get("CI", "").lower() in ("1", "true"):
@@ -341,16 +335,14 @@ async def test_the_node_sdk(suite: Suite, key: str) -> None:
     session_id = (
         await suite.edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=auth)
     ).session.session_id
-    router = suite.running["router"].app
-    assert isinstance(router, RouterApp)
-    router.sims["sim-primary"].set_fault(None)
+    await suite.set_fault("sim-primary", None)
     process = await asyncio.create_subprocess_exec(
         "node",
         str(NODE_DIR / "sdk_check.mjs"),
         cwd=NODE_DIR,
         env={
             **os.environ,
-            "BALLAST_BASE_URL": http_url(suite),
+            "BALLAST_BASE_URL": suite.http_url,
             "BALLAST_KEY": key,
             "BALLAST_TINY_KEY": tiny,
             "BALLAST_SESSION_ID": session_id,

@@ -107,6 +107,25 @@ def test_addresses_may_list_replicas_or_be_grpc_targets() -> None:
     assert len(env.problems) == 1 and "BALLAST_LIMITER_ADDR" in env.problems[0]
 
 
+def test_a_moved_port_moves_the_address_the_others_dial() -> None:
+    # `BALLAST_ROUTER_PORT=6100 ballast up`: the edge in the same suite must dial 6100, not the
+    # well-known port; an explicit address still wins, and port 0 (free) keeps the default.
+    env = Env(
+        {
+            "BALLAST_ROUTER_PORT": "6100",
+            "BALLAST_CACHE_PORT": "0",
+            "BALLAST_LIMITER_PORT": "6200",
+            "BALLAST_LIMITER_ADDR": "limiter:7000",
+        }
+    )
+    settings = ServerSettings.from_env("edge", env)
+    env.check()
+    assert settings.addresses["router"] == "127.0.0.1:6100"
+    assert settings.addresses["cache"] == f"127.0.0.1:{DEFAULT_PORTS['cache']}"
+    assert settings.addresses["limiter"] == "limiter:7000"
+    assert settings.addresses["sessions"] == f"127.0.0.1:{DEFAULT_PORTS['sessions']}"
+
+
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         registry.load_all_settings(["edge"], {"BALLAST_LOG_LEVEL": "x", "BALLAST_EDGE_PORT": "-1"})
