@@ -57,13 +57,14 @@ class _QueueApp(ServiceApp):
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
         )
         self.downstream = Downstream(settings, telemetry)
-        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter)
         self.metrics = EdgeMetrics(
             telemetry.meter,
             self.store,
             per_user=settings.server.metrics_per_user,
             sample_every=settings.queue_sample_interval,
+            max_tenants=settings.server.metrics_max_tenants,
         )
+        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter, self.metrics)
         # High priority first when short of CPU: the queue gives way, then low/normal chats.
         self.governor = LoadGovernor(target_lag=settings.pacing_target_lag, interval=settings.pacing_interval)
         queue_lane = self.governor.lane("queue", settings.workers, settings.queue_min_workers)

@@ -28,6 +28,7 @@ from opentelemetry import metrics, trace
 
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
+from services.edge.metrics import EdgeMetrics
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable
 from services.kit.protos import duration, seconds
 
@@ -158,10 +159,15 @@ async def _settle(awaitable: Awaitable[T]) -> T | BaseException:
 
 class ChatPipeline:
     def __init__(
-        self, settings: EdgeSettings, downstream: Downstream, meter: metrics.Meter | None = None
+        self,
+        settings: EdgeSettings,
+        downstream: Downstream,
+        meter: metrics.Meter | None = None,
+        edge_metrics: EdgeMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._down = downstream
+        self._metrics = edge_metrics
         self._context_incomplete = (meter or metrics.NoOpMeter("ballast")).create_counter(
             "ballast.edge.context.omitted_unsummarized",
             description="Chats whose session context left out older turns that no summary covers",
@@ -428,6 +434,10 @@ class ChatPipeline:
                 # give back that answer, so the session and the client agree.
                 answer = replayed_answer(answer, list(appended.turns))
         _trace_answer(answer, billed)
+        if cache_hit and self._metrics is not None and prepared.cached is not None:
+            # What the model charged when it made the cached answer: spent once, saved on every hit.
+            hit = prepared.cached.answer
+            self._metrics.cache_saved(prepared.caller, hit.model, hit.usage, hit.cost.total_cost_micros)
         quotas = prepared.quotas
         committed = results.get("commit")
         if committed is not None and not isinstance(committed, BaseException):

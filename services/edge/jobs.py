@@ -151,6 +151,8 @@ class JobRunner:
             limits=httpx.Limits(max_keepalive_connections=0),
         )
         self._webhooks: set[asyncio.Task[bool]] = set()
+        if metrics is not None:
+            metrics.watch_webhooks(lambda: len(self._webhooks))
         # The governor's queue lane: how many workers may claim jobs now (pacing.py).
         self.lane = lane or Lane("queue", max(1, settings.workers), max(1, settings.workers))
 
@@ -404,6 +406,7 @@ class JobRunner:
         body = self.webhook_body(job)
         delay = self._settings.webhook_backoff
         secret = self._secrets.for_tenant(job.tenant_id)
+        outcome = "failed"
         with self._tracer.start_as_current_span("edge.webhook", kind=trace.SpanKind.CLIENT) as span:
             span.set_attribute("ballast.job.id", job.job_id)
             for attempt in range(1, self._settings.webhook_attempts + 1):
@@ -423,9 +426,8 @@ class JobRunner:
                     target = await self.webhooks.vet(job.webhook_url)
                     reply = await self._post(target, body, headers)
                     if 200 <= reply.status_code < 300:
-                        job.webhook_state = "delivered"
-                        await self._store.update(job)
-                        return True
+                        outcome = "delivered"
+                        break
                     # A redirect is not followed, and a 4xx other than 408/429 will not get
                     # better by retrying.
                     if 300 <= reply.status_code < 400 or (
@@ -439,12 +441,17 @@ class JobRunner:
                     )
                 except WebhookRefused as exc:
                     log.warning("webhook for %s not delivered: %s", job.job_id, exc.description)
+                    outcome = "refused"
                     break
                 except httpx.HTTPError as exc:
                     log.info("webhook attempt %d for %s failed: %s", attempt, job.job_id, type(exc).__name__)
                 if attempt < self._settings.webhook_attempts:
+                    if self._metrics is not None:
+                        self._metrics.webhook_attempt(job.tenant_id, "retried")
                     await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
                     delay *= 2
-            job.webhook_state = "failed"
+            if self._metrics is not None:
+                self._metrics.webhook_done(job.tenant_id, outcome, self._clock() - job.finished_at)
+            job.webhook_state = "delivered" if outcome == "delivered" else "failed"
             await self._store.update(job)
-            return False
+            return outcome == "delivered"

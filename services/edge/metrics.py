@@ -1,7 +1,8 @@
-"""The edge's metrics: chats by outcome, tokens and cost per tenant and model, queue depth.
+"""The edge's metrics: chats by outcome, tokens and cost per tenant and model, what cache hits
+saved, webhook deliveries, queue depth.
 
-Labels stay bounded: tenant, tier, model and outcome; the user only when
-BALLAST_METRICS_PER_USER is on. Queue depth and the oldest job's age are what an
+Labels stay bounded: tenant (at most BALLAST_METRICS_MAX_TENANTS distinct ones per replica, the
+rest as `(other)`), tier, model and outcome; the user only when BALLAST_METRICS_PER_USER is on. Queue depth and the oldest job's age are what an
 autoscaler of edge workers scales on; they are sampled from the store in the background
 because metric callbacks cannot await.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
@@ -20,6 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.edge.pacing import LoadGovernor
 from services.edge.store import PRIORITY_ORDER, EdgeStore
+from services.kit.labels import BoundedLabel
 from services.kit.tasks import cancel_and_wait
 
 log = logging.getLogger("ballast.edge.metrics")
@@ -30,12 +32,25 @@ def failure_outcome(code: str) -> str:
     return "limited" if code == "RESOURCE_EXHAUSTED" else "error"
 
 
+#: How a webhook delivery attempt ended: `retried` attempts failed and another follows; a
+#: delivery ends with exactly one `delivered`, `failed` (attempts spent, or an answer retrying
+#: cannot fix) or `refused` (the URL now resolves to an address webhooks may not call).
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "refused")
+
+
 class EdgeMetrics:
     def __init__(
-        self, meter: metrics.Meter, store: EdgeStore, *, per_user: bool, sample_every: float
+        self,
+        meter: metrics.Meter,
+        store: EdgeStore,
+        *,
+        per_user: bool,
+        sample_every: float,
+        max_tenants: int = 1000,
     ) -> None:
         self._store = store
         self._per_user = per_user
+        self.tenant = BoundedLabel(max_tenants)
         self._sample_every = sample_every
         self._depth: dict[str, int] = dict.fromkeys(PRIORITY_ORDER, 0)
         self._oldest_age = 0.0
@@ -70,7 +85,22 @@ class EdgeMetrics:
         self.cache_savings = meter.create_counter(
             "ballast.edge.cache_saved_tokens",
             unit="{token}",
-            description="Model tokens not spent thanks to cache hits",
+            description="Model tokens not spent thanks to cache hits (the cached answer's recorded usage), by tenant, model and direction",
+        )
+        self.cache_saved_cost = meter.create_counter(
+            "ballast.edge.cache_saved_cost",
+            unit="{microdollar}",
+            description="Model cost in micro-dollars not spent thanks to cache hits (the cached answer's recorded cost), by tenant and model",
+        )
+        self.webhook_attempts = meter.create_counter(
+            "ballast.edge.webhook.attempts",
+            unit="{attempt}",
+            description="Webhook delivery attempts by tenant and outcome (delivered, retried, failed, refused)",
+        )
+        self.webhook_duration = meter.create_histogram(
+            "ballast.edge.webhook.delivery.duration",
+            unit="s",
+            description="From a job's end to its webhook's outcome (every attempt and backoff), by outcome",
         )
         meter.create_observable_gauge(
             "ballast.edge.queue.depth",
@@ -110,8 +140,17 @@ class EdgeMetrics:
             description="How late the edge's event loop ran its last timer (CPU saturation)",
         )
 
+    def watch_webhooks(self, pending: Callable[[], int]) -> None:
+        """Exports the webhook deliveries this replica has under way (sending or backing off)."""
+        self._meter.create_observable_gauge(
+            "ballast.edge.webhook.pending",
+            callbacks=[lambda options: [Observation(pending())]],
+            unit="{delivery}",
+            description="Webhook deliveries under way on this replica (sending or waiting to retry)",
+        )
+
     def _labels(self, caller: common_pb2.Caller, **extra: str) -> dict[str, str]:
-        labels = {"tenant": caller.tenant_id, "tier": caller.tier, **extra}
+        labels = {"tenant": self.tenant(caller.tenant_id), "tier": caller.tier, **extra}
         if self._per_user:
             labels["user"] = caller.user_id
         return labels
@@ -126,6 +165,23 @@ class EdgeMetrics:
         self.tokens.add(usage.input_tokens, self._labels(caller, model=model, direction="input"))
         self.tokens.add(usage.output_tokens, self._labels(caller, model=model, direction="output"))
         self.cost.add(response.cost.total_cost_micros, self._labels(caller, model=model))
+
+    def cache_saved(
+        self, caller: common_pb2.Caller, model: str, usage: common_pb2.Usage, cost_micros: int
+    ) -> None:
+        """A cache hit: the tokens and cost the cached answer took when the model made it."""
+        model = model or "unknown"
+        self.cache_savings.add(usage.input_tokens, self._labels(caller, model=model, direction="input"))
+        self.cache_savings.add(usage.output_tokens, self._labels(caller, model=model, direction="output"))
+        self.cache_saved_cost.add(cost_micros, self._labels(caller, model=model))
+
+    def webhook_attempt(self, tenant_id: str, outcome: str) -> None:
+        self.webhook_attempts.add(1, {"tenant": self.tenant(tenant_id), "outcome": outcome})
+
+    def webhook_done(self, tenant_id: str, outcome: str, seconds: float) -> None:
+        """A delivery's last attempt, and how long it took from the job's end."""
+        self.webhook_attempt(tenant_id, outcome)
+        self.webhook_duration.record(max(0.0, seconds), {"outcome": outcome})
 
     def failed(self, caller: common_pb2.Caller, code: str) -> None:
         self.chats.add(1, self._labels(caller, outcome=failure_outcome(code), code=code))

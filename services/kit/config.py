@@ -242,6 +242,9 @@ class ServerSettings:
     metrics_port: int = 0
     # Per-user metric labels multiply series by the user count: off unless an operator opts in.
     metrics_per_user: bool = False
+    # Distinct tenants a metric label names; later tenants share the label value `(other)`, so a
+    # replica's series stay bounded whatever the callers send.
+    metrics_max_tenants: int = 1000
     # TLS on this service's port: mutual for internal services (BALLAST_TLS_*), server-only on the
     # edge's public port (BALLAST_EDGE_TLS_*); None serves plaintext.
     server_tls: tls.TlsFiles | None = None
@@ -278,6 +281,9 @@ class ServerSettings:
             },
             metrics_enabled=env.boolean(f"{PREFIX}METRICS", cls.metrics_enabled),
             metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", cls.metrics_per_user),
+            metrics_max_tenants=env.integer(
+                f"{PREFIX}METRICS_MAX_TENANTS", cls.metrics_max_tenants, minimum=1, maximum=1_000_000
+            ),
             region=region_from_env(env),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",

@@ -52,6 +52,7 @@ class LimiterApp(ServiceApp):
             clock=clock,
             window_buckets=settings.window_buckets,
             idempotency_ttl=settings.idempotency_ttl,
+            max_tenants=settings.server.metrics_max_tenants,
         )
         # Envoy's RateLimitService: limits from envoyproxy/ratelimit files; without a file every
         # descriptor is unconfigured and answered OK, as Envoy expects.

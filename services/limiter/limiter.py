@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from services.kit.errors import InvalidArgument
+from services.kit.labels import BoundedLabel
 from services.limiter.store.base import (
     BudgetRef,
     Kind,
@@ -137,6 +138,29 @@ class Stats:
     shadow_over: Counter[str] = field(default_factory=Counter)
     degraded: int = 0
     replayed: int = 0
+    # (tenant label, tier) -> (limit, remaining, reset at): the tenant's daily token budget as
+    # last seen by a Check or Commit here. Tenants past the label's bound share one entry.
+    tenant_budgets: dict[tuple[str, str], tuple[int, int, float]] = field(default_factory=dict)
+    tenant: BoundedLabel = field(default_factory=lambda: BoundedLabel(1000))
+
+    def saw_tenant_budget(self, tenant: str, tier: str, state: LimitState, now: float) -> None:
+        if not state.unlimited and state.limit > 0:
+            self.tenant_budgets[(self.tenant(tenant), tier)] = (
+                state.limit,
+                state.remaining,
+                now + state.reset_after,
+            )
+
+    def budget_used(self, now: float) -> dict[tuple[str, str], float]:
+        """Share of each tenant's daily token budget spent (0..1); budgets whose day has ended since
+        they were seen are forgotten."""
+        used: dict[tuple[str, str], float] = {}
+        for key, (limit, remaining, reset_at) in list(self.tenant_budgets.items()):
+            if now >= reset_at:
+                del self.tenant_budgets[key]
+                continue
+            used[key] = min(1.0, max(0.0, (limit - remaining) / limit))
+        return used
 
 
 @dataclass(slots=True)
@@ -174,6 +198,7 @@ class Limiter:
         clock: Callable[[], float] = time.time,
         window_buckets: int = 20,
         idempotency_ttl: float = 600.0,
+        max_tenants: int = 1000,
     ) -> None:
         self.store = store
         self.tiers = tiers
@@ -181,7 +206,8 @@ class Limiter:
         self.window_buckets = window_buckets
         self.idempotency_ttl = idempotency_ttl
         self.board = HeadroomBoard()
-        self.stats = Stats()
+        # Metrics name at most `max_tenants` tenants (BALLAST_METRICS_MAX_TENANTS), the rest `(other)`.
+        self.stats = Stats(tenant=BoundedLabel(max_tenants))
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -261,7 +287,7 @@ class Limiter:
         else:
             outcome = Outcome(verdict.action != DENIED, (), delay_ms=delay_ms)
         result = self._result(config, plan, outcome, verdict.action, verdict.seconds, priority)
-        self._count(config, plan, outcome, result)
+        self._count(config, plan, outcome, result, req)
         return result
 
     def _result(
@@ -325,7 +351,12 @@ class Limiter:
         return tuple(out)
 
     def _count(
-        self, config: TiersConfig, plan: list[_Planned], outcome: Outcome, result: CheckResult
+        self,
+        config: TiersConfig,
+        plan: list[_Planned],
+        outcome: Outcome,
+        result: CheckResult,
+        req: CheckInput,
     ) -> None:
         s = self.stats
         s.decisions[(result.decision, result.reason)] += 1
@@ -336,6 +367,8 @@ class Limiter:
         for state in result.limits:
             if state.unlimited:
                 continue
+            if state.name == TENANT_TOKENS:
+                s.saw_tenant_budget(req.tenant, req.tier, state, self.clock())
             if state.over:
                 (s.shadow_over if state.shadow else s.over_limit)[state.name] += 1
             elif state.limit > 0 and state.remaining <= state.limit * (1 - config.near_limit_ratio):
@@ -383,6 +416,9 @@ class Limiter:
                 strict=False,
             )
         )
+        for state in budgets:
+            if state.name == TENANT_TOKENS:
+                self.stats.saw_tenant_budget(tenant, tier_name, state, self.clock())
         return CommitResult(
             budgets, settlement.reservation_found, settlement.already_settled, settlement.degraded
         )

@@ -2,7 +2,8 @@
 
 The domain keeps plain counters (no telemetry imports there); these observable instruments
 read them at each collection. Labels are the configured limit names and decision reasons,
-so cardinality is bounded by the tiers file, not by users; the Envoy statistics are labelled by
+so cardinality is bounded by the tiers file, not by users; the tenant budget gauge names at most
+BALLAST_METRICS_MAX_TENANTS tenants per replica (the rest as `(other)`); the Envoy statistics are labelled by
 the config's limit keys, which grow with request values only where the config asks for it
 (`detailed_metric`, `value_to_metric`), as upstream warns.
 """
@@ -52,6 +53,22 @@ def register(meter: metrics.Meter, limiter: Limiter, envoy: EnvoyLimiter) -> Non
                 if not limit.unlimited:
                     yield Observation(limit.limit, {"tier": tier.name, "limit": name})
 
+    def budget_used(options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(used, {"tenant": tenant, "tier": tier})
+            for (tenant, tier), used in limiter.stats.budget_used(limiter.clock()).items()
+        ]
+
+    meter.create_observable_gauge(
+        "ballast.limiter.tenant_budget_used_ratio",
+        callbacks=[budget_used],
+        description="Share of each tenant's daily token budget (tenant_tokens_per_day) spent, as this replica last saw it; gone once the day resets",
+    )
+    meter.create_observable_gauge(
+        "ballast.limiter.near_limit_ratio",
+        callbacks=[lambda options: [Observation(limiter.tiers.current.near_limit_ratio)]],
+        description="The tiers file's near_limit_ratio: the share of a limit past which it counts as near",
+    )
     meter.create_observable_gauge(
         "ballast.limiter.configured_limit",
         callbacks=[limits],

@@ -15,11 +15,14 @@ import httpx
 import pytest
 import yaml
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.edge.auth import KeysFileError
 from services.edge.config import EdgeSettings
 from services.edge.edge import ChatPipeline
 from services.edge.jobs import JobRunner, sign, verify
+from services.edge.metrics import EdgeMetrics
 from services.edge.store import SUCCEEDED, JobRecord
 from services.edge.store.memory import MemoryEdgeStore
 from services.edge.webhooks import (
@@ -51,6 +54,7 @@ def _runner(
     allowed: tuple[str, ...] = ("127.0.0.1/32",),
     resolver: Resolver | None = None,
     secrets: WebhookSecrets | None = None,
+    metrics: EdgeMetrics | None = None,
 ) -> JobRunner:
     settings = replace(
         EdgeSettings.from_env(Env({})),
@@ -65,6 +69,7 @@ def _runner(
         store,
         ChatPipeline.__new__(ChatPipeline),
         trace.NoOpTracer(),
+        metrics,
         webhooks=policy,
         webhook_secrets=secrets,
     )
@@ -203,6 +208,102 @@ async def test_unsigned_webhooks_are_warned_about(
     assert any(
         "unsigned" in record.getMessage() and "acme" in record.getMessage() for record in caplog.records
     )
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+class _Meters:
+    """EdgeMetrics on an in-memory reader: what the edge would export."""
+
+    def __init__(self, store: MemoryEdgeStore, max_tenants: int = 1000) -> None:
+        self.reader = InMemoryMetricReader()
+        meter = MeterProvider(metric_readers=[self.reader]).get_meter("test")
+        self.metrics = EdgeMetrics(meter, store, per_user=False, sample_every=60, max_tenants=max_tenants)
+
+    def points(self, name: str) -> list[tuple[dict[str, object], object]]:
+        data = self.reader.get_metrics_data()
+        found: list[tuple[dict[str, object], object]] = []
+        for resource in data.resource_metrics if data else []:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        found += [(dict(p.attributes or {}), p) for p in metric.data.data_points]
+        return found
+
+    def attempts(self) -> dict[tuple[object, object], object]:
+        return {
+            (labels["tenant"], labels["outcome"]): point.value  # type: ignore[attr-defined]
+            for labels, point in self.points("ballast.edge.webhook.attempts")
+        }
+
+    def durations(self) -> dict[object, int]:
+        return {
+            labels["outcome"]: point.count  # type: ignore[attr-defined]
+            for labels, point in self.points("ballast.edge.webhook.delivery.duration")
+        }
+
+
+async def test_deliveries_are_counted_by_outcome_and_timed(receiver: HttpReceiver) -> None:
+    receiver.responses = [503, 500, 200, 410]
+    store = MemoryEdgeStore()
+    meters = _Meters(store)
+    delivered, failed = _job(receiver.url), replace(_job(receiver.url), job_id="job_2", tenant_id="globex")
+    await store.submit(delivered, "")
+    await store.submit(failed, "")
+    runner = _runner(store, metrics=meters.metrics)
+    try:
+        assert await runner.deliver(delivered) is True
+        assert await runner.deliver(failed) is False
+    finally:
+        await runner.stop()
+    assert meters.attempts() == {("acme", "retried"): 2, ("acme", "delivered"): 1, ("globex", "failed"): 1}
+    assert meters.durations() == {"delivered": 1, "failed": 1}
+    (pending,) = meters.points("ballast.edge.webhook.pending")
+    assert pending[1].value == 0  # type: ignore[attr-defined]
+
+
+async def test_a_delivery_out_of_attempts_and_one_refused_at_delivery_are_counted(
+    receiver: HttpReceiver,
+) -> None:
+    receiver.responses = [503]
+    store = MemoryEdgeStore()
+    meters = _Meters(store)
+    job = _job(receiver.url)
+    await store.submit(job, "")
+    runner = _runner(store, attempts=3, metrics=meters.metrics)
+    rebound = replace(_job(f"http://rebind.example:{receiver.port}/hook"), job_id="job_2")
+    await store.submit(rebound, "")
+    rebinding = _runner(
+        store, allowed=(), resolver=_resolving(["93.184.216.34"], ["127.0.0.1"]), metrics=meters.metrics
+    )
+    try:
+        assert await runner.deliver(job) is False
+        await rebinding.vet_webhook(rebound.webhook_url)
+        assert await rebinding.deliver(rebound) is False
+    finally:
+        await runner.stop()
+        await rebinding.stop()
+    assert meters.attempts() == {("acme", "retried"): 2, ("acme", "failed"): 1, ("acme", "refused"): 1}
+    assert meters.durations() == {"failed": 1, "refused": 1}
+
+
+async def test_webhook_tenants_past_the_bound_share_one_label(receiver: HttpReceiver) -> None:
+    store = MemoryEdgeStore()
+    meters = _Meters(store, max_tenants=2)
+    runner = _runner(store, metrics=meters.metrics)
+    try:
+        for index, tenant in enumerate(("t1", "t2", "t3", "t4", "t1")):
+            job = replace(_job(receiver.url), job_id=f"job_{index}", tenant_id=tenant)
+            await store.submit(job, "")
+            assert await runner.deliver(job) is True
+    finally:
+        await runner.stop()
+    assert meters.attempts() == {
+        ("t1", "delivered"): 2,
+        ("t2", "delivered"): 1,
+        ("(other)", "delivered"): 2,
+    }
 
 
 # --- webhooks cannot reach inside ---------------------------------------------------------------------

@@ -87,6 +87,30 @@ async def test_counters_for_metrics(limiter: Limiter) -> None:
     assert stats.shadow_over["tenant_tokens_per_day"] == 1
 
 
+async def test_each_tenants_daily_budget_use_is_reported_until_the_day_resets(
+    limiter: Limiter, clock: Clock
+) -> None:
+    # One user per Check: the user budget (1000) stays out of the way of the tenant's (5000).
+    held = await limiter.check(chat(user="a", reserve_tokens=1000, requests=0))
+    await limiter.check(CheckInput(tenant="other", user="a", tier="free", reserve_tokens=500))
+    assert limiter.stats.budget_used(clock()) == {("t", "free"): 0.2, ("other", "free"): 0.1}
+    # The Commit settles the reservation at what was spent: the share follows it.
+    await limiter.commit("t", "a", "free", held.reservation_id, 250, 0)
+    assert limiter.stats.budget_used(clock())[("t", "free")] == 0.05
+    for user in ("b", "c", "d", "e", "f"):
+        await limiter.check(chat(user=user, reserve_tokens=1000, requests=0))
+    assert limiter.stats.budget_used(clock())[("t", "free")] == 1.0  # capped at all of it
+    clock.now += 86_400  # a new day: yesterday's figures are not today's
+    assert limiter.stats.budget_used(clock()) == {}
+
+
+async def test_budget_use_names_a_bounded_number_of_tenants(clock: Clock) -> None:
+    limiter = Limiter(MemoryStore(clock=clock), StaticTiers(parse_tiers(TIERS)), clock=clock, max_tenants=2)
+    for tenant in ("t1", "t2", "t3", "t4"):
+        await limiter.check(CheckInput(tenant=tenant, user="u", tier="free", reserve_tokens=100))
+    assert set(limiter.stats.budget_used(clock())) == {("t1", "free"), ("t2", "free"), ("(other)", "free")}
+
+
 async def test_a_tool_call_check_and_a_chat_check_with_one_id_are_different_requests(
     limiter: Limiter,
 ) -> None:

@@ -66,6 +66,14 @@ async def test_every_series_of_every_service_carries_the_region(
     assert limits[("free", "requests")] == 3
     assert limits[("paid", "tenant_tokens_per_day")] == 50_000_000
     assert ("enterprise", "requests") not in limits
+    # The daily budget's use names the tenant (bounded by BALLAST_METRICS_MAX_TENANTS).
+    budgets = {
+        (labels["tenant"], labels["tier"]): value
+        for name, labels, value in found["limiter"]
+        if name == "ballast_limiter_tenant_budget_used_ratio"
+    }
+    assert set(budgets) == {("demo", "paid")} and 0 < budgets[("demo", "paid")] < 0.001
+    assert [v for name, _, v in found["limiter"] if name == "ballast_limiter_near_limit_ratio"] == [0.8]
     edge = [labels for name, labels, _ in found["edge"] if name.startswith("ballast_usage_")]
     assert edge and all("user" not in labels for labels in edge)
 
@@ -110,3 +118,28 @@ async def test_the_edge_times_chats_and_first_content_by_tier(
     assert counts[("enterprise", "ok", None)] == 1
     assert counts[("paid", None, "unary")] == 1
     assert counts[("enterprise", None, "stream")] == 1
+
+
+async def test_a_cache_hit_counts_the_tokens_and_cost_it_saved(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    suite = await suite_factory(SERVICE_NAMES, write_test_config(tmp_path))
+    message = common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="What does the cache save?")
+    first = await suite.edge.Chat(edge_pb2.ChatRequest(messages=[message]), metadata=KEY)
+    hits = [await suite.edge.Chat(edge_pb2.ChatRequest(messages=[message]), metadata=KEY) for _ in range(2)]
+    assert not first.cache_hit and all(hit.cache_hit for hit in hits)
+    assert first.usage.output_tokens > 0 and first.cost.total_cost_micros > 0
+    found = await _samples(suite)
+    saved = {
+        labels["direction"]: value
+        for name, labels, value in found["edge"]
+        if name == "ballast_edge_cache_saved_tokens_total"
+    }
+    # Each hit saved what the model was paid to make the answer once.
+    assert saved == {"input": 2 * first.usage.input_tokens, "output": 2 * first.usage.output_tokens}
+    cost = [
+        (labels["tenant"], labels["model"], value)
+        for name, labels, value in found["edge"]
+        if name == "ballast_edge_cache_saved_cost_total"
+    ]
+    assert cost == [("demo", first.model, 2 * first.cost.total_cost_micros)]
