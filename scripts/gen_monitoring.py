@@ -35,6 +35,7 @@ RT = f'{R}, tenant=~"$tenant", tier=~"$tier"'
 RTM = f'{RT}, model=~"$model"'
 RM = f'{R}, model=~"$model"'
 RTI = f'{R}, tier=~"$tier"'
+WT = f'{R}, tenant=~"$tenant"'  # webhooks carry a tenant, not a tier
 SERVER_ERRORS = (
     'rpc_grpc_status_code=~"UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|UNIMPLEMENTED"'
 )
@@ -359,9 +360,10 @@ def cost() -> Dashboard:
                 height=5,
             ),
             Panel(
-                "Cache savings ($/h, estimated)",
+                "Cache savings ($/h)",
                 [Query(f"sum(ballast:cache_saved_usd:rate5m{{{RT}}}) * 3600")],
-                "Cache hits priced at the average cost of a model-answered chat of the same tier.",
+                "What cache hits did not spend: each hit counts the cost its cached answer had when "
+                "the model made it.",
                 kind="stat",
                 unit="currencyUSD",
                 width=6,
@@ -419,9 +421,31 @@ def cost() -> Dashboard:
                 unit="percentunit",
             ),
             Panel(
-                "Cache savings by tier ($/h, estimated)",
+                "Daily token budget spent (limiter)",
+                [
+                    Query(
+                        f"topk(10, ballast:tenant_budget_used:ratio{{{RT}}})",
+                        "{{tenant}} ({{tier}})",
+                    )
+                ],
+                "Share of each tenant's tenant_tokens_per_day spent today, as the limiter saw it; the "
+                "near-budget alert fires past the tiers file's near_limit_ratio.",
+                unit="percentunit",
+            ),
+            Panel(
+                "Cache savings by tier ($/h)",
                 [Query(f"sum by (tier) (ballast:cache_saved_usd:rate5m{{{RT}}}) * 3600", "{{tier}}")],
                 unit="currencyUSD",
+            ),
+            Panel(
+                "Tokens saved by cache hits/s by model and direction",
+                [
+                    Query(
+                        f"sum by (model, direction) (rate(ballast_edge_cache_saved_tokens_total{{{RTM}}}[{RATE}]))",
+                        "{{model}} {{direction}}",
+                    )
+                ],
+                "The cached answers' recorded usage: tokens the models were not asked for again.",
             ),
             Panel(
                 "Provider cost by provider ($/h)",
@@ -534,7 +558,8 @@ def queue() -> Dashboard:
     return Dashboard(
         "ballast-queue",
         "Ballast / Queue",
-        "The burst queue (SubmitChat): depth by priority, the oldest job's age, submissions and job polls.",
+        "The burst queue (SubmitChat): depth by priority, the oldest job's age, submissions and job polls, "
+        "webhook deliveries.",
         [
             Panel(
                 "Jobs waiting",
@@ -594,6 +619,50 @@ def queue() -> Dashboard:
                     Query(f"sum by (lane) (ballast_edge_paced_waiting{{{R}}})", "{{lane}} waiting"),
                 ],
                 "Queue workers back off first while the edge's event loop runs late.",
+            ),
+            Panel(
+                "Webhook attempts/s by outcome",
+                [
+                    Query(
+                        f"sum by (outcome) (rate(ballast_edge_webhook_attempts_total{{{WT}}}[{RATE}]))",
+                        "{{outcome}}",
+                    )
+                ],
+                "A delivery ends delivered, failed (attempts spent, or an answer retrying cannot fix) or "
+                "refused (its URL now points at an internal address); retried attempts were tried again.",
+                unit="reqps",
+            ),
+            Panel(
+                "Webhook deliveries that failed (share)",
+                [Query(f"ballast:webhook_failure_ratio:rate5m{{{R}}}", "{{cloud_region}}")],
+                "Failed and refused deliveries over all that ended; the webhook alert tickets past 10%.",
+                unit="percentunit",
+            ),
+            Panel(
+                "Webhook failures/s by tenant (top 10)",
+                [
+                    Query(
+                        f'topk(10, sum by (tenant, outcome) (rate(ballast_edge_webhook_attempts_total{{{WT}, outcome=~"retried|failed|refused"}}[{RATE}])))',
+                        "{{tenant}} {{outcome}}",
+                    )
+                ],
+                "One tenant's broken receiver, or every tenant's deliveries failing (the edge's egress).",
+                unit="reqps",
+            ),
+            Panel(
+                "Webhook delivery time and deliveries under way",
+                [
+                    Query(
+                        _quantile(
+                            0.95, f"ballast_edge_webhook_delivery_duration_seconds_bucket{{{R}}}", "outcome"
+                        ),
+                        "p95 {{outcome}}",
+                    ),
+                    Query(f"sum(ballast_edge_webhook_pending{{{R}}})", "under way"),
+                ],
+                "From a job's end to its webhook's outcome, every attempt and backoff included; and the "
+                "deliveries the edge replicas are sending or waiting to retry.",
+                unit="s",
             ),
         ],
     )

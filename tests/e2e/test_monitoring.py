@@ -1,7 +1,8 @@
 """A real Prometheus (Debian's package, loopback only) scrapes the whole suite while a short
-surge runs; then every PromQL expression of every dashboard panel, every dashboard variable and
-every recording rule is evaluated through Prometheus's HTTP API. Each must return data, and the
-cost dashboard's total for the run must equal what the edge reported to its clients."""
+surge runs and a few queued jobs report to a webhook receiver (one delivery retried, one failed);
+then every PromQL expression of every dashboard panel, every dashboard variable and every
+recording rule is evaluated through Prometheus's HTTP API. Each must return data, and the cost
+dashboard's total for the run must equal what the edge reported to its clients."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+from ballast.common.v1 import common_pb2
+from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 
 from ballast_demo.load import run_surge
 from ballast_demo.scenario import ScenarioConfig, plan_users, write_suite_config
@@ -22,6 +26,7 @@ from services.kit.config import SERVICE_NAMES
 from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.support.backends import free_port
+from tests.support.http_receiver import HttpReceiver
 from tests.support.prometheus import PrivatePrometheus
 from tests.unit.ops.dashboards import RULES, dashboards, fill_variables, panel_queries, rule_groups
 
@@ -34,6 +39,45 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Wider than the run: rates and ranges in the panels cover all of it.
 RATE_INTERVAL = "5m"
 RANGE = "1h"
+WEBHOOK_JOBS = 4
+
+
+async def _webhook_jobs(channel: grpc.aio.Channel, receiver: HttpReceiver) -> int:
+    """Queued chats that report to `receiver`, which answers 503 (retried), then 410 (a delivery
+    that fails), then 200: every webhook outcome but `refused`. Returns the cost the clients
+    were told (in the jobs' results)."""
+    admin = edge_pb2_grpc.EdgeAdminServiceStub(channel)
+    edge = edge_pb2_grpc.EdgeServiceStub(channel)
+    created = await admin.CreateApiKey(
+        edge_pb2.CreateApiKeyRequest(tenant_id="webhooks", user_id="hooked", tier="enterprise"),
+        metadata=(("x-admin-key", ADMIN),),
+    )
+    auth = (("authorization", f"Bearer {created.api_key}"),)
+    receiver.responses = [503, 410, 200]
+    jobs = []
+    for index in range(WEBHOOK_JOBS):
+        message = common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"Report back, job {index}")
+        submitted = await edge.SubmitChat(
+            edge_pb2.SubmitChatRequest(
+                chat=edge_pb2.ChatRequest(messages=[message]), webhook_url=receiver.url
+            ),
+            metadata=auth,
+        )
+        jobs.append(submitted.job.job_id)
+    # One attempt per job, and one more for the delivery that was answered 503.
+    await receiver.wait_for(WEBHOOK_JOBS + 1, within=60)
+    cost = 0
+    for job_id in jobs:
+
+        async def ended(job_id: str = job_id) -> bool:
+            job = (await edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=auth)).job
+            return job.webhook_state in ("delivered", "failed")
+
+        await _until(ended, f"the webhook of {job_id} to end")
+        job = (await edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=auth)).job
+        assert job.state == edge_pb2.JOB_STATE_SUCCEEDED, job
+        cost += job.result.cost.total_cost_micros
+    return cost
 
 
 async def _query(client: httpx.AsyncClient, expr: str, at: float) -> list[dict[str, Any]]:
@@ -87,10 +131,15 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
         **write_suite_config(tmp_path, config, ROOT),
         "BALLAST_EDGE_ADMIN_KEY": ADMIN,
         "BALLAST_REGION": REGION,
+        # The webhook receiver is on loopback, which webhooks reach only when allowed.
+        "BALLAST_EDGE_WEBHOOK_ALLOWED": "127.0.0.1/32",
+        "BALLAST_EDGE_WEBHOOK_BACKOFF": "50ms",
     }
     suite = await suite_factory(SERVICE_NAMES, environ)
     targets = {f"ballast-{name}": [f"127.0.0.1:{r.metrics_port}"] for name, r in suite.running.items()}
     prometheus = PrivatePrometheus(targets, sorted(RULES.glob("*.yaml")))
+    receiver = HttpReceiver()
+    await receiver.start()
     try:
         await asyncio.to_thread(prometheus.start)
         state = await run_surge(
@@ -99,6 +148,7 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
         reported = sum(event.cost_micros for event in state.events)
         assert reported > 0
         assert {event.outcome for event in state.events} >= {"ok", "cache_hit", "limited"}
+        reported += await _webhook_jobs(suite.channel("edge"), receiver)
         exported = await _edge_cost_exported(suite)
         assert exported == reported, "the edge's counter and its clients disagree"
 
@@ -106,9 +156,19 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
 
             async def scraped_everything() -> bool:
                 result = await _query(client, "sum(ballast_usage_cost_total)", time.time())
-                return bool(result) and round(float(result[0]["value"][1])) == exported
+                ended = await _query(
+                    client,
+                    'sum(ballast_edge_webhook_attempts_total{outcome=~"delivered|failed|refused"})',
+                    time.time(),
+                )
+                return (
+                    bool(result)
+                    and round(float(result[0]["value"][1])) == exported
+                    and bool(ended)
+                    and round(float(ended[0]["value"][1])) == WEBHOOK_JOBS
+                )
 
-            await _until(scraped_everything, "Prometheus to scrape the edge's final cost")
+            await _until(scraped_everything, "Prometheus to scrape the edge's final cost and webhooks")
 
             recorded = {
                 rule["record"] for group in rule_groups() for rule in group["rules"] if "record" in rule
@@ -175,4 +235,5 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
             total = await _query(client, fill_variables(spend["targets"][0]["expr"], range_=RANGE), at)
             assert round(float(total[0]["value"][1]) * 1e6) == reported
     finally:
+        await receiver.close()
         await asyncio.to_thread(prometheus.stop)
