@@ -225,7 +225,8 @@ class ChatPipeline:
             trace.get_current_span().set_attribute(
                 "ballast.session.omitted_unsummarized_turns", reply.omitted_turns
             )
-            self._context_incomplete.add(1, {"tenant": caller.tenant_id})
+            tenant = self._metrics.tenant(caller.tenant_id) if self._metrics else caller.tenant_id
+            self._context_incomplete.add(1, {"tenant": tenant})
         return reply
 
     async def _lookup(

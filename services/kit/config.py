@@ -282,7 +282,7 @@ class ServerSettings:
             metrics_enabled=env.boolean(f"{PREFIX}METRICS", cls.metrics_enabled),
             metrics_per_user=env.boolean(f"{PREFIX}METRICS_PER_USER", cls.metrics_per_user),
             metrics_max_tenants=env.integer(
-                f"{PREFIX}METRICS_MAX_TENANTS", cls.metrics_max_tenants, minimum=1, maximum=1_000_000
+                f"{PREFIX}METRICS_MAX_TENANTS", cls.metrics_max_tenants, minimum=1, maximum=100_000
             ),
             region=region_from_env(env),
             metrics_port=env.integer(

@@ -81,6 +81,7 @@ def test_values_are_parsed_and_typed() -> None:
         ("BALLAST_GRACE_PERIOD", "soon", "a duration"),
         ("BALLAST_CAPTURE_CONTENT", "maybe", "one of true, false"),
         ("BALLAST_CACHE_ADDR", "nowhere", "host:port"),
+        ("BALLAST_METRICS_MAX_TENANTS", "0", "an integer from 1 to 100000"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: str, expected: str) -> None:
