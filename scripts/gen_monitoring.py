@@ -316,6 +316,7 @@ def overview() -> Dashboard:
 
 def cost() -> Dashboard:
     spend = f"ballast_usage_cost_total{{{RTM}}}"
+    saved = f"ballast_edge_cache_saved_cost_total{{{RTM}}}"
     rate = f"rate({spend}[{RATE}])"
     return Dashboard(
         "ballast-cost",
@@ -360,10 +361,15 @@ def cost() -> Dashboard:
                 height=5,
             ),
             Panel(
-                "Cache savings ($/h)",
-                [Query(f"sum(ballast:cache_saved_usd:rate5m{{{RT}}}) * 3600")],
-                "What cache hits did not spend: each hit counts the cost its cached answer had when "
-                "the model made it.",
+                "Cache savings in range ($)",
+                [
+                    Query(
+                        f"sum(clamp_min(({saved} - {saved} offset $__range) or {saved}, 0)) / 1e6",
+                        instant=True,
+                    )
+                ],
+                "What cache hits did not spend in the selected range: each hit counts the cost its "
+                "cached answer had when the model made it. Set it beside Spend in range.",
                 kind="stat",
                 unit="currencyUSD",
                 width=6,

@@ -88,11 +88,11 @@ async def _query(client: httpx.AsyncClient, expr: str, at: float) -> list[dict[s
     return result
 
 
-async def _edge_cost_exported(suite: Suite) -> int:
-    """The sum of ballast_usage_cost_total on the edge's own /metrics, read directly."""
+async def _edge_exported(suite: Suite, metric: str = "ballast_usage_cost_total") -> int:
+    """The sum of `metric` on the edge's own /metrics, read directly."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://127.0.0.1:{suite.running['edge'].metrics_port}/metrics")).text
-    return round(sum(float(v) for v in re.findall(r"^ballast_usage_cost_total\{.*\} (\S+)$", text, re.M)))
+    return round(sum(float(v) for v in re.findall(rf"^{metric}\{{.*\}} (\S+)$", text, re.M)))
 
 
 async def _until(check: Any, what: str, within: float = 120.0) -> None:
@@ -149,8 +149,11 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
         assert reported > 0
         assert {event.outcome for event in state.events} >= {"ok", "cache_hit", "limited"}
         reported += await _webhook_jobs(suite.channel("edge"), receiver)
-        exported = await _edge_cost_exported(suite)
+        exported = await _edge_exported(suite)
         assert exported == reported, "the edge's counter and its clients disagree"
+        # The surge's cache hits saved what their answers cost when the models made them.
+        saved = await _edge_exported(suite, "ballast_edge_cache_saved_cost_total")
+        assert saved > 0
 
         async with httpx.AsyncClient(base_url=prometheus.url, timeout=30) as client:
 
@@ -234,6 +237,13 @@ async def test_every_panel_and_recording_rule_answers_during_a_surge(
             )
             total = await _query(client, fill_variables(spend["targets"][0]["expr"], range_=RANGE), at)
             assert round(float(total[0]["value"][1]) * 1e6) == reported
+            savings = next(
+                p
+                for p in dashboards()["ballast-cost.json"]["panels"]
+                if p["title"] == "Cache savings in range ($)"
+            )
+            total = await _query(client, fill_variables(savings["targets"][0]["expr"], range_=RANGE), at)
+            assert round(float(total[0]["value"][1]) * 1e6) == saved
     finally:
         await receiver.close()
         await asyncio.to_thread(prometheus.stop)
