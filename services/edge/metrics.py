@@ -32,12 +32,6 @@ def failure_outcome(code: str) -> str:
     return "limited" if code == "RESOURCE_EXHAUSTED" else "error"
 
 
-#: How a webhook delivery attempt ended: `retried` attempts failed and another follows; a
-#: delivery ends with exactly one `delivered`, `failed` (attempts spent, or an answer retrying
-#: cannot fix) or `refused` (the URL now resolves to an address webhooks may not call).
-WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "refused")
-
-
 class EdgeMetrics:
     def __init__(
         self,
@@ -176,6 +170,9 @@ class EdgeMetrics:
         self.cache_saved_cost.add(cost_micros, self._labels(caller, model=model))
 
     def webhook_attempt(self, tenant_id: str, outcome: str) -> None:
+        """An attempt's outcome: `retried` attempts failed and another follows; a delivery ends
+        with one `delivered`, `failed` (attempts spent, or an answer retrying cannot fix) or
+        `refused` (the URL now resolves to an address webhooks may not call)."""
         self.webhook_attempts.add(1, {"tenant": self.tenant(tenant_id), "outcome": outcome})
 
     def webhook_done(self, tenant_id: str, outcome: str, seconds: float) -> None:
