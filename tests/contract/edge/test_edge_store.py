@@ -1,4 +1,5 @@
-"""The same queue and key cases against the memory store and the Redis Streams store."""
+"""The same queue and key cases against the memory store and the Redis Streams store, on one Redis
+and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from services.edge.store.memory import MemoryEdgeStore
 from services.edge.store.redis import RedisEdgeStore
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[EdgeStore]:
+    """memory://, one Redis, and the session's three-primary Redis Cluster (`?cluster=true`)."""
     if request.param == "memory":
         memory = MemoryEdgeStore()
         yield memory
         return
-    url: str = request.getfixturevalue("redis_url")
+    url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
     redis_store = RedisEdgeStore(url)
     await redis_store.start()
     yield redis_store
