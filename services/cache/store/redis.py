@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -325,8 +326,9 @@ class RedisStore:
         self.synced = asyncio.Event()
 
     def _p(self, tenant_id: str) -> str:
-        """The prefix of `tenant_id`'s keys: on a cluster it carries the tenant's hash tag."""
-        return f"{self._base}{{t:{tenant_id}}}" if self.cluster else self._base
+        """The prefix of `tenant_id`'s keys: on a cluster it carries the tenant's hash tag (the id
+        percent-encoded, as the limiter's, so no id can end the tag early or forge another's)."""
+        return f"{self._base}{{t:{quote(tenant_id, safe='')}}}" if self.cluster else self._base
 
     def _k(self, tenant_id: str, *parts: str) -> str:
         return self._p(tenant_id) + parts[0] + SEP.join(parts[1:])
