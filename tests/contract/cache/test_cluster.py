@@ -232,3 +232,28 @@ async def test_reads_and_writes_continue_through_a_failover_and_nothing_is_lost(
     assert found[0].tenant_id == tenant
     [stats] = await store.stats(tenant, "default", NOW)
     assert stats.entries == 20 + len(written) + 1
+
+
+async def test_a_count_left_wrong_by_a_dead_replica_is_set_right_by_the_next_eviction(
+    redis_cluster_url: str, prefix: str, cluster: PrivateRedisCluster, opened: list[RedisStore]
+) -> None:
+    tenant = "tenant-real"
+    sizes = [entry(tenant, f"real-{n}", n).size for n in range(4)]
+    store = await open_store(redis_cluster_url, opened, max_bytes=sum(sizes) + 1000)
+    for n in range(3):
+        await store.put(entry(tenant, f"real-{n}", n), NOW + n)
+    # A replica died between a tenant's script and its bookkeeping call: the count says a tenant
+    # holds 50 kB it does not hold (its entries are gone), and the whole cache looks full.
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.primaries()[0])
+    try:
+        client.zincrby(f"{prefix}cache:{{cache}}tbytes", 50_000, "tenant-ghost")
+        client.incrby(f"{prefix}cache:{{cache}}bytes", 50_000)
+        # The next write goes over the bound: the ghost gives way first, and finding nothing
+        # to evict its count is set to what its shard holds (nothing): no real entry is evicted.
+        await store.put(entry(tenant, "real-3", 3), NOW + 3)
+        assert client.zscore(f"{prefix}cache:{{cache}}tbytes", "tenant-ghost") is None
+        assert int(client.get(f"{prefix}cache:{{cache}}bytes") or 0) == sum(sizes)
+    finally:
+        client.close()
+    for n in range(4):
+        assert await store.get(tenant, f"real-{n}", NOW + 5) is not None
