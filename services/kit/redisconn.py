@@ -15,12 +15,17 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 # After a Redis restart every idle connection in a pool is dead, and a call that draws one fails
 # with ConnectionError before Redis saw it. Such a call is made once more on a new connection.
 # Only ConnectionError, and only once: a timeout is never retried (the command may still run),
 # and a connection cut while Redis was answering can repeat one command, which the stores'
 # writes tolerate (idempotency keys, write-once job ends, replaced cache entries).
+# What a store call raises when Redis cannot answer: redis-py's errors, a cluster client's errors
+# that are not RedisErrors (no node reachable, a slot no node serves), and socket errors.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+
 _RECONNECT_ONCE = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 

@@ -35,12 +35,11 @@ from urllib.parse import quote
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from services.cache.store.base import COUNTERS, Entry, LocalIndexes, NamespaceCounters, StoreOptions, Vector
 from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
-from services.kit.redisconn import cluster_option, open_client, split_key_prefix
+from services.kit.redisconn import REDIS_FAILURES, cluster_option, open_client, split_key_prefix
 
 log = logging.getLogger("ballast.cache.redis")
 
@@ -451,7 +450,7 @@ class RedisStore:
     async def _sweeper(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_interval)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 for tenant_id in await self._tenants():
                     await self._run_sweep(tenant_id, time.time(), SWEEP_BATCH)
 
@@ -504,7 +503,7 @@ class RedisStore:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise Unavailable(f"cache store (Redis) unavailable: {exc}") from exc
 
     async def put(self, entry: Entry, now: float) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from services.edge.auth import ApiKey
 from services.edge.store.base import (
@@ -34,7 +34,7 @@ from services.edge.store.base import (
     idempotency_scope,
 )
 from services.kit.errors import Unavailable
-from services.kit.redisconn import open_client, split_key_prefix
+from services.kit.redisconn import REDIS_FAILURES, open_client, split_key_prefix
 
 T = TypeVar("T")
 
@@ -243,7 +243,7 @@ def _unavailable_when_redis_fails(cls: type[T]) -> type[T]:
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 try:
                     return await method(*args, **kwargs)
-                except (RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     raise Unavailable(f"the edge store (Redis) is unavailable: {type(exc).__name__}") from exc
 
             return wrapper

@@ -22,7 +22,8 @@ from services.cache.index import AnnParams
 from services.cache.store import Entry, StoreOptions
 from services.cache.store.base import KIND_ANSWER
 from services.cache.store.redis import RedisStore
-from tests.support.backends import PrivateRedisCluster
+from services.kit.errors import Unavailable
+from tests.support.backends import PrivateRedisCluster, free_port
 
 DIM = 8
 # Real time: a replay drops entries that expired by the wall clock.
@@ -257,3 +258,16 @@ async def test_a_count_left_wrong_by_a_dead_replica_is_set_right_by_the_next_evi
         client.close()
     for n in range(4):
         assert await store.get(tenant, f"real-{n}", NOW + 5) is not None
+
+
+async def test_a_cluster_with_no_reachable_node_is_unavailable_not_an_internal_error() -> None:
+    # redis-py's cluster client raises RedisClusterUnreachableError, which is not a RedisError.
+    url = f"redis://127.0.0.1:{free_port()}/0?cluster=true"
+    store = RedisStore(url, StoreOptions(dim=DIM, timeout=1.0))
+    try:
+        with pytest.raises(Unavailable, match="cache store"):
+            await store.get("t1", "k", NOW)
+        with pytest.raises(Unavailable, match="cache store"):
+            await store.put(entry("t1", "k", 0), NOW)
+    finally:
+        await store.close()
