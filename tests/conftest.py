@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from services.testing import Suite, start_suite
+from tests.support.backends import PrivateRedisCluster
 
 REDIS_URL = os.environ.get("BALLAST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -57,6 +58,32 @@ def redis_url() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[PrivateRedisCluster]:
+    """One real Redis Cluster for the whole session (three primaries, each with a replica),
+    started on first use: six redis-servers are too many to start per module on a small machine.
+    Tests share it, so each works under its own key prefix (`redis_cluster_url`) or tenant, and
+    a test that fails a primary over leaves a cluster that is ok again (`fail_over` waits)."""
+    try:
+        cluster = PrivateRedisCluster(masters=3, replicas=1)
+    except RuntimeError as exc:
+        _unavailable("Redis Cluster", exc)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: PrivateRedisCluster) -> Iterator[str]:
+    """The session's Redis Cluster as a store URL (`?cluster=true`) with a `key_prefix` that
+    isolates this test; its keys, on every primary, are deleted afterwards."""
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    yield f"{redis_cluster.url}&{urlencode({'key_prefix': prefix})}"
+    redis_cluster.delete_matching(f"{prefix}*")
 
 
 def _run(coro: Awaitable[T]) -> T:

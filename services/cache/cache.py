@@ -150,7 +150,7 @@ class CacheEngine:
         except NotCacheableError as exc:
             return LookupResult(False, miss_reason=f"not cacheable: {exc}")
         now = self.clock()
-        entry = await self.store.get(keys.exact, now)
+        entry = await self.store.get(request.scope.tenant_id, keys.exact, now)
         if (
             entry is not None
             and entry.partition == keys.partition
@@ -175,7 +175,9 @@ class CacheEngine:
             return LookupResult(False, miss_reason="no similar entry")
         vector = await self._embed(keys.text)
         needed = self.threshold(request.scope, threshold)
-        candidates = await self.store.search(keys.partition, vector, self.settings.candidates, self.clock())
+        candidates = await self.store.search(
+            request.scope.tenant_id, keys.partition, vector, self.settings.candidates, self.clock()
+        )
         best = 0.0
         rejected = ""
         for candidate, similarity in candidates:
@@ -192,7 +194,7 @@ class CacheEngine:
                 rejected = rejected or verdict.guard
                 continue
             counts["semantic_hits"] = 1
-            await self.store.touch(candidate.id, self.clock())
+            await self.store.touch(candidate.tenant_id, candidate.id, self.clock())
             return LookupResult(True, TIER_SEMANTIC, similarity, candidate)
         if rejected:
             return LookupResult(
@@ -260,8 +262,8 @@ class CacheEngine:
             return 0.0
         return self.ttl(scope, requested, default)
 
-    async def get_value(self, key: str) -> ValueResult | None:
-        entry = await self.store.get(key, self.clock())
+    async def get_value(self, scope: ScopeId, key: str) -> ValueResult | None:
+        entry = await self.store.get(scope.tenant_id, key, self.clock())
         if entry is None:
             return None
         return ValueResult(entry.payload, entry.created_at, entry.expires_at)
@@ -286,7 +288,7 @@ class CacheEngine:
         return True
 
     async def get_tool(self, scope: ScopeId, tool_name: str, arguments_json: str) -> ValueResult | None:
-        return await self.get_value(tool_key(scope, tool_name, arguments_json))
+        return await self.get_value(scope, tool_key(scope, tool_name, arguments_json))
 
     async def put_tool(
         self,
@@ -306,16 +308,16 @@ class CacheEngine:
         return await self.put_value(scope, KIND_TOOL, key, payload, seconds)
 
     async def current_version(self, scope: ScopeId, index_name: str) -> str:
-        return f"v{await self.store.version(index_version_key(scope, index_name))}"
+        return f"v{await self.store.version(scope.tenant_id, index_version_key(scope, index_name))}"
 
     async def bump_version(self, scope: ScopeId, index_name: str) -> str:
-        return f"v{await self.store.bump_version(index_version_key(scope, index_name))}"
+        return f"v{await self.store.bump_version(scope.tenant_id, index_version_key(scope, index_name))}"
 
     async def get_retrieval(
         self, scope: ScopeId, index_name: str, version: str, query: str, top_k: int
     ) -> tuple[ValueResult | None, str]:
         version = version or await self.current_version(scope, index_name)
-        found = await self.get_value(retrieval_key(scope, index_name, version, query, top_k))
+        found = await self.get_value(scope, retrieval_key(scope, index_name, version, query, top_k))
         return found, version
 
     async def put_retrieval(

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from services.kit.config import Env, ServerSettings
+from services.kit.redisconn import cluster_option
 from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text, value_node
 
 EMBEDDERS = ("local", "router")
@@ -112,9 +113,15 @@ class CacheSettings:
             path = env.string(variable, "")
             if path and not Path(path).is_file():
                 env.problems.append(f"{variable}={path!r} is invalid: expected an existing file")
+        store_url = env.url("BALLAST_CACHE_STORE", cls.store_url, ["memory", "redis", "rediss"])
+        if store_url.startswith(("redis://", "rediss://")):
+            try:
+                cluster_option(store_url)
+            except ValueError as exc:
+                env.problems.append(f"BALLAST_CACHE_STORE={store_url!r} is invalid: {exc}")
         return cls(
             server=ServerSettings.from_env("cache", env),
-            store_url=env.url("BALLAST_CACHE_STORE", cls.store_url, ["memory", "redis", "rediss"]),
+            store_url=store_url,
             embedder=env.choice("BALLAST_CACHE_EMBEDDER", cls.embedder, EMBEDDERS),
             router_embed_model=env.string("BALLAST_CACHE_ROUTER_EMBED_MODEL", cls.router_embed_model),
             embed_timeout=env.duration("BALLAST_CACHE_EMBED_TIMEOUT", cls.embed_timeout, minimum=0.001),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from services.edge import auth
 from services.kit.config import Env, ServerSettings
+from services.kit.redisconn import cluster_option
 from services.kit.tls import is_loopback
 
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
@@ -174,6 +175,11 @@ class EdgeSettings:
                 f"BALLAST_EDGE_STORE_POOL_SIZE={settings.store_pool_size} is invalid: it must exceed "
                 f"BALLAST_EDGE_WORKERS={settings.workers} (each worker holds a connection while it waits for a job)"
             )
+        if settings.store_url.startswith(("redis://", "rediss://")):
+            try:
+                cluster_option(settings.store_url)
+            except ValueError as exc:
+                env.problems.append(f"BALLAST_EDGE_STORE={settings.store_url!r} is invalid: {exc}")
         demo_keys = auth.demo_keys_in(settings.keys_file) if settings.keys_file else []
         if demo_keys and not is_loopback(settings.server.host):
             env.problems.append(

@@ -67,9 +67,8 @@ class LimiterSettings:
                 f"{p}TIERS_FILE={settings.tiers_file!r} is invalid: {problem}" for problem in exc.problems
             )
         if not settings.store_url.startswith("memory:"):
-            from services.kit.redisconn import split_key_prefix
+            from services.kit.redisconn import cluster_option, split_key_prefix
             from services.limiter.store.library import check_url
-            from services.limiter.store.redis import cluster_option
 
             try:
                 check_url(cluster_option(split_key_prefix(settings.store_url)[0])[0])

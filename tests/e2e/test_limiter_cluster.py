@@ -7,7 +7,6 @@ decisions continue, with nothing lost, after the shard's primary fails over to i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from services.testing import Suite
 from tests.conftest import SuiteFactory
-from tests.support.backends import PrivateRedisCluster, private_redis_cluster
+from tests.support.backends import PrivateRedisCluster
 
 TIERS = """
 tiers:
@@ -57,10 +56,11 @@ HOUSEKEEPING = (
 )
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PrivateRedisCluster]:
-    with private_redis_cluster(masters=3, replicas=1) as c:
-        yield c
+@pytest.fixture
+def cluster(redis_cluster: PrivateRedisCluster) -> PrivateRedisCluster:
+    """The session's cluster (tests/conftest.py); the limiter's keys need no prefix here: the
+    tenant and the Envoy domain are this module's own."""
+    return redis_cluster
 
 
 async def fleet(suite_factory: SuiteFactory, tmp_path: Path, cluster: PrivateRedisCluster) -> list[Suite]:

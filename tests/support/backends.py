@@ -297,6 +297,21 @@ class PrivateRedisCluster:
             time.sleep(0.1)
         raise TimeoutError(f"replica {replica} was not promoted")
 
+    def primaries(self) -> list[int]:
+        return [int(n["port"]) for n in self.nodes() if n["role"] == "master"]
+
+    def delete_matching(self, pattern: str) -> None:
+        """Deletes the keys matching `pattern` on every primary."""
+        import redis
+
+        for port in self.primaries():
+            client = redis.Redis(port=port)
+            try:
+                for key in list(client.scan_iter(match=pattern, count=1000)):
+                    client.delete(key)
+            finally:
+                client.close()
+
     def close(self) -> None:
         for proc in self._procs.values():
             proc.kill()

@@ -101,17 +101,22 @@ class CacheStore(Protocol):
         the tenant's own least recently used entries are evicted; beyond the whole cache's bound,
         those of the tenant holding the most bytes (evictions count in their namespaces)."""
 
-    async def get(self, key: str, now: float) -> Entry | None: ...
+    async def get(self, tenant_id: str, key: str, now: float) -> Entry | None:
+        """The live entry stored under `key` by `tenant_id` (the tenant routes the call to its
+        shard on a Redis Cluster; another tenant's entry under the same key is not returned)."""
+        ...
 
     def has_vectors(self, partition: str) -> bool:
         """Whether this replica's index holds any vector of `partition` (if not, skip embedding)."""
         ...
 
-    async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[Entry, float]]:
-        """Up to k live entries of `partition` nearest to `vector`, with cosine similarity."""
+    async def search(
+        self, tenant_id: str, partition: str, vector: Vector, k: int, now: float
+    ) -> list[tuple[Entry, float]]:
+        """Up to k live entries of `tenant_id`'s `partition` nearest to `vector`, with cosine similarity."""
         ...
 
-    async def touch(self, entry_id: str, now: float) -> None:
+    async def touch(self, tenant_id: str, entry_id: str, now: float) -> None:
         """Marks an entry as recently used (a semantic hit)."""
 
     async def delete_ids(self, tenant_id: str, ids: list[str]) -> int:
@@ -127,9 +132,9 @@ class CacheStore(Protocol):
 
     async def stats(self, tenant_id: str, namespace: str | None, now: float) -> list[NamespaceCounters]: ...
 
-    async def version(self, key: str) -> int: ...
+    async def version(self, tenant_id: str, key: str) -> int: ...
 
-    async def bump_version(self, key: str) -> int: ...
+    async def bump_version(self, tenant_id: str, key: str) -> int: ...
 
 
 class LocalIndexes:

@@ -21,7 +21,7 @@ class MemoryStore:
         self._by_attr: dict[tuple[str, str, str], set[str]] = defaultdict(set)
         self._expiry: list[tuple[float, str]] = []
         self._counters: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-        self._versions: dict[str, int] = {}
+        self._versions: dict[tuple[str, str], int] = {}
         self._bytes = 0
         self.indexes = LocalIndexes(options.dim, options.ann)
 
@@ -117,11 +117,13 @@ class MemoryStore:
             return None
         return entry
 
-    async def get(self, key: str, now: float) -> Entry | None:
+    async def get(self, tenant_id: str, key: str, now: float) -> Entry | None:
         entry_id = self._by_key.get(key)
         if entry_id is None:
             return None
         entry = self._live(entry_id, now)
+        if entry is not None and entry.tenant_id != tenant_id:
+            return None
         if entry is not None:
             self._used(entry)
         return entry
@@ -134,17 +136,19 @@ class MemoryStore:
     def has_vectors(self, partition: str) -> bool:
         return self.indexes.has(partition)
 
-    async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[tuple[Entry, float]]:
+    async def search(
+        self, tenant_id: str, partition: str, vector: Vector, k: int, now: float
+    ) -> list[tuple[Entry, float]]:
         out = []
         for entry_id, score in self.indexes.search(partition, vector, k):
             entry = self._live(entry_id, now)
-            if entry is not None:
+            if entry is not None and entry.tenant_id == tenant_id:
                 out.append((entry, score))
         return out
 
-    async def touch(self, entry_id: str, now: float) -> None:
+    async def touch(self, tenant_id: str, entry_id: str, now: float) -> None:
         entry = self._entries.get(entry_id)
-        if entry is not None:
+        if entry is not None and entry.tenant_id == tenant_id:
             self._used(entry)
 
     async def delete_ids(self, tenant_id: str, ids: list[str]) -> int:
@@ -194,9 +198,9 @@ class MemoryStore:
             )
         return out
 
-    async def version(self, key: str) -> int:
-        return self._versions.get(key, 0)
+    async def version(self, tenant_id: str, key: str) -> int:
+        return self._versions.get((tenant_id, key), 0)
 
-    async def bump_version(self, key: str) -> int:
-        self._versions[key] = self._versions.get(key, 0) + 1
-        return self._versions[key]
+    async def bump_version(self, tenant_id: str, key: str) -> int:
+        self._versions[(tenant_id, key)] = self._versions.get((tenant_id, key), 0) + 1
+        return self._versions[(tenant_id, key)]

@@ -4,8 +4,9 @@ One stream per priority with one consumer group; workers read the highest priori
 first, and within a priority tenants take turns (see _FAIR). A delivered entry stays pending until the job ends, so a worker that dies
 mid-job leaves it pending, and `reclaim` (XAUTOCLAIM) puts it back on the queue.
 A job's terminal state is written once (compare-and-set in Lua), so a duplicate
-delivery cannot overwrite a result. All keys share the `{edge}` hash tag, so the
-scripts stay Redis Cluster-safe.
+delivery cannot overwrite a result. All keys share the `{edge}` hash tag, so on a Redis
+Cluster (`?cluster=true`) the queue lives in one slot: every script, XADD, XREADGROUP, XACK and
+XAUTOCLAIM touches that one shard, and fair admission stays atomic with the claim.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from services.edge.auth import ApiKey
 from services.edge.store.base import (
@@ -33,7 +34,7 @@ from services.edge.store.base import (
     idempotency_scope,
 )
 from services.kit.errors import Unavailable
-from services.kit.redisconn import pooled_client, split_key_prefix
+from services.kit.redisconn import REDIS_FAILURES, open_client, split_key_prefix
 
 T = TypeVar("T")
 
@@ -242,7 +243,7 @@ def _unavailable_when_redis_fails(cls: type[T]) -> type[T]:
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 try:
                     return await method(*args, **kwargs)
-                except (RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     raise Unavailable(f"the edge store (Redis) is unavailable: {type(exc).__name__}") from exc
 
             return wrapper
@@ -272,7 +273,7 @@ class RedisEdgeStore:
     ) -> None:
         clean, prefix = split_key_prefix(url)
         # Each waiting worker holds a connection: past pool_size in use, calls wait for one.
-        self._redis = pooled_client(clean, pool_size=pool_size, timeout=socket_timeout)
+        self._redis, self.cluster = open_client(clean, pool_size=pool_size, timeout=socket_timeout)
         self._prefix = prefix
         self._p = f"{prefix}{{edge}}:"
         self._job_ttl = int(job_ttl)

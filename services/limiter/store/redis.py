@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from services.kit.redisconn import split_key_prefix
+from services.kit.redisconn import cluster_option, split_key_prefix
 from services.limiter.store.base import (
     BudgetRef,
     Charge,
@@ -358,19 +357,6 @@ class _Script:
                 raise
         self.sha = await self.redis.script_load(self.source)
         return await self.redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
-
-
-def cluster_option(url: str) -> tuple[str, bool]:
-    """The URL without the store's `cluster` option, and whether it names a Redis Cluster
-    (`?cluster=true`: the URL is one node to start from, the client finds the others)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    flags = [v.lower() for k, v in query if k == "cluster"]
-    if any(f not in ("true", "false", "1", "0", "yes", "no") for f in flags):
-        raise ValueError(f"cluster must be true or false, got {flags[0]!r}")
-    cluster = bool(flags) and flags[-1] in ("true", "1", "yes")
-    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
-    return urlunsplit(parts._replace(query=rest)), cluster
 
 
 def _op_results(reply: list[Any], start: int, n: int) -> tuple[OpResult, ...]:

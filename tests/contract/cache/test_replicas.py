@@ -1,10 +1,12 @@
-"""Cache replicas on one Redis: each sees the others' entries, deletions and counters."""
+"""Cache replicas on one Redis, and on a Redis Cluster: each sees the others' entries, deletions
+and counters."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
 from ballast.cache.v1 import cache_pb2
 
 from services.cache.app import CacheApp
@@ -12,6 +14,14 @@ from services.cache.store.redis import RedisStore
 from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.unit.cache.helpers import lookup, scope, store
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, or the session's three-primary Redis Cluster (`?cluster=true`)."""
+    name = "redis_url" if request.param == "redis" else "redis_cluster_url"
+    url: str = request.getfixturevalue(name)
+    return url
 
 
 async def _replica(suite_factory: SuiteFactory, redis_url: str) -> Suite:
@@ -37,9 +47,9 @@ async def _until(
     return reply
 
 
-async def test_two_replicas_share_entries(suite_factory: SuiteFactory, redis_url: str) -> None:
-    a = await _replica(suite_factory, redis_url)
-    b = await _replica(suite_factory, redis_url)
+async def test_two_replicas_share_entries(suite_factory: SuiteFactory, shared_url: str) -> None:
+    a = await _replica(suite_factory, shared_url)
+    b = await _replica(suite_factory, shared_url)
     stored = await a.cache.Store(store("How do I reset my password?", "Use the reset link."))
     assert stored.stored
     exact = await b.cache.Lookup(lookup("How do I reset my password?"))
@@ -51,7 +61,7 @@ async def test_two_replicas_share_entries(suite_factory: SuiteFactory, redis_url
     assert semantic.hit and semantic.tier == cache_pb2.HIT_TIER_SEMANTIC
     assert semantic.answer.message.content == "Use the reset link."
     # A third replica started later replays what is already there.
-    c = await _replica(suite_factory, redis_url)
+    c = await _replica(suite_factory, shared_url)
     replayed = await c.cache.Lookup(lookup("How do I reset my password please?", threshold=0.9))
     assert replayed.hit and replayed.entry_id == stored.entry_id
     # A deletion on one replica is seen by the others.
@@ -66,9 +76,9 @@ async def test_two_replicas_share_entries(suite_factory: SuiteFactory, redis_url
     assert stats.exact_hits == 1 and stats.semantic_hits >= 2 and stats.entries == 0
 
 
-async def test_tenant_isolation_on_shared_redis(suite_factory: SuiteFactory, redis_url: str) -> None:
-    a = await _replica(suite_factory, redis_url)
-    b = await _replica(suite_factory, redis_url)
+async def test_tenant_isolation_on_shared_redis(suite_factory: SuiteFactory, shared_url: str) -> None:
+    a = await _replica(suite_factory, shared_url)
+    b = await _replica(suite_factory, shared_url)
     await a.cache.Store(store("What is our refund policy?", "Tenant one's secret policy.", tenant="one"))
     assert (await _until(lambda: b.cache.Lookup(lookup("What is our refund policy?", tenant="one")))).hit
     for replica in (a, b):

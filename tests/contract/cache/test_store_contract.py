@@ -1,4 +1,4 @@
-"""One contract, every cache store: memory and Redis (the real one on 127.0.0.1)."""
+"""One contract, every cache store: memory, Redis (the real one on 127.0.0.1) and a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -62,10 +62,12 @@ async def _open(kind: str, url: str, max_bytes: int = 10_000_000, **options: Any
     return store
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[object]:
+    """memory://, one Redis, and a real three-primary Redis Cluster (the session's)."""
     opened: list[CacheStore] = []
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    fixture = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(request.param)
+    url: str = "memory://" if fixture is None else request.getfixturevalue(fixture)
 
     async def factory(max_bytes: int = 10_000_000, **options: Any) -> CacheStore:
         store = await _open(request.param, url, max_bytes, **options)
@@ -81,16 +83,16 @@ async def test_put_get_and_replace_by_key(make_store: object) -> None:
     store: CacheStore = await make_store()  # type: ignore[operator]
     first = answer("k1", payload=b"one")
     await store.put(first, NOW)
-    got = await store.get("k1", NOW)
+    got = await store.get("t1", "k1", NOW)
     assert got is not None and got.id == first.id and got.payload == b"one"
     assert got.text == "text of k1" and got.partition == "p1" and got.expires_at == NOW + 60
     second = answer("k1", payload=b"two")
     await store.put(second, NOW)
-    got = await store.get("k1", NOW)
+    got = await store.get("t1", "k1", NOW)
     assert got is not None and got.id == second.id and got.payload == b"two"
     [stats] = await store.stats("t1", None, NOW)
     assert stats.entries == 1
-    assert await store.get("nope", NOW) is None
+    assert await store.get("t1", "nope", NOW) is None
 
 
 async def test_search_stays_in_its_partition_best_first(make_store: object) -> None:
@@ -100,11 +102,11 @@ async def test_search_stays_in_its_partition_best_first(make_store: object) -> N
     other = answer("c", unit(1, 0.1), partition="p2", tenant="t2")
     for entry in (near, far, other):
         await store.put(entry, NOW)
-    found = await store.search("p1", unit(1, 0), 5, NOW)
+    found = await store.search("t1", "p1", unit(1, 0), 5, NOW)
     assert [e.id for e, _ in found] == [near.id, far.id]
     assert found[0][1] == pytest.approx(float(unit(1, 0.1) @ unit(1, 0)), abs=1e-5)
-    assert [e.id for e, _ in await store.search("p2", unit(1, 0), 5, NOW)] == [other.id]
-    assert await store.search("p3", unit(1, 0), 5, NOW) == []
+    assert [e.id for e, _ in await store.search("t2", "p2", unit(1, 0), 5, NOW)] == [other.id]
+    assert await store.search("t1", "p3", unit(1, 0), 5, NOW) == []
 
 
 async def test_expired_entries_are_never_returned(make_store: object) -> None:
@@ -112,8 +114,8 @@ async def test_expired_entries_are_never_returned(make_store: object) -> None:
     await store.put(answer("short", unit(1), ttl=10), NOW)
     await store.put(answer("long", unit(0, 1), ttl=100), NOW)
     later = NOW + 11
-    assert await store.get("short", later) is None
-    assert [e.key for e, _ in await store.search("p1", unit(1), 5, later)] == ["long"]
+    assert await store.get("t1", "short", later) is None
+    assert [e.key for e, _ in await store.search("t1", "p1", unit(1), 5, later)] == ["long"]
     [stats] = await store.stats("t1", "default", later)
     assert stats.entries == 1
 
@@ -129,13 +131,13 @@ async def test_delete_by_id_namespace_and_attribute(make_store: object) -> None:
         await store.put(entry, NOW)
     assert await store.delete_ids("t2", [a.id]) == 0  # not the owner
     assert await store.delete_attribute("t1", "sales", "doc", "pricing") == 1
-    assert await store.get("b", NOW) is None and await store.get("a", NOW) is not None
+    assert await store.get("t1", "b", NOW) is None and await store.get("t1", "a", NOW) is not None
     assert await store.delete_attribute("t1", None, "doc", "pricing") == 1
-    assert await store.get("a", NOW) is None and await store.get("d", NOW) is not None
+    assert await store.get("t1", "a", NOW) is None and await store.get("t2", "d", NOW) is not None
     assert await store.delete_ids("t1", [c.id, "missing"]) == 1
-    assert await store.search("p1", unit(0, 1), 5, NOW) == []
+    assert await store.search("t1", "p1", unit(0, 1), 5, NOW) == []
     assert await store.delete_namespace("t1", "default") == 1  # the tool result
-    assert await store.get("tool-key", NOW) is None
+    assert await store.get("t1", "tool-key", NOW) is None
     assert await store.delete_namespace("t2", "default") == 1
 
 
@@ -144,14 +146,14 @@ async def test_byte_bound_evicts_least_recently_used(make_store: object) -> None
     entries = [answer(f"k{i}", unit(1, i), payload=b"x" * 600) for i in range(4)]
     for i, entry in enumerate(entries[:3]):
         await store.put(entry, NOW + i)
-    assert await store.get("k0", NOW + 5) is not None  # k0 is now the most recently used
+    assert await store.get("t1", "k0", NOW + 5) is not None  # k0 is now the most recently used
     await store.put(entries[3], NOW + 6)
-    assert await store.get("k1", NOW + 7) is None
-    assert await store.get("k0", NOW + 7) is not None
+    assert await store.get("t1", "k1", NOW + 7) is None
+    assert await store.get("t1", "k0", NOW + 7) is not None
     [stats] = await store.stats("t1", "default", NOW + 7)
     assert stats.evictions >= 1 and stats.bytes <= 3000
     assert stats.entries == 3 and stats.bytes == sum(e.size for e in entries[:3])
-    assert [e.key for e, _ in await store.search("p1", unit(1, 1), 5, NOW + 7)] != ["k1"]
+    assert [e.key for e, _ in await store.search("t1", "p1", unit(1, 1), 5, NOW + 7)] != ["k1"]
 
 
 async def test_counters_stats_and_versions(make_store: object) -> None:
@@ -168,9 +170,9 @@ async def test_counters_stats_and_versions(make_store: object) -> None:
     assert d.entries == 1 and d.bytes == answer("a", unit(1)).size
     assert stats["other"].lookups == 1 and stats["other"].entries == 0
     assert await store.stats("t2", None, NOW) == []
-    assert await store.version("idx") == 0
-    assert await store.bump_version("idx") == 1
-    assert await store.version("idx") == 1
+    assert await store.version("t1", "idx") == 0
+    assert await store.bump_version("t1", "idx") == 1
+    assert await store.version("t1", "idx") == 1
 
 
 async def test_more_concurrent_calls_than_redis_connections_wait_for_one(redis_url: str) -> None:
@@ -180,14 +182,14 @@ async def test_more_concurrent_calls_than_redis_connections_wait_for_one(redis_u
     try:
         await store.put(answer("busy"), NOW)
         # Fifty callers, two connections: they queue for a connection rather than fail.
-        found = await asyncio.gather(*(store.get(answer("busy").key, NOW) for _ in range(50)))
+        found = await asyncio.gather(*(store.get("t1", answer("busy").key, NOW) for _ in range(50)))
         assert all(entry is not None and entry.payload == answer("busy").payload for entry in found)
     finally:
         await store.close()
 
 
 async def _present(store: CacheStore, keys: list[str], now: float) -> list[str]:
-    return [key for key in keys if await store.get(key, now) is not None]
+    return [key for key in keys if await store.get(key.split("-")[0], key, now) is not None]
 
 
 async def test_a_tenant_at_its_quota_evicts_only_its_own_oldest_entries(make_store: object) -> None:

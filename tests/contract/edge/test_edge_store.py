@@ -1,4 +1,5 @@
-"""The same queue and key cases against the memory store and the Redis Streams store."""
+"""The same queue and key cases against the memory store and the Redis Streams store, on one Redis
+and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ from services.edge.store import (
 )
 from services.edge.store.memory import MemoryEdgeStore
 from services.edge.store.redis import RedisEdgeStore
+from services.kit.errors import Unavailable
+from tests.support.backends import free_port
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[EdgeStore]:
+    """memory://, one Redis, and the session's three-primary Redis Cluster (`?cluster=true`)."""
     if request.param == "memory":
         memory = MemoryEdgeStore()
         yield memory
         return
-    url: str = request.getfixturevalue("redis_url")
+    url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
     redis_store = RedisEdgeStore(url)
     await redis_store.start()
     yield redis_store
@@ -295,3 +299,15 @@ async def test_the_memory_store_forgets_ended_jobs_after_their_ttl() -> None:
     await store.submit(second, "", caps)
     assert await store.get_job("old") is None
     assert await store.get_job("new") is not None
+
+
+async def test_a_redis_cluster_with_no_reachable_node_is_unavailable() -> None:
+    # redis-py's cluster client raises RedisClusterUnreachableError, which is not a RedisError.
+    store = RedisEdgeStore(f"redis://127.0.0.1:{free_port()}/0?cluster=true", socket_timeout=1.0)
+    try:
+        with pytest.raises(Unavailable, match="edge store"):
+            await store.submit(_job("unreachable"), "")
+        with pytest.raises(Unavailable, match="edge store"):
+            await store.claim("w1", block=0.1)
+    finally:
+        await store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,20 @@ def test_semantic_follow_ups_setting_is_validated() -> None:
     CacheSettings.from_env(env)
     with pytest.raises(ConfigError, match="BALLAST_CACHE_SEMANTIC_FOLLOW_UPS"):
         env.check()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://h:6379/0?cluster=maybe", "cluster must be true or false, got 'maybe'"),
+        ("redis://h:6379/1?cluster=true", "a Redis Cluster has database 0 only, got '1'"),
+    ],
+)
+def test_a_bad_cluster_option_names_the_store_variable(url: str, problem: str) -> None:
+    env = Env({"BALLAST_CACHE_STORE": url})
+    CacheSettings.from_env(env)
+    with pytest.raises(ConfigError, match=re.escape(f"BALLAST_CACHE_STORE={url!r} is invalid: {problem}")):
+        env.check()
+    good = Env({"BALLAST_CACHE_STORE": "redis://h:6379/0?cluster=true"})
+    CacheSettings.from_env(good)
+    good.check()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from services.kit.redisconn import pooled_client, split_key_prefix
+import pytest
+
+from services.kit.redisconn import cluster_option, pooled_client, split_key_prefix
 from tests.support.backends import private_redis
 
 
@@ -28,3 +30,16 @@ async def test_calls_on_connections_a_restart_left_dead_are_made_again_once_each
             assert await client.get("n") == b"8"
         finally:
             await client.aclose()
+
+
+def test_the_cluster_option_leaves_the_url() -> None:
+    assert cluster_option("redis://h:6379/0?cluster=true&ssl_cert_reqs=none") == (
+        "redis://h:6379/0?ssl_cert_reqs=none",
+        True,
+    )
+    assert cluster_option("redis://h:6379/3") == ("redis://h:6379/3", False)
+    assert cluster_option("redis://h?cluster=no") == ("redis://h", False)
+    with pytest.raises(ValueError, match="cluster must be true or false, got 'sometimes'"):
+        cluster_option("redis://h?cluster=sometimes")
+    with pytest.raises(ValueError, match="database 0 only, got '3'"):
+        cluster_option("redis://h:6379/3?cluster=true")
