@@ -1,28 +1,23 @@
 """Hints in Redis: one key per hint with a millisecond TTL (Redis keeps the time, so replicas'
 clocks never matter) and an index set to find them. All keys share the `{router}` hash tag, so
-the store works on Redis Cluster. Keys carry the URL's `key_prefix`."""
+on a Redis Cluster (`?cluster=true`) every call, transactions included, lands on one shard.
+Keys carry the URL's `key_prefix`."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import redis.asyncio as aioredis
-
+from services.kit.redisconn import open_client, split_key_prefix
 from services.router.store.base import Hint
 
-
-def _split_prefix(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "key_prefix"), "")
-    rest = urlencode([(k, v) for k, v in query if k != "key_prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
+# Hints are shared advice, read off the hot path: a few connections suffice, and a slow Redis
+# must not hold a breaker decision for long (the router then goes on with its own view).
+POOL_SIZE = 4
+TIMEOUT_S = 1.0
 
 
 class RedisHintStore:
     def __init__(self, url: str) -> None:
-        clean, prefix = _split_prefix(url)
-        self._redis = aioredis.from_url(clean, socket_timeout=1.0, socket_connect_timeout=1.0)
+        clean, prefix = split_key_prefix(url)
+        self._redis, _ = open_client(clean, pool_size=POOL_SIZE, timeout=TIMEOUT_S)
         self._index = f"{prefix}{{router}}:hints"
         self._key = f"{prefix}{{router}}:hint:"
 

@@ -1,4 +1,4 @@
-"""The hint store contract, run against memory and the real Redis."""
+"""The hint store contract, run against memory, the real Redis and a real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 from services.router.store import COOLDOWN, OPEN, Hint, HintStore, open_hint_store
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[HintStore]:
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    urls = {"memory": lambda: "memory://", "redis": lambda: request.getfixturevalue("redis_url")}
+    urls["redis-cluster"] = lambda: request.getfixturevalue("redis_cluster_url")
+    url = urls[request.param]()
     hint_store = open_hint_store(url)
     yield hint_store
     await hint_store.close()
