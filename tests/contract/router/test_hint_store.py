@@ -12,9 +12,8 @@ from services.router.store import COOLDOWN, OPEN, Hint, HintStore, open_hint_sto
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[HintStore]:
-    urls = {"memory": lambda: "memory://", "redis": lambda: request.getfixturevalue("redis_url")}
-    urls["redis-cluster"] = lambda: request.getfixturevalue("redis_cluster_url")
-    url = urls[request.param]()
+    fixture = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}.get(request.param)
+    url: str = request.getfixturevalue(fixture) if fixture else "memory://"
     hint_store = open_hint_store(url)
     yield hint_store
     await hint_store.close()
