@@ -56,7 +56,16 @@ class ContentionPolicy:
     turn_timeout: float
 
 
-@dataclass
+# The decision of a writer whose wait in line ran out.
+_TIMED_OUT = -2
+
+
+def _time_out(decision: asyncio.Future[int | None]) -> None:
+    if not decision.done():
+        decision.set_result(_TIMED_OUT)
+
+
+@dataclass(eq=False)  # compared by identity: removing one waiter from a long line stays cheap
 class _Waiter:
     expected: int
     writer: str
@@ -169,7 +178,9 @@ class ContentionQueue:
         self._attempt_seconds += 0.2 * (self._clock() - started - self._attempt_seconds)
         lane.known = max(lane.known, outcome.session.version)
         lane.busy = False
-        self._next(lane)
+        if self._next(lane):
+            # The next writer's answer goes out before this one's: the session waits on it.
+            await asyncio.sleep(0)
         return outcome
 
     def _conflict(self, lane: _Lane, expected: int) -> VersionConflict:
@@ -180,28 +191,31 @@ class ContentionQueue:
     async def _wait(self, lane: _Lane, expected: int, writer: str, wait: float) -> int | None:
         if len(lane.queue) >= self._policy.max_queue:
             raise self._conflict(lane, expected)
-        waiter = _Waiter(expected, writer, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(expected, writer, loop.create_future())
         if writer and writer in lane.lapsed:
             lane.lapsed.discard(writer)
             lane.queue.appendleft(waiter)  # it was its turn already: a slow client keeps its place
         else:
             lane.queue.append(waiter)
+        # The decision is awaited directly (not through wait_for and shield): the writer whose
+        # turn it is wakes one loop step after the session is handed to it.
+        timer = loop.call_later(max(wait, 0.0), _time_out, waiter.decision)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.decision), max(wait, 0.0))
-        except TimeoutError:
-            if waiter.decision.done() and not waiter.decision.cancelled():
-                self._pass_on(lane, waiter.decision.result())
-            raise self._conflict(lane, expected) from None
+            verdict = await waiter.decision
         except asyncio.CancelledError:
             # The caller went away: whatever it was granted goes to the next writer.
             if waiter.decision.done() and not waiter.decision.cancelled():
                 self._pass_on(lane, waiter.decision.result())
             raise
         finally:
-            waiter.decision.cancel()
+            timer.cancel()
             if waiter in lane.queue:
                 lane.queue.remove(waiter)
             self._forget_if_idle(lane)
+        if verdict == _TIMED_OUT:
+            raise self._conflict(lane, expected)
+        return verdict
 
     def _pass_on(self, lane: _Lane, granted: int | None) -> None:
         if granted is None:
@@ -234,10 +248,10 @@ class ContentionQueue:
             self._unhold(lane)  # the writer did not come back in time: the next one goes
             self._next(lane)
 
-    def _next(self, lane: _Lane) -> None:
-        """Hands the session to the oldest writer still waiting."""
+    def _next(self, lane: _Lane) -> bool:
+        """Hands the session to the oldest writer still waiting; whether one was."""
         if lane.busy or lane.held_for is not None:
-            return
+            return False
         while lane.queue:
             waiter = lane.queue.popleft()
             if waiter.decision.done():
@@ -249,8 +263,9 @@ class ContentionQueue:
                 lane.held_for = lane.known  # _your_turn re-arms the timer when the waiter raises
                 lane.held_writer = waiter.writer
                 waiter.decision.set_result(lane.known)
-            return
+            return True
         self._forget_if_idle(lane)
+        return False
 
     def _forget_lapsed(self, lane: _Lane, writer: str) -> None:
         lane.lapsed.discard(writer)
