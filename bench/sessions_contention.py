@@ -152,7 +152,9 @@ def retry_hint(exc: grpc.aio.AioRpcError) -> tuple[int | None, float]:
     return current, delay
 
 
-async def _writer(stub: Any, who: int, scenario: Scenario, stop_at: float, tally: Tally) -> None:
+async def _writer(
+    stub: Any, session: str, who: int, scenario: Scenario, stop_at: float, tally: Tally
+) -> None:
     rng = random.Random(who)
     version = 0  # the version this writer last saw (the session starts at 0)
     n = 0
@@ -161,7 +163,7 @@ async def _writer(stub: Any, who: int, scenario: Scenario, stop_at: float, tally
         key = f"w{who}-{n}"
         request = sessions_pb2.AppendTurnsRequest(
             caller=CALLER,
-            session_id="s1",
+            session_id=session,
             idempotency_key=key,
             turns=[
                 sessions_pb2.Turn(
@@ -202,11 +204,11 @@ async def _writer(stub: Any, who: int, scenario: Scenario, stop_at: float, tally
             break
 
 
-async def _stored_keys(stub: Any) -> list[str]:
+async def _stored_keys(stub: Any, session: str) -> list[str]:
     keys, token = [], ""
     while True:
         page = await stub.ListTurns(
-            sessions_pb2.ListTurnsRequest(caller=CALLER, session_id="s1", page_size=500, page_token=token)
+            sessions_pb2.ListTurnsRequest(caller=CALLER, session_id=session, page_size=500, page_token=token)
         )
         keys += [t.message.content.rsplit("[", 1)[1].rstrip("]") for t in page.turns]
         token = page.next_page_token
@@ -226,37 +228,52 @@ async def _warm(stub: Any) -> None:
         )
 
 
-async def _scenario(
-    base: str, tree: Path, scenario: Scenario, writers: int, seconds: float
-) -> dict[str, Any]:
+@dataclass
+class Service:
+    stub: Any
+    pid: int
+
+
+@contextlib.asynccontextmanager
+async def _started(base: str, tree: Path, queue: bool) -> AsyncIterator[Service]:
+    """A sessions service of `tree` on a schema of its own, warmed up."""
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(base)
     await admin.execute(f'CREATE SCHEMA "{schema}"')
     dsn = f"{base}{'&' if '?' in base else '?'}{urlencode({'search_path': schema})}"
     try:
         async with (
-            _service(tree, dsn, scenario.queue) as (address, pid),
+            _service(tree, dsn, queue) as (address, pid),
             grpc.aio.insecure_channel(address) as channel,
         ):
             stub = sessions_pb2_grpc.SessionsServiceStub(channel)
             await _warm(stub)
-            await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=CALLER, session_id="s1"))
-            tally = Tally()
-            cpu_before = _cpu_seconds(pid)
-            stop_at = time.monotonic() + seconds
-            tasks = [asyncio.create_task(_writer(stub, i, scenario, stop_at, tally)) for i in range(writers)]
-            await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
-            unfinished = [stop_at - t for t in tally.pending.values()]
-            server_cpu = _cpu_seconds(pid) - cpu_before
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.sleep(0.5)  # calls cancelled mid-append may still commit: let them
-            stored = await _stored_keys(stub)
+            yield Service(stub, pid)
     finally:
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()
-    missing = [k for k in tally.acked if k not in set(stored)]
+
+
+async def _scenario(
+    service: Service, session: str, scenario: Scenario, writers: int, seconds: float
+) -> dict[str, Any]:
+    """--writers writers on a new session of `service` for `seconds`."""
+    stub = service.stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=CALLER, session_id=session))
+    tally = Tally()
+    cpu_before = _cpu_seconds(service.pid)
+    stop_at = time.monotonic() + seconds
+    tasks = [asyncio.create_task(_writer(stub, session, i, scenario, stop_at, tally)) for i in range(writers)]
+    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+    unfinished = [stop_at - t for t in tally.pending.values()]
+    server_cpu = _cpu_seconds(service.pid) - cpu_before
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.5)  # calls cancelled mid-append may still commit: let them
+    stored = await _stored_keys(stub, session)
+    stored_keys = set(stored)
+    missing = [k for k in tally.acked if k not in stored_keys]
     assert not missing, f"acknowledged appends missing: {missing[:5]}"
     assert len(stored) == len(set(stored)), "an append was stored twice"
     assert len(set(tally.acked.values())) == len(tally.acked), "two appends acknowledged at one version"
@@ -294,20 +311,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
     load_before = os.getloadavg()[0]
     rows = []
+    scenarios = [SCENARIOS[name] for name in args.scenarios]
     with tempfile.TemporaryDirectory() as folder:
         trees = [("this tree", ROOT)]
         if args.baseline:
             trees.insert(0, (f"baseline {args.baseline}", _export(args.baseline, Path(folder))))
-        for round_ in range(1, args.rounds + 1):
-            for tree_name, tree in trees:
-                for name in args.scenarios:
-                    row = await _scenario(base, tree, SCENARIOS[name], args.writers, args.seconds)
-                    rows.append({"round": round_, "tree": tree_name, **row})
-                    print(
-                        f"  round {round_}, {tree_name}, {row['label']}: {row['throughput']:.0f}/s,"
-                        f" worst wait {row['wait_max_ms']:.0f} ms",
-                        file=sys.stderr,
-                    )
+        async with contextlib.AsyncExitStack() as stack:
+            # One service per tree and queue setting, started once: the rounds alternate among
+            # them every few seconds, so a change in the machine's load hits all alike.
+            services = {
+                (tree_name, queue): await stack.enter_async_context(_started(base, tree, queue))
+                for tree_name, tree in trees
+                for queue in sorted({s.queue for s in scenarios})
+            }
+            for round_ in range(1, args.rounds + 1):
+                for tree_name, _ in trees:
+                    for scenario in scenarios:
+                        service = services[(tree_name, scenario.queue)]
+                        session = f"r{round_}-{scenario.name}"
+                        row = await _scenario(service, session, scenario, args.writers, args.seconds)
+                        rows.append({"round": round_, "tree": tree_name, **row})
+                        print(
+                            f"  round {round_}, {tree_name}, {row['label']}: {row['throughput']:.0f}/s,"
+                            f" worst wait {row['wait_max_ms']:.0f} ms",
+                            file=sys.stderr,
+                        )
     return {
         "writers": args.writers,
         "seconds": args.seconds,
@@ -346,6 +374,22 @@ def table(result: dict[str, Any]) -> str:
         f" --scenarios {','.join(result['scenarios'])}"
         + (f" --baseline {result['baseline']}" if result["baseline"] else "")
     )
+    lines += ["", "Summary (medians over the rounds; ratio = the median of each round's ratio):", ""]
+    lines += [
+        "| service | writers | appends/s | vs head | worst wait ms (any round) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for tree in dict.fromkeys(r["tree"] for r in result["rows"]):
+        for name in result["scenarios"]:
+            mine = [r for r in result["rows"] if r["tree"] == tree and r["scenario"] == name]
+            ratios = [
+                r["throughput"] / heads[(r["round"], tree)] for r in mine if heads.get((r["round"], tree))
+            ]
+            lines.append(
+                f"| {tree} | {mine[0]['label']} | {statistics.median(r['throughput'] for r in mine):.0f}"
+                f" | {f'{statistics.median(ratios):.2f}x' if ratios else '-'}"
+                f" | {max(r['wait_max_ms'] for r in mine):.0f} |"
+            )
     lines += [
         "",
         f"Command: `{command}`.",
