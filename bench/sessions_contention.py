@@ -15,7 +15,7 @@ append one turn at a time to one session, each append with its own idempotency k
               send the version last seen; on ABORTED wait RetryInfo's retry_delay, take
               ErrorInfo's current_version and retry with the same idempotency key.
   noqueue     `versioned` against BALLAST_SESSIONS_CONFLICT_QUEUE_MAX=0 (conflicts answered at
-              once, every loser retries: how the service answered before it queued writers).
+              once, every loser retries after RetryInfo's jittered delay; no turns kept).
   backoff     `noqueue` with clients that ignore RetryInfo and back off exponentially with full
               jitter (1 ms doubling to 100 ms), as the issue measured.
 
@@ -83,7 +83,7 @@ SCENARIOS = {
     for s in [
         Scenario("head", "head (expected_version -1)", expected_version=False),
         Scenario("versioned", "versioned, documented loop", expected_version=True),
-        Scenario("noqueue", "versioned, no queue (before)", expected_version=True, queue=False),
+        Scenario("noqueue", "versioned, no queue", expected_version=True, queue=False),
         Scenario(
             "backoff",
             "versioned, no queue, exp. backoff",

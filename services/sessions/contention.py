@@ -17,6 +17,7 @@ replicas stay correct and merely fair within each replica. Appends at the head
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,11 @@ _TIMED_OUT = -2
 def _time_out(decision: asyncio.Future[int | None]) -> None:
     if not decision.done():
         decision.set_result(_TIMED_OUT)
+
+
+def _jitter(mean: float) -> float:
+    """Full jitter: uniform up to twice `mean` (at least a millisecond)."""
+    return max(0.001, random.uniform(0.0, 2.0 * mean))
 
 
 @dataclass(eq=False)  # compared by identity: removing one waiter from a long line stays cheap
@@ -117,6 +123,8 @@ class ContentionQueue:
         self._lanes: dict[_Key, _Lane] = {}
         # Seconds one append attempt takes (moving average): the retry hint when the queue is full.
         self._attempt_seconds = 0.002
+        # Without a queue: versioned appends in flight per session (the writers racing for it).
+        self._racing: dict[_Key, int] = {}
 
     def waiting(self, key: _Key) -> int:
         """Versioned appends of this session waiting their turn (observability and tests)."""
@@ -146,10 +154,7 @@ class ContentionQueue:
         ABORTED with a retry hint rather than DEADLINE_EXCEEDED.
         """
         if self._policy.max_queue <= 0:
-            try:
-                return await attempt()
-            except Aborted as exc:
-                raise VersionConflict(expected, exc.current_version, self._attempt_seconds) from None
+            return await self._race(key, expected, attempt)
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(key)
@@ -183,10 +188,32 @@ class ContentionQueue:
             await asyncio.sleep(0)
         return outcome
 
+    async def _race(
+        self, key: _Key, expected: int, attempt: Callable[[], Awaitable[AppendOutcome]]
+    ) -> AppendOutcome:
+        """No queue: the store decides at once; a loser is told to wait about as long as the
+        writers racing with it take to append, with full jitter so they do not return together."""
+        self._racing[key] = self._racing.get(key, 0) + 1
+        started = self._clock()
+        try:
+            outcome = await attempt()
+        except Aborted as exc:
+            delay = _jitter(self._attempt_seconds * self._racing[key])
+            raise VersionConflict(expected, exc.current_version, delay) from None
+        finally:
+            left = self._racing[key] - 1
+            if left:
+                self._racing[key] = left
+            else:
+                del self._racing[key]
+        self._attempt_seconds += 0.2 * (self._clock() - started - self._attempt_seconds)
+        return outcome
+
     def _conflict(self, lane: _Lane, expected: int) -> VersionConflict:
-        """ABORTED without a turn (queue full or waited too long): retry after the backlog."""
-        backlog = max(0.001, self._attempt_seconds * (len(lane.queue) + 1))
-        return VersionConflict(expected, lane.known if lane.known >= 0 else None, backlog)
+        """ABORTED without a turn (queue full or waited too long): retry after about the
+        backlog, with full jitter so the writers turned away do not all return at once."""
+        backlog = self._attempt_seconds * (len(lane.queue) + 1)
+        return VersionConflict(expected, lane.known if lane.known >= 0 else None, _jitter(backlog))
 
     async def _wait(self, lane: _Lane, expected: int, writer: str, wait: float) -> int | None:
         if len(lane.queue) >= self._policy.max_queue:
