@@ -189,7 +189,8 @@ async def _writer(
                 if current is not None:
                     version = current
                 if scenario.follow_hint:
-                    await asyncio.sleep(delay)
+                    if delay > 0:  # zero: the service keeps this writer's place, retry at once
+                        await asyncio.sleep(delay)
                 else:
                     await asyncio.sleep(rng.random() * backoff)
                     backoff = min(backoff * 2, 0.1)
