@@ -301,11 +301,22 @@ async def _scenario(
 
 def _export(rev: str, into: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True)
+    into.mkdir(parents=True, exist_ok=True)
     tar_path = into / "tree.tar"
     tar_path.write_bytes(archive.stdout)
     with tarfile.open(tar_path) as tar:
         tar.extractall(into / "tree", filter="data")
     return into / "tree"
+
+
+def _trees(baselines: str, folder: Path) -> list[tuple[str, Path]]:
+    """The baselines (git revisions, or directories holding another copy of the code), then
+    this tree."""
+    trees = []
+    for n, baseline in enumerate(b for b in baselines.split(",") if b):
+        tree = Path(baseline) if Path(baseline).is_dir() else _export(baseline, folder / str(n))
+        trees.append((f"baseline {baseline}", tree))
+    return [*trees, ("this tree", ROOT)]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,9 +325,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     scenarios = [SCENARIOS[name] for name in args.scenarios]
     with tempfile.TemporaryDirectory() as folder:
-        trees = [("this tree", ROOT)]
-        if args.baseline:
-            trees.insert(0, (f"baseline {args.baseline}", _export(args.baseline, Path(folder))))
+        trees = _trees(args.baseline, Path(folder))
         async with contextlib.AsyncExitStack() as stack:
             # One service per tree and queue setting, started once: the rounds alternate among
             # them every few seconds, so a change in the machine's load hits all alike.
@@ -412,7 +421,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--scenarios", default="head,versioned", help=f"of {','.join(SCENARIOS)}")
-    parser.add_argument("--baseline", default="", help="a git revision to run beside this tree")
+    parser.add_argument(
+        "--baseline", default="", help="git revisions or code directories to run beside this tree (a,b)"
+    )
     args = parser.parse_args()
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
