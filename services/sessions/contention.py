@@ -232,8 +232,9 @@ class ContentionQueue:
             verdict = await waiter.decision
         except asyncio.CancelledError:
             # The caller went away: whatever it was granted goes to the next writer.
-            if waiter.decision.done() and not waiter.decision.cancelled():
-                self._pass_on(lane, waiter.decision.result())
+            decision = waiter.decision
+            if decision.done() and not decision.cancelled() and decision.result() != _TIMED_OUT:
+                self._pass_on(lane, decision.result())
             raise
         finally:
             timer.cancel()
