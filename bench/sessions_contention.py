@@ -1,27 +1,33 @@
-"""50 writers on ONE session, on PostgreSQL through gRPC: throughput and the worst wait.
+"""50 writers on ONE session, on PostgreSQL through gRPC: head appends beside versioned ones.
 
-    .venv/bin/python -m bench.sessions_contention [--writers 50] [--seconds 10]
+    .venv/bin/python -m bench.sessions_contention [--writers 50] [--seconds 5] [--rounds 2]
+        [--scenarios head,versioned] [--baseline REV]
 
-Each scenario starts the sessions service as its own process (`python -m services.sessions`,
-a fresh PostgreSQL schema from BALLAST_TEST_POSTGRES_DSN, default
+Each run starts the sessions service as its own process (`python -m services.sessions`, a
+fresh PostgreSQL schema from BALLAST_TEST_POSTGRES_DSN, default
 postgresql://postgres@127.0.0.1:5432/test) and runs --writers clients in this process that
-append one turn at a time, each with its own idempotency key, for --seconds:
+append one turn at a time to one session, each append with its own idempotency key, for
+--seconds. Scenarios:
 
-  head             expected_version=-1 (the recommended path when turns do not depend on the
-                   exact history): never conflicts.
-  versioned        expected_version = the version the writer last saw, following the documented
-                   behaviour: on ABORTED wait RetryInfo's delay and retry with ErrorInfo's
-                   current_version and the same idempotency key. The service queues the
-                   session's versioned writers in arrival order (BALLAST_SESSIONS_CONFLICT_QUEUE_*).
-  versioned, no queue  the same clients against BALLAST_SESSIONS_CONFLICT_QUEUE_MAX=0 (how the
-                   service answered before: ABORTED at once, every loser retries).
-  versioned, no queue, backoff  the same, clients ignoring RetryInfo and backing off
-                   exponentially with full jitter (1 ms doubling to 100 ms), as the issue measured.
+  head        expected_version=-1 (the recommended path when turns do not depend on the exact
+              history): never conflicts.
+  versioned   the documented client loop for turns that do (services/sessions/README.md):
+              send the version last seen; on ABORTED wait RetryInfo's retry_delay, take
+              ErrorInfo's current_version and retry with the same idempotency key.
+  noqueue     `versioned` against BALLAST_SESSIONS_CONFLICT_QUEUE_MAX=0 (conflicts answered at
+              once, every loser retries after RetryInfo's jittered delay; no turns kept).
+  backoff     `noqueue` with clients that ignore RetryInfo and back off exponentially with full
+              jitter (1 ms doubling to 100 ms), as the issue measured.
 
-"wait" is the time from an append's first attempt to its success; appends still unfinished when
-the time is up count with the time they had waited so far. The machine is shared (2 cores, other
-work running): compare the rows of one run, not absolute numbers across runs. Results go to
-bench/results/sessions_contention.{md,json}.
+Throughput counts the appends acknowledged within --seconds (calls still waiting when the time
+is up are cancelled, their wait so far counted). "wait" is the time from an append's first
+attempt to its success. Every run checks that each acknowledged append is stored exactly once
+(its key appears once among the session's turns) and that no two got the same version.
+
+Scenarios alternate within each of --rounds rounds, and with --baseline REV the service of that
+git revision (exported with `git archive`, same virtualenv) runs beside this tree's, alternating
+too: the machine is shared, compare rows of one run. "vs head" divides by the head row of the
+same round and tree. Results go to bench/results/sessions_contention.{md,json}.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -52,41 +59,50 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from bench.support import ROOT, healthy
+from services.kit.net import free_port
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 CALLER = common_pb2.Caller(tenant_id="bench", user_id="u1")
 TEXT = "Which train from Lisbon arrives in Porto before ten tomorrow, and what does it cost?"
+# Each call's deadline, as a client would set one (the service answers ABORTED before it).
+DEADLINE = 5.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scenario:
     name: str
+    label: str
     expected_version: bool
-    queue: bool
+    queue: bool = True
     follow_hint: bool = True
 
 
-SCENARIOS = [
-    Scenario("head (expected_version -1)", expected_version=False, queue=True),
-    Scenario("versioned, documented retry", expected_version=True, queue=True),
-    Scenario("versioned, no queue (before)", expected_version=True, queue=False),
-    Scenario("versioned, no queue, exp. backoff", expected_version=True, queue=False, follow_hint=False),
-]
+SCENARIOS = {
+    s.name: s
+    for s in [
+        Scenario("head", "head (expected_version -1)", expected_version=False),
+        Scenario("versioned", "versioned, documented loop", expected_version=True),
+        Scenario("noqueue", "versioned, no queue", expected_version=True, queue=False),
+        Scenario(
+            "backoff",
+            "versioned, no queue, exp. backoff",
+            expected_version=True,
+            queue=False,
+            follow_hint=False,
+        ),
+    ]
+}
 
 
 @dataclass
 class Tally:
     waits: list[float] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
+    acked: dict[str, int] = field(default_factory=dict)  # idempotency key -> version
     aborted: int = 0
     errors: int = 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    pending: dict[int, float] = field(default_factory=dict)  # writer -> first attempt
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -96,8 +112,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def _service(dsn: str, queue: bool) -> AsyncIterator[tuple[str, int]]:
-    port = _free_port()
+async def _service(tree: Path, dsn: str, queue: bool) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
     env = {
         **os.environ,
         "BALLAST_SESSIONS_PORT": str(port),
@@ -109,132 +125,167 @@ async def _service(dsn: str, queue: bool) -> AsyncIterator[tuple[str, int]]:
         "BALLAST_SESSIONS_CONFLICT_QUEUE_MAX": "1000" if queue else "0",
     }
     process = await asyncio.to_thread(
-        subprocess.Popen, [sys.executable, "-m", "services.sessions"], cwd=ROOT, env=env
+        subprocess.Popen, [sys.executable, "-m", "services.sessions"], cwd=tree, env=env
     )
     address = f"127.0.0.1:{port}"
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = sessions_pb2_grpc.SessionsServiceStub(channel)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    await stub.ListSessions(sessions_pb2.ListSessionsRequest(caller=CALLER), timeout=2)
-                    break
-                except grpc.aio.AioRpcError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise RuntimeError("the sessions service did not start") from None
-                    await asyncio.sleep(0.2)
+        await healthy(address, within=60)
         yield address, process.pid
     finally:
         process.terminate()
         await asyncio.to_thread(process.wait, 30)
 
 
-def _hint(exc: grpc.aio.AioRpcError) -> tuple[int, float | None]:
+def retry_hint(exc: grpc.aio.AioRpcError) -> tuple[int | None, float]:
+    """ErrorInfo's current_version and RetryInfo's retry_delay of an ABORTED answer."""
     status = rpc_status.from_call(exc)
-    current, delay = -1, None
+    current, delay = None, 0.0
     for detail in status.details if status is not None else []:
         info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            current = int(info.metadata.get("current_version", "-1"))
-        elif detail.Unpack(retry):
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+            if "current_version" in info.metadata:
+                current = int(info.metadata["current_version"])
+        elif detail.Is(retry.DESCRIPTOR):
+            detail.Unpack(retry)
             delay = retry.retry_delay.ToNanoseconds() / 1e9
     return current, delay
 
 
 async def _writer(
-    stub: Any, who: int, scenario: Scenario, stop_at: float, tally: Tally, pending: dict[int, float]
+    stub: Any, session: str, who: int, scenario: Scenario, stop_at: float, tally: Tally
 ) -> None:
     rng = random.Random(who)
-    version = 0
+    version = 0  # the version this writer last saw (the session starts at 0)
     n = 0
     while time.monotonic() < stop_at:
         n += 1
+        key = f"w{who}-{n}"
         request = sessions_pb2.AppendTurnsRequest(
             caller=CALLER,
-            session_id="s1",
-            idempotency_key=f"w{who}-{n}",
+            session_id=session,
+            idempotency_key=key,
             turns=[
-                sessions_pb2.Turn(message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=TEXT))
+                sessions_pb2.Turn(
+                    message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"{TEXT} [{key}]")
+                )
             ],
         )
         started = time.monotonic()
-        pending[who] = started
+        tally.pending[who] = started
         attempts, backoff = 0, 0.001
-        while time.monotonic() < stop_at:
+        while True:
             attempts += 1
             request.expected_version = version if scenario.expected_version else -1
             try:
-                reply = await stub.AppendTurns(request, timeout=30)
+                reply = await stub.AppendTurns(request, timeout=DEADLINE)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.ABORTED:
-                    tally.errors += 1
+                    tally.errors += 1  # UNAVAILABLE, DEADLINE_EXCEEDED: retry the same key
                     await asyncio.sleep(0.05)
                     continue
                 tally.aborted += 1
-                current, delay = _hint(exc)
-                version = current if current >= 0 else version
-                if scenario.follow_hint and delay is not None:
-                    await asyncio.sleep(delay)
+                current, delay = retry_hint(exc)
+                if current is not None:
+                    version = current
+                if scenario.follow_hint:
+                    if delay > 0:  # zero: the service keeps this writer's place, retry at once
+                        await asyncio.sleep(delay)
                 else:
                     await asyncio.sleep(rng.random() * backoff)
                     backoff = min(backoff * 2, 0.1)
                 continue
+            done = time.monotonic()
             version = reply.session.version
-            tally.waits.append(time.monotonic() - started)
-            tally.attempts.append(attempts)
-            pending.pop(who, None)
+            del tally.pending[who]
+            if done <= stop_at:
+                tally.waits.append(done - started)
+                tally.attempts.append(attempts)
+            tally.acked[key] = version
             break
 
 
-async def _scenario(base: str, scenario: Scenario, writers: int, seconds: float) -> dict[str, Any]:
+async def _stored_keys(stub: Any, session: str) -> list[str]:
+    keys, token = [], ""
+    while True:
+        page = await stub.ListTurns(
+            sessions_pb2.ListTurnsRequest(caller=CALLER, session_id=session, page_size=500, page_token=token)
+        )
+        keys += [t.message.content.rsplit("[", 1)[1].rstrip("]") for t in page.turns]
+        token = page.next_page_token
+        if not token:
+            return keys
+
+
+async def _warm(stub: Any) -> None:
+    """Connections and prepared statements, on another session."""
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=CALLER, session_id="warm"))
+    turn = sessions_pb2.Turn(message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="w"))
+    for _ in range(50):
+        await stub.AppendTurns(
+            sessions_pb2.AppendTurnsRequest(
+                caller=CALLER, session_id="warm", expected_version=-1, turns=[turn]
+            )
+        )
+
+
+@dataclass
+class Service:
+    stub: Any
+    pid: int
+
+
+@contextlib.asynccontextmanager
+async def _started(base: str, tree: Path, queue: bool) -> AsyncIterator[Service]:
+    """A sessions service of `tree` on a schema of its own, warmed up."""
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(base)
     await admin.execute(f'CREATE SCHEMA "{schema}"')
     dsn = f"{base}{'&' if '?' in base else '?'}{urlencode({'search_path': schema})}"
     try:
         async with (
-            _service(dsn, scenario.queue) as (address, pid),
+            _service(tree, dsn, queue) as (address, pid),
             grpc.aio.insecure_channel(address) as channel,
         ):
             stub = sessions_pb2_grpc.SessionsServiceStub(channel)
-            await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=CALLER, session_id="warm"))
-            for _ in range(50):  # connections and prepared statements
-                await stub.AppendTurns(
-                    sessions_pb2.AppendTurnsRequest(
-                        caller=CALLER,
-                        session_id="warm",
-                        expected_version=-1,
-                        turns=[
-                            sessions_pb2.Turn(
-                                message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="w")
-                            )
-                        ],
-                    )
-                )
-            await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=CALLER, session_id="s1"))
-            tally, pending = Tally(), dict[int, float]()
-            cpu_before = _cpu_seconds(pid)
-            began = time.monotonic()
-            stop_at = began + seconds
-            await asyncio.gather(
-                *(_writer(stub, i, scenario, stop_at, tally, pending) for i in range(writers))
-            )
-            elapsed = time.monotonic() - began
-            server_cpu = _cpu_seconds(pid) - cpu_before
-            unfinished = [stop_at - t for t in pending.values()]
-            session = await stub.GetSession(sessions_pb2.GetSessionRequest(caller=CALLER, session_id="s1"))
+            await _warm(stub)
+            yield Service(stub, pid)
     finally:
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()
+
+
+async def _scenario(
+    service: Service, session: str, scenario: Scenario, writers: int, seconds: float
+) -> dict[str, Any]:
+    """--writers writers on a new session of `service` for `seconds`."""
+    stub = service.stub
+    await stub.CreateSession(sessions_pb2.CreateSessionRequest(caller=CALLER, session_id=session))
+    tally = Tally()
+    cpu_before = _cpu_seconds(service.pid)
+    stop_at = time.monotonic() + seconds
+    tasks = [asyncio.create_task(_writer(stub, session, i, scenario, stop_at, tally)) for i in range(writers)]
+    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+    unfinished = [stop_at - t for t in tally.pending.values()]
+    server_cpu = _cpu_seconds(service.pid) - cpu_before
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.5)  # calls cancelled mid-append may still commit: let them
+    stored = await _stored_keys(stub, session)
+    stored_keys = set(stored)
+    missing = [k for k in tally.acked if k not in stored_keys]
+    assert not missing, f"acknowledged appends missing: {missing[:5]}"
+    assert len(stored) == len(set(stored)), "an append was stored twice"
+    assert len(set(tally.acked.values())) == len(tally.acked), "two appends acknowledged at one version"
     waits = tally.waits
     done = len(waits)
-    assert session.session.version == done, "every acknowledged append is stored exactly once"
     ordered = sorted(waits) or [0.0]
     return {
         "scenario": scenario.name,
+        "label": scenario.label,
         "appends": done,
-        "throughput": done / elapsed,
+        "throughput": done / seconds,
         "wait_p50_ms": statistics.median(ordered) * 1e3,
         "wait_p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3,
         "wait_max_ms": max([*ordered, *unfinished]) * 1e3,
@@ -248,16 +299,59 @@ async def _scenario(base: str, scenario: Scenario, writers: int, seconds: float)
     }
 
 
+def _export(rev: str, into: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True)
+    into.mkdir(parents=True, exist_ok=True)
+    tar_path = into / "tree.tar"
+    tar_path.write_bytes(archive.stdout)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def _trees(baselines: str, folder: Path) -> list[tuple[str, Path]]:
+    """The baselines (git revisions, or directories holding another copy of the code), then
+    this tree."""
+    trees = []
+    for n, baseline in enumerate(b for b in baselines.split(",") if b):
+        tree = Path(baseline) if Path(baseline).is_dir() else _export(baseline, folder / str(n))
+        trees.append((f"baseline {baseline}", tree))
+    return [*trees, ("this tree", ROOT)]
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
     load_before = os.getloadavg()[0]
     rows = []
-    for scenario in SCENARIOS:
-        rows.append(await _scenario(base, scenario, args.writers, args.seconds))
-        print(f"  {rows[-1]['scenario']}: {rows[-1]['throughput']:.0f}/s", file=sys.stderr)
+    scenarios = [SCENARIOS[name] for name in args.scenarios]
+    with tempfile.TemporaryDirectory() as folder:
+        trees = _trees(args.baseline, Path(folder))
+        async with contextlib.AsyncExitStack() as stack:
+            # One service per tree and queue setting, started once: the rounds alternate among
+            # them every few seconds, so a change in the machine's load hits all alike.
+            services = {
+                (tree_name, queue): await stack.enter_async_context(_started(base, tree, queue))
+                for tree_name, tree in trees
+                for queue in sorted({s.queue for s in scenarios})
+            }
+            for round_ in range(1, args.rounds + 1):
+                for tree_name, _ in trees:
+                    for scenario in scenarios:
+                        service = services[(tree_name, scenario.queue)]
+                        session = f"r{round_}-{scenario.name}"
+                        row = await _scenario(service, session, scenario, args.writers, args.seconds)
+                        rows.append({"round": round_, "tree": tree_name, **row})
+                        print(
+                            f"  round {round_}, {tree_name}, {row['label']}: {row['throughput']:.0f}/s,"
+                            f" worst wait {row['wait_max_ms']:.0f} ms",
+                            file=sys.stderr,
+                        )
     return {
         "writers": args.writers,
         "seconds": args.seconds,
+        "rounds": args.rounds,
+        "baseline": args.baseline,
+        "scenarios": args.scenarios,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
@@ -265,33 +359,56 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    head = result["rows"][0]["throughput"]
+    heads = {(r["round"], r["tree"]): r["throughput"] for r in result["rows"] if r["scenario"] == "head"}
     lines = [
-        f"{result['writers']} writers on one session, {result['seconds']:g} s each, sessions service"
+        f"{result['writers']} writers on one session, {result['seconds']:g} s a run, sessions service"
         f" on PostgreSQL through gRPC ({result['machine']}; load average"
         f" {result['load_average'][0]:g} before, {result['load_average'][1]:g} after)",
         "",
-        "| writers | appends/s | vs head | wait p50 ms | wait p99 ms | worst wait ms | attempts/append"
-        " | max attempts | unfinished | server CPU ms/append |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | service | writers | appends/s | vs head | wait p50 ms | wait p99 ms | worst wait ms"
+        " | attempts/append | max attempts | unfinished | server CPU ms/append |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
+        head = heads.get((row["round"], row["tree"]))
+        ratio = f"{row['throughput'] / head:.2f}x" if head else "-"
         lines.append(
-            f"| {row['scenario']} | {row['throughput']:.0f} | {row['throughput'] / head:.2f}x"
+            f"| {row['round']} | {row['tree']} | {row['label']} | {row['throughput']:.0f} | {ratio}"
             f" | {row['wait_p50_ms']:.1f} | {row['wait_p99_ms']:.1f} | {row['wait_max_ms']:.0f}"
             f" | {row['attempts_per_append']:.2f} | {row['max_attempts']} | {row['unfinished']}"
             f" | {row['server_cpu_ms_per_append']:.2f} |"
         )
+    command = (
+        f".venv/bin/python -m bench.sessions_contention --writers {result['writers']}"
+        f" --seconds {result['seconds']:g} --rounds {result['rounds']}"
+        f" --scenarios {','.join(result['scenarios'])}"
+        + (f" --baseline {result['baseline']}" if result["baseline"] else "")
+    )
+    lines += ["", "Summary (medians over the rounds; ratio = the median of each round's ratio):", ""]
+    lines += [
+        "| service | writers | appends/s | vs head | worst wait ms (any round) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for tree in dict.fromkeys(r["tree"] for r in result["rows"]):
+        for name in result["scenarios"]:
+            mine = [r for r in result["rows"] if r["tree"] == tree and r["scenario"] == name]
+            ratios = [
+                r["throughput"] / heads[(r["round"], tree)] for r in mine if heads.get((r["round"], tree))
+            ]
+            lines.append(
+                f"| {tree} | {mine[0]['label']} | {statistics.median(r['throughput'] for r in mine):.0f}"
+                f" | {f'{statistics.median(ratios):.2f}x' if ratios else '-'}"
+                f" | {max(r['wait_max_ms'] for r in mine):.0f} |"
+            )
     lines += [
         "",
-        "Command: `.venv/bin/python -m bench.sessions_contention"
-        f" --writers {result['writers']} --seconds {result['seconds']:g}`.",
-        "wait = first attempt to success of one append (unfinished appends count with their wait so"
-        " far); attempts/append includes that success.",
-        "A versioned writer on a contended session needs the new version before it may append, so"
-        " each versioned append costs one client round trip after the previous one, in series; head"
-        " appends from many writers overlap. The queue makes that one round trip the only cost"
-        " (at most one ABORTED per append, no writer overtaken); without it writers retry blindly.",
+        f"Command: `{command}`.",
+        "appends/s = appends acknowledged within the run; wait = first attempt to success of one"
+        " append (appends unfinished when the time was up count with their wait so far);"
+        " attempts/append includes that success.",
+        "A versioned writer on a contended session must learn the new version before it may"
+        " append, so versioned appends of one session follow one another, each costing one client"
+        " round trip plus one PostgreSQL round trip; head appends from many writers overlap.",
     ]
     return "\n".join(lines)
 
@@ -301,10 +418,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--writers", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scenarios", default="head,versioned", help=f"of {','.join(SCENARIOS)}")
+    parser.add_argument(
+        "--baseline", default="", help="git revisions or code directories to run beside this tree (a,b)"
+    )
     args = parser.parse_args()
-    if args.writers < 1 or args.seconds <= 0:
-        parser.error("--writers must be 1 or more and --seconds more than 0")
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"--scenarios: unknown {unknown}, known: {', '.join(SCENARIOS)}")
+    if args.writers < 1 or args.seconds <= 0 or args.rounds < 1:
+        parser.error("--writers and --rounds must be 1 or more and --seconds more than 0")
     result = asyncio.run(run(args))
     text = table(result)
     print(text)

@@ -17,6 +17,7 @@ replicas stay correct and merely fair within each replica. Appends at the head
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -56,7 +57,21 @@ class ContentionPolicy:
     turn_timeout: float
 
 
-@dataclass
+# The decision of a writer whose wait in line ran out.
+_TIMED_OUT = -2
+
+
+def _time_out(decision: asyncio.Future[int | None]) -> None:
+    if not decision.done():
+        decision.set_result(_TIMED_OUT)
+
+
+def _jitter(mean: float) -> float:
+    """Full jitter: uniform up to twice `mean` (at least a millisecond)."""
+    return max(0.001, random.uniform(0.0, 2.0 * mean))
+
+
+@dataclass(eq=False)  # compared by identity: removing one waiter from a long line stays cheap
 class _Waiter:
     expected: int
     writer: str
@@ -108,6 +123,8 @@ class ContentionQueue:
         self._lanes: dict[_Key, _Lane] = {}
         # Seconds one append attempt takes (moving average): the retry hint when the queue is full.
         self._attempt_seconds = 0.002
+        # Without a queue: versioned appends in flight per session (the writers racing for it).
+        self._racing: dict[_Key, int] = {}
 
     def waiting(self, key: _Key) -> int:
         """Versioned appends of this session waiting their turn (observability and tests)."""
@@ -137,10 +154,7 @@ class ContentionQueue:
         ABORTED with a retry hint rather than DEADLINE_EXCEEDED.
         """
         if self._policy.max_queue <= 0:
-            try:
-                return await attempt()
-            except Aborted as exc:
-                raise VersionConflict(expected, exc.current_version, self._attempt_seconds) from None
+            return await self._race(key, expected, attempt)
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(key)
@@ -169,39 +183,67 @@ class ContentionQueue:
         self._attempt_seconds += 0.2 * (self._clock() - started - self._attempt_seconds)
         lane.known = max(lane.known, outcome.session.version)
         lane.busy = False
-        self._next(lane)
+        if self._next(lane):
+            # The next writer's answer goes out before this one's: the session waits on it.
+            await asyncio.sleep(0)
+        return outcome
+
+    async def _race(
+        self, key: _Key, expected: int, attempt: Callable[[], Awaitable[AppendOutcome]]
+    ) -> AppendOutcome:
+        """No queue: the store decides at once; a loser is told to wait about as long as the
+        writers racing with it take to append, with full jitter so they do not return together."""
+        self._racing[key] = self._racing.get(key, 0) + 1
+        started = self._clock()
+        try:
+            outcome = await attempt()
+        except Aborted as exc:
+            delay = _jitter(self._attempt_seconds * self._racing[key])
+            raise VersionConflict(expected, exc.current_version, delay) from None
+        finally:
+            left = self._racing[key] - 1
+            if left:
+                self._racing[key] = left
+            else:
+                del self._racing[key]
+        self._attempt_seconds += 0.2 * (self._clock() - started - self._attempt_seconds)
         return outcome
 
     def _conflict(self, lane: _Lane, expected: int) -> VersionConflict:
-        """ABORTED without a turn (queue full or waited too long): retry after the backlog."""
-        backlog = max(0.001, self._attempt_seconds * (len(lane.queue) + 1))
-        return VersionConflict(expected, lane.known if lane.known >= 0 else None, backlog)
+        """ABORTED without a turn (queue full or waited too long): retry after about the
+        backlog, with full jitter so the writers turned away do not all return at once."""
+        backlog = self._attempt_seconds * (len(lane.queue) + 1)
+        return VersionConflict(expected, lane.known if lane.known >= 0 else None, _jitter(backlog))
 
     async def _wait(self, lane: _Lane, expected: int, writer: str, wait: float) -> int | None:
         if len(lane.queue) >= self._policy.max_queue:
             raise self._conflict(lane, expected)
-        waiter = _Waiter(expected, writer, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(expected, writer, loop.create_future())
         if writer and writer in lane.lapsed:
             lane.lapsed.discard(writer)
             lane.queue.appendleft(waiter)  # it was its turn already: a slow client keeps its place
         else:
             lane.queue.append(waiter)
+        # The decision is awaited directly (not through wait_for and shield): the writer whose
+        # turn it is wakes one loop step after the session is handed to it.
+        timer = loop.call_later(max(wait, 0.0), _time_out, waiter.decision)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.decision), max(wait, 0.0))
-        except TimeoutError:
-            if waiter.decision.done() and not waiter.decision.cancelled():
-                self._pass_on(lane, waiter.decision.result())
-            raise self._conflict(lane, expected) from None
+            verdict = await waiter.decision
         except asyncio.CancelledError:
             # The caller went away: whatever it was granted goes to the next writer.
-            if waiter.decision.done() and not waiter.decision.cancelled():
-                self._pass_on(lane, waiter.decision.result())
+            decision = waiter.decision
+            if decision.done() and not decision.cancelled() and decision.result() != _TIMED_OUT:
+                self._pass_on(lane, decision.result())
             raise
         finally:
-            waiter.decision.cancel()
+            timer.cancel()
             if waiter in lane.queue:
                 lane.queue.remove(waiter)
             self._forget_if_idle(lane)
+        if verdict == _TIMED_OUT:
+            raise self._conflict(lane, expected)
+        return verdict
 
     def _pass_on(self, lane: _Lane, granted: int | None) -> None:
         if granted is None:
@@ -234,10 +276,10 @@ class ContentionQueue:
             self._unhold(lane)  # the writer did not come back in time: the next one goes
             self._next(lane)
 
-    def _next(self, lane: _Lane) -> None:
-        """Hands the session to the oldest writer still waiting."""
+    def _next(self, lane: _Lane) -> bool:
+        """Hands the session to the oldest writer still waiting; whether one was."""
         if lane.busy or lane.held_for is not None:
-            return
+            return False
         while lane.queue:
             waiter = lane.queue.popleft()
             if waiter.decision.done():
@@ -249,8 +291,9 @@ class ContentionQueue:
                 lane.held_for = lane.known  # _your_turn re-arms the timer when the waiter raises
                 lane.held_writer = waiter.writer
                 waiter.decision.set_result(lane.known)
-            return
+            return True
         self._forget_if_idle(lane)
+        return False
 
     def _forget_lapsed(self, lane: _Lane, writer: str) -> None:
         lane.lapsed.discard(writer)

@@ -146,3 +146,43 @@ async def test_head_appends_never_wait_for_versioned_writers(patient: Suite) -> 
         await patient.sessions.AppendTurns(_append(1, "stale"))
     assert _hint(overtaken.value) == (2, 0.0)
     assert (await patient.sessions.AppendTurns(_append(2, "stale"))).session.version == 3
+
+
+async def test_many_versioned_writers_each_append_exactly_once(patient: Suite) -> None:
+    """The documented client loop from many clients at once: every append is acknowledged once,
+    stored once, at a version no other append got, and a retry after a lost answer replays."""
+    writers, appends = 25, 4
+    acknowledged: dict[str, int] = {}
+
+    async def writer(who: int) -> None:
+        version, seen = 0, -1
+        for n in range(appends):
+            key = f"w{who}.{n}"
+            while True:
+                try:
+                    reply = await patient.sessions.AppendTurns(_append(version, key, key))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.ABORTED, exc
+                    current, delay = _hint(exc)
+                    assert current is not None and current >= version
+                    version = current
+                    await asyncio.sleep(delay)
+                    continue
+                assert not reply.replayed
+                version = reply.session.version
+                assert version > seen, "a writer's versions only go up"
+                seen = version
+                acknowledged[key] = version
+                break
+
+    await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(writers))), 300)
+    assert len(acknowledged) == writers * appends
+    assert sorted(acknowledged.values()) == list(range(1, writers * appends + 1))
+    # The answer to one append is lost and its client retries with the same key and a stale
+    # version: the original result comes back, nothing is appended again.
+    again = await patient.sessions.AppendTurns(_append(0, "w3.1", "w3.1"))
+    assert again.replayed and again.session.version == acknowledged["w3.1"]
+    turns = await patient.sessions.ListTurns(
+        sessions_pb2.ListTurnsRequest(caller=caller(), session_id="s1", page_size=500)
+    )
+    assert sorted(t.message.content for t in turns.turns) == sorted(acknowledged)

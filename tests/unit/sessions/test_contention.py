@@ -128,3 +128,32 @@ async def test_a_full_queue_answers_at_once_with_a_retry_delay(store: MemoryStor
     assert current == 1 and delay > 0
     timers.lapse_all()
     assert await _conflict(waiting) == (1, 0.0)
+
+
+async def test_the_next_writer_is_answered_before_the_last_one_returns(store: MemoryStore) -> None:
+    """While the next writer's ABORTED travels, the session waits: it goes out first."""
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=60.0), schedule=Timers().schedule
+    )
+    gate = asyncio.Event()
+    payload = sessions_pb2.Turn(
+        message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="a")
+    ).SerializeToString()
+
+    async def slow_attempt() -> AppendOutcome:
+        await gate.wait()
+        return await store.append(
+            SCOPE, "s1", 0, "a", [NewTurn(common_pb2.ROLE_USER, 5, 0, 0, 0, 0, payload)], 2.0
+        )
+
+    finished: list[str] = []
+    first = asyncio.ensure_future(queue.run(KEY, 0, slow_attempt, "a"))
+    first.add_done_callback(lambda _: finished.append("a appended"))
+    await asyncio.sleep(0)  # "a" is appending
+    second = _append(queue, store, 0, "b")
+    second.add_done_callback(lambda _: finished.append("b told"))
+    await _until(lambda: queue.waiting(KEY) == 1)
+    gate.set()
+    assert (await first).session.version == 1
+    assert await _conflict(second) == (1, 0.0)
+    assert finished == ["b told", "a appended"]

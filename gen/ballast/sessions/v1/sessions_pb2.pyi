@@ -474,12 +474,15 @@ class AppendTurnsRequest(_message.Message):
     A version (0 or more) appends only if the session is still at that version: send it
     when the turns are valid only on top of exactly that history (for example an agent
     that must not interleave with another writer). On ABORTED, wait the RetryInfo delay
-    (zero when the service is keeping your place), re-read what the turns depend on (the
-    current version is in the error's ErrorInfo metadata "current_version") and retry with
-    that version and the same idempotency_key (even with recomputed turns: a key is bound
-    to its turns only once applied). The service queues the versioned writers of
-    a session in arrival order and holds the session for the writer whose turn it is, so
-    writers that follow this need at most one ABORTED per append.
+    (zero when the service is keeping your place; already jittered, so add no backoff of
+    your own), re-read what the turns depend on (the current version is in the error's
+    ErrorInfo metadata "current_version") and retry with that version and the same
+    idempotency_key (even with recomputed turns: a key is bound to its turns only once
+    applied). The service queues the versioned writers of a session in arrival order and
+    holds the session for the writer whose turn it is, so writers that follow this need at
+    most one ABORTED per append. Versioned appends of one session follow one another (each
+    needs the version the previous one made), so a contended session takes fewer of them
+    per second than head appends.
     """
     idempotency_key: _builtins.str
     """A retried append with the same key is applied once and returns the original result."""
