@@ -329,6 +329,9 @@ class RedisEdgeStore:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    async def ping(self) -> None:
+        await self._redis.ping()
+
     async def close(self) -> None:
         await self._redis.aclose()
 

@@ -28,6 +28,7 @@ from services.edge.store import PRIORITY_ORDER
 from services.edge.store.redis import GROUP, stream_key
 from services.kit.certs import make_certs
 from services.kit.config import DEFAULT_HEALTH_PORTS, SERVICE_NAMES, Env
+from services.kit.server import LIVENESS
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -293,9 +294,15 @@ def test_every_deployment_has_probes_resources_security_and_a_matching_pdb(overl
         labels = pod["metadata"]["labels"]
         for container in pod["spec"]["containers"]:
             ports = {p["containerPort"] for p in container["ports"]}
-            for probe in ("readinessProbe", "livenessProbe"):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert "grpc" in container[probe], f"{name}: {probe} is not a native gRPC probe"
                 assert container[probe]["grpc"]["port"] in ports, f"{name}: {probe} probes no port it opens"
+            # Readiness asks for the overall status, which a required backend's outage turns
+            # NOT_SERVING; startup and liveness ask for the one a backend never fails (a pod whose
+            # Redis is down leaves the rotation, it is not restarted in a loop).
+            assert container["readinessProbe"]["grpc"].get("service", "") == "", name
+            assert container["livenessProbe"]["grpc"].get("service") == LIVENESS, name
+            assert container["startupProbe"]["grpc"].get("service") == LIVENESS, name
         matching = [
             pdb
             for pdb in pdbs
