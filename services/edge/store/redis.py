@@ -1,7 +1,9 @@
 """Redis edge store: API keys, job records and a priority queue on Redis Streams.
 
 One stream per priority with one consumer group; workers read the highest priority
-first, and within a priority tenants take turns (see _FAIR). A delivered entry stays pending until the job ends, so a worker that dies
+first, and within a priority tenants take turns (see _FAIR). Beside each, a tally stream holds
+one entry per job waiting, so the tally's consumer-group lag is the number of jobs waiting
+(what an autoscaler reads; see _FAIR). A delivered entry stays pending until the job ends, so a worker that dies
 mid-job leaves it pending, and `reclaim` (XAUTOCLAIM) puts it back on the queue.
 A job's terminal state is written once (compare-and-set in Lua), so a duplicate
 delivery cannot overwrite a result. All keys share the `{edge}` hash tag, so the
@@ -46,8 +48,29 @@ _BYTES_FIELDS = ("request", "caller", "result", "error")
 # previous one. Claims still go through the consumer group (pending entries, XAUTOCLAIM), so
 # exactly-once claiming is unchanged; admission runs inside the same scripts as the claim, so it
 # is atomic with it. `waiting` (job -> time) and `backlogged` (tenants) make depth and repair cheap.
+#
+# So the job stream's consumer-group lag counts tenants with a job waiting, not jobs. The tally
+# stream counts jobs: every job that starts waiting (submitted, put back after its worker died, or
+# due after being parked) appends one entry, and every job that stops waiting (a worker takes its
+# stream entry, or it is cancelled from its tenant's backlog) reads one for the same group with
+# the fixed consumer TALLY_CONSUMER, acknowledges it and trims the tally's head. The tally's lag
+# (XINFO GROUPS, Redis 7+) is therefore the number of jobs waiting, which KEDA scales on.
 _FAIR = """
-local function enqueue(stream, ready, prefix, waiting, backlogged, job_id, tenant, front, now)
+local function tally_add(tally, job_id)
+  redis.call('XADD', tally, '*', 'job_id', job_id)
+end
+
+local function tally_take(tally, group, consumer)
+  local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', tally, '>')
+  if not got then return end
+  local id = got[1][2][1][1]
+  redis.call('XACK', tally, group, id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', tally, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+end
+
+local function enqueue(stream, ready, prefix, waiting, backlogged, tally, job_id, tenant, front, now)
+  tally_add(tally, job_id)
   if tonumber(redis.call('HGET', ready, tenant) or '0') < 1 then
     redis.call('XADD', stream, '*', 'job_id', job_id, 'tenant', tenant)
     redis.call('HINCRBY', ready, tenant, 1)
@@ -73,7 +96,8 @@ end
 """
 
 # KEYS[1] job hash, KEYS[2] stream, KEYS[3] ready, KEYS[4] waiting, KEYS[5] backlogged,
-# KEYS[6..9] queued-per-tenant, queued-per-user, stored-per-tenant, stored-per-user (job -> time);
+# KEYS[6..9] queued-per-tenant, queued-per-user, stored-per-tenant, stored-per-user (job -> time),
+# KEYS[10] tally;
 # ARGV[1] job id, ARGV[2] tenant, ARGV[3] record, ARGV[4] state, ARGV[5] ttl, ARGV[6] now,
 # ARGV[7] oldest time still kept, ARGV[8..11] the four caps (0 = none), ARGV[12] backlog prefix.
 # Returns 'ok', or the name of the cap that refused the job (nothing is written then).
@@ -92,27 +116,28 @@ for i = 6, 9 do
   redis.call('ZADD', KEYS[i], ARGV[6], ARGV[1])
   redis.call('EXPIRE', KEYS[i], ARGV[5])
 end
-enqueue(KEYS[2], KEYS[3], ARGV[12], KEYS[4], KEYS[5], ARGV[1], ARGV[2], false, ARGV[6])
+enqueue(KEYS[2], KEYS[3], ARGV[12], KEYS[4], KEYS[5], KEYS[10], ARGV[1], ARGV[2], false, ARGV[6])
 return 'ok'
 """
 )
 
-# KEYS: per priority, highest first, five keys: stream, ready, parked, waiting, backlogged.
+# KEYS: per priority, highest first, six keys: stream, ready, parked, waiting, backlogged, tally.
 # ARGV[1] group, ARGV[2] consumer, ARGV[3] now, ARGV[4] job key prefix, ARGV[5..8] backlog
-# prefixes. Promotes due parked jobs, claims the next entry of the highest priority that has one
+# prefixes, ARGV[9] the tally's consumer. Promotes due parked jobs, claims the next entry of the highest priority that has one
 # and admits that tenant's next job. Returns {priority index, entry id, job id} or false.
 _CLAIM = (
     _FAIR
     + """
 for i = 0, 3 do
-  local stream, ready, parked, waiting, backlogged = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4], KEYS[i*5+5]
+  local stream, ready, parked, waiting, backlogged, tally = KEYS[i*6+1], KEYS[i*6+2], KEYS[i*6+3], KEYS[i*6+4], KEYS[i*6+5], KEYS[i*6+6]
   local prefix = ARGV[5 + i]
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', ARGV[3], 'LIMIT', 0, 100)) do
     redis.call('ZREM', parked, id)
     local tenant = redis.call('HGET', ARGV[4] .. id, 'tenant')
     if tenant then
-      enqueue(stream, ready, prefix, waiting, backlogged, id, tenant, true, ARGV[3])
+      enqueue(stream, ready, prefix, waiting, backlogged, tally, id, tenant, true, ARGV[3])
     else
+      tally_add(tally, id)
       redis.call('XADD', stream, '*', 'job_id', id)
     end
   end
@@ -127,6 +152,7 @@ for i = 0, 3 do
     reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
   end
   if reply then
+    tally_take(tally, ARGV[1], ARGV[9])
     local entry = reply[1][2][1]
     local fields = entry[2]
     local job_id, tenant = '', nil
@@ -144,12 +170,12 @@ return false
 """
 )
 
-# KEYS[1] stream, KEYS[2] ready, KEYS[3] waiting, KEYS[4] backlogged; ARGV[1] job id, ARGV[2]
-# tenant, ARGV[3] now, ARGV[4] backlog prefix. Puts a reclaimed job back, ahead of its tenant's backlog.
+# KEYS[1] stream, KEYS[2] ready, KEYS[3] waiting, KEYS[4] backlogged, KEYS[5] tally; ARGV[1] job id,
+# ARGV[2] tenant, ARGV[3] now, ARGV[4] backlog prefix. Puts a reclaimed job back, ahead of its tenant's backlog.
 _REQUEUE = (
     _FAIR
     + """
-enqueue(KEYS[1], KEYS[2], ARGV[4], KEYS[3], KEYS[4], ARGV[1], ARGV[2], true, ARGV[3])
+enqueue(KEYS[1], KEYS[2], ARGV[4], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], true, ARGV[3])
 return 1
 """
 )
@@ -196,7 +222,7 @@ end
 return 1
 """
 
-# KEYS: per priority, as _CLAIM's (stream, ready, parked, waiting, backlogged); ARGV[1] now,
+# KEYS: per priority, as _CLAIM's (stream, ready, parked, waiting, backlogged, tally); ARGV[1] now,
 # ARGV[2] job key prefix, ARGV[3..6] backlog prefixes. Puts parked jobs that fell due back in line
 # as _CLAIM does, for an edge whose workers run apart (no claim promotes them there).
 _PROMOTE = (
@@ -204,14 +230,15 @@ _PROMOTE = (
     + """
 local moved = 0
 for i = 0, 3 do
-  local stream, ready, parked, waiting, backlogged = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4], KEYS[i*5+5]
+  local stream, ready, parked, waiting, backlogged, tally = KEYS[i*6+1], KEYS[i*6+2], KEYS[i*6+3], KEYS[i*6+4], KEYS[i*6+5], KEYS[i*6+6]
   local prefix = ARGV[3 + i]
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', ARGV[1], 'LIMIT', 0, 100)) do
     redis.call('ZREM', parked, id)
     local tenant = redis.call('HGET', ARGV[2] .. id, 'tenant')
     if tenant then
-      enqueue(stream, ready, prefix, waiting, backlogged, id, tenant, true, ARGV[1])
+      enqueue(stream, ready, prefix, waiting, backlogged, tally, id, tenant, true, ARGV[1])
     else
+      tally_add(tally, id)
       redis.call('XADD', stream, '*', 'job_id', id)
     end
     moved = moved + 1
@@ -222,9 +249,32 @@ return moved
 )
 
 
+# KEYS[1] waiting, KEYS[2] the tenant's backlog, KEYS[3] tally; ARGV[1] job id, ARGV[2] group,
+# ARGV[3] the tally's consumer. Takes a cancelled job out of its tenant's backlog (when it waits
+# there) and out of the tally: it no longer waits.
+_UNBACKLOG = (
+    _FAIR
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+tally_take(KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+)
+
+#: The one consumer that reads the tally streams (every claim and cancel reads one entry as it).
+TALLY_CONSUMER = "tally"
+
+
 def stream_key(priority: str, key_prefix: str = "") -> str:
-    """The Redis Stream of one priority: what workers read and an autoscaler watches (KEDA)."""
+    """The Redis Stream of one priority: what workers claim from (pending entries: jobs running)."""
     return f"{key_prefix}{{edge}}:stream:{priority}"
+
+
+def tally_key(priority: str, key_prefix: str = "") -> str:
+    """One priority's tally stream: its consumer-group lag (group GROUP) is the number of jobs
+    waiting, what an autoscaler scales the workers on (KEDA's redis-streams lagCount)."""
+    return f"{key_prefix}{{edge}}:tally:{priority}"
 
 
 def _text(value: bytes | str) -> str:
@@ -283,6 +333,7 @@ class RedisEdgeStore:
         self._submit = self._redis.register_script(_SUBMIT)
         self._claim = self._redis.register_script(_CLAIM)
         self._requeue = self._redis.register_script(_REQUEUE)
+        self._unbacklog = self._redis.register_script(_UNBACKLOG)
         self._claim_keys = [
             key
             for p in PRIORITY_ORDER
@@ -292,11 +343,15 @@ class RedisEdgeStore:
                 self._parked(p),
                 self._waiting(p),
                 self._backlogged(p),
+                self._tally(p),
             )
         ]
 
     def _stream(self, priority: str) -> str:
         return stream_key(priority, self._prefix)
+
+    def _tally(self, priority: str) -> str:
+        return tally_key(priority, self._prefix)
 
     def _parked(self, priority: str) -> str:
         return f"{self._p}parked:{priority}"
@@ -323,11 +378,12 @@ class RedisEdgeStore:
 
     async def start(self) -> None:
         for priority in PRIORITY_ORDER:
-            try:
-                await self._redis.xgroup_create(self._stream(priority), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for stream in (self._stream(priority), self._tally(priority)):
+                try:
+                    await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def ping(self) -> None:
         await self._redis.ping()
@@ -382,6 +438,7 @@ class RedisEdgeStore:
                 self._backlogged(priority),
                 *self._owned("queued", job),
                 *self._owned("stored", job),
+                self._tally(priority),
             ],
             args=[
                 job.job_id,
@@ -420,7 +477,8 @@ class RedisEdgeStore:
         prefixes = [self._backlog(p) for p in PRIORITY_ORDER]
         while True:
             found: Any = await self._claim(
-                keys=self._claim_keys, args=[GROUP, consumer, time.time(), self._job(""), *prefixes]
+                keys=self._claim_keys,
+                args=[GROUP, consumer, time.time(), self._job(""), *prefixes, TALLY_CONSUMER],
             )
             if not found:
                 remaining = deadline - time.monotonic()
@@ -478,6 +536,7 @@ class RedisEdgeStore:
                         self._ready(priority),
                         self._waiting(priority),
                         self._backlogged(priority),
+                        self._tally(priority),
                     ],
                     args=[job.job_id, job.tenant_id, time.time(), self._backlog(priority)],
                 )
@@ -528,8 +587,14 @@ class RedisEdgeStore:
             # skipped by the worker that reads it.
             for priority in PRIORITY_ORDER:
                 await self._redis.zrem(self._parked(priority), job_id)
-            if await self._redis.zrem(self._waiting(job.priority), job_id):
-                await self._redis.lrem(self._backlog(job.priority, job.tenant_id), 1, job_id)
+            await self._unbacklog(
+                keys=[
+                    self._waiting(job.priority),
+                    self._backlog(job.priority, job.tenant_id),
+                    self._tally(job.priority),
+                ],
+                args=[job_id, GROUP, TALLY_CONSUMER],
+            )
             return await self.get_job(job_id)
         return job
 

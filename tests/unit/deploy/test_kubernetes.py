@@ -25,7 +25,7 @@ from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 
 from services import registry
 from services.edge.store import PRIORITY_ORDER
-from services.edge.store.redis import GROUP, stream_key
+from services.edge.store.redis import GROUP, stream_key, tally_key
 from services.kit.certs import make_certs
 from services.kit.config import DEFAULT_HEALTH_PORTS, SERVICE_NAMES, Env
 from services.kit.server import LIVENESS
@@ -224,14 +224,15 @@ def test_keda_scales_the_worker_on_the_lag_of_the_queue_the_code_uses() -> None:
     assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] > 1
     triggers = spec["triggers"]
     assert {t["type"] for t in triggers} == {"redis-streams"}
-    streams = sorted(stream_key(p) for p in PRIORITY_ORDER)
     waiting = [t for t in triggers if "lagCount" in t["metadata"]]
     running = [t for t in triggers if "pendingEntriesCount" in t["metadata"]]
     assert len(waiting) + len(running) == len(triggers)
-    # Per priority stream, by the names the edge store gives them: one trigger in consumer-group
-    # lag mode (what waits: it scales from zero) and one on pending entries (what runs).
-    assert sorted(t["metadata"]["stream"] for t in waiting) == streams
-    assert sorted(t["metadata"]["stream"] for t in running) == streams
+    # Per priority, by the names the edge store gives them: one trigger in consumer-group lag
+    # mode on the tally stream, whose lag counts jobs waiting (the job stream's would count
+    # tenants: fair admission keeps one entry per tenant there; tests/contract/edge/
+    # test_queue_lag.py), and one on the job stream's pending entries (jobs running).
+    assert sorted(t["metadata"]["stream"] for t in waiting) == sorted(tally_key(p) for p in PRIORITY_ORDER)
+    assert sorted(t["metadata"]["stream"] for t in running) == sorted(stream_key(p) for p in PRIORITY_ORDER)
     env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
     edge_store = _secrets(dev)[_secret_name(dev, "ballast-stores")]["edge-store"]
     assert "key_prefix" not in edge_store
