@@ -28,10 +28,12 @@ from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.edge.store.redis import GROUP
+from services.edge.store.base import PRIORITY_ORDER
+from services.edge.store.redis import GROUP, stream_key
 from services.testing import Suite, start_suite
 from tests.support.backends import PrivateRedis, free_port, private_redis
 from tests.support.suite_config import write_test_config
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = (("authorization", "Bearer bk_demo_enterprise"),)
@@ -135,8 +137,10 @@ async def suites(
     worker_env = {
         "BALLAST_EDGE_STORE": redis_server.url,
         "BALLAST_EDGE_WORKERS": "3",
-        # A dead worker's jobs are reclaimed after a second without its heartbeat.
+        # A dead worker's jobs are reclaimed after a second without its heartbeat, and its
+        # consumer, holding nothing then, is removed a second later.
         "BALLAST_EDGE_JOB_CLAIM_IDLE": "1s",
+        "BALLAST_EDGE_CONSUMER_IDLE": "1s",
         "BALLAST_GRACE_PERIOD": "30s",
         "BALLAST_CLOSE_TIMEOUT": "10s",
         **{
@@ -226,14 +230,35 @@ async def test_worker_processes_drain_a_burst_and_a_killed_worker_loses_no_job(
             assert roles == [common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT], (job_id, roles)
         # Nothing is left in the queue.
         assert await _pending_by_consumer(client) == {}
+        # The killed worker's consumer, holding nothing once its jobs were reclaimed, is removed
+        # by the live workers.
+        await eventually(
+            lambda: _no_consumer_of([doomed], client),
+            what="the killed worker's consumer removed",
+            within=DEADLINE,
+        )
     finally:
-        await client.aclose()
         for worker in workers:
             if worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGTERM)
-    # A live worker drains and exits cleanly on SIGTERM, as on a scale-down.
-    for worker in workers[1:]:
-        assert await asyncio.wait_for(worker.process.wait(), DEADLINE) == 0, worker.log.read_text()[-2000:]
+        try:
+            # A live worker drains and exits cleanly on SIGTERM, as on a scale-down...
+            for worker in workers[1:]:
+                assert await asyncio.wait_for(worker.process.wait(), DEADLINE) == 0, worker.log.read_text()[
+                    -2000:
+                ]
+            # ...and leaves no consumer behind in the group.
+            assert await _no_consumer_of(workers, client)
+        finally:
+            await client.aclose()
+
+
+async def _no_consumer_of(workers: list[Worker], client: aioredis.Redis) -> bool:
+    for priority in PRIORITY_ORDER:
+        consumers: Any = await client.xinfo_consumers(stream_key(priority), GROUP)
+        if any(w.owns(c["name"].decode()) for c in consumers for w in workers):
+            return False
+    return True
 
 
 async def test_worker_serves_only_health_and_metrics(

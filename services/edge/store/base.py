@@ -115,6 +115,17 @@ class EdgeStore(Protocol):
         """Re-queues jobs whose worker went silent for `min_idle` seconds; returns how many."""
         ...
 
+    async def release(self, consumer: str) -> int:
+        """At a clean shutdown, once `consumer` runs nothing: puts the jobs it still holds (cut by
+        the drain) back in line at once, then removes the consumer from the queue's bookkeeping;
+        returns how many jobs went back."""
+        ...
+
+    async def reap(self, consumer: str, idle: float) -> int:
+        """Removes the other consumers idle for `idle` seconds that hold no job (workers that died
+        and whose jobs were reclaimed); returns how many."""
+        ...
+
     async def promote_due(self) -> int:
         """Puts parked jobs whose time has come back on the queue; returns how many. `claim`
         does this too: it matters where no worker claims (an edge whose workers run apart)."""

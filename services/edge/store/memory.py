@@ -185,6 +185,13 @@ class MemoryEdgeStore:
                 count += 1
         return count
 
+    async def release(self, consumer: str) -> int:
+        # One process: its queue ends with it, and claims carry no consumer to remove.
+        return 0
+
+    async def reap(self, consumer: str, idle: float) -> int:
+        return 0
+
     async def promote_due(self) -> int:
         # Parked jobs wait in the same heaps, ordered by their time: nothing to move.
         return 0

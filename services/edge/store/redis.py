@@ -262,6 +262,23 @@ return 1
 """
 )
 
+# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] least idle time in ms. Removes the
+# consumer only if it exists, holds no entry (XGROUP DELCONSUMER would drop its pending entries,
+# losing their jobs) and has been idle that long; 1 when removed. Checked and done at once, so a
+# consumer that claims a job meanwhile is kept.
+_DELCONSUMER = """
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['name'] == ARGV[2] then
+    if fields['pending'] > 0 or fields['idle'] < tonumber(ARGV[3]) then return 0 end
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
+
 #: The one consumer that reads the tally streams (every claim and cancel reads one entry as it).
 TALLY_CONSUMER = "tally"
 
@@ -334,6 +351,7 @@ class RedisEdgeStore:
         self._claim = self._redis.register_script(_CLAIM)
         self._requeue = self._redis.register_script(_REQUEUE)
         self._unbacklog = self._redis.register_script(_UNBACKLOG)
+        self._delconsumer = self._redis.register_script(_DELCONSUMER)
         self._claim_keys = [
             key
             for p in PRIORITY_ORDER
@@ -516,32 +534,70 @@ class RedisEdgeStore:
                 self._stream(priority), GROUP, consumer, int(min_idle * 1000), "0-0", count=100
             )
             for entry_id, fields in reply[1]:
-                job_id = fields[b"job_id"].decode() if fields else ""
-                await self._ack(priority, entry_id.decode())
-                job = await self.get_job(job_id) if job_id else None
-                # QUEUED too: a worker that died between reading the entry and marking the job
-                # running (or mid-park) leaves a pending entry for a job that is in no queue.
-                if job is None or job.state not in (RUNNING, QUEUED):
-                    continue
-                if (
-                    job.state == QUEUED
-                    and await self._redis.zscore(self._parked(priority), job.job_id) is not None
-                ):
-                    continue
-                job.state = QUEUED
-                await self._save(job)
-                await self._requeue(
-                    keys=[
-                        self._stream(priority),
-                        self._ready(priority),
-                        self._waiting(priority),
-                        self._backlogged(priority),
-                        self._tally(priority),
-                    ],
-                    args=[job.job_id, job.tenant_id, time.time(), self._backlog(priority)],
-                )
-                count += 1
+                count += await self._put_back(priority, entry_id.decode(), fields)
         return count
+
+    async def _put_back(self, priority: str, entry_id: str, fields: Any) -> int:
+        """Acknowledges a claimed entry and puts its job back in line, ahead of its tenant's
+        backlog, unless it ended or is parked; 1 when it went back."""
+        job_id = fields[b"job_id"].decode() if fields else ""
+        await self._ack(priority, entry_id)
+        job = await self.get_job(job_id) if job_id else None
+        # QUEUED too: a worker that died between reading the entry and marking the job
+        # running (or mid-park) leaves a pending entry for a job that is in no queue.
+        if job is None or job.state not in (RUNNING, QUEUED):
+            return 0
+        if job.state == QUEUED and await self._redis.zscore(self._parked(priority), job.job_id) is not None:
+            return 0
+        job.state = QUEUED
+        await self._save(job)
+        await self._requeue(
+            keys=[
+                self._stream(priority),
+                self._ready(priority),
+                self._waiting(priority),
+                self._backlogged(priority),
+                self._tally(priority),
+            ],
+            args=[job.job_id, job.tenant_id, time.time(), self._backlog(priority)],
+        )
+        return 1
+
+    async def release(self, consumer: str) -> int:
+        count = 0
+        for priority in PRIORITY_ORDER:
+            stream = self._stream(priority)
+            while True:
+                held: Any = await self._redis.xpending_range(
+                    stream, GROUP, min="-", max="+", count=100, consumername=consumer
+                )
+                if not held:
+                    break
+                ids = [entry["message_id"] for entry in held]
+                # Our own entries, read with their fields (min idle 0: we hold them already).
+                entries: Any = await self._redis.xclaim(stream, GROUP, consumer, 0, ids)
+                found = {entry_id for entry_id, _ in entries}
+                for entry_id, fields in entries:
+                    count += await self._put_back(priority, entry_id.decode(), fields)
+                for entry_id in ids:
+                    # An entry trimmed from the stream has no job left to put back.
+                    if entry_id not in found:
+                        await self._ack(priority, entry_id.decode())
+            await self._delconsumer(keys=[stream], args=[GROUP, consumer, 0])
+        return count
+
+    async def reap(self, consumer: str, idle: float) -> int:
+        removed = 0
+        least_ms = int(idle * 1000)
+        for priority in PRIORITY_ORDER:
+            stream = self._stream(priority)
+            consumers: Any = await self._redis.xinfo_consumers(stream, GROUP)
+            for info in consumers:
+                name = _text(info["name"])
+                if name == consumer or int(info["pending"]) > 0 or int(info["idle"]) < least_ms:
+                    continue
+                removed += int(await self._delconsumer(keys=[stream], args=[GROUP, name, least_ms]))
+        return removed
 
     async def promote_due(self) -> int:
         prefixes = [self._backlog(p) for p in PRIORITY_ORDER]
