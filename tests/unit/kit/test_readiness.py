@@ -39,6 +39,9 @@ class BackedApp(probe_app.ProbeApp):
         super().__init__(settings, base.telemetry)
         self.results: asyncio.Queue[bool] = asyncio.Queue()
         self.checks = 0
+        self.check_cancelled = False
+        # A check is waiting for the test's answer.
+        self.waiting = False
         self.hang = hang
         self.drained = asyncio.Event()
         self.release_drain = asyncio.Event()
@@ -48,9 +51,17 @@ class BackedApp(probe_app.ProbeApp):
 
     async def _check(self) -> None:
         self.checks += 1
-        if self.hang:
-            await asyncio.Event().wait()
-        if not await self.results.get():
+        try:
+            if self.hang:
+                await asyncio.Event().wait()
+            self.waiting = True
+            ok = await self.results.get()
+        except asyncio.CancelledError:
+            self.check_cancelled = True
+            raise
+        finally:
+            self.waiting = False
+        if not ok:
             raise ConnectionError("store unreachable")
 
     async def drain(self, grace: float) -> None:
@@ -66,10 +77,10 @@ async def _status(channel: grpc.aio.Channel, service: str) -> int:
 async def _answer(app: BackedApp, ok: bool) -> None:
     """Answers the check in flight, then waits until the next one starts: by then the answer's
     round has been published to health."""
+    await eventually(lambda: app.waiting, what="a backend check waiting for its answer")
     seen = app.checks
-    await eventually(lambda: app.checks == seen, what="a backend check waiting for its answer")
     app.results.put_nowait(ok)
-    await eventually(lambda: app.checks > seen, what="the next backend check")
+    await eventually(lambda: app.checks > seen and app.waiting, what="the next backend check waiting")
 
 
 @pytest.fixture
@@ -119,11 +130,13 @@ async def test_the_drain_keeps_readiness_not_serving_and_stops_the_checks(
     stopping = asyncio.create_task(service.stop(5.0))
     await app.drained.wait()
     assert await _status(channel, "") == NOT_SERVING
-    # The check that was waiting was cancelled with the watch: an answer now changes nothing.
-    checks = app.checks
-    app.results.put_nowait(True)
-    assert app.checks == checks
+    # The checks stopped before the drain began: the one waiting for its answer was cancelled,
+    # so no later round can publish SERVING over the drain.
+    assert app.check_cancelled
     assert await _status(channel, "") == NOT_SERVING
+    # Liveness too: the process is going away (the kubelet stops liveness probes of a pod being
+    # deleted, so this restarts nothing).
+    assert await _status(channel, LIVENESS) == NOT_SERVING
     app.release_drain.set()
     await stopping
 
