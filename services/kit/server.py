@@ -108,14 +108,18 @@ class _Readiness:
         self.app_ready = False
         self.backends_down: frozenset[str] = frozenset()
         self._published: int | None = None
+        # Setting a status awaits Watch subscribers: one publication at a time, so a stale one
+        # cannot finish after a newer one.
+        self._lock = asyncio.Lock()
 
     async def publish(self) -> None:
-        status = _SERVING if self.app_ready and not self.backends_down else _NOT_SERVING
-        if status == self._published:
-            return
-        self._published = status
-        for name in self._names:
-            await self._servicer.set(name, status)
+        async with self._lock:
+            status = _SERVING if self.app_ready and not self.backends_down else _NOT_SERVING
+            if status == self._published:
+                return
+            self._published = status
+            for name in self._names:
+                await self._servicer.set(name, status)
 
 
 async def _watch_backends(app: ServiceApp, probes: Mapping[str, BackendProbe], readiness: _Readiness) -> None:
