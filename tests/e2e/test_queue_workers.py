@@ -330,6 +330,78 @@ async def test_a_stopping_worker_finishes_the_jobs_it_runs(tmp_path: Path, redis
         await suite.stop(0)
 
 
+async def test_a_worker_whose_drain_cuts_a_job_hands_it_back_and_leaves_no_consumer(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A job still running when the drain ends is put back in line by the stopping worker itself,
+    at once, not after BALLAST_EDGE_JOB_CLAIM_IDLE (an hour here); and the worker's consumer
+    leaves the group, so scaled-down pods do not pile up in XINFO CONSUMERS."""
+    from services.kit.redisconn import split_key_prefix
+
+    fast_dir, slow_dir = tmp_path / "fast", tmp_path / "slow"
+    fast_dir.mkdir()
+    slow_dir.mkdir()
+    environ = {**write_test_config(fast_dir), "BALLAST_EDGE_STORE": redis_url, "BALLAST_EDGE_WORKERS": "0"}
+    suite = await start_suite(["router", "limiter", "cache", "sessions", "edge"], environ)
+    # A model that answers in ten minutes: the job is surely mid-call when the drain ends.
+    slow = await start_suite(
+        ["router"],
+        {
+            **write_test_config(slow_dir, sim_latency_ms=600_000, sim_rpm=1_000_000),
+            "BALLAST_ROUTER_ATTEMPT_TIMEOUT": "20m",
+        },
+    )
+    addresses = {
+        f"BALLAST_{name.upper()}_ADDR": suite.address(name) for name in ("limiter", "cache", "sessions")
+    }
+    worker = await start_suite(
+        ["worker"],
+        {
+            **environ,
+            **addresses,
+            "BALLAST_ROUTER_ADDR": slow.address("router"),
+            "BALLAST_EDGE_WORKERS": "2",
+            "BALLAST_EDGE_JOB_CLAIM_IDLE": "1h",
+        },
+    )
+    clean, prefix = split_key_prefix(redis_url)
+    client = aioredis.Redis.from_url(clean)
+    try:
+        chat = edge_pb2.ChatRequest(
+            messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="cut me")]
+        )
+        job_id = (await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=chat), metadata=KEY)).job.job_id
+
+        async def state() -> int:
+            reply = await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=KEY)
+            return int(reply.job.state)
+
+        await eventually(
+            lambda: _equals(state(), edge_pb2.JOB_STATE_RUNNING),
+            what="the worker running the job",
+            within=DEADLINE,
+        )
+        # A drain shorter than the model call: the job is cut.
+        await worker.stop(grace=0.2)
+        job = (await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=KEY)).job
+        assert job.state == edge_pb2.JOB_STATE_QUEUED and job.attempts == 1
+        for priority in PRIORITY_ORDER:
+            stream = stream_key(priority, prefix)
+            consumers: Any = await client.xinfo_consumers(stream, GROUP)
+            assert [c["name"] for c in consumers if c["name"].startswith(b"worker-")] == [], priority
+            groups: Any = await client.xinfo_groups(stream)
+            assert groups[0]["pending"] == 0, priority
+    finally:
+        await client.aclose()
+        await worker.stop(0)
+        await slow.stop(0)
+        await suite.stop(0)
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
 async def test_an_edge_without_workers_keeps_the_queue_moving(tmp_path: Path, redis_url: str) -> None:
     """With its workers apart (and maybe scaled to zero), the edge still puts back on the streams
     the jobs of a worker that died and the parked jobs whose time came: they show as the lag an
