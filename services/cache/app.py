@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
 from ballast.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -16,7 +16,7 @@ from services.cache.servicer import CacheServicer
 from services.cache.store import CacheStore, StoreOptions, open_store
 from services.kit.clients import open_channel
 from services.kit.entry import Entry
-from services.kit.server import ServiceApp
+from services.kit.server import BackendProbe, ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
 
@@ -85,6 +85,10 @@ class CacheApp(ServiceApp):
     def ready(self) -> Awaitable[None] | None:
         # Semantic lookups need the embedder: NOT_SERVING until the model has loaded.
         return self.embedder.ready()
+
+    def backend_probes(self) -> Mapping[str, BackendProbe]:
+        # A Redis store is required: without it lookups and stores answer UNAVAILABLE.
+        return {} if self.settings.store_url.startswith("memory:") else {"redis": self.store.ping}
 
     async def close(self) -> None:
         await self.embedder.close()

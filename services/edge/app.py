@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
@@ -22,7 +22,7 @@ from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimi
 from services.edge.store import EdgeStore
 from services.edge.webhooks import WebhookSecrets
 from services.kit.entry import Entry
-from services.kit.server import ServiceApp
+from services.kit.server import BackendProbe, ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 
 log = logging.getLogger("ballast.edge")
@@ -85,6 +85,11 @@ class _QueueApp(ServiceApp):
         self.jobs.start()
         self.governor.start()
         self.metrics.start()
+
+    def backend_probes(self) -> Mapping[str, BackendProbe]:
+        # A Redis edge store holds the API keys made by the admin RPC and the queue: neither the
+        # edge (SubmitChat, GetJob, keys) nor a worker (claims) can work without it.
+        return {} if self.settings.store_url.startswith("memory:") else {"redis": self.store.ping}
 
     async def drain(self, grace: float) -> None:
         await self.jobs.drain(grace)

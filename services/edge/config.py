@@ -129,6 +129,9 @@ class EdgeSettings:
     job_attempts: int = 5
     job_retry_backoff: float = 0.5
     job_claim_idle: float = 30.0
+    # A consumer of the queue's group idle this long and holding no job (a worker that died; its
+    # jobs were reclaimed) is removed by a live worker. A clean shutdown removes its own at once.
+    consumer_idle: float = 600.0
     job_ttl: float = 86400.0
     # Webhooks: HMAC-SHA256 secret, attempts and the first backoff (doubles each attempt).
     webhook_secret: str = ""
@@ -228,6 +231,7 @@ class EdgeSettings:
             job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", 5, minimum=1, maximum=1000),
             job_retry_backoff=env.duration("BALLAST_EDGE_JOB_RETRY_BACKOFF", 0.5, minimum=0.0),
             job_claim_idle=env.duration("BALLAST_EDGE_JOB_CLAIM_IDLE", 30.0, minimum=0.1),
+            consumer_idle=env.duration("BALLAST_EDGE_CONSUMER_IDLE", cls.consumer_idle, minimum=1.0),
             job_ttl=env.duration("BALLAST_EDGE_JOB_TTL", 86400.0, minimum=1.0),
             webhook_secret=env.string("BALLAST_EDGE_WEBHOOK_SECRET", ""),
             webhook_attempts=env.integer("BALLAST_EDGE_WEBHOOK_ATTEMPTS", 6, minimum=1, maximum=100),

@@ -257,6 +257,22 @@ class JobRunner:
         for webhook in list(self._webhooks):
             webhook.cancel()
         await self._http.aclose()
+        # Nothing runs here any more: what this consumer still holds was cut by the drain. Put
+        # it back in line now (not after BALLAST_EDGE_JOB_CLAIM_IDLE) and leave no consumer
+        # behind in the group (a scaled worker would otherwise add one per pod it ever ran).
+        try:
+            released = await self._store.release(self.consumer)
+        except Exception as exc:
+            log.warning(
+                "could not hand back this worker's jobs; others reclaim them after "
+                "BALLAST_EDGE_JOB_CLAIM_IDLE and remove the consumer after BALLAST_EDGE_CONSUMER_IDLE",
+                extra={"consumer": self.consumer, "error": repr(exc)},
+            )
+        else:
+            if released:
+                log.warning(
+                    "put %d jobs cut by the drain back in line", released, extra={"consumer": self.consumer}
+                )
 
     async def _reclaim_loop(self) -> None:
         interval = max(0.05, self._settings.job_claim_idle / 2)
@@ -264,11 +280,19 @@ class JobRunner:
             # No claim loop here promotes parked jobs: wake often enough that one due is queued
             # within a second.
             interval = min(interval, 1.0)
+        next_reap = 0.0
         while not self._stopping.is_set():
             try:
                 count = await self._store.reclaim(self.consumer, self._settings.job_claim_idle)
                 if count:
                     log.warning("reclaimed %d abandoned jobs", count)
+                # Consumers of workers that died, once their jobs were reclaimed above; a few times
+                # per BALLAST_EDGE_CONSUMER_IDLE is soon enough.
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self._settings.consumer_idle / 4
+                    reaped = await self._store.reap(self.consumer, self._settings.consumer_idle)
+                    if reaped:
+                        log.info("removed %d idle consumers holding no job from the queue's group", reaped)
                 if not self._settings.workers:
                     await self._store.promote_due()
             except Exception:

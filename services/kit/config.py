@@ -253,6 +253,12 @@ class ServerSettings:
     # Plaintext health-only port (None: health is on the main port only).
     health_port: int | None = None
     region: str = DEFAULT_REGION
+    # Readiness follows the backends a service cannot answer without (ServiceApp.backend_probes):
+    # each is checked this often, a check slower than the timeout fails, and this many failures
+    # in a row turn health NOT_SERVING until one check passes again. Liveness never follows them.
+    backend_check_interval: float = 5.0
+    backend_check_timeout: float = 2.0
+    backend_check_failures: int = 2
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -285,6 +291,15 @@ class ServerSettings:
                 f"{PREFIX}METRICS_MAX_TENANTS", cls.metrics_max_tenants, minimum=1, maximum=100_000
             ),
             region=region_from_env(env),
+            backend_check_interval=env.duration(
+                f"{PREFIX}BACKEND_CHECK_INTERVAL", cls.backend_check_interval, minimum=0.05
+            ),
+            backend_check_timeout=env.duration(
+                f"{PREFIX}BACKEND_CHECK_TIMEOUT", cls.backend_check_timeout, minimum=0.01
+            ),
+            backend_check_failures=env.integer(
+                f"{PREFIX}BACKEND_CHECK_FAILURES", cls.backend_check_failures, minimum=1, maximum=1000
+            ),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),

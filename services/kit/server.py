@@ -4,6 +4,12 @@ tracing and error mapping, and a graceful shutdown.
 Shutdown order (as envoyproxy/ratelimit does it): health goes NOT_SERVING so load
 balancers stop sending, the server stops accepting and drains in-flight calls within
 the grace period, then the service closes its pools and telemetry is flushed.
+
+Health has two meanings, for Kubernetes' two probes. Readiness (the server's overall status,
+service "", and each service's full name) is SERVING once the app is ready, turns NOT_SERVING
+while a backend the service cannot answer without keeps failing its probe (`backend_probes`),
+and for good when the drain begins. Liveness (service "liveness") says only that the process
+serves: a backend outage must take a pod out of rotation, never restart it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +32,20 @@ from services.kit import tls
 from services.kit.config import ServerSettings
 from services.kit.errors import ErrorInterceptor
 from services.kit.interceptors import Around, AroundInterceptor, Context
+from services.kit.tasks import cancel_and_wait
 from services.kit.telemetry import Telemetry
 
 log = logging.getLogger("ballast.kit.server")
+
+#: The health service name a liveness probe asks for: SERVING from start-up until shutdown,
+#: whatever the backends do.
+LIVENESS = "liveness"
+
+#: Checks one backend: returns when it answers, raises when it does not.
+BackendProbe = Callable[[], Awaitable[None]]
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class ServiceApp:
@@ -70,6 +87,75 @@ class ServiceApp:
         balancers wait for it, while the port is already open (other services in the same
         process start meanwhile)."""
         return None
+
+    def backend_probes(self) -> Mapping[str, BackendProbe]:
+        """The backends this service cannot answer without, by name ("redis", "postgresql"),
+        each with a check that raises when it is unreachable. While one fails
+        BALLAST_BACKEND_CHECK_FAILURES checks in a row, readiness is NOT_SERVING; liveness is
+        untouched. Only what is required: a backend the service answers well without (a fail
+        mode that decides locally) is not listed."""
+        return {}
+
+
+class _Readiness:
+    """What readiness is made of: the app became ready and every required backend answers.
+    Publishes the result to the health servicer when it changes (after the drain began the
+    servicer ignores it: NOT_SERVING stays)."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+        self._servicer = servicer
+        self._names = ["", *names]
+        self.app_ready = False
+        self.backends_down: frozenset[str] = frozenset()
+        self._published: int | None = None
+        # Setting a status awaits Watch subscribers: one publication at a time, so a stale one
+        # cannot finish after a newer one.
+        self._lock = asyncio.Lock()
+
+    async def publish(self) -> None:
+        async with self._lock:
+            status = _SERVING if self.app_ready and not self.backends_down else _NOT_SERVING
+            if status == self._published:
+                return
+            self._published = status
+            for name in self._names:
+                await self._servicer.set(name, status)
+
+
+async def _watch_backends(app: ServiceApp, probes: Mapping[str, BackendProbe], readiness: _Readiness) -> None:
+    """Checks each backend every interval; a backend is down after `failures` failed checks in a
+    row and up again after one that passes. Each change is logged once."""
+    settings = app.server_settings
+    misses = dict.fromkeys(probes, 0)
+
+    async def check(name: str, probe: BackendProbe) -> None:
+        try:
+            async with asyncio.timeout(settings.backend_check_timeout):
+                await probe()
+        except Exception as exc:
+            misses[name] += 1
+            if misses[name] == settings.backend_check_failures:
+                log.warning(
+                    "backend unreachable; readiness NOT_SERVING until it answers",
+                    extra={
+                        "service": app.name,
+                        "backend": name,
+                        "failed_checks": misses[name],
+                        "error": repr(exc) if str(exc) else type(exc).__name__,
+                    },
+                )
+            return
+        if misses[name] >= settings.backend_check_failures:
+            log.info("backend reachable again", extra={"service": app.name, "backend": name})
+        misses[name] = 0
+
+    while True:
+        await asyncio.sleep(settings.backend_check_interval)
+        await asyncio.gather(*(check(name, probe) for name, probe in probes.items()))
+        readiness.backends_down = frozenset(
+            name for name, count in misses.items() if count >= settings.backend_check_failures
+        )
+        await readiness.publish()
 
 
 class MetricsInterceptor(AroundInterceptor):
@@ -136,6 +222,7 @@ class RunningService:
     #: What the app awaits to become ready (cancelled by stop), and the task that then sets SERVING.
     _becoming_ready: asyncio.Future[None] | None = field(default=None, repr=False)
     _ready_watch: asyncio.Task[None] | None = field(default=None, repr=False)
+    _backend_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -149,6 +236,7 @@ class RunningService:
         grace = self.app.server_settings.grace_period if grace is None else grace
         if self._becoming_ready is not None:
             self._becoming_ready.cancel()
+        await cancel_and_wait(self._backend_watch)
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
         await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
@@ -200,7 +288,8 @@ async def start_service(app: ServiceApp) -> RunningService:
     )
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with "" SERVING; the probe port opens before the app has started.
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set("", _NOT_SERVING)
+    await health_servicer.set(LIVENESS, _NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     names = list(app.service_names())
@@ -234,17 +323,19 @@ async def start_service(app: ServiceApp) -> RunningService:
         httpd, _ = start_http_server(settings.metrics_port, settings.host, registry=app.telemetry.registry)
         running._metrics_http = httpd
         running.metrics_port = int(httpd.server_port)
+    await health_servicer.set(LIVENESS, _SERVING)
+    readiness = _Readiness(health_servicer, names)
     pending = app.ready()
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if pending is None
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ["", *names]:
-        await health_servicer.set(name, status)
+    readiness.app_ready = pending is None
+    await readiness.publish()
     if pending is not None:
         running._becoming_ready = becoming = asyncio.ensure_future(pending)
-        running._ready_watch = asyncio.create_task(_serve_when_ready(app, becoming, health_servicer, names))
+        running._ready_watch = asyncio.create_task(_serve_when_ready(app, becoming, readiness))
+    probes = app.backend_probes()
+    if probes:
+        running._backend_watch = asyncio.create_task(
+            _watch_backends(app, probes, readiness), name=f"{app.name} backend checks"
+        )
     log.info(
         "serving",
         extra={
@@ -259,17 +350,15 @@ async def start_service(app: ServiceApp) -> RunningService:
     return running
 
 
-async def _serve_when_ready(
-    app: ServiceApp, pending: Awaitable[None], servicer: health.aio.HealthServicer, names: Sequence[str]
-) -> None:
+async def _serve_when_ready(app: ServiceApp, pending: Awaitable[None], readiness: _Readiness) -> None:
     try:
         await pending
     except Exception:
         log.exception("never became ready; health stays NOT_SERVING", extra={"service": app.name})
         return
-    # After shutdown began the servicer ignores this: NOT_SERVING stays.
-    for name in ["", *names]:
-        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    readiness.app_ready = True
+    # SERVING unless a backend is down; after shutdown began the servicer ignores it.
+    await readiness.publish()
     log.info("ready", extra={"service": app.name})
 
 

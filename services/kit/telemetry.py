@@ -91,6 +91,10 @@ def store_address(url: str) -> str:
     return urlsplit(url).hostname or ""
 
 
+# Readiness checks (ServiceApp.backend_probes) run every few seconds and are no user's request.
+_UNTRACED = frozenset({"ping"})
+
+
 def trace_store(store: object, telemetry: Telemetry, system: str, address: str = "") -> None:
     """Gives every public coroutine method of `store` a client span (database conventions:
     `db.system.name`, `db.operation.name`, `server.address`), so Redis and PostgreSQL work
@@ -102,7 +106,7 @@ def trace_store(store: object, telemetry: Telemetry, system: str, address: str =
     tracer = telemetry.tracer
     for name in dir(type(store)):
         method = getattr(store, name, None)
-        if name.startswith("_") or not inspect.iscoroutinefunction(method):
+        if name.startswith("_") or name in _UNTRACED or not inspect.iscoroutinefunction(method):
             continue
 
         def wrap(method: Callable[..., Awaitable[Any]], operation: str) -> Callable[..., Awaitable[Any]]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.kit.entry import Entry
-from services.kit.server import ServiceApp
+from services.kit.server import BackendProbe, ServiceApp
 from services.kit.tasks import cancel_and_wait
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.limiter import metrics
@@ -76,6 +76,16 @@ class LimiterApp(ServiceApp):
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
             EnvoyRateLimitServicer(self.envoy, self.settings), server
         )
+
+    def backend_probes(self) -> Mapping[str, BackendProbe]:
+        # Redis is required only when the limiter cannot decide without it: fail mode `closed`
+        # denies every request while Redis is down, so such a replica leaves the rotation (a
+        # replica that still reaches Redis answers instead). In `local` and `open` modes a replica
+        # keeps deciding without Redis by design; taking it out of rotation would turn that
+        # into UNAVAILABLE for every caller once all replicas lose Redis together.
+        if self.settings.store_url.startswith("memory:") or self.settings.fail_mode != "closed":
+            return {}
+        return {"redis": self.store.ping}
 
     async def start(self) -> None:
         self.tiers.start(self.settings.reload_interval)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import grpc
@@ -12,7 +12,7 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.kit.clients import open_channel
 from services.kit.entry import Entry
-from services.kit.server import ServiceApp
+from services.kit.server import BackendProbe, ServiceApp
 from services.kit.telemetry import Telemetry, store_address, store_system, trace_store
 from services.sessions.compaction import CompactionPolicy, Compactor, Sleep, Summariser
 from services.sessions.config import SessionsSettings
@@ -106,6 +106,10 @@ class SessionsApp(ServiceApp):
         self.sessions.start_sweeper(
             self.settings.sweep_interval, self.settings.sweep_batch, self.settings.idempotency_ttl
         )
+
+    def backend_probes(self) -> Mapping[str, BackendProbe]:
+        # Every call reads or writes PostgreSQL (the primary); memory:// needs nothing.
+        return {} if self.settings.store_url.startswith("memory:") else {"postgresql": self.store.ping}
 
     async def close(self) -> None:
         await self.sessions.close()

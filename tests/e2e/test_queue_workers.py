@@ -28,10 +28,12 @@ from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.edge.store.redis import GROUP
+from services.edge.store.base import PRIORITY_ORDER
+from services.edge.store.redis import GROUP, stream_key
 from services.testing import Suite, start_suite
 from tests.support.backends import PrivateRedis, free_port, private_redis
 from tests.support.suite_config import write_test_config
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = (("authorization", "Bearer bk_demo_enterprise"),)
@@ -135,8 +137,10 @@ async def suites(
     worker_env = {
         "BALLAST_EDGE_STORE": redis_server.url,
         "BALLAST_EDGE_WORKERS": "3",
-        # A dead worker's jobs are reclaimed after a second without its heartbeat.
+        # A dead worker's jobs are reclaimed after a second without its heartbeat, and its
+        # consumer, holding nothing then, is removed a second later.
         "BALLAST_EDGE_JOB_CLAIM_IDLE": "1s",
+        "BALLAST_EDGE_CONSUMER_IDLE": "1s",
         "BALLAST_GRACE_PERIOD": "30s",
         "BALLAST_CLOSE_TIMEOUT": "10s",
         **{
@@ -226,14 +230,35 @@ async def test_worker_processes_drain_a_burst_and_a_killed_worker_loses_no_job(
             assert roles == [common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT], (job_id, roles)
         # Nothing is left in the queue.
         assert await _pending_by_consumer(client) == {}
+        # The killed worker's consumer, holding nothing once its jobs were reclaimed, is removed
+        # by the live workers.
+        await eventually(
+            lambda: _no_consumer_of([doomed], client),
+            what="the killed worker's consumer removed",
+            within=DEADLINE,
+        )
     finally:
-        await client.aclose()
         for worker in workers:
             if worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGTERM)
-    # A live worker drains and exits cleanly on SIGTERM, as on a scale-down.
-    for worker in workers[1:]:
-        assert await asyncio.wait_for(worker.process.wait(), DEADLINE) == 0, worker.log.read_text()[-2000:]
+        try:
+            # A live worker drains and exits cleanly on SIGTERM, as on a scale-down...
+            for worker in workers[1:]:
+                assert await asyncio.wait_for(worker.process.wait(), DEADLINE) == 0, worker.log.read_text()[
+                    -2000:
+                ]
+            # ...and leaves no consumer behind in the group.
+            assert await _no_consumer_of(workers, client)
+        finally:
+            await client.aclose()
+
+
+async def _no_consumer_of(workers: list[Worker], client: aioredis.Redis) -> bool:
+    for priority in PRIORITY_ORDER:
+        consumers: Any = await client.xinfo_consumers(stream_key(priority), GROUP)
+        if any(w.owns(c["name"].decode()) for c in consumers for w in workers):
+            return False
+    return True
 
 
 async def test_worker_serves_only_health_and_metrics(
@@ -303,6 +328,78 @@ async def test_a_stopping_worker_finishes_the_jobs_it_runs(tmp_path: Path, redis
     finally:
         await worker.stop(0)
         await suite.stop(0)
+
+
+async def test_a_worker_whose_drain_cuts_a_job_hands_it_back_and_leaves_no_consumer(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A job still running when the drain ends is put back in line by the stopping worker itself,
+    at once, not after BALLAST_EDGE_JOB_CLAIM_IDLE (an hour here); and the worker's consumer
+    leaves the group, so scaled-down pods do not pile up in XINFO CONSUMERS."""
+    from services.kit.redisconn import split_key_prefix
+
+    fast_dir, slow_dir = tmp_path / "fast", tmp_path / "slow"
+    fast_dir.mkdir()
+    slow_dir.mkdir()
+    environ = {**write_test_config(fast_dir), "BALLAST_EDGE_STORE": redis_url, "BALLAST_EDGE_WORKERS": "0"}
+    suite = await start_suite(["router", "limiter", "cache", "sessions", "edge"], environ)
+    # A model that answers in ten minutes: the job is surely mid-call when the drain ends.
+    slow = await start_suite(
+        ["router"],
+        {
+            **write_test_config(slow_dir, sim_latency_ms=600_000, sim_rpm=1_000_000),
+            "BALLAST_ROUTER_ATTEMPT_TIMEOUT": "20m",
+        },
+    )
+    addresses = {
+        f"BALLAST_{name.upper()}_ADDR": suite.address(name) for name in ("limiter", "cache", "sessions")
+    }
+    worker = await start_suite(
+        ["worker"],
+        {
+            **environ,
+            **addresses,
+            "BALLAST_ROUTER_ADDR": slow.address("router"),
+            "BALLAST_EDGE_WORKERS": "2",
+            "BALLAST_EDGE_JOB_CLAIM_IDLE": "1h",
+        },
+    )
+    clean, prefix = split_key_prefix(redis_url)
+    client = aioredis.Redis.from_url(clean)
+    try:
+        chat = edge_pb2.ChatRequest(
+            messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="cut me")]
+        )
+        job_id = (await suite.edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=chat), metadata=KEY)).job.job_id
+
+        async def state() -> int:
+            reply = await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=KEY)
+            return int(reply.job.state)
+
+        await eventually(
+            lambda: _equals(state(), edge_pb2.JOB_STATE_RUNNING),
+            what="the worker running the job",
+            within=DEADLINE,
+        )
+        # A drain shorter than the model call: the job is cut.
+        await worker.stop(grace=0.2)
+        job = (await suite.edge.GetJob(edge_pb2.GetJobRequest(job_id=job_id), metadata=KEY)).job
+        assert job.state == edge_pb2.JOB_STATE_QUEUED and job.attempts == 1
+        for priority in PRIORITY_ORDER:
+            stream = stream_key(priority, prefix)
+            consumers: Any = await client.xinfo_consumers(stream, GROUP)
+            assert [c["name"] for c in consumers if c["name"].startswith(b"worker-")] == [], priority
+            groups: Any = await client.xinfo_groups(stream)
+            assert groups[0]["pending"] == 0, priority
+    finally:
+        await client.aclose()
+        await worker.stop(0)
+        await slow.stop(0)
+        await suite.stop(0)
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
 
 
 async def test_an_edge_without_workers_keeps_the_queue_moving(tmp_path: Path, redis_url: str) -> None:

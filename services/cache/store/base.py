@@ -96,6 +96,10 @@ class CacheStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Returns when the backend answers, raises when it does not (readiness checks it)."""
+        ...
+
     async def put(self, entry: Entry, now: float) -> None:
         """Stores `entry`, replacing any live entry with the same key. Beyond its tenant's quota
         the tenant's own least recently used entries are evicted; beyond the whole cache's bound,

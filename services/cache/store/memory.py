@@ -28,6 +28,9 @@ class MemoryStore:
     async def start(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        """Always answers: this process is the backend."""
+
     async def close(self) -> None:
         return None
 

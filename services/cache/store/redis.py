@@ -352,6 +352,9 @@ class RedisStore:
             asyncio.create_task(self._sweeper(), name="cache-redis-sweep"),
         ]
 
+    async def ping(self) -> None:
+        await self._redis.ping()
+
     async def close(self) -> None:
         # redis-py can swallow a cancellation that races its read timeout (then retries the
         # blocked XREAD), so: flag, cancel again until the tasks end, bounded by the block time.

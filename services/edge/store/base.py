@@ -82,6 +82,9 @@ class Claim:
 class EdgeStore(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
+    async def ping(self) -> None:
+        """Returns when the backend answers, raises when it does not (readiness checks it)."""
+        ...
 
     # API keys made through the admin RPC.
     async def put_key(self, key: ApiKey) -> None: ...
@@ -110,6 +113,17 @@ class EdgeStore(Protocol):
 
     async def reclaim(self, consumer: str, min_idle: float) -> int:
         """Re-queues jobs whose worker went silent for `min_idle` seconds; returns how many."""
+        ...
+
+    async def release(self, consumer: str) -> int:
+        """At a clean shutdown, once `consumer` runs nothing: puts the jobs it still holds (cut by
+        the drain) back in line at once, then removes the consumer from the queue's bookkeeping;
+        returns how many jobs went back."""
+        ...
+
+    async def reap(self, consumer: str, idle: float) -> int:
+        """Removes the other consumers idle for `idle` seconds that hold no job (workers that died
+        and whose jobs were reclaimed); returns how many."""
         ...
 
     async def promote_due(self) -> int:

@@ -47,6 +47,9 @@ class MemoryEdgeStore:
     async def start(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        """Always answers: this process is the backend."""
+
     async def close(self) -> None:
         return None
 
@@ -181,6 +184,13 @@ class MemoryEdgeStore:
                 self._push(job)
                 count += 1
         return count
+
+    async def release(self, consumer: str) -> int:
+        # One process: its queue ends with it, and claims carry no consumer to remove.
+        return 0
+
+    async def reap(self, consumer: str, idle: float) -> int:
+        return 0
 
     async def promote_due(self) -> int:
         # Parked jobs wait in the same heaps, ordered by their time: nothing to move.

@@ -1,7 +1,9 @@
 """Redis edge store: API keys, job records and a priority queue on Redis Streams.
 
 One stream per priority with one consumer group; workers read the highest priority
-first, and within a priority tenants take turns (see _FAIR). A delivered entry stays pending until the job ends, so a worker that dies
+first, and within a priority tenants take turns (see _FAIR). Beside each, a tally stream holds
+one entry per job waiting, so the tally's consumer-group lag is the number of jobs waiting
+(what an autoscaler reads; see _FAIR). A delivered entry stays pending until the job ends, so a worker that dies
 mid-job leaves it pending, and `reclaim` (XAUTOCLAIM) puts it back on the queue.
 A job's terminal state is written once (compare-and-set in Lua), so a duplicate
 delivery cannot overwrite a result. All keys share the `{edge}` hash tag, so on a Redis
@@ -47,8 +49,29 @@ _BYTES_FIELDS = ("request", "caller", "result", "error")
 # previous one. Claims still go through the consumer group (pending entries, XAUTOCLAIM), so
 # exactly-once claiming is unchanged; admission runs inside the same scripts as the claim, so it
 # is atomic with it. `waiting` (job -> time) and `backlogged` (tenants) make depth and repair cheap.
+#
+# So the job stream's consumer-group lag counts tenants with a job waiting, not jobs. The tally
+# stream counts jobs: every job that starts waiting (submitted, put back after its worker died, or
+# due after being parked) appends one entry, and every job that stops waiting (a worker takes its
+# stream entry, or it is cancelled from its tenant's backlog) reads one for the same group with
+# the fixed consumer TALLY_CONSUMER, acknowledges it and trims the tally's head. The tally's lag
+# (XINFO GROUPS, Redis 7+) is therefore the number of jobs waiting, which KEDA scales on.
 _FAIR = """
-local function enqueue(stream, ready, prefix, waiting, backlogged, job_id, tenant, front, now)
+local function tally_add(tally, job_id)
+  redis.call('XADD', tally, '*', 'job_id', job_id)
+end
+
+local function tally_take(tally, group, consumer)
+  local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', tally, '>')
+  if not got then return end
+  local id = got[1][2][1][1]
+  redis.call('XACK', tally, group, id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', tally, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+end
+
+local function enqueue(stream, ready, prefix, waiting, backlogged, tally, job_id, tenant, front, now)
+  tally_add(tally, job_id)
   if tonumber(redis.call('HGET', ready, tenant) or '0') < 1 then
     redis.call('XADD', stream, '*', 'job_id', job_id, 'tenant', tenant)
     redis.call('HINCRBY', ready, tenant, 1)
@@ -74,7 +97,8 @@ end
 """
 
 # KEYS[1] job hash, KEYS[2] stream, KEYS[3] ready, KEYS[4] waiting, KEYS[5] backlogged,
-# KEYS[6..9] queued-per-tenant, queued-per-user, stored-per-tenant, stored-per-user (job -> time);
+# KEYS[6..9] queued-per-tenant, queued-per-user, stored-per-tenant, stored-per-user (job -> time),
+# KEYS[10] tally;
 # ARGV[1] job id, ARGV[2] tenant, ARGV[3] record, ARGV[4] state, ARGV[5] ttl, ARGV[6] now,
 # ARGV[7] oldest time still kept, ARGV[8..11] the four caps (0 = none), ARGV[12] backlog prefix.
 # Returns 'ok', or the name of the cap that refused the job (nothing is written then).
@@ -93,27 +117,28 @@ for i = 6, 9 do
   redis.call('ZADD', KEYS[i], ARGV[6], ARGV[1])
   redis.call('EXPIRE', KEYS[i], ARGV[5])
 end
-enqueue(KEYS[2], KEYS[3], ARGV[12], KEYS[4], KEYS[5], ARGV[1], ARGV[2], false, ARGV[6])
+enqueue(KEYS[2], KEYS[3], ARGV[12], KEYS[4], KEYS[5], KEYS[10], ARGV[1], ARGV[2], false, ARGV[6])
 return 'ok'
 """
 )
 
-# KEYS: per priority, highest first, five keys: stream, ready, parked, waiting, backlogged.
+# KEYS: per priority, highest first, six keys: stream, ready, parked, waiting, backlogged, tally.
 # ARGV[1] group, ARGV[2] consumer, ARGV[3] now, ARGV[4] job key prefix, ARGV[5..8] backlog
-# prefixes. Promotes due parked jobs, claims the next entry of the highest priority that has one
+# prefixes, ARGV[9] the tally's consumer. Promotes due parked jobs, claims the next entry of the highest priority that has one
 # and admits that tenant's next job. Returns {priority index, entry id, job id} or false.
 _CLAIM = (
     _FAIR
     + """
 for i = 0, 3 do
-  local stream, ready, parked, waiting, backlogged = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4], KEYS[i*5+5]
+  local stream, ready, parked, waiting, backlogged, tally = KEYS[i*6+1], KEYS[i*6+2], KEYS[i*6+3], KEYS[i*6+4], KEYS[i*6+5], KEYS[i*6+6]
   local prefix = ARGV[5 + i]
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', ARGV[3], 'LIMIT', 0, 100)) do
     redis.call('ZREM', parked, id)
     local tenant = redis.call('HGET', ARGV[4] .. id, 'tenant')
     if tenant then
-      enqueue(stream, ready, prefix, waiting, backlogged, id, tenant, true, ARGV[3])
+      enqueue(stream, ready, prefix, waiting, backlogged, tally, id, tenant, true, ARGV[3])
     else
+      tally_add(tally, id)
       redis.call('XADD', stream, '*', 'job_id', id)
     end
   end
@@ -128,6 +153,7 @@ for i = 0, 3 do
     reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', stream, '>')
   end
   if reply then
+    tally_take(tally, ARGV[1], ARGV[9])
     local entry = reply[1][2][1]
     local fields = entry[2]
     local job_id, tenant = '', nil
@@ -145,12 +171,12 @@ return false
 """
 )
 
-# KEYS[1] stream, KEYS[2] ready, KEYS[3] waiting, KEYS[4] backlogged; ARGV[1] job id, ARGV[2]
-# tenant, ARGV[3] now, ARGV[4] backlog prefix. Puts a reclaimed job back, ahead of its tenant's backlog.
+# KEYS[1] stream, KEYS[2] ready, KEYS[3] waiting, KEYS[4] backlogged, KEYS[5] tally; ARGV[1] job id,
+# ARGV[2] tenant, ARGV[3] now, ARGV[4] backlog prefix. Puts a reclaimed job back, ahead of its tenant's backlog.
 _REQUEUE = (
     _FAIR
     + """
-enqueue(KEYS[1], KEYS[2], ARGV[4], KEYS[3], KEYS[4], ARGV[1], ARGV[2], true, ARGV[3])
+enqueue(KEYS[1], KEYS[2], ARGV[4], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], true, ARGV[3])
 return 1
 """
 )
@@ -197,7 +223,7 @@ end
 return 1
 """
 
-# KEYS: per priority, as _CLAIM's (stream, ready, parked, waiting, backlogged); ARGV[1] now,
+# KEYS: per priority, as _CLAIM's (stream, ready, parked, waiting, backlogged, tally); ARGV[1] now,
 # ARGV[2] job key prefix, ARGV[3..6] backlog prefixes. Puts parked jobs that fell due back in line
 # as _CLAIM does, for an edge whose workers run apart (no claim promotes them there).
 _PROMOTE = (
@@ -205,14 +231,15 @@ _PROMOTE = (
     + """
 local moved = 0
 for i = 0, 3 do
-  local stream, ready, parked, waiting, backlogged = KEYS[i*5+1], KEYS[i*5+2], KEYS[i*5+3], KEYS[i*5+4], KEYS[i*5+5]
+  local stream, ready, parked, waiting, backlogged, tally = KEYS[i*6+1], KEYS[i*6+2], KEYS[i*6+3], KEYS[i*6+4], KEYS[i*6+5], KEYS[i*6+6]
   local prefix = ARGV[3 + i]
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', ARGV[1], 'LIMIT', 0, 100)) do
     redis.call('ZREM', parked, id)
     local tenant = redis.call('HGET', ARGV[2] .. id, 'tenant')
     if tenant then
-      enqueue(stream, ready, prefix, waiting, backlogged, id, tenant, true, ARGV[1])
+      enqueue(stream, ready, prefix, waiting, backlogged, tally, id, tenant, true, ARGV[1])
     else
+      tally_add(tally, id)
       redis.call('XADD', stream, '*', 'job_id', id)
     end
     moved = moved + 1
@@ -223,9 +250,49 @@ return moved
 )
 
 
+# KEYS[1] waiting, KEYS[2] the tenant's backlog, KEYS[3] tally; ARGV[1] job id, ARGV[2] group,
+# ARGV[3] the tally's consumer. Takes a cancelled job out of its tenant's backlog (when it waits
+# there) and out of the tally: it no longer waits.
+_UNBACKLOG = (
+    _FAIR
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+tally_take(KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+)
+
+# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] least idle time in ms. Removes the
+# consumer only if it exists, holds no entry (XGROUP DELCONSUMER would drop its pending entries,
+# losing their jobs) and has been idle that long; 1 when removed. Checked and done at once, so a
+# consumer that claims a job meanwhile is kept.
+_DELCONSUMER = """
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['name'] == ARGV[2] then
+    if fields['pending'] > 0 or fields['idle'] < tonumber(ARGV[3]) then return 0 end
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
+
+#: The one consumer that reads the tally streams (every claim and cancel reads one entry as it).
+TALLY_CONSUMER = "tally"
+
+
 def stream_key(priority: str, key_prefix: str = "") -> str:
-    """The Redis Stream of one priority: what workers read and an autoscaler watches (KEDA)."""
+    """The Redis Stream of one priority: what workers claim from (pending entries: jobs running)."""
     return f"{key_prefix}{{edge}}:stream:{priority}"
+
+
+def tally_key(priority: str, key_prefix: str = "") -> str:
+    """One priority's tally stream: its consumer-group lag (group GROUP) is the number of jobs
+    waiting, what an autoscaler scales the workers on (KEDA's redis-streams lagCount)."""
+    return f"{key_prefix}{{edge}}:tally:{priority}"
 
 
 def _text(value: bytes | str) -> str:
@@ -284,6 +351,8 @@ class RedisEdgeStore:
         self._submit = self._redis.register_script(_SUBMIT)
         self._claim = self._redis.register_script(_CLAIM)
         self._requeue = self._redis.register_script(_REQUEUE)
+        self._unbacklog = self._redis.register_script(_UNBACKLOG)
+        self._delconsumer = self._redis.register_script(_DELCONSUMER)
         self._claim_keys = [
             key
             for p in PRIORITY_ORDER
@@ -293,11 +362,15 @@ class RedisEdgeStore:
                 self._parked(p),
                 self._waiting(p),
                 self._backlogged(p),
+                self._tally(p),
             )
         ]
 
     def _stream(self, priority: str) -> str:
         return stream_key(priority, self._prefix)
+
+    def _tally(self, priority: str) -> str:
+        return tally_key(priority, self._prefix)
 
     def _parked(self, priority: str) -> str:
         return f"{self._p}parked:{priority}"
@@ -324,11 +397,15 @@ class RedisEdgeStore:
 
     async def start(self) -> None:
         for priority in PRIORITY_ORDER:
-            try:
-                await self._redis.xgroup_create(self._stream(priority), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for stream in (self._stream(priority), self._tally(priority)):
+                try:
+                    await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    async def ping(self) -> None:
+        await self._redis.ping()
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -380,6 +457,7 @@ class RedisEdgeStore:
                 self._backlogged(priority),
                 *self._owned("queued", job),
                 *self._owned("stored", job),
+                self._tally(priority),
             ],
             args=[
                 job.job_id,
@@ -418,7 +496,8 @@ class RedisEdgeStore:
         prefixes = [self._backlog(p) for p in PRIORITY_ORDER]
         while True:
             found: Any = await self._claim(
-                keys=self._claim_keys, args=[GROUP, consumer, time.time(), self._job(""), *prefixes]
+                keys=self._claim_keys,
+                args=[GROUP, consumer, time.time(), self._job(""), *prefixes, TALLY_CONSUMER],
             )
             if not found:
                 remaining = deadline - time.monotonic()
@@ -456,31 +535,70 @@ class RedisEdgeStore:
                 self._stream(priority), GROUP, consumer, int(min_idle * 1000), "0-0", count=100
             )
             for entry_id, fields in reply[1]:
-                job_id = fields[b"job_id"].decode() if fields else ""
-                await self._ack(priority, entry_id.decode())
-                job = await self.get_job(job_id) if job_id else None
-                # QUEUED too: a worker that died between reading the entry and marking the job
-                # running (or mid-park) leaves a pending entry for a job that is in no queue.
-                if job is None or job.state not in (RUNNING, QUEUED):
-                    continue
-                if (
-                    job.state == QUEUED
-                    and await self._redis.zscore(self._parked(priority), job.job_id) is not None
-                ):
-                    continue
-                job.state = QUEUED
-                await self._save(job)
-                await self._requeue(
-                    keys=[
-                        self._stream(priority),
-                        self._ready(priority),
-                        self._waiting(priority),
-                        self._backlogged(priority),
-                    ],
-                    args=[job.job_id, job.tenant_id, time.time(), self._backlog(priority)],
-                )
-                count += 1
+                count += await self._put_back(priority, entry_id.decode(), fields)
         return count
+
+    async def _put_back(self, priority: str, entry_id: str, fields: Any) -> int:
+        """Acknowledges a claimed entry and puts its job back in line, ahead of its tenant's
+        backlog, unless it ended or is parked; 1 when it went back."""
+        job_id = fields[b"job_id"].decode() if fields else ""
+        await self._ack(priority, entry_id)
+        job = await self.get_job(job_id) if job_id else None
+        # QUEUED too: a worker that died between reading the entry and marking the job
+        # running (or mid-park) leaves a pending entry for a job that is in no queue.
+        if job is None or job.state not in (RUNNING, QUEUED):
+            return 0
+        if job.state == QUEUED and await self._redis.zscore(self._parked(priority), job.job_id) is not None:
+            return 0
+        job.state = QUEUED
+        await self._save(job)
+        await self._requeue(
+            keys=[
+                self._stream(priority),
+                self._ready(priority),
+                self._waiting(priority),
+                self._backlogged(priority),
+                self._tally(priority),
+            ],
+            args=[job.job_id, job.tenant_id, time.time(), self._backlog(priority)],
+        )
+        return 1
+
+    async def release(self, consumer: str) -> int:
+        count = 0
+        for priority in PRIORITY_ORDER:
+            stream = self._stream(priority)
+            while True:
+                held: Any = await self._redis.xpending_range(
+                    stream, GROUP, min="-", max="+", count=100, consumername=consumer
+                )
+                if not held:
+                    break
+                ids = [entry["message_id"] for entry in held]
+                # Our own entries, read with their fields (min idle 0: we hold them already).
+                entries: Any = await self._redis.xclaim(stream, GROUP, consumer, 0, ids)
+                found = {entry_id for entry_id, _ in entries}
+                for entry_id, fields in entries:
+                    count += await self._put_back(priority, entry_id.decode(), fields)
+                for entry_id in ids:
+                    # An entry trimmed from the stream has no job left to put back.
+                    if entry_id not in found:
+                        await self._ack(priority, entry_id.decode())
+            await self._delconsumer(keys=[stream], args=[GROUP, consumer, 0])
+        return count
+
+    async def reap(self, consumer: str, idle: float) -> int:
+        removed = 0
+        least_ms = int(idle * 1000)
+        for priority in PRIORITY_ORDER:
+            stream = self._stream(priority)
+            consumers: Any = await self._redis.xinfo_consumers(stream, GROUP)
+            for info in consumers:
+                name = _text(info["name"])
+                if name == consumer or int(info["pending"]) > 0 or int(info["idle"]) < least_ms:
+                    continue
+                removed += int(await self._delconsumer(keys=[stream], args=[GROUP, name, least_ms]))
+        return removed
 
     async def promote_due(self) -> int:
         prefixes = [self._backlog(p) for p in PRIORITY_ORDER]
@@ -526,8 +644,14 @@ class RedisEdgeStore:
             # skipped by the worker that reads it.
             for priority in PRIORITY_ORDER:
                 await self._redis.zrem(self._parked(priority), job_id)
-            if await self._redis.zrem(self._waiting(job.priority), job_id):
-                await self._redis.lrem(self._backlog(job.priority, job.tenant_id), 1, job_id)
+            await self._unbacklog(
+                keys=[
+                    self._waiting(job.priority),
+                    self._backlog(job.priority, job.tenant_id),
+                    self._tally(job.priority),
+                ],
+                args=[job_id, GROUP, TALLY_CONSUMER],
+            )
             return await self.get_job(job_id)
         return job
 

@@ -376,6 +376,9 @@ class MemoryStore:
         now = self._now()
         return {k: rec for k, (rec, exp) in self._headroom.items() if exp > now}
 
+    async def ping(self) -> None:
+        """Always answers: this process is the backend."""
+
     async def close(self) -> None:
         return None
 

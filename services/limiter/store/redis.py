@@ -535,5 +535,8 @@ class RedisStore:
             applied += 1
         return applied
 
+    async def ping(self) -> None:
+        await self.redis.execute("PING")
+
     async def close(self) -> None:
         await self.redis.close()

@@ -315,5 +315,9 @@ class ResilientStore:
     async def replay(self, charges: Sequence[Charge]) -> int:
         return await self.primary.replay(charges)
 
+    async def ping(self) -> None:
+        # The shared store itself, past the fail mode: readiness asks whether Redis answers.
+        await self.primary.ping()
+
     async def close(self) -> None:
         await self.primary.close()

@@ -19,6 +19,10 @@ class SessionStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Returns when the backend answers, raises when it does not (readiness checks it)."""
+        ...
+
     async def create(self, record: SessionRecord, max_per_user: int = 0) -> SessionRecord:
         """Stores a new session; ResourceExhausted when its user already has `max_per_user`
         live sessions (0: no cap). The check and the insert are atomic per user."""

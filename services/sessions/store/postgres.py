@@ -528,6 +528,10 @@ class PostgresStore:
             # Connected on first use: a replica that is down does not stop the service.
             self._read_pool = await self._open_pool(self._settings.read_store_url, lazy=True)
 
+    async def ping(self) -> None:
+        # The primary: writes go there, so the service cannot answer without it.
+        await self._attempt(self._pool, lambda conn: conn.fetchval("SELECT 1"))
+
     async def close(self) -> None:
         for pool in (self._read_pool, self._pool):
             if pool is None:

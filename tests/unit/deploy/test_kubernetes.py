@@ -25,9 +25,10 @@ from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 
 from services import registry
 from services.edge.store import PRIORITY_ORDER
-from services.edge.store.redis import GROUP, stream_key
+from services.edge.store.redis import GROUP, stream_key, tally_key
 from services.kit.certs import make_certs
 from services.kit.config import DEFAULT_HEALTH_PORTS, SERVICE_NAMES, Env
+from services.kit.server import LIVENESS
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -223,14 +224,15 @@ def test_keda_scales_the_worker_on_the_lag_of_the_queue_the_code_uses() -> None:
     assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] > 1
     triggers = spec["triggers"]
     assert {t["type"] for t in triggers} == {"redis-streams"}
-    streams = sorted(stream_key(p) for p in PRIORITY_ORDER)
     waiting = [t for t in triggers if "lagCount" in t["metadata"]]
     running = [t for t in triggers if "pendingEntriesCount" in t["metadata"]]
     assert len(waiting) + len(running) == len(triggers)
-    # Per priority stream, by the names the edge store gives them: one trigger in consumer-group
-    # lag mode (what waits: it scales from zero) and one on pending entries (what runs).
-    assert sorted(t["metadata"]["stream"] for t in waiting) == streams
-    assert sorted(t["metadata"]["stream"] for t in running) == streams
+    # Per priority, by the names the edge store gives them: one trigger in consumer-group lag
+    # mode on the tally stream, whose lag counts jobs waiting (the job stream's would count
+    # tenants: fair admission keeps one entry per tenant there; tests/contract/edge/
+    # test_queue_lag.py), and one on the job stream's pending entries (jobs running).
+    assert sorted(t["metadata"]["stream"] for t in waiting) == sorted(tally_key(p) for p in PRIORITY_ORDER)
+    assert sorted(t["metadata"]["stream"] for t in running) == sorted(stream_key(p) for p in PRIORITY_ORDER)
     env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
     edge_store = _secrets(dev)[_secret_name(dev, "ballast-stores")]["edge-store"]
     assert "key_prefix" not in edge_store
@@ -293,9 +295,15 @@ def test_every_deployment_has_probes_resources_security_and_a_matching_pdb(overl
         labels = pod["metadata"]["labels"]
         for container in pod["spec"]["containers"]:
             ports = {p["containerPort"] for p in container["ports"]}
-            for probe in ("readinessProbe", "livenessProbe"):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert "grpc" in container[probe], f"{name}: {probe} is not a native gRPC probe"
                 assert container[probe]["grpc"]["port"] in ports, f"{name}: {probe} probes no port it opens"
+            # Readiness asks for the overall status, which a required backend's outage turns
+            # NOT_SERVING; startup and liveness ask for the one a backend never fails (a pod whose
+            # Redis is down leaves the rotation, it is not restarted in a loop).
+            assert container["readinessProbe"]["grpc"].get("service", "") == "", name
+            assert container["livenessProbe"]["grpc"].get("service") == LIVENESS, name
+            assert container["startupProbe"]["grpc"].get("service") == LIVENESS, name
         matching = [
             pdb
             for pdb in pdbs
