@@ -177,10 +177,12 @@ def setup_telemetry(
 
     Spans and metrics are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the
     per-signal variants) is set, unless OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER is none;
-    OTEL_SDK_DISABLED=true turns tracing off (metrics stay on for the service's Prometheus
-    endpoint), and so does having no span exporter and no `extra_processors`: nobody would see
-    the spans, so none are made (logs then carry no trace ids). OTEL_TRACES_SAMPLER and
-    OTEL_TRACES_SAMPLER_ARG are read by the SDK itself.
+    OTEL_SDK_DISABLED=true turns the SDK off as OpenTelemetry specifies, metrics included (the
+    SDK's MeterProvider reads it from the process environment and hands out no-op meters, so the
+    Prometheus endpoint then serves no Ballast series). Having no span exporter and no
+    `extra_processors` turns only tracing off: nobody would see the spans, so none are made
+    (logs then carry no trace ids). OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG are read by
+    the SDK itself.
     """
     env = os.environ if environ is None else environ
     name = f"ballast-{service}"
