@@ -201,6 +201,8 @@ class LocalEmbedder:
         try:
             return await asyncio.shield(loading)
         except Exception as exc:
+            # Loading can fail in many ways (a missing file, onnxruntime's own errors, memory);
+            # each makes semantic calls UNAVAILABLE until a later call loads it.
             if self._loading is loading:
                 self._loading = None  # the next call tries again
             raise Unavailable(f"embedding model unavailable: {exc}") from exc

@@ -265,6 +265,8 @@ async def _serve_when_ready(
     try:
         await pending
     except Exception:
+        # Whatever the app's readiness raised: the process keeps serving what it can, and the
+        # probes keep it out of rotation.
         log.exception("never became ready; health stays NOT_SERVING", extra={"service": app.name})
         return
     # After shutdown began the servicer ignores this: NOT_SERVING stays.
