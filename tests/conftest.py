@@ -17,12 +17,17 @@ from urllib.parse import urlencode
 import asyncpg
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from services.testing import Suite, start_suite
 
 REDIS_URL = os.environ.get("BALLAST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 T = TypeVar("T")
+# No property in this suite is about speed (speed targets live in bench/): hypothesis's per-example
+# deadline (200 ms) and its too-slow health check would only measure how busy the machine is.
+settings.register_profile("ballast", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ballast")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The edge loads the demo keys (bk_demo_*) only when told to; the tests use them, on loopback.
 os.environ.setdefault(
