@@ -77,7 +77,11 @@ async def wait_recovered(suite: Suite, user: str) -> limiter_pb2.CheckResponse:
         response = await suite.limiter.Check(check(user), timeout=30)
         return None if response.degraded else response
 
-    return await eventually(decided_by_redis, what="a decision by Redis again", interval=0.05)
+    response: limiter_pb2.CheckResponse | None = await eventually(
+        decided_by_redis, what="a decision by Redis again", interval=0.05
+    )
+    assert response is not None
+    return response
 
 
 async def test_fail_local_keeps_deciding_with_per_replica_limits_and_recovers(

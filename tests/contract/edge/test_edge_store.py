@@ -21,6 +21,7 @@ from services.edge.store import (
 )
 from services.edge.store.memory import MemoryEdgeStore
 from services.edge.store.redis import RedisEdgeStore
+from tests.support.waiting import eventually
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -171,10 +172,12 @@ async def test_with_every_connection_held_by_waiting_workers_a_call_waits_instea
         await small.put_key(key)
         # Three workers block reading an empty queue: each holds one of the three connections.
         claims = [asyncio.ensure_future(small.claim(f"worker-{i}", block=1.0)) for i in range(3)]
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
+        pool = small._redis.connection_pool
+        await eventually(lambda: len(pool._in_use_connections) == 3, what="every connection held")
+        # Nothing awaits between this check and the call asking for a connection, so no claim can
+        # hand its connection back in between: the call finds the pool empty and must wait.
+        assert not any(claim.done() for claim in claims)
         assert await small.key_by_hash(key.sha256) == key  # waited for a connection to come back
-        assert 0.5 < time.monotonic() - started < 2.5
         assert await asyncio.gather(*claims) == [None, None, None]
     finally:
         await small.close()

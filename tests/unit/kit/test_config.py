@@ -58,11 +58,12 @@ def test_an_unset_variable_gives_the_default_written_on_the_field(
 ) -> None:
     """Each default is written once, on the dataclass field; from_env reads it from there."""
     settings = read(Env({}))
-    defaults = {
-        f.name: f.default if f.default is not MISSING else f.default_factory()
-        for f in fields(settings_class)
-        if f.default is not MISSING or f.default_factory is not MISSING
-    }
+    defaults: dict[str, Any] = {}
+    for f in fields(settings_class):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
     assert len(defaults) >= 5
     for name, default in defaults.items():
         if name not in per_service:  # the well-known ports differ per service (DEFAULT_PORTS)
