@@ -7,6 +7,7 @@ a green CI run must mean the real stores were exercised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -42,12 +43,8 @@ def _unavailable(what: str, exc: BaseException) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis URL whose `key_prefix` isolates this test; its keys are deleted afterwards.
-
-    Synchronous on purpose, so async fixtures may also ask for it with request.getfixturevalue.
-    """
+@contextlib.contextmanager
+def _isolated_redis_url() -> Iterator[str]:
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
     try:
@@ -56,12 +53,31 @@ def redis_url() -> Iterator[str]:
         client.close()
         _unavailable("Redis", exc)
     sep = "&" if "?" in REDIS_URL else "?"
-    yield f"{REDIS_URL}{sep}{urlencode({'key_prefix': prefix})}"
-    # Hash-tagged keys start with the prefix too, so one pattern finds everything.
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    try:
+        yield f"{REDIS_URL}{sep}{urlencode({'key_prefix': prefix})}"
+    finally:
+        # Hash-tagged keys start with the prefix too, so one pattern finds everything.
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis URL whose `key_prefix` isolates this test; its keys are deleted afterwards.
+
+    Synchronous on purpose, so async fixtures may also ask for it with request.getfixturevalue.
+    """
+    with _isolated_redis_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> Iterator[str]:
+    """Like redis_url, shared by a module's tests (for processes they all use)."""
+    with _isolated_redis_url() as url:
+        yield url
 
 
 def _run(coro: Awaitable[T]) -> T:
