@@ -162,6 +162,19 @@ def dashboard_json(dashboard: Dashboard) -> dict[str, Any]:
     }
 
 
+def _stat(
+    title: str, queries: list[Query], description: str = "", unit: str = "short", height: int = 4
+) -> Panel:
+    """A quarter-width single-number panel, as the rows of headline figures use."""
+    return Panel(title, queries, description, kind="stat", unit=unit, width=6, height=height)
+
+
+def _rate(metric: str, selector: str, by: str = "") -> str:
+    """Per-second rate of a counter over the dashboard's interval, summed (by `by`)."""
+    rate = f"rate({metric}{{{selector}}}[{RATE}])"
+    return f"sum by ({by}) ({rate})" if by else f"sum({rate})"
+
+
 def _ratio(part: str, whole: str, by: str = "") -> str:
     """part/whole where a missing part (nothing failed) counts as 0, not as no data."""
     group = f" by ({by})" if by else ""
@@ -221,30 +234,21 @@ def overview() -> Dashboard:
         "Traffic, errors, latency and time to first token by tier, spend and the error budget.",
         [
             Panel("Chats/s", [Query(f"sum({chats})")], kind="stat", unit="reqps", width=6, height=4),
-            Panel(
+            _stat(
                 "Server-error ratio (edge)",
                 [Query(_ratio(edge_errors, edge_calls))],
                 "Edge calls that failed on the suite's side (limits are not errors).",
-                kind="stat",
                 unit="percentunit",
-                width=6,
-                height=4,
             ),
-            Panel(
+            _stat(
                 "Spend ($/h)",
-                [Query(f"sum(rate(ballast_usage_cost_total{{{RTM}}}[{RATE}])) * 3600 / 1e6")],
-                kind="stat",
+                [Query(f"{_rate('ballast_usage_cost_total', RTM)} * 3600 / 1e6")],
                 unit="currencyUSD",
-                width=6,
-                height=4,
             ),
-            Panel(
+            _stat(
                 "Answered from cache",
                 [Query(_ratio(hits, answered))],
-                kind="stat",
                 unit="percentunit",
-                width=6,
-                height=4,
             ),
             Panel("Chats/s by outcome", [Query(f"sum by (outcome) ({chats})", "{{outcome}}")], unit="reqps"),
             Panel("Chats/s by tier", [Query(f"sum by (tier) ({chats})", "{{tier}}")], unit="reqps"),
@@ -324,7 +328,7 @@ def cost() -> Dashboard:
         "Who spends what on which model: spend and tokens per tenant, model and tier, cache savings, "
         "top spenders and projected daily usage against budgets.",
         [
-            Panel(
+            _stat(
                 "Spend in range ($)",
                 [
                     Query(
@@ -335,12 +339,10 @@ def cost() -> Dashboard:
                 "Exact sum of what the edge charged in the selected range: counter differences, no "
                 "extrapolation (series that appeared in the range count whole). A replica restarted "
                 "within the range counts from its restart.",
-                kind="stat",
                 unit="currencyUSD",
-                width=6,
                 height=5,
             ),
-            Panel(
+            _stat(
                 "Tokens in range",
                 [
                     Query(
@@ -348,19 +350,15 @@ def cost() -> Dashboard:
                         instant=True,
                     )
                 ],
-                kind="stat",
-                width=6,
                 height=5,
             ),
-            Panel(
+            _stat(
                 "Spend rate ($/h)",
                 [Query(f"sum({rate}) * 3600 / 1e6")],
-                kind="stat",
                 unit="currencyUSD",
-                width=6,
                 height=5,
             ),
-            Panel(
+            _stat(
                 "Cache savings in range ($)",
                 [
                     Query(
@@ -370,9 +368,7 @@ def cost() -> Dashboard:
                 ],
                 "What cache hits did not spend in the selected range: each hit counts the cost its "
                 "cached answer had when the model made it. Set it beside Spend in range.",
-                kind="stat",
                 unit="currencyUSD",
-                width=6,
                 height=5,
             ),
             Panel(
@@ -394,7 +390,7 @@ def cost() -> Dashboard:
                 "Tokens/s by model and direction",
                 [
                     Query(
-                        f"sum by (model, direction) (rate(ballast_usage_tokens_total{{{RTM}}}[{RATE}]))",
+                        _rate("ballast_usage_tokens_total", RTM, "model, direction"),
                         "{{model}} {{direction}}",
                     )
                 ],
@@ -457,7 +453,7 @@ def cost() -> Dashboard:
                 "Provider cost by provider ($/h)",
                 [
                     Query(
-                        f"sum by (provider) (rate(ballast_router_cost_total{{{RM}}}[{RATE}])) * 3600 / 1e6",
+                        f"{_rate('ballast_router_cost_total', RM, 'provider')} * 3600 / 1e6",
                         "{{provider}}",
                     )
                 ],
@@ -685,7 +681,7 @@ def edge() -> Dashboard:
                 "Chats/s by tenant and outcome (top 10)",
                 [
                     Query(
-                        f"topk(10, sum by (tenant, outcome) (rate(ballast_edge_chats_total{{{RT}}}[{RATE}])))",
+                        f"topk(10, {_rate('ballast_edge_chats_total', RT, 'tenant, outcome')})",
                         "{{tenant}} {{outcome}}",
                     )
                 ],
@@ -724,7 +720,7 @@ def router() -> Dashboard:
                 "Cost paid per model ($/h)",
                 [
                     Query(
-                        f"sum by (model) (rate(ballast_router_cost_total{{{RM}}}[{RATE}])) * 3600 / 1e6",
+                        f"{_rate('ballast_router_cost_total', RM, 'model')} * 3600 / 1e6",
                         "{{model}}",
                     )
                 ],
@@ -745,7 +741,7 @@ def limiter() -> Dashboard:
                 "Decisions/s by outcome and reason",
                 [
                     Query(
-                        f"sum by (decision, reason) (rate(ballast_limiter_decisions_total{{{R}}}[{RATE}]))",
+                        _rate("ballast_limiter_decisions_total", R, "decision, reason"),
                         "{{decision}} {{reason}}",
                     )
                 ],
@@ -755,11 +751,11 @@ def limiter() -> Dashboard:
                 "Over and near limit/s by limit",
                 [
                     Query(
-                        f"sum by (limit) (rate(ballast_limiter_over_limit_total{{{R}}}[{RATE}]))",
+                        _rate("ballast_limiter_over_limit_total", R, "limit"),
                         "over {{limit}}",
                     ),
                     Query(
-                        f"sum by (limit) (rate(ballast_limiter_near_limit_total{{{R}}}[{RATE}]))",
+                        _rate("ballast_limiter_near_limit_total", R, "limit"),
                         "near {{limit}}",
                     ),
                 ],
@@ -767,7 +763,7 @@ def limiter() -> Dashboard:
             ),
             Panel(
                 "Degraded decisions/s (no shared store)",
-                [Query(f"sum(rate(ballast_limiter_degraded_decisions_total{{{R}}}[{RATE}]))")],
+                [Query(_rate("ballast_limiter_degraded_decisions_total", R))],
                 unit="reqps",
             ),
             Panel(
@@ -795,7 +791,7 @@ def cache() -> Dashboard:
             ),
             Panel(
                 "Stores/s by result",
-                [Query(f"sum by (result) (rate(ballast_cache_stores_total{{{R}}}[{RATE}]))", "{{result}}")],
+                [Query(_rate("ballast_cache_stores_total", R, "result"), "{{result}}")],
                 unit="reqps",
             ),
         ],
@@ -811,14 +807,14 @@ def sessions() -> Dashboard:
             *_rpc_panels("sessions"),
             Panel(
                 "Turns appended/s",
-                [Query(f"sum(rate(ballast_sessions_turns_total{{{R}}}[{RATE}]))")],
+                [Query(_rate("ballast_sessions_turns_total", R))],
                 unit="reqps",
             ),
             Panel(
                 "Context tokens returned (p50, p95)",
                 [
                     Query(
-                        f"histogram_quantile({q}, sum by (le) (rate(ballast_sessions_context_tokens_bucket{{{R}}}[{RATE}])))",
+                        f"histogram_quantile({q}, {_rate('ballast_sessions_context_tokens_bucket', R, 'le')})",
                         f"p{int(q * 100)}",
                     )
                     for q in (0.5, 0.95)

@@ -7,6 +7,7 @@ a green CI run must mean the real stores were exercised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -17,6 +18,7 @@ from urllib.parse import urlencode
 import asyncpg
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from services.testing import Suite, start_suite
 from tests.support.backends import PrivateRedisCluster
@@ -24,6 +26,10 @@ from tests.support.backends import PrivateRedisCluster
 REDIS_URL = os.environ.get("BALLAST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("BALLAST_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 T = TypeVar("T")
+# No property in this suite is about speed (speed targets live in bench/): hypothesis's per-example
+# deadline (200 ms) and its too-slow health check would only measure how busy the machine is.
+settings.register_profile("ballast", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ballast")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The edge loads the demo keys (bk_demo_*) only when told to; the tests use them, on loopback.
 os.environ.setdefault(
@@ -38,12 +44,8 @@ def _unavailable(what: str, exc: BaseException) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis URL whose `key_prefix` isolates this test; its keys are deleted afterwards.
-
-    Synchronous on purpose, so async fixtures may also ask for it with request.getfixturevalue.
-    """
+@contextlib.contextmanager
+def _isolated_redis_url() -> Iterator[str]:
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
     try:
@@ -52,12 +54,31 @@ def redis_url() -> Iterator[str]:
         client.close()
         _unavailable("Redis", exc)
     sep = "&" if "?" in REDIS_URL else "?"
-    yield f"{REDIS_URL}{sep}{urlencode({'key_prefix': prefix})}"
-    # Hash-tagged keys start with the prefix too, so one pattern finds everything.
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    try:
+        yield f"{REDIS_URL}{sep}{urlencode({'key_prefix': prefix})}"
+    finally:
+        # Hash-tagged keys start with the prefix too, so one pattern finds everything.
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis URL whose `key_prefix` isolates this test; its keys are deleted afterwards.
+
+    Synchronous on purpose, so async fixtures may also ask for it with request.getfixturevalue.
+    """
+    with _isolated_redis_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> Iterator[str]:
+    """Like redis_url, shared by a module's tests (for processes they all use)."""
+    with _isolated_redis_url() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -133,4 +154,5 @@ async def suite_factory() -> AsyncIterator[SuiteFactory]:
 
     yield factory
     for suite in started:
-        await suite.stop()
+        # Nothing is asserted after a test: no grace to drain (tests of draining stop suites themselves).
+        await suite.stop(grace=0)

@@ -149,6 +149,35 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
+# Loaded models by files and options: services in one process (the all-in-one runner, replicas
+# started side by side, each test's suite) load a model once and share it. A loaded model holds
+# no state between calls (onnxruntime runs a session from several threads at once), and the
+# files' size and modification time are in the key, so a replaced file is loaded anew.
+_MODELS: dict[tuple[str, int, int, str, int, int], MiniLMModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _shared_model(model_path: str, tokenizer_path: str, *, threads: int, max_tokens: int) -> MiniLMModel:
+    model_file = Path(model_path) if model_path else default_model_path()
+    tokenizer_file = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path()
+    stat = model_file.stat()  # a missing file fails the load here, as it would in onnxruntime
+    key = (
+        str(model_file.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        str(tokenizer_file.resolve()),
+        threads,
+        max_tokens,
+    )
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = MiniLMModel(model_file, tokenizer_file, threads=threads, max_tokens=max_tokens)
+            log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
+            _MODELS[key] = model
+        return model
+
+
 class LocalEmbedder:
     """MiniLM in this process, loaded once (in the background at start, or on first use);
     inference runs in a worker thread so the event loop keeps serving gRPC."""
@@ -183,9 +212,7 @@ class LocalEmbedder:
     def _load_sync(self) -> MiniLMModel:
         with self._lock:
             if self._model is None:
-                model = MiniLMModel(*self._args, threads=self._threads, max_tokens=self._max_tokens)
-                log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
-                self._model = model
+                self._model = _shared_model(*self._args, threads=self._threads, max_tokens=self._max_tokens)
             return self._model
 
     def model(self) -> MiniLMModel:
@@ -201,6 +228,8 @@ class LocalEmbedder:
         try:
             return await asyncio.shield(loading)
         except Exception as exc:
+            # Loading can fail in many ways (a missing file, onnxruntime's own errors, memory);
+            # each makes semantic calls UNAVAILABLE until a later call loads it.
             if self._loading is loading:
                 self._loading = None  # the next call tries again
             raise Unavailable(f"embedding model unavailable: {exc}") from exc

@@ -20,6 +20,7 @@ from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
 from services.edge.store import EdgeStore
+from services.edge.tools import ToolCalls
 from services.edge.webhooks import WebhookSecrets
 from services.kit.entry import Entry
 from services.kit.server import BackendProbe, ServiceApp
@@ -130,6 +131,7 @@ class EdgeApp(_QueueApp):
             self.jobs,
             self.store,
             self.metrics,
+            ToolCalls(self.downstream),
             self.chat_lane,
         )
         # The OpenAI-compatible face runs its requests through the same servicer (openai_http.py).

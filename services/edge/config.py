@@ -20,6 +20,11 @@ PRIORITIES = ("low", "normal", "high", "critical")
 WORKER_PORT = 50056
 WORKER_METRICS_PORT = 9456
 
+# Tier -> queued jobs per user, and tier -> queue priority, when BALLAST_EDGE_TIER_MAX_QUEUED and
+# BALLAST_EDGE_TIER_PRIORITIES are unset (the dataclass fields below start from these too).
+_TIER_MAX_QUEUED: Mapping[str, int] = {"free": 100}
+_TIER_PRIORITIES: Mapping[str, str] = {"free": "low", "paid": "normal", "enterprise": "high"}
+
 
 def _parse_webhook_allowed(env: Env, name: str) -> tuple[str, ...]:
     raw = env.string(name, "")
@@ -39,8 +44,10 @@ def _parse_webhook_allowed(env: Env, name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _parse_tier_caps(env: Env, name: str, default: str) -> dict[str, int]:
-    raw = env.string(name, default)
+def _parse_tier_caps(env: Env, name: str, default: Mapping[str, int]) -> dict[str, int]:
+    raw = env.raw(name)
+    if raw is None:
+        return dict(default)
     out: dict[str, int] = {}
     for item in (part.strip() for part in raw.split(",")):
         if not item:
@@ -56,8 +63,10 @@ def _parse_tier_caps(env: Env, name: str, default: str) -> dict[str, int]:
     return out
 
 
-def _parse_tier_priorities(env: Env, name: str, default: str) -> dict[str, str]:
-    raw = env.string(name, default)
+def _parse_tier_priorities(env: Env, name: str, default: Mapping[str, str]) -> dict[str, str]:
+    raw = env.raw(name)
+    if raw is None:
+        return dict(default)
     out: dict[str, str] = {}
     for item in raw.split(","):
         tier, sep, priority = item.partition("=")
@@ -150,11 +159,9 @@ class EdgeSettings:
     max_stored_per_tenant: int = 100_000
     max_stored_per_user: int = 10_000
     # Tier -> queued jobs per user (admission by tier), on top of max_queued_per_user.
-    tier_max_queued: Mapping[str, int] = field(default_factory=lambda: {"free": 100})
+    tier_max_queued: Mapping[str, int] = field(default_factory=lambda: dict(_TIER_MAX_QUEUED))
     # Tier -> queue priority for SubmitChat.
-    tier_priorities: Mapping[str, str] = field(
-        default_factory=lambda: {"free": "low", "paid": "normal", "enterprise": "high"}
-    )
+    tier_priorities: Mapping[str, str] = field(default_factory=lambda: dict(_TIER_PRIORITIES))
     # The OpenAI-compatible HTTP face (openai_http.py), served beside the gRPC port by the same
     # process: its port (0 picks a free one), the largest request body, how long one request may
     # take end to end (the gRPC face takes the caller's deadline; HTTP clients send none), and how
@@ -195,67 +202,105 @@ class EdgeSettings:
 
     @classmethod
     def _read(cls, env: Env) -> EdgeSettings:
+        # Each default is the field's own (cls.<field>), written once above.
         return cls(
             server=ServerSettings.from_env("edge", env),
-            store_url=env.url("BALLAST_EDGE_STORE", "memory://", ["memory", "redis", "rediss"]),
-            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", ""),
-            admin_key=env.string("BALLAST_EDGE_ADMIN_KEY", ""),
-            max_in_flight=env.integer("BALLAST_EDGE_MAX_IN_FLIGHT", 512, minimum=1, maximum=1_000_000),
-            max_messages=env.integer("BALLAST_EDGE_MAX_MESSAGES", 256, minimum=1, maximum=100_000),
-            max_content_chars=env.integer(
-                "BALLAST_EDGE_MAX_CONTENT_CHARS", 200_000, minimum=1, maximum=100_000_000
+            store_url=env.url("BALLAST_EDGE_STORE", cls.store_url, ["memory", "redis", "rediss"]),
+            keys_file=env.string("BALLAST_EDGE_KEYS_FILE", cls.keys_file),
+            admin_key=env.string("BALLAST_EDGE_ADMIN_KEY", cls.admin_key),
+            max_in_flight=env.integer(
+                "BALLAST_EDGE_MAX_IN_FLIGHT", cls.max_in_flight, minimum=1, maximum=1_000_000
             ),
-            max_tools=env.integer("BALLAST_EDGE_MAX_TOOLS", 128, minimum=0, maximum=10_000),
+            max_messages=env.integer(
+                "BALLAST_EDGE_MAX_MESSAGES", cls.max_messages, minimum=1, maximum=100_000
+            ),
+            max_content_chars=env.integer(
+                "BALLAST_EDGE_MAX_CONTENT_CHARS", cls.max_content_chars, minimum=1, maximum=100_000_000
+            ),
+            max_tools=env.integer("BALLAST_EDGE_MAX_TOOLS", cls.max_tools, minimum=0, maximum=10_000),
             # Python's own parser gives up near 1000 levels; stay well inside it.
-            max_json_depth=env.integer("BALLAST_EDGE_MAX_JSON_DEPTH", 64, minimum=1, maximum=500),
+            max_json_depth=env.integer(
+                "BALLAST_EDGE_MAX_JSON_DEPTH", cls.max_json_depth, minimum=1, maximum=500
+            ),
             max_context_tokens=env.integer(
-                "BALLAST_EDGE_MAX_CONTEXT_TOKENS", 1_000_000, minimum=1, maximum=100_000_000
+                "BALLAST_EDGE_MAX_CONTEXT_TOKENS", cls.max_context_tokens, minimum=1, maximum=100_000_000
             ),
             max_output_tokens=env.integer(
-                "BALLAST_EDGE_MAX_OUTPUT_TOKENS", 1_000_000, minimum=1, maximum=100_000_000
+                "BALLAST_EDGE_MAX_OUTPUT_TOKENS", cls.max_output_tokens, minimum=1, maximum=100_000_000
             ),
-            context_tokens=env.integer("BALLAST_EDGE_CONTEXT_TOKENS", 4000, minimum=0, maximum=10_000_000),
+            context_tokens=env.integer(
+                "BALLAST_EDGE_CONTEXT_TOKENS", cls.context_tokens, minimum=0, maximum=10_000_000
+            ),
             reserve_output_tokens=env.integer(
-                "BALLAST_EDGE_RESERVE_OUTPUT_TOKENS", 1024, minimum=0, maximum=10_000_000
+                "BALLAST_EDGE_RESERVE_OUTPUT_TOKENS", cls.reserve_output_tokens, minimum=0, maximum=10_000_000
             ),
-            downstream_timeout=env.duration("BALLAST_EDGE_DOWNSTREAM_TIMEOUT", 2.0, minimum=0.01),
-            limiter_failure=env.choice("BALLAST_EDGE_LIMITER_FAILURE", "open", ["open", "closed"]),
-            max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
-            workers=env.integer("BALLAST_EDGE_WORKERS", 32, minimum=0, maximum=1024),
-            store_pool_size=env.integer("BALLAST_EDGE_STORE_POOL_SIZE", 256, minimum=2, maximum=100_000),
-            pacing_target_lag=env.duration("BALLAST_EDGE_PACING_TARGET_LAG", 0.005, minimum=0.0),
-            pacing_interval=env.duration("BALLAST_EDGE_PACING_INTERVAL", 0.1, minimum=0.01),
-            queue_min_workers=env.integer("BALLAST_EDGE_QUEUE_MIN_WORKERS", 2, minimum=1, maximum=1024),
-            paced_chats_min=env.integer("BALLAST_EDGE_PACED_CHATS_MIN", 8, minimum=1, maximum=1_000_000),
-            job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", 3600.0, minimum=1.0),
-            job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", 5, minimum=1, maximum=1000),
-            job_retry_backoff=env.duration("BALLAST_EDGE_JOB_RETRY_BACKOFF", 0.5, minimum=0.0),
-            job_claim_idle=env.duration("BALLAST_EDGE_JOB_CLAIM_IDLE", 30.0, minimum=0.1),
+            downstream_timeout=env.duration(
+                "BALLAST_EDGE_DOWNSTREAM_TIMEOUT", cls.downstream_timeout, minimum=0.01
+            ),
+            limiter_failure=env.choice(
+                "BALLAST_EDGE_LIMITER_FAILURE", cls.limiter_failure, ["open", "closed"]
+            ),
+            max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", cls.max_throttle_wait),
+            workers=env.integer("BALLAST_EDGE_WORKERS", cls.workers, minimum=0, maximum=1024),
+            store_pool_size=env.integer(
+                "BALLAST_EDGE_STORE_POOL_SIZE", cls.store_pool_size, minimum=2, maximum=100_000
+            ),
+            pacing_target_lag=env.duration(
+                "BALLAST_EDGE_PACING_TARGET_LAG", cls.pacing_target_lag, minimum=0.0
+            ),
+            pacing_interval=env.duration("BALLAST_EDGE_PACING_INTERVAL", cls.pacing_interval, minimum=0.01),
+            queue_min_workers=env.integer(
+                "BALLAST_EDGE_QUEUE_MIN_WORKERS", cls.queue_min_workers, minimum=1, maximum=1024
+            ),
+            paced_chats_min=env.integer(
+                "BALLAST_EDGE_PACED_CHATS_MIN", cls.paced_chats_min, minimum=1, maximum=1_000_000
+            ),
+            job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", cls.job_max_wait, minimum=1.0),
+            job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", cls.job_attempts, minimum=1, maximum=1000),
+            job_retry_backoff=env.duration(
+                "BALLAST_EDGE_JOB_RETRY_BACKOFF", cls.job_retry_backoff, minimum=0.0
+            ),
+            job_claim_idle=env.duration("BALLAST_EDGE_JOB_CLAIM_IDLE", cls.job_claim_idle, minimum=0.1),
             consumer_idle=env.duration("BALLAST_EDGE_CONSUMER_IDLE", cls.consumer_idle, minimum=1.0),
-            job_ttl=env.duration("BALLAST_EDGE_JOB_TTL", 86400.0, minimum=1.0),
-            webhook_secret=env.string("BALLAST_EDGE_WEBHOOK_SECRET", ""),
-            webhook_attempts=env.integer("BALLAST_EDGE_WEBHOOK_ATTEMPTS", 6, minimum=1, maximum=100),
-            webhook_backoff=env.duration("BALLAST_EDGE_WEBHOOK_BACKOFF", 0.5, minimum=0.0),
-            webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
+            job_ttl=env.duration("BALLAST_EDGE_JOB_TTL", cls.job_ttl, minimum=1.0),
+            webhook_secret=env.string("BALLAST_EDGE_WEBHOOK_SECRET", cls.webhook_secret),
+            webhook_attempts=env.integer(
+                "BALLAST_EDGE_WEBHOOK_ATTEMPTS", cls.webhook_attempts, minimum=1, maximum=100
+            ),
+            webhook_backoff=env.duration("BALLAST_EDGE_WEBHOOK_BACKOFF", cls.webhook_backoff, minimum=0.0),
+            webhook_timeout=env.duration("BALLAST_EDGE_WEBHOOK_TIMEOUT", cls.webhook_timeout, minimum=0.1),
             webhook_allowed=_parse_webhook_allowed(env, "BALLAST_EDGE_WEBHOOK_ALLOWED"),
-            queue_sample_interval=env.duration("BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL", 2.0, minimum=0.05),
-            max_queued_per_tenant=env.integer("BALLAST_EDGE_MAX_QUEUED_PER_TENANT", 10_000, minimum=0),
-            max_queued_per_user=env.integer("BALLAST_EDGE_MAX_QUEUED_PER_USER", 1_000, minimum=0),
-            max_stored_per_tenant=env.integer("BALLAST_EDGE_MAX_STORED_PER_TENANT", 100_000, minimum=0),
-            max_stored_per_user=env.integer("BALLAST_EDGE_MAX_STORED_PER_USER", 10_000, minimum=0),
-            tier_max_queued=_parse_tier_caps(env, "BALLAST_EDGE_TIER_MAX_QUEUED", "free=100"),
-            tier_priorities=_parse_tier_priorities(
-                env, "BALLAST_EDGE_TIER_PRIORITIES", "free=low,paid=normal,enterprise=high"
+            queue_sample_interval=env.duration(
+                "BALLAST_EDGE_QUEUE_SAMPLE_INTERVAL", cls.queue_sample_interval, minimum=0.05
             ),
-            http_enabled=env.boolean("BALLAST_EDGE_HTTP", True),
-            http_port=env.integer("BALLAST_EDGE_HTTP_PORT", 8080, minimum=0, maximum=65535),
+            max_queued_per_tenant=env.integer(
+                "BALLAST_EDGE_MAX_QUEUED_PER_TENANT", cls.max_queued_per_tenant, minimum=0
+            ),
+            max_queued_per_user=env.integer(
+                "BALLAST_EDGE_MAX_QUEUED_PER_USER", cls.max_queued_per_user, minimum=0
+            ),
+            max_stored_per_tenant=env.integer(
+                "BALLAST_EDGE_MAX_STORED_PER_TENANT", cls.max_stored_per_tenant, minimum=0
+            ),
+            max_stored_per_user=env.integer(
+                "BALLAST_EDGE_MAX_STORED_PER_USER", cls.max_stored_per_user, minimum=0
+            ),
+            tier_max_queued=_parse_tier_caps(env, "BALLAST_EDGE_TIER_MAX_QUEUED", _TIER_MAX_QUEUED),
+            tier_priorities=_parse_tier_priorities(env, "BALLAST_EDGE_TIER_PRIORITIES", _TIER_PRIORITIES),
+            http_enabled=env.boolean("BALLAST_EDGE_HTTP", cls.http_enabled),
+            http_port=env.integer("BALLAST_EDGE_HTTP_PORT", cls.http_port, minimum=0, maximum=65535),
             http_max_body_bytes=env.integer(
-                "BALLAST_EDGE_HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024
+                "BALLAST_EDGE_HTTP_MAX_BODY_BYTES",
+                cls.http_max_body_bytes,
+                minimum=1024,
+                maximum=256 * 1024 * 1024,
             ),
-            http_request_timeout=env.duration("BALLAST_EDGE_HTTP_REQUEST_TIMEOUT", 600.0, minimum=0.1),
-            http_keep_alive=env.duration("BALLAST_EDGE_HTTP_KEEP_ALIVE", 75.0, minimum=1.0),
-            http_max_retry_wait=env.duration("BALLAST_EDGE_HTTP_MAX_RETRY_WAIT", 60.0),
-            http_backlog=env.integer("BALLAST_EDGE_HTTP_BACKLOG", 2048, minimum=1, maximum=65535),
+            http_request_timeout=env.duration(
+                "BALLAST_EDGE_HTTP_REQUEST_TIMEOUT", cls.http_request_timeout, minimum=0.1
+            ),
+            http_keep_alive=env.duration("BALLAST_EDGE_HTTP_KEEP_ALIVE", cls.http_keep_alive, minimum=1.0),
+            http_max_retry_wait=env.duration("BALLAST_EDGE_HTTP_MAX_RETRY_WAIT", cls.http_max_retry_wait),
+            http_backlog=env.integer("BALLAST_EDGE_HTTP_BACKLOG", cls.http_backlog, minimum=1, maximum=65535),
         )
 
 

@@ -296,6 +296,8 @@ class JobRunner:
                 if not self._settings.workers:
                     await self._store.promote_due()
             except Exception:
+                # The store down, or a bug: this loop must outlive either, or abandoned jobs are
+                # never reclaimed again; the traceback is logged and the next round tries again.
                 log.exception("reclaiming abandoned jobs failed")
             await asyncio.sleep(interval)
 
@@ -309,6 +311,8 @@ class JobRunner:
                 try:
                     claim = await self._store.claim(self.consumer, block=1.0)
                 except Exception:
+                    # The store down (its driver's own errors), or a bug: the worker must keep
+                    # running, so it logs the traceback and claims again after a pause.
                     log.exception("claiming a job failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
@@ -317,7 +321,9 @@ class JobRunner:
                 try:
                     await self.run(claim)
                 except Exception:
-                    # The claim stays pending in the store and is reclaimed, so the job is not lost.
+                    # Ending the job failed (the store down while its result was written, or a
+                    # bug): the worker must keep running. The claim stays pending in the store and
+                    # is reclaimed, so the job is not lost.
                     log.exception("job %s could not be finished; it will be retried", claim.job.job_id)
                     await asyncio.sleep(0.5)
 
@@ -325,6 +331,8 @@ class JobRunner:
         interval = max(0.05, self._settings.job_claim_idle / 3)
         while True:
             await asyncio.sleep(interval)
+            # A missed heartbeat (the store briefly down) only risks an early reclaim; it must
+            # not end the job it keeps alive.
             with contextlib.suppress(Exception):
                 await self._store.heartbeat(claim, self.consumer)
 
@@ -368,6 +376,8 @@ class JobRunner:
                         self._metrics.failed(caller, exc.code.name)
                     await self._end(claim, job, error=exc)
                 except Exception as exc:
+                    # Anything else is a bug: the job ends failed (INTERNAL to its owner, with the
+                    # traceback in the log) instead of being retried forever.
                     log.exception("job %s failed with a bug", job.job_id)
                     await self._end(claim, job, error=exc)
                 else:

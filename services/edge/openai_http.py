@@ -163,6 +163,8 @@ class OpenAIHttpApp:
         except BallastError as exc:
             return await _send_error(send, self._error(exc), headers)
         except Exception:
+            # A bug: the HTTP face's counterpart of kit/errors.py's interceptor answers a generic
+            # 500 naming the trace id, and logs the traceback under it.
             trace_id = _trace_id()
             log.exception("unhandled error in %s (trace_id=%s)", scope["path"], trace_id)
             return await _send_error(send, fmt.internal_error(trace_id), headers)
@@ -312,9 +314,11 @@ class OpenAIHttpApp:
                     return 200
             raise Unavailable("the chat stream ended without its final answer")
         except Exception as exc:
+            # Every failure, a bug included: before the headers it is re-raised (the caller above
+            # answers it); after them the status is sent, so the stream ends with an error event,
+            # never a clean [DONE].
             if writer is None:
                 raise
-            # Headers are gone: the stream ends with an error event, never a clean [DONE].
             if isinstance(exc, BallastError):
                 error = self._error(exc, call)
             else:

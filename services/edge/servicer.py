@@ -11,12 +11,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
-from ballast.cache.v1 import cache_pb2
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from ballast.limiter.v1 import limiter_pb2
 from ballast.sessions.v1 import sessions_pb2
-from google.protobuf import duration_pb2
 
 from services.edge import auth
 from services.edge.config import EdgeSettings
@@ -26,6 +24,7 @@ from services.edge.jobs import JobRunner, job_to_proto
 from services.edge.metrics import EdgeMetrics, failure_outcome
 from services.edge.pacing import Lane
 from services.edge.store import EdgeStore
+from services.edge.tools import ToolCall, ToolCalls, ToolResult
 from services.edge.validation import check_id, check_json_object, validate_chat
 from services.kit.errors import (
     BallastError,
@@ -128,6 +127,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         jobs: JobRunner,
         store: EdgeStore,
         metrics: EdgeMetrics,
+        tools: ToolCalls,
         chat_lane: Lane | None = None,
     ) -> None:
         # Low and normal priority chats take a slot here while the replica is short of CPU;
@@ -140,6 +140,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self._pipeline = pipeline
         self._jobs = jobs
         self._store = store
+        self._tools = tools
 
     @asynccontextmanager
     async def _paced(self, caller: common_pb2.Caller, deadline: Deadline) -> AsyncIterator[None]:
@@ -280,95 +281,48 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self, request: edge_pb2.BeginToolCallRequest, context: Context
     ) -> edge_pb2.BeginToolCallResponse:
         caller = await self._keys.caller(context)
-        check_id("session_id", request.session_id)
-        check_id("tool_name", request.tool_name)
-        check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
-        deadline = Deadline(context.time_remaining())
-        # The session must be the caller's before its cap is counted.
-        await self._down.call(
-            "sessions",
-            self._down.sessions.GetSession,
-            sessions_pb2.GetSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(deadline),
+        call = self._tool_call(request)
+        admitted = await self._tools.begin(
+            caller,
+            call,
+            use_cache=request.use_cache,
+            request_id=_request_id(context),
+            deadline=Deadline(context.time_remaining()),
         )
-        check = await self._down.call(
-            "limiter",
-            self._down.limiter.Check,
-            limiter_pb2.CheckRequest(
-                caller=caller,
-                session_id=request.session_id,
-                requests=0,
-                tool_calls=1,
-                request_id=_request_id(context),
-            ),
-            self._down.timeout(deadline),
+        response = edge_pb2.BeginToolCallResponse(
+            tool_calls_used=admitted.used, tool_calls_limit=admitted.limit
         )
-        used, limit = 0, 0
-        for status in check.limits:
-            if "tool" in status.quota.name:
-                limit = status.quota.limit
-                used = max(0, status.quota.limit - status.quota.remaining)
-        if check.decision == limiter_pb2.DECISION_DENY:
-            retry_after = seconds(check.retry_after)
-            error = ResourceExhausted(
-                f"tool-call cap reached for session {request.session_id!r}: {used} of {limit} used",
-                retry_after=retry_after or None,
-                reason=check.reason or "tool_calls_per_session",
-            )
-            error.trailing = quota_metadata([s.quota for s in check.limits])
-            raise error
-        response = edge_pb2.BeginToolCallResponse(tool_calls_used=used, tool_calls_limit=limit)
-        if request.use_cache:
-            try:
-                cached = await self._down.call(
-                    "cache",
-                    self._down.cache.GetToolResult,
-                    cache_pb2.GetToolResultRequest(
-                        scope=cache_pb2.Scope(tenant_id=caller.tenant_id, user_id=caller.user_id),
-                        tool_name=request.tool_name,
-                        arguments_json=request.arguments_json or "{}",
-                    ),
-                    self._down.timeout(deadline),
-                )
-            except (ResourceExhausted, Unauthenticated):
-                raise
-            except Exception:
-                cached = None  # a cache outage means the tool runs
-            if cached is not None and cached.hit:
-                response.cache_hit = True
-                response.cached_result = cached.result
-                response.cached_is_error = cached.is_error
+        if admitted.cached is not None:
+            response.cache_hit = True
+            response.cached_result = admitted.cached.result
+            response.cached_is_error = admitted.cached.is_error
         return response
 
     async def RecordToolResult(
         self, request: edge_pb2.RecordToolResultRequest, context: Context
     ) -> edge_pb2.RecordToolResultResponse:
         caller = await self._keys.caller(context)
+        call = self._tool_call(request)
+        if len(request.result) > self._settings.max_content_chars:
+            raise InvalidArgument("result", f"at most {self._settings.max_content_chars} characters")
+        result = ToolResult(
+            result=request.result,
+            is_error=request.is_error,
+            cacheable=request.cacheable,
+            ttl=seconds(request.cache_ttl) if request.HasField("cache_ttl") else None,
+        )
+        version = await self._tools.record(caller, call, result, Deadline(context.time_remaining()))
+        return edge_pb2.RecordToolResultResponse(session_version=version)
+
+    def _tool_call(
+        self, request: edge_pb2.BeginToolCallRequest | edge_pb2.RecordToolResultRequest
+    ) -> ToolCall:
         check_id("session_id", request.session_id)
         check_id("tool_name", request.tool_name)
         check_json_object("arguments_json", request.arguments_json, max_depth=self._settings.max_json_depth)
-        if len(request.result) > self._settings.max_content_chars:
-            raise InvalidArgument("result", f"at most {self._settings.max_content_chars} characters")
-        deadline = Deadline(context.time_remaining())
-        session = await self._down.call(
-            "sessions",
-            self._down.sessions.GetSession,
-            sessions_pb2.GetSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(deadline),
+        return ToolCall(
+            session_id=request.session_id, tool_name=request.tool_name, arguments_json=request.arguments_json
         )
-        ttl_disabled = request.HasField("cache_ttl") and request.cache_ttl == duration_pb2.Duration()
-        if request.cacheable and not request.is_error and not ttl_disabled:
-            put = cache_pb2.PutToolResultRequest(
-                scope=cache_pb2.Scope(tenant_id=caller.tenant_id, user_id=caller.user_id),
-                tool_name=request.tool_name,
-                arguments_json=request.arguments_json or "{}",
-                result=request.result,
-                is_error=request.is_error,
-            )
-            if request.HasField("cache_ttl"):
-                put.ttl.CopyFrom(request.cache_ttl)
-            await self._down.call("cache", self._down.cache.PutToolResult, put, self._down.timeout(deadline))
-        return edge_pb2.RecordToolResultResponse(session_version=session.session.version)
 
     async def CreateSession(
         self, request: edge_pb2.CreateSessionRequest, context: Context

@@ -17,16 +17,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from services.kit import tls
 from services.kit.config import ServerSettings
@@ -255,11 +259,46 @@ class RunningService:
             )
         finally:
             if self._metrics_http is not None:
-                self._metrics_http.shutdown()
+                # Waits for the serving thread's loop (at most _METRICS_POLL): off the event loop.
+                await asyncio.to_thread(self._metrics_http.shutdown)
                 self._metrics_http.server_close()
             # Flushing exporters blocks on network I/O: keep the event loop free meanwhile.
             await asyncio.to_thread(self.app.telemetry.shutdown)
         log.info("stopped", extra={"service": self.app.name})
+
+
+# How often the metrics thread looks for a shutdown request. prometheus_client's own
+# start_http_server looks every 0.5 s, which every stopping service (each test's) waited out.
+_METRICS_POLL = 0.05
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    address_family = socket.AF_INET
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry, name: str) -> ThreadingWSGIServer:
+    """Prometheus' text endpoint on a thread of its own, as prometheus_client's
+    start_http_server serves it, but quick to shut down; port 0 picks a free one."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = _MetricsServer6 if family == socket.AF_INET6 else _MetricsServer
+    httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(
+        target=httpd.serve_forever,
+        kwargs={"poll_interval": _METRICS_POLL},
+        name=f"{name}-metrics",
+        daemon=True,
+    )
+    thread.start()
+    return httpd
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
@@ -320,7 +359,7 @@ async def start_service(app: ServiceApp) -> RunningService:
     if health_server is not None:
         running._health_server, running.health_port = health_server
     if settings.metrics_enabled:
-        httpd, _ = start_http_server(settings.metrics_port, settings.host, registry=app.telemetry.registry)
+        httpd = serve_metrics(settings.host, settings.metrics_port, app.telemetry.registry, app.name)
         running._metrics_http = httpd
         running.metrics_port = int(httpd.server_port)
     await health_servicer.set(LIVENESS, _SERVING)
@@ -354,6 +393,8 @@ async def _serve_when_ready(app: ServiceApp, pending: Awaitable[None], readiness
     try:
         await pending
     except Exception:
+        # Whatever the app's readiness raised: the process keeps serving what it can, and the
+        # probes keep it out of rotation.
         log.exception("never became ready; health stays NOT_SERVING", extra={"service": app.name})
         return
     readiness.app_ready = True

@@ -78,6 +78,7 @@ class RouterSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> RouterSettings:
+        # Each default is the field's own (cls.<field>, RetrySettings.<field>, ...), written once above.
         catalog_file = env.string(f"{P}CATALOG_FILE", str(default_catalog_path()))
         catalog: Catalog | None = None
         try:
@@ -89,35 +90,55 @@ class RouterSettings:
             catalog=catalog,
             catalog_file=catalog_file,
             retry=RetrySettings(
-                max_attempts=env.integer(f"{P}MAX_ATTEMPTS", 4, minimum=1, maximum=20),
-                backoff_base=env.duration(f"{P}BACKOFF_BASE", 0.05),
-                backoff_max=env.duration(f"{P}BACKOFF_MAX", 2.0),
-                max_retry_after=env.duration(f"{P}MAX_RETRY_AFTER", 5.0),
-                max_reset_wait=env.duration(f"{P}MAX_RESET_WAIT", 60.0),
+                max_attempts=env.integer(
+                    f"{P}MAX_ATTEMPTS", RetrySettings.max_attempts, minimum=1, maximum=20
+                ),
+                backoff_base=env.duration(f"{P}BACKOFF_BASE", RetrySettings.backoff_base),
+                backoff_max=env.duration(f"{P}BACKOFF_MAX", RetrySettings.backoff_max),
+                max_retry_after=env.duration(f"{P}MAX_RETRY_AFTER", RetrySettings.max_retry_after),
+                max_reset_wait=env.duration(f"{P}MAX_RESET_WAIT", RetrySettings.max_reset_wait),
             ),
             timeouts=TimeoutSettings(
-                request=env.duration(f"{P}REQUEST_TIMEOUT", 120.0, minimum=0.001),
-                attempt=env.duration(f"{P}ATTEMPT_TIMEOUT", 60.0, minimum=0.001),
-                connect=env.duration(f"{P}CONNECT_TIMEOUT", 3.0, minimum=0.001),
-                first_token=env.duration(f"{P}FIRST_TOKEN_TIMEOUT", 30.0, minimum=0.001),
-                stream_idle=env.duration(f"{P}STREAM_IDLE_TIMEOUT", 30.0, minimum=0.001),
-                stall_factor=env.number(f"{P}STALL_FACTOR", 8.0, minimum=0.0),
-                stall_floor=env.duration(f"{P}STALL_FLOOR", 2.0, minimum=0.001),
+                request=env.duration(f"{P}REQUEST_TIMEOUT", TimeoutSettings.request, minimum=0.001),
+                attempt=env.duration(f"{P}ATTEMPT_TIMEOUT", TimeoutSettings.attempt, minimum=0.001),
+                connect=env.duration(f"{P}CONNECT_TIMEOUT", TimeoutSettings.connect, minimum=0.001),
+                first_token=env.duration(
+                    f"{P}FIRST_TOKEN_TIMEOUT", TimeoutSettings.first_token, minimum=0.001
+                ),
+                stream_idle=env.duration(
+                    f"{P}STREAM_IDLE_TIMEOUT", TimeoutSettings.stream_idle, minimum=0.001
+                ),
+                stall_factor=env.number(f"{P}STALL_FACTOR", TimeoutSettings.stall_factor, minimum=0.0),
+                stall_floor=env.duration(f"{P}STALL_FLOOR", TimeoutSettings.stall_floor, minimum=0.001),
             ),
             breaker=BreakerSettings(
-                failure_threshold=env.integer(f"{P}BREAKER_FAILURES", 5, minimum=1),
-                open_for=env.duration(f"{P}BREAKER_OPEN_FOR", 30.0),
-                half_open_probes=env.integer(f"{P}BREAKER_HALF_OPEN_PROBES", 1, minimum=1),
-                ewma_alpha=env.number(f"{P}EWMA_ALPHA", 0.2, minimum=0.001, maximum=1.0),
-                error_half_life=env.duration(f"{P}ERROR_HALF_LIFE", 10.0, minimum=0.001),
-                rotation_probe_interval=env.duration(f"{P}ROTATION_PROBE_INTERVAL", 300.0, minimum=0.001),
+                failure_threshold=env.integer(
+                    f"{P}BREAKER_FAILURES", BreakerSettings.failure_threshold, minimum=1
+                ),
+                open_for=env.duration(f"{P}BREAKER_OPEN_FOR", BreakerSettings.open_for),
+                half_open_probes=env.integer(
+                    f"{P}BREAKER_HALF_OPEN_PROBES", BreakerSettings.half_open_probes, minimum=1
+                ),
+                ewma_alpha=env.number(
+                    f"{P}EWMA_ALPHA", BreakerSettings.ewma_alpha, minimum=0.001, maximum=1.0
+                ),
+                error_half_life=env.duration(
+                    f"{P}ERROR_HALF_LIFE", BreakerSettings.error_half_life, minimum=0.001
+                ),
+                rotation_probe_interval=env.duration(
+                    f"{P}ROTATION_PROBE_INTERVAL", BreakerSettings.rotation_probe_interval, minimum=0.001
+                ),
             ),
-            max_connections=env.integer(f"{P}MAX_CONNECTIONS", 200, minimum=1),
-            default_max_output_tokens=env.integer(f"{P}DEFAULT_MAX_OUTPUT_TOKENS", 4096, minimum=1),
-            report_headroom=env.boolean(f"{P}REPORT_HEADROOM", True),
-            headroom_reserve=env.number(f"{P}HEADROOM_RESERVE", 0.2, minimum=0.0, maximum=0.9),
-            headroom_interval=env.duration(f"{P}HEADROOM_INTERVAL", 1.0, minimum=0.01),
-            sim_latency_scale=env.number(f"{P}SIM_LATENCY_SCALE", 1.0, minimum=0.0),
-            store_url=env.url(f"{P}STORE", "memory://", ["memory", "redis", "rediss", "unix"]),
-            hints_interval=env.duration(f"{P}HINTS_INTERVAL", 1.0, minimum=0.01),
+            max_connections=env.integer(f"{P}MAX_CONNECTIONS", cls.max_connections, minimum=1),
+            default_max_output_tokens=env.integer(
+                f"{P}DEFAULT_MAX_OUTPUT_TOKENS", cls.default_max_output_tokens, minimum=1
+            ),
+            report_headroom=env.boolean(f"{P}REPORT_HEADROOM", cls.report_headroom),
+            headroom_reserve=env.number(
+                f"{P}HEADROOM_RESERVE", cls.headroom_reserve, minimum=0.0, maximum=0.9
+            ),
+            headroom_interval=env.duration(f"{P}HEADROOM_INTERVAL", cls.headroom_interval, minimum=0.01),
+            sim_latency_scale=env.number(f"{P}SIM_LATENCY_SCALE", cls.sim_latency_scale, minimum=0.0),
+            store_url=env.url(f"{P}STORE", cls.store_url, ["memory", "redis", "rediss", "unix"]),
+            hints_interval=env.duration(f"{P}HINTS_INTERVAL", cls.hints_interval, minimum=0.01),
         )

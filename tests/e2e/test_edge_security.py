@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from tests.conftest import SuiteFactory
 from tests.support.http_receiver import HttpReceiver
+from tests.support.status import violated_field
 from tests.unit.edge.test_webhooks import INTERNAL_URLS
 
 KEY = (("authorization", "Bearer bk_demo_paid"),)
@@ -19,17 +20,6 @@ KEY = (("authorization", "Bearer bk_demo_paid"),)
 
 def _chat(text: str = "hi") -> edge_pb2.ChatRequest:
     return edge_pb2.ChatRequest(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)])
-
-
-def _violated_field(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, error.details()
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            field: str = bad.field_violations[0].field
-            return field
-    raise AssertionError(f"no BadRequest in {error.details()!r}")
 
 
 async def test_internal_webhook_urls_are_refused_at_submit(suite_factory: SuiteFactory) -> None:
@@ -40,7 +30,7 @@ async def test_internal_webhook_urls_are_refused_at_submit(suite_factory: SuiteF
                 edge_pb2.SubmitChatRequest(chat=_chat(), webhook_url=url), metadata=KEY
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (url, info.value.details())
-        assert _violated_field(info.value) == "webhook_url", url
+        assert violated_field(info.value) == "webhook_url", url
 
 
 async def test_an_allowed_internal_target_is_accepted(suite_factory: SuiteFactory) -> None:

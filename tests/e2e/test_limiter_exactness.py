@@ -16,12 +16,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.backends import free_port
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parents[2]
 REPLICAS = 3
 REQUEST_LIMIT = 50
@@ -68,11 +70,13 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.kill()
 
 
-@pytest.fixture
+# The tests use different users, so they share the three replica processes (and their start-up).
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def replicas(
-    redis_url: str, tmp_path: Path
+    module_redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[list[limiter_pb2_grpc.LimiterServiceAsyncStub]]:
-    tiers = tmp_path / "tiers.yaml"
+    redis_url = module_redis_url
+    tiers = tmp_path_factory.mktemp("exactness") / "tiers.yaml"
     tiers.write_text(TIERS)
     procs: list[subprocess.Popen[bytes]] = []
     addresses = []

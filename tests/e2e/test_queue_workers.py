@@ -1,6 +1,7 @@
 """The burst queue's workers as their own processes (`ballast serve worker`), as a cluster runs
 them: an edge with its workers off takes a burst of jobs, two worker processes drain it, and one
-worker is SIGKILLed while it holds jobs. Every job still finishes, exactly once.
+worker is SIGKILLed while it holds jobs. Every job still finishes, exactly once. A worker serves
+health and metrics, never the edge's API.
 
 The worker to be killed talks to a router whose simulated model never answers within the test, so
 it is certainly mid-job when it dies; its replacement (as a Deployment would start one) and the
@@ -196,6 +197,7 @@ async def test_worker_processes_drain_a_burst_and_a_killed_worker_loses_no_job(
         # Worker B, and A's replacement (as its Deployment would start one), on the fast router.
         workers.append(await _start_worker(worker_env, tmp_path, "worker-b"))
         workers.append(await _start_worker(worker_env, tmp_path, "worker-a2"))
+        await _serves_only_health_and_metrics(workers[1])
 
         states: dict[str, edge_pb2.Job] = {}
         while len(states) < len(jobs):
@@ -261,24 +263,18 @@ async def _no_consumer_of(workers: list[Worker], client: aioredis.Redis) -> bool
     return True
 
 
-async def test_worker_serves_only_health_and_metrics(
-    suites: tuple[Suite, Suite, dict[str, str]], tmp_path: Path
-) -> None:
-    _, _, worker_env = suites
-    worker = await _start_worker(worker_env, tmp_path, "worker")
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await edge_pb2_grpc.EdgeServiceStub(channel).GetJob(
-                    edge_pb2.GetJobRequest(job_id="job_x"), metadata=KEY, timeout=30
-                )
-            assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
-        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read().decode())
-        assert "ballast_edge_queue_depth" in text
-    finally:
-        worker.process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(worker.process.wait(), DEADLINE) == 0
+async def _serves_only_health_and_metrics(worker: Worker) -> None:
+    """A worker takes its work from the queue, not from callers: no EdgeService, but health and
+    the queue's metrics (what an autoscaler reads)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await edge_pb2_grpc.EdgeServiceStub(channel).GetJob(
+                edge_pb2.GetJobRequest(job_id="job_x"), metadata=KEY, timeout=30
+            )
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read().decode())
+    assert "ballast_edge_queue_depth" in text
 
 
 def test_worker_refuses_a_queue_it_cannot_share() -> None:

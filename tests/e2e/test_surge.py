@@ -53,6 +53,9 @@ async def test_paid_and_enterprise_ride_through_an_outage(
         primary_latency_ms=20,
         secondary_latency_ms=40,
         tokens_per_second=5000,
+        # Tier windows scaled to the 10 s run: a free user's job parked for quota runs within the
+        # run's tail, instead of waiting out a minute (the run waited 30 s for the last one).
+        window="5s",
     ).with_ports(free_port(), free_port())
     environ = {**write_suite_config(tmp_path, config, ROOT), "BALLAST_EDGE_ADMIN_KEY": ADMIN}
     suite = await suite_factory(SERVICE_NAMES, environ, tls_dir=tmp_path / "certs" if mtls else None)
@@ -65,6 +68,7 @@ async def test_paid_and_enterprise_ride_through_an_outage(
     # The outage really happened: some answers needed a second provider.
     assert rows["all"]["failovers"] > 0
     assert rows["all"]["upstream_429s"] == 0
-    report.chart(state.events, config, tmp_path / "surge.png", "test")
-    assert (tmp_path / "surge.png").stat().st_size > 10_000
     assert "| all |" in report.markdown_table(list(rows.values()))
+    if not mtls:  # the chart is drawn from the events alike over either transport: once is enough
+        report.chart(state.events, config, tmp_path / "surge.png", "test")
+        assert (tmp_path / "surge.png").stat().st_size > 10_000

@@ -47,6 +47,91 @@ log = logging.getLogger("ballast.sessions.postgres")
 T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# The append function of migrations 3 and 4, which differ only in how it is created and in
+# keeping expires_hour current. A shipped migration never changes: an edit here must leave both
+# texts as they were (a fresh database runs every migration in order).
+_SESSIONS_APPEND = """{create} sessions_append(
+            p_tenant text, p_user text, p_session text, p_expected bigint, p_key text,
+            p_now timestamptz, p_roles smallint[], p_tokens integer[], p_tool_calls integer[],
+            p_payloads bytea[], p_sum_tool_calls bigint, p_sum_input bigint, p_sum_output bigint,
+            p_sum_cost bigint, p_sum_tokens bigint, p_hash bytea)
+        RETURNS TABLE (o_status text, o_first bigint, o_last bigint, o_row sessions)
+        LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            v sessions%ROWTYPE;
+            idem idempotency%ROWTYPE;
+            n integer := coalesce(array_length(p_roles, 1), 0);
+        BEGIN
+            SELECT * INTO v FROM sessions
+             WHERE tenant_id = p_tenant AND user_id = p_user AND session_id = p_session
+               AND expires_at > p_now
+               FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT 'not_found'::text, 0::bigint, 0::bigint, NULL::sessions;
+                RETURN;
+            END IF;
+            IF p_key <> '' THEN
+                SELECT * INTO idem FROM idempotency WHERE sid = v.sid AND key = p_key;
+                IF FOUND AND idem.request_hash <> p_hash AND idem.request_hash <> ''::bytea THEN
+                    RETURN QUERY SELECT 'mismatch'::text, 0::bigint, 0::bigint, NULL::sessions;
+                    RETURN;
+                END IF;
+                IF FOUND THEN
+                    v.version := idem.version; v.turns := idem.turns; v.tool_calls := idem.tool_calls;
+                    v.input_tokens := idem.input_tokens; v.output_tokens := idem.output_tokens;
+                    v.cost_micros := idem.cost_micros; v.total_tokens := idem.total_tokens;
+                    v.updated_at := idem.updated_at; v.expires_at := idem.expires_at;
+                    RETURN QUERY SELECT 'replayed'::text, idem.first_seq, idem.last_seq, v;
+                    RETURN;
+                END IF;
+            END IF;
+            IF p_expected <> -1 AND p_expected <> v.version THEN
+                RETURN QUERY SELECT 'conflict'::text, 0::bigint, 0::bigint, v;
+                RETURN;
+            END IF;
+            INSERT INTO turns (sid, seq, role, token_count, tool_calls, payload, created_at)
+            SELECT v.sid, v.turns + i, p_roles[i], p_tokens[i], p_tool_calls[i], p_payloads[i], p_now
+              FROM generate_subscripts(p_roles, 1) AS i;
+            UPDATE sessions
+               SET version = version + 1,
+                   turns = turns + n,
+                   tool_calls = tool_calls + p_sum_tool_calls,
+                   input_tokens = input_tokens + p_sum_input,
+                   output_tokens = output_tokens + p_sum_output,
+                   cost_micros = cost_micros + p_sum_cost,
+                   total_tokens = total_tokens + p_sum_tokens,
+                   updated_at = p_now,
+                   expires_at = p_now + make_interval(secs => ttl_seconds){expires_hour}
+             WHERE sid = v.sid
+            RETURNING * INTO v;
+            IF p_key <> '' THEN
+                INSERT INTO idempotency (sid, key, first_seq, last_seq, version, turns, tool_calls,
+                                         input_tokens, output_tokens, cost_micros, total_tokens,
+                                         updated_at, expires_at, request_hash)
+                VALUES (v.sid, p_key, v.turns - n + 1, v.turns, v.version, v.turns, v.tool_calls,
+                        v.input_tokens, v.output_tokens, v.cost_micros, v.total_tokens,
+                        v.updated_at, v.expires_at, p_hash);
+            END IF;
+            RETURN QUERY SELECT 'applied'::text, v.turns - n + 1, v.turns, v;
+        END
+        $$;
+        """
+
+
+def _sessions_append(create: str, *, expires_hour: bool) -> str:
+    """sessions_append as migrations 3 and 4 define it: one round-trip append, idempotency keys
+    that remember their request; from 4 on it also keeps the indexed expires_hour current."""
+    return _SESSIONS_APPEND.format(
+        create=create,
+        expires_hour=(
+            ",\n                   expires_hour = floor(extract(epoch FROM p_now) + ttl_seconds)::bigint / 3600"
+            if expires_hour
+            else ""
+        ),
+    )
+
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
         1,
@@ -182,73 +267,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE idempotency ADD COLUMN request_hash bytea NOT NULL DEFAULT ''::bytea;
         DROP FUNCTION sessions_append(text, text, text, bigint, text, timestamptz, smallint[], integer[],
                                       integer[], bytea[], bigint, bigint, bigint, bigint, bigint);
-        CREATE FUNCTION sessions_append(
-            p_tenant text, p_user text, p_session text, p_expected bigint, p_key text,
-            p_now timestamptz, p_roles smallint[], p_tokens integer[], p_tool_calls integer[],
-            p_payloads bytea[], p_sum_tool_calls bigint, p_sum_input bigint, p_sum_output bigint,
-            p_sum_cost bigint, p_sum_tokens bigint, p_hash bytea)
-        RETURNS TABLE (o_status text, o_first bigint, o_last bigint, o_row sessions)
-        LANGUAGE plpgsql AS $$
-        #variable_conflict use_column
-        DECLARE
-            v sessions%ROWTYPE;
-            idem idempotency%ROWTYPE;
-            n integer := coalesce(array_length(p_roles, 1), 0);
-        BEGIN
-            SELECT * INTO v FROM sessions
-             WHERE tenant_id = p_tenant AND user_id = p_user AND session_id = p_session
-               AND expires_at > p_now
-               FOR UPDATE;
-            IF NOT FOUND THEN
-                RETURN QUERY SELECT 'not_found'::text, 0::bigint, 0::bigint, NULL::sessions;
-                RETURN;
-            END IF;
-            IF p_key <> '' THEN
-                SELECT * INTO idem FROM idempotency WHERE sid = v.sid AND key = p_key;
-                IF FOUND AND idem.request_hash <> p_hash AND idem.request_hash <> ''::bytea THEN
-                    RETURN QUERY SELECT 'mismatch'::text, 0::bigint, 0::bigint, NULL::sessions;
-                    RETURN;
-                END IF;
-                IF FOUND THEN
-                    v.version := idem.version; v.turns := idem.turns; v.tool_calls := idem.tool_calls;
-                    v.input_tokens := idem.input_tokens; v.output_tokens := idem.output_tokens;
-                    v.cost_micros := idem.cost_micros; v.total_tokens := idem.total_tokens;
-                    v.updated_at := idem.updated_at; v.expires_at := idem.expires_at;
-                    RETURN QUERY SELECT 'replayed'::text, idem.first_seq, idem.last_seq, v;
-                    RETURN;
-                END IF;
-            END IF;
-            IF p_expected <> -1 AND p_expected <> v.version THEN
-                RETURN QUERY SELECT 'conflict'::text, 0::bigint, 0::bigint, v;
-                RETURN;
-            END IF;
-            INSERT INTO turns (sid, seq, role, token_count, tool_calls, payload, created_at)
-            SELECT v.sid, v.turns + i, p_roles[i], p_tokens[i], p_tool_calls[i], p_payloads[i], p_now
-              FROM generate_subscripts(p_roles, 1) AS i;
-            UPDATE sessions
-               SET version = version + 1,
-                   turns = turns + n,
-                   tool_calls = tool_calls + p_sum_tool_calls,
-                   input_tokens = input_tokens + p_sum_input,
-                   output_tokens = output_tokens + p_sum_output,
-                   cost_micros = cost_micros + p_sum_cost,
-                   total_tokens = total_tokens + p_sum_tokens,
-                   updated_at = p_now,
-                   expires_at = p_now + make_interval(secs => ttl_seconds)
-             WHERE sid = v.sid
-            RETURNING * INTO v;
-            IF p_key <> '' THEN
-                INSERT INTO idempotency (sid, key, first_seq, last_seq, version, turns, tool_calls,
-                                         input_tokens, output_tokens, cost_micros, total_tokens,
-                                         updated_at, expires_at, request_hash)
-                VALUES (v.sid, p_key, v.turns - n + 1, v.turns, v.version, v.turns, v.tool_calls,
-                        v.input_tokens, v.output_tokens, v.cost_micros, v.total_tokens,
-                        v.updated_at, v.expires_at, p_hash);
-            END IF;
-            RETURN QUERY SELECT 'applied'::text, v.turns - n + 1, v.turns, v;
-        END
-        $$;
-        """,
+        """
+        + _sessions_append("CREATE FUNCTION", expires_hour=False),
     ),
     (
         4,
@@ -261,74 +281,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE sessions ALTER COLUMN expires_hour SET NOT NULL;
         CREATE INDEX sessions_by_expiry_hour ON sessions (expires_hour);
         ALTER TABLE sessions SET (fillfactor = 70);
-        CREATE OR REPLACE FUNCTION sessions_append(
-            p_tenant text, p_user text, p_session text, p_expected bigint, p_key text,
-            p_now timestamptz, p_roles smallint[], p_tokens integer[], p_tool_calls integer[],
-            p_payloads bytea[], p_sum_tool_calls bigint, p_sum_input bigint, p_sum_output bigint,
-            p_sum_cost bigint, p_sum_tokens bigint, p_hash bytea)
-        RETURNS TABLE (o_status text, o_first bigint, o_last bigint, o_row sessions)
-        LANGUAGE plpgsql AS $$
-        #variable_conflict use_column
-        DECLARE
-            v sessions%ROWTYPE;
-            idem idempotency%ROWTYPE;
-            n integer := coalesce(array_length(p_roles, 1), 0);
-        BEGIN
-            SELECT * INTO v FROM sessions
-             WHERE tenant_id = p_tenant AND user_id = p_user AND session_id = p_session
-               AND expires_at > p_now
-               FOR UPDATE;
-            IF NOT FOUND THEN
-                RETURN QUERY SELECT 'not_found'::text, 0::bigint, 0::bigint, NULL::sessions;
-                RETURN;
-            END IF;
-            IF p_key <> '' THEN
-                SELECT * INTO idem FROM idempotency WHERE sid = v.sid AND key = p_key;
-                IF FOUND AND idem.request_hash <> p_hash AND idem.request_hash <> ''::bytea THEN
-                    RETURN QUERY SELECT 'mismatch'::text, 0::bigint, 0::bigint, NULL::sessions;
-                    RETURN;
-                END IF;
-                IF FOUND THEN
-                    v.version := idem.version; v.turns := idem.turns; v.tool_calls := idem.tool_calls;
-                    v.input_tokens := idem.input_tokens; v.output_tokens := idem.output_tokens;
-                    v.cost_micros := idem.cost_micros; v.total_tokens := idem.total_tokens;
-                    v.updated_at := idem.updated_at; v.expires_at := idem.expires_at;
-                    RETURN QUERY SELECT 'replayed'::text, idem.first_seq, idem.last_seq, v;
-                    RETURN;
-                END IF;
-            END IF;
-            IF p_expected <> -1 AND p_expected <> v.version THEN
-                RETURN QUERY SELECT 'conflict'::text, 0::bigint, 0::bigint, v;
-                RETURN;
-            END IF;
-            INSERT INTO turns (sid, seq, role, token_count, tool_calls, payload, created_at)
-            SELECT v.sid, v.turns + i, p_roles[i], p_tokens[i], p_tool_calls[i], p_payloads[i], p_now
-              FROM generate_subscripts(p_roles, 1) AS i;
-            UPDATE sessions
-               SET version = version + 1,
-                   turns = turns + n,
-                   tool_calls = tool_calls + p_sum_tool_calls,
-                   input_tokens = input_tokens + p_sum_input,
-                   output_tokens = output_tokens + p_sum_output,
-                   cost_micros = cost_micros + p_sum_cost,
-                   total_tokens = total_tokens + p_sum_tokens,
-                   updated_at = p_now,
-                   expires_at = p_now + make_interval(secs => ttl_seconds),
-                   expires_hour = floor(extract(epoch FROM p_now) + ttl_seconds)::bigint / 3600
-             WHERE sid = v.sid
-            RETURNING * INTO v;
-            IF p_key <> '' THEN
-                INSERT INTO idempotency (sid, key, first_seq, last_seq, version, turns, tool_calls,
-                                         input_tokens, output_tokens, cost_micros, total_tokens,
-                                         updated_at, expires_at, request_hash)
-                VALUES (v.sid, p_key, v.turns - n + 1, v.turns, v.version, v.turns, v.tool_calls,
-                        v.input_tokens, v.output_tokens, v.cost_micros, v.total_tokens,
-                        v.updated_at, v.expires_at, p_hash);
-            END IF;
-            RETURN QUERY SELECT 'applied'::text, v.turns - n + 1, v.turns, v;
-        END
-        $$;
-        """,
+        """
+        + _sessions_append("CREATE OR REPLACE FUNCTION", expires_hour=True),
     ),
 ]
 

@@ -177,12 +177,13 @@ async def test_with_every_connection_held_by_waiting_workers_a_call_waits_instea
         # Three workers block reading an empty queue: each holds one of the three connections.
         claims = [asyncio.ensure_future(small.claim(f"worker-{i}", block=1.0)) for i in range(3)]
         pool = small._redis.connection_pool
-        await eventually(
-            lambda: len(list(pool._get_in_use_connections())) == 3, what="three connections held"
-        )
+        await eventually(lambda: len(pool._in_use_connections) == 3, what="every connection held")
+        # Nothing awaits between this check and the call asking for a connection, so no claim can
+        # hand its connection back in between: the call finds the pool empty and must wait. It is
+        # answered, not refused, once a blocked read has given its connection back (ordering, not
+        # elapsed time: the machine's speed does not matter).
+        assert not any(claim.done() for claim in claims)
         assert await small.key_by_hash(key.sha256) == key
-        # It was answered, not refused, and only once a blocked read had given its connection back
-        # (ordering, not elapsed time: the machine's speed does not matter).
         assert any(claim.done() for claim in claims)
         assert await asyncio.gather(*claims) == [None, None, None]
     finally:

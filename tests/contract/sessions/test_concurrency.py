@@ -22,6 +22,7 @@ from services.testing import Suite
 from tests.conftest import SuiteFactory
 from tests.contract.sessions.helpers import assistant_turn, caller, user_turn
 from tests.support.backends import private_postgres
+from tests.support.waiting import eventually
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -156,26 +157,22 @@ async def test_postgres_restart_mid_run_loses_nothing_and_recovers(
         appenders = asyncio.gather(
             *(_appender(suite, i, 20, acks, stats, pause=0.02, at_head=True) for i in range(8))
         )
-        for _ in range(2000):  # until some appends are acknowledged (bounded)
-            if len(acks) >= 20:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: len(acks) >= 20, what="20 appends acknowledged", interval=0.005)
         acked_before = len(acks)
         # While appends are in flight.
         await asyncio.to_thread(server.stop, mode=mode)
         try:
-            # While it is down, calls fail fast with UNAVAILABLE.
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            # While it is down, calls fail with UNAVAILABLE by the service's own timeouts (seconds):
+            # a call left waiting on the dead database would run into this generous deadline and
+            # fail DEADLINE_EXCEEDED instead, so no assertion bets on how fast the machine is.
             try:
                 await suite.sessions.GetSession(
-                    sessions_pb2.GetSessionRequest(caller=caller(), session_id="s1"), timeout=10
+                    sessions_pb2.GetSessionRequest(caller=caller(), session_id="s1"), timeout=60
                 )
                 raise AssertionError("GetSession succeeded with PostgreSQL down")
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            assert loop.time() - started < 3
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the outage lasts a while: appenders run into it
         finally:
             await asyncio.to_thread(server.start)
         await asyncio.wait_for(appenders, 60)

@@ -24,6 +24,7 @@ from tests.contract.sessions.helpers import (
     tool_result_turn,
     user_turn,
 )
+from tests.support.status import violated_field
 
 
 async def _create(suite: Suite, session_id: str = "s1", **kw: object) -> sessions_pb2.Session:
@@ -41,16 +42,6 @@ async def _append(
             caller=caller(), session_id=sid, expected_version=expected, idempotency_key=key, turns=turns
         )
     )
-
-
-def _bad_field(exc: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(exc)
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return str(bad.field_violations[0].field)
-    raise AssertionError("no BadRequest detail")
 
 
 async def test_create_get_and_generated_id(suite: Suite) -> None:
@@ -155,7 +146,9 @@ async def test_list_turns_pages_oldest_first(suite: Suite) -> None:
         await stub(suite).ListTurns(
             sessions_pb2.ListTurnsRequest(caller=caller(), session_id="s1", page_token="garbage!")
         )
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _bad_field(info.value) == "page_token"
+    assert (
+        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violated_field(info.value) == "page_token"
+    )
 
 
 async def test_list_sessions_most_recent_first_paged(suite: Suite) -> None:
@@ -348,7 +341,7 @@ async def test_invalid_arguments_name_the_field(suite_factory: SuiteFactory) -> 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await getattr(stub(suite), rpc)(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
-        assert _bad_field(info.value) == field
+        assert violated_field(info.value) == field
 
 
 async def test_a_large_turn_is_counted_like_a_small_one(suite: Suite) -> None:
@@ -368,7 +361,8 @@ async def test_a_key_reused_for_different_turns_is_refused(suite: Suite) -> None
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _append(suite, [user_turn("book the 10:05")], key="req-7")
     assert (
-        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _bad_field(info.value) == "idempotency_key"
+        info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and violated_field(info.value) == "idempotency_key"
     )
     again = await _append(suite, [user_turn("book the 9:05")], key="req-7")
     assert again.replayed and again.session.counters.turns == 1

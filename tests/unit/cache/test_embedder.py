@@ -55,7 +55,9 @@ async def test_inference_runs_off_the_event_loop(embedder: LocalEmbedder) -> Non
         nonlocal ticks
         while True:
             ticks += 1
-            await asyncio.sleep(0)
+            # Not sleep(0): a loop spinning flat out would hold the GIL against the inference
+            # thread it is meant to watch (10 s on a busy machine instead of a fraction of one).
+            await asyncio.sleep(0.001)
 
     task = asyncio.create_task(ticker())
     await embedder.embed(["some text " * 100] * 8)

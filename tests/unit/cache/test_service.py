@@ -10,12 +10,11 @@ import pytest
 from ballast.cache.v1 import cache_pb2
 from ballast.common.v1 import common_pb2
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.cache.app import CacheApp
 from services.testing import Suite
 from tests.conftest import SuiteFactory
+from tests.support.status import violated_field
 from tests.unit.cache.helpers import lookup, scope, store
 
 
@@ -46,16 +45,6 @@ def make_suite(request: pytest.FixtureRequest, suite_factory: SuiteFactory) -> M
         return suite, clock
 
     return make
-
-
-def _violation(exc: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(exc)
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return str(bad.field_violations[0].field)
-    raise AssertionError("no BadRequest detail")
 
 
 async def test_exact_hit_then_semantic_hit_with_similarity(make_suite: MakeSuite) -> None:
@@ -340,7 +329,7 @@ async def test_invalid_requests_name_the_field(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await getattr(suite.cache, method)(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violation(info.value) == field
+    assert violated_field(info.value) == field
 
 
 async def test_bad_role_is_invalid_argument(make_suite: MakeSuite) -> None:
@@ -349,7 +338,7 @@ async def test_bad_role_is_invalid_argument(make_suite: MakeSuite) -> None:
     request.messages[0].role = common_pb2.ROLE_UNSPECIFIED
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await suite.cache.Lookup(request)
-    assert _violation(info.value) == "messages[0].role"
+    assert violated_field(info.value) == "messages[0].role"
 
 
 async def test_long_turns_are_exact_only(make_suite: MakeSuite) -> None:

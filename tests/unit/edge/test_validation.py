@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import pytest_asyncio
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 
 from services.edge.validation import json_depth_exceeds
+from services.testing import Suite, start_suite
 from tests.conftest import SuiteFactory
 
 KEY = (("authorization", "Bearer bk_demo_paid"),)
@@ -113,11 +116,20 @@ CASES = [
 ]
 
 
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def big_message_edge() -> AsyncIterator[Suite]:
+    """One edge for every bad-input case (each is refused before it changes anything)."""
+    suite = await start_suite(["edge"], {"BALLAST_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)})
+    yield suite
+    await suite.stop(grace=0)  # nothing is asserted after the tests: no drain
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(("request_", "field"), CASES, ids=[field for _, field in CASES])
 async def test_bad_chat_input_names_the_field(
-    suite_factory: SuiteFactory, request_: edge_pb2.ChatRequest, field: str
+    big_message_edge: Suite, request_: edge_pb2.ChatRequest, field: str
 ) -> None:
-    suite = await suite_factory(["edge"], {"BALLAST_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)})
+    suite = big_message_edge
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await suite.edge.Chat(request_, metadata=KEY)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()

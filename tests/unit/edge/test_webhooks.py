@@ -91,6 +91,23 @@ def _job(url: str) -> JobRecord:
     )
 
 
+async def _deliver(receiver: HttpReceiver, statuses: list[int], attempts: int = 6) -> tuple[bool, str]:
+    """One job's webhook delivered to a receiver answering `statuses` (the last repeats):
+    whether it was delivered, and what the job's record says of it."""
+    receiver.responses = statuses
+    store = MemoryEdgeStore()
+    job = _job(receiver.url)
+    await store.submit(job, "")
+    runner = _runner(store, attempts)
+    try:
+        delivered = await runner.deliver(job)
+    finally:
+        await runner.stop()
+    stored = await store.get_job(job.job_id)
+    assert stored is not None
+    return delivered, stored.webhook_state
+
+
 def test_signature_verifies_and_rejects_tampering() -> None:
     stamp = str(int(time.time()))
     signature = sign(SECRET, stamp, b'{"a":1}')
@@ -103,15 +120,7 @@ def test_signature_verifies_and_rejects_tampering() -> None:
 
 
 async def test_delivery_is_retried_until_it_succeeds(receiver: HttpReceiver) -> None:
-    receiver.responses = [500, 503, 200]
-    store = MemoryEdgeStore()
-    job = _job(receiver.url)
-    await store.submit(job, "")
-    runner = _runner(store)
-    try:
-        assert await runner.deliver(job) is True
-    finally:
-        await runner.stop()
+    assert await _deliver(receiver, [500, 503, 200]) == (True, "delivered")
     assert len(receiver.received) == 3
     # One delivery id on every attempt, so the receiver can drop the repeats.
     ids = {hook.headers["x-ballast-delivery-id"] for hook in receiver.received}
@@ -121,51 +130,19 @@ async def test_delivery_is_retried_until_it_succeeds(receiver: HttpReceiver) -> 
     assert verify(SECRET, last.headers["x-ballast-timestamp"], last.body, last.headers["x-ballast-signature"])
     payload = json.loads(last.body)
     assert payload["job_id"] == "job_1" and payload["state"] == "JOB_STATE_SUCCEEDED"
-    stored = await store.get_job("job_1")
-    assert stored is not None and stored.webhook_state == "delivered"
 
 
-async def test_a_client_error_is_not_retried_and_is_recorded(receiver: HttpReceiver) -> None:
-    receiver.responses = [410]
-    store = MemoryEdgeStore()
-    job = _job(receiver.url)
-    await store.submit(job, "")
-    runner = _runner(store)
-    try:
-        assert await runner.deliver(job) is False
-    finally:
-        await runner.stop()
+@pytest.mark.parametrize("status", [410, 302], ids=["client-error", "redirect"])
+async def test_a_client_error_or_a_redirect_is_not_retried_nor_followed(
+    receiver: HttpReceiver, status: int
+) -> None:
+    assert await _deliver(receiver, [status]) == (False, "failed")
     assert len(receiver.received) == 1
-    stored = await store.get_job("job_1")
-    assert stored is not None and stored.webhook_state == "failed"
 
 
 async def test_attempts_are_bounded(receiver: HttpReceiver) -> None:
-    receiver.responses = [503]
-    store = MemoryEdgeStore()
-    job = _job(receiver.url)
-    await store.submit(job, "")
-    runner = _runner(store, attempts=4)
-    try:
-        assert await runner.deliver(job) is False
-    finally:
-        await runner.stop()
+    assert await _deliver(receiver, [503], attempts=4) == (False, "failed")
     assert len(receiver.received) == 4
-
-
-async def test_a_redirect_is_not_followed(receiver: HttpReceiver) -> None:
-    receiver.responses = [302]
-    store = MemoryEdgeStore()
-    job = _job(receiver.url)
-    await store.submit(job, "")
-    runner = _runner(store)
-    try:
-        assert await runner.deliver(job) is False
-    finally:
-        await runner.stop()
-    assert len(receiver.received) == 1
-    stored = await store.get_job("job_1")
-    assert stored is not None and stored.webhook_state == "failed"
 
 
 async def test_a_tenant_with_its_own_secret_signs_with_it(receiver: HttpReceiver) -> None:

@@ -13,8 +13,10 @@ import pytest
 
 from services import registry
 from services.cache.config import CacheSettings
+from services.edge.config import EdgeSettings
 from services.kit.config import DEFAULT_PORTS, ConfigError, Env, ServerSettings
 from services.limiter.config import LimiterSettings
+from services.router.config import BreakerSettings, RetrySettings, RouterSettings, TimeoutSettings
 from services.sessions.config import SessionsSettings
 
 
@@ -33,10 +35,22 @@ def test_defaults_give_the_well_known_ports() -> None:
 @pytest.mark.parametrize(
     ("settings_class", "read", "per_service"),
     [
-        (ServerSettings, lambda env: ServerSettings.from_env("limiter", env), {"port", "metrics_port"}),
+        # The well-known ports and the peers' addresses come from DEFAULT_PORTS, per service.
+        (
+            ServerSettings,
+            lambda env: ServerSettings.from_env("limiter", env),
+            {"port", "metrics_port", "addresses"},
+        ),
         (LimiterSettings, LimiterSettings.from_env, set()),
         (SessionsSettings, SessionsSettings.from_env, set()),
-        (CacheSettings, CacheSettings.from_env, set()),
+        # The policy is read from the default file (config/cache.yaml); the field says "no file".
+        (CacheSettings, CacheSettings.from_env, {"policy"}),
+        (EdgeSettings, EdgeSettings.from_env, set()),
+        # The catalog is found and loaded when no file is named; the field says "none given".
+        (RouterSettings, RouterSettings.from_env, {"catalog", "catalog_file"}),
+        (RetrySettings, lambda env: RouterSettings.from_env(env).retry, set()),
+        (TimeoutSettings, lambda env: RouterSettings.from_env(env).timeouts, set()),
+        (BreakerSettings, lambda env: RouterSettings.from_env(env).breaker, set()),
     ],
 )
 def test_an_unset_variable_gives_the_default_written_on_the_field(
@@ -44,8 +58,13 @@ def test_an_unset_variable_gives_the_default_written_on_the_field(
 ) -> None:
     """Each default is written once, on the dataclass field; from_env reads it from there."""
     settings = read(Env({}))
-    defaults = {f.name: f.default for f in fields(settings_class) if f.default is not MISSING}
-    assert len(defaults) > 8
+    defaults: dict[str, Any] = {}
+    for f in fields(settings_class):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    assert len(defaults) >= 5
     for name, default in defaults.items():
         if name not in per_service:  # the well-known ports differ per service (DEFAULT_PORTS)
             value = getattr(settings, name)

@@ -12,11 +12,10 @@ import pytest
 from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.testing import Suite
 from tests.conftest import SuiteFactory
+from tests.support.status import violated_field
 
 TIERS = """
 default_tier: free
@@ -284,16 +283,6 @@ async def test_tiers_file_reloads_without_restart(suite: Suite, tiers_file: Path
     assert quotas(resp)["requests"].quota.limit == 10
 
 
-def violation(err: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(err)
-    assert status is not None
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return str(bad.field_violations[0].field)
-    raise AssertionError("no BadRequest detail")
-
-
 async def test_bad_checks_are_invalid_argument_naming_the_field(memory_suite: Suite) -> None:
     cases: list[tuple[limiter_pb2.CheckRequest, str]] = [
         (limiter_pb2.CheckRequest(caller=caller("gold"), requests=1), "caller.tier"),
@@ -318,7 +307,7 @@ async def test_bad_checks_are_invalid_argument_naming_the_field(memory_suite: Su
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await memory_suite.limiter.Check(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
-        assert violation(info.value) == field
+        assert violated_field(info.value) == field
 
 
 async def test_bad_commits_headroom_and_usage_are_invalid_argument(memory_suite: Suite) -> None:
@@ -340,7 +329,7 @@ async def test_bad_commits_headroom_and_usage_are_invalid_argument(memory_suite:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
-        assert violation(info.value) == field
+        assert violated_field(info.value) == field
 
 
 async def test_a_commit_without_reservation_charges_the_actual_tokens(suite: Suite) -> None:

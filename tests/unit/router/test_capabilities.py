@@ -15,9 +15,9 @@ from ballast.router.v1 import router_pb2
 from services.router.catalog import CatalogError, parse_catalog
 from services.testing import Suite
 from tests.conftest import SuiteFactory
+from tests.support.status import violated_fields
 from tests.unit.router.conftest import FAST_ENV, complete_request, write
 from tests.unit.router.replay import ReplayServer, transcript
-from tests.unit.router.test_service import _violations
 
 R = router_pb2
 SAMPLING = common_pb2.GenerationParams(temperature=0.3, top_p=0.9, seed=7, stop=["END"])
@@ -110,9 +110,11 @@ async def test_reject_names_the_field_and_calls_no_provider(
         )
         sent = [json.loads(r.body) for r in openai.requests]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(info.value) == ["params.temperature"]
+    assert violated_fields(info.value) == ["params.temperature"]
     assert "model 'strict' does not take temperature" in (info.value.details() or "")
-    assert tools.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _violations(tools.value) == ["tools"]
+    assert tools.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violated_fields(tools.value) == [
+        "tools"
+    ]
     assert [(a.provider, a.outcome) for a in reply.attempts] == [("anthropic", R.ATTEMPT_OUTCOME_OK)]
     assert allowed.provider == "openai"
     assert sent == [sent[0]] and sent[0]["top_p"] == 0.5  # only the allowed request reached OpenAI

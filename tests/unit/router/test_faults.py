@@ -79,13 +79,11 @@ async def test_primary_timeout_fails_over_within_the_callers_deadline(
 ) -> None:
     suite, primary, _ = await start(suite_factory, sim_factory, tmp_path)
     primary.set_fault(Fault("hang"))
-    started = time.monotonic()
-    reply = await suite.router.Complete(complete_request(), timeout=1.0)
-    elapsed = time.monotonic() - started
+    reply = await suite.router.Complete(complete_request(), timeout=3.0)
+    # The fallback answered within the caller's deadline (else DEADLINE_EXCEEDED) ...
     assert outcomes(reply) == [("primary", R.ATTEMPT_OUTCOME_TIMEOUT), ("secondary", R.ATTEMPT_OUTCOME_OK)]
-    # the first attempt got half of the deadline, leaving the fallback the rest
-    assert 0.4 < reply.attempts[0].latency.ToTimedelta().total_seconds() < 0.8
-    assert elapsed < 1.5
+    # ... because the first attempt got half of it (1.5 s; a busy machine only adds lag), not all.
+    assert 1.4 < reply.attempts[0].latency.ToTimedelta().total_seconds() < 2.7
 
 
 async def test_connection_errors_fail_over_and_never_become_successes(
@@ -164,10 +162,9 @@ async def test_open_breaker_spares_requests_the_penalty_and_recovers(
     )
     assert {s.model: s.breaker for s in status.providers}["primary-model"] == R.BREAKER_STATE_OPEN
     for _ in range(5):
-        started = time.monotonic()
         fast = await router.Complete(complete_request(), timeout=5)
-        assert time.monotonic() - started < 0.4  # no 500 ms timeout paid
-        # the open primary is ranked last, so the answer comes first-time from the secondary
+        # The open primary is ranked last, so the answer comes first-time from the secondary: no
+        # attempt on the primary, so no 500 ms timeout paid.
         assert outcomes(fast) == [("secondary", R.ATTEMPT_OUTCOME_OK)]
     assert primary.stats.requests == seen  # the primary was not even contacted
     primary.set_fault(None)
@@ -232,10 +229,9 @@ async def test_a_long_retry_after_comes_back_as_resource_exhausted(
         suite_factory, sim_factory, tmp_path, env={"BALLAST_ROUTER_MAX_RETRY_AFTER": "500ms"}
     )
     primary.set_fault(Fault("rate_limit", retry_after=30))
-    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await suite.router.Complete(complete_request(model="primary-model"), timeout=5)
-    assert time.monotonic() - started < 2.0  # the 30 s retry-after was not waited for
+        await suite.router.Complete(complete_request(model="primary-model"), timeout=20)
+    # The 30 s retry-after was not waited for: that would have been DEADLINE_EXCEEDED.
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = rpc_status.from_call(cast(grpc.Call, info.value))
     assert status is not None
@@ -339,10 +335,10 @@ async def test_a_provider_that_hangs_after_answering_quickly_is_left_fast(
     for _ in range(5):  # the primary's usual latency gets measured
         assert (await suite.router.Complete(complete_request(), timeout=5)).provider == "primary"
     primary.set_fault(Fault("hang"))
-    started = time.monotonic()
-    reply = await suite.router.Complete(complete_request(), timeout=20)
-    # without stall detection the primary would have had half of the 20 s deadline
-    assert time.monotonic() - started < 2.0
+    reply = await suite.router.Complete(complete_request(), timeout=60)
+    # Without stall detection the primary would have had half of the 60 s deadline; cut off as a
+    # stall, it had a fraction of that (150 ms here, seconds on a busy machine).
+    assert reply.attempts[0].latency.ToTimedelta().total_seconds() < 10
     assert outcomes(reply) == [("primary", R.ATTEMPT_OUTCOME_TIMEOUT), ("secondary", R.ATTEMPT_OUTCOME_OK)]
 
 

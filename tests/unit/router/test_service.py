@@ -13,13 +13,12 @@ import pytest
 from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
 from ballast.router.v1 import router_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.router.app import RouterApp
 from services.router.catalog import SimSpec
 from services.router.providers.base import Outcome
 from tests.conftest import SuiteFactory
+from tests.support.status import violated_fields
 from tests.unit.router.conftest import (
     FAST_ENV,
     SimFactory,
@@ -28,17 +27,6 @@ from tests.unit.router.conftest import (
     user,
     write,
 )
-
-
-def _violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(cast(grpc.Call, error))
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 async def test_zero_config_answers_from_embedded_simulated_providers(suite_factory: SuiteFactory) -> None:
@@ -198,7 +186,7 @@ async def test_bad_requests_name_the_field(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await suite.router.Complete(request_, timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(info.value) == [field]
+    assert violated_fields(info.value) == [field]
 
 
 async def test_a_model_needing_a_key_is_a_failed_precondition(suite_factory: SuiteFactory) -> None:
