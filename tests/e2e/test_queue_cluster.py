@@ -22,9 +22,9 @@ from ballast.sessions.v1 import sessions_pb2
 
 from services.edge.store.redis import GROUP, stream_key
 from services.testing import start_suite
-from tests.e2e.test_queue_workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, _start_worker
 from tests.support.backends import PrivateRedisCluster
 from tests.support.suite_config import write_test_config
+from tests.support.workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, start_worker
 
 BURST = 60
 
@@ -69,7 +69,7 @@ async def test_workers_drain_a_burst_exactly_once_through_a_failover_of_the_queu
             "BALLAST_LOG_FORMAT": "text",
         }
         for name in ("worker-a", "worker-b"):
-            workers.append(await _start_worker(worker_env, tmp_path, name))
+            workers.append(await start_worker(worker_env, tmp_path, name))
 
         states: dict[str, edge_pb2.Job] = {}
         deadline = time.monotonic() + DEADLINE

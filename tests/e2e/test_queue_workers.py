@@ -11,13 +11,10 @@ other worker use a fast router. Redis is a private instance; nothing here waits 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,73 +24,24 @@ import redis.asyncio as aioredis
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.edge.store.base import PRIORITY_ORDER
 from services.edge.store.redis import GROUP, stream_key
 from services.testing import Suite, start_suite
-from tests.support.backends import PrivateRedis, free_port, private_redis
+from tests.support.backends import PrivateRedis, private_redis
 from tests.support.suite_config import write_test_config
 from tests.support.waiting import eventually
+from tests.support.workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, start_worker
 
-ROOT = Path(__file__).resolve().parents[2]
-KEY = (("authorization", "Bearer bk_demo_enterprise"),)
-CALLER = common_pb2.Caller(tenant_id="demo", user_id="carol", tier="enterprise")
 # bk_demo_enterprise's tier is queued at this priority (BALLAST_EDGE_TIER_PRIORITIES' default).
 STREAM = "{edge}:stream:high"
-TERMINAL = {edge_pb2.JOB_STATE_SUCCEEDED, edge_pb2.JOB_STATE_FAILED, edge_pb2.JOB_STATE_CANCELLED}
 BURST = 30
-# Generous: a busy 2-core machine is slow, never wrong.
-DEADLINE = 180.0
 
 
 @pytest.fixture
 def redis_server() -> Iterator[PrivateRedis]:
     with private_redis() as server:
         yield server
-
-
-class Worker:
-    """One `ballast serve worker` process."""
-
-    def __init__(self, process: asyncio.subprocess.Process, port: int, metrics_port: int, log: Path) -> None:
-        self.process = process
-        self.port = port
-        self.metrics_port = metrics_port
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def owns(self, consumer: str) -> bool:
-        # Consumers are named <role>-<host>-<pid>-<random> (services/edge/jobs.py).
-        return consumer.startswith("worker-") and f"-{self.pid}-" in consumer
-
-
-async def _start_worker(environ: Mapping[str, str], folder: Path, name: str) -> Worker:
-    port, metrics_port = free_port(), free_port()
-    # No OTLP endpoint, so nothing is exported; OTEL_SDK_DISABLED would switch the metrics off too.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BALLAST_", "OTEL_"))}
-    env.update(environ)
-    env.update({"BALLAST_WORKER_PORT": str(port), "BALLAST_WORKER_METRICS_PORT": str(metrics_port)})
-    log = folder / f"{name}.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "serve", "worker", cwd=ROOT, env=env, stderr=out
-        )
-    worker = Worker(process, port, metrics_port, log)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            assert process.returncode is None, f"{name} exited: {log.read_text()[-2000:]}"
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return worker
-            assert time.monotonic() < deadline, f"{name} never served: {log.read_text()[-2000:]}"
-            await asyncio.sleep(0.1)
 
 
 async def _pending_by_consumer(client: aioredis.Redis) -> dict[str, list[str]]:
@@ -177,7 +125,7 @@ async def test_worker_processes_drain_a_burst_and_a_killed_worker_loses_no_job(
             jobs[reply.job.job_id] = session.session_id
 
         # Worker A hangs in its model calls; kill it once it holds jobs.
-        doomed = await _start_worker(
+        doomed = await start_worker(
             {**worker_env, "BALLAST_ROUTER_ADDR": slow.address("router")}, tmp_path, "worker-a"
         )
         workers.append(doomed)
@@ -195,8 +143,8 @@ async def test_worker_processes_drain_a_burst_and_a_killed_worker_loses_no_job(
         assert await doomed.process.wait() == -signal.SIGKILL
 
         # Worker B, and A's replacement (as its Deployment would start one), on the fast router.
-        workers.append(await _start_worker(worker_env, tmp_path, "worker-b"))
-        workers.append(await _start_worker(worker_env, tmp_path, "worker-a2"))
+        workers.append(await start_worker(worker_env, tmp_path, "worker-b"))
+        workers.append(await start_worker(worker_env, tmp_path, "worker-a2"))
         await _serves_only_health_and_metrics(workers[1])
 
         states: dict[str, edge_pb2.Job] = {}
