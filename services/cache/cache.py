@@ -212,6 +212,7 @@ class CacheEngine:
         ttl: float | None,
         attributes: Mapping[str, str],
         allow_nondeterministic: bool,
+        semantic: bool = True,
     ) -> StoreResult:
         if answer.finish_reason != FINISH_STOP:
             return StoreResult(False, not_stored_reason=f"finish reason is {answer.finish_reason}, not stop")
@@ -245,9 +246,11 @@ class CacheEngine:
             return StoreResult(
                 False, not_stored_reason=f"entry of {entry.size} bytes exceeds the per-entry limit"
             )
-        if (keys.standalone or self.settings.semantic_follow_ups) and len(
-            keys.text
-        ) <= self.settings.semantic_max_chars:
+        if (
+            semantic
+            and (keys.standalone or self.settings.semantic_follow_ups)
+            and len(keys.text) <= self.settings.semantic_max_chars
+        ):
             entry.vector = await self._embed(keys.text)
         await self.store.put(entry, now)
         return StoreResult(True, entry_id=entry.id)
