@@ -226,6 +226,20 @@ class Suite:
             tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else "(no log)"
             raise RuntimeError(f"{self.label} suite: {exc}; its log ends with:\n{tail}") from None
 
+    def start_retrying(self, attempts: int = 3) -> None:
+        """start(), on fresh ports again when one was taken before the suite bound it (other
+        processes on a shared machine draw their ephemeral ports from the same range)."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except RuntimeError as exc:
+                self.stop()
+                self.processes.clear()
+                if attempt == attempts - 1 or "bind" not in str(exc).lower():
+                    raise
+                print(f"    {self.label}: a port was taken; starting again", file=sys.stderr, flush=True)
+
     def cpu(self) -> float:
         return tree_cpu_seconds([p.pid for p in self.processes])
 
@@ -706,7 +720,7 @@ def main() -> int:
                     ]
                     try:
                         for suite in suites:
-                            suite.start()
+                            suite.start_retrying()
                         rows += asyncio.run(_measure_config(args, suites, sink_file))
                     finally:
                         for suite in suites:
