@@ -102,11 +102,19 @@ ANSWER_TURN = (
 # --- the suite's processes and their CPU ------------------------------------------------------------
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now and not handed out before by this run (two suites start side by side;
+    the kernel may offer a just-closed port again before its first taker binds it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -186,6 +194,8 @@ class Suite:
             env[f"BALLAST_{name.upper()}_ADDR"] = f"127.0.0.1:{self.ports[name]}"
             # Metrics stay on, as by default (each service's Prometheus endpoint on a free port).
             env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(_free_port())
+        # The edge's OpenAI-compatible HTTP face stays on, on a free port (two suites run side by side).
+        env["BALLAST_EDGE_HTTP_PORT"] = str(_free_port())
         if self.telemetry == "export":
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink_port}"
             env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
@@ -208,8 +218,27 @@ class Suite:
             self.processes.append(process)
             if self.layout == "split":
                 _wait_port(self.ports[name], process)
-        for name in SERVICES:
-            _wait_port(self.ports[name], self.processes[-1])
+        try:
+            for name in SERVICES:
+                _wait_port(self.ports[name], self.processes[-1])
+        except RuntimeError as exc:
+            log_file = self.folder / f"{self.label}-{self.layout}-{self.telemetry}.log"
+            tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else "(no log)"
+            raise RuntimeError(f"{self.label} suite: {exc}; its log ends with:\n{tail}") from None
+
+    def start_retrying(self, attempts: int = 3) -> None:
+        """start(), on fresh ports again when one was taken before the suite bound it (other
+        processes on a shared machine draw their ephemeral ports from the same range)."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except RuntimeError as exc:
+                self.stop()
+                self.processes.clear()
+                if attempt == attempts - 1 or "bind" not in str(exc).lower():
+                    raise
+                print(f"    {self.label}: a port was taken; starting again", file=sys.stderr, flush=True)
 
     def cpu(self) -> float:
         return tree_cpu_seconds([p.pid for p in self.processes])
@@ -691,7 +720,7 @@ def main() -> int:
                     ]
                     try:
                         for suite in suites:
-                            suite.start()
+                            suite.start_retrying()
                         rows += asyncio.run(_measure_config(args, suites, sink_file))
                     finally:
                         for suite in suites:

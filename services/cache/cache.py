@@ -65,6 +65,16 @@ class ValueResult:
     expires_at: float
 
 
+def _text_bytes(request: ChatRequest) -> int:
+    """About what a request held in memory costs: its texts plus a fixed cost per message."""
+    size = 256 + len(request.model)
+    for message in request.messages:
+        size += 128 + len(message.content) + sum(len(c.arguments_json) for c in message.tool_calls)
+    for tool in request.tools:
+        size += 128 + len(tool.description) + len(tool.parameters_json_schema)
+    return size
+
+
 class CacheEngine:
     def __init__(
         self,
@@ -78,6 +88,9 @@ class CacheEngine:
         self.embedder = embedder
         self.clock = clock
         self._embeddings: OrderedDict[str, Vector] = OrderedDict()
+        # Recent requests' keys and the bytes each request holds here (keys_cache_bytes).
+        self._keys: OrderedDict[ChatRequest, tuple[RequestKeys, int]] = OrderedDict()
+        self._keys_bytes = 0
 
     async def _embed(self, text: str) -> Vector:
         # Store usually follows a Lookup of the same turn: remember recent embeddings.
@@ -118,7 +131,23 @@ class CacheEngine:
         return min(ttl, cap)
 
     def keys(self, request: ChatRequest) -> RequestKeys:
-        return request_keys(request, space=self.embedder.name)
+        """The request's keys; raises NotCacheableError. A Store usually follows the Lookup of the
+        same request: its keys are remembered (comparing two requests costs a twentieth of
+        normalising and hashing a session's context again)."""
+        remembered = self._keys.get(request)
+        if remembered is not None:
+            self._keys.move_to_end(request)
+            return remembered[0]
+        keys = request_keys(request, space=self.embedder.name)
+        size = _text_bytes(request)
+        budget = self.settings.keys_cache_bytes
+        if size <= budget:
+            self._keys[request] = (keys, size)
+            self._keys_bytes += size
+            while self._keys_bytes > budget:
+                _, (_, dropped) = self._keys.popitem(last=False)
+                self._keys_bytes -= dropped
+        return keys
 
     # --- answers ------------------------------------------------------------
 
@@ -214,6 +243,7 @@ class CacheEngine:
         ttl: float | None,
         attributes: Mapping[str, str],
         allow_nondeterministic: bool,
+        semantic: bool = True,
     ) -> StoreResult:
         if answer.finish_reason != FINISH_STOP:
             return StoreResult(False, not_stored_reason=f"finish reason is {answer.finish_reason}, not stop")
@@ -247,9 +277,11 @@ class CacheEngine:
             return StoreResult(
                 False, not_stored_reason=f"entry of {entry.size} bytes exceeds the per-entry limit"
             )
-        if (keys.standalone or self.settings.semantic_follow_ups) and len(
-            keys.text
-        ) <= self.settings.semantic_max_chars:
+        if (
+            semantic
+            and (keys.standalone or self.settings.semantic_follow_ups)
+            and len(keys.text) <= self.settings.semantic_max_chars
+        ):
             entry.vector = await self._embed(keys.text)
         await self.store.put(entry, now)
         return StoreResult(True, entry_id=entry.id)

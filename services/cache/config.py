@@ -58,6 +58,10 @@ class CacheSettings:
     embed_max_tokens: int = 256
     # Recent embeddings kept per replica (a Store after a Lookup of the same turn reuses it).
     embed_cache_entries: int = 10_000
+    # Keys (partition and exact key) of recent requests kept per replica, bounded by the bytes of
+    # their text: a Store right after the Lookup of the same request reuses the Lookup's keys
+    # instead of normalising and hashing the whole conversation again (0 turns it off).
+    keys_cache_bytes: int = 8 * 1024 * 1024
     # Load the local model in the background at start (true) or on the first semantic call.
     preload_embedder: bool = True
     # Cosine similarity a semantic hit needs (0..1, higher is stricter).
@@ -136,6 +140,7 @@ class CacheSettings:
             embed_cache_entries=env.integer(
                 "BALLAST_CACHE_EMBED_CACHE_ENTRIES", cls.embed_cache_entries, minimum=0
             ),
+            keys_cache_bytes=env.integer("BALLAST_CACHE_KEYS_CACHE_BYTES", cls.keys_cache_bytes, minimum=0),
             preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", cls.preload_embedder),
             threshold=env.number("BALLAST_CACHE_THRESHOLD", cls.threshold, minimum=0.0, maximum=1.0),
             semantic_max_chars=env.integer(

@@ -190,6 +190,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             ttl=ttl,
             attributes=dict(request.attributes),
             allow_nondeterministic=request.allow_nondeterministic,
+            semantic=not request.exact_only,
         )
         self._stores.add(1, {"result": "stored" if result.stored else "refused"})
         return cache_pb2.StoreResponse(

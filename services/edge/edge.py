@@ -1,10 +1,12 @@
 """One chat turn through the whole path: limits, context and cache at once, then the
 model on a miss, then the session, the cache and the limiter settle concurrently.
 
-Latency is the slowest of the first three calls, not their sum. The answer-cache
-lookup starts before the session context is known, as a standalone turn; when the
-context turns out to hold earlier turns, that guess is dropped and an exact lookup with
-the full conversation is made instead (a follow-up is only a hit in the same state).
+Latency is the slowest of the first three calls, not their sum. A stateless chat's
+answer-cache lookup runs beside the other two. A chat in a session is looked up once its
+context is known: as a standalone turn (exact, then semantic) when the session holds no
+earlier turns, else exactly with the full conversation (a follow-up is only a hit in the
+same state). Guessing the standalone lookup concurrently cost an embedding per session chat
+whose answer was thrown away whenever the session had history.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ class Prepared:
     quotas: list[common_pb2.Quota] = field(default_factory=list)
     throttle_delay: float = 0.0
     cached: cache_pb2.LookupResponse | None = None
+    # A turn after earlier ones in a session: its answer is cached for the exact tier only.
+    follow_up: bool = False
     # The limiter's priority for this caller: the router keeps providers' last headroom for high.
     priority: int = common_pb2.PRIORITY_UNSPECIFIED
 
@@ -266,12 +270,14 @@ class ChatPipeline:
         standalone = [*system, *request.messages]
         check_task = asyncio.ensure_future(self._check(caller, request, request_id, deadline))
         context_task = asyncio.ensure_future(self._context(caller, request, deadline))
-        lookup_task = asyncio.ensure_future(
-            self._lookup(caller, request, standalone, deadline, semantic=True)
+        lookup_task = (
+            None
+            if request.session_id
+            else asyncio.ensure_future(self._lookup(caller, request, standalone, deadline, semantic=True))
         )
-        tasks = (check_task, context_task, lookup_task)
+        tasks = tuple(t for t in (check_task, context_task, lookup_task) if t is not None)
         try:
-            check, context, cached = await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
                 task.cancel()
@@ -281,6 +287,8 @@ class ChatPipeline:
                 if result is not None and result.reservation_id:
                     await self._release(caller, result.reservation_id, deadline)
             raise
+        check, context = check_task.result(), context_task.result()
+        cached = lookup_task.result() if lookup_task is not None else None
         prepared = Prepared(request_id=request_id, caller=caller, request=request, model_messages=standalone)
         if check is not None:
             prepared.reservation_id = check.reservation_id
@@ -298,10 +306,12 @@ class ChatPipeline:
             history.extend(turn.message for turn in context.turns)
             if history:
                 prepared.model_messages = [*system, *history, *request.messages]
-                # The standalone guess does not apply to a follow-up: look up the exact conversation.
-                cached = await self._lookup(
-                    caller, request, prepared.model_messages, deadline, semantic=False
-                )
+                prepared.follow_up = True
+            # A follow-up is looked up exactly with the full conversation: its partition holds
+            # this session's own history, so no vector of it could be there to compare with.
+            cached = await self._lookup(
+                caller, request, prepared.model_messages, deadline, semantic=not prepared.follow_up
+            )
         prepared.cached = cached if cached is not None and cached.hit else None
         span = trace.get_current_span()
         span.set_attributes(
@@ -511,6 +521,8 @@ class ChatPipeline:
                     model=answer.model,
                 ),
                 allow_nondeterministic=request.allow_nondeterministic_cache,
+                # Nothing looks a session's follow-up up semantically: spare its embedding.
+                exact_only=prepared.follow_up,
             ),
             self._down.timeout(after),
         )

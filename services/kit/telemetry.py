@@ -17,8 +17,7 @@ from typing import Any
 import grpc
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
-from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -26,11 +25,9 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
+from services.kit import tracing
 from services.kit.config import Env, region_from_env
-
-_NOT_HEALTH = filters.negate(
-    filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
-)
+from services.kit.tracing import ServerTracing
 
 
 @dataclass
@@ -61,14 +58,12 @@ class Telemetry:
         # With tracing off the interceptor would only make no-op spans: skip its cost on every call.
         if not self.tracing:
             return []
-        return [aio_server_interceptor(tracer_provider=self.tracer_provider, filter_=_NOT_HEALTH)]  # type: ignore[no-untyped-call]
+        return [ServerTracing(self.tracer_provider)]
 
     def client_interceptors(self) -> list[Any]:
         if not self.tracing:
             return []
-        # No filter: Ballast's clients never call health or reflection, and a filter is evaluated
-        # on every call (about 2% of a chat's CPU when exporting).
-        return list(aio_client_interceptors(tracer_provider=self.tracer_provider))  # type: ignore[no-untyped-call]
+        return tracing.client_interceptors(self.tracer_provider)
 
     def shutdown(self) -> None:
         """Flushes and stops exporters (after the server has drained)."""
@@ -211,7 +206,6 @@ def setup_telemetry(
                 OTLPMetricExporter(endpoint=metrics_endpoint, insecure=_insecure(env, metrics_endpoint))
             )
         )
-    meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS)
     disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
     traces_endpoint = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or ""
@@ -219,7 +213,12 @@ def setup_telemetry(
     exporting = bool(traces_endpoint) and env.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none"
     # Spans that no processor takes are made, timed and dropped on every call: about a tenth of a
     # chat's CPU (bench/chat_cpu.py). With nothing to export, tracing is off, as with OTEL_SDK_DISABLED.
-    if disabled or not (exporting or extra_processors):
+    tracing = not disabled and (exporting or bool(extra_processors))
+    # Exemplars point at traces: with tracing off no measurement may offer one (the SDK's default
+    # filter would still be asked on every measurement), unless OTEL_METRICS_EXEMPLAR_FILTER says.
+    exemplars = None if tracing or env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS, exemplar_filter=exemplars)
+    if not tracing:
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
     processors = list(extra_processors)
     if exporting:

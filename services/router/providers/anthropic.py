@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 
 from services.router.catalog import Model, Provider
 from services.router.model import (
@@ -191,7 +192,7 @@ class AnthropicAdapter:
         body = to_anthropic_body(
             model, request, stream=stream, default_max_tokens=self.options.default_max_output_tokens
         )
-        return json.dumps(body, separators=(",", ":")).encode()
+        return orjson.dumps(body)
 
     async def complete(self, model: Model, request: ChatRequest) -> ChatResult:
         try:
@@ -234,7 +235,7 @@ class AnthropicAdapter:
 
 def _event_data(text: str) -> dict[str, Any]:
     try:
-        data = json.loads(text)
+        data = orjson.loads(text)
     except ValueError as exc:
         raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)") from exc
     if not isinstance(data, dict):

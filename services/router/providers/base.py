@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -14,6 +13,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
+import orjson
 
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
@@ -219,7 +219,7 @@ def transport_error(exc: BaseException) -> ProviderError:
 
 def parse_json(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except ValueError as exc:
         raise ProviderError(Outcome.PROTOCOL_ERROR, "the answer is not valid JSON") from exc
     if not isinstance(data, dict):

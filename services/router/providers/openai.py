@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 
 from services.router.catalog import Model, Provider
 from services.router.model import (
@@ -183,7 +183,7 @@ class OpenAIAdapter:
         check_response(self.provider, model, response, body, self._sink, self.options.max_reset_wait)
 
     async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-        content = json.dumps(body, separators=(",", ":")).encode()
+        content = orjson.dumps(body)
         try:
             response = await self._client.post(self._url(model, endpoint), content=content)
             raw = response.content
@@ -216,7 +216,7 @@ class OpenAIAdapter:
 
     async def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
         body = to_openai_body(model, request, stream=True, provider=self.provider)
-        content = json.dumps(body, separators=(",", ":")).encode()
+        content = orjson.dumps(body)
         state = _StreamState()
         done = False
         try:
@@ -242,7 +242,7 @@ class OpenAIAdapter:
 
 def _chunk(text: str) -> dict[str, Any]:
     try:
-        chunk = json.loads(text)
+        chunk = orjson.loads(text)
     except ValueError as exc:
         raise ProviderError(Outcome.PROTOCOL_ERROR, "malformed stream event (not JSON)") from exc
     if not isinstance(chunk, dict):

@@ -132,6 +132,21 @@ async def test_follow_ups_are_matched_within_the_same_conversation_state(make_su
     assert not size.hit
 
 
+async def test_exact_only_entries_are_served_exactly_and_never_semantically(make_suite: MakeSuite) -> None:
+    suite, _ = await make_suite()
+    cache = suite.cache
+    shoes = [("Do you sell running shoes?", "Yes, from Acme and Bolt.")]
+    for history in ((), shoes):
+        await cache.Store(store("How much is the cheapest one?", "$40.", history=history, exact_only=True))
+        exact = await cache.Lookup(lookup("how much is the cheapest one", history=history))
+        assert exact.hit and exact.tier == cache_pb2.HIT_TIER_EXACT
+        # No vector was kept for it (the embedding was spared), so no paraphrase can reach it.
+        reworded = await cache.Lookup(
+            lookup("What does the cheapest one cost?", history=history, threshold=0.01)
+        )
+        assert not reworded.hit and reworded.miss_reason == "no similar entry", reworded.miss_reason
+
+
 @pytest.mark.parametrize(
     ("change", "value"),
     [

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61llast/cache/v1/cache.proto\x12\x10\x62\x61llast.cache.v1\x1a\x1e\x62\x61llast/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x05Scope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\"\x86\x02\n\x0c\x43\x61\x63hedAnswer\x12/\n\x07message\x18\x01 \x01(\x0b\x32\x1e.ballast.common.v1.ChatMessage\x12\x36\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1f.ballast.common.v1.FinishReason\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.ballast.common.v1.Usage\x12%\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x17.ballast.common.v1.Cost\x12\r\n\x05model\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x02\n\rLookupRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.ballast.common.v1.ChatMessage\x12\x30\n\x05tools\x18\x04 \x03(\x0b\x32!.ballast.common.v1.ToolDefinition\x12\x33\n\x06params\x18\x05 \x01(\x0b\x32#.ballast.common.v1.GenerationParams\x12\x10\n\x08semantic\x18\x06 \x01(\x08\x12\x1e\n\x16\x61llow_nondeterministic\x18\x07 \x01(\x08\x12\x11\n\tthreshold\x18\x08 \x01(\x01\"\xb1\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\'\n\x04tier\x18\x02 \x01(\x0e\x32\x19.ballast.cache.v1.HitTier\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12.\n\x06\x61nswer\x18\x05 \x01(\x0b\x32\x1e.ballast.cache.v1.CachedAnswer\x12\x13\n\x0bmiss_reason\x18\x06 \x01(\t\"\xcd\x03\n\x0cStoreRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.ballast.common.v1.ChatMessage\x12\x30\n\x05tools\x18\x04 \x03(\x0b\x32!.ballast.common.v1.ToolDefinition\x12\x33\n\x06params\x18\x05 \x01(\x0b\x32#.ballast.common.v1.GenerationParams\x12.\n\x06\x61nswer\x18\x06 \x01(\x0b\x32\x1e.ballast.cache.v1.CachedAnswer\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x42\n\nattributes\x18\x08 \x03(\x0b\x32..ballast.cache.v1.StoreRequest.AttributesEntry\x12\x1e\n\x16\x61llow_nondeterministic\x18\t \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x19\n\x11not_stored_reason\x18\x03 \x01(\t\"i\n\x14GetToolResultRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\xa8\x01\n\x15GetToolResultResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x0e\n\x06result\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rremaining_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb3\x01\n\x14PutToolResultRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\t\x12\x10\n\x08is_error\x18\x05 \x01(\x08\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x15PutToolResultResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\xb5\x01\n\x11RetrievedDocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x43\n\x08metadata\x18\x04 \x03(\x0b\x32\x31.ballast.cache.v1.RetrievedDocument.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\x13GetRetrievalRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x12\n\nindex_name\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\"r\n\x14GetRetrievalResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x36\n\tdocuments\x18\x02 \x03(\x0b\x32#.ballast.cache.v1.RetrievedDocument\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\xe6\x01\n\x13PutRetrievalRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x12\n\nindex_name\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x36\n\tdocuments\x18\x06 \x03(\x0b\x32#.ballast.cache.v1.RetrievedDocument\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x14PutRetrievalResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x15\n\rindex_version\x18\x02 \x01(\t\"U\n\x17\x42umpIndexVersionRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x12\n\nindex_name\x18\x02 \x01(\t\"1\n\x18\x42umpIndexVersionResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\"\xa5\x01\n\rDeleteRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x1a\n\x10\x61ll_in_namespace\x18\x02 \x01(\x08H\x00\x12\x12\n\x08\x65ntry_id\x18\x03 \x01(\tH\x00\x12\x30\n\tattribute\x18\x04 \x01(\x0b\x32\x1b.ballast.cache.v1.AttributeH\x00\x42\n\n\x08selector\"\'\n\tAttribute\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"9\n\x0fGetStatsRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\"\xac\x01\n\x0eNamespaceStats\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07lookups\x18\x02 \x01(\x03\x12\x12\n\nexact_hits\x18\x03 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x04 \x01(\x03\x12\x18\n\x10guard_rejections\x18\x05 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x06 \x01(\x03\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x11\n\tevictions\x18\x08 \x01(\x03\"H\n\x10GetStatsResponse\x12\x34\n\nnamespaces\x18\x01 \x03(\x0b\x32 .ballast.cache.v1.NamespaceStats*N\n\x07HitTier\x12\x18\n\x14HIT_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eHIT_TIER_EXACT\x10\x01\x12\x15\n\x11HIT_TIER_SEMANTIC\x10\x02\x32\xb2\x06\n\x0c\x43\x61\x63heService\x12K\n\x06Lookup\x12\x1f.ballast.cache.v1.LookupRequest\x1a .ballast.cache.v1.LookupResponse\x12H\n\x05Store\x12\x1e.ballast.cache.v1.StoreRequest\x1a\x1f.ballast.cache.v1.StoreResponse\x12`\n\rGetToolResult\x12&.ballast.cache.v1.GetToolResultRequest\x1a\'.ballast.cache.v1.GetToolResultResponse\x12`\n\rPutToolResult\x12&.ballast.cache.v1.PutToolResultRequest\x1a\'.ballast.cache.v1.PutToolResultResponse\x12]\n\x0cGetRetrieval\x12%.ballast.cache.v1.GetRetrievalRequest\x1a&.ballast.cache.v1.GetRetrievalResponse\x12]\n\x0cPutRetrieval\x12%.ballast.cache.v1.PutRetrievalRequest\x1a&.ballast.cache.v1.PutRetrievalResponse\x12i\n\x10\x42umpIndexVersion\x12).ballast.cache.v1.BumpIndexVersionRequest\x1a*.ballast.cache.v1.BumpIndexVersionResponse\x12K\n\x06\x44\x65lete\x12\x1f.ballast.cache.v1.DeleteRequest\x1a .ballast.cache.v1.DeleteResponse\x12Q\n\x08GetStats\x12!.ballast.cache.v1.GetStatsRequest\x1a\".ballast.cache.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61llast/cache/v1/cache.proto\x12\x10\x62\x61llast.cache.v1\x1a\x1e\x62\x61llast/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x05Scope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\"\x86\x02\n\x0c\x43\x61\x63hedAnswer\x12/\n\x07message\x18\x01 \x01(\x0b\x32\x1e.ballast.common.v1.ChatMessage\x12\x36\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1f.ballast.common.v1.FinishReason\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.ballast.common.v1.Usage\x12%\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x17.ballast.common.v1.Cost\x12\r\n\x05model\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x02\n\rLookupRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.ballast.common.v1.ChatMessage\x12\x30\n\x05tools\x18\x04 \x03(\x0b\x32!.ballast.common.v1.ToolDefinition\x12\x33\n\x06params\x18\x05 \x01(\x0b\x32#.ballast.common.v1.GenerationParams\x12\x10\n\x08semantic\x18\x06 \x01(\x08\x12\x1e\n\x16\x61llow_nondeterministic\x18\x07 \x01(\x08\x12\x11\n\tthreshold\x18\x08 \x01(\x01\"\xb1\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\'\n\x04tier\x18\x02 \x01(\x0e\x32\x19.ballast.cache.v1.HitTier\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12.\n\x06\x61nswer\x18\x05 \x01(\x0b\x32\x1e.ballast.cache.v1.CachedAnswer\x12\x13\n\x0bmiss_reason\x18\x06 \x01(\t\"\xe1\x03\n\x0cStoreRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\r\n\x05model\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.ballast.common.v1.ChatMessage\x12\x30\n\x05tools\x18\x04 \x03(\x0b\x32!.ballast.common.v1.ToolDefinition\x12\x33\n\x06params\x18\x05 \x01(\x0b\x32#.ballast.common.v1.GenerationParams\x12.\n\x06\x61nswer\x18\x06 \x01(\x0b\x32\x1e.ballast.cache.v1.CachedAnswer\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x42\n\nattributes\x18\x08 \x03(\x0b\x32..ballast.cache.v1.StoreRequest.AttributesEntry\x12\x1e\n\x16\x61llow_nondeterministic\x18\t \x01(\x08\x12\x12\n\nexact_only\x18\n \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x19\n\x11not_stored_reason\x18\x03 \x01(\t\"i\n\x14GetToolResultRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\xa8\x01\n\x15GetToolResultResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x0e\n\x06result\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rremaining_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb3\x01\n\x14PutToolResultRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x0e\n\x06result\x18\x04 \x01(\t\x12\x10\n\x08is_error\x18\x05 \x01(\x08\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x15PutToolResultResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\xb5\x01\n\x11RetrievedDocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x43\n\x08metadata\x18\x04 \x03(\x0b\x32\x31.ballast.cache.v1.RetrievedDocument.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\x13GetRetrievalRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x12\n\nindex_name\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\"r\n\x14GetRetrievalResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x36\n\tdocuments\x18\x02 \x03(\x0b\x32#.ballast.cache.v1.RetrievedDocument\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\xe6\x01\n\x13PutRetrievalRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x12\n\nindex_name\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x36\n\tdocuments\x18\x06 \x03(\x0b\x32#.ballast.cache.v1.RetrievedDocument\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x14PutRetrievalResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x15\n\rindex_version\x18\x02 \x01(\t\"U\n\x17\x42umpIndexVersionRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x12\n\nindex_name\x18\x02 \x01(\t\"1\n\x18\x42umpIndexVersionResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\"\xa5\x01\n\rDeleteRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\x12\x1a\n\x10\x61ll_in_namespace\x18\x02 \x01(\x08H\x00\x12\x12\n\x08\x65ntry_id\x18\x03 \x01(\tH\x00\x12\x30\n\tattribute\x18\x04 \x01(\x0b\x32\x1b.ballast.cache.v1.AttributeH\x00\x42\n\n\x08selector\"\'\n\tAttribute\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"9\n\x0fGetStatsRequest\x12&\n\x05scope\x18\x01 \x01(\x0b\x32\x17.ballast.cache.v1.Scope\"\xac\x01\n\x0eNamespaceStats\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07lookups\x18\x02 \x01(\x03\x12\x12\n\nexact_hits\x18\x03 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x04 \x01(\x03\x12\x18\n\x10guard_rejections\x18\x05 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x06 \x01(\x03\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x11\n\tevictions\x18\x08 \x01(\x03\"H\n\x10GetStatsResponse\x12\x34\n\nnamespaces\x18\x01 \x03(\x0b\x32 .ballast.cache.v1.NamespaceStats*N\n\x07HitTier\x12\x18\n\x14HIT_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eHIT_TIER_EXACT\x10\x01\x12\x15\n\x11HIT_TIER_SEMANTIC\x10\x02\x32\xb2\x06\n\x0c\x43\x61\x63heService\x12K\n\x06Lookup\x12\x1f.ballast.cache.v1.LookupRequest\x1a .ballast.cache.v1.LookupResponse\x12H\n\x05Store\x12\x1e.ballast.cache.v1.StoreRequest\x1a\x1f.ballast.cache.v1.StoreResponse\x12`\n\rGetToolResult\x12&.ballast.cache.v1.GetToolResultRequest\x1a\'.ballast.cache.v1.GetToolResultResponse\x12`\n\rPutToolResult\x12&.ballast.cache.v1.PutToolResultRequest\x1a\'.ballast.cache.v1.PutToolResultResponse\x12]\n\x0cGetRetrieval\x12%.ballast.cache.v1.GetRetrievalRequest\x1a&.ballast.cache.v1.GetRetrievalResponse\x12]\n\x0cPutRetrieval\x12%.ballast.cache.v1.PutRetrievalRequest\x1a&.ballast.cache.v1.PutRetrievalResponse\x12i\n\x10\x42umpIndexVersion\x12).ballast.cache.v1.BumpIndexVersionRequest\x1a*.ballast.cache.v1.BumpIndexVersionResponse\x12K\n\x06\x44\x65lete\x12\x1f.ballast.cache.v1.DeleteRequest\x1a .ballast.cache.v1.DeleteResponse\x12Q\n\x08GetStats\x12!.ballast.cache.v1.GetStatsRequest\x1a\".ballast.cache.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_RETRIEVEDDOCUMENT_METADATAENTRY']._loaded_options = None
   _globals['_RETRIEVEDDOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_HITTIER']._serialized_start=3417
-  _globals['_HITTIER']._serialized_end=3495
+  _globals['_HITTIER']._serialized_start=3437
+  _globals['_HITTIER']._serialized_end=3515
   _globals['_SCOPE']._serialized_start=147
   _globals['_SCOPE']._serialized_end=209
   _globals['_CACHEDANSWER']._serialized_start=212
@@ -49,47 +49,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=772
   _globals['_LOOKUPRESPONSE']._serialized_end=949
   _globals['_STOREREQUEST']._serialized_start=952
-  _globals['_STOREREQUEST']._serialized_end=1413
-  _globals['_STOREREQUEST_ATTRIBUTESENTRY']._serialized_start=1364
-  _globals['_STOREREQUEST_ATTRIBUTESENTRY']._serialized_end=1413
-  _globals['_STORERESPONSE']._serialized_start=1415
-  _globals['_STORERESPONSE']._serialized_end=1491
-  _globals['_GETTOOLRESULTREQUEST']._serialized_start=1493
-  _globals['_GETTOOLRESULTREQUEST']._serialized_end=1598
-  _globals['_GETTOOLRESULTRESPONSE']._serialized_start=1601
-  _globals['_GETTOOLRESULTRESPONSE']._serialized_end=1769
-  _globals['_PUTTOOLRESULTREQUEST']._serialized_start=1772
-  _globals['_PUTTOOLRESULTREQUEST']._serialized_end=1951
-  _globals['_PUTTOOLRESULTRESPONSE']._serialized_start=1953
-  _globals['_PUTTOOLRESULTRESPONSE']._serialized_end=1992
-  _globals['_RETRIEVEDDOCUMENT']._serialized_start=1995
-  _globals['_RETRIEVEDDOCUMENT']._serialized_end=2176
-  _globals['_RETRIEVEDDOCUMENT_METADATAENTRY']._serialized_start=2129
-  _globals['_RETRIEVEDDOCUMENT_METADATAENTRY']._serialized_end=2176
-  _globals['_GETRETRIEVALREQUEST']._serialized_start=2179
-  _globals['_GETRETRIEVALREQUEST']._serialized_end=2313
-  _globals['_GETRETRIEVALRESPONSE']._serialized_start=2315
-  _globals['_GETRETRIEVALRESPONSE']._serialized_end=2429
-  _globals['_PUTRETRIEVALREQUEST']._serialized_start=2432
-  _globals['_PUTRETRIEVALREQUEST']._serialized_end=2662
-  _globals['_PUTRETRIEVALRESPONSE']._serialized_start=2664
-  _globals['_PUTRETRIEVALRESPONSE']._serialized_end=2725
-  _globals['_BUMPINDEXVERSIONREQUEST']._serialized_start=2727
-  _globals['_BUMPINDEXVERSIONREQUEST']._serialized_end=2812
-  _globals['_BUMPINDEXVERSIONRESPONSE']._serialized_start=2814
-  _globals['_BUMPINDEXVERSIONRESPONSE']._serialized_end=2863
-  _globals['_DELETEREQUEST']._serialized_start=2866
-  _globals['_DELETEREQUEST']._serialized_end=3031
-  _globals['_ATTRIBUTE']._serialized_start=3033
-  _globals['_ATTRIBUTE']._serialized_end=3072
-  _globals['_DELETERESPONSE']._serialized_start=3074
-  _globals['_DELETERESPONSE']._serialized_end=3107
-  _globals['_GETSTATSREQUEST']._serialized_start=3109
-  _globals['_GETSTATSREQUEST']._serialized_end=3166
-  _globals['_NAMESPACESTATS']._serialized_start=3169
-  _globals['_NAMESPACESTATS']._serialized_end=3341
-  _globals['_GETSTATSRESPONSE']._serialized_start=3343
-  _globals['_GETSTATSRESPONSE']._serialized_end=3415
-  _globals['_CACHESERVICE']._serialized_start=3498
-  _globals['_CACHESERVICE']._serialized_end=4316
+  _globals['_STOREREQUEST']._serialized_end=1433
+  _globals['_STOREREQUEST_ATTRIBUTESENTRY']._serialized_start=1384
+  _globals['_STOREREQUEST_ATTRIBUTESENTRY']._serialized_end=1433
+  _globals['_STORERESPONSE']._serialized_start=1435
+  _globals['_STORERESPONSE']._serialized_end=1511
+  _globals['_GETTOOLRESULTREQUEST']._serialized_start=1513
+  _globals['_GETTOOLRESULTREQUEST']._serialized_end=1618
+  _globals['_GETTOOLRESULTRESPONSE']._serialized_start=1621
+  _globals['_GETTOOLRESULTRESPONSE']._serialized_end=1789
+  _globals['_PUTTOOLRESULTREQUEST']._serialized_start=1792
+  _globals['_PUTTOOLRESULTREQUEST']._serialized_end=1971
+  _globals['_PUTTOOLRESULTRESPONSE']._serialized_start=1973
+  _globals['_PUTTOOLRESULTRESPONSE']._serialized_end=2012
+  _globals['_RETRIEVEDDOCUMENT']._serialized_start=2015
+  _globals['_RETRIEVEDDOCUMENT']._serialized_end=2196
+  _globals['_RETRIEVEDDOCUMENT_METADATAENTRY']._serialized_start=2149
+  _globals['_RETRIEVEDDOCUMENT_METADATAENTRY']._serialized_end=2196
+  _globals['_GETRETRIEVALREQUEST']._serialized_start=2199
+  _globals['_GETRETRIEVALREQUEST']._serialized_end=2333
+  _globals['_GETRETRIEVALRESPONSE']._serialized_start=2335
+  _globals['_GETRETRIEVALRESPONSE']._serialized_end=2449
+  _globals['_PUTRETRIEVALREQUEST']._serialized_start=2452
+  _globals['_PUTRETRIEVALREQUEST']._serialized_end=2682
+  _globals['_PUTRETRIEVALRESPONSE']._serialized_start=2684
+  _globals['_PUTRETRIEVALRESPONSE']._serialized_end=2745
+  _globals['_BUMPINDEXVERSIONREQUEST']._serialized_start=2747
+  _globals['_BUMPINDEXVERSIONREQUEST']._serialized_end=2832
+  _globals['_BUMPINDEXVERSIONRESPONSE']._serialized_start=2834
+  _globals['_BUMPINDEXVERSIONRESPONSE']._serialized_end=2883
+  _globals['_DELETEREQUEST']._serialized_start=2886
+  _globals['_DELETEREQUEST']._serialized_end=3051
+  _globals['_ATTRIBUTE']._serialized_start=3053
+  _globals['_ATTRIBUTE']._serialized_end=3092
+  _globals['_DELETERESPONSE']._serialized_start=3094
+  _globals['_DELETERESPONSE']._serialized_end=3127
+  _globals['_GETSTATSREQUEST']._serialized_start=3129
+  _globals['_GETSTATSREQUEST']._serialized_end=3186
+  _globals['_NAMESPACESTATS']._serialized_start=3189
+  _globals['_NAMESPACESTATS']._serialized_end=3361
+  _globals['_GETSTATSRESPONSE']._serialized_start=3363
+  _globals['_GETSTATSRESPONSE']._serialized_end=3435
+  _globals['_CACHESERVICE']._serialized_start=3518
+  _globals['_CACHESERVICE']._serialized_end=4336
 # @@protoc_insertion_point(module_scope)

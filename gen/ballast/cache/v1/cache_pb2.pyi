@@ -238,8 +238,15 @@ class StoreRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     ALLOW_NONDETERMINISTIC_FIELD_NUMBER: _builtins.int
+    EXACT_ONLY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     allow_nondeterministic: _builtins.bool
+    exact_only: _builtins.bool
+    """Keep the entry for the exact tier only: no embedding is computed for it, so the semantic
+    tier never serves it. For a conversation state that later requests are not expected to
+    share: the edge sets it for a follow-up in a session (its partition holds that session's
+    own history and summary), which the edge looks up exactly only.
+    """
     @_builtins.property
     def scope(self) -> Global___Scope: ...
     @_builtins.property
@@ -272,10 +279,11 @@ class StoreRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         allow_nondeterministic: _builtins.bool = ...,
+        exact_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "params", b"params", "scope", b"scope", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nondeterministic", b"allow_nondeterministic", "answer", b"answer", "attributes", b"attributes", "messages", b"messages", "model", b"model", "params", b"params", "scope", b"scope", "tools", b"tools", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nondeterministic", b"allow_nondeterministic", "answer", b"answer", "attributes", b"attributes", "exact_only", b"exact_only", "messages", b"messages", "model", b"model", "params", b"params", "scope", b"scope", "tools", b"tools", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

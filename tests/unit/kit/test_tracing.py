@@ -1,0 +1,108 @@
+"""The kit's gRPC tracing: a CLIENT span per call made and a SERVER span per call handled, one
+trace across, statuses by the RPC conventions, health checks left out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from services.kit.interceptors import Context
+from services.kit.tracing import ServerTracing, client_interceptors
+
+
+def _handlers() -> grpc.GenericRpcHandler:
+    async def echo(request: bytes, context: Context) -> bytes:
+        return request
+
+    async def missing(request: bytes, context: Context) -> bytes:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        raise AssertionError("abort raises")
+
+    async def down(request: bytes, context: Context) -> bytes:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the store is down")
+        raise AssertionError("abort raises")
+
+    async def count(request: bytes, context: Context) -> AsyncIterator[bytes]:
+        for i in range(int(request)):
+            yield str(i).encode()
+
+    return grpc.method_handlers_generic_handler(
+        "t.T",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Missing": grpc.unary_unary_rpc_method_handler(missing),
+            "Down": grpc.unary_unary_rpc_method_handler(down),
+            "Count": grpc.unary_stream_rpc_method_handler(count),
+        },
+    )
+
+
+def _one(spans: list[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:
+    (span,) = [s for s in spans if s.name == name and s.kind == kind]
+    return span
+
+
+async def test_client_and_server_spans_form_one_trace_with_their_statuses() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server(interceptors=[ServerTracing(provider)])
+    server.add_generic_rpc_handlers([_handlers()])
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", interceptors=client_interceptors(provider)
+        ) as channel:
+            echo: Any = channel.unary_unary("/t.T/Echo")
+            missing: Any = channel.unary_unary("/t.T/Missing")
+            down: Any = channel.unary_unary("/t.T/Down")
+            count: Any = channel.unary_stream("/t.T/Count")
+            with provider.get_tracer("test").start_as_current_span("request") as root:
+                assert await echo(b"hi") == b"hi"
+                for call, code in ((missing, grpc.StatusCode.NOT_FOUND), (down, grpc.StatusCode.UNAVAILABLE)):
+                    try:
+                        await call(b"x")
+                    except grpc.aio.AioRpcError as error:
+                        assert error.code() == code
+                    else:
+                        raise AssertionError("the call should have failed")
+                assert [m async for m in count(b"3")] == [b"0", b"1", b"2"]
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    finally:
+        await server.stop(None)
+    spans = list(exporter.get_finished_spans())
+    trace_id = root.get_span_context().trace_id
+    by_id = {s.context.span_id: s for s in spans if s.context is not None}
+    for name in ("/t.T/Echo", "/t.T/Missing", "/t.T/Down", "/t.T/Count"):
+        client = _one(spans, name, SpanKind.CLIENT)
+        served = _one(spans, name, SpanKind.SERVER)
+        # The server span is the child of the client span, which is the child of the caller's span.
+        assert client.context is not None and client.context.trace_id == trace_id
+        assert client.parent is not None and client.parent.span_id == root.get_span_context().span_id
+        assert served.parent is not None and by_id[served.parent.span_id] is client
+        attributes = dict(served.attributes or {})
+        assert attributes["rpc.system"] == "grpc"
+        assert (attributes["rpc.service"], attributes["rpc.method"]) == ("t.T", name.rsplit("/", 1)[1])
+    codes = {
+        (s.name, s.kind): (dict(s.attributes or {})["rpc.grpc.status_code"], s.status.status_code)
+        for s in spans
+        if s.name.startswith("/t.T/")
+    }
+    assert codes[("/t.T/Echo", SpanKind.SERVER)] == (0, StatusCode.UNSET)
+    assert codes[("/t.T/Count", SpanKind.CLIENT)] == (0, StatusCode.UNSET)
+    # A NOT_FOUND is the server doing its job; the caller did not get what it asked for.
+    assert codes[("/t.T/Missing", SpanKind.SERVER)] == (5, StatusCode.UNSET)
+    assert codes[("/t.T/Missing", SpanKind.CLIENT)] == (5, StatusCode.ERROR)
+    assert codes[("/t.T/Down", SpanKind.SERVER)] == (14, StatusCode.ERROR)
+    assert codes[("/t.T/Down", SpanKind.CLIENT)] == (14, StatusCode.ERROR)
+    # Health checks are not traced on the server (Ballast's own clients never make them).
+    assert not [s for s in spans if s.name.startswith("/grpc.health") and s.kind == SpanKind.SERVER]
