@@ -19,6 +19,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
+from services.edge.settlement import Settler
 from services.edge.store import EdgeStore
 from services.edge.webhooks import WebhookSecrets
 from services.kit.entry import Entry
@@ -57,7 +58,9 @@ class _QueueApp(ServiceApp):
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
         )
         self.downstream = Downstream(settings, telemetry)
-        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter)
+        # What a chat spent is settled with the limiter, retried, and recorded when it cannot be.
+        self.settler = Settler(settings, self.downstream, self.store, telemetry.meter)
+        self.pipeline = ChatPipeline(settings, self.downstream, self.settler, telemetry.meter)
         self.metrics = EdgeMetrics(
             telemetry.meter,
             self.store,
@@ -81,17 +84,22 @@ class _QueueApp(ServiceApp):
 
     async def start(self) -> None:
         await self.store.start()
+        self.settler.start()
         self.jobs.start()
         self.governor.start()
         self.metrics.start()
 
     async def drain(self, grace: float) -> None:
         await self.jobs.drain(grace)
+        # Settlements under way finish (or record themselves) before the store closes.
+        await self.settler.drain(grace)
 
     async def close(self) -> None:
         await self.metrics.stop()
         await self.governor.stop()
         await self.jobs.stop()
+        await self.settler.drain(self.settings.settle_wait)
+        await self.settler.stop()
         await self.downstream.close()
         await self.store.close()
 

@@ -101,6 +101,20 @@ class EdgeSettings:
     reserve_output_tokens: int = 1024
     # Timeout of each limiter, cache and sessions call (the router gets the caller's deadline).
     downstream_timeout: float = 2.0
+    # The longest internal call (limiter, sessions, cache) of a chat of normal or higher priority
+    # (paid, enterprise): it takes its time from the caller's deadline, up to this, rather than
+    # the short downstream timeout, so a replica short of CPU delays those chats instead of
+    # failing them. Low priority (free) keeps BALLAST_EDGE_DOWNSTREAM_TIMEOUT and gives way.
+    priority_call_timeout: float = 10.0
+    # Settlement after the model answered (settlement.py): how long a response waits for the
+    # limiter's Commit (retried with backoff from settle_backoff), after which the Commit is
+    # recorded in the edge store and applied later; how often recorded ones are retried (backing
+    # off up to settle_retry_max while the limiter stays down), and how many per pass.
+    settle_wait: float = 2.0
+    settle_backoff: float = 0.05
+    settle_interval: float = 1.0
+    settle_retry_max: float = 30.0
+    settle_batch: int = 100
     # What a limiter outage does to a chat: "open" lets it through, "closed" fails it UNAVAILABLE.
     limiter_failure: str = "open"
     # Longest adaptive-throttling delay a synchronous chat waits before giving up with RESOURCE_EXHAUSTED.
@@ -210,6 +224,12 @@ class EdgeSettings:
                 "BALLAST_EDGE_RESERVE_OUTPUT_TOKENS", 1024, minimum=0, maximum=10_000_000
             ),
             downstream_timeout=env.duration("BALLAST_EDGE_DOWNSTREAM_TIMEOUT", 2.0, minimum=0.01),
+            priority_call_timeout=env.duration("BALLAST_EDGE_PRIORITY_CALL_TIMEOUT", 10.0, minimum=0.01),
+            settle_wait=env.duration("BALLAST_EDGE_SETTLE_WAIT", 2.0, minimum=0.01),
+            settle_backoff=env.duration("BALLAST_EDGE_SETTLE_BACKOFF", 0.05, minimum=0.001),
+            settle_interval=env.duration("BALLAST_EDGE_SETTLE_INTERVAL", 1.0, minimum=0.01),
+            settle_retry_max=env.duration("BALLAST_EDGE_SETTLE_RETRY_MAX", 30.0, minimum=0.01),
+            settle_batch=env.integer("BALLAST_EDGE_SETTLE_BATCH", 100, minimum=1, maximum=100_000),
             limiter_failure=env.choice("BALLAST_EDGE_LIMITER_FAILURE", "open", ["open", "closed"]),
             max_throttle_wait=env.duration("BALLAST_EDGE_MAX_THROTTLE_WAIT", 30.0),
             workers=env.integer("BALLAST_EDGE_WORKERS", 32, minimum=0, maximum=1024),

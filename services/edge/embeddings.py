@@ -41,7 +41,7 @@ async def embed(
     )
     decision: limiter_pb2.CheckResponse | None
     try:
-        decision = await down.call("limiter", down.limiter.Check, check, down.timeout(deadline))
+        decision = await down.call("limiter", down.limiter.Check, check, down.timeout(deadline, caller))
     except (Unavailable, DeadlineExceeded) as exc:
         if settings.limiter_failure != "open":
             raise Unavailable("the limiter is unavailable and BALLAST_EDGE_LIMITER_FAILURE=closed") from exc

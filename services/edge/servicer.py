@@ -289,7 +289,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "sessions",
             self._down.sessions.GetSession,
             sessions_pb2.GetSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(deadline),
+            self._down.timeout(deadline, caller),
         )
         check = await self._down.call(
             "limiter",
@@ -301,7 +301,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 tool_calls=1,
                 request_id=_request_id(context),
             ),
-            self._down.timeout(deadline),
+            self._down.timeout(deadline, caller),
         )
         used, limit = 0, 0
         for status in check.limits:
@@ -328,7 +328,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                         tool_name=request.tool_name,
                         arguments_json=request.arguments_json or "{}",
                     ),
-                    self._down.timeout(deadline),
+                    self._down.timeout(deadline, caller),
                 )
             except (ResourceExhausted, Unauthenticated):
                 raise
@@ -354,7 +354,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "sessions",
             self._down.sessions.GetSession,
             sessions_pb2.GetSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(deadline),
+            self._down.timeout(deadline, caller),
         )
         ttl_disabled = request.HasField("cache_ttl") and request.cache_ttl == duration_pb2.Duration()
         if request.cacheable and not request.is_error and not ttl_disabled:
@@ -367,7 +367,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             )
             if request.HasField("cache_ttl"):
                 put.ttl.CopyFrom(request.cache_ttl)
-            await self._down.call("cache", self._down.cache.PutToolResult, put, self._down.timeout(deadline))
+            await self._down.call(
+                "cache", self._down.cache.PutToolResult, put, self._down.timeout(deadline, caller)
+            )
         return edge_pb2.RecordToolResultResponse(session_version=session.session.version)
 
     async def CreateSession(
@@ -381,7 +383,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             sessions_pb2.CreateSessionRequest(
                 caller=caller, session_id=request.session_id, title=request.title, metadata=request.metadata
             ),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.CreateSessionResponse(session=_session_info(reply.session))
 
@@ -394,7 +396,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "sessions",
             self._down.sessions.GetSession,
             sessions_pb2.GetSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.GetSessionResponse(session=_session_info(reply.session))
 
@@ -410,7 +412,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             sessions_pb2.ListSessionsRequest(
                 caller=caller, page_size=request.page_size, page_token=request.page_token
             ),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.ListSessionsResponse(
             sessions=[_session_info(s) for s in reply.sessions], next_page_token=reply.next_page_token
@@ -425,7 +427,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "sessions",
             self._down.sessions.DeleteSession,
             sessions_pb2.DeleteSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.DeleteSessionResponse()
 
@@ -437,7 +439,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "limiter",
             self._down.limiter.GetUsage,
             limiter_pb2.GetUsageRequest(caller=caller),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.GetUsageResponse(
             tokens_today=reply.tokens_today,
