@@ -295,3 +295,19 @@ async def test_the_memory_store_forgets_ended_jobs_after_their_ttl() -> None:
     await store.submit(second, "", caps)
     assert await store.get_job("old") is None
     assert await store.get_job("new") is not None
+
+
+async def test_a_settlement_is_recorded_once_per_key_until_dropped(store: EdgeStore) -> None:
+    assert await store.settlement_count() == 0
+    assert await store.pending_settlements(10) == []
+    await store.put_settlement("r1", b"\x00first")
+    await store.put_settlement("r2", b"second")
+    # Recording the same settlement again replaces it: applied once, not twice.
+    await store.put_settlement("r1", b"\x00first again")
+    assert await store.settlement_count() == 2
+    assert sorted(await store.pending_settlements(10)) == [("r1", b"\x00first again"), ("r2", b"second")]
+    assert len(await store.pending_settlements(1)) == 1
+    await store.drop_settlement("r1")
+    await store.drop_settlement("never recorded")
+    assert await store.pending_settlements(10) == [("r2", b"second")]
+    assert await store.settlement_count() == 1
