@@ -120,6 +120,8 @@ class EdgeApp(_QueueApp):
                 "BALLAST_EDGE_WORKERS=0 on a memory:// queue: no process will run queued jobs; set "
                 "BALLAST_EDGE_STORE=redis://… and run `ballast serve worker`"
             )
+        # Lanes from least to most important: the queue (above), free chats, paid chats.
+        self.free_lane = self.governor.lane("free", settings.max_in_flight, settings.paced_free_min)
         self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
         self.metrics.watch_governor(self.governor)
         self.in_flight = InFlightLimit(settings.max_in_flight)
@@ -133,6 +135,7 @@ class EdgeApp(_QueueApp):
             self.store,
             self.metrics,
             self.chat_lane,
+            self.free_lane,
         )
         # The OpenAI-compatible face runs its requests through the same servicer (openai_http.py).
         self.http = HttpFront(

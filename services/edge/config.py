@@ -136,6 +136,12 @@ class EdgeSettings:
     pacing_interval: float = 0.1
     queue_min_workers: int = 2
     paced_chats_min: int = 8
+    # Low-priority (free) synchronous chats have a lane of their own, below paid chats: it gives
+    # way after the queue and before them, down to paced_free_min; a low-priority chat that would
+    # wait longer than free_chat_max_wait for a slot is refused with RESOURCE_EXHAUSTED and a retry
+    # hint instead (it comes back when the replica has CPU to spare, or goes to another replica).
+    paced_free_min: int = 2
+    free_chat_max_wait: float = 2.0
     job_max_wait: float = 3600.0
     # Tries of a job whose backends were unavailable before it is failed, and the first pause
     # between them (doubling, at most 30 s).
@@ -238,6 +244,8 @@ class EdgeSettings:
             pacing_interval=env.duration("BALLAST_EDGE_PACING_INTERVAL", 0.1, minimum=0.01),
             queue_min_workers=env.integer("BALLAST_EDGE_QUEUE_MIN_WORKERS", 2, minimum=1, maximum=1024),
             paced_chats_min=env.integer("BALLAST_EDGE_PACED_CHATS_MIN", 8, minimum=1, maximum=1_000_000),
+            paced_free_min=env.integer("BALLAST_EDGE_PACED_FREE_MIN", 2, minimum=1, maximum=1_000_000),
+            free_chat_max_wait=env.duration("BALLAST_EDGE_FREE_CHAT_MAX_WAIT", 2.0, minimum=0.0),
             job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", 3600.0, minimum=1.0),
             job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", 5, minimum=1, maximum=1000),
             job_retry_backoff=env.duration("BALLAST_EDGE_JOB_RETRY_BACKOFF", 0.5, minimum=0.0),

@@ -129,10 +129,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         store: EdgeStore,
         metrics: EdgeMetrics,
         chat_lane: Lane | None = None,
+        free_lane: Lane | None = None,
     ) -> None:
-        # Low and normal priority chats take a slot here while the replica is short of CPU;
-        # high and critical ones never wait (pacing.py).
+        # While the replica is short of CPU, normal priority chats take a slot in chat_lane and
+        # low priority ones in free_lane, which gives way first (and sheds what would wait too
+        # long); high and critical ones never wait (pacing.py).
         self._chat_lane = chat_lane
+        self._free_lane = free_lane or chat_lane
         self._metrics = metrics
         self._settings = settings
         self._keys = keys
@@ -144,14 +147,24 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     @asynccontextmanager
     async def _paced(self, caller: common_pb2.Caller, deadline: Deadline) -> AsyncIterator[None]:
         priority = self._settings.tier_priorities.get(caller.tier, "normal")
-        if self._chat_lane is None or priority not in ("low", "normal"):
+        lane = self._free_lane if priority == "low" else self._chat_lane
+        if lane is None or priority not in ("low", "normal"):
             yield
             return
-        lane = self._chat_lane
+        wait = deadline.remaining()
+        shed = priority == "low" and (wait is None or wait > self._settings.free_chat_max_wait)
+        if shed:
+            wait = self._settings.free_chat_max_wait
         try:
-            async with asyncio.timeout(deadline.remaining()):
+            async with asyncio.timeout(wait):
                 await lane.acquire()
         except TimeoutError:
+            if shed:
+                raise ResourceExhausted(
+                    "this replica is short of CPU and serves higher-priority chats first; retry shortly",
+                    retry_after=max(1.0, self._settings.free_chat_max_wait),
+                    reason="edge_overloaded",
+                ) from None
             raise DeadlineExceeded(
                 "the deadline passed while this replica served higher-priority chats first"
             ) from None
