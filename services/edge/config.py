@@ -99,7 +99,8 @@ class EdgeSettings:
     context_tokens: int = 4000
     # Output tokens reserved against the budget when the request sets no max_output_tokens.
     reserve_output_tokens: int = 1024
-    # Timeout of each limiter, cache and sessions call (the router gets the caller's deadline).
+    # Timeout of each limiter, cache and sessions call of a low-priority caller (the router gets
+    # the caller's deadline; callers of normal or higher priority get priority_call_timeout).
     downstream_timeout: float = 2.0
     # The longest internal call (limiter, sessions, cache) of a chat of normal or higher priority
     # (paid, enterprise): it takes its time from the caller's deadline, up to this, rather than
@@ -128,7 +129,8 @@ class EdgeSettings:
     store_pool_size: int = 256
     # High priority first (pacing.py): while the event loop runs later than pacing_target_lag
     # (the process is short of CPU), queue workers back off towards queue_min_workers, then
-    # low/normal-priority chats towards paced_chats_min; 0 = no pacing. A chat crosses the loop
+    # low-priority chats towards paced_free_min, then normal-priority ones towards
+    # paced_chats_min; 0 = no pacing. A chat crosses the loop
     # some twenty times (each downstream call, each await), waiting up to the lag at each, so the
     # target is a few milliseconds: at 20 ms the front-page benchmark's enterprise chats spent
     # 0.3-0.7 s queued inside the edge at p50; at 5 ms 0.1-0.2 s.
