@@ -107,9 +107,10 @@ class EdgeSettings:
     # the short downstream timeout, so a replica short of CPU delays those chats instead of
     # failing them. Low priority (free) keeps BALLAST_EDGE_DOWNSTREAM_TIMEOUT and gives way.
     priority_call_timeout: float = 10.0
-    # Settlement after the model answered (settlement.py): how long a response waits for the
-    # limiter's Commit (retried with backoff from settle_backoff), after which the Commit is
-    # recorded in the edge store and applied later; how often recorded ones are retried (backing
+    # Settlement after the model answered (settlement.py): the longest a response waits for the
+    # limiter's Commit (its first try), and how long failed tries are retried in the background
+    # (backing off from settle_backoff) before the Commit is recorded in the edge store and
+    # applied later; how often recorded ones are retried (backing
     # off up to settle_retry_max while the limiter stays down), and how many per pass.
     settle_wait: float = 2.0
     settle_backoff: float = 0.05

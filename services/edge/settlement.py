@@ -4,10 +4,11 @@ The tokens were spent once the model answered, so the limiter's Commit must land
 limiter is slow (a replica short of CPU) or down. The limiter's Commit is idempotent by
 reservation id (it remembers a settled reservation for its reservation_ttl + idempotency_ttl), so
 a Commit whose reply was lost is sent again without charging twice. A chat's response waits for
-its settlement at most BALLAST_EDGE_SETTLE_WAIT, retrying with backoff while the limiter is
-UNAVAILABLE or misses its deadline; past that the Commit is recorded in the edge store (Redis
-keeps it across an edge restart; memory:// in this process) and the reconciler applies it later.
-A settlement runs in a task of its own: a client that hangs up does not cancel it.
+the first try only (at most BALLAST_EDGE_SETTLE_WAIT). While the limiter is UNAVAILABLE or misses
+its deadline, the Commit is retried with backoff in the background for up to SETTLE_WAIT, then
+recorded in the edge store (Redis keeps it across an edge restart; memory:// in this process) and
+the reconciler applies it later. A settlement runs in a task of its own: a client that hangs up
+does not cancel it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Settler:
         self._settings = settings
         self._down = downstream
         self._store = store
-        self._running: set[asyncio.Task[limiter_pb2.CommitResponse | None]] = set()
+        self._running: set[asyncio.Task[None]] = set()
         # Recording failed too (the edge store was down): kept here until it can be recorded.
         self._unrecorded: dict[str, bytes] = {}
         self._pending = 0  # recorded and not yet applied, as last counted
@@ -81,43 +82,64 @@ class Settler:
     # --- a chat's settlement --------------------------------------------------------------------------
 
     async def settle(self, request: limiter_pb2.CommitRequest) -> limiter_pb2.CommitResponse | None:
-        """Settles `request`: the limiter's reply, or None when it was recorded to apply later.
+        """Settles `request`: the limiter's reply to the first try, or None when that failed.
 
-        Cancelling the caller does not cancel the settlement.
+        The caller waits for the first try only (at most BALLAST_EDGE_SETTLE_WAIT); retries and
+        recording go on in the background, and cancelling the caller does not cancel them.
         """
-        return await asyncio.shield(self.submit(request))
+        first: asyncio.Future[limiter_pb2.CommitResponse | None] = asyncio.get_running_loop().create_future()
+        self.submit(request, first)
+        return await asyncio.shield(first)
 
-    def submit(self, request: limiter_pb2.CommitRequest) -> asyncio.Task[limiter_pb2.CommitResponse | None]:
-        """Starts settling `request` in the background (drain() waits for it)."""
-        task = asyncio.ensure_future(self._settle(request))
+    def submit(
+        self,
+        request: limiter_pb2.CommitRequest,
+        first: asyncio.Future[limiter_pb2.CommitResponse | None] | None = None,
+    ) -> asyncio.Task[None]:
+        """Starts settling `request` in the background (drain() waits for it); `first` gets the
+        outcome of the first try."""
+        task = asyncio.ensure_future(self._settle(request, first))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return task
 
-    async def _settle(self, request: limiter_pb2.CommitRequest) -> limiter_pb2.CommitResponse | None:
+    async def _settle(
+        self,
+        request: limiter_pb2.CommitRequest,
+        first: asyncio.Future[limiter_pb2.CommitResponse | None] | None,
+    ) -> None:
+        def answer(reply: limiter_pb2.CommitResponse | None) -> None:
+            if first is not None and not first.done():
+                first.set_result(reply)
+
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._settings.settle_wait
         backoff = Backoff(
             self._settings.settle_backoff, max(self._settings.settle_backoff, self._settings.settle_wait)
         )
-        while True:
-            try:
-                # Each try may take all the time left: a starved limiter is slow, not gone.
-                reply = await self._commit(request, give_up - loop.time())
-            except RETRYABLE as exc:
-                wait = backoff.failed()
-                if loop.time() + wait >= give_up:
-                    log.warning("settlement of %s deferred: %s", request.reservation_id, exc.message)
-                    await self._record(request)
-                    return None
-                self._outcomes.add(1, {"outcome": "retried"})
-                await asyncio.sleep(wait)
-            except BallastError as exc:
-                self._refused(request, exc)
-                return None
-            else:
-                self._outcomes.add(1, {"outcome": "settled"})
-                return reply
+        try:
+            while True:
+                try:
+                    # Each try may take all the time left: a starved limiter is slow, not gone.
+                    reply = await self._commit(request, give_up - loop.time())
+                except RETRYABLE as exc:
+                    answer(None)
+                    wait = backoff.failed()
+                    if loop.time() + wait >= give_up:
+                        log.warning("settlement of %s deferred: %s", request.reservation_id, exc.message)
+                        await self._record(request)
+                        return
+                    self._outcomes.add(1, {"outcome": "retried"})
+                    await asyncio.sleep(wait)
+                except BallastError as exc:
+                    self._refused(request, exc)
+                    return
+                else:
+                    self._outcomes.add(1, {"outcome": "settled"})
+                    answer(reply)
+                    return
+        finally:
+            answer(None)
 
     async def _commit(self, request: limiter_pb2.CommitRequest, seconds: float) -> limiter_pb2.CommitResponse:
         reply: limiter_pb2.CommitResponse = await self._down.call(

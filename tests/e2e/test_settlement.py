@@ -119,6 +119,7 @@ async def test_a_commit_the_stalled_limiter_missed_is_applied_once_when_it_resum
         # applied when it resumes, after the edge gave up on their replies.
         response, caller = await chat_while_the_limiter_stops(edge, backends, limiter, signal.SIGSTOP)
         # The answer did not wait for the limiter beyond the settle wait: the Commit is recorded.
+        await eventually(lambda: app.store.settlement_count(), what="the settlement recorded")
         assert await app.store.settlement_count() == 1
         recorded = await app.store.pending_settlements(10)
         os.kill(limiter.pid, signal.SIGCONT)
@@ -153,6 +154,7 @@ async def test_a_settlement_recorded_in_redis_survives_an_edge_restart(
         first = await suite_factory(["edge"], edge_env)
         response, caller = await chat_while_the_limiter_stops(first, backends, limiter, signal.SIGKILL)
         await limiter.wait()
+        await eventually(lambda: _edge_app(first).store.settlement_count(), what="the settlement recorded")
         assert await _edge_app(first).store.settlement_count() == 1
         # The edge that recorded it goes away before the limiter is back.
         await first.stop()
