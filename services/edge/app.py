@@ -139,7 +139,9 @@ class EdgeApp(_QueueApp):
         )
         # The OpenAI-compatible face runs its requests through the same servicer (openai_http.py).
         self.http = HttpFront(
-            OpenAIHttpApp(settings, self.keys, self.servicer, self.downstream, self.in_flight, telemetry),
+            OpenAIHttpApp(
+                settings, self.keys, self.servicer, self.downstream, self.in_flight, telemetry, self.settler
+            ),
             settings,
         )
 
