@@ -168,3 +168,26 @@ async def test_a_settlement_recorded_in_redis_survives_an_edge_restart(
 
         await eventually(applied, what="the settlement recorded by the first edge applied by the second")
         assert await charged(port, caller) == response.usage.total_tokens
+
+
+async def test_a_settlement_the_limiter_refuses_for_good_is_dropped_not_retried_forever(
+    suite_factory: SuiteFactory, tmp_path: Path
+) -> None:
+    environ = write_test_config(tmp_path)
+    suite = await suite_factory(["router", "limiter", "cache", "sessions", "edge"], {**environ, **SETTLEMENT})
+    app = _edge_app(suite)
+    gone = limiter_pb2.CommitRequest(
+        reservation_id="r-of-a-removed-tier",
+        caller=common_pb2.Caller(tenant_id="t", user_id="u", tier="no-such-tier"),
+        actual_tokens=42,
+    )
+    # Inline: the first try is refused (INVALID_ARGUMENT), so nothing is recorded to retry.
+    assert await app.settler.settle(gone) is None
+    assert app.settler.in_flight == 0 and await app.store.settlement_count() == 0
+    # Recorded earlier (say, before its tier was removed): the reconciler drops it.
+    await app.store.put_settlement(gone.reservation_id, gone.SerializeToString())
+
+    async def dropped() -> bool:
+        return await app.store.settlement_count() == 0
+
+    await eventually(dropped, what="the refused settlement dropped")
