@@ -98,7 +98,7 @@ class _QueueApp(ServiceApp):
         await self.metrics.stop()
         await self.governor.stop()
         await self.jobs.stop()
-        await self.settler.drain(self.settings.settle_wait)
+        # Settlements still retrying were given the grace period (drain); stop() records them.
         await self.settler.stop()
         await self.downstream.close()
         await self.store.close()

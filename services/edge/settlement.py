@@ -117,6 +117,7 @@ class Settler:
         backoff = Backoff(
             self._settings.settle_backoff, max(self._settings.settle_backoff, self._settings.settle_wait)
         )
+        done = False
         try:
             while True:
                 try:
@@ -127,19 +128,27 @@ class Settler:
                     wait = backoff.failed()
                     if loop.time() + wait >= give_up:
                         log.warning("settlement of %s deferred: %s", request.reservation_id, exc.message)
+                        done = True  # recorded, or kept in this process when recording fails
                         await self._record(request)
                         return
                     self._outcomes.add(1, {"outcome": "retried"})
                     await asyncio.sleep(wait)
                 except BallastError as exc:
+                    done = True
                     self._refused(request, exc)
                     return
                 else:
+                    done = True
                     self._outcomes.add(1, {"outcome": "settled"})
                     answer(reply)
                     return
         finally:
             answer(None)
+            if not done:
+                # Stopped before the limiter answered (shutdown): stop() records it.
+                self._unrecorded.setdefault(
+                    request.reservation_id, request.SerializeToString(deterministic=True)
+                )
 
     async def _commit(self, request: limiter_pb2.CommitRequest, seconds: float) -> limiter_pb2.CommitResponse:
         reply: limiter_pb2.CommitResponse = await self._down.call(
@@ -179,8 +188,28 @@ class Settler:
             await asyncio.wait(set(self._running), timeout=grace)
 
     async def stop(self) -> None:
+        """Stops the reconciler and the settlements still retrying, and records what they had not
+        settled (the store is closed after this; with Redis another replica applies them)."""
         await cancel_and_wait(self._task)
         self._task = None
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for key, record in list(self._unrecorded.items()):
+            try:
+                await self._store.put_settlement(key, record)
+            except BallastError as exc:
+                request = limiter_pb2.CommitRequest.FromString(record)
+                log.error(
+                    "settlement %s (%d tokens of tenant %s) lost at shutdown: %s",
+                    key,
+                    request.actual_tokens,
+                    request.caller.tenant_id,
+                    exc.message,
+                )
+            del self._unrecorded[key]
 
     async def _reconcile_loop(self) -> None:
         backoff = Backoff(

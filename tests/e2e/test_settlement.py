@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 from ballast.common.v1 import common_pb2
 from ballast.edge.v1 import edge_pb2
 from ballast.limiter.v1 import limiter_pb2, limiter_pb2_grpc
@@ -137,8 +138,9 @@ async def test_a_commit_the_stalled_limiter_missed_is_applied_once_when_it_resum
         assert await charged(port, caller) == response.usage.total_tokens
 
 
+@pytest.mark.parametrize("retrying", [False, True], ids=["recorded", "still-retrying-at-shutdown"])
 async def test_a_settlement_recorded_in_redis_survives_an_edge_restart(
-    suite_factory: SuiteFactory, tmp_path: Path, redis_url: str
+    suite_factory: SuiteFactory, tmp_path: Path, redis_url: str, retrying: bool
 ) -> None:
     environ = {**write_test_config(tmp_path, sim_latency_ms=MODEL_MS), "BALLAST_LIMITER_STORE": redis_url}
     port = free_port()
@@ -150,14 +152,22 @@ async def test_a_settlement_recorded_in_redis_survives_an_edge_restart(
         "BALLAST_LIMITER_ADDR": f"127.0.0.1:{port}",
         "BALLAST_EDGE_STORE": redis_url,
     }
+    # Still retrying: the edge stops while its settlement is still being retried, and records it
+    # as it stops.
+    first_env = {**edge_env, "BALLAST_EDGE_SETTLE_WAIT": "10m"} if retrying else edge_env
     async with limiter_process(environ, port) as limiter:
-        first = await suite_factory(["edge"], edge_env)
+        first = await suite_factory(["edge"], first_env)
         response, caller = await chat_while_the_limiter_stops(first, backends, limiter, signal.SIGKILL)
         await limiter.wait()
-        await eventually(lambda: _edge_app(first).store.settlement_count(), what="the settlement recorded")
-        assert await _edge_app(first).store.settlement_count() == 1
-        # The edge that recorded it goes away before the limiter is back.
-        await first.stop()
+        if retrying:
+            assert _edge_app(first).settler.in_flight == 1
+        else:
+            await eventually(
+                lambda: _edge_app(first).store.settlement_count(), what="the settlement recorded"
+            )
+            assert await _edge_app(first).store.settlement_count() == 1
+        # The edge goes away before the limiter is back.
+        await first.stop(0)
     # The limiter's counters live in Redis: a new process carries on from them.
     async with limiter_process(environ, port):
         second = await suite_factory(["edge"], edge_env)
