@@ -47,6 +47,8 @@ class Event:
     attempts: int = 0
     upstream_429s: int = 0
     cost_micros: int = 0
+    # Model tokens the answer was billed for (0 for a cache hit).
+    tokens: int = 0
     saved_tokens: int = 0
     kind: str = ""
     # Of the latency: the providers' own time (every attempt) and an adaptive-throttling delay.
@@ -64,6 +66,9 @@ class LoadState:
     active_users: int = 0
     providers: dict[str, str] = field(default_factory=dict)
     outage: bool = False
+    # The run's tenant and its users (user id -> tier), for reading back what was charged.
+    tenant: str = ""
+    users: dict[str, str] = field(default_factory=dict)
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -94,6 +99,7 @@ class SurgeLoad:
         self._config = config
         self.state = state
         self._tenant = "surge-" + secrets.token_hex(3)
+        state.tenant = self._tenant
         self._keys: dict[int, tuple[tuple[str, str], ...]] = {}
 
     def _record(self, started: float, tier: str, kind: str, **fields: object) -> None:
@@ -114,6 +120,7 @@ class SurgeLoad:
                     timeout=30,
                 )
                 self._keys[user.index] = (("authorization", f"Bearer {created.api_key}"),)
+                self.state.users[f"user-{user.index}"] = user.tier
 
         await asyncio.gather(*(make(user) for user in users))
 
@@ -141,6 +148,7 @@ class SurgeLoad:
             attempts=attempts,
             upstream_429s=rate_limited,
             cost_micros=response.cost.total_cost_micros,
+            tokens=response.usage.total_tokens,
             provider_s=sum(a.latency.ToNanoseconds() for a in response.attempts) / 1e9,
             throttle_s=response.throttle_delay.ToNanoseconds() / 1e9,
         )
@@ -184,6 +192,7 @@ class SurgeLoad:
                 attempts=attempts,
                 upstream_429s=rate_limited,
                 cost_micros=job.result.cost.total_cost_micros,
+                tokens=job.result.usage.total_tokens,
             )
         elif job.state in TERMINAL:
             code = next((c.name for c in grpc.StatusCode if c.value[0] == job.error.code), "UNKNOWN")

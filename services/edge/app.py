@@ -19,6 +19,7 @@ from services.edge.metrics import EdgeMetrics
 from services.edge.openai_http import HttpFront, OpenAIHttpApp
 from services.edge.pacing import LoadGovernor
 from services.edge.servicer import EdgeAdminServicer, EdgeServicer, InFlightLimit, KeyRegistry
+from services.edge.settlement import Settler
 from services.edge.store import EdgeStore
 from services.edge.tools import ToolCalls
 from services.edge.webhooks import WebhookSecrets
@@ -58,6 +59,8 @@ class _QueueApp(ServiceApp):
             self.store, telemetry, store_system(settings.store_url), store_address(settings.store_url)
         )
         self.downstream = Downstream(settings, telemetry)
+        # What a chat spent is settled with the limiter, retried, and recorded when it cannot be.
+        self.settler = Settler(settings, self.downstream, self.store, telemetry.meter)
         self.metrics = EdgeMetrics(
             telemetry.meter,
             self.store,
@@ -65,7 +68,7 @@ class _QueueApp(ServiceApp):
             sample_every=settings.queue_sample_interval,
             max_tenants=settings.server.metrics_max_tenants,
         )
-        self.pipeline = ChatPipeline(settings, self.downstream, telemetry.meter, self.metrics)
+        self.pipeline = ChatPipeline(settings, self.downstream, self.settler, telemetry.meter, self.metrics)
         # High priority first when short of CPU: the queue gives way, then low/normal chats.
         self.governor = LoadGovernor(target_lag=settings.pacing_target_lag, interval=settings.pacing_interval)
         queue_lane = self.governor.lane("queue", settings.workers, settings.queue_min_workers)
@@ -83,6 +86,7 @@ class _QueueApp(ServiceApp):
 
     async def start(self) -> None:
         await self.store.start()
+        self.settler.start()
         self.jobs.start()
         self.governor.start()
         self.metrics.start()
@@ -94,11 +98,15 @@ class _QueueApp(ServiceApp):
 
     async def drain(self, grace: float) -> None:
         await self.jobs.drain(grace)
+        # Settlements under way finish (or record themselves) before the store closes.
+        await self.settler.drain(grace)
 
     async def close(self) -> None:
         await self.metrics.stop()
         await self.governor.stop()
         await self.jobs.stop()
+        # Settlements still retrying were given the grace period (drain); stop() records them.
+        await self.settler.stop()
         await self.downstream.close()
         await self.store.close()
 
@@ -119,6 +127,8 @@ class EdgeApp(_QueueApp):
                 "BALLAST_EDGE_WORKERS=0 on a memory:// queue: no process will run queued jobs; set "
                 "BALLAST_EDGE_STORE=redis://… and run `ballast serve worker`"
             )
+        # Lanes from least to most important: the queue (above), free chats, paid chats.
+        self.free_lane = self.governor.lane("free", settings.max_in_flight, settings.paced_free_min)
         self.chat_lane = self.governor.lane("interactive", settings.max_in_flight, settings.paced_chats_min)
         self.metrics.watch_governor(self.governor)
         self.in_flight = InFlightLimit(settings.max_in_flight)
@@ -133,10 +143,13 @@ class EdgeApp(_QueueApp):
             self.metrics,
             ToolCalls(self.downstream),
             self.chat_lane,
+            self.free_lane,
         )
         # The OpenAI-compatible face runs its requests through the same servicer (openai_http.py).
         self.http = HttpFront(
-            OpenAIHttpApp(settings, self.keys, self.servicer, self.downstream, self.in_flight, telemetry),
+            OpenAIHttpApp(
+                settings, self.keys, self.servicer, self.downstream, self.in_flight, telemetry, self.settler
+            ),
             settings,
         )
 

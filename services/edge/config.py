@@ -109,8 +109,24 @@ class EdgeSettings:
     context_tokens: int = 4000
     # Output tokens reserved against the budget when the request sets no max_output_tokens.
     reserve_output_tokens: int = 1024
-    # Timeout of each limiter, cache and sessions call (the router gets the caller's deadline).
+    # Timeout of each limiter, cache and sessions call of a low-priority caller (the router gets
+    # the caller's deadline; callers of normal or higher priority get priority_call_timeout).
     downstream_timeout: float = 2.0
+    # The longest internal call (limiter, sessions, cache) of a chat of normal or higher priority
+    # (paid, enterprise): it takes its time from the caller's deadline, up to this, rather than
+    # the short downstream timeout, so a replica short of CPU delays those chats instead of
+    # failing them. Low priority (free) keeps BALLAST_EDGE_DOWNSTREAM_TIMEOUT and gives way.
+    priority_call_timeout: float = 10.0
+    # Settlement after the model answered (settlement.py): the longest a response waits for the
+    # limiter's Commit (its first try), and how long failed tries are retried in the background
+    # (backing off from settle_backoff) before the Commit is recorded in the edge store and
+    # applied later; how often recorded ones are retried (backing
+    # off up to settle_retry_max while the limiter stays down), and how many per pass.
+    settle_wait: float = 2.0
+    settle_backoff: float = 0.05
+    settle_interval: float = 1.0
+    settle_retry_max: float = 30.0
+    settle_batch: int = 100
     # What a limiter outage does to a chat: "open" lets it through, "closed" fails it UNAVAILABLE.
     limiter_failure: str = "open"
     # Longest adaptive-throttling delay a synchronous chat waits before giving up with RESOURCE_EXHAUSTED.
@@ -124,7 +140,8 @@ class EdgeSettings:
     store_pool_size: int = 256
     # High priority first (pacing.py): while the event loop runs later than pacing_target_lag
     # (the process is short of CPU), queue workers back off towards queue_min_workers, then
-    # low/normal-priority chats towards paced_chats_min; 0 = no pacing. A chat crosses the loop
+    # low-priority chats towards paced_free_min, then normal-priority ones towards
+    # paced_chats_min; 0 = no pacing. A chat crosses the loop
     # some twenty times (each downstream call, each await), waiting up to the lag at each, so the
     # target is a few milliseconds: at 20 ms the front-page benchmark's enterprise chats spent
     # 0.3-0.7 s queued inside the edge at p50; at 5 ms 0.1-0.2 s.
@@ -132,6 +149,12 @@ class EdgeSettings:
     pacing_interval: float = 0.1
     queue_min_workers: int = 2
     paced_chats_min: int = 8
+    # Low-priority (free) synchronous chats have a lane of their own, below paid chats: it gives
+    # way after the queue and before them, down to paced_free_min; a low-priority chat that would
+    # wait longer than free_chat_max_wait for a slot is refused with RESOURCE_EXHAUSTED and a retry
+    # hint instead (it comes back when the replica has CPU to spare, or goes to another replica).
+    paced_free_min: int = 2
+    free_chat_max_wait: float = 2.0
     job_max_wait: float = 3600.0
     # Tries of a job whose backends were unavailable before it is failed, and the first pause
     # between them (doubling, at most 30 s).
@@ -237,6 +260,18 @@ class EdgeSettings:
             downstream_timeout=env.duration(
                 "BALLAST_EDGE_DOWNSTREAM_TIMEOUT", cls.downstream_timeout, minimum=0.01
             ),
+            priority_call_timeout=env.duration(
+                "BALLAST_EDGE_PRIORITY_CALL_TIMEOUT", cls.priority_call_timeout, minimum=0.01
+            ),
+            settle_wait=env.duration("BALLAST_EDGE_SETTLE_WAIT", cls.settle_wait, minimum=0.01),
+            settle_backoff=env.duration("BALLAST_EDGE_SETTLE_BACKOFF", cls.settle_backoff, minimum=0.001),
+            settle_interval=env.duration("BALLAST_EDGE_SETTLE_INTERVAL", cls.settle_interval, minimum=0.01),
+            settle_retry_max=env.duration(
+                "BALLAST_EDGE_SETTLE_RETRY_MAX", cls.settle_retry_max, minimum=0.01
+            ),
+            settle_batch=env.integer(
+                "BALLAST_EDGE_SETTLE_BATCH", cls.settle_batch, minimum=1, maximum=100_000
+            ),
             limiter_failure=env.choice(
                 "BALLAST_EDGE_LIMITER_FAILURE", cls.limiter_failure, ["open", "closed"]
             ),
@@ -254,6 +289,12 @@ class EdgeSettings:
             ),
             paced_chats_min=env.integer(
                 "BALLAST_EDGE_PACED_CHATS_MIN", cls.paced_chats_min, minimum=1, maximum=1_000_000
+            ),
+            paced_free_min=env.integer(
+                "BALLAST_EDGE_PACED_FREE_MIN", cls.paced_free_min, minimum=1, maximum=1_000_000
+            ),
+            free_chat_max_wait=env.duration(
+                "BALLAST_EDGE_FREE_CHAT_MAX_WAIT", cls.free_chat_max_wait, minimum=0.0
             ),
             job_max_wait=env.duration("BALLAST_EDGE_JOB_MAX_WAIT", cls.job_max_wait, minimum=1.0),
             job_attempts=env.integer("BALLAST_EDGE_JOB_ATTEMPTS", cls.job_attempts, minimum=1, maximum=1000),

@@ -1,7 +1,8 @@
 """The edge's clients of the four internal services, with deadlines and error mapping.
 
 Every call gets a timeout: the caller's remaining deadline for the router, and the
-shorter of that and BALLAST_EDGE_DOWNSTREAM_TIMEOUT for the others. A downstream
+shorter of that and BALLAST_EDGE_DOWNSTREAM_TIMEOUT for the others (for callers of normal or
+higher priority, BALLAST_EDGE_PRIORITY_CALL_TIMEOUT when that is longer). A downstream
 status the client can act on (INVALID_ARGUMENT, NOT_FOUND, ABORTED, ...) is passed on
 with its details; a dead or timing-out service becomes UNAVAILABLE naming it.
 """
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 from ballast.cache.v1 import cache_pb2_grpc
+from ballast.common.v1 import common_pb2
 from ballast.limiter.v1 import limiter_pb2_grpc
 from ballast.router.v1 import router_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2_grpc
@@ -87,8 +89,20 @@ class Downstream:
         for channel in self._channels.values():
             await channel.close()
 
-    def timeout(self, deadline: Deadline) -> float:
-        return deadline.cap(self._settings.downstream_timeout)
+    def call_timeout(self, caller: common_pb2.Caller | None = None) -> float:
+        """How long one internal call made for `caller` may take, before the caller's deadline.
+
+        Low priority (free) fails fast and gives way; normal and higher (paid, enterprise) may
+        take up to BALLAST_EDGE_PRIORITY_CALL_TIMEOUT of the caller's deadline, so a replica
+        short of CPU slows their calls down rather than failing them.
+        """
+        settings = self._settings
+        if caller is None or settings.tier_priorities.get(caller.tier, "normal") == "low":
+            return settings.downstream_timeout
+        return max(settings.downstream_timeout, settings.priority_call_timeout)
+
+    def timeout(self, deadline: Deadline, caller: common_pb2.Caller | None = None) -> float:
+        return deadline.cap(self.call_timeout(caller))
 
     async def call(
         self, service: str, call: Callable[..., Awaitable[T]], request: Any, seconds: float | None

@@ -31,6 +31,7 @@ from opentelemetry import metrics, trace
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
 from services.edge.metrics import EdgeMetrics
+from services.edge.settlement import Settler, unreserved_id
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable
 from services.kit.protos import duration, seconds
 
@@ -148,6 +149,9 @@ class Prepared:
     cached: cache_pb2.LookupResponse | None = None
     # A turn after earlier ones in a session: its answer is cached for the exact tier only.
     follow_up: bool = False
+    # The limiter could not be asked (it failed open): what the model spends is still settled,
+    # under an id of the edge's own so that a retried settlement is not charged twice.
+    unchecked: bool = False
     # The limiter's priority for this caller: the router keeps providers' last headroom for high.
     priority: int = common_pb2.PRIORITY_UNSPECIFIED
 
@@ -166,11 +170,13 @@ class ChatPipeline:
         self,
         settings: EdgeSettings,
         downstream: Downstream,
+        settler: Settler,
         meter: metrics.Meter | None = None,
         edge_metrics: EdgeMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._down = downstream
+        self._settler = settler
         self._metrics = edge_metrics
         self._context_incomplete = (meter or metrics.NoOpMeter("ballast")).create_counter(
             "ballast.edge.context.omitted_unsummarized",
@@ -202,7 +208,7 @@ class ChatPipeline:
         )
         try:
             return await self._down.call(
-                "limiter", self._down.limiter.Check, check, self._down.timeout(deadline)
+                "limiter", self._down.limiter.Check, check, self._down.timeout(deadline, caller)
             )
         except (Unavailable, DeadlineExceeded) as exc:
             if self._settings.limiter_failure == "open":
@@ -222,7 +228,7 @@ class ChatPipeline:
             model=request.model,
         )
         reply: sessions_pb2.GetContextResponse = await self._down.call(
-            "sessions", self._down.sessions.GetContext, get, self._down.timeout(deadline)
+            "sessions", self._down.sessions.GetContext, get, self._down.timeout(deadline, caller)
         )
         if reply.omitted_unsummarized:
             # The model will not see those turns at all (sessions could not summarise them).
@@ -256,7 +262,7 @@ class ChatPipeline:
         )
         try:
             return await self._down.call(
-                "cache", self._down.cache.Lookup, lookup, self._down.timeout(deadline)
+                "cache", self._down.cache.Lookup, lookup, self._down.timeout(deadline, caller)
             )
         except BallastError as exc:
             # A cache outage costs a model call, never the chat.
@@ -290,8 +296,14 @@ class ChatPipeline:
         check, context = check_task.result(), context_task.result()
         cached = lookup_task.result() if lookup_task is not None else None
         prepared = Prepared(request_id=request_id, caller=caller, request=request, model_messages=standalone)
-        if check is not None:
+        if check is None:
+            prepared.unchecked = True
+        else:
             prepared.reservation_id = check.reservation_id
+            # A repeated request id (a retried job, a client's retry) gets the earlier Check's
+            # reservation back, which the earlier try may have settled already: this try's model
+            # call is settled under an id of its own, or its tokens would go uncharged.
+            prepared.unchecked = check.replayed
             prepared.quotas = [status.quota for status in check.limits]
             prepared.priority = check.priority
         if context is not None:
@@ -416,17 +428,21 @@ class ChatPipeline:
     ) -> edge_pb2.ChatResponse:
         """Appends to the session, stores in the cache and settles the limiter, concurrently."""
         billed = _Billed.of(answer, cache_hit=cache_hit)
-        # Settling must happen even if the caller's deadline is gone: the tokens were spent.
-        after = Deadline(self._settings.downstream_timeout)
+        # The session and the limiter must hear of the answer even if the caller's deadline is
+        # gone: the tokens were spent. The limiter's settlement is retried and, past
+        # BALLAST_EDGE_SETTLE_WAIT, recorded and applied later (settlement.py); the cache's copy is
+        # a convenience and keeps the short timeout.
         jobs: dict[str, Awaitable[Any]] = {}
         if prepared.request.session_id:
-            jobs["append"] = self._append_answer(prepared, answer, billed, after)
+            jobs["append"] = self._append_answer(
+                prepared, answer, billed, Deadline(self._down.call_timeout(prepared.caller))
+            )
         if not cache_hit and prepared.request.cache_mode != edge_pb2.CACHE_MODE_BYPASS:
-            jobs["store"] = self._store_answer(prepared, answer, after)
-        if prepared.reservation_id:
-            jobs["commit"] = self._commit_spend(prepared, billed, after)
+            jobs["store"] = self._store_answer(prepared, answer, Deadline(self._settings.downstream_timeout))
+        if (prepared.reservation_id and not prepared.unchecked) or (prepared.unchecked and billed.tokens > 0):
+            jobs["commit"] = self._commit_spend(prepared, billed)
         results = dict(zip(jobs, await asyncio.gather(*(_settle(j) for j in jobs.values())), strict=True))
-        for name in ("store", "commit"):
+        for name in ("store",):
             if isinstance(results.get(name), BaseException):
                 log.warning(
                     "%s after the model failed: %s",
@@ -451,6 +467,7 @@ class ChatPipeline:
             self._metrics.cache_saved(prepared.caller, hit.model, hit.usage, hit.cost.total_cost_micros)
         quotas = prepared.quotas
         committed = results.get("commit")
+        # None when the settlement was recorded to apply later: the quotas from the Check stand.
         if committed is not None and not isinstance(committed, BaseException):
             quotas = _merge_quotas(quotas, list(committed.budgets))
         return edge_pb2.ChatResponse(
@@ -496,7 +513,7 @@ class ChatPipeline:
                 request_fingerprint=request_fingerprint(request),
                 turns=turns,
             ),
-            self._down.timeout(after),
+            self._down.timeout(after, prepared.caller),
         )
 
     def _store_answer(
@@ -527,20 +544,23 @@ class ChatPipeline:
             self._down.timeout(after),
         )
 
+    def _settle_id(self, prepared: Prepared) -> str:
+        """The Check's reservation, or a fresh id when this try's Check reserved nothing new."""
+        return (
+            unreserved_id() if prepared.unchecked or not prepared.reservation_id else prepared.reservation_id
+        )
+
     def _commit_spend(
-        self, prepared: Prepared, billed: _Billed, after: Deadline
-    ) -> Awaitable[limiter_pb2.CommitResponse]:
+        self, prepared: Prepared, billed: _Billed
+    ) -> Awaitable[limiter_pb2.CommitResponse | None]:
         """The tokens and cost actually spent, settled against the Check's reservation."""
-        return self._down.call(
-            "limiter",
-            self._down.limiter.Commit,
+        return self._settler.settle(
             limiter_pb2.CommitRequest(
-                reservation_id=prepared.reservation_id,
+                reservation_id=self._settle_id(prepared),
                 caller=prepared.caller,
                 actual_tokens=billed.tokens,
                 cost_micros=billed.cost_micros,
-            ),
-            self._down.timeout(after),
+            )
         )
 
     def cached_answer(self, prepared: Prepared) -> router_pb2.CompleteResponse:
@@ -612,16 +632,15 @@ class ChatPipeline:
         except BaseException:
             # Tokens already streamed were spent: settle what we can estimate, release the rest.
             spent = estimate_tokens(prepared.model_messages) + streamed_chars // 3 if streamed_chars else 0
-            with contextlib.suppress(BallastError):
-                if prepared.reservation_id:
-                    await self._down.call(
-                        "limiter",
-                        self._down.limiter.Commit,
-                        limiter_pb2.CommitRequest(
-                            reservation_id=prepared.reservation_id, caller=caller, actual_tokens=spent
-                        ),
-                        self._settings.downstream_timeout,
+            if (prepared.reservation_id and not prepared.unchecked) or (prepared.unchecked and spent > 0):
+                # Settled in the background (retried, recorded if need be): this turn is over.
+                self._settler.submit(
+                    limiter_pb2.CommitRequest(
+                        reservation_id=self._settle_id(prepared),
+                        caller=caller,
+                        actual_tokens=spent,
                     )
+                )
             raise
         if final is None:
             raise Unavailable("the router's stream ended without a final answer")

@@ -14,6 +14,7 @@ from ballast.router.v1 import router_pb2
 from services.edge.config import EdgeSettings
 from services.edge.downstream import Deadline, Downstream
 from services.edge.edge import quota_metadata
+from services.edge.settlement import Settler, unreserved_id
 from services.kit.errors import BallastError, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger("ballast.edge.embeddings")
@@ -29,8 +30,13 @@ async def embed(
     request: router_pb2.EmbedRequest,
     request_id: str,
     deadline: Deadline,
+    settler: Settler | None = None,
 ) -> router_pb2.EmbedResponse:
-    """`request.caller` is the authenticated caller; the limiter decides before the router is called."""
+    """`request.caller` is the authenticated caller; the limiter decides before the router is called.
+
+    With a `settler`, what the embedding spent is settled as a chat's is (retried, recorded and
+    applied later when the limiter is late); without one, once, best effort.
+    """
     caller = request.caller
     check = limiter_pb2.CheckRequest(
         caller=caller,
@@ -41,7 +47,7 @@ async def embed(
     )
     decision: limiter_pb2.CheckResponse | None
     try:
-        decision = await down.call("limiter", down.limiter.Check, check, down.timeout(deadline))
+        decision = await down.call("limiter", down.limiter.Check, check, down.timeout(deadline, caller))
     except (Unavailable, DeadlineExceeded) as exc:
         if settings.limiter_failure != "open":
             raise Unavailable("the limiter is unavailable and BALLAST_EDGE_LIMITER_FAILURE=closed") from exc
@@ -72,7 +78,19 @@ async def embed(
         await _settle(down, caller, reservation, 0)
         raise
     spent = response.usage.total_tokens or response.usage.input_tokens
-    await _settle(down, caller, reservation, spent, response.cost.total_cost_micros)
+    if settler is not None and (reservation or spent > 0):
+        # Under an id of its own when the Check failed open or was replayed (see edge.py).
+        replayed = decision is not None and decision.replayed
+        await settler.settle(
+            limiter_pb2.CommitRequest(
+                reservation_id=unreserved_id() if replayed or not reservation else reservation,
+                caller=caller,
+                actual_tokens=spent,
+                cost_micros=response.cost.total_cost_micros,
+            )
+        )
+    else:
+        await _settle(down, caller, reservation, spent, response.cost.total_cost_micros)
     return response
 
 

@@ -117,7 +117,7 @@ class EdgeMetrics:
                 lambda options: [Observation(lane.allowed, {"lane": lane.name}) for lane in governor.lanes]
             ],
             unit="{slot}",
-            description="Work allowed to run at once per lane (queue, interactive); fewer while high priority needs the CPU",
+            description="Work allowed to run at once per lane (queue, free, interactive); fewer while high priority needs the CPU",
         )
         self._meter.create_observable_gauge(
             "ballast.edge.paced.waiting",

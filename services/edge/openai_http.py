@@ -31,6 +31,7 @@ from services.edge.downstream import Deadline, Downstream
 from services.edge.edge import new_request_id
 from services.edge.embeddings import embed
 from services.edge.servicer import EdgeServicer, InFlightLimit, KeyRegistry
+from services.edge.settlement import Settler
 from services.kit.errors import BallastError, InvalidArgument, ResourceExhausted, Unavailable
 from services.kit.telemetry import Telemetry
 
@@ -78,7 +79,9 @@ class OpenAIHttpApp:
         downstream: Downstream,
         in_flight: InFlightLimit,
         telemetry: Telemetry,
+        settler: Settler | None = None,
     ) -> None:
+        self._settler = settler
         self._settings = settings
         self._keys = keys
         self._servicer = servicer
@@ -372,7 +375,9 @@ class OpenAIHttpApp:
         request_id = self._request_id(headers)
         deadline = Deadline(self._settings.http_request_timeout)
         async with _cancelled_on_disconnect(receive):
-            response = await embed(self._settings, self._down, call.request, request_id, deadline)
+            response = await embed(
+                self._settings, self._down, call.request, request_id, deadline, self._settler
+            )
         await _send(
             send,
             200,

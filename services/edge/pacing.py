@@ -7,13 +7,15 @@ governor measures that lag every interval and sets how much lower-priority work 
 in lanes ordered from least to most important:
 
   queue        the burst queue's workers (free-tier jobs, by default)
-  interactive  synchronous chats of low and normal priority (paid, by default)
+  free         synchronous chats of low priority (free tier, by default); one that would wait
+               longer than BALLAST_EDGE_FREE_CHAT_MAX_WAIT is refused with a retry hint
+  interactive  synchronous chats of normal priority (paid, by default)
 
 High and critical priority chats (enterprise) never wait for a slot. While the loop is late by
 more than the target, the least important lane not yet at its floor is halved; while it keeps
 time, the most important lane below its ceiling grows by an eighth (at least one). So the queue
-gives way first and is restored last, and paid chats wait only when pausing the queue was not
-enough. Every lane keeps a floor, so nothing stops entirely.
+gives way first and is restored last, free chats next, and paid chats wait only when pausing
+the queue and the free tier was not enough. Every lane keeps a floor, so nothing stops entirely.
 """
 
 from __future__ import annotations

@@ -129,10 +129,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         metrics: EdgeMetrics,
         tools: ToolCalls,
         chat_lane: Lane | None = None,
+        free_lane: Lane | None = None,
     ) -> None:
-        # Low and normal priority chats take a slot here while the replica is short of CPU;
-        # high and critical ones never wait (pacing.py).
+        # While the replica is short of CPU, normal priority chats take a slot in chat_lane and
+        # low priority ones in free_lane, which gives way first (and sheds what would wait too
+        # long); high and critical ones never wait (pacing.py).
         self._chat_lane = chat_lane
+        self._free_lane = free_lane or chat_lane
         self._metrics = metrics
         self._settings = settings
         self._keys = keys
@@ -145,14 +148,24 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     @asynccontextmanager
     async def _paced(self, caller: common_pb2.Caller, deadline: Deadline) -> AsyncIterator[None]:
         priority = self._settings.tier_priorities.get(caller.tier, "normal")
-        if self._chat_lane is None or priority not in ("low", "normal"):
+        lane = self._free_lane if priority == "low" else self._chat_lane
+        if lane is None or priority not in ("low", "normal"):
             yield
             return
-        lane = self._chat_lane
+        wait = deadline.remaining()
+        shed = priority == "low" and (wait is None or wait > self._settings.free_chat_max_wait)
+        if shed:
+            wait = self._settings.free_chat_max_wait
         try:
-            async with asyncio.timeout(deadline.remaining()):
+            async with asyncio.timeout(wait):
                 await lane.acquire()
         except TimeoutError:
+            if shed:
+                raise ResourceExhausted(
+                    "this replica is short of CPU and serves higher-priority chats first; retry shortly",
+                    retry_after=max(1.0, self._settings.free_chat_max_wait),
+                    reason="edge_overloaded",
+                ) from None
             raise DeadlineExceeded(
                 "the deadline passed while this replica served higher-priority chats first"
             ) from None
@@ -335,7 +348,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             sessions_pb2.CreateSessionRequest(
                 caller=caller, session_id=request.session_id, title=request.title, metadata=request.metadata
             ),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.CreateSessionResponse(session=_session_info(reply.session))
 
@@ -348,7 +361,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "sessions",
             self._down.sessions.GetSession,
             sessions_pb2.GetSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.GetSessionResponse(session=_session_info(reply.session))
 
@@ -364,7 +377,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             sessions_pb2.ListSessionsRequest(
                 caller=caller, page_size=request.page_size, page_token=request.page_token
             ),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.ListSessionsResponse(
             sessions=[_session_info(s) for s in reply.sessions], next_page_token=reply.next_page_token
@@ -379,7 +392,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "sessions",
             self._down.sessions.DeleteSession,
             sessions_pb2.DeleteSessionRequest(caller=caller, session_id=request.session_id),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.DeleteSessionResponse()
 
@@ -391,7 +404,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             "limiter",
             self._down.limiter.GetUsage,
             limiter_pb2.GetUsageRequest(caller=caller),
-            self._down.timeout(Deadline(context.time_remaining())),
+            self._down.timeout(Deadline(context.time_remaining()), caller),
         )
         return edge_pb2.GetUsageResponse(
             tokens_today=reply.tokens_today,

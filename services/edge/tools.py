@@ -100,7 +100,9 @@ class ToolCalls:
             )
             if result.ttl is not None:
                 put.ttl.CopyFrom(duration(result.ttl))
-            await self._down.call("cache", self._down.cache.PutToolResult, put, self._down.timeout(deadline))
+            await self._down.call(
+                "cache", self._down.cache.PutToolResult, put, self._down.timeout(deadline, caller)
+            )
         return session.session.version
 
     async def _session(
@@ -110,7 +112,7 @@ class ToolCalls:
             "sessions",
             self._down.sessions.GetSession,
             sessions_pb2.GetSessionRequest(caller=caller, session_id=session_id),
-            self._down.timeout(deadline),
+            self._down.timeout(deadline, caller),
         )
 
     async def _charge(
@@ -123,7 +125,7 @@ class ToolCalls:
             limiter_pb2.CheckRequest(
                 caller=caller, session_id=session_id, requests=0, tool_calls=1, request_id=request_id
             ),
-            self._down.timeout(deadline),
+            self._down.timeout(deadline, caller),
         )
         used, limit = 0, 0
         for status in check.limits:
@@ -151,7 +153,7 @@ class ToolCalls:
                 cache_pb2.GetToolResultRequest(
                     scope=scope, tool_name=call.tool_name, arguments_json=arguments
                 ),
-                self._down.timeout(deadline),
+                self._down.timeout(deadline, caller),
             )
         except BallastError as exc:
             # Downstream.call reports every failure of the cache as a BallastError (down, timed

@@ -327,3 +327,36 @@ async def test_short_of_cpu_paid_chats_wait_for_a_slot_and_enterprise_ones_do_no
             await lane.release()
         await lane.set_allowed(lane.ceiling)
         app.governor.start()
+
+
+async def test_short_of_cpu_free_chats_give_way_to_paid_ones_and_are_refused_with_a_retry_hint(
+    suite: Suite,
+) -> None:
+    tenant = await new_tenant(suite)
+    app: Any = suite.running["edge"].app
+    await app.governor.stop()  # hold the allowances where the test puts them
+    free_lane = app.free_lane
+    await free_lane.set_allowed(free_lane.floor)
+    held = [await free_lane.acquire() for _ in range(free_lane.allowed)]  # every free slot busy
+    try:
+        request = edge_pb2.ChatRequest(messages=[user("Who goes first when the CPU runs out?")])
+        # Paid chats have a lane of their own: the free tier's being full does not hold them up.
+        paid = await suite.edge.Chat(request, metadata=tenant.auth("paid"), timeout=30)
+        assert paid.message.content
+        # A free chat waits at most BALLAST_EDGE_FREE_CHAT_MAX_WAIT for a slot, however long its
+        # deadline, then is told to come back (rather than failing on its deadline).
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await suite.edge.Chat(request, metadata=tenant.auth("free"), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "higher-priority" in (refused.value.details() or "")
+        status = rpc_status.from_call(refused.value)
+        assert status is not None
+        retry = error_details_pb2.RetryInfo()
+        assert any(detail.Unpack(retry) for detail in status.details)
+        assert retry.retry_delay.seconds >= 1
+        assert free_lane.waiting == 0
+    finally:
+        for _ in held:
+            await free_lane.release()
+        await free_lane.set_allowed(free_lane.ceiling)
+        app.governor.start()

@@ -151,3 +151,20 @@ class EdgeStore(Protocol):
     async def oldest_enqueued_at(self) -> float | None:
         """Unix time the oldest unfinished job was (re)queued, None when the queue is empty."""
         ...
+
+    # --- settlements: limiter Commits after the model answered that could not be made in time ---
+    async def put_settlement(self, key: str, record: bytes) -> None:
+        """Records a settlement to apply later; the same key again replaces it (no duplicate)."""
+        ...
+
+    async def pending_settlements(self, limit: int) -> list[tuple[str, bytes]]:
+        """Up to `limit` recorded settlements (key, record), in no particular order."""
+        ...
+
+    async def drop_settlement(self, key: str) -> None:
+        """Forgets a settlement once applied (or refused for good)."""
+        ...
+
+    async def settlement_count(self) -> int:
+        """How many settlements are recorded and not yet applied."""
+        ...

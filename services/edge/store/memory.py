@@ -43,6 +43,8 @@ class MemoryEdgeStore:
         self._claims: dict[str, tuple[str, float]] = {}  # token -> (job_id, last heartbeat)
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
+        # Settlements to apply later (settlement.py): kept by this process only.
+        self._settlements: dict[str, bytes] = {}
 
     async def start(self) -> None:
         return None
@@ -239,3 +241,15 @@ class MemoryEdgeStore:
             if job.state == QUEUED:
                 counts[job.priority] += 1
         return counts
+
+    async def put_settlement(self, key: str, record: bytes) -> None:
+        self._settlements[key] = record
+
+    async def pending_settlements(self, limit: int) -> list[tuple[str, bytes]]:
+        return list(itertools.islice(self._settlements.items(), max(0, limit)))
+
+    async def drop_settlement(self, key: str) -> None:
+        self._settlements.pop(key, None)
+
+    async def settlement_count(self) -> int:
+        return len(self._settlements)

@@ -687,3 +687,23 @@ class RedisEdgeStore:
             backlog = await self._redis.zcard(self._waiting(priority))
             counts[priority] = int(lag) + int(parked) + int(backlog)
         return counts
+
+    # --- settlements --------------------------------------------------------------------------------
+    # One hash, field = the settlement's key (the reservation id): recorded once however often
+    # a settlement is recorded, and it outlives the edge process that recorded it.
+
+    async def put_settlement(self, key: str, record: bytes) -> None:
+        await self._redis.hset(f"{self._p}settlements", key, record)
+
+    async def pending_settlements(self, limit: int) -> list[tuple[str, bytes]]:
+        if limit <= 0:
+            return []
+        found: Any = await self._redis.hscan(f"{self._p}settlements", 0, count=limit)
+        items = [(_text(k), v.encode() if isinstance(v, str) else bytes(v)) for k, v in found[1].items()]
+        return items[:limit]
+
+    async def drop_settlement(self, key: str) -> None:
+        await self._redis.hdel(f"{self._p}settlements", key)
+
+    async def settlement_count(self) -> int:
+        return int(await self._redis.hlen(f"{self._p}settlements"))

@@ -191,6 +191,9 @@ class SimStats:
     aborted: int = 0
     # Connections the client dropped while the sim was still answering (a cancelled stream).
     disconnects: int = 0
+    # Tokens (input + output) of the chat answers delivered whole, as their usage reported them:
+    # what a real provider would bill, for tests that check the suite charged exactly that.
+    tokens: int = 0
 
 
 class SimServer:
@@ -377,6 +380,7 @@ class SimServer:
                         "simulated": True,
                         "requests": self.stats.requests,
                         "by_status": self.stats.by_status,
+                        "tokens": self.stats.tokens,
                     },
                 )
             elif path == "/v1/models" and request.method == "GET":
@@ -596,6 +600,7 @@ class SimServer:
                 await self._hang(fault)
                 raise _AbortError()
             await self._send(writer, 200, body, headers)
+            self.stats.tokens += answer.input_tokens + answer.output_tokens
             return
         self._start_stream(writer, headers)
         frames = openai_frames(chat, answer) if wire == "openai" else anthropic_frames(chat, answer)
@@ -619,6 +624,7 @@ class SimServer:
             self._chunk(writer, frame)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+        self.stats.tokens += answer.input_tokens + answer.output_tokens
 
     def _answer(self, chat: Chat) -> Answer:
         digest = hashlib.sha256(

@@ -317,3 +317,19 @@ async def test_a_redis_cluster_with_no_reachable_node_is_unavailable() -> None:
             await store.claim("w1", block=0.1)
     finally:
         await store.close()
+
+
+async def test_a_settlement_is_recorded_once_per_key_until_dropped(store: EdgeStore) -> None:
+    assert await store.settlement_count() == 0
+    assert await store.pending_settlements(10) == []
+    await store.put_settlement("r1", b"\x00first")
+    await store.put_settlement("r2", b"second")
+    # Recording the same settlement again replaces it: applied once, not twice.
+    await store.put_settlement("r1", b"\x00first again")
+    assert await store.settlement_count() == 2
+    assert sorted(await store.pending_settlements(10)) == [("r1", b"\x00first again"), ("r2", b"second")]
+    assert len(await store.pending_settlements(1)) == 1
+    await store.drop_settlement("r1")
+    await store.drop_settlement("never recorded")
+    assert await store.pending_settlements(10) == [("r2", b"second")]
+    assert await store.settlement_count() == 1
