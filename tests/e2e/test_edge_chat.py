@@ -20,6 +20,7 @@ from services.kit.config import SERVICE_NAMES
 from services.testing import Suite, start_suite
 from tests.e2e.conftest import WEBHOOK_SECRET, new_tenant, write_test_config
 from tests.support.http_receiver import HttpReceiver
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -315,10 +316,11 @@ async def test_short_of_cpu_paid_chats_wait_for_a_slot_and_enterprise_ones_do_no
         with pytest.raises(grpc.aio.AioRpcError) as waited:
             await suite.edge.Chat(request, metadata=tenant.auth("paid"), timeout=0.5)
         assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert lane.waiting == 0
-        paid = asyncio.ensure_future(suite.edge.Chat(request, metadata=tenant.auth("paid"), timeout=10))
-        await asyncio.sleep(0.2)
-        assert not paid.done() and lane.waiting == 1
+        # The client gave up first; the edge notices the cancellation and leaves the line soon after.
+        await eventually(lambda: lane.waiting == 0, what="the abandoned chat left the lane")
+        paid = asyncio.ensure_future(suite.edge.Chat(request, metadata=tenant.auth("paid"), timeout=60))
+        await eventually(lambda: lane.waiting == 1, what="the paid chat waiting for a slot")
+        assert not paid.done()
         await lane.release()  # a slot frees up: the waiting paid chat goes ahead
         held.pop()
         assert (await paid).message.content

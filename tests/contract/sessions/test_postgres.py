@@ -23,6 +23,7 @@ from services.sessions.store.postgres import MIGRATIONS, PostgresStore
 from tests.conftest import SuiteFactory
 from tests.contract.sessions.helpers import caller, user_turn
 from tests.support.backends import free_port
+from tests.support.waiting import eventually
 
 
 def _settings(url: str, **overrides: object) -> SessionsSettings:
@@ -170,6 +171,10 @@ async def test_an_append_stores_the_same_bytes_at_turn_300_as_at_turn_1(postgres
         await store.close()
 
 
+async def _gone(app: SessionsApp, scope: Scope, then: float) -> bool:
+    return await app.store.get(scope, "brief", then) is None
+
+
 async def test_the_background_sweep_purges_expired_sessions(
     suite_factory: SuiteFactory, store_url: str
 ) -> None:
@@ -185,7 +190,7 @@ async def test_the_background_sweep_purges_expired_sessions(
     assert isinstance(app, SessionsApp)
     created = await suite.sessions.CreateSession(
         sessions_pb2.CreateSessionRequest(
-            caller=caller(), session_id="brief", ttl=duration_pb2.Duration(nanos=100_000_000)
+            caller=caller(), session_id="brief", ttl=duration_pb2.Duration(seconds=3600)
         )
     )
     await suite.sessions.AppendTurns(
@@ -193,15 +198,15 @@ async def test_the_background_sweep_purges_expired_sessions(
             caller=caller(), session_id="brief", turns=[user_turn("x")], expected_version=-1
         )
     )
+    # The service's clock moves two hours on, past the TTL: the sweeper finds the session expired
+    # (a TTL short enough to pass in real time would race the append on a slow machine).
+    real_clock = app.sessions.clock
+    app.sessions.clock = lambda: real_clock() + 7200
     # Asked "as of creation time", the store still has the session until the sweep removes it.
     then = created.session.created_at.ToNanoseconds() / 1e9
     scope = Scope("t1", "u1")
     assert await app.store.get(scope, "brief", then) is not None
-    for _ in range(100):
-        if await app.store.get(scope, "brief", then) is None:
-            break
-        await asyncio.sleep(0.05)
-    assert await app.store.get(scope, "brief", then) is None
+    await eventually(lambda: _gone(app, scope, then), what="the sweep purged the expired session")
 
 
 async def test_an_older_schema_is_upgraded_in_place(postgres_dsn: str) -> None:
