@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from services.cache.int8_weights import keep_int8_weights
 from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 
@@ -87,6 +88,7 @@ class MiniLMModel:
         *,
         threads: int = 1,
         max_tokens: int = 256,
+        int8_weights: bool = True,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -110,9 +112,23 @@ class MiniLMModel:
         # (bench/cache_memory.py; one query: 6.5 vs 6.7 ms p50 in an interleaved A/B under load).
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-        self._session = ort.InferenceSession(
-            str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        # Graph optimisation would fold the shipped int8 weights into float32 (+60 MB resident):
+        # the rewrite keeps them int8 (int8_weights.py; agreement and speed in
+        # bench/cache_embedder.py). A model without that pattern loads unchanged.
+        model: str | bytes = str(model_file)
+        self.int8_tensors = 0  # weight tensors kept int8
+        if int8_weights:
+            rewritten = keep_int8_weights(model_file.read_bytes())
+            model = rewritten.model
+            self.int8_tensors = rewritten.matmuls + rewritten.gathers
+            del rewritten
+        self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        del model
+        # The Python wrapper keeps model bytes it was given for as long as the session lives
+        # (onnxruntime marks this a TODO itself; only a provider fallback re-reads them): another
+        # 25 MB resident for nothing here, since the session only uses the CPU provider.
+        if isinstance(getattr(self._session, "_model_bytes", None), bytes):
+            self._session._model_bytes = None
         # Graph optimisation parses and rewrites the model in temporary buffers that glibc
         # keeps mapped after freeing them (about 60 MB here): hand them back to the system.
         _release_freed_memory()
@@ -163,6 +179,7 @@ class LocalEmbedder:
         threads: int = 1,
         max_tokens: int = 256,
         preload: bool = True,
+        int8_weights: bool = True,
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
     ) -> None:
@@ -171,6 +188,7 @@ class LocalEmbedder:
         self._retry_cap = retry_cap
         self._threads = threads
         self._max_tokens = max_tokens
+        self._int8_weights = int8_weights
         self._preload = preload
         self._model: MiniLMModel | None = None
         self._lock = threading.Lock()
@@ -183,7 +201,12 @@ class LocalEmbedder:
     def _load_sync(self) -> MiniLMModel:
         with self._lock:
             if self._model is None:
-                model = MiniLMModel(*self._args, threads=self._threads, max_tokens=self._max_tokens)
+                model = MiniLMModel(
+                    *self._args,
+                    threads=self._threads,
+                    max_tokens=self._max_tokens,
+                    int8_weights=self._int8_weights,
+                )
                 log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
                 self._model = model
             return self._model
