@@ -29,6 +29,7 @@ def make_embedder(settings: CacheSettings, telemetry: Telemetry) -> Embedder:
         settings.tokenizer_path,
         threads=settings.embed_threads,
         max_tokens=settings.embed_max_tokens,
+        int8_weights=settings.embed_int8_weights,
         preload=settings.preload_embedder,
     )
 

@@ -56,6 +56,9 @@ class CacheSettings:
     embed_threads: int = 1
     # Longest input (tokens) the local model sees; longer texts are truncated.
     embed_max_tokens: int = 256
+    # Keep the local model's int8 weights int8 in memory (int8_weights.py): about 60 MB less
+    # resident and faster; false loads the model as shipped (weights folded to float32).
+    embed_int8_weights: bool = True
     # Recent embeddings kept per replica (a Store after a Lookup of the same turn reuses it).
     embed_cache_entries: int = 10_000
     # Keys (partition and exact key) of recent requests kept per replica, bounded by the bytes of
@@ -137,6 +140,7 @@ class CacheSettings:
             embed_max_tokens=env.integer(
                 "BALLAST_CACHE_EMBED_MAX_TOKENS", cls.embed_max_tokens, minimum=8, maximum=512
             ),
+            embed_int8_weights=env.boolean("BALLAST_CACHE_EMBED_INT8_WEIGHTS", cls.embed_int8_weights),
             embed_cache_entries=env.integer(
                 "BALLAST_CACHE_EMBED_CACHE_ENTRIES", cls.embed_cache_entries, minimum=0
             ),

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
+from services.cache.int8_weights import keep_int8_weights
 from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 
@@ -87,6 +88,7 @@ class MiniLMModel:
         *,
         threads: int = 1,
         max_tokens: int = 256,
+        int8_weights: bool = True,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -110,9 +112,23 @@ class MiniLMModel:
         # (bench/cache_memory.py; one query: 6.5 vs 6.7 ms p50 in an interleaved A/B under load).
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-        self._session = ort.InferenceSession(
-            str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        # Graph optimisation would fold the shipped int8 weights into float32 (+60 MB resident):
+        # the rewrite keeps them int8 (int8_weights.py; agreement and speed in
+        # bench/cache_embedder.py). A model without that pattern loads unchanged.
+        model: str | bytes = str(model_file)
+        self.int8_tensors = 0  # weight tensors kept int8
+        if int8_weights:
+            rewritten = keep_int8_weights(model_file.read_bytes())
+            model = rewritten.model
+            self.int8_tensors = rewritten.matmuls + rewritten.gathers
+            del rewritten
+        self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        del model
+        # The Python wrapper keeps model bytes it was given for as long as the session lives
+        # (onnxruntime marks this a TODO itself; only a provider fallback re-reads them): another
+        # 25 MB resident for nothing here, since the session only uses the CPU provider.
+        if isinstance(getattr(self._session, "_model_bytes", None), bytes):
+            self._session._model_bytes = None
         # Graph optimisation parses and rewrites the model in temporary buffers that glibc
         # keeps mapped after freeing them (about 60 MB here): hand them back to the system.
         _release_freed_memory()
@@ -153,11 +169,13 @@ def _release_freed_memory() -> None:
 # started side by side, each test's suite) load a model once and share it. A loaded model holds
 # no state between calls (onnxruntime runs a session from several threads at once), and the
 # files' size and modification time are in the key, so a replaced file is loaded anew.
-_MODELS: dict[tuple[str, int, int, str, int, int], MiniLMModel] = {}
+_MODELS: dict[tuple[str, int, int, str, int, int, bool], MiniLMModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _shared_model(model_path: str, tokenizer_path: str, *, threads: int, max_tokens: int) -> MiniLMModel:
+def _shared_model(
+    model_path: str, tokenizer_path: str, *, threads: int, max_tokens: int, int8_weights: bool
+) -> MiniLMModel:
     model_file = Path(model_path) if model_path else default_model_path()
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path()
     stat = model_file.stat()  # a missing file fails the load here, as it would in onnxruntime
@@ -168,11 +186,14 @@ def _shared_model(model_path: str, tokenizer_path: str, *, threads: int, max_tok
         str(tokenizer_file.resolve()),
         threads,
         max_tokens,
+        int8_weights,
     )
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
-            model = MiniLMModel(model_file, tokenizer_file, threads=threads, max_tokens=max_tokens)
+            model = MiniLMModel(
+                model_file, tokenizer_file, threads=threads, max_tokens=max_tokens, int8_weights=int8_weights
+            )
             log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
             _MODELS[key] = model
         return model
@@ -192,6 +213,7 @@ class LocalEmbedder:
         threads: int = 1,
         max_tokens: int = 256,
         preload: bool = True,
+        int8_weights: bool = True,
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
     ) -> None:
@@ -200,6 +222,7 @@ class LocalEmbedder:
         self._retry_cap = retry_cap
         self._threads = threads
         self._max_tokens = max_tokens
+        self._int8_weights = int8_weights
         self._preload = preload
         self._model: MiniLMModel | None = None
         self._lock = threading.Lock()
@@ -212,7 +235,12 @@ class LocalEmbedder:
     def _load_sync(self) -> MiniLMModel:
         with self._lock:
             if self._model is None:
-                self._model = _shared_model(*self._args, threads=self._threads, max_tokens=self._max_tokens)
+                self._model = _shared_model(
+                    *self._args,
+                    threads=self._threads,
+                    max_tokens=self._max_tokens,
+                    int8_weights=self._int8_weights,
+                )
             return self._model
 
     def model(self) -> MiniLMModel:

@@ -1,0 +1,185 @@
+"""The local embedder as shipped (int8 weights folded to float32) against the int8-weights
+rewrite (services/cache/int8_weights.py), side by side: memory, speed and agreement.
+
+Run: .venv/bin/python -m bench.cache_embedder [--rounds 3] [--timed 300]
+Writes bench/results/cache_embedder.{md,json}.
+
+Each variant loads in its own process (so neither sees the other's memory), the two
+alternating for --rounds rounds. Per process: RSS (VmRSS) with the libraries imported, after
+the model has loaded, after 1,000 single-text queries and after embedding every text of the
+evaluation sets one by one (STS-B development and held-out, the project set); median
+ms/query, 1 thread, batch 1, for a 16- and a 64-token text. Agreement: cosine between the two
+variants' vectors of every evaluation text (min, median), and how the cosine of every
+evaluation pair moves (the number the cache compares with its threshold), with the pairs that
+cross 0.92 or 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+VARIANTS = {"shipped (folded to float32)": False, "int8 weights": True}
+THRESHOLDS = (0.92, 0.95)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+def eval_pairs() -> tuple[list[str], list[tuple[str, str]]]:
+    """Every text and pair of bench/cache_eval.py's sets (STS-B both splits, project set)."""
+    from bench.cache_eval import DATA, STS_SPLITS, load_sts
+
+    pairs = [(p["a"], p["b"]) for split in STS_SPLITS for p in load_sts(split)]
+    for line in DATA.read_text().splitlines():
+        if line.strip():
+            p = json.loads(line)
+            pairs.append((p["a"], p["b"]))
+    return sorted({t for pair in pairs for t in pair}), pairs
+
+
+def child(int8: bool, timed: int, vectors_out: str) -> dict[str, Any]:
+    """One variant in this process."""
+    import onnxruntime  # noqa: F401  (imported before the baseline: only the model counts)
+    import tokenizers  # noqa: F401
+
+    from services.cache.embedder import MiniLMModel
+
+    texts, _ = eval_pairs()
+    base = _rss_mb()
+    model = MiniLMModel(int8_weights=int8)
+    loaded = _rss_mb()
+    vectors = []
+    after_1000 = 0.0
+    for i, text in enumerate(texts, 1):
+        vectors.append(model.encode([text])[0])
+        if i == 1000:
+            after_1000 = _rss_mb()
+    after_all = _rss_mb()
+    np.save(vectors_out, np.array(vectors, dtype=np.float32))
+    words = ("the cache answers repeated questions quickly and safely " * 20).split()
+    ms = {}
+    for tokens in (16, 64):
+        text = " ".join(words[: tokens - 2])  # [CLS] and [SEP] make up the rest
+        assert len(model._tokenizer.encode(text).ids) == tokens
+        for _ in range(20):
+            model.encode([text])
+        times = []
+        for _ in range(timed):
+            started = time.perf_counter()
+            model.encode([text])
+            times.append(time.perf_counter() - started)
+        ms[tokens] = statistics.median(times) * 1000
+    return {
+        "rss_base_mb": round(base, 1),
+        "rss_loaded_mb": round(loaded, 1),
+        "model_mb": round(loaded - base, 1),
+        "rss_after_1000_mb": round(after_1000, 1),
+        f"rss_after_{len(texts)}_mb": round(after_all, 1),
+        "ms_16_tokens": round(ms[16], 2),
+        "ms_64_tokens": round(ms[64], 2),
+        "load_seconds": round(model.load_seconds, 3),
+        "int8_tensors": model.int8_tensors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timed", type=int, default=300, help="timed queries per length")
+    parser.add_argument("--child", choices=("0", "1"), help=argparse.SUPPRESS)
+    parser.add_argument("--vectors", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child == "1", args.timed, args.vectors)))
+        return
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    vectors: dict[str, np.ndarray] = {}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name, int8 in VARIANTS.items():
+                out = str(Path(tmp, f"{int(int8)}.npy"))
+                command = [sys.executable, "-m", "bench.cache_embedder", "--child", str(int(int8))]
+                command += ["--timed", str(args.timed), "--vectors", out]
+                done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+                line = done.stdout.strip().splitlines()[-1]
+                runs[name].append(json.loads(line))
+                vectors[name] = np.load(out)
+    load_after = os.getloadavg()
+    texts, pairs = eval_pairs()
+    index = {t: i for i, t in enumerate(texts)}
+    old, new = (vectors[name] for name in VARIANTS)
+    agreement = (old * new).sum(axis=1)
+    a = np.array([index[x] for x, _ in pairs])
+    b = np.array([index[y] for _, y in pairs])
+    old_pairs, new_pairs = (old[a] * old[b]).sum(axis=1), (new[a] * new[b]).sum(axis=1)
+    moved = new_pairs - old_pairs
+    crossed = {f"{t:.2f}": int(((old_pairs >= t) != (new_pairs >= t)).sum()) for t in THRESHOLDS}
+    up = {f"{t:.2f}": int(((old_pairs < t) & (new_pairs >= t)).sum()) for t in THRESHOLDS}
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "rounds": args.rounds,
+        "runs": runs,
+        "texts": len(texts),
+        "pairs": len(pairs),
+        "vector_cosine": {"min": float(agreement.min()), "median": float(np.median(agreement))},
+        "pair_cosine_change": {
+            "mean": float(moved.mean()),
+            "median_abs": float(np.median(np.abs(moved))),
+            "p99_abs": float(np.percentile(np.abs(moved), 99)),
+            "max_abs": float(np.abs(moved).max()),
+        },
+        "pairs_crossing_threshold": crossed,
+        "of_which_now_above": up,
+    }
+    keys = [k for k in runs[next(iter(VARIANTS))][0] if k != "int8_tensors"]
+    md = [
+        "# Local embedder: shipped vs int8 weights (bench/cache_embedder.py)",
+        "",
+        f"{report['machine']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{args.rounds} rounds, variants alternating, each in its own process; medians per round.",
+        "",
+        "| measure | " + " | ".join(VARIANTS) + " |",
+        "|---|" + "---|" * len(VARIANTS),
+    ]
+    for key in keys:
+        cells = [" / ".join(str(r[key]) for r in runs[name]) for name in VARIANTS]
+        md.append(f"| {key} | " + " | ".join(cells) + " |")
+    md += [
+        "",
+        f"Agreement on {len(texts)} evaluation texts: cosine between the two variants' vectors "
+        f"min {agreement.min():.4f}, median {np.median(agreement):.5f}. Pair cosine (int8 minus "
+        f"shipped) over {len(pairs)} evaluation pairs: mean {moved.mean():+.5f}, median |change| "
+        f"{np.median(np.abs(moved)):.5f}, p99 {np.percentile(np.abs(moved), 99):.4f}, max "
+        f"{np.abs(moved).max():.4f}; pairs on the other side of a threshold: "
+        + ", ".join(f"{t}: {crossed[t]} ({up[t]} now above)" for t in crossed)
+        + ".",
+        "",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cache_embedder.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "cache_embedder.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Keep the int8 weights of a weight-only quantised ONNX model int8 in memory.
+
+The shipped MiniLM stores each weight as an int8 initializer followed by Cast(float) and Mul by
+a per-column (MatMul) or per-row (embedding table) scale. onnxruntime's constant folding turns
+every such pair into a float32 initializer at load: 22.5 MB of int8 become about 90 MB of float.
+This rewrite, applied to the model bytes before the session is created (in memory; nothing is
+written to disk), keeps them int8:
+
+- ``Cast(Wq) * s -> MatMul(X, .)`` becomes ``MatMulNBits(X, Wq + 128, s, 128)`` (contrib op,
+  8 bits, ``block_size`` rows per scale block, the column's scale repeated per block): the same
+  weights exactly; with ``accuracy_level`` 4 onnxruntime quantises the activations per block to
+  int8 for the product (agreement with the float path: bench/cache_embedder.py).
+- ``Cast(Eq) * s -> Gather(., ids)`` becomes ``Gather(Eq, ids)`` cast and multiplied by
+  ``Gather(s, ids)``: bit-for-bit the same rows, the table stays int8.
+
+Anything else (other models, per-tensor or differently shaped scales, weights used twice) is
+left as it is. The ONNX protobuf is read with a small message subset built at run time from
+the ``protobuf`` runtime the services already use (no ``onnx`` package); fields outside the
+subset are kept as unknown fields and written back unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_INT8 = 3
+_FLOAT = 1
+_UINT8 = 2
+_ATTR_INT = 2
+_CONTRIB = "com.microsoft"
+
+# (message, [(field name, number, type, label, message type)]): wire-compatible with onnx.proto
+# (proto2) for the fields used here; enums are read as int32, which has the same encoding.
+_T = descriptor_pb2.FieldDescriptorProto
+_OPT, _REP = _T.LABEL_OPTIONAL, _T.LABEL_REPEATED
+_SUBSET: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
+    (
+        "TensorProto",
+        [
+            ("dims", 1, _T.TYPE_INT64, _REP, ""),
+            ("data_type", 2, _T.TYPE_INT32, _OPT, ""),
+            ("name", 8, _T.TYPE_STRING, _OPT, ""),
+            ("raw_data", 9, _T.TYPE_BYTES, _OPT, ""),
+            ("data_location", 14, _T.TYPE_INT32, _OPT, ""),
+        ],
+    ),
+    (
+        "AttributeProto",
+        [
+            ("name", 1, _T.TYPE_STRING, _OPT, ""),
+            ("i", 3, _T.TYPE_INT64, _OPT, ""),
+            ("type", 20, _T.TYPE_INT32, _OPT, ""),
+        ],
+    ),
+    (
+        "NodeProto",
+        [
+            ("input", 1, _T.TYPE_STRING, _REP, ""),
+            ("output", 2, _T.TYPE_STRING, _REP, ""),
+            ("name", 3, _T.TYPE_STRING, _OPT, ""),
+            ("op_type", 4, _T.TYPE_STRING, _OPT, ""),
+            ("attribute", 5, _T.TYPE_MESSAGE, _REP, "AttributeProto"),
+            ("domain", 7, _T.TYPE_STRING, _OPT, ""),
+        ],
+    ),
+    (
+        "GraphProto",
+        [
+            ("node", 1, _T.TYPE_MESSAGE, _REP, "NodeProto"),
+            ("initializer", 5, _T.TYPE_MESSAGE, _REP, "TensorProto"),
+        ],
+    ),
+    (
+        "OperatorSetIdProto",
+        [("domain", 1, _T.TYPE_STRING, _OPT, ""), ("version", 2, _T.TYPE_INT64, _OPT, "")],
+    ),
+    (
+        "ModelProto",
+        [
+            ("graph", 7, _T.TYPE_MESSAGE, _OPT, "GraphProto"),
+            ("opset_import", 8, _T.TYPE_MESSAGE, _REP, "OperatorSetIdProto"),
+        ],
+    ),
+]
+_PACKAGE = "ballast_cache_onnx_subset"
+
+
+def _model_class() -> Any:
+    pool = descriptor_pool.DescriptorPool()
+    file = descriptor_pb2.FileDescriptorProto(name=f"{_PACKAGE}.proto", package=_PACKAGE, syntax="proto2")
+    for message, fields in _SUBSET:
+        proto = file.message_type.add(name=message)
+        for name, number, kind, label, type_name in fields:
+            field = proto.field.add(name=name, number=number, type=kind, label=label)
+            if type_name:
+                field.type_name = f".{_PACKAGE}.{type_name}"
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.ModelProto"))
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    model: bytes
+    matmuls: int  # MatMuls now reading int8 weights
+    gathers: int  # embedding tables kept int8
+    int8_bytes: int  # weight bytes that stay int8 instead of being folded to float32
+
+
+def keep_int8_weights(model: bytes, *, block_size: int = 32, accuracy_level: int = 4) -> Rewritten:
+    """The model with its Cast/Mul-dequantised int8 weights kept int8 (see the module doc)."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    proto = _model_class()()
+    proto.ParseFromString(model)
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+
+    def array(tensor: Any, dtype: type) -> np.ndarray:
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+
+    def dequantised(name: str) -> tuple[Any, Any, Any, Any] | None:
+        """(mul, cast, int8 tensor, scale tensor) when `name` is Cast(int8 init) * scale init."""
+        mul = producer.get(name)
+        if mul is None or mul.op_type != "Mul" or mul.domain or len(mul.input) != 2 or uses.get(name) != 1:
+            return None
+        for cast_out, scale_name in (mul.input, mul.input[::-1]):
+            cast = producer.get(cast_out)
+            if cast is None or cast.op_type != "Cast":
+                continue
+            quant = inits.get(cast.input[0])
+            scale = inits.get(scale_name)
+            if (
+                quant is None
+                or scale is None
+                or uses.get(cast_out) != 1
+                or uses.get(quant.name) != 1
+                or quant.data_type != _INT8
+                or scale.data_type != _FLOAT
+                or not quant.raw_data
+                or not scale.raw_data
+                or quant.data_location
+                or scale.data_location
+                or len(quant.dims) != 2
+                or [a.i for a in cast.attribute if a.name == "to"] != [_FLOAT]
+            ):
+                continue
+            return mul, cast, quant, scale
+        return None
+
+    def attr(node: Any, name: str, value: int) -> None:
+        node.attribute.add(name=name, i=value, type=_ATTR_INT)
+
+    dropped: set[int] = set()
+    replaced: dict[int, list[Any]] = {}
+    removed_inits: set[str] = set()
+    added_inits: list[Any] = []
+    matmuls = gathers = int8_bytes = 0
+    node_class = type(graph.node.add())
+    del graph.node[-1]
+    tensor_class = type(graph.initializer.add())
+    del graph.initializer[-1]
+
+    def new_node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "") -> Any:
+        node = node_class(op_type=op, name=name, domain=domain)
+        node.input.extend(inputs)
+        node.output.extend(outputs)
+        return node
+
+    for index, node in enumerate(graph.node):
+        if node.domain or node.op_type not in ("MatMul", "Gather") or len(node.input) != 2:
+            continue
+        weight = node.input[1] if node.op_type == "MatMul" else node.input[0]
+        found = dequantised(weight)
+        if found is None:
+            continue
+        mul, cast, quant, scale = found
+        q = array(quant, np.int8)
+        s = array(scale, np.float32)
+        out = node.output[0]
+        if node.op_type == "MatMul":
+            k, n = q.shape
+            if s.shape not in ((1, n), (n,)) or k % block_size:
+                continue
+            blocks = k // block_size
+            packed = (q.astype(np.int16) + 128).astype(np.uint8).T.reshape(n, blocks, block_size)
+            scales = np.repeat(s.reshape(n, 1), blocks, axis=1).reshape(-1)
+            names = (f"{out}__q8", f"{out}__q8_scale", f"{out}__q8_zero")
+            for tname, data, dtype in (
+                (names[0], packed, _UINT8),
+                (names[1], scales, _FLOAT),
+                (names[2], np.full(n * blocks, 128, np.uint8), _UINT8),
+            ):
+                tensor = tensor_class(
+                    name=tname, data_type=dtype, raw_data=np.ascontiguousarray(data).tobytes()
+                )
+                tensor.dims.extend(data.shape)
+                added_inits.append(tensor)
+            fused = new_node("MatMulNBits", [node.input[0], *names], [out], f"{node.name}_q8", _CONTRIB)
+            settings = {"K": k, "N": n, "bits": 8, "block_size": block_size}
+            for name, number in {**settings, "accuracy_level": accuracy_level}.items():
+                attr(fused, name, number)
+            replaced[index] = [fused]
+            removed_inits |= {quant.name, scale.name}
+            matmuls += 1
+        else:
+            if s.shape != (q.shape[0], 1):
+                continue
+            ids = node.input[1]
+            steps = [
+                new_node("Gather", [quant.name, ids], [f"{out}__q8"], f"{node.name}_q8"),
+                new_node("Cast", [f"{out}__q8"], [f"{out}__q8_float"], f"{node.name}_q8_cast"),
+                new_node("Gather", [scale.name, ids], [f"{out}__q8_scale"], f"{node.name}_q8_scale"),
+                new_node("Mul", [f"{out}__q8_float", f"{out}__q8_scale"], [out], f"{node.name}_q8_mul"),
+            ]
+            attr(steps[1], "to", _FLOAT)
+            for step in steps[:3:2]:
+                step.attribute.extend(a for a in node.attribute if a.name == "axis")
+            replaced[index] = steps
+            gathers += 1
+        int8_bytes += q.nbytes
+        dropped |= {id(mul), id(cast)}
+
+    if not replaced:
+        return Rewritten(model, 0, 0, 0)
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if id(node) in dropped:
+            continue
+        nodes.extend(replaced.get(index, [node]))
+    kept = [t for t in graph.initializer if t.name not in removed_inits]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *added_inits])
+    if matmuls and not any(o.domain == _CONTRIB for o in proto.opset_import):
+        proto.opset_import.add(domain=_CONTRIB, version=1)
+    return Rewritten(proto.SerializeToString(), matmuls, gathers, int8_bytes)
