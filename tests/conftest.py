@@ -111,6 +111,14 @@ def _run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+# Other sessions holding locks on relations of one schema (the test's own, about to be dropped).
+_END_SCHEMA_LOCK_HOLDERS = """
+SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+  JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = $1 AND l.pid <> pg_backend_pid() GROUP BY l.pid"""
+DROP_ATTEMPTS = 30
+
+
 @pytest.fixture
 def postgres_dsn() -> Iterator[str]:
     """A DSN whose search_path is a fresh schema, dropped afterwards (synchronous, like redis_url)."""
@@ -124,9 +132,21 @@ def postgres_dsn() -> Iterator[str]:
             await conn.close()
 
     async def drop() -> None:
+        # This teardown runs in a loop of its own while the test's loop is suspended. A service the
+        # test started there (its suite stops later if its fixture was set up first) may hold a
+        # transaction on this schema that can never finish now, and DROP would wait for it for
+        # ever: such holders are ended first, and DROP waits only briefly before trying again.
         conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
         try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.execute("SET lock_timeout = '2s'")
+            for _ in range(DROP_ATTEMPTS):
+                await conn.execute(_END_SCHEMA_LOCK_HOLDERS, schema)
+                try:
+                    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                    return
+                except asyncpg.exceptions.LockNotAvailableError:
+                    continue
+            raise AssertionError(f"schema {schema} could not be dropped: its locks stayed held")
         finally:
             await conn.close()
 
