@@ -103,6 +103,10 @@ def write_report(state: LoadState, config: ScenarioConfig, out: Path) -> None:
         print("No chart: plotting is an optional extra (pip install 'ballast[demo]').")
 
 
+# How long the suite may drain after Ctrl-C before it is killed (a second Ctrl-C kills it at once).
+STOP_GRACE_S = 30.0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -173,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             suite.send_signal(signal.SIGTERM)
             try:
-                suite.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                suite.wait(timeout=STOP_GRACE_S)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                # The drain took too long, or a second Ctrl-C asked not to wait for it.
                 suite.kill()
+                suite.wait()
     return 0
 
 
