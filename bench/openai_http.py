@@ -19,7 +19,7 @@ rounds, its CPU from its own process.
 
 Both faces and the direct provider calls use equally thin clients: grpc.aio for gRPC, a
 minimal keep-alive HTTP/1.1 client for HTTP (one connection per worker), so client costs do not
-blur the comparison. Tracing is off (OTEL_SDK_DISABLED), metrics on. The table goes to stdout and
+blur the comparison. Telemetry as shipped: no exporter configured, so no spans; metrics on. The table goes to stdout and
 bench/results/openai_http.md.
 """
 
@@ -232,11 +232,11 @@ async def _run(
     _catalog(folder, environ, sim_port)
     ports = {name: free_port() for name in ("edge", "router", "limiter", "cache", "sessions")}
     http_port = free_port()
+    # The default set-up: no OTEL_* variable, so no exporter and no spans, metrics on (as served).
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
         **environ,
         "BALLAST_LOG_LEVEL": "warning",
-        "OTEL_SDK_DISABLED": "true",
         "BALLAST_EDGE_HTTP_PORT": str(http_port),
         "BALLAST_EDGE_MAX_IN_FLIGHT": "4096",
     }
