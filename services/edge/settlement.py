@@ -81,15 +81,19 @@ class Settler:
 
     # --- a chat's settlement --------------------------------------------------------------------------
 
-    async def settle(self, request: limiter_pb2.CommitRequest) -> limiter_pb2.CommitResponse | None:
-        """Settles `request`: the limiter's reply to the first try, or None when that failed.
+    def settle(self, request: limiter_pb2.CommitRequest) -> asyncio.Future[limiter_pb2.CommitResponse | None]:
+        """Settles `request`; the future gives the limiter's reply to the first try, or None when
+        that failed.
 
-        The caller waits for the first try only (at most BALLAST_EDGE_SETTLE_WAIT); retries and
-        recording go on in the background, and cancelling the caller does not cancel them.
+        Settling starts here, before the caller awaits anything: a coroutine would start only when
+        first awaited, and a caller cancelled before that (a client gone while its answer's jobs
+        were being gathered) would lose the charge unseen. The caller waits for the first try only
+        (at most BALLAST_EDGE_SETTLE_WAIT); retries and recording go on in the background, and
+        cancelling the caller does not cancel them.
         """
         first: asyncio.Future[limiter_pb2.CommitResponse | None] = asyncio.get_running_loop().create_future()
         self.submit(request, first)
-        return await asyncio.shield(first)
+        return asyncio.shield(first)
 
     def submit(
         self,
