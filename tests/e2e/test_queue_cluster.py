@@ -24,7 +24,7 @@ from services.edge.store.redis import GROUP, stream_key
 from services.testing import start_suite
 from tests.support.backends import PrivateRedisCluster
 from tests.support.suite_config import write_test_config
-from tests.support.workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, start_worker
+from tests.support.workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, start_worker, submit_burst
 
 BURST = 60
 
@@ -46,17 +46,7 @@ async def test_workers_drain_a_burst_exactly_once_through_a_failover_of_the_queu
     workers: list[Worker] = []
     try:
         edge = suite.edge
-        jobs: dict[str, str] = {}
-        for index in range(BURST):
-            session = (
-                await edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY, timeout=60)
-            ).session
-            chat = edge_pb2.ChatRequest(
-                session_id=session.session_id,
-                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"cluster job {index}")],
-            )
-            reply = await edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=chat), metadata=KEY, timeout=60)
-            jobs[reply.job.job_id] = session.session_id
+        jobs = await submit_burst(edge, BURST, "cluster")
 
         worker_env = {
             "BALLAST_EDGE_STORE": redis_cluster_url,

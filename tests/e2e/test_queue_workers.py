@@ -31,7 +31,7 @@ from services.testing import Suite, start_suite
 from tests.support.backends import PrivateRedis, private_redis
 from tests.support.suite_config import write_test_config
 from tests.support.waiting import eventually
-from tests.support.workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, start_worker
+from tests.support.workers import CALLER, DEADLINE, KEY, TERMINAL, Worker, start_worker, submit_burst
 
 # bk_demo_enterprise's tier is queued at this priority (BALLAST_EDGE_TIER_PRIORITIES' default).
 STREAM = "{edge}:stream:high"
@@ -112,17 +112,7 @@ async def test_worker_processes_drain_a_burst_and_a_killed_worker_loses_no_job(
     workers: list[Worker] = []
     try:
         # The burst arrives while no worker runs: the edge (workers off) only queues it.
-        jobs: dict[str, str] = {}
-        for index in range(BURST):
-            session = (
-                await edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY, timeout=30)
-            ).session
-            chat = edge_pb2.ChatRequest(
-                session_id=session.session_id,
-                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"burst job {index}")],
-            )
-            reply = await edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=chat), metadata=KEY, timeout=30)
-            jobs[reply.job.job_id] = session.session_id
+        jobs = await submit_burst(edge, BURST, "burst")
 
         # Worker A hangs in its model calls; kill it once it holds jobs.
         doomed = await start_worker(

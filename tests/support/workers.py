@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 from ballast.common.v1 import common_pb2
-from ballast.edge.v1 import edge_pb2
+from ballast.edge.v1 import edge_pb2, edge_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.net import free_port
@@ -67,3 +67,19 @@ async def start_worker(environ: Mapping[str, str], folder: Path, name: str) -> W
                     return worker
             assert time.monotonic() < deadline, f"{name} never served: {log.read_text()[-2000:]}"
             await asyncio.sleep(0.1)
+
+
+async def submit_burst(edge: edge_pb2_grpc.EdgeServiceAsyncStub, count: int, label: str) -> dict[str, str]:
+    """`count` chats submitted to the queue, each in a session of its own: job id -> session id."""
+    jobs: dict[str, str] = {}
+    for index in range(count):
+        session = (
+            await edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY, timeout=60)
+        ).session
+        chat = edge_pb2.ChatRequest(
+            session_id=session.session_id,
+            messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"{label} job {index}")],
+        )
+        reply = await edge.SubmitChat(edge_pb2.SubmitChatRequest(chat=chat), metadata=KEY, timeout=60)
+        jobs[reply.job.job_id] = session.session_id
+    return jobs

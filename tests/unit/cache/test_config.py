@@ -146,3 +146,18 @@ def test_a_bad_cluster_option_names_the_store_variable(url: str, problem: str) -
     good = Env({"BALLAST_CACHE_STORE": "redis://h:6379/0?cluster=true"})
     CacheSettings.from_env(good)
     good.check()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("BALLAST_CACHE_EMBED_INT8_WEIGHTS", "perhaps"), ("BALLAST_CACHE_KEYS_CACHE_BYTES", "-1")],
+)
+def test_embedder_and_key_cache_settings_name_a_bad_value(variable: str, value: str) -> None:
+    env = Env({variable: value})
+    CacheSettings.from_env(env)
+    with pytest.raises(ConfigError, match=re.escape(f"{variable}={value!r} is invalid")):
+        env.check()
+    read = CacheSettings.from_env(
+        Env({"BALLAST_CACHE_EMBED_INT8_WEIGHTS": "false", "BALLAST_CACHE_KEYS_CACHE_BYTES": "0"})
+    )
+    assert (read.embed_int8_weights, read.keys_cache_bytes) == (False, 0)
