@@ -15,7 +15,8 @@ own process (`python -m services.<name>`), CPU summed over the five.
 Telemetry: `off` is the default set-up (no OTEL_* variable: no exporter is configured); `export`
 sends traces and metrics over OTLP/gRPC to a collector this benchmark runs in another child
 process (it decodes and counts every span it receives, so the table shows spans per chat);
-`disabled` sets OTEL_SDK_DISABLED=true.
+`sampled` is `export` keeping one trace in ten (OTEL_TRACES_SAMPLER=parentbased_traceidratio,
+OTEL_TRACES_SAMPLER_ARG=0.1); `disabled` sets OTEL_SDK_DISABLED=true.
 Paths: `noop` is grpc.health.v1 Check on the edge; `router` is RouterService/Complete called
 directly (one non-streamed provider call through the router, nothing else); `miss` a stateless chat with a new question each
 time (limiter, cache lookup with the local embedder, router, cache store, commit); `hit` the same
@@ -65,6 +66,8 @@ from bench.support import instant_sim
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVICES = ("limiter", "router", "cache", "sessions", "edge")  # start order: dependencies first
+# Telemetry set-ups that send spans to the benchmark's collector.
+EXPORTING = frozenset({"export", "sampled"})
 API_KEY = "bk_demo_enterprise"  # tenant demo, user carol: no request or daily token limit
 CALLER = common_pb2.Caller(tenant_id="demo", user_id="carol", tier="enterprise")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
@@ -196,11 +199,15 @@ class Suite:
             env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(_free_port())
         # The edge's OpenAI-compatible HTTP face stays on, on a free port (two suites run side by side).
         env["BALLAST_EDGE_HTTP_PORT"] = str(_free_port())
-        if self.telemetry == "export":
+        if self.telemetry in EXPORTING:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink_port}"
             env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
             # Export every 0.5 s (the SDK's default is 5 s), so a batch's spans arrive soon after it.
             env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
+            if self.telemetry == "sampled":
+                # What a busy deployment would run: one trace in ten kept (the SDK's own variables).
+                env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+                env["OTEL_TRACES_SAMPLER_ARG"] = "0.1"
         elif self.telemetry == "disabled":
             env["OTEL_SDK_DISABLED"] = "true"
         return env
@@ -554,7 +561,7 @@ async def _measure_config(
                     name = f"{client.suite.layout}-{client.suite.telemetry}-{path}-r{round_}"
                     with _py_spy(args.py_spy if client.suite.label == "now" else None, client.suite, name):
                         batch = await _run_batch(client.suite, runner.call(), calls, args.concurrency)
-                    if client.suite.telemetry == "export":
+                    if client.suite.telemetry in EXPORTING:
                         await asyncio.sleep(1.5)  # the batch span processor exports every 0.5 s here
                         batch.spans = _spans(sink_file) - spans_before
                     batches[client.suite.label].append(batch)
@@ -663,7 +670,7 @@ def main() -> int:
         return 0
     for value, known, what in (
         (args.layouts, ("one", "split"), "--layouts"),
-        (args.telemetry, ("off", "export", "disabled"), "--telemetry"),
+        (args.telemetry, ("off", "export", "sampled", "disabled"), "--telemetry"),
         (args.paths, PATHS, "--paths"),
     ):
         unknown = sorted(set(value) - set(known))
@@ -696,7 +703,7 @@ def main() -> int:
         try:
             helpers.append(subprocess.Popen(instant_sim(sim_port), cwd=ROOT, stdout=subprocess.DEVNULL))
             _wait_port(sim_port, helpers[-1])
-            if "export" in args.telemetry:
+            if EXPORTING & set(args.telemetry):
                 helpers.append(
                     subprocess.Popen(
                         [
@@ -753,7 +760,7 @@ def main() -> int:
         f"({args.noop_calls} health checks) per round at concurrency {args.concurrency}, {args.rounds} rounds "
         "per tree, alternating. SIMULATED provider at zero latency; memory stores; the client and the sim "
         "are not counted. `off` = no OTEL_* variable (no exporter); `export` = OTLP/gRPC to a local "
-        "collector process.",
+        "collector process; `sampled` = `export` keeping one trace in ten.",
         "",
         table,
         "",

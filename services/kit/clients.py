@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from services.kit import tls
+from services.kit import local, tls
 from services.kit.config import ServerSettings
 from services.kit.telemetry import Telemetry
 
@@ -24,7 +24,9 @@ def open_channel(address: str, settings: ServerSettings, telemetry: Telemetry) -
     this service's certificate when BALLAST_TLS_* are set, plaintext otherwise.
 
     Calls are spread round robin over every address the target resolves to (replicas behind
-    a DNS name or listed in the setting), and a replica that goes away is skipped.
+    a DNS name or listed in the setting), and a replica that goes away is skipped. A plaintext
+    channel to a server of this same process calls it in-process (services/kit/local.py)
+    unless BALLAST_LOCAL_CALLS=false.
     """
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -35,9 +37,14 @@ def open_channel(address: str, settings: ServerSettings, telemetry: Telemetry) -
     ]
     target = channel_target(address)
     if settings.client_tls is None:
-        return grpc.aio.insecure_channel(
+        channel = grpc.aio.insecure_channel(
             target, interceptors=telemetry.client_interceptors(), options=options
         )
+        if not settings.local_calls:
+            return channel
+        # A service of this same process (`ballast up`) is called without the socket; the
+        # channel is there for when no server of this process listens at the address.
+        return local.LocalFirstChannel(address, channel, settings.max_message_bytes, telemetry.client_spans())
     name = _server_name(address, settings)
     if name:
         options.append(("grpc.ssl_target_name_override", name))

@@ -259,6 +259,9 @@ class ServerSettings:
     backend_check_interval: float = 5.0
     backend_check_timeout: float = 2.0
     backend_check_failures: int = 2
+    # Calls to another service served by this same process (`ballast up`) skip the socket and go
+    # to its handler directly (services/kit/local.py); plaintext channels only.
+    local_calls: bool = True
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -300,6 +303,7 @@ class ServerSettings:
             backend_check_failures=env.integer(
                 f"{PREFIX}BACKEND_CHECK_FAILURES", cls.backend_check_failures, minimum=1, maximum=1000
             ),
+            local_calls=env.boolean(f"{PREFIX}LOCAL_CALLS", cls.local_calls),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),

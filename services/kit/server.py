@@ -32,7 +32,7 @@ from opentelemetry import metrics
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from services.kit import tls
+from services.kit import local, tls
 from services.kit.config import ServerSettings
 from services.kit.errors import ErrorInterceptor
 from services.kit.interceptors import Around, AroundInterceptor, Context
@@ -227,6 +227,8 @@ class RunningService:
     _becoming_ready: asyncio.Future[None] | None = field(default=None, repr=False)
     _ready_watch: asyncio.Task[None] | None = field(default=None, repr=False)
     _backend_watch: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: The handlers that calls from this process reach without the socket (services/kit/local.py).
+    _local: local.LocalServer | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -243,7 +245,13 @@ class RunningService:
         await cancel_and_wait(self._backend_watch)
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"service": self.app.name, "grace_s": grace})
-        await asyncio.gather(self.server.stop(grace), self.app.drain(grace))
+        draining = [self.server.stop(grace), self.app.drain(grace)]
+        if self._local is not None:
+            # New in-process calls go to the port from now on, and find it closed, as a client
+            # over the network does; the ones in progress drain with the server's.
+            local.withdraw(self.port, self._local)
+            draining.append(self._local.drain(grace))
+        await asyncio.gather(*draining)
         if self._health_server is not None:
             await self._health_server.stop(0)
         try:
@@ -316,21 +324,21 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
 async def start_service(app: ServiceApp) -> RunningService:
     """Starts `app` on its configured host and port (port 0 picks a free one)."""
     settings = app.server_settings
-    server = grpc.aio.server(
-        interceptors=[
-            *app.telemetry.server_interceptors(),
-            MetricsInterceptor(app.telemetry.meter),
-            *app.interceptors(),
-            ErrorInterceptor(),
-        ],
-        options=server_options(settings),
-    )
+    interceptors = [
+        *app.telemetry.server_interceptors(),
+        MetricsInterceptor(app.telemetry.meter),
+        *app.interceptors(),
+        ErrorInterceptor(),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    # The same handlers behind the same interceptors, for calls from this process.
+    in_process = local.LocalServer(interceptors, settings.max_message_bytes)
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with "" SERVING; the probe port opens before the app has started.
     await health_servicer.set("", _NOT_SERVING)
     await health_servicer.set(LIVENESS, _NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    app.register(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, in_process.recording(server))
+    app.register(in_process.recording(server))
     names = list(app.service_names())
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
@@ -356,6 +364,10 @@ async def start_service(app: ServiceApp) -> RunningService:
             await health_server[0].stop(0)
         raise
     running = RunningService(app=app, server=server, health=health_servicer, port=port)
+    if settings.local_calls and settings.server_tls is None:
+        # With TLS on the port, calls from this process go through it too, so its checks hold.
+        local.serve(settings.host, port, in_process)
+        running._local = in_process
     if health_server is not None:
         running._health_server, running.health_port = health_server
     if settings.metrics_enabled:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from services.kit import tracing
 from services.kit.config import Env, region_from_env
-from services.kit.tracing import ServerTracing
+from services.kit.tracing import ClientSpans, ServerTracing
 
 
 @dataclass
@@ -64,6 +64,10 @@ class Telemetry:
         if not self.tracing:
             return []
         return tracing.client_interceptors(self.tracer_provider)
+
+    def client_spans(self) -> ClientSpans | None:
+        """CLIENT spans for calls made in-process (services/kit/local.py); None with tracing off."""
+        return ClientSpans(self.tracer_provider) if self.tracing else None
 
     def shutdown(self) -> None:
         """Flushes and stops exporters (after the server has drained)."""

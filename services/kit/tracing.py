@@ -104,25 +104,37 @@ def _client_details(details: grpc.aio.ClientCallDetails, span: trace.Span) -> gr
     )
 
 
-def _end_client_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
+def end_client_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
+    """Ends a CLIENT span with the call's status (an error for every code but OK)."""
     span.set_attribute(_STATUS_CODE, code.value[0])
     if code != grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, details or code.name))
     span.end()
 
 
-class _ClientTracing:
+class ClientSpans:
+    """Starts the CLIENT span of a call this service makes, the child of the current span (the
+    call being handled). Used by the channels' interceptors and by in-process calls
+    (services/kit/local.py), so a trace looks the same whichever way a call travelled."""
+
     def __init__(self, tracer_provider: trace.TracerProvider) -> None:
         self._tracer = tracer_provider.get_tracer(INSTRUMENTATION)
         self._attributes: dict[str, dict[str, str]] = {}
 
-    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[trace.Span, grpc.aio.ClientCallDetails]:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    def start(self, method: str) -> trace.Span:
         attributes = self._attributes.get(method)
         if attributes is None:
             attributes = self._attributes[method] = _attributes(method)
-        # The current span (the call being handled) is the parent.
-        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+        return self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+
+
+class _ClientTracing:
+    def __init__(self, tracer_provider: trace.TracerProvider) -> None:
+        self._spans = ClientSpans(tracer_provider)
+
+    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[trace.Span, grpc.aio.ClientCallDetails]:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        span = self._spans.start(method)
         return span, _client_details(details, span)
 
 
@@ -138,13 +150,13 @@ class UnaryClientTracing(_ClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
             call = await continuation(details, request)
             code = await call.code()
         except grpc.aio.AioRpcError as error:
-            _end_client_span(span, error.code(), error.details())
+            end_client_span(span, error.code(), error.details())
             raise
         except BaseException as error:
             # Cancelled by the caller, or a failure before any status.
-            _end_client_span(span, grpc.StatusCode.CANCELLED, type(error).__name__)
+            end_client_span(span, grpc.StatusCode.CANCELLED, type(error).__name__)
             raise
-        _end_client_span(span, code, None if code == grpc.StatusCode.OK else await call.details())
+        end_client_span(span, code, None if code == grpc.StatusCode.OK else await call.details())
         return call
 
 
@@ -160,7 +172,7 @@ class StreamClientTracing(_ClientTracing, grpc.aio.UnaryStreamClientInterceptor)
             call = await continuation(details, request)
         except BaseException as error:
             code = error.code() if isinstance(error, grpc.aio.AioRpcError) else grpc.StatusCode.CANCELLED
-            _end_client_span(span, code, type(error).__name__)
+            end_client_span(span, code, type(error).__name__)
             raise
         return _relay(span, call)
 
@@ -178,7 +190,7 @@ async def _relay(span: trace.Span, call: Any) -> AsyncIterator[Any]:
         code, details = grpc.StatusCode.CANCELLED, type(error).__name__
         raise
     finally:
-        _end_client_span(span, code, details)
+        end_client_span(span, code, details)
 
 
 def client_interceptors(tracer_provider: trace.TracerProvider) -> list[Any]:

@@ -44,9 +44,11 @@ def _service(span: ReadableSpan) -> str:
     return str(span.resource.attributes["service.name"])
 
 
-async def _traced_suite(suite_factory: SuiteFactory, tmp_path: Path) -> tuple[Suite, InMemorySpanExporter]:
+async def _traced_suite(
+    suite_factory: SuiteFactory, tmp_path: Path, extra: dict[str, str] | None = None
+) -> tuple[Suite, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    environ = {**write_test_config(tmp_path), "OTEL_SDK_DISABLED": "false"}
+    environ = {**write_test_config(tmp_path), "OTEL_SDK_DISABLED": "false", **(extra or {})}
     suite = await suite_factory(SERVICE_NAMES, environ, span_processors=[SimpleSpanProcessor(exporter)])
     return suite, exporter
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from ballast.edge.v1 import edge_pb2
 
 from services.kit.config import SERVICE_NAMES
@@ -11,10 +12,13 @@ from tests.conftest import SuiteFactory
 from tests.e2e.test_telemetry import GENAI_ATTRIBUTES, KEY, _service, _traced_suite, _user
 
 
+@pytest.mark.parametrize("local_calls", ["true", "false"], ids=["in-process", "network"])
 async def test_one_chat_is_one_trace_across_all_five_services(
-    suite_factory: SuiteFactory, tmp_path: Path
+    suite_factory: SuiteFactory, tmp_path: Path, local_calls: str
 ) -> None:
-    suite, exporter = await _traced_suite(suite_factory, tmp_path)
+    # The suite runs in one process: its services call each other in-process unless told not to;
+    # a trace must have the same shape either way.
+    suite, exporter = await _traced_suite(suite_factory, tmp_path, {"BALLAST_LOCAL_CALLS": local_calls})
     session = (await suite.edge.CreateSession(edge_pb2.CreateSessionRequest(), metadata=KEY)).session
     exporter.clear()
     await suite.edge.Chat(

@@ -101,6 +101,7 @@ def test_values_are_parsed_and_typed() -> None:
         ("BALLAST_CAPTURE_CONTENT", "maybe", "one of true, false"),
         ("BALLAST_CACHE_ADDR", "nowhere", "host:port"),
         ("BALLAST_METRICS_MAX_TENANTS", "0", "an integer from 1 to 100000"),
+        ("BALLAST_LOCAL_CALLS", "sometimes", "one of true, false"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: str, expected: str) -> None:

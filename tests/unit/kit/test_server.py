@@ -17,7 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from services.kit.clients import open_channel
 from services.kit.config import SERVICE_NAMES
+from services.kit.local import LocalFirstChannel
 from services.kit.net import free_port
 from services.kit.server import start_service
 from tests.conftest import SuiteFactory
@@ -78,10 +80,17 @@ async def test_health_of_an_unknown_service_is_not_found(suite_factory: SuiteFac
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.fixture
-async def probe() -> object:
-    service = await start_service(probe_app.make())
-    channel = grpc.aio.insecure_channel(service.address)
+@pytest.fixture(params=["network", "in-process"])
+async def probe(request: pytest.FixtureRequest) -> object:
+    """A channel to the probe service: over loopback TCP, or as another service of the same
+    process calls it (services/kit/local.py); every status test runs both ways."""
+    app = probe_app.make()
+    service = await start_service(app)
+    if request.param == "network":
+        channel: grpc.aio.Channel = grpc.aio.insecure_channel(service.address)
+    else:
+        channel = open_channel(service.address, app.server_settings, app.telemetry)
+        assert isinstance(channel, LocalFirstChannel) and channel.local_server() is not None
     yield channel
     await channel.close()
     await service.stop(0.1)
