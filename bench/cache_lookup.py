@@ -4,6 +4,11 @@ entries in one partition, and a whole gRPC Lookup at 100k.
 Run: .venv/bin/python -m bench.cache_lookup [--quick]   (--quick skips 1M; the full run takes
 a few minutes, most of it building the 1M-entry HNSW graph). Writes bench/results/cache_lookup.{md,json}.
 
+    .venv/bin/python -m bench.cache_lookup --baseline main [--rounds 2]
+only times the gRPC Lookup at 100k entries (memory store), this tree against the `--baseline` git
+ref exported with `git archive` (its own gen/ first on the path), each run in its own process,
+alternating round by round. Writes bench/results/cache_lookup_ab.{md,json}.
+
 Sizes use random normalised 384-d vectors (the worst case for an HNSW graph); queries are
 fresh random vectors. The index is exact (numpy) below BALLAST_CACHE_ANN_THRESHOLD (20k by
 default) and HNSW above it, as in the service. "With embedding" adds the local MiniLM
@@ -18,8 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -40,7 +50,8 @@ from services.testing import start_suite
 from tests.support.backends import private_redis
 from tests.unit.cache.helpers import lookup, store
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 REDIS_ENTRIES = 20_000
 DIM = 384
 QUERIES = [
@@ -121,6 +132,44 @@ def time_verification(rounds: int) -> dict[str, float]:
     return _pct(samples)
 
 
+def _time_stages(app: CacheApp) -> dict[str, list[float]]:
+    """Times the engine's stages of each Lookup from here on (wrapping the app's objects)."""
+    samples: dict[str, list[float]] = {}
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+        samples[label] = []
+
+        if asyncio.iscoroutinefunction(inner):
+
+            async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await inner(*args, **kwargs)
+                finally:
+                    samples[label].append(time.perf_counter() - started)
+
+            setattr(owner, name, wrapped_async)
+        else:
+
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    samples[label].append(time.perf_counter() - started)
+
+            setattr(owner, name, wrapped)
+
+    timed(app.engine, "lookup", "engine (all stages)")
+    timed(app.engine, "keys", "keys")
+    timed(app.store, "get", "store.get")
+    timed(app.engine, "_embed", "embed")
+    timed(app.store, "search", "search")
+    timed(guards, "check", "guards (per candidate above threshold)")
+    return samples
+
+
 async def grpc_lookup(
     n: int, rounds: int, rng: np.random.Generator, store_url: str = "memory://"
 ) -> dict[str, Any]:
@@ -174,12 +223,14 @@ async def grpc_lookup(
         index = app.store.indexes.index(partition)
         assert index is not None and len(index) == n
         started = time.perf_counter()
-        index.params = replace(index.params, threshold=20_000)
+        # Two build threads keep the run short; the searches do not depend on it.
+        index.params = replace(index.params, threshold=20_000, threads=2)
         index.build_now()
         build = time.perf_counter() - started
         # A few real entries: exact hits are timed on these.
         for q in QUERIES:
             await suite.cache.Store(store(q, "An answer."))
+        stages = _time_stages(app)
         semantic, exact = [], []
         for i in range(rounds):
             request = lookup(QUERIES[i % len(QUERIES)] + f" variant {i}")
@@ -190,7 +241,9 @@ async def grpc_lookup(
             reply = await suite.cache.Lookup(lookup(QUERIES[i % len(QUERIES)]))
             exact.append(time.perf_counter() - t0)
             assert reply.hit
+        stages.pop("store.get")  # exact hits as well: not one semantic lookup's share
         return {
+            "stages": {name: _pct(samples) for name, samples in stages.items() if samples},
             "entries": n,
             "fill_seconds": round(fill, 1),
             "hnsw_build_seconds": round(build, 1),
@@ -201,12 +254,113 @@ async def grpc_lookup(
         await suite.stop()
 
 
-async def main() -> None:
+def _export(ref: str, into: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    (into / "tree").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into / "tree")], input=archive, check=True)
+    return into / "tree"
+
+
+def _run_grpc_in(tree: Path, output: Path) -> dict[str, Any]:
+    """This file's gRPC measurement in its own process, importing the services of `tree`."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BALLAST_"))},
+        "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "gen")]),
+    }
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--grpc-only", str(output)],
+        cwd=tree,
+        env=env,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(output.read_text())
+    return result
+
+
+def compare(baseline: str, rounds: int) -> None:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="cache_lookup-") as tmp:
+        trees = [(f"baseline ({baseline})", _export(baseline, Path(tmp))), ("this tree", ROOT)]
+        for round_number in range(rounds):
+            for name, tree in trees:
+                row = _run_grpc_in(tree, Path(tmp) / f"run-{round_number}.json")
+                print(name, row, flush=True)
+                runs.setdefault(name, []).append(row)
+                loads.append(os.getloadavg()[0])
+    measures = [("semantic_lookup", "gRPC semantic Lookup"), ("exact_hit", "gRPC exact hit")]
+    stage_names = list(runs["this tree"][0]["stages"])
+    md = [
+        "# Cache lookup latency, this tree against a baseline (bench/cache_lookup.py --baseline)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"memory store, {runs['this tree'][0]['entries']:,} entries in one partition (HNSW), "
+        f"{runs['this tree'][0]['semantic_lookup']['n']} lookups of each kind per run; {rounds} rounds, "
+        f"variants alternating, each in its own process; load average {min(loads):.1f}-{max(loads):.1f}. "
+        "Cells: run by run, p50 / p95 in ms. Stages are timed inside the service (the semantic "
+        "lookups only); gRPC adds the client, the wire on 127.0.0.1 and the servicer.",
+        "",
+        f"Command: `.venv/bin/python -m bench.cache_lookup {' '.join(sys.argv[1:])}`",
+        "",
+        "| measure | " + " | ".join(runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+
+    def cell(rows: list[dict[str, Any]], pick: Any) -> str:
+        return "; ".join(f"{pick(r)['p50_ms']:.2f} / {pick(r)['p95_ms']:.2f}" for r in rows)
+
+    for key, title in measures:
+        md.append(
+            f"| {title} | " + " | ".join(cell(rows, lambda r, k=key: r[k]) for rows in runs.values()) + " |"
+        )
+    for stage in stage_names:
+        md.append(
+            f"| stage: {stage} | "
+            + " | ".join(
+                cell(rows, lambda r, s=stage: r["stages"].get(s, {"p50_ms": math.nan, "p95_ms": math.nan}))
+                for rows in runs.values()
+            )
+            + " |"
+        )
+    medians = {
+        name: {key: statistics.median(r[key]["p95_ms"] for r in rows) for key, _ in measures}
+        for name, rows in runs.items()
+    }
+    md += [
+        "",
+        "Median over rounds of the p95 (ms): "
+        + "; ".join(
+            f"{name}: semantic {m['semantic_lookup']:.2f}, exact {m['exact_hit']:.2f}"
+            for name, m in medians.items()
+        ),
+        "",
+    ]
+    text = "\n".join(md)
+    print(text)
+    (RESULTS / "cache_lookup_ab.md").write_text(text)
+    report = {"load_average": [round(x, 2) for x in loads], "runs": runs}
+    (RESULTS / "cache_lookup_ab.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cli() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the 1M-entry index")
+    parser.add_argument("--baseline", default="", help="git ref: time only the gRPC Lookup, against it")
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline: runs of each, alternating")
+    parser.add_argument("--grpc-only", default="", help=argparse.SUPPRESS)  # one --baseline run: JSON path
     args = parser.parse_args()
+    if args.grpc_only:
+        grpc_only = asyncio.run(grpc_lookup(100_000, 300, np.random.default_rng(7)))
+        Path(args.grpc_only).write_text(json.dumps(grpc_only))
+    elif args.baseline:
+        compare(args.baseline, args.rounds)
+    else:
+        asyncio.run(main(quick=args.quick))
+
+
+async def main(*, quick: bool) -> None:
     rng = np.random.default_rng(7)
-    sizes = (10_000, 100_000) if args.quick else (10_000, 100_000, 1_000_000)
+    sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
     # Background builds in the service use one thread; the benchmark builds with two to stay short.
     params = AnnParams(threads=2)
     embedder = LocalEmbedder(preload=False)
@@ -278,6 +432,16 @@ async def main() -> None:
         f"{g['semantic_lookup']['p95_ms']} ms | {g['semantic_lookup']['n']} |",
         f"| exact hit | {g['exact_hit']['p50_ms']} ms | {g['exact_hit']['p95_ms']} ms | {g['exact_hit']['n']} |",
         "",
+        "Where a semantic lookup's time goes, timed inside the service:",
+        "",
+        "| stage | p50 | p95 | n |",
+        "|---|---|---|---|",
+        *(
+            f"| {stage} | {t['p50_ms']} ms | {t['p95_ms']} ms | {t['n']} |"
+            for stage, t in g["stages"].items()
+            if t["n"]
+        ),
+        "",
     ]
     r = report["grpc_redis"]
     md += [
@@ -293,10 +457,10 @@ async def main() -> None:
     text = "\n".join(md)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    name = "cache_lookup_quick" if args.quick else "cache_lookup"
+    name = "cache_lookup_quick" if quick else "cache_lookup"
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    cli()

@@ -10,7 +10,6 @@ from pathlib import Path
 import yaml
 
 from services.kit.config import Env, ServerSettings
-from services.kit.redisconn import cluster_option
 from services.kit.yamlfile import Entry, YamlFileError, YamlReader, compose, read_text, value_node
 
 EMBEDDERS = ("local", "router")
@@ -122,6 +121,9 @@ class CacheSettings:
                 env.problems.append(f"{variable}={path!r} is invalid: expected an existing file")
         store_url = env.url("BALLAST_CACHE_STORE", cls.store_url, ["memory", "redis", "rediss"])
         if store_url.startswith(("redis://", "rediss://")):
+            # Imported here: redis-py is 11 MB resident, which a memory:// cache never needs.
+            from services.kit.redisconn import cluster_option
+
             try:
                 cluster_option(store_url)
             except ValueError as exc:

@@ -138,7 +138,12 @@ class MiniLMModel:
     def encode(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        encodings = self._tokenizer.encode_batch(list(texts))
+        # One text (every lookup): encode() on this thread; encode_batch hands even one text to
+        # the tokenizer's thread pool and back (0.1 ms p50, 0.2-0.7 ms p95 under load). Same ids.
+        if len(texts) == 1:
+            encodings = [self._tokenizer.encode(texts[0])]
+        else:
+            encodings = self._tokenizer.encode_batch(list(texts))
         width = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(encodings), width), dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)

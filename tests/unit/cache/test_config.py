@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,20 @@ def test_embedder_and_key_cache_settings_name_a_bad_value(variable: str, value: 
         Env({"BALLAST_CACHE_EMBED_INT8_WEIGHTS": "false", "BALLAST_CACHE_KEYS_CACHE_BYTES": "0"})
     )
     assert (read.embed_int8_weights, read.keys_cache_bytes) == (False, 0)
+
+
+def test_a_memory_store_cache_does_not_load_redis() -> None:
+    # redis-py is about 11 MB resident (bench/cache_memory.py); a memory:// cache never uses it.
+    # A fresh interpreter: this one has loaded redis for other tests.
+    program = (
+        "import sys\n"
+        "from services.cache.app import ENTRY\n"
+        "from services.kit.config import Env\n"
+        "import services.kit.entry\n"
+        "ENTRY.load(Env({'BALLAST_CACHE_STORE': 'memory://'}))\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+        "ENTRY.load(Env({'BALLAST_CACHE_STORE': 'redis://h:6379/0?cluster=true'}))\n"
+        "assert 'redis' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -72,3 +72,13 @@ async def test_a_missing_model_is_unavailable_not_internal(tmp_path: Path) -> No
         with pytest.raises(Unavailable):
             await broken.embed(["hello"])
     await broken.close()
+
+
+async def test_one_text_embeds_exactly_as_in_a_batch(embedder: LocalEmbedder) -> None:
+    # A single text takes the tokenizer's one-text path (no thread pool); it must give the very
+    # same vector as the batch path, truncation included, or lookups would score differently.
+    long_text = "a rather long question about invoices and refunds " * 80  # beyond max_tokens
+    for text in ("How do I reset my password?", "Héllo — 5 € 🎉", long_text):
+        single = await embedder.embed([text])
+        batch = await embedder.embed([text, text])
+        assert np.array_equal(single[0], batch[0])

@@ -69,3 +69,22 @@ def test_from_rows_builds_exact_or_hnsw_at_once() -> None:
     assert not small.approximate and len(small) == 50
     assert large.approximate and len(large) == 300
     assert large.search(rows[123], 1)[0][0] == 124 and small.search(rows[10], 1)[0][0] == 11
+
+
+def test_exact_index_keeps_every_row_through_growth_and_removals() -> None:
+    # The exact index starts at one row and reallocates as it fills: each reallocation must
+    # carry every live row over unchanged.
+    rows = _rows(300, seed=3)
+    index = VectorIndex(16, AnnParams(threshold=10_000))
+    for i, row in enumerate(rows):
+        index.add(i + 1, row)
+        if i % 7 == 3:
+            index.remove(i)  # the previous row's label: the last row moves into its slot
+    removed = {i - 1 for i in range(300) if i % 7 == 3}
+    assert len(index) == 300 - len(removed)
+    for i, row in enumerate(rows):
+        best = index.search(row, 1)
+        if i in removed:
+            assert best[0][0] != i + 1
+        else:
+            assert best[0][0] == i + 1 and abs(best[0][1] - 1.0) < 1e-5
