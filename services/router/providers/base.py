@@ -437,6 +437,15 @@ class SseReader:
             self._event = value.decode("utf-8", "replace")
         return None
 
+    def ready(self) -> SseEvent | None:
+        """The next event if it has already arrived whole, else None (never waits)."""
+        lines = self._lines
+        while lines:
+            event = self._take(lines.pop())
+            if event is not None:
+                return event
+        return None
+
     async def __anext__(self) -> SseEvent:
         lines = self._lines
         while True:
@@ -461,3 +470,14 @@ class SseReader:
 def sse_events(response: httpx.Response) -> SseReader:
     """The response's server-sent events (see SseReader)."""
     return SseReader(body_chunks(response))
+
+
+def merge_deltas(deltas: list[Delta], more: list[Delta]) -> None:
+    """Appends `more` to `deltas`, text joined onto a text-only delta before it: events that
+    arrived together leave as one message instead of one per token. Tool-call deltas stay as
+    they came."""
+    for delta in more:
+        if deltas and not delta.tool_calls and not deltas[-1].tool_calls:
+            deltas[-1] = Delta(deltas[-1].text + delta.text)
+        else:
+            deltas.append(delta)

@@ -237,17 +237,42 @@ class _Body(httpx.AsyncByteStream):
         return self
 
     async def __anext__(self) -> bytes:
+        """The body's next bytes: everything that has arrived by now, at least one piece."""
         if self._closed or self._ended:
             raise StopAsyncIteration
         event = await self._connection.next_event(self._timeout, self._request)
         kind = type(event)
         if kind is h11.Data:
-            return bytes(event.data)
+            first = bytes(event.data)
+            more = self._arrived()
+            return first + b"".join(more) if more else first
         if kind is h11.EndOfMessage:
             self._ended = True
             raise StopAsyncIteration
         # ConnectionClosed before the end: h11 would have raised; be explicit
         raise httpx.RemoteProtocolError("the answer ended early", request=self._request)
+
+    def _arrived(self) -> list[bytes]:
+        """The pieces of the body (HTTP chunks) already received, without waiting for more: a
+        stream whose events came in one read is handed on in one piece. Its end is noted for the
+        next call; an error is left for the next call to raise."""
+        connection = self._connection
+        h = connection.h11
+        pieces: list[bytes] = []
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                return pieces
+            kind = type(event)
+            if isinstance(event, h11.Data):
+                pieces.append(bytes(event.data))
+            elif event is h11.NEED_DATA and connection.sock.buffer:
+                h.receive_data(connection.sock.take())
+            else:
+                if kind is h11.EndOfMessage:
+                    self._ended = True
+                return pieces
 
     def _finish_from_buffer(self) -> None:
         """Reads what has already arrived of a body its reader left (never waiting for more):
