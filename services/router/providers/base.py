@@ -170,6 +170,16 @@ class ProviderClient:
             await response.aclose()
         return response
 
+    async def post_for_body(self, url: httpx.URL, content: bytes) -> tuple[httpx.Response, bytes]:
+        """The response (its head) and its whole body, decoded; its connection back in the pool.
+        What `post` does, reading the body as body_chunks does: what the adapters call."""
+        response = await self._send(url, content)
+        try:
+            body = b"".join([chunk async for chunk in body_chunks(response)])
+        finally:
+            await response.aclose()
+        return response, body
+
     @contextlib.asynccontextmanager
     async def stream(self, url: httpx.URL, content: bytes) -> AsyncIterator[httpx.Response]:
         """The response with its body unread; leaving the block closes it (or frees its connection)."""

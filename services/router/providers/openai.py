@@ -187,8 +187,7 @@ class OpenAIAdapter:
     async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         content = orjson.dumps(body)
         try:
-            response = await self._client.post(self._url(model, endpoint), content=content)
-            raw = response.content
+            response, raw = await self._client.post_for_body(self._url(model, endpoint), content=content)
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         self._check(model, response, raw)
