@@ -18,7 +18,12 @@ process (it decodes and counts every span it receives, so the table shows spans 
 `sampled` is `export` keeping one trace in ten (OTEL_TRACES_SAMPLER=parentbased_traceidratio,
 OTEL_TRACES_SAMPLER_ARG=0.1); `disabled` sets OTEL_SDK_DISABLED=true.
 Paths: `noop` is grpc.health.v1 Check on the edge; `router` is RouterService/Complete called
-directly (one non-streamed provider call through the router, nothing else); `miss` a stateless chat with a new question each
+directly (one non-streamed provider call through the router, nothing else); `stream10` and
+`stream100` are RouterService/StreamComplete relaying 10 or 100 content chunks (a second sim,
+`--answer-pieces`, cut to that many by max_output_tokens: real OpenAI SSE, one token a chunk);
+`router-stream` runs both and adds their difference per chunk, the relay's CPU per chunk (with
+`--stream-pace-ms` the sim spaces a stream's chunks, so each arrives, and is relayed, on its own);
+`miss` a stateless chat with a new question each
 time (limiter, cache lookup with the local embedder, router, cache store, commit); `hit` the same
 stateless question again (an exact cache hit); `dN` a chat in a session that already holds N
 earlier exchanges (a user turn and an answer each, about 70 tokens an exchange), prefilled through
@@ -71,7 +76,12 @@ EXPORTING = frozenset({"export", "sampled"})
 API_KEY = "bk_demo_enterprise"  # tenant demo, user carol: no request or daily token limit
 CALLER = common_pb2.Caller(tenant_id="demo", user_id="carol", tier="enterprise")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-PATHS = ("noop", "router", "miss", "hit", "d1", "d10", "d100", "d1000")
+PATHS = ("noop", "router", "stream10", "stream100", "miss", "hit", "d1", "d10", "d100", "d1000")
+# `router-stream` on the command line: both stream lengths, and the relay's CPU per chunk from them.
+STREAM_PATHS = {"router-stream": ("stream10", "stream100")}
+STREAM_CHUNKS = {"stream10": 10, "stream100": 100}
+# Pieces of every answer of the streaming sim: more than the longest stream asks for (max_tokens).
+STREAM_SIM_PIECES = 100
 
 CATALOG = """
 providers:
@@ -79,6 +89,10 @@ providers:
     kind: sim          # an external SIMULATED provider (started by the benchmark)
     wire: openai
     base_url: http://127.0.0.1:{port}/v1
+  sim-stream:
+    kind: sim          # the same, answering with STREAM_SIM_PIECES pieces (cut by max_tokens)
+    wire: openai
+    base_url: http://127.0.0.1:{stream_port}/v1
 models:
   sim-bench-model:
     provider: sim-bench
@@ -86,10 +100,17 @@ models:
     context_window: 1000000
     input_price_micros_per_mtok: 150000
     output_price_micros_per_mtok: 600000
+  sim-stream-model:
+    provider: sim-stream
+    provider_model: sim-stream-1
+    context_window: 1000000
+    input_price_micros_per_mtok: 150000
+    output_price_micros_per_mtok: 600000
 aliases:
   budget: {{candidates: [sim-bench-model]}}
   fast: {{candidates: [sim-bench-model]}}
   reasoning: {{candidates: [sim-bench-model]}}
+  stream-bench: {{candidates: [sim-stream-model]}}
 tier_defaults: {{default: budget}}
 """
 
@@ -174,6 +195,7 @@ class Suite:
     layout: str
     telemetry: str
     sim_port: int
+    stream_sim_port: int
     sink_port: int
     folder: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -182,7 +204,7 @@ class Suite:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BALLAST_"))}
         catalog = self.folder / f"catalog-{self.label}.yaml"
-        catalog.write_text(CATALOG.format(port=self.sim_port))
+        catalog.write_text(CATALOG.format(port=self.sim_port, stream_port=self.stream_sim_port))
         env.update(
             {
                 "PYTHONPATH": os.pathsep.join([str(self.root), str(self.root / "gen")]),
@@ -470,6 +492,29 @@ class PathRunner:
                 caller=CALLER,
             )
             return lambda _: client.router.Complete(complete, timeout=30)
+        if self.path in STREAM_CHUNKS:
+            chunks = STREAM_CHUNKS[self.path]
+            streamed = router_pb2.StreamCompleteRequest(
+                request=router_pb2.CompleteRequest(
+                    model="stream-bench",
+                    messages=[
+                        common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=self._hit_question())
+                    ],
+                    caller=CALLER,
+                    params=common_pb2.GenerationParams(max_output_tokens=chunks),
+                )
+            )
+
+            async def stream(_: int) -> None:
+                # Chunks that reach the router together may be relayed as one delta: what is
+                # checked is that all of them were streamed (one output token each).
+                tokens = 0
+                async for event in client.router.StreamComplete(streamed, timeout=30):
+                    if event.HasField("done"):
+                        tokens = event.done.usage.output_tokens
+                assert tokens == chunks, f"{tokens} tokens streamed, {chunks} expected"
+
+            return stream
         if self.path == "miss":
             return lambda i: client.edge.Chat(
                 _chat(USER_TURN.format(i=i, tag=tag)), metadata=METADATA, timeout=30
@@ -550,7 +595,13 @@ async def _measure_config(
             await _warm(client)
         await asyncio.sleep(1.5)  # the warm-up's spans are exported before any batch counts its own
         for path in args.paths:
-            calls = args.noop_calls if path in ("noop", "router") else args.chats
+            calls = (
+                args.noop_calls
+                if path in ("noop", "router")
+                else args.stream_calls
+                if path in STREAM_CHUNKS
+                else args.chats
+            )
             batches: dict[str, list[Batch]] = {s.label: [] for s in suites}
             for round_ in range(args.rounds):
                 order = clients if round_ % 2 == 0 else list(reversed(clients))
@@ -583,10 +634,35 @@ async def _measure_config(
                     "spans_per_call": sum(b.spans for b in runs) / max(1, done),
                 }
             rows.append(row)
+        per_chunk = _per_chunk_row(rows, [s.label for s in suites])
+        if per_chunk is not None:
+            rows.append(per_chunk)
     finally:
         for client in clients:
             await client.channel.close()
     return rows
+
+
+def _per_chunk_row(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any] | None:
+    """The stream relay's CPU per chunk: (CPU of a long stream - CPU of a short one) / the chunks
+    between them. What a stream costs once (the call, the plan, the provider request, the answer)
+    is in both and cancels; each round pairs the two batches measured back to back."""
+    found = {row["path"]: row for row in rows}
+    short, long_ = found.get("stream10"), found.get("stream100")
+    if short is None or long_ is None:
+        return None
+    extra = STREAM_CHUNKS["stream100"] - STREAM_CHUNKS["stream10"]
+    row: dict[str, Any] = {"layout": short["layout"], "telemetry": short["telemetry"], "path": "per-chunk"}
+    for label in labels:
+        a, b = short[label], long_[label]
+        row[label] = {
+            "cpu_ms_per_call": (b["cpu_ms_per_call"] - a["cpu_ms_per_call"]) / extra,
+            "rounds_ms": [(y - x) / extra for x, y in zip(a["rounds_ms"], b["rounds_ms"], strict=True)],
+            "calls_per_s": None,  # a difference of two batches has no rate of its own
+            "failures": a["failures"] + b["failures"],
+            "spans_per_call": b["spans_per_call"] - a["spans_per_call"],
+        }
+    return row
 
 
 def _baseline_tree(rev: str, folder: Path) -> Path:
@@ -605,6 +681,9 @@ PATH_NAMES = {
     "router": "router alone (RouterService/Complete)",
     "miss": "stateless, cache miss",
     "hit": "stateless, exact cache hit",
+    "stream10": "router stream, 10 chunks (RouterService/StreamComplete)",
+    "stream100": "router stream, 100 chunks (RouterService/StreamComplete)",
+    "per-chunk": "router stream relay, per chunk ((100 - 10 chunks) / 90)",
 }
 
 
@@ -629,7 +708,7 @@ def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
             cells += [
                 f"{data['cpu_ms_per_call']:.2f}{failed}",
                 " / ".join(f"{v:.2f}" for v in data["rounds_ms"]),
-                f"{data['calls_per_s']:.0f}",
+                "-" if data["calls_per_s"] is None else f"{data['calls_per_s']:.0f}",
             ]
         if len(labels) == 2:
             old, new = row[labels[0]]["cpu_ms_per_call"], row[labels[1]]["cpu_ms_per_call"]
@@ -648,6 +727,19 @@ def main() -> int:
         type=int,
         default=1000,
         help="health checks (and direct router calls) per round and tree",
+    )
+    parser.add_argument(
+        "--stream-calls",
+        type=int,
+        default=300,
+        help="streamed router calls per round and tree (paths stream10, stream100, router-stream)",
+    )
+    parser.add_argument(
+        "--stream-pace-ms",
+        type=float,
+        default=0.0,
+        help="milliseconds between a stream's chunks (0: all at once, like the zero-latency sim of the "
+        "other paths; more: each chunk arrives and is relayed on its own, as from a real provider)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="batches per path and tree (order alternates)")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -668,16 +760,19 @@ def main() -> int:
     if args.otlp_sink:
         run_sink(args.otlp_sink, args.sink_file)
         return 0
+    args.paths = [name for path in args.paths for name in STREAM_PATHS.get(path, (path,))]
     for value, known, what in (
         (args.layouts, ("one", "split"), "--layouts"),
         (args.telemetry, ("off", "export", "sampled", "disabled"), "--telemetry"),
-        (args.paths, PATHS, "--paths"),
+        (args.paths, (*PATHS, *STREAM_PATHS), "--paths"),
     ):
         unknown = sorted(set(value) - set(known))
         if unknown:
             parser.error(f"{what}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-    if args.chats < 1 or args.noop_calls < 1 or args.rounds < 1 or args.concurrency < 1:
-        parser.error("--chats, --noop-calls, --rounds and --concurrency must be at least 1")
+    if min(args.chats, args.noop_calls, args.stream_calls, args.rounds, args.concurrency) < 1:
+        parser.error("--chats, --noop-calls, --stream-calls, --rounds and --concurrency must be at least 1")
+    if args.stream_pace_ms < 0:
+        parser.error("--stream-pace-ms must not be negative")
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     # A stopped benchmark still stops its suites, sim and collector (the finally blocks below).
@@ -698,11 +793,21 @@ def main() -> int:
             args.baseline = f"{args.baseline} ({resolved.stdout.strip()})"
             trees.insert(0, ("base", _baseline_tree(resolved.stdout.strip(), folder)))
         helpers: list[subprocess.Popen[bytes]] = []
-        sim_port, sink_port = _free_port(), _free_port()
+        sim_port, stream_sim_port, sink_port = _free_port(), _free_port(), _free_port()
         sink_file = folder / "spans"
         try:
             helpers.append(subprocess.Popen(instant_sim(sim_port), cwd=ROOT, stdout=subprocess.DEVNULL))
             _wait_port(sim_port, helpers[-1])
+            if any(path in STREAM_CHUNKS for path in args.paths):
+                streaming = [
+                    *instant_sim(stream_sim_port, "sim-stream"),
+                    "--answer-pieces",
+                    str(STREAM_SIM_PIECES),
+                ]
+                if args.stream_pace_ms > 0:  # the sim's last --tokens-per-second wins
+                    streaming += ["--tokens-per-second", str(1000 / args.stream_pace_ms)]
+                helpers.append(subprocess.Popen(streaming, cwd=ROOT, stdout=subprocess.DEVNULL))
+                _wait_port(stream_sim_port, helpers[-1])
             if EXPORTING & set(args.telemetry):
                 helpers.append(
                     subprocess.Popen(
@@ -722,7 +827,7 @@ def main() -> int:
             for layout in args.layouts:
                 for telemetry in args.telemetry:
                     suites = [
-                        Suite(label, root, layout, telemetry, sim_port, sink_port, folder)
+                        Suite(label, root, layout, telemetry, sim_port, stream_sim_port, sink_port, folder)
                         for label, root in trees
                     ]
                     try:
@@ -757,8 +862,8 @@ def main() -> int:
         + (f"; base = {args.baseline}" if args.baseline else ""),
         "",
         f"CPU seconds (utime + stime) of the suite's process tree per completed call, {args.chats} chats "
-        f"({args.noop_calls} health checks) per round at concurrency {args.concurrency}, {args.rounds} rounds "
-        "per tree, alternating. SIMULATED provider at zero latency; memory stores; the client and the sim "
+        f"({args.noop_calls} health checks or direct router calls, {args.stream_calls} router streams) per round at concurrency {args.concurrency}, {args.rounds} rounds "
+        f"per tree, alternating; stream chunks {args.stream_pace_ms:g} ms apart. SIMULATED provider at zero latency; memory stores; the client and the sim "
         "are not counted. `off` = no OTEL_* variable (no exporter); `export` = OTLP/gRPC to a local "
         "collector process; `sampled` = `export` keeping one trace in ten.",
         "",

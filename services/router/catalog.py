@@ -65,6 +65,10 @@ class SimSpec:
     outages: tuple[Outage, ...] = ()
     # Fixed port for the embedded server; 0 picks a free one.
     port: int = 0
+    # Pieces of every answer (the label, the words and the final '.', each a streamed chunk and an
+    # output token) before max_tokens or a stop sequence cuts it; 0: 14 to 37, seeded. A benchmark
+    # sets it to stream a known number of chunks.
+    answer_pieces: int = 0
 
 
 @dataclass(frozen=True)

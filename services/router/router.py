@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from services.kit.errors import (
     BallastError,
@@ -200,6 +201,7 @@ class Gateway:
         self.rng = rng or random.Random()
         self.tracer = tracer or trace.NoOpTracer()
         self.metrics = metrics
+        self._span_attributes: dict[tuple[str, str, str, str, bool, str], dict[str, AttributeValue]] = {}
 
     # --- shared attempt loop ---------------------------------------------------------------------
 
@@ -374,11 +376,21 @@ class Gateway:
         return error
 
     def _span(self, operation: str, choice: Choice) -> trace.Span:
-        address = urlsplit(choice.provider.base_url)
-        return self.tracer.start_span(
-            f"{operation} {choice.model.provider_model}",
-            kind=trace.SpanKind.CLIENT,
-            attributes={
+        provider = choice.provider
+        key = (
+            operation,
+            provider.name,
+            provider.kind,
+            provider.base_url,
+            provider.simulated,
+            choice.model.provider_model,
+        )
+        attributes = self._span_attributes.get(key)
+        if attributes is None:
+            # Built once per provider, model and operation: parsing the base URL on every attempt
+            # cost more than the rest of the span.
+            address = urlsplit(choice.provider.base_url)
+            attributes = self._span_attributes[key] = {
                 "gen_ai.operation.name": operation,
                 "gen_ai.provider.name": choice.provider.kind,
                 "gen_ai.request.model": choice.model.provider_model,
@@ -386,7 +398,9 @@ class Gateway:
                 "server.port": address.port or (443 if address.scheme == "https" else 80),
                 "ballast.router.provider": choice.provider.name,
                 "ballast.router.simulated": choice.provider.simulated,
-            },
+            }
+        return self.tracer.start_span(
+            f"{operation} {choice.model.provider_model}", kind=trace.SpanKind.CLIENT, attributes=attributes
         )
 
     def _succeeded(self, request: _Request[T], choice: Choice, latency: float) -> None:
@@ -537,6 +551,7 @@ class Gateway:
         target = choice.target
         # _run counted the first token as success; a later break is recorded as a failure below.
         item: Delta | ChatResult = first
+        guard = _WaitGuard()
         try:
             yield StreamStarted(choice, choice.provider.simulated)
             while not isinstance(item, ChatResult):
@@ -544,15 +559,19 @@ class Gateway:
                 remaining = call.deadline - self.clock()
                 if remaining <= 0:
                     raise ProviderError(Outcome.TIMEOUT, "the deadline passed mid-stream")
+                guard.begin(min(timeouts.stream_idle, remaining))
                 try:
-                    async with asyncio.timeout(min(timeouts.stream_idle, remaining)):
-                        item = await anext(events)
-                except TimeoutError:
-                    raise ProviderError(Outcome.TIMEOUT, "the stream stalled") from None
+                    item = await anext(events)
+                except asyncio.CancelledError:
+                    if guard.expired():
+                        raise ProviderError(Outcome.TIMEOUT, "the stream stalled") from None
+                    raise
                 except StopAsyncIteration:
                     raise ProviderError(
                         Outcome.PROTOCOL_ERROR, "the stream ended without an answer"
                     ) from None
+                finally:
+                    guard.end()
         except ProviderError as error:
             latency = self.clock() - started
             span.set_attribute("error.type", error.outcome.value)
@@ -565,6 +584,7 @@ class Gateway:
                 f"the stream from {target[0]}/{target[1]} broke after it had started: {error.message}"
             ) from None
         finally:
+            guard.close()
             await _close(events)
             if not isinstance(item, ChatResult):
                 span.end()
@@ -610,6 +630,66 @@ def annotate(span: trace.Span, value: object, choice: Choice) -> None:
     elif isinstance(value, EmbedResult):
         span.set_attribute("gen_ai.response.model", value.provider_model or choice.model.provider_model)
         span.set_attribute("gen_ai.usage.input_tokens", value.usage.input_tokens)
+
+
+class _WaitGuard:
+    """A time limit on each wait for a stream's next item (what asyncio.timeout around every
+    wait would do), with one timer per stream instead of one per item: the timer is re-armed
+    only when it fires early, so a stream of many quick items costs two attribute writes each.
+
+    Time between waits (the caller taking its time with the last item) is not counted, as
+    before. An expired wait cancels the task; `expired()` tells that cancellation from any
+    other (which is passed on)."""
+
+    __slots__ = ("_cancelling", "_fired", "_loop", "_task", "_timer", "_until", "_waiting")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._timer: asyncio.TimerHandle | None = None
+        self._until = 0.0
+        self._waiting = False
+        self._fired = False
+
+    def begin(self, limit: float) -> None:
+        task = asyncio.current_task()
+        if task is not self._task:  # a stream may be read by another task than the one that began it
+            assert task is not None
+            self._task, self._cancelling = task, task.cancelling()
+        self._until = until = self._loop.time() + limit
+        self._waiting = True
+        if self._timer is None or self._timer.when() > until:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(until, self._check)
+
+    def end(self) -> None:
+        self._waiting = False
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return  # the next begin() arms it again
+        if self._loop.time() >= self._until:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(self._until, self._check)
+
+    def expired(self) -> bool:
+        """Whether the CancelledError being handled is this guard's (and then undoes it)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _close(events: AsyncIterator[Delta | ChatResult]) -> None:

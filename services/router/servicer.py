@@ -183,6 +183,7 @@ def to_hints(hints: router_pb2.RoutingHints) -> Hints:
 
 
 _HIGH_PRIORITIES = frozenset({common_pb2.PRIORITY_HIGH, common_pb2.PRIORITY_CRITICAL})
+_PRIORITIES = frozenset(common_pb2.Priority.values())
 
 
 def _message_pb(message: Message) -> common_pb2.ChatMessage:
@@ -254,7 +255,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.clock = clock
 
     def _call(self, request: router_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Call:
-        if request.priority not in common_pb2.Priority.values():
+        if request.priority not in _PRIORITIES:
             raise InvalidArgument("priority", f"unknown priority {request.priority}")
         remaining = context.time_remaining()
         budget = (
@@ -288,6 +289,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         try:
             async for event in events:
                 if isinstance(event, Delta):
+                    if not event.tool_calls:  # most deltas: text alone
+                        yield router_pb2.StreamCompleteResponse(
+                            delta=router_pb2.ContentDelta(text=event.text)
+                        )
+                        continue
                     yield router_pb2.StreamCompleteResponse(
                         delta=router_pb2.ContentDelta(
                             text=event.text,

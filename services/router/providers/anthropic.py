@@ -196,8 +196,9 @@ class AnthropicAdapter:
 
     async def complete(self, model: Model, request: ChatRequest) -> ChatResult:
         try:
-            response = await self._client.post(self._url, content=self._body(model, request, False))
-            raw = response.content
+            response, raw = await self._client.post_for_body(
+                self._url, content=self._body(model, request, False)
+            )
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         self._check(model, response, raw)

@@ -170,6 +170,16 @@ class ProviderClient:
             await response.aclose()
         return response
 
+    async def post_for_body(self, url: httpx.URL, content: bytes) -> tuple[httpx.Response, bytes]:
+        """The response (its head) and its whole body, decoded; its connection back in the pool.
+        What `post` does, reading the body as body_chunks does: what the adapters call."""
+        response = await self._send(url, content)
+        try:
+            body = b"".join([chunk async for chunk in body_chunks(response)])
+        finally:
+            await response.aclose()
+        return response, body
+
     @contextlib.asynccontextmanager
     async def stream(self, url: httpx.URL, content: bytes) -> AsyncIterator[httpx.Response]:
         """The response with its body unread; leaving the block closes it (or frees its connection)."""
@@ -369,25 +379,115 @@ class SseEvent:
     data: str
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
-    """Parses `text/event-stream` per the WHATWG rules (multi-line data, comments, any line ending)."""
-    event = ""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield SseEvent(event or "message", "\n".join(data))
-            event, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        elif name == "event":
-            event = value
-    if data:
-        # The last event may end without its blank line (the SDKs accept it); one cut off
-        # mid-way fails to parse, or lacks the terminal event, and the adapter notices.
-        yield SseEvent(event or "message", "\n".join(data))
+def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response body as it arrives: straight from the transport's stream when nothing needs
+    decoding (no content-encoding), else through httpx's decoders."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    stream = response.stream
+    if encoding == "identity" and isinstance(stream, httpx.AsyncByteStream):
+        return stream.__aiter__()
+    return response.aiter_bytes()
+
+
+class SseReader:
+    """`text/event-stream` events from a byte stream, per the WHATWG rules: lines end in CRLF,
+    LF or CR (a CRLF may be split across reads), `data` lines of one event are joined with LF,
+    comments (`:`) are skipped, an event ends at a blank line; the last one may end without it
+    (the SDKs accept that; one cut off mid-way fails to parse, or lacks the terminal event, and
+    the adapter notices).
+
+    One flat iterator over the body's bytes: a line never splits a UTF-8 character, so lines are
+    decoded one at a time, and a stream left at its terminal event leaves no generators behind."""
+
+    __slots__ = ("_chunks", "_data", "_ended", "_event", "_lines", "_tail")
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._lines: list[bytes] = []
+        self._tail = b""
+        self._event = ""
+        self._data: list[str] = []
+        self._ended = False
+
+    def __aiter__(self) -> SseReader:
+        return self
+
+    def _split(self, chunk: bytes) -> None:
+        text = self._tail + chunk if self._tail else chunk
+        if b"\r" in text:
+            # A CR at the end may be the first half of a CRLF: it waits for the next read.
+            held = text.endswith(b"\r")
+            if held:
+                text = text[:-1]
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            lines = text.split(b"\n")
+            self._tail = lines.pop() + (b"\r" if held else b"")
+        else:
+            lines = text.split(b"\n")
+            self._tail = lines.pop()
+        lines.reverse()  # popped from the end, in order
+        self._lines = lines
+
+    def _take(self, line: bytes) -> SseEvent | None:
+        """Applies one line; the event it completes, if any."""
+        if not line:
+            event = None
+            if self._data:
+                event = SseEvent(self._event or "message", "\n".join(self._data))
+            self._event, self._data = "", []
+            return event
+        if line[0] == 0x3A:  # ':' starts a comment
+            return None
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        return None
+
+    def ready(self) -> SseEvent | None:
+        """The next event if it has already arrived whole, else None (never waits)."""
+        lines = self._lines
+        while lines:
+            event = self._take(lines.pop())
+            if event is not None:
+                return event
+        return None
+
+    async def __anext__(self) -> SseEvent:
+        lines = self._lines
+        while True:
+            while lines:
+                event = self._take(lines.pop())
+                if event is not None:
+                    return event
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                tail, self._tail = self._tail.rstrip(b"\r"), b""
+                # The last line, then the end of the stream ends the last event.
+                self._lines = lines = [b"", tail] if tail else [b""]
+                continue
+            self._split(chunk)
+            lines = self._lines
+
+
+def sse_events(response: httpx.Response) -> SseReader:
+    """The response's server-sent events (see SseReader)."""
+    return SseReader(body_chunks(response))
+
+
+def merge_deltas(deltas: list[Delta], more: list[Delta]) -> None:
+    """Appends `more` to `deltas`, text joined onto a text-only delta before it: events that
+    arrived together leave as one message instead of one per token. Tool-call deltas stay as
+    they came."""
+    for delta in more:
+        if deltas and not delta.tool_calls and not deltas[-1].tool_calls:
+            deltas[-1] = Delta(deltas[-1].text + delta.text)
+        else:
+            deltas.append(delta)

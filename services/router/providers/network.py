@@ -14,8 +14,10 @@ HTTP/1.1 with h11, the parser httpcore itself uses, over asyncio's own transport
   TLS failures and broken or cut-off answers (ConnectError, ReadError, RemoteProtocolError);
 - TLS with certificate verification (httpx's default context, or the one passed in);
 - a connection goes back to the pool only after a whole request and answer; an answer left
-  early, an error or a cancelled call closes it. An idle connection the server closed (or
-  that has anything unread) is never reused.
+  early (unless its rest has already arrived: a stream left at its last event, such as
+  OpenAI's `[DONE]`, whose end of body came in the same read), an error or a cancelled call
+  closes it. An idle connection the server closed (or that has anything unread) is never
+  reused.
 
 HTTP/2 is not offered: with Python's h2 a call costs more CPU than over HTTP/1.1, and the
 providers' own SDKs speak HTTP/1.1 by default.
@@ -29,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 import h11
@@ -216,7 +217,11 @@ class _Connection:
 
 class _Body(httpx.AsyncByteStream):
     """A response body read from its connection; closing it gives the connection back (when the
-    exchange ended cleanly) or closes it (when the body was left unread or broke)."""
+    exchange ended cleanly) or closes it (when the body was left unread or broke).
+
+    It is its own iterator (`__anext__`), not an async generator: a reader that stops early
+    (a stream at its terminal event) leaves no suspended generator behind for the event loop's
+    finalizer hook to close in a task of its own."""
 
     def __init__(
         self, pool: Http11Transport, connection: _Connection, timeout: float | None, request: httpx.Request
@@ -226,18 +231,65 @@ class _Body(httpx.AsyncByteStream):
         self._timeout = timeout
         self._request = request
         self._closed = False
+        self._ended = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> _Body:  # an iterator, not a generator (above)
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The body's next bytes: everything that has arrived by now, at least one piece."""
+        if self._closed or self._ended:
+            raise StopAsyncIteration
+        event = await self._connection.next_event(self._timeout, self._request)
+        kind = type(event)
+        if kind is h11.Data:
+            first = bytes(event.data)
+            more = self._arrived()
+            return first + b"".join(more) if more else first
+        if kind is h11.EndOfMessage:
+            self._ended = True
+            raise StopAsyncIteration
+        # ConnectionClosed before the end: h11 would have raised; be explicit
+        raise httpx.RemoteProtocolError("the answer ended early", request=self._request)
+
+    def _arrived(self) -> list[bytes]:
+        """The pieces of the body (HTTP chunks) already received, without waiting for more: a
+        stream whose events came in one read is handed on in one piece. Its end is noted for the
+        next call; an error is left for the next call to raise."""
         connection = self._connection
-        while not self._closed:
-            event = await connection.next_event(self._timeout, self._request)
+        h = connection.h11
+        pieces: list[bytes] = []
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                return pieces
             kind = type(event)
-            if kind is h11.Data:
-                yield bytes(event.data)
-            elif kind is h11.EndOfMessage:
+            if isinstance(event, h11.Data):
+                pieces.append(bytes(event.data))
+            elif event is h11.NEED_DATA and connection.sock.buffer:
+                h.receive_data(connection.sock.take())
+            else:
+                if kind is h11.EndOfMessage:
+                    self._ended = True
+                return pieces
+
+    def _finish_from_buffer(self) -> None:
+        """Reads what has already arrived of a body its reader left (never waiting for more):
+        when that holds the body's end, the exchange is complete and the connection reusable."""
+        connection = self._connection
+        h = connection.h11
+        if connection.sock.buffer:
+            h.receive_data(connection.sock.take())
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
                 return
-            else:  # ConnectionClosed before the end: h11 would have raised; be explicit
-                raise httpx.RemoteProtocolError("the answer ended early", request=self._request)
+            kind = type(event)
+            if kind is h11.EndOfMessage or event is h11.NEED_DATA or kind is h11.ConnectionClosed:
+                return
+            # Data nobody will read: dropped.
 
     async def aclose(self) -> None:
         if self._closed:
@@ -245,6 +297,8 @@ class _Body(httpx.AsyncByteStream):
         self._closed = True
         connection = self._connection
         h = connection.h11
+        if h.our_state is h11.DONE and h.their_state is h11.SEND_BODY:
+            self._finish_from_buffer()
         clean = h.our_state is h11.DONE and h.their_state is h11.DONE
         if clean:
             try:

@@ -28,8 +28,10 @@ from services.router.providers.base import (
     HeadersSink,
     Outcome,
     ProviderError,
+    SseEvent,
     endpoint_url,
     make_client,
+    merge_deltas,
     parse_json,
     sse_events,
     transport_error,
@@ -185,8 +187,7 @@ class OpenAIAdapter:
     async def _post(self, model: Model, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         content = orjson.dumps(body)
         try:
-            response = await self._client.post(self._url(model, endpoint), content=content)
-            raw = response.content
+            response, raw = await self._client.post_for_body(self._url(model, endpoint), content=content)
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         self._check(model, response, raw)
@@ -222,15 +223,25 @@ class OpenAIAdapter:
         try:
             async with self._client.stream(self._url(model, "chat/completions"), content=content) as response:
                 self._check(model, response, await response.aread() if response.status_code >= 400 else None)
-                async for event in sse_events(response):
-                    if event.data.strip() == "[DONE]":
-                        done = True
-                        break
-                    chunk = _chunk(event.data)
-                    if "error" in chunk:
-                        raise stream_error(self.provider, chunk)
-                    for delta in state.apply(chunk):
+                events = sse_events(response)
+                async for first in events:
+                    # The events that arrived with this one are relayed with it (merge_deltas);
+                    # one that arrives alone, as a paced token does, leaves alone, at once.
+                    deltas: list[Delta] = []
+                    event: SseEvent | None = first
+                    while event is not None:
+                        if event.data.strip() == "[DONE]":
+                            done = True
+                            break
+                        chunk = _chunk(event.data)
+                        if "error" in chunk:
+                            raise stream_error(self.provider, chunk)
+                        merge_deltas(deltas, state.apply(chunk))
+                        event = events.ready()
+                    for delta in deltas:
                         yield delta
+                    if done:
+                        break
         except httpx.HTTPError as exc:
             raise transport_error(exc) from exc
         if not done:

@@ -23,6 +23,13 @@ def main() -> int:
     parser.add_argument("--tokens-per-second", type=float, default=100.0)
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--rate-limit-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--answer-pieces",
+        type=int,
+        default=0,
+        help="pieces (streamed chunks, output tokens) of every answer: the label, the words and "
+        "the final '.' (0: 14 to 37, seeded)",
+    )
     parser.add_argument("--rpm", type=int, default=0)
     parser.add_argument("--tpm", type=int, default=0)
     parser.add_argument(
@@ -33,6 +40,8 @@ def main() -> int:
         help="scripted outage in seconds since start, mode down|hang|error|break|stall|no_credit",
     )
     args = parser.parse_args()
+    if args.answer_pieces < 0 or args.answer_pieces == 1:
+        parser.error("--answer-pieces: 0 (seeded length) or at least 2 (the label and the final '.')")
     outages = []
     for text in args.outage:
         start, duration, mode = text.split(":")
@@ -48,6 +57,7 @@ def main() -> int:
         rpm=args.rpm,
         tpm=args.tpm,
         outages=tuple(outages),
+        answer_pieces=args.answer_pieces,
     )
 
     async def run() -> None:

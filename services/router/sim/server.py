@@ -655,7 +655,7 @@ class SimServer:
         label = f"[simulated {self.name}/{chat.model}]"
         if last_role == "tool":
             label += " Based on the tool result:"
-        count = 12 + rng.randrange(24)
+        count = self.spec.answer_pieces - 2 if self.spec.answer_pieces > 0 else 12 + rng.randrange(24)
         pieces = [label] + [" " + rng.choice(_VOCABULARY) for _ in range(count)] + ["."]
         finish = "stop"
         if chat.max_tokens and len(pieces) > chat.max_tokens:

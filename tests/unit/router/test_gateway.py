@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import pytest
 from services.kit.config import ServerSettings
 from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.router.catalog import Model, Provider, parse_catalog
-from services.router.config import BreakerSettings, RetrySettings, RouterSettings
+from services.router.config import BreakerSettings, RetrySettings, RouterSettings, TimeoutSettings
 from services.router.health import HealthBook
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult, Finish, Message, Role, Usage
 from services.router.providers.base import Outcome, ProviderError
@@ -187,3 +188,72 @@ async def test_stall_detection_caps_attempts_on_targets_with_a_known_latency() -
     # ... but never to the last candidate, and not to another kind of latency
     assert gateway._timeout_for(Call(deadline=100.0), False, target) == 60.0
     assert gateway._timeout_for(Call(deadline=100.0), True, target, "first_token") == 50.0
+
+
+@dataclass
+class Streaming(Scripted):
+    """Streams `pieces` deltas; after `stall_after` of them it stops sending (never ends)."""
+
+    pieces: int = 5
+    stall_after: int | None = None
+
+    async def _events(self, model: Model) -> AsyncIterator[Delta | ChatResult]:
+        for index in range(self.pieces):
+            if index == self.stall_after:
+                await asyncio.Event().wait()
+            yield Delta(f"t{index} ")
+        text = "".join(f"t{i} " for i in range(self.pieces))
+        yield ChatResult(
+            Message(Role.ASSISTANT, text), Finish.STOP, Usage(3, self.pieces), model.provider_model
+        )
+
+    def stream(self, model: Model, request: ChatRequest) -> AsyncIterator[Delta | ChatResult]:
+        return self._events(model)
+
+
+def make_streaming(stream_idle: float, stall_after: int | None) -> tuple[Gateway, Streaming]:
+    catalog = parse_catalog(CATALOG)
+    settings = RouterSettings(
+        ServerSettings("router"), catalog, timeouts=TimeoutSettings(stream_idle=stream_idle)
+    )
+    health = HealthBook(BreakerSettings(failure_threshold=100), time.monotonic)
+    a = Streaming(catalog.providers["a"], stall_after=stall_after)
+    b = Streaming(catalog.providers["b"])
+    gateway = Gateway(settings, Planner(catalog, health), health, {"a": a, "b": b}, clock=time.monotonic)
+    return gateway, a
+
+
+async def test_a_stream_that_stops_sending_ends_unavailable_after_the_idle_limit() -> None:
+    gateway, _ = make_streaming(stream_idle=0.05, stall_after=2)
+    got: list[object] = []
+    with pytest.raises(Unavailable, match="broke after it had started: the stream stalled"):
+        async for event in gateway.stream(Call(model="reasoning", deadline=time.monotonic() + 60), REQUEST):
+            got.append(event)
+    assert [e.text for e in got if isinstance(e, Delta)] == ["t0 ", "t1 "]
+
+
+async def test_a_caller_slower_than_the_idle_limit_does_not_stall_its_stream() -> None:
+    """Only waiting for the provider counts against stream_idle, not the caller's own time
+    between items (the provider's items are ready at once here)."""
+    gateway, _ = make_streaming(stream_idle=0.02, stall_after=None)
+    texts = []
+    async for event in gateway.stream(Call(model="reasoning", deadline=time.monotonic() + 60), REQUEST):
+        await asyncio.sleep(0.06)  # three idle limits per item
+        if isinstance(event, Delta):
+            texts.append(event.text)
+    assert texts == [f"t{i} " for i in range(5)]
+
+
+async def test_a_stream_cancelled_from_outside_is_cancelled_not_stalled() -> None:
+    gateway, _ = make_streaming(stream_idle=30.0, stall_after=1)
+    reached = asyncio.Event()
+
+    async def read() -> None:
+        async for _ in gateway.stream(Call(model="reasoning", deadline=time.monotonic() + 60), REQUEST):
+            reached.set()
+
+    task = asyncio.create_task(read())
+    await reached.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

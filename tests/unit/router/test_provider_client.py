@@ -14,7 +14,15 @@ import httpx
 import pytest
 
 from services.router.catalog import Provider
-from services.router.providers.base import ClientOptions, ProviderClient, endpoint_url, make_client
+from services.router.providers.base import (
+    ClientOptions,
+    ProviderClient,
+    SseEvent,
+    SseReader,
+    endpoint_url,
+    make_client,
+    sse_events,
+)
 from tests.unit.router.test_network import Handler, answer_each_request, read_request, response, serve
 
 
@@ -114,3 +122,67 @@ async def test_a_silent_provider_is_a_read_timeout_and_frees_the_slot() -> None:
         silent = False
         answer = await asyncio.wait_for(client.post(url, content=b"{}"), 2)
         assert answer.content == b"late but here"
+
+
+async def test_a_stream_left_at_its_terminal_event_keeps_its_connection_when_the_end_has_arrived() -> None:
+    """OpenAI's adapter stops reading at `data: [DONE]`; the chunked body's end, sent with it, is
+    already in the socket's buffer then: the connection goes back to the pool, not closed (a new
+    TCP connection per stream, on both sides). One still mid-body is closed (test above)."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+
+        async def sse(headers: dict[str, str], body: bytes) -> bytes:
+            events = b'data: {"n":1}\n\ndata: [DONE]\n\n'
+            return (
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\n\r\n" % (len(events), events)
+            )
+
+        await answer_each_request(reader, writer, sse)
+
+    async with provider_client(handler, ClientOptions(), {}, "/chat/completions") as (client, url, _):
+        for _ in range(3):
+            async with client.stream(url, content=b"{}") as streamed:
+                seen = []
+                async for event in sse_events(streamed):
+                    seen.append(event.data)
+                    if event.data == "[DONE]":
+                        break
+            assert seen == ['{"n":1}', "[DONE]"]
+    assert connections == 1
+
+
+async def _events(*chunks: bytes) -> list[SseEvent]:
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    return [event async for event in SseReader(body())]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+async def test_server_sent_events_follow_the_whatwg_rules_in_any_framing(ending: bytes) -> None:
+    text = (
+        b": a comment" + ending
+        + b"event: first" + ending
+        + b"data: one" + ending
+        + b"data:two" + ending  # no space after the colon
+        + ending
+        + b"data: caf\xc3\xa9 \xe2\x82\xac" + ending
+        + ending + ending  # a blank line with no data dispatches nothing
+        + b"id: 7" + ending  # fields Ballast does not use are ignored
+        + b"data: last, without its blank line"
+    )  # fmt: skip
+    expected = [
+        SseEvent("first", "one\ntwo"),
+        SseEvent("message", "caf\u00e9 \u20ac"),
+        SseEvent("message", "last, without its blank line"),
+    ]
+    assert await _events(text) == expected
+    # Every way of cutting it into reads (a CRLF or a UTF-8 character split between two) reads the same.
+    for cut in range(1, len(text)):
+        assert await _events(text[:cut], text[cut:]) == expected, cut
+    assert await _events(*[text[i : i + 1] for i in range(len(text))]) == expected

@@ -325,7 +325,12 @@ async def test_metrics_show_attempts_tokens_cost_and_breakers(suite_factory: Sui
     import httpx
 
     suite = await suite_factory(["router"], FAST_ENV)
-    await suite.router.Complete(router_pb2.CompleteRequest(model="sim-small", messages=[user()]), timeout=5)
+    costs = 0
+    for _ in range(2):
+        reply = await suite.router.Complete(
+            router_pb2.CompleteRequest(model="sim-small", messages=[user()]), timeout=5
+        )
+        costs += reply.cost.total_cost_micros
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://127.0.0.1:{suite.running['router'].metrics_port}/metrics")).text
     lines = text.splitlines()
@@ -336,5 +341,13 @@ async def test_metrics_show_attempts_tokens_cost_and_breakers(suite_factory: Sui
     assert has("ballast_router_attempts", 'outcome="ok"', 'provider="sim-primary"', 'model="sim-small"')
     assert has("gen_ai_client_token_usage", 'gen_ai_token_type="output"')
     assert has("ballast_router_cost", 'model="sim-small"')
+
+    def value(prefix: str, *fragments: str) -> float:
+        (line,) = [line for line in lines if line.startswith(prefix) and all(f in line for f in fragments)]
+        return float(line.rsplit(" ", 1)[1])
+
+    # The counters count every call, each once.
+    assert value("ballast_router_attempts_total", 'outcome="ok"', 'model="sim-small"') == 2
+    assert value("ballast_router_cost_total", 'model="sim-small"', 'estimated="false"') == costs > 0
     assert has("ballast_router_breaker_state", 'provider="sim-primary"', 'model="sim-small"')
     assert has("ballast_router_headroom_remaining_requests", 'model="sim-small"')

@@ -150,3 +150,32 @@ async def test_standalone_command_serves_both_formats() -> None:
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 10)
+
+
+async def test_answer_pieces_fixes_how_many_chunks_a_stream_sends(sim_factory: SimFactory) -> None:
+    sim = await sim_factory("sim-long", SimSpec(latency_median_ms=0, answer_pieces=200), latency_scale=0)
+
+    async def content_chunks(max_tokens: int | None) -> tuple[int, dict[str, int]]:
+        body: dict[str, object] = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        chunks = 0
+        usage: dict[str, int] = {}
+        async with (
+            httpx.AsyncClient(base_url=sim.url) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                usage = event.get("usage") or usage
+                if any(c["delta"].get("content") for c in event["choices"]):
+                    chunks += 1
+        return chunks, usage
+
+    whole, usage = await content_chunks(None)
+    assert whole == 200 and usage["completion_tokens"] == 200
+    for limit in (10, 100):
+        cut, usage = await content_chunks(limit)
+        assert cut == limit and usage["completion_tokens"] == limit
