@@ -12,8 +12,12 @@ append one turn at a time to one session, each append with its own idempotency k
   head        expected_version=-1 (the recommended path when turns do not depend on the exact
               history): never conflicts.
   versioned   the documented client loop for turns that do (services/sessions/README.md):
-              send the version last seen; on ABORTED wait RetryInfo's retry_delay, take
+              send the version last seen, with wait_for_next_turn (each writer appends again);
+              on OK take next_turn_version; on ABORTED wait RetryInfo's retry_delay, take
               ErrorInfo's current_version and retry with the same idempotency key.
+  aborted     `versioned` without wait_for_next_turn: every append learns its version from
+              an ABORTED first (two calls per append on a contended session; the loop before
+              wait_for_next_turn existed).
   noqueue     `versioned` against BALLAST_SESSIONS_CONFLICT_QUEUE_MAX=0 (conflicts answered at
               once, every loser retries after RetryInfo's jittered delay; no turns kept).
   backoff     `noqueue` with clients that ignore RetryInfo and back off exponentially with full
@@ -21,7 +25,8 @@ append one turn at a time to one session, each append with its own idempotency k
 
 Throughput counts the appends acknowledged within --seconds (calls still waiting when the time
 is up are cancelled, their wait so far counted). "wait" is the time from an append's first
-attempt to its success. Every run checks that each acknowledged append is stored exactly once
+attempt to its success (with wait_for_next_turn, to its answer, which waits for the writer's
+next turn). Every run checks that each acknowledged append is stored exactly once
 (its key appears once among the session's turns) and that no two got the same version.
 
 Scenarios alternate within each of --rounds rounds, and with --baseline REV the service of that
@@ -76,13 +81,16 @@ class Scenario:
     expected_version: bool
     queue: bool = True
     follow_hint: bool = True
+    # Ask for the next turn with each append (wait_for_next_turn).
+    next_turn: bool = False
 
 
 SCENARIOS = {
     s.name: s
     for s in [
         Scenario("head", "head (expected_version -1)", expected_version=False),
-        Scenario("versioned", "versioned, documented loop", expected_version=True),
+        Scenario("versioned", "versioned, documented loop", expected_version=True, next_turn=True),
+        Scenario("aborted", "versioned, ABORTED loop only", expected_version=True),
         Scenario("noqueue", "versioned, no queue", expected_version=True, queue=False),
         Scenario(
             "backoff",
@@ -177,6 +185,7 @@ async def _writer(
         while True:
             attempts += 1
             request.expected_version = version if scenario.expected_version else -1
+            request.wait_for_next_turn = scenario.next_turn
             try:
                 reply = await stub.AppendTurns(request, timeout=DEADLINE)
             except grpc.aio.AioRpcError as exc:
@@ -196,12 +205,13 @@ async def _writer(
                     backoff = min(backoff * 2, 0.1)
                 continue
             done = time.monotonic()
-            version = reply.session.version
+            # The turn kept for this writer's next append, else the version it just made.
+            version = reply.next_turn_version or reply.session.version
             del tally.pending[who]
             if done <= stop_at:
                 tally.waits.append(done - started)
                 tally.attempts.append(attempts)
-            tally.acked[key] = version
+            tally.acked[key] = reply.session.version
             break
 
 

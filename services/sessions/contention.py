@@ -9,6 +9,11 @@ ABORTED with the current version and a retry delay of zero, and the session is h
 that writer's retry (for `turn_timeout`) so nobody overtakes it. Writers that follow the
 documented retry behaviour are served one after another with no wasted round trips.
 
+A writer that will append again can also ask for its next turn with this append
+(`wait_for_next_turn`): once applied, its answer waits in the same line, and goes out
+when its turn comes, with the version to send and the session held for it. That answer
+replaces the ABORTED the writer's next append would otherwise get: one call per append.
+
 The store still decides: this only orders the attempts of one process, so several
 replicas stay correct and merely fair within each replica. Appends at the head
 (expected_version -1) never wait here.
@@ -77,6 +82,8 @@ class _Waiter:
     writer: str
     # None: go ahead; a version: answer ABORTED at that version (the turn is held for it).
     decision: asyncio.Future[int | None]
+    # An applied append waiting to be answered with its writer's next turn: never "go ahead".
+    next_turn: bool = False
 
 
 @dataclass
@@ -144,6 +151,7 @@ class ContentionQueue:
         attempt: Callable[[], Awaitable[AppendOutcome]],
         writer: str = "",
         patience: float | None = None,
+        next_turn: bool = False,
     ) -> AppendOutcome:
         """Runs `attempt` (an append at `expected`) when it is this writer's turn.
 
@@ -151,10 +159,13 @@ class ContentionQueue:
         turn is held apart from one that merely knows the same version, such as the writer
         that just made it; without a key, the version alone identifies the turn. `patience`
         (what is left of the caller's deadline) shortens the wait in line, so the caller gets
-        ABORTED with a retry hint rather than DEADLINE_EXCEEDED.
+        ABORTED with a retry hint rather than DEADLINE_EXCEEDED. With `next_turn`, an applied
+        append is answered when its writer's next turn comes (outcome.next_turn), see
+        `_await_next_turn`.
         """
         if self._policy.max_queue <= 0:
             return await self._race(key, expected, attempt)
+        deadline = None if patience is None else self._clock() + patience
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(key)
@@ -183,10 +194,46 @@ class ContentionQueue:
         self._attempt_seconds += 0.2 * (self._clock() - started - self._attempt_seconds)
         lane.known = max(lane.known, outcome.session.version)
         lane.busy = False
+        if next_turn and not outcome.replayed and len(lane.queue) < self._policy.max_queue:
+            left = None if deadline is None else deadline - self._clock()
+            wait = self._policy.max_wait if left is None else min(self._policy.max_wait, left)
+            outcome.next_turn = await self._await_next_turn(lane, wait)
+            return outcome
         if self._next(lane):
             # The next writer's answer goes out before this one's: the session waits on it.
             await asyncio.sleep(0)
         return outcome
+
+    async def _await_next_turn(self, lane: _Lane, wait: float) -> int | None:
+        """Queues the answer of an applied append behind the writers already waiting; when
+        its turn comes, returns the version its writer's next append should carry, with the
+        session held for that append (for `turn_timeout`). None when the wait ran out (the
+        caller is answered without a turn and follows the ABORTED loop)."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(lane.known, "", loop.create_future(), next_turn=True)
+        lane.queue.append(waiter)
+        self._next(lane)  # the writer first in line goes now (perhaps this one: nobody waits)
+        timer = loop.call_later(max(wait, 0.0), _time_out, waiter.decision)
+        try:
+            verdict = await waiter.decision
+        except asyncio.CancelledError:
+            # The caller went away (its append stands): the turn it was given goes on.
+            decision = waiter.decision
+            if decision.done() and not decision.cancelled() and decision.result() != _TIMED_OUT:
+                self._pass_on(lane, decision.result())
+            raise
+        finally:
+            timer.cancel()
+            if waiter in lane.queue:
+                lane.queue.remove(waiter)
+            self._forget_if_idle(lane)
+        if verdict is None or verdict == _TIMED_OUT:
+            return None
+        # The session is kept for this writer's next append, as for a retry after ABORTED (any
+        # key: the next append has a new one), even if nobody waits yet: writers that arrive
+        # meanwhile queue behind it instead of taking the version it was told.
+        self._hold(lane, verdict, "")
+        return verdict
 
     async def _race(
         self, key: _Key, expected: int, attempt: Callable[[], Awaitable[AppendOutcome]]
@@ -254,11 +301,16 @@ class ContentionQueue:
 
     def _your_turn(self, lane: _Lane, expected: int, current: int, writer: str) -> VersionConflict:
         """ABORTED at `current`, retry now: the session is held for this writer's retry."""
-        self._unhold(lane)
-        lane.held_for = current
-        lane.held_writer = writer
-        lane.held_timer = self._schedule(self._policy.turn_timeout, lambda: self._expire(lane, current))
+        self._hold(lane, current, writer)
         return VersionConflict(expected, current, 0.0)
+
+    def _hold(self, lane: _Lane, version: int, writer: str) -> None:
+        """Keeps the session for `writer`'s append at `version` (any writer's when "") until
+        it comes or `turn_timeout` lapses."""
+        self._unhold(lane)
+        lane.held_for = version
+        lane.held_writer = writer
+        lane.held_timer = self._schedule(self._policy.turn_timeout, lambda: self._expire(lane, version))
 
     def _unhold(self, lane: _Lane) -> None:
         if lane.held_timer is not None:
@@ -284,7 +336,7 @@ class ContentionQueue:
             waiter = lane.queue.popleft()
             if waiter.decision.done():
                 continue
-            if waiter.expected == lane.known or lane.known < 0:
+            if not waiter.next_turn and (waiter.expected == lane.known or lane.known < 0):
                 lane.busy = True  # its version is current (or unknown: the store decides)
                 waiter.decision.set_result(None)
             else:

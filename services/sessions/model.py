@@ -100,6 +100,8 @@ class AppendOutcome:
     session: SessionRecord
     turns: list[StoredTurn]
     replayed: bool = False
+    # With wait_for_next_turn: the version the writer's next append should carry (its turn).
+    next_turn: int | None = None
 
 
 def starts_group(turn: StoredTurn | NewTurn) -> bool:

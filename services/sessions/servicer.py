@@ -13,7 +13,7 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from services.kit.errors import InvalidArgument
 from services.kit.protos import seconds
 from services.sessions.config import SessionsSettings
-from services.sessions.model import Scope, SessionRecord
+from services.sessions.model import NewTurn, Scope, SessionRecord
 from services.sessions.sessions import Sessions
 from services.sessions.turns import new_turn, timestamp, to_proto
 
@@ -176,27 +176,31 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
         if len(request.idempotency_key) > _MAX_KEY:
             raise InvalidArgument("idempotency_key", f"at most {_MAX_KEY} characters")
         self._validate_turns(request.turns)
-        tokenizer = self._sessions.tokenizer
-        if request.ByteSize() > self._settings.tokenize_in_thread_bytes:
-            # Counting a large message takes milliseconds; keep the event loop serving meanwhile.
-            turns = await asyncio.to_thread(lambda: [new_turn(turn, tokenizer) for turn in request.turns])
-        else:
-            turns = [new_turn(turn, tokenizer) for turn in request.turns]
         if len(request.request_fingerprint) > _MAX_KEY * 4:
             raise InvalidArgument("request_fingerprint", f"at most {_MAX_KEY * 4} characters")
+        tokenizer = self._sessions.tokenizer
+
+        async def prepare() -> list[NewTurn]:
+            if request.ByteSize() > self._settings.tokenize_in_thread_bytes:
+                # Counting a large message takes milliseconds; keep the event loop serving meanwhile.
+                return await asyncio.to_thread(lambda: [new_turn(turn, tokenizer) for turn in request.turns])
+            return [new_turn(turn, tokenizer) for turn in request.turns]
+
         outcome = await self._sessions.append(
             scope,
             session_id,
             request.expected_version,
             request.idempotency_key,
-            turns,
+            prepare,
             request.request_fingerprint,
             _patience(context),
+            next_turn=request.wait_for_next_turn and request.expected_version >= 0,
         )
         return sessions_pb2.AppendTurnsResponse(
             session=session_proto(outcome.session),
             turns=[to_proto(t) for t in outcome.turns],
             replayed=outcome.replayed,
+            next_turn_version=outcome.next_turn or 0,
         )
 
     async def ListTurns(

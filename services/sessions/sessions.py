@@ -180,28 +180,41 @@ class Sessions:
         session_id: str,
         expected_version: int,
         idempotency_key: str,
-        turns: Sequence[NewTurn],
+        turns: Sequence[NewTurn] | Callable[[], Awaitable[Sequence[NewTurn]]],
         fingerprint: str = "",
         patience: float | None = None,
+        next_turn: bool = False,
     ) -> AppendOutcome:
         """Appends; a versioned append waits its turn on a contended session (see contention.py),
-        for at most `patience` seconds (what is left of the caller's deadline)."""
-        bound_to = b""
-        if idempotency_key:
-            bound_to = (
-                hashlib.sha256(fingerprint.encode()).digest()[:16] if fingerprint else request_hash(turns)
-            )
+        for at most `patience` seconds (what is left of the caller's deadline). With
+        `next_turn`, an applied versioned append is answered when its writer's next turn comes
+        (outcome.next_turn: the version to send next).
 
-        def attempt() -> Awaitable[AppendOutcome]:
-            return self.store.append(
+        `turns` may be given as a function that prepares them (tokenizes, serializes): it runs
+        only when the append goes to the store, so a versioned append that waits in line and is
+        then answered ABORTED (most of them on a contended session) never pays for it, and
+        neither does the event loop every other writer shares.
+        """
+
+        async def attempt() -> AppendOutcome:
+            ready = turns if isinstance(turns, Sequence) else await turns()
+            bound_to = b""
+            if idempotency_key:
+                bound_to = (
+                    hashlib.sha256(fingerprint.encode()).digest()[:16] if fingerprint else request_hash(ready)
+                )
+            outcome = await self.store.append(
                 scope,
                 session_id,
                 expected_version,
                 idempotency_key,
-                turns,
+                ready,
                 self.now(),
                 request_hash=bound_to,
             )
+            if not outcome.replayed:
+                self._turns.add(len(ready))
+            return outcome
 
         key = (scope.tenant_id, scope.user_id, session_id)
         try:
@@ -209,13 +222,14 @@ class Sessions:
                 outcome = await attempt()
                 self.contention.saw(key, outcome.session.version)
             else:
-                outcome = await self.contention.run(key, expected_version, attempt, idempotency_key, patience)
+                outcome = await self.contention.run(
+                    key, expected_version, attempt, idempotency_key, patience, next_turn
+                )
         except Aborted:
             self._appends.add(1, {"outcome": "conflict"})
             raise
         self._appends.add(1, {"outcome": "replayed" if outcome.replayed else "applied"})
         if not outcome.replayed:
-            self._turns.add(len(turns))
             self.compactor.after_append(outcome.session)
         return outcome
 

@@ -186,3 +186,55 @@ async def test_many_versioned_writers_each_append_exactly_once(patient: Suite) -
         sessions_pb2.ListTurnsRequest(caller=caller(), session_id="s1", page_size=500)
     )
     assert sorted(t.message.content for t in turns.turns) == sorted(acknowledged)
+
+
+async def test_writers_that_ask_for_their_next_turn_append_with_one_call_each(patient: Suite) -> None:
+    """The documented loop with wait_for_next_turn: after a writer's first append, every append
+    goes through at the version its previous answer gave, with no ABORTED; each is stored once
+    at a version no other append got."""
+    writers, appends = 10, 5
+    calls: dict[int, list[int]] = {who: [] for who in range(writers)}
+    acknowledged: dict[str, int] = {}
+
+    async def writer(who: int) -> None:
+        version = 0
+        for n in range(appends):
+            key = f"w{who}.{n}"
+            request = _append(version, key, key)
+            request.wait_for_next_turn = n < appends - 1  # not with the last one
+            for attempt in range(1, 1000):
+                request.expected_version = version
+                try:
+                    reply = await patient.sessions.AppendTurns(request)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.ABORTED, exc
+                    current, delay = _hint(exc)
+                    assert current is not None
+                    version = current
+                    await asyncio.sleep(delay)
+                    continue
+                assert not reply.replayed
+                acknowledged[key] = reply.session.version
+                if request.wait_for_next_turn:
+                    assert reply.next_turn_version >= reply.session.version
+                    version = reply.next_turn_version
+                else:
+                    assert reply.next_turn_version == 0
+                calls[who].append(attempt)
+                break
+
+    await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(writers))), 300)
+    # A writer's first append may need an ABORTED to learn the version; none after it does.
+    assert all(attempts[1:] == [1] * (appends - 1) for attempts in calls.values()), calls
+    assert sorted(acknowledged.values()) == list(range(1, writers * appends + 1))
+    turns = await patient.sessions.ListTurns(
+        sessions_pb2.ListTurnsRequest(caller=caller(), session_id="s1", page_size=500)
+    )
+    assert sorted(t.message.content for t in turns.turns) == sorted(acknowledged)
+
+
+async def test_a_head_append_asking_for_a_next_turn_is_answered_at_once_without_one(patient: Suite) -> None:
+    request = _append(-1, "head", "k-head")
+    request.wait_for_next_turn = True
+    reply = await patient.sessions.AppendTurns(request)
+    assert reply.session.version == 1 and reply.next_turn_version == 0

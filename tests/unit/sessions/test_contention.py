@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from ballast.common.v1 import common_pb2
 from ballast.sessions.v1 import sessions_pb2
 
+from services.sessions.compaction import CompactionPolicy, Compactor
 from services.sessions.contention import ContentionPolicy, ContentionQueue, VersionConflict
 from services.sessions.model import AppendOutcome, NewTurn, Scope, SessionRecord
+from services.sessions.sessions import Limits, Sessions
 from services.sessions.store.memory import MemoryStore
+from services.sessions.tokens import Tokenizers
+from services.sessions.turns import new_turn
 
 SCOPE = Scope("t1", "u1")
 KEY = ("t1", "u1", "s1")
@@ -157,3 +161,125 @@ async def test_the_next_writer_is_answered_before_the_last_one_returns(store: Me
     assert (await first).session.version == 1
     assert await _conflict(second) == (1, 0.0)
     assert finished == ["b told", "a appended"]
+
+
+async def test_a_writer_answered_aborted_from_the_queue_never_prepares_its_turns(store: MemoryStore) -> None:
+    """Tokenizing and hashing happen only for the attempt that reaches the store: on a contended
+    session most versioned appends wait and are then told ABORTED, and the event loop all the
+    writers share would otherwise prepare every append twice."""
+    timers = Timers()
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=60.0), schedule=timers.schedule
+    )
+    tokenizers = Tokenizers()
+    policy = CompactionPolicy(
+        threshold_tokens=10**9,
+        keep_tokens=0,
+        max_turns=1,
+        summary_max_tokens=16,
+        retry_initial=1,
+        retry_max=1,
+    )
+    limits = Limits(default_ttl=1e6, max_ttl=1e6, default_page_size=10, max_page_size=10, context_batch=10)
+    sessions = Sessions(
+        store,
+        tokenizers,
+        Compactor(store, None, tokenizers.default, policy, lambda: 2.0),
+        limits,
+        lambda: 2.0,
+        contention=queue,
+    )
+    prepared: list[str] = []
+
+    def turns_of(writer: str) -> Callable[[], Awaitable[list[NewTurn]]]:
+        async def prepare() -> list[NewTurn]:
+            prepared.append(writer)
+            turn = sessions_pb2.Turn(
+                message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=writer)
+            )
+            return [new_turn(turn, tokenizers.default)]
+
+        return prepare
+
+    gate = asyncio.Event()
+
+    async def slow_turns() -> list[NewTurn]:
+        await gate.wait()  # "a" is appending while "b" arrives
+        return await turns_of("a")()
+
+    first = asyncio.ensure_future(sessions.append(SCOPE, "s1", 0, "a", slow_turns))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(sessions.append(SCOPE, "s1", 0, "b", turns_of("b")))
+    await _until(lambda: queue.waiting(KEY) == 1)
+    gate.set()
+    assert (await first).session.version == 1
+    assert await _conflict(second) == (1, 0.0)
+    assert prepared == ["a"], "the writer told ABORTED from the queue prepared nothing"
+    retried = await sessions.append(SCOPE, "s1", 1, "b", turns_of("b"))
+    assert retried.session.version == 2 and prepared == ["a", "b"]
+
+
+def _append_next(
+    queue: ContentionQueue, store: MemoryStore, version: int, writer: str, patience: float | None = None
+) -> asyncio.Future[AppendOutcome]:
+    """An append that asks for its writer's next turn (wait_for_next_turn)."""
+    payload = sessions_pb2.Turn(
+        message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=writer)
+    ).SerializeToString()
+    turn = NewTurn(common_pb2.ROLE_USER, 5, 0, 0, 0, 0, payload)
+
+    def attempt() -> asyncio.Future[AppendOutcome]:
+        return asyncio.ensure_future(store.append(SCOPE, "s1", version, writer, [turn], 2.0))
+
+    return asyncio.ensure_future(queue.run(KEY, version, attempt, writer, patience, next_turn=True))
+
+
+async def test_an_append_asking_for_the_next_turn_is_answered_in_line_with_it(store: MemoryStore) -> None:
+    timers = Timers()
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=60.0), schedule=timers.schedule
+    )
+    # Nobody waits: answered at once, and the turn is kept: a stale newcomer queues behind it.
+    alone = await _append_next(queue, store, 0, "a0")
+    assert (alone.session.version, alone.next_turn) == (1, 1)
+    newcomer = _append(queue, store, 0, "y0")
+    await _until(lambda: queue.waiting(KEY) == 1)
+    assert (await _append(queue, store, 1, "a1")).session.version == 2
+    assert await _conflict(newcomer) == (2, 0.0)
+    assert (await _append(queue, store, 2, "y0")).session.version == 3
+    assert queue.waiting(KEY) == 0
+    assert await _conflict(_append(queue, store, 0, "b0")) == (3, 0.0)  # b holds the turn at 3
+    c = _append(queue, store, 0, "c0")
+    await _until(lambda: queue.waiting(KEY) == 1)
+    # b appends asking for its next turn: c, in line before b's answer, is told first.
+    b = _append_next(queue, store, 3, "b0")
+    assert await _conflict(c) == (4, 0.0)
+    assert not b.done()
+    d = _append(queue, store, 0, "d0")
+    await _until(lambda: queue.waiting(KEY) == 2)
+    assert (await _append(queue, store, 4, "c0")).session.version == 5
+    applied = await b
+    assert (applied.session.version, applied.next_turn) == (4, 5)
+    # The turn at 5 is kept for b's next append (a new key) while d waits: one call, no ABORTED.
+    assert queue.waiting(KEY) == 1 and not d.done()
+    assert (await _append(queue, store, 5, "b1")).session.version == 6
+    assert await _conflict(d) == (6, 0.0)
+
+
+async def test_an_answer_waiting_for_the_next_turn_goes_out_without_one_when_the_wait_runs_out(
+    store: MemoryStore,
+) -> None:
+    timers = Timers()  # held turns never lapse here
+    queue = ContentionQueue(
+        ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=60.0), schedule=timers.schedule
+    )
+    await _append(queue, store, 0, "w0")
+    assert await _conflict(_append(queue, store, 0, "a0")) == (1, 0.0)
+    c = _append(queue, store, 0, "c0")
+    await _until(lambda: queue.waiting(KEY) == 1)
+    # a's append goes through; its answer may wait only 10 ms of its caller's deadline, and
+    # c (told its turn, which is then held) never comes back.
+    late = await _append_next(queue, store, 1, "a0", patience=0.01)
+    assert late.session.version == 2 and late.next_turn is None
+    assert await _conflict(c) == (2, 0.0)
+    assert queue.waiting(KEY) == 0

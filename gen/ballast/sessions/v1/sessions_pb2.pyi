@@ -465,6 +465,7 @@ class AppendTurnsRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
     REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_NEXT_TURN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     expected_version: _builtins.int
     """-1 appends at the head (whatever the current version is): use it with an
@@ -480,9 +481,10 @@ class AppendTurnsRequest(_message.Message):
     idempotency_key (even with recomputed turns: a key is bound to its turns only once
     applied). The service queues the versioned writers of a session in arrival order and
     holds the session for the writer whose turn it is, so writers that follow this need at
-    most one ABORTED per append. Versioned appends of one session follow one another (each
-    needs the version the previous one made), so a contended session takes fewer of them
-    per second than head appends.
+    most one ABORTED per append; a writer that appends again and again can skip that ABORTED
+    by asking for its next turn with each append (wait_for_next_turn). Versioned appends of
+    one session follow one another (each needs the version the previous one made), so a
+    contended session takes fewer of them per second than head appends.
     """
     idempotency_key: _builtins.str
     """A retried append with the same key is applied once and returns the original result."""
@@ -490,6 +492,17 @@ class AppendTurnsRequest(_message.Message):
     """What the idempotency key is bound to, when the caller knows better than the turns: the
     edge sets it to its client's request, so a retried chat whose model answer differs
     still replays the original append. Empty binds the key to the turns as sent.
+    """
+    wait_for_next_turn: _builtins.bool
+    """For a writer that will append again with a version (expected_version 0 or more): once
+    this append is applied, answer when it is this writer's turn again, with
+    next_turn_version set and the session kept for that append (CONFLICT_TURN_TIMEOUT), in
+    the same arrival order as everyone else. On a contended session this saves the ABORTED
+    that would otherwise tell the next append its version: one call per append instead of
+    two. The answer comes back at once when nobody else is waiting, and never later than
+    CONFLICT_QUEUE_WAIT or 80% of the deadline (then without a turn). Leave it false for a
+    writer's last append: a kept turn that is not used holds other versioned writers back
+    until it lapses. Ignored for head appends (-1) and replays.
     """
     @_builtins.property
     def caller(self) -> _common_pb2.Caller: ...
@@ -504,10 +517,11 @@ class AppendTurnsRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         turns: _abc.Iterable[Global___Turn] | None = ...,
         request_fingerprint: _builtins.str = ...,
+        wait_for_next_turn: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "expected_version", b"expected_version", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "session_id", b"session_id", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "expected_version", b"expected_version", "idempotency_key", b"idempotency_key", "request_fingerprint", b"request_fingerprint", "session_id", b"session_id", "turns", b"turns", "wait_for_next_turn", b"wait_for_next_turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -520,8 +534,15 @@ class AppendTurnsResponse(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    NEXT_TURN_VERSION_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when this was a retry of an append already applied."""
+    next_turn_version: _builtins.int
+    """With wait_for_next_turn: the version to send as the next append's expected_version
+    (after re-reading whatever the next turns depend on, from that version on). While other
+    writers wait, the session is kept for that append. 0: no turn was given (not asked, a
+    head append or replay, or the wait ran out): use session.version and the ABORTED loop.
+    """
     @_builtins.property
     def session(self) -> Global___Session: ...
     @_builtins.property
@@ -534,10 +555,11 @@ class AppendTurnsResponse(_message.Message):
         session: Global___Session | None = ...,
         turns: _abc.Iterable[Global___Turn] | None = ...,
         replayed: _builtins.bool = ...,
+        next_turn_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "session", b"session", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_turn_version", b"next_turn_version", "replayed", b"replayed", "session", b"session", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
