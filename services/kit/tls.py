@@ -17,12 +17,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# `cryptography` (about 11 MB resident) is imported by the functions that parse PEM files, only
+# when TLS is configured: a plaintext service (`ballast up`, the cache within its memory budget)
+# never loads it.
 
 log = logging.getLogger("ballast.kit.tls")
 
@@ -69,6 +73,9 @@ def check(files: TlsFiles) -> list[str]:
         pem = _load(files)
     except _FileError as exc:
         return [str(exc)]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert_var, key_var, ca_var = files.variables
     problems: list[str] = []
     chain = x509.load_pem_x509_certificates(pem.cert)
@@ -94,6 +101,8 @@ def check(files: TlsFiles) -> list[str]:
 
 def _issued_by(chain: Sequence[x509.Certificate], authorities: Sequence[x509.Certificate]) -> bool:
     """True when some certificate of the chain is one of the CAs or was signed by one."""
+    from cryptography.exceptions import InvalidSignature
+
     for cert in chain:
         for authority in authorities:
             if cert == authority:
@@ -111,6 +120,9 @@ class _FileError(ValueError):
 
 
 def _public_bytes(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
     if not isinstance(
         key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
     ):
@@ -127,6 +139,10 @@ def _read(path: str, variable: str) -> bytes:
 
 def _load(files: TlsFiles) -> _Pem:
     """Reads and parses the files; raises _FileError naming the variable of a bad one."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     cert_var, key_var, ca_var = files.variables
     paths = [files.cert_file, files.key_file, *([files.ca_file] if files.ca_file else [])]
     stamp = tuple(_mtime(p) for p in paths)

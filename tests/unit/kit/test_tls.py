@@ -244,3 +244,24 @@ def test_ballast_certs_makes_a_ca_and_a_certificate_per_service(
     assert cli.main(["certs", str(folder)]) == 0
     assert (folder / "ca.crt").read_bytes() == before
     assert "ca.key" in capsys.readouterr().out
+
+
+def test_a_plaintext_service_does_not_load_cryptography(tmp_path: Path) -> None:
+    # cryptography is about 11 MB resident (bench/cache_memory.py); only TLS files need it. A fresh
+    # interpreter: this one has loaded it for the other tests.
+    router = make_certs(tmp_path, ["router"])["router"]
+    program = (
+        "import sys\n"
+        "import services.kit.entry, services.kit.server, services.kit.clients\n"
+        "from services.kit.config import Env, ServerSettings\n"
+        "env = Env({})\n"
+        "ServerSettings.from_env('router', env)\n"
+        "env.check()\n"
+        "assert 'cryptography' not in sys.modules, 'cryptography imported'\n"
+        f"env = Env({_env(router)!r})\n"
+        "settings = ServerSettings.from_env('router', env)\n"
+        "env.check()\n"
+        "assert settings.server_tls is not None and 'cryptography' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
