@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import importlib.util
 import logging
 import threading
@@ -26,6 +24,7 @@ from ballast.router.v1 import router_pb2, router_pb2_grpc
 from services.cache.int8_weights import keep_int8_weights
 from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
+from services.kit.native import release_freed_memory
 
 log = logging.getLogger("ballast.cache.embedder")
 
@@ -131,7 +130,7 @@ class MiniLMModel:
             self._session._model_bytes = None
         # Graph optimisation parses and rewrites the model in temporary buffers that glibc
         # keeps mapped after freeing them (about 60 MB here): hand them back to the system.
-        _release_freed_memory()
+        release_freed_memory()
         self._inputs = {i.name for i in self._session.get_inputs()}
         self.load_seconds = time.perf_counter() - started
 
@@ -157,17 +156,6 @@ class MiniLMModel:
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         return l2_normalise(pooled)
-
-
-def _release_freed_memory() -> None:
-    """malloc_trim(0) where the C library is glibc; nothing elsewhere (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    libc = ctypes.CDLL(name)
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 # Loaded models by files and options: services in one process (the all-in-one runner, replicas

@@ -262,6 +262,9 @@ class ServerSettings:
     # Calls to another service served by this same process (`ballast up`) skip the socket and go
     # to its handler directly (services/kit/local.py); plaintext channels only.
     local_calls: bool = True
+    # glibc malloc arenas of the process (0: the C library's default, eight per core): every
+    # thread's arena keeps what it once held mapped (services/kit/native.py).
+    malloc_arenas: int = 2
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -304,6 +307,7 @@ class ServerSettings:
                 f"{PREFIX}BACKEND_CHECK_FAILURES", cls.backend_check_failures, minimum=1, maximum=1000
             ),
             local_calls=env.boolean(f"{PREFIX}LOCAL_CALLS", cls.local_calls),
+            malloc_arenas=env.integer(f"{PREFIX}MALLOC_ARENAS", cls.malloc_arenas, minimum=0, maximum=1024),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),
