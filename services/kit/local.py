@@ -532,6 +532,9 @@ def _metadata(metadata: Any) -> Metadata:
 
 
 class _UnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
+    # The in-process call this multi-callable makes when the callee is served by this process.
+    _local_call: type[LocalUnaryCall] | type[LocalStreamCall] = LocalUnaryCall
+
     def __init__(
         self,
         channel: LocalFirstChannel,
@@ -555,22 +558,13 @@ class _UnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         if server is None:
             return self._remote(request, timeout=timeout, metadata=metadata, **options)
         data = self._serialize(request) if self._serialize is not None else request
-        return LocalUnaryCall(
+        return self._local_call(
             self._channel, server, self._method, data, timeout, _metadata(metadata), self._deserialize
         )
 
 
 class _UnaryStream(_UnaryUnary, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
-    def __call__(
-        self, request: Any, *, timeout: float | None = None, metadata: Any = None, **options: Any
-    ) -> Any:
-        server = self._channel.local_server()
-        if server is None:
-            return self._remote(request, timeout=timeout, metadata=metadata, **options)
-        data = self._serialize(request) if self._serialize is not None else request
-        return LocalStreamCall(
-            self._channel, server, self._method, data, timeout, _metadata(metadata), self._deserialize
-        )
+    _local_call = LocalStreamCall
 
 
 class LocalFirstChannel(grpc.aio.Channel):

@@ -213,20 +213,8 @@ class ContentionQueue:
         waiter = _Waiter(lane.known, "", loop.create_future(), next_turn=True)
         lane.queue.append(waiter)
         self._next(lane)  # the writer first in line goes now (perhaps this one: nobody waits)
-        timer = loop.call_later(max(wait, 0.0), _time_out, waiter.decision)
-        try:
-            verdict = await waiter.decision
-        except asyncio.CancelledError:
-            # The caller went away (its append stands): the turn it was given goes on.
-            decision = waiter.decision
-            if decision.done() and not decision.cancelled() and decision.result() != _TIMED_OUT:
-                self._pass_on(lane, decision.result())
-            raise
-        finally:
-            timer.cancel()
-            if waiter in lane.queue:
-                lane.queue.remove(waiter)
-            self._forget_if_idle(lane)
+        # A caller that goes away keeps its append (it stands); the turn it was given goes on.
+        verdict = await self._decision(lane, waiter, wait)
         if verdict is None or verdict == _TIMED_OUT:
             return None
         # The session is kept for this writer's next append, as for a retry after ABORTED (any
@@ -272,13 +260,20 @@ class ContentionQueue:
             lane.queue.appendleft(waiter)  # it was its turn already: a slow client keeps its place
         else:
             lane.queue.append(waiter)
-        # The decision is awaited directly (not through wait_for and shield): the writer whose
-        # turn it is wakes one loop step after the session is handed to it.
-        timer = loop.call_later(max(wait, 0.0), _time_out, waiter.decision)
+        verdict = await self._decision(lane, waiter, wait)
+        if verdict == _TIMED_OUT:
+            raise self._conflict(lane, expected)
+        return verdict
+
+    async def _decision(self, lane: _Lane, waiter: _Waiter, wait: float) -> int | None:
+        """The waiter's decision (_TIMED_OUT after `wait` seconds). It is awaited directly (not
+        through wait_for and shield): the writer whose turn it is wakes one loop step after the
+        session is handed to it. If the caller goes away, whatever it was granted goes to the
+        next writer."""
+        timer = asyncio.get_running_loop().call_later(max(wait, 0.0), _time_out, waiter.decision)
         try:
-            verdict = await waiter.decision
+            return await waiter.decision
         except asyncio.CancelledError:
-            # The caller went away: whatever it was granted goes to the next writer.
             decision = waiter.decision
             if decision.done() and not decision.cancelled() and decision.result() != _TIMED_OUT:
                 self._pass_on(lane, decision.result())
@@ -288,9 +283,6 @@ class ContentionQueue:
             if waiter in lane.queue:
                 lane.queue.remove(waiter)
             self._forget_if_idle(lane)
-        if verdict == _TIMED_OUT:
-            raise self._conflict(lane, expected)
-        return verdict
 
     def _pass_on(self, lane: _Lane, granted: int | None) -> None:
         if granted is None:
