@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -178,6 +179,9 @@ class ChatPipeline:
         self._down = downstream
         self._settler = settler
         self._metrics = edge_metrics
+        # Session appends and cache stores of answers whose caller went away (finish): held
+        # here until they end, since nothing else refers to them.
+        self._unattended: set[asyncio.Future[list[Any]]] = set()
         self._context_incomplete = (meter or metrics.NoOpMeter("ballast")).create_counter(
             "ballast.edge.context.omitted_unsummarized",
             description="Chats whose session context left out older turns that no summary covers",
@@ -429,9 +433,9 @@ class ChatPipeline:
         """Appends to the session, stores in the cache and settles the limiter, concurrently."""
         billed = _Billed.of(answer, cache_hit=cache_hit)
         # The session and the limiter must hear of the answer even if the caller's deadline is
-        # gone: the tokens were spent. The limiter's settlement is retried and, past
-        # BALLAST_EDGE_SETTLE_WAIT, recorded and applied later (settlement.py); the cache's copy is
-        # a convenience and keeps the short timeout.
+        # gone or the caller hung up: the tokens were spent. The limiter's settlement is retried
+        # and, past BALLAST_EDGE_SETTLE_WAIT, recorded and applied later (settlement.py); the
+        # cache's copy is a convenience and keeps the short timeout.
         jobs: dict[str, Awaitable[Any]] = {}
         if prepared.request.session_id:
             jobs["append"] = self._append_answer(
@@ -441,7 +445,18 @@ class ChatPipeline:
             jobs["store"] = self._store_answer(prepared, answer, Deadline(self._settings.downstream_timeout))
         if (prepared.reservation_id and not prepared.unchecked) or (prepared.unchecked and billed.tokens > 0):
             jobs["commit"] = self._commit_spend(prepared, billed)
-        results = dict(zip(jobs, await asyncio.gather(*(_settle(j) for j in jobs.values())), strict=True))
+        # Started at once, and not cancelled with the caller (a client gone while they run): the
+        # answer was paid for, so the session records the turn (a retry with the same idempotency
+        # key gets this answer back) and the next caller who asks the same gets it from the cache.
+        gathered = asyncio.gather(*(_settle(j) for j in jobs.values()))
+        try:
+            done = await asyncio.shield(gathered)
+        except asyncio.CancelledError:
+            if not gathered.done():
+                self._unattended.add(gathered)
+                gathered.add_done_callback(functools.partial(self._unattended_ended, list(jobs), prepared))
+            raise
+        results = dict(zip(jobs, done, strict=True))
         for name in ("store",):
             if isinstance(results.get(name), BaseException):
                 log.warning(
@@ -486,6 +501,26 @@ class ChatPipeline:
             attempts=answer.attempts,
             throttle_delay=duration(prepared.throttle_delay),
         )
+
+    @property
+    def unattended(self) -> int:
+        """Answers still being recorded after their caller went away (observability and tests)."""
+        return len(self._unattended)
+
+    def _unattended_ended(
+        self, names: list[str], prepared: Prepared, gathered: asyncio.Future[list[Any]]
+    ) -> None:
+        self._unattended.discard(gathered)
+        if gathered.cancelled():
+            return
+        for name, result in zip(names, gathered.result(), strict=True):
+            if isinstance(result, BaseException) and name != "commit":  # the settler logs its own
+                log.warning(
+                    "%s after the caller went away failed: %s",
+                    name,
+                    result,
+                    extra={"request_id": prepared.request_id},
+                )
 
     def _append_answer(
         self, prepared: Prepared, answer: router_pb2.CompleteResponse, billed: _Billed, after: Deadline
