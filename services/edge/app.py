@@ -98,8 +98,9 @@ class _QueueApp(ServiceApp):
 
     async def drain(self, grace: float) -> None:
         await self.jobs.drain(grace)
-        # Settlements under way finish (or record themselves) before the store closes.
-        await self.settler.drain(grace)
+        # Answers being recorded for callers that went away, and settlements under way, finish
+        # (or record themselves) before the clients and the store close.
+        await asyncio.gather(self.pipeline.drain(grace), self.settler.drain(grace))
 
     async def close(self) -> None:
         await self.metrics.stop()

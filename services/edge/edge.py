@@ -502,6 +502,11 @@ class ChatPipeline:
             throttle_delay=duration(prepared.throttle_delay),
         )
 
+    async def drain(self, grace: float) -> None:
+        """Waits (up to `grace`) for the answers still being recorded for callers that went away."""
+        if self._unattended:
+            await asyncio.wait(set(self._unattended), timeout=grace)
+
     @property
     def unattended(self) -> int:
         """Answers still being recorded after their caller went away (observability and tests)."""

@@ -20,7 +20,6 @@ from services.edge.app import EdgeApp
 from services.edge.edge import Prepared
 from tests.conftest import SuiteFactory
 from tests.e2e.conftest import write_test_config
-from tests.support.waiting import eventually
 
 AUTH = (("authorization", "Bearer bk_demo_paid"),)
 # The caller that key authenticates (config/edge_keys.yaml).
@@ -79,18 +78,13 @@ async def test_a_caller_that_hangs_up_after_the_answer_loses_neither_turn_nor_ca
             _answer("Hourly, from 7:00."),
         )
 
-        async def both_turns() -> list[str] | None:
-            page = await suite.sessions.ListTurns(
-                sessions_pb2.ListTurnsRequest(caller=CALLER, session_id=session.session_id, page_size=10)
-            )
-            contents = [t.message.content for t in page.turns]
-            return contents if len(contents) >= 2 else None
-
-        assert await eventually(both_turns, what="the question and the answer in the session") == [
-            question.content,
-            "Hourly, from 7:00.",
-        ]
-        await eventually(lambda: edge.pipeline.unattended == 0, what="the cache store done")
+        # What a graceful stop waits for (EdgeApp.drain): both recordings end within it.
+        await edge.pipeline.drain(grace=60)
+        assert edge.pipeline.unattended == 0
+        page = await suite.sessions.ListTurns(
+            sessions_pb2.ListTurnsRequest(caller=CALLER, session_id=session.session_id, page_size=10)
+        )
+        assert [t.message.content for t in page.turns] == [question.content, "Hourly, from 7:00."]
 
         reply = await suite.edge.Chat(edge_pb2.ChatRequest(messages=[question]), metadata=AUTH)
         assert reply.cache_hit and reply.message.content == "Hourly, from 7:00."
