@@ -166,6 +166,22 @@ def _insecure(env: Mapping[str, str], endpoint: str) -> bool:
     return flag == "true" or (flag != "false" and endpoint.startswith("http://"))
 
 
+class _HashedOnce(Resource):
+    """A Resource whose hash is computed once. The OTLP span exporter groups every span it sends
+    by its resource, and Resource.__hash__ serialises the attributes to JSON each time (about 3%
+    of a cache-hit chat's CPU with an exporter); a resource never changes after it is made."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 def setup_telemetry(
     service: str,
     *,
@@ -192,7 +208,9 @@ def setup_telemetry(
     settings = Env(env)
     region = region_from_env(settings)
     settings.check()
-    resource = Resource.create({"service.name": name, "service.namespace": "ballast", "cloud.region": region})
+    resource = _HashedOnce(
+        Resource.create({"service.name": name, "service.namespace": "ballast", "cloud.region": region})
+    )
     # Metrics are always collected for the service's Prometheus endpoint; OTLP export is optional.
     # The region is copied onto every series (one value per replica, so no extra cardinality).
     registry = CollectorRegistry(auto_describe=True)

@@ -70,3 +70,35 @@ def test_the_sdk_switch_wins_over_a_processor() -> None:
         assert exporter.get_finished_spans() == ()
     finally:
         telemetry.shutdown()
+
+
+def test_spans_are_encoded_for_otlp_grouped_by_their_service() -> None:
+    # The resource hashes once (kit/telemetry.py _HashedOnce); the exporter's grouping of spans by
+    # resource must still see one resource per service and equal resources as one.
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+
+    exporter = InMemorySpanExporter()
+    made = [
+        setup_telemetry(name, environ={}, extra_processors=[SimpleSpanProcessor(exporter)])
+        for name in ("probe", "probe", "other")
+    ]
+    try:
+        for telemetry in made:
+            with telemetry.tracer.start_as_current_span("work"):
+                pass
+        spans = exporter.get_finished_spans()
+        plain = Resource.create(dict(spans[0].resource.attributes))
+        assert hash(spans[0].resource) == hash(plain) and spans[0].resource == plain
+        encoded = encode_spans(spans)
+        services = sorted(
+            (
+                next(a.value.string_value for a in group.resource.attributes if a.key == "service.name"),
+                sum(len(scope.spans) for scope in group.scope_spans),
+            )
+            for group in encoded.resource_spans
+        )
+        assert services == [("ballast-other", 1), ("ballast-probe", 2)]
+    finally:
+        for telemetry in made:
+            telemetry.shutdown()
