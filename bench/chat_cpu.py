@@ -35,7 +35,10 @@ sim, through the router), and that CPU is counted when it happens inside the mea
 `--baseline REV` checks REV out into a temporary git worktree and runs its suite beside this
 tree's, with the same settings, measuring old and new alternately (each round swaps the order)
 so drifting load on the machine hits both alike. Results go to bench/results/chat_cpu.{md,json}.
-`--py-spy DIR` records this tree's suite with py-spy (if installed) during each measured batch.
+`--py-spy DIR` records this tree's suite with py-spy (if installed) during each measured batch,
+Python frames only and without pausing the process (`--nonblocking`), so the suite runs at about
+its normal speed; `--py-spy-native` adds native frames (gRPC core, onnxruntime), which pauses the
+process at every sample and slows the chats several times over (the proportions still hold).
 """
 
 from __future__ import annotations
@@ -553,7 +556,7 @@ async def _warm(client: Client) -> None:
 
 
 @contextlib.contextmanager
-def _py_spy(folder: Path | None, suite: Suite, name: str) -> Iterator[None]:
+def _py_spy(folder: Path | None, suite: Suite, name: str, native: bool = False) -> Iterator[None]:
     beside = Path(sys.executable).parent / "py-spy"
     spy_bin = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
     if folder is None or suite.layout != "one" or spy_bin is None:
@@ -566,7 +569,7 @@ def _py_spy(folder: Path | None, suite: Suite, name: str) -> Iterator[None]:
             "record",
             "--pid",
             str(suite.processes[0].pid),
-            "--native",
+            "--native" if native else "--nonblocking",
             "--rate",
             "100",
             "--format",
@@ -610,7 +613,8 @@ async def _measure_config(
                     await runner.prepare()
                     spans_before = _spans(sink_file)
                     name = f"{client.suite.layout}-{client.suite.telemetry}-{path}-r{round_}"
-                    with _py_spy(args.py_spy if client.suite.label == "now" else None, client.suite, name):
+                    spy_into = args.py_spy if client.suite.label == "now" else None
+                    with _py_spy(spy_into, client.suite, name, native=args.py_spy_native):
                         batch = await _run_batch(client.suite, runner.call(), calls, args.concurrency)
                     if client.suite.telemetry in EXPORTING:
                         await asyncio.sleep(1.5)  # the batch span processor exports every 0.5 s here
@@ -753,6 +757,11 @@ def main() -> int:
     )
     parser.add_argument("--baseline", default="", help="a git revision to measure beside this tree")
     parser.add_argument("--py-spy", type=Path, default=None, help="folder for py-spy profiles of this tree")
+    parser.add_argument(
+        "--py-spy-native",
+        action="store_true",
+        help="with --py-spy: native frames too (pauses the process at each sample: much slower chats)",
+    )
     parser.add_argument("--output", default="chat_cpu", help="name of the results files under bench/results")
     parser.add_argument("--otlp-sink", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--sink-file", type=Path, default=None, help=argparse.SUPPRESS)
