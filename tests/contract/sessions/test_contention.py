@@ -58,6 +58,23 @@ def _append(version: int, text: str, key: str = "") -> sessions_pb2.AppendTurnsR
     )
 
 
+async def _append_as_documented(
+    suite: Suite, request: sessions_pb2.AppendTurnsRequest
+) -> tuple[sessions_pb2.AppendTurnsResponse, int]:
+    """The documented client loop (services/sessions/README.md): on ABORTED, wait the hint's
+    delay and retry at its version with the same key. The reply, and the calls it took."""
+    for attempt in range(1, 1000):
+        try:
+            return await suite.sessions.AppendTurns(request), attempt
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.ABORTED, exc
+            current, delay = _hint(exc)
+            assert current is not None and current >= request.expected_version
+            request.expected_version = current
+            await asyncio.sleep(delay)
+    raise AssertionError(f"{request.idempotency_key}: no turn in 999 calls")
+
+
 @pytest.fixture
 async def patient(suite_factory: SuiteFactory, store_url: str) -> AsyncIterator[Suite]:
     yield await _start(suite_factory, store_url, **PATIENT)
@@ -88,19 +105,11 @@ async def test_contended_writers_take_turns_and_none_retries_more_than_once(pati
     async def writer(who: int) -> None:
         version = 0
         for n in range(appends):
-            for attempt in range(1, 1000):
-                try:
-                    reply = await patient.sessions.AppendTurns(_append(version, f"w{who}.{n}", f"w{who}.{n}"))
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.ABORTED, exc
-                    current, delay = _hint(exc)
-                    assert current is not None
-                    version = current
-                    await asyncio.sleep(delay)
-                    continue
-                version = reply.session.version
-                attempts.append(attempt)
-                break
+            reply, attempt = await _append_as_documented(
+                patient, _append(version, f"w{who}.{n}", f"w{who}.{n}")
+            )
+            version = reply.session.version
+            attempts.append(attempt)
 
     await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(writers))), 300)
     # Each append needed at most one ABORTED: the service kept every writer's place in line.
@@ -158,22 +167,12 @@ async def test_many_versioned_writers_each_append_exactly_once(patient: Suite) -
         version, seen = 0, -1
         for n in range(appends):
             key = f"w{who}.{n}"
-            while True:
-                try:
-                    reply = await patient.sessions.AppendTurns(_append(version, key, key))
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.ABORTED, exc
-                    current, delay = _hint(exc)
-                    assert current is not None and current >= version
-                    version = current
-                    await asyncio.sleep(delay)
-                    continue
-                assert not reply.replayed
-                version = reply.session.version
-                assert version > seen, "a writer's versions only go up"
-                seen = version
-                acknowledged[key] = version
-                break
+            reply, _ = await _append_as_documented(patient, _append(version, key, key))
+            assert not reply.replayed
+            version = reply.session.version
+            assert version > seen, "a writer's versions only go up"
+            seen = version
+            acknowledged[key] = version
 
     await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(writers))), 300)
     assert len(acknowledged) == writers * appends
@@ -202,26 +201,15 @@ async def test_writers_that_ask_for_their_next_turn_append_with_one_call_each(pa
             key = f"w{who}.{n}"
             request = _append(version, key, key)
             request.wait_for_next_turn = n < appends - 1  # not with the last one
-            for attempt in range(1, 1000):
-                request.expected_version = version
-                try:
-                    reply = await patient.sessions.AppendTurns(request)
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.ABORTED, exc
-                    current, delay = _hint(exc)
-                    assert current is not None
-                    version = current
-                    await asyncio.sleep(delay)
-                    continue
-                assert not reply.replayed
-                acknowledged[key] = reply.session.version
-                if request.wait_for_next_turn:
-                    assert reply.next_turn_version >= reply.session.version
-                    version = reply.next_turn_version
-                else:
-                    assert reply.next_turn_version == 0
-                calls[who].append(attempt)
-                break
+            reply, attempt = await _append_as_documented(patient, request)
+            assert not reply.replayed
+            acknowledged[key] = reply.session.version
+            if request.wait_for_next_turn:
+                assert reply.next_turn_version >= reply.session.version
+                version = reply.next_turn_version
+            else:
+                assert reply.next_turn_version == 0
+            calls[who].append(attempt)
 
     await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(writers))), 300)
     # A writer's first append may need an ABORTED to learn the version; none after it does.

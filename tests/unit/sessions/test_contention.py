@@ -62,8 +62,16 @@ async def store() -> MemoryStore:
 
 
 def _append(
-    queue: ContentionQueue, store: MemoryStore, version: int, writer: str
+    queue: ContentionQueue,
+    store: MemoryStore,
+    version: int,
+    writer: str,
+    patience: float | None = None,
+    *,
+    next_turn: bool = False,
 ) -> asyncio.Future[AppendOutcome]:
+    """A versioned append through the queue; with `next_turn`, one that asks for its writer's
+    next turn (wait_for_next_turn)."""
     payload = sessions_pb2.Turn(
         message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=writer)
     ).SerializeToString()
@@ -72,7 +80,7 @@ def _append(
     def attempt() -> asyncio.Future[AppendOutcome]:
         return asyncio.ensure_future(store.append(SCOPE, "s1", version, writer, [turn], 2.0))
 
-    return asyncio.ensure_future(queue.run(KEY, version, attempt, writer))
+    return asyncio.ensure_future(queue.run(KEY, version, attempt, writer, patience, next_turn))
 
 
 async def _conflict(pending: asyncio.Future[AppendOutcome]) -> tuple[int | None, float]:
@@ -219,28 +227,13 @@ async def test_a_writer_answered_aborted_from_the_queue_never_prepares_its_turns
     assert retried.session.version == 2 and prepared == ["a", "b"]
 
 
-def _append_next(
-    queue: ContentionQueue, store: MemoryStore, version: int, writer: str, patience: float | None = None
-) -> asyncio.Future[AppendOutcome]:
-    """An append that asks for its writer's next turn (wait_for_next_turn)."""
-    payload = sessions_pb2.Turn(
-        message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=writer)
-    ).SerializeToString()
-    turn = NewTurn(common_pb2.ROLE_USER, 5, 0, 0, 0, 0, payload)
-
-    def attempt() -> asyncio.Future[AppendOutcome]:
-        return asyncio.ensure_future(store.append(SCOPE, "s1", version, writer, [turn], 2.0))
-
-    return asyncio.ensure_future(queue.run(KEY, version, attempt, writer, patience, next_turn=True))
-
-
 async def test_an_append_asking_for_the_next_turn_is_answered_in_line_with_it(store: MemoryStore) -> None:
     timers = Timers()
     queue = ContentionQueue(
         ContentionPolicy(max_queue=100, max_wait=60.0, turn_timeout=60.0), schedule=timers.schedule
     )
     # Nobody waits: answered at once, and the turn is kept: a stale newcomer queues behind it.
-    alone = await _append_next(queue, store, 0, "a0")
+    alone = await _append(queue, store, 0, "a0", next_turn=True)
     assert (alone.session.version, alone.next_turn) == (1, 1)
     newcomer = _append(queue, store, 0, "y0")
     await _until(lambda: queue.waiting(KEY) == 1)
@@ -252,7 +245,7 @@ async def test_an_append_asking_for_the_next_turn_is_answered_in_line_with_it(st
     c = _append(queue, store, 0, "c0")
     await _until(lambda: queue.waiting(KEY) == 1)
     # b appends asking for its next turn: c, in line before b's answer, is told first.
-    b = _append_next(queue, store, 3, "b0")
+    b = _append(queue, store, 3, "b0", next_turn=True)
     assert await _conflict(c) == (4, 0.0)
     assert not b.done()
     d = _append(queue, store, 0, "d0")
@@ -279,7 +272,7 @@ async def test_an_answer_waiting_for_the_next_turn_goes_out_without_one_when_the
     await _until(lambda: queue.waiting(KEY) == 1)
     # a's append goes through; its answer may wait only 10 ms of its caller's deadline, and
     # c (told its turn, which is then held) never comes back.
-    late = await _append_next(queue, store, 1, "a0", patience=0.01)
+    late = await _append(queue, store, 1, "a0", patience=0.01, next_turn=True)
     assert late.session.version == 2 and late.next_turn is None
     assert await _conflict(c) == (2, 0.0)
     assert queue.waiting(KEY) == 0
