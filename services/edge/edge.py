@@ -17,7 +17,7 @@ import functools
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -155,6 +155,15 @@ class Prepared:
     unchecked: bool = False
     # The limiter's priority for this caller: the router keeps providers' last headroom for high.
     priority: int = common_pb2.PRIORITY_UNSPECIFIED
+
+
+def _log_failed(prepared: Prepared, results: Mapping[str, Any], names: Sequence[str], when: str) -> None:
+    """A warning for each of the jobs `names` that failed (a job's result is its exception)."""
+    for name in names:
+        if isinstance(results.get(name), BaseException):
+            log.warning(
+                "%s %s failed: %s", name, when, results[name], extra={"request_id": prepared.request_id}
+            )
 
 
 async def _settle(awaitable: Awaitable[T]) -> T | BaseException:
@@ -457,14 +466,7 @@ class ChatPipeline:
                 gathered.add_done_callback(functools.partial(self._unattended_ended, list(jobs), prepared))
             raise
         results = dict(zip(jobs, done, strict=True))
-        for name in ("store",):
-            if isinstance(results.get(name), BaseException):
-                log.warning(
-                    "%s after the model failed: %s",
-                    name,
-                    results[name],
-                    extra={"request_id": prepared.request_id},
-                )
+        _log_failed(prepared, results, ("store",), "after the model")
         session_version = prepared.session_version
         appended = results.get("append")
         if isinstance(appended, BaseException):
@@ -516,16 +518,10 @@ class ChatPipeline:
         self, names: list[str], prepared: Prepared, gathered: asyncio.Future[list[Any]]
     ) -> None:
         self._unattended.discard(gathered)
-        if gathered.cancelled():
-            return
-        for name, result in zip(names, gathered.result(), strict=True):
-            if isinstance(result, BaseException) and name != "commit":  # the settler logs its own
-                log.warning(
-                    "%s after the caller went away failed: %s",
-                    name,
-                    result,
-                    extra={"request_id": prepared.request_id},
-                )
+        if not gathered.cancelled():
+            results = dict(zip(names, gathered.result(), strict=True))
+            # The settler logs its own failures (commit).
+            _log_failed(prepared, results, ("append", "store"), "after the caller went away")
 
     def _append_answer(
         self, prepared: Prepared, answer: router_pb2.CompleteResponse, billed: _Billed, after: Deadline

@@ -168,8 +168,9 @@ def _insecure(env: Mapping[str, str], endpoint: str) -> bool:
 
 class _HashedOnce(Resource):
     """A Resource whose hash is computed once. The OTLP span exporter groups every span it sends
-    by its resource, and Resource.__hash__ serialises the attributes to JSON each time (about 3%
-    of a cache-hit chat's CPU with an exporter); a resource never changes after it is made."""
+    by its resource, and Resource.__hash__ serialises the attributes to JSON each time (with an
+    exporter, a cache-hit chat cost 9% more CPU for it: bench/results/chat_cpu_resource_hash.md);
+    a resource never changes after it is made. Equality stays Resource's own."""
 
     def __init__(self, resource: Resource) -> None:
         super().__init__(resource.attributes, resource.schema_url)
@@ -177,9 +178,6 @@ class _HashedOnce(Resource):
 
     def __hash__(self) -> int:
         return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
 
 
 def setup_telemetry(
