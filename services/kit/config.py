@@ -210,6 +210,9 @@ def region_from_env(env: Env) -> str:
 
 
 LOG_FORMATS = ("json", "text")
+# The event loop a service runs on: uvloop (libuv) spends less CPU per socket event than
+# asyncio's own selector loop; asyncio is there for platforms without uvloop and for comparison.
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _local_address(name: str, env: Env) -> str:
@@ -265,6 +268,8 @@ class ServerSettings:
     # glibc malloc arenas of the process (0: the C library's default, eight per core): every
     # thread's arena keeps what it once held mapped (services/kit/native.py).
     malloc_arenas: int = 2
+    # One of EVENT_LOOPS (services/kit/entry.py).
+    event_loop: str = "uvloop"
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -308,6 +313,7 @@ class ServerSettings:
             ),
             local_calls=env.boolean(f"{PREFIX}LOCAL_CALLS", cls.local_calls),
             malloc_arenas=env.integer(f"{PREFIX}MALLOC_ARENAS", cls.malloc_arenas, minimum=0, maximum=1024),
+            event_loop=env.choice(f"{PREFIX}EVENT_LOOP", cls.event_loop, EVENT_LOOPS),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),

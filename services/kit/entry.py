@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -27,6 +27,7 @@ class HasServer(Protocol):
 
 
 S = TypeVar("S", bound=HasServer)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,5 +71,17 @@ def run(entries: Sequence[Entry[Any]], *, banner: Callable[[list[Any]], None] | 
         ]
         await run_until_signal(apps)
 
-    asyncio.run(serve())
+    run_on_loop(serve(), first.event_loop)
     return 0
+
+
+def run_on_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
+    """Runs `main` to completion on a new loop of the kind BALLAST_EVENT_LOOP names."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if event_loop == "uvloop":
+        # Imported here: a service set to asyncio never loads it.
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
