@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import pytest
+import uvloop
 from ballast.common.v1 import common_pb2
 from ballast.router.v1 import router_pb2
 
@@ -13,6 +15,17 @@ from services.router.catalog import SimSpec
 from services.router.sim import SimServer
 
 SimFactory = Callable[..., Awaitable[SimServer]]
+
+# The provider transport's own tests run on both loops a service may run on (BALLAST_EVENT_LOOP):
+# asyncio's and uvloop's transports differ (classes, TLS, flow control).
+_BOTH_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+_ASYNCIO_ONLY = {"asyncio": asyncio.new_event_loop}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return _BOTH_LOOPS if item.path.name == "test_network.py" else _ASYNCIO_ONLY
 
 
 @pytest.fixture
