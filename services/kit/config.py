@@ -268,6 +268,8 @@ class ServerSettings:
     # glibc malloc arenas of the process (0: the C library's default, eight per core): every
     # thread's arena keeps what it once held mapped (services/kit/native.py).
     malloc_arenas: int = 2
+    # Threads of numpy's BLAS (OpenBLAS; 0: its default, one per core), services/kit/native.py.
+    blas_threads: int = 1
     # One of EVENT_LOOPS (services/kit/entry.py).
     event_loop: str = "uvloop"
 
@@ -313,6 +315,7 @@ class ServerSettings:
             ),
             local_calls=env.boolean(f"{PREFIX}LOCAL_CALLS", cls.local_calls),
             malloc_arenas=env.integer(f"{PREFIX}MALLOC_ARENAS", cls.malloc_arenas, minimum=0, maximum=1024),
+            blas_threads=env.integer(f"{PREFIX}BLAS_THREADS", cls.blas_threads, minimum=0, maximum=1024),
             event_loop=env.choice(f"{PREFIX}EVENT_LOOP", cls.event_loop, EVENT_LOOPS),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",

@@ -14,7 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from services.kit.config import ConfigError, Env, ServerSettings
 from services.kit.logging import setup_logging
-from services.kit.native import limit_malloc_arenas
+from services.kit.native import limit_blas_threads, limit_malloc_arenas
 from services.kit.server import ServiceApp, run_until_signal
 from services.kit.telemetry import Telemetry, setup_telemetry
 
@@ -60,6 +60,7 @@ def run(entries: Sequence[Entry[Any]], *, banner: Callable[[list[Any]], None] | 
     first: ServerSettings = settings[0].server
     # Before the services start their threads: an arena made before the limit stays.
     limit_malloc_arenas(first.malloc_arenas)
+    limit_blas_threads(first.blas_threads)
     setup_logging(first.log_level, first.log_format)
     if banner is not None:
         banner(settings)

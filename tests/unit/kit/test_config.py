@@ -105,6 +105,7 @@ def test_values_are_parsed_and_typed() -> None:
         ("BALLAST_MALLOC_ARENAS", "-1", "an integer from 0 to 1024"),
         ("BALLAST_MALLOC_ARENAS", "two", "an integer from 0 to 1024"),
         ("BALLAST_EVENT_LOOP", "tokio", "one of uvloop, asyncio"),
+        ("BALLAST_BLAS_THREADS", "-1", "an integer from 0 to 1024"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: str, expected: str) -> None:

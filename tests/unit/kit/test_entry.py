@@ -1,4 +1,5 @@
-"""The event loop a service runs on (BALLAST_EVENT_LOOP, services/kit/entry.py)."""
+"""What entry.run sets up before a service starts: the event loop (BALLAST_EVENT_LOOP) and
+numpy's BLAS threads (BALLAST_BLAS_THREADS)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from services.kit.entry import run_on_loop
 ROOT = Path(__file__).resolve().parents[3]
 
 # A service started the way every service starts (entry.run); its app, when built inside the
-# running loop, prints which loop that is.
+# running loop, prints which loop that is and how many threads numpy's BLAS runs.
 _SERVICE = """
 import asyncio
+import numpy
+from threadpoolctl import threadpool_info
 from dataclasses import dataclass
 from services.kit.config import ServerSettings
 from services.kit.entry import Entry, run
@@ -28,15 +31,18 @@ class Settings:
     server: ServerSettings
 
 def build(settings, telemetry):
-    print(type(asyncio.get_running_loop()).__module__, flush=True)
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    print(type(asyncio.get_running_loop()).__module__, *blas, flush=True)
     return probe_app.ProbeApp(settings.server, telemetry)
 
 raise SystemExit(run([Entry("probe", lambda env: Settings(ServerSettings.from_env("limiter", env)), build)]))
 """
 
 
-def _loop_of_a_service(environ: dict[str, str]) -> str:
-    inherited = {k: v for k, v in os.environ.items() if k != "BALLAST_EVENT_LOOP"}
+def _start_a_service(environ: dict[str, str]) -> list[str]:
+    """The loop's module and numpy's BLAS threads, as the service printed them."""
+    ours = ("BALLAST_EVENT_LOOP", "BALLAST_BLAS_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    inherited = {k: v for k, v in os.environ.items() if k not in ours}
     env = {
         **inherited,
         "BALLAST_LIMITER_PORT": "0",
@@ -49,18 +55,20 @@ def _loop_of_a_service(environ: dict[str, str]) -> str:
     )
     try:
         assert process.stdout is not None
-        return process.stdout.readline().strip()
+        return process.stdout.readline().split()
     finally:
         process.terminate()
         process.wait(60)
 
 
-def test_a_service_runs_on_uvloop_by_default() -> None:
-    assert _loop_of_a_service({}) == "uvloop"
+def test_a_service_runs_on_uvloop_with_one_blas_thread_by_default() -> None:
+    assert _start_a_service({}) == ["uvloop", "1"]
 
 
-def test_an_operator_can_choose_the_standard_loop() -> None:
-    assert _loop_of_a_service({"BALLAST_EVENT_LOOP": "asyncio"}).startswith("asyncio.")
+def test_an_operator_can_choose_the_standard_loop_and_blas_threads() -> None:
+    loop, blas = _start_a_service({"BALLAST_EVENT_LOOP": "asyncio", "BALLAST_BLAS_THREADS": "0"})
+    assert loop.startswith("asyncio.")
+    assert int(blas) == os.cpu_count()
 
 
 @pytest.mark.parametrize(("event_loop", "module"), [("uvloop", "uvloop"), ("asyncio", "asyncio.unix_events")])
