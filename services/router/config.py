@@ -64,6 +64,9 @@ class RouterSettings:
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_connections: int = 200
+    # Text a provider streams within this long after a delta went out leaves as one delta
+    # (services/router/coalesce.py); 0 relays every provider chunk as its own message.
+    stream_flush_interval: float = 0.02
     default_max_output_tokens: int = 4096
     report_headroom: bool = True
     # Share of a provider's request/token limit kept for high-priority calls once its headroom
@@ -130,6 +133,7 @@ class RouterSettings:
                 ),
             ),
             max_connections=env.integer(f"{P}MAX_CONNECTIONS", cls.max_connections, minimum=1),
+            stream_flush_interval=env.duration(f"{P}STREAM_FLUSH_INTERVAL", cls.stream_flush_interval),
             default_max_output_tokens=env.integer(
                 f"{P}DEFAULT_MAX_OUTPUT_TOKENS", cls.default_max_output_tokens, minimum=1
             ),

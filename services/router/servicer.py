@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2
 from services.kit.errors import InvalidArgument
 from services.kit.protos import duration, timestamp
 from services.router.catalog import Catalog, Strategy
+from services.router.coalesce import coalesce_text
 from services.router.config import RouterSettings
 from services.router.health import BreakerState, HealthBook
 from services.router.model import (
@@ -286,8 +287,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         inner = request.request
         chat = to_chat_request(inner)
         events = self.gateway.stream(self._call(inner, context), chat)
+        grouped = coalesce_text(events, self.settings.stream_flush_interval)
         try:
-            async for event in events:
+            async for event in grouped:
                 if isinstance(event, Delta):
                     if not event.tool_calls:  # most deltas: text alone
                         yield router_pb2.StreamCompleteResponse(
@@ -319,6 +321,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 else:
                     yield router_pb2.StreamCompleteResponse(done=to_response(event))
         finally:
+            # The grouping first: it reads `events` in a task of its own, which must stop before
+            # `events` can be closed.
+            await grouped.aclose()
             await events.aclose()  # type: ignore[attr-defined]
 
     async def Embed(

@@ -106,11 +106,13 @@ def test_values_are_parsed_and_typed() -> None:
         ("BALLAST_MALLOC_ARENAS", "two", "an integer from 0 to 1024"),
         ("BALLAST_EVENT_LOOP", "tokio", "one of uvloop, asyncio"),
         ("BALLAST_BLAS_THREADS", "-1", "an integer from 0 to 1024"),
+        ("BALLAST_ROUTER_STREAM_FLUSH_INTERVAL", "soon", "a duration"),
+        ("BALLAST_ROUTER_STREAM_FLUSH_INTERVAL", "-5ms", "a duration"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        registry.load_all_settings(["edge"], {variable: value})
+        registry.load_all_settings(["edge", "router"], {variable: value})
     message = str(info.value)
     assert f"{variable}={value!r}" in message
     assert expected in message

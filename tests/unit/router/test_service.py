@@ -81,6 +81,35 @@ async def test_stream_start_deltas_done(suite_factory: SuiteFactory) -> None:
     assert done.cost.total_cost_micros > 0
 
 
+async def _stream_deltas(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path, flush_interval: str
+) -> list[str]:
+    """The delta texts of one stream from a provider sending a token every 5 ms."""
+    paced = SimSpec(latency_median_ms=0, tokens_per_second=200, answer_pieces=20)
+    primary = await sim_factory("sim-paced", paced, latency_scale=1.0)
+    secondary = await sim_factory("sim-spare")
+    env = {
+        **FAST_ENV,
+        "BALLAST_ROUTER_CATALOG_FILE": write(tmp_path, two_provider_catalog(primary, secondary)),
+        "BALLAST_ROUTER_STREAM_FLUSH_INTERVAL": flush_interval,
+    }
+    suite = await suite_factory(["router"], env)
+    request = router_pb2.StreamCompleteRequest(request=complete_request())
+    events = suite.router.StreamComplete(request, timeout=10)
+    return [e.delta.text async for e in events if e.WhichOneof("event") == "delta"]
+
+
+async def test_fast_provider_text_is_grouped_per_flush_interval_and_arrives_whole(
+    suite_factory: SuiteFactory, sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    every_chunk = await _stream_deltas(suite_factory, sim_factory, tmp_path, "0")
+    assert len(every_chunk) > 5, "paced chunks arrive, and are relayed, one by one"
+    # An interval no test outlasts: the first text goes at once, the rest with the end.
+    grouped = await _stream_deltas(suite_factory, sim_factory, tmp_path, "1h")
+    assert len(grouped) == 2
+    assert "".join(grouped) == "".join(every_chunk)
+
+
 @pytest.mark.parametrize("model", ["sim-small", "sim-small-eu"])
 async def test_tool_calls_round_trip_over_grpc(suite_factory: SuiteFactory, model: str) -> None:
     suite = await suite_factory(["router"], FAST_ENV)
