@@ -1,8 +1,11 @@
-"""The local embedder as shipped (int8 weights folded to float32) against the int8-weights
-rewrite (services/cache/int8_weights.py), side by side: memory, speed and agreement.
+"""Two builds of the local embedder side by side: memory, speed and agreement.
 
-Run: .venv/bin/python -m bench.cache_embedder [--rounds 3] [--timed 300]
-Writes bench/results/cache_embedder.{md,json}.
+Run: .venv/bin/python -m bench.cache_embedder [--rounds 3] [--timed 300] [--compare int8|skipln]
+`--compare int8` (the default): the model as shipped (int8 weights folded to float32) against
+the int8-weights rewrite (services/cache/int8_weights.py); writes
+bench/results/cache_embedder.{md,json}. `--compare skipln`: the int8-weights model with
+onnxruntime's SkipLayerNormalization fusion (its default) against it without (as the embedder
+loads it); writes bench/results/cache_embedder_skipln.{md,json}.
 
 Each variant loads in its own process (so neither sees the other's memory), the two
 alternating for --rounds rounds. Per process: RSS (VmRSS) with the libraries imported, after
@@ -32,7 +35,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-VARIANTS = {"shipped (folded to float32)": False, "int8 weights": True}
+# Per comparison: variant name -> (int8 weights, SkipLayerNormalization fused), the old one first.
+COMPARISONS = {
+    "int8": {"shipped (folded to float32)": (False, False), "int8 weights": (True, False)},
+    "skipln": {"int8, SkipLayerNorm fused": (True, True), "int8, unfused": (True, False)},
+}
+TITLES = {"int8": "shipped vs int8 weights", "skipln": "SkipLayerNormalization fused vs unfused"}
+OUTPUTS = {"int8": "cache_embedder", "skipln": "cache_embedder_skipln"}
 THRESHOLDS = (0.92, 0.95)
 
 
@@ -55,7 +64,7 @@ def eval_pairs() -> tuple[list[str], list[tuple[str, str]]]:
     return sorted({t for pair in pairs for t in pair}), pairs
 
 
-def child(int8: bool, timed: int, vectors_out: str) -> dict[str, Any]:
+def child(int8: bool, fuse: bool, timed: int, vectors_out: str) -> dict[str, Any]:
     """One variant in this process."""
     import onnxruntime  # noqa: F401  (imported before the baseline: only the model counts)
     import tokenizers  # noqa: F401
@@ -64,7 +73,7 @@ def child(int8: bool, timed: int, vectors_out: str) -> dict[str, Any]:
 
     texts, _ = eval_pairs()
     base = _rss_mb()
-    model = MiniLMModel(int8_weights=int8)
+    model = MiniLMModel(int8_weights=int8, fuse_skip_layer_norm=fuse)
     loaded = _rss_mb()
     vectors = []
     after_1000 = 0.0
@@ -104,20 +113,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timed", type=int, default=300, help="timed queries per length")
-    parser.add_argument("--child", choices=("0", "1"), help=argparse.SUPPRESS)
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="int8")
+    parser.add_argument("--child", choices=("0,0", "1,0", "1,1"), help=argparse.SUPPRESS)
     parser.add_argument("--vectors", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child == "1", args.timed, args.vectors)))
+        int8, fuse = (flag == "1" for flag in args.child.split(","))
+        print(json.dumps(child(int8, fuse, args.timed, args.vectors)))
         return
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    variants = COMPARISONS[args.compare]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     vectors: dict[str, np.ndarray] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for name, int8 in VARIANTS.items():
-                out = str(Path(tmp, f"{int(int8)}.npy"))
-                command = [sys.executable, "-m", "bench.cache_embedder", "--child", str(int(int8))]
+            for name, (int8, fuse) in variants.items():
+                flags = f"{int(int8)},{int(fuse)}"
+                out = str(Path(tmp, f"{flags}.npy"))
+                command = [sys.executable, "-m", "bench.cache_embedder", "--child", flags]
                 command += ["--timed", str(args.timed), "--vectors", out]
                 done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
                 line = done.stdout.strip().splitlines()[-1]
@@ -126,7 +139,7 @@ def main() -> None:
     load_after = os.getloadavg()
     texts, pairs = eval_pairs()
     index = {t: i for i, t in enumerate(texts)}
-    old, new = (vectors[name] for name in VARIANTS)
+    old, new = (vectors[name] for name in variants)
     agreement = (old * new).sum(axis=1)
     a = np.array([index[x] for x, _ in pairs])
     b = np.array([index[y] for _, y in pairs])
@@ -151,24 +164,27 @@ def main() -> None:
         "pairs_crossing_threshold": crossed,
         "of_which_now_above": up,
     }
-    keys = [k for k in runs[next(iter(VARIANTS))][0] if k != "int8_tensors"]
+    keys = [k for k in runs[next(iter(variants))][0] if k != "int8_tensors"]
+    old_name, new_name = variants
     md = [
-        "# Local embedder: shipped vs int8 weights (bench/cache_embedder.py)",
+        f"# Local embedder: {TITLES[args.compare]} (bench/cache_embedder.py)",
         "",
         f"{report['machine']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"{args.rounds} rounds, variants alternating, each in its own process; medians per round.",
         "",
-        "| measure | " + " | ".join(VARIANTS) + " |",
-        "|---|" + "---|" * len(VARIANTS),
+        f"Command: `.venv/bin/python -m bench.cache_embedder --compare {args.compare} --rounds {args.rounds}`",
+        "",
+        "| measure | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
     ]
     for key in keys:
-        cells = [" / ".join(str(r[key]) for r in runs[name]) for name in VARIANTS]
+        cells = [" / ".join(str(r[key]) for r in runs[name]) for name in variants]
         md.append(f"| {key} | " + " | ".join(cells) + " |")
     md += [
         "",
         f"Agreement on {len(texts)} evaluation texts: cosine between the two variants' vectors "
-        f"min {agreement.min():.4f}, median {np.median(agreement):.5f}. Pair cosine (int8 minus "
-        f"shipped) over {len(pairs)} evaluation pairs: mean {moved.mean():+.5f}, median |change| "
+        f"min {agreement.min():.4f}, median {np.median(agreement):.5f}. Pair cosine ({new_name} minus "
+        f"{old_name}) over {len(pairs)} evaluation pairs: mean {moved.mean():+.5f}, median |change| "
         f"{np.median(np.abs(moved)):.5f}, p99 {np.percentile(np.abs(moved), 99):.4f}, max "
         f"{np.abs(moved).max():.4f}; pairs on the other side of a threshold: "
         + ", ".join(f"{t}: {crossed[t]} ({up[t]} now above)" for t in crossed)
@@ -176,8 +192,8 @@ def main() -> None:
         "",
     ]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_embedder.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "cache_embedder.md").write_text("\n".join(md))
+    (RESULTS / f"{OUTPUTS[args.compare]}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{OUTPUTS[args.compare]}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
