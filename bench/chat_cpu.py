@@ -32,6 +32,10 @@ measured: each gets at most max(1, N/10) of the measured chats (at least 16 sess
 context and 3,000-token compaction threshold, sessions from about d50 up are compacted (by the
 sim, through the router), and that CPU is counted when it happens inside the measured window.
 
+`--telemetry-side-by-side` runs this tree once per --telemetry setting instead, the settings
+alternating round by round like trees (one column each; no --baseline): telemetry's own cost,
+free of the drift between settings measured one after another.
+
 `--baseline REV` checks REV out into a temporary git worktree and runs its suite beside this
 tree's, with the same settings, measuring old and new alternately (each round swaps the order)
 so drifting load on the machine hits both alike. Results go to bench/results/chat_cpu.{md,json}.
@@ -627,7 +631,8 @@ async def _measure_config(
                         file=sys.stderr,
                         flush=True,
                     )
-            row: dict[str, Any] = {"layout": suites[0].layout, "telemetry": suites[0].telemetry, "path": path}
+            modes = list(dict.fromkeys(s.telemetry for s in suites))
+            row: dict[str, Any] = {"layout": suites[0].layout, "telemetry": "/".join(modes), "path": path}
             for label, runs in batches.items():
                 done = sum(b.calls - b.failures for b in runs)
                 row[label] = {
@@ -701,8 +706,11 @@ def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
         head += [f"{label} CPU ms/call", f"{label} rounds", f"{label} calls/s"]
     if len(labels) == 2:
         head.append("change")
+    else:
+        head += [f"{label} vs {labels[0]}" for label in labels[1:]]
+    spans = f"spans/call ({labels[-1]})"
     if any(row[label]["spans_per_call"] for row in rows for label in labels):
-        head.append("spans/call (now)")
+        head.append(spans)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for row in rows:
         cells = [row["layout"], row["telemetry"], _path_name(row["path"])]
@@ -714,10 +722,11 @@ def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
                 " / ".join(f"{v:.2f}" for v in data["rounds_ms"]),
                 "-" if data["calls_per_s"] is None else f"{data['calls_per_s']:.0f}",
             ]
-        if len(labels) == 2:
-            old, new = row[labels[0]]["cpu_ms_per_call"], row[labels[1]]["cpu_ms_per_call"]
+        old = row[labels[0]]["cpu_ms_per_call"]
+        for label in labels[1:]:
+            new = row[label]["cpu_ms_per_call"]
             cells.append(f"{100 * (new - old) / old:+.0f}%" if old else "")
-        if "spans/call (now)" in head:
+        if spans in head:
             cells.append(f"{row[labels[-1]]['spans_per_call']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -756,6 +765,11 @@ def main() -> int:
         help="session chats ask for CACHE_MODE_EXACT_ONLY (no semantic lookup, so no embedding)",
     )
     parser.add_argument("--baseline", default="", help="a git revision to measure beside this tree")
+    parser.add_argument(
+        "--telemetry-side-by-side",
+        action="store_true",
+        help="this tree once per --telemetry setting, the settings alternating (no --baseline)",
+    )
     parser.add_argument("--py-spy", type=Path, default=None, help="folder for py-spy profiles of this tree")
     parser.add_argument(
         "--py-spy-native",
@@ -782,6 +796,8 @@ def main() -> int:
         parser.error("--chats, --noop-calls, --stream-calls, --rounds and --concurrency must be at least 1")
     if args.stream_pace_ms < 0:
         parser.error("--stream-pace-ms must not be negative")
+    if args.telemetry_side_by_side and (args.baseline or len(args.telemetry) < 2):
+        parser.error("--telemetry-side-by-side: two or more --telemetry settings and no --baseline")
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     # A stopped benchmark still stops its suites, sim and collector (the finally blocks below).
@@ -834,10 +850,17 @@ def main() -> int:
                 )
                 _wait_port(sink_port, helpers[-1])
             for layout in args.layouts:
-                for telemetry in args.telemetry:
+                # Each group of suites is measured together, alternating: the trees, per setting,
+                # or with --telemetry-side-by-side this tree's settings.
+                groups = (
+                    [[(telemetry, ROOT, telemetry) for telemetry in args.telemetry]]
+                    if args.telemetry_side_by_side
+                    else [[(label, root, telemetry) for label, root in trees] for telemetry in args.telemetry]
+                )
+                for group in groups:
                     suites = [
                         Suite(label, root, layout, telemetry, sim_port, stream_sim_port, sink_port, folder)
-                        for label, root in trees
+                        for label, root, telemetry in group
                     ]
                     try:
                         for suite in suites:
@@ -855,7 +878,7 @@ def main() -> int:
                     ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "baseline")],
                     check=False,
                 )
-    labels = [label for label, _ in trees]
+    labels = list(args.telemetry) if args.telemetry_side_by_side else [label for label, _ in trees]
     table = _table(rows, labels)
     print(table)
     head = subprocess.run(
