@@ -218,7 +218,9 @@ def setup_telemetry(
     metrics_endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
-    if metrics_endpoint:
+    # Each reader aggregates every measurement again (about 5 us a call each), and a trace-only
+    # collector such as Jaeger refuses metrics: OTEL_METRICS_EXPORTER=none keeps them off OTLP.
+    if metrics_endpoint and env.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         readers.append(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -102,3 +107,36 @@ def test_spans_are_encoded_for_otlp_grouped_by_their_service() -> None:
     finally:
         for telemetry in made:
             telemetry.shutdown()
+
+
+class _MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self) -> None:
+        self.exports = 0
+
+    async def Export(
+        self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: Any
+    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        self.exports += 1
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.mark.parametrize(("setting", "exported"), [({}, True), ({"OTEL_METRICS_EXPORTER": "none"}, False)])
+async def test_metrics_go_over_otlp_unless_their_exporter_is_switched_off(
+    setting: dict[str, str], exported: bool
+) -> None:
+    """A trace-only collector (Jaeger) refuses metrics: OTEL_METRICS_EXPORTER=none keeps them on
+    the Prometheus endpoint only, and each measurement is aggregated once instead of twice."""
+    server = grpc.aio.server()
+    collector = _MetricsCollector()
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        environ = {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{port}", **setting}
+        telemetry = setup_telemetry("probe", environ=environ)
+        telemetry.meter.create_counter("probe_calls").add(1)
+        # Shutting down exports what was recorded once more, whatever the export interval.
+        await asyncio.to_thread(telemetry.shutdown)
+    finally:
+        await server.stop(0)
+    assert (collector.exports > 0) is exported
