@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from services.router.model import Delta
+from services.router.providers.base import merge_deltas
 
 E = TypeVar("E")
 
@@ -28,6 +29,7 @@ def _set(future: asyncio.Future[None]) -> None:
 
 
 def _text_only(event: object) -> bool:
+    """What merge_deltas joins: a delta without tool-call fragments."""
     return isinstance(event, Delta) and not event.tool_calls
 
 
@@ -83,13 +85,11 @@ async def coalesce_text(events: AsyncIterator[E], interval: float) -> AsyncGener
                     finally:
                         timer.cancel()
                     continue
-                texts: list[str] = []
+                run: list[Delta] = []
                 while arrived and _text_only(arrived[0]):
-                    event = arrived.popleft()
-                    assert isinstance(event, Delta)
-                    texts.append(event.text)
+                    merge_deltas(run, [cast(Delta, arrived.popleft())])
                 last_text = loop.time()
-                yield Delta(text="".join(texts))
+                yield run[0]  # text-only deltas merge into one
             else:
                 yield arrived.popleft()
         if failure:
