@@ -180,6 +180,11 @@ class _HashedOnce(Resource):
         return self._hash
 
 
+def _exporter_wanted(env: Mapping[str, str], variable: str) -> bool:
+    """OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER: OTLP unless the signal's exporter is none."""
+    return env.get(variable, "otlp").lower() != "none"
+
+
 def setup_telemetry(
     service: str,
     *,
@@ -220,7 +225,7 @@ def setup_telemetry(
     )
     # Each reader aggregates every measurement again (about 5 us a call each), and a trace-only
     # collector such as Jaeger refuses metrics: OTEL_METRICS_EXPORTER=none keeps them off OTLP.
-    if metrics_endpoint and env.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
+    if metrics_endpoint and _exporter_wanted(env, "OTEL_METRICS_EXPORTER"):
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         readers.append(
@@ -232,7 +237,7 @@ def setup_telemetry(
     traces_endpoint = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or ""
     )
-    exporting = bool(traces_endpoint) and env.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none"
+    exporting = bool(traces_endpoint) and _exporter_wanted(env, "OTEL_TRACES_EXPORTER")
     # Spans that no processor takes are made, timed and dropped on every call: about a tenth of a
     # chat's CPU (bench/chat_cpu.py). With nothing to export, tracing is off, as with OTEL_SDK_DISABLED.
     tracing = not disabled and (exporting or bool(extra_processors))
