@@ -249,9 +249,9 @@ def setup_telemetry(
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
     processors = list(extra_processors)
     if exporting:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from services.kit.spanwire import WireSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=traces_endpoint, insecure=_insecure(env, traces_endpoint))
+        exporter = WireSpanExporter(endpoint=traces_endpoint, insecure=_insecure(env, traces_endpoint))
         processors.insert(0, BatchSpanProcessor(exporter))
     provider = TracerProvider(resource=resource)
     for processor in processors:
