@@ -13,13 +13,20 @@ attributes are built once, and the status comes from the context when the call e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from time import time_ns
 from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
 
@@ -38,6 +45,168 @@ _SERVER_ERRORS = frozenset(
     }
 )
 _STATUS_CODE = "rpc.grpc.status_code"
+_UNSET = Status(StatusCode.UNSET)
+_logger = logging.getLogger(__name__)
+
+
+class RpcSpan(sdk_trace.Span):
+    """The SDK's span for one gRPC call, made with less work: the SDK's constructor validates the
+    starting attributes one by one and allocates event and link lists every span has, and its
+    end() hands processors a copy. Here the attributes are this module's own (strings, built once
+    per method), the lists are made when an event or link is first added, and processors get the
+    span itself, ended and immutable. Everything else (set_attribute, set_status, add_event,
+    record_exception, what exporters and processors read) is the SDK's, on the same fields: the
+    fields the SDK's own constructor sets, set here without calling it
+    (tests/unit/kit/test_rpc_spans.py holds both kinds of span equal)."""
+
+    def __init__(
+        self,
+        tracer: RpcTracer,
+        provider: sdk_trace.TracerProvider,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: Mapping[str, Any],
+        checked: bool,
+    ) -> None:
+        # ReadableSpan's fields
+        self._name = name
+        self._context = context
+        self._kind = kind
+        self._instrumentation_info = None
+        self._instrumentation_scope = tracer.scope
+        self._parent = parent
+        self._start_time: int | None = None
+        self._end_time: int | None = None
+        self._status = _UNSET
+        self._events: Any = ()
+        self._links: Any = ()
+        # Span's fields
+        self._resource = provider.resource
+        self._sampler = provider.sampler
+        self._trace_config = None
+        self._record_exception = True
+        self._set_status_on_exception = True
+        self._span_processor = provider._active_span_processor
+        self._limits = limits = provider._span_limits
+        self._lock = threading.Lock()
+        bounded = BoundedAttributes(
+            limits.max_span_attributes,
+            None if checked else attributes,
+            immutable=False,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        if checked:
+            bounded._dict.update(attributes)
+        self._attributes = bounded
+        self._bounded: BoundedAttributes = bounded
+        self._record_end_metrics = None
+
+    def _add_event(self, event: Any) -> None:
+        if self._end_time is not None:
+            _logger.warning("Tried calling _add_event on an ended span.")
+            return
+        if type(self._events) is tuple:
+            self._events = BoundedList(self._limits.max_events)
+        self._events.append(event)
+
+    def _add_link(self, link: trace.Link) -> None:
+        if self._end_time is not None:
+            _logger.warning("Tried calling _add_link on an ended span.")
+            return
+        if type(self._links) is tuple:
+            self._links = BoundedList(self._limits.max_links)
+        self._links.append(link)
+
+    def end(self, end_time: int | None = None) -> None:
+        with self._lock:
+            if self._end_time is not None:
+                _logger.warning("Calling end() on an ended span.")
+                return
+            self._end_time = end_time if end_time is not None else time_ns()
+            self._bounded._immutable = True
+        self._span_processor._on_ending(self)
+        self._span_processor.on_end(self)
+
+
+_FLAGS = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
+
+
+class RpcTracer:
+    """Starts the span of a gRPC call as the SDK's Tracer.start_span does: the same sampler,
+    ids, trace flags, processors and limits, with RpcSpan in place of the SDK's span. A child of
+    a parent whose ParentBased decision is fixed (always on or off, the SDK's defaults for
+    children) is decided without asking the sampler, which would look the parent up again.
+    Any other provider than the SDK's gets its own tracer's spans."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider) -> None:
+        self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
+        sdk = isinstance(tracer_provider, sdk_trace.TracerProvider) and isinstance(
+            self.tracer, sdk_trace.Tracer
+        )
+        self.provider: sdk_trace.TracerProvider | None = tracer_provider if sdk else None  # type: ignore[assignment]
+        self.scope = getattr(self.tracer, "_instrumentation_scope", None)
+        self._decided: dict[tuple[bool, bool], bool] = {}
+        sampler = self.provider.sampler if self.provider is not None else None
+        if isinstance(sampler, ParentBased) and type(sampler).should_sample is ParentBased.should_sample:
+            children = {
+                (True, True): sampler._remote_parent_sampled,
+                (True, False): sampler._remote_parent_not_sampled,
+                (False, True): sampler._local_parent_sampled,
+                (False, False): sampler._local_parent_not_sampled,
+            }
+            for parent, child in children.items():
+                if type(child) is StaticSampler:
+                    self._decided[parent] = child._decision is Decision.RECORD_AND_SAMPLE
+
+    def start(
+        self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping[str, str]
+    ) -> trace.Span:
+        """`attributes` must be valid span attributes: they are not checked again."""
+        provider, tracer = self.provider, self.tracer
+        if provider is None or not tracer._is_enabled():  # type: ignore[attr-defined]
+            return tracer.start_span(name, context, kind, attributes)
+        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+        ids = provider.id_generator
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            random = parent.trace_flags.random_trace_id
+            decided = self._decided.get((parent.is_remote, parent.trace_flags.sampled))
+        else:
+            parent = None
+            trace_id = ids.generate_trace_id()
+            random = ids.is_trace_id_random()
+            decided = None
+        if decided is not None:
+            sampled = recording = decided
+            trace_state = parent.trace_state if parent is not None else None
+            given: Mapping[str, Any] = attributes
+        else:
+            result = provider.sampler.should_sample(context, trace_id, name, kind, attributes, ())
+            sampled = result.decision is Decision.RECORD_AND_SAMPLE
+            recording = sampled or result.decision is Decision.RECORD_ONLY
+            trace_state, given = result.trace_state, result.attributes
+        span_context = SpanContext(
+            trace_id,
+            ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_FLAGS[sampled, random],
+            trace_state=trace_state,
+        )
+        if not recording:
+            return trace.NonRecordingSpan(span_context)
+        span = RpcSpan(self, provider, name, span_context, parent, kind, given, checked=given is attributes)
+        span._start_time = time_ns()
+        span._span_processor.on_start(span, parent_context=context)
+        return span
 
 
 def _attributes(method: str) -> dict[str, str]:
@@ -50,12 +219,12 @@ class ServerTracing(AroundInterceptor):
 
     def __init__(self, tracer_provider: trace.TracerProvider) -> None:
         super().__init__()
-        self._tracer = tracer_provider.get_tracer(INSTRUMENTATION)
+        self._tracer = RpcTracer(tracer_provider)
 
     def around(self, method: str) -> Around | None:
         if method.startswith(_UNTRACED):
             return None
-        tracer = self._tracer
+        start = self._tracer.start
         attributes = _attributes(method)
 
         class Traced:
@@ -68,7 +237,7 @@ class ServerTracing(AroundInterceptor):
             async def __aenter__(self) -> None:
                 metadata = self.context.invocation_metadata()
                 parent = propagate.extract(dict(metadata) if metadata else {})
-                span = tracer.start_span(method, parent, SpanKind.SERVER, attributes)
+                span = start(method, parent, SpanKind.SERVER, attributes)
                 self.span = span
                 self.token = otel_context.attach(trace.set_span_in_context(span, parent))
 
@@ -118,14 +287,14 @@ class ClientSpans:
     (services/kit/local.py), so a trace looks the same whichever way a call travelled."""
 
     def __init__(self, tracer_provider: trace.TracerProvider) -> None:
-        self._tracer = tracer_provider.get_tracer(INSTRUMENTATION)
+        self._tracer = RpcTracer(tracer_provider)
         self._attributes: dict[str, dict[str, str]] = {}
 
     def start(self, method: str) -> trace.Span:
         attributes = self._attributes.get(method)
         if attributes is None:
             attributes = self._attributes[method] = _attributes(method)
-        return self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+        return self._tracer.start(method, None, SpanKind.CLIENT, attributes)
 
 
 class _ClientTracing:

@@ -1,0 +1,202 @@
+"""RpcTracer's spans are the SDK's spans: same sampling, flags, parents, attributes, limits,
+events, links and processors, field for field, whichever sampler the operator configured."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import sampling as samplers
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from services.kit.tracing import INSTRUMENTATION, RpcSpan, RpcTracer
+
+_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "ballast.limiter.v1.LimiterService",
+    "rpc.method": "Check",
+}
+
+
+class _Tagging(samplers.Sampler):
+    """A sampler that adds an attribute and a trace state, and keeps every other trace."""
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any
+    ) -> samplers.SamplingResult:
+        keep = trace_id % 2 == 0
+        decision = samplers.Decision.RECORD_AND_SAMPLE if keep else samplers.Decision.RECORD_ONLY
+        return samplers.SamplingResult(
+            decision, {"sampled.by": "tagging", "ok": True}, TraceState([("t", "1")])
+        )
+
+    def get_description(self) -> str:
+        return "Tagging"
+
+
+_SAMPLERS = {
+    "parentbased_always_on": samplers.DEFAULT_ON,
+    "parentbased_always_off": samplers.DEFAULT_OFF,
+    "parentbased_ratio_half": samplers.ParentBasedTraceIdRatio(0.5),
+    "always_on": samplers.ALWAYS_ON,
+    "always_off": samplers.ALWAYS_OFF,
+    "ratio_half": samplers.TraceIdRatioBased(0.5),
+    "tagging": _Tagging(),
+    "parentbased_tagging_children": samplers.ParentBased(
+        samplers.ALWAYS_ON, remote_parent_sampled=_Tagging(), local_parent_not_sampled=samplers.ALWAYS_ON
+    ),
+}
+
+
+def _parents() -> dict[str, otel_context.Context | None]:
+    def remote(flags: int, state: TraceState | None = None) -> otel_context.Context:
+        context = SpanContext(
+            0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceFlags(flags), state
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(context))
+
+    def local(flags: int) -> otel_context.Context:
+        context = SpanContext(0x1234, 0x5678, False, TraceFlags(flags))
+        return trace.set_span_in_context(trace.NonRecordingSpan(context))
+
+    return {
+        "root": otel_context.Context(),
+        "current (none)": None,
+        "remote sampled": remote(TraceFlags.SAMPLED, TraceState([("vendor", "v")])),
+        "remote unsampled": remote(TraceFlags.DEFAULT),
+        "remote sampled random": remote(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID),
+        "local sampled": local(TraceFlags.SAMPLED),
+        "local unsampled": local(TraceFlags.DEFAULT),
+    }
+
+
+def _seen(span: ReadableSpan | trace.Span) -> dict[str, Any]:
+    """What a processor, an exporter or a log line can see of a span, ids and times aside."""
+    context = span.get_span_context()
+    assert context is not None
+    seen: dict[str, Any] = {
+        "type": "recording" if isinstance(span, ReadableSpan) else "non-recording",
+        "sampled": context.trace_flags.sampled,
+        "flags": int(context.trace_flags),
+        "trace_state": dict(context.trace_state or {}),
+        "remote": context.is_remote,
+        "valid": context.is_valid,
+    }
+    if isinstance(span, ReadableSpan):
+        seen.update(
+            name=span.name,
+            kind=span.kind,
+            parent=(span.parent.span_id, span.parent.is_remote) if span.parent else None,
+            attributes=dict(span.attributes or {}),
+            dropped=(span.dropped_attributes, span.dropped_events, span.dropped_links),
+            status=(span.status.status_code, span.status.description),
+            events=[(e.name, dict(e.attributes or {})) for e in span.events],
+            links=[(link.context.span_id, dict(link.attributes or {})) for link in span.links],
+            resource=span.resource,
+            scope=span.instrumentation_scope,
+            timed=bool(span.start_time) and bool(span.end_time) and span.end_time >= span.start_time,  # type: ignore[operator]
+        )
+    return seen
+
+
+def _work(span: trace.Span) -> None:
+    """What the interceptors and the services do to a span."""
+    span.set_attribute("rpc.grpc.status_code", 14)
+    span.set_attribute("ballast.tenant", "acme")
+    span.set_attribute("list", [1, 2, 3])
+    span.set_attribute("bad", {"not": "allowed"})
+    span.set_status(Status(StatusCode.ERROR, "StatusCode.UNAVAILABLE:router down"))
+    span.set_status(Status(StatusCode.OK))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as error:
+        span.record_exception(error)
+    span.add_event("retry", {"attempt": 2})
+    span.add_link(SpanContext(0x99, 0x98, False, TraceFlags(1)), {"why": "batch"})
+    span.update_name(span.name if isinstance(span, ReadableSpan) else "ignored")
+
+
+def _pair(sampler: samplers.Sampler, limits: SpanLimits | None = None) -> tuple[Any, Any, Any, Any]:
+    found = []
+    for _ in range(2):
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": "probe"}), sampler=sampler, span_limits=limits
+        )
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        found.append((provider, exporter))
+    return found[0][0], found[0][1], found[1][0], found[1][1]
+
+
+@pytest.mark.parametrize("sampler_name", list(_SAMPLERS))
+@pytest.mark.parametrize("kind", [SpanKind.SERVER, SpanKind.CLIENT])
+def test_each_sampler_and_parent_gives_the_sdks_span(sampler_name: str, kind: SpanKind) -> None:
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(_SAMPLERS[sampler_name])
+    sdk_tracer = sdk_provider.get_tracer(INSTRUMENTATION)
+    rpc_tracer = RpcTracer(rpc_provider)
+    # The same trace ids on both sides, so that ratio samplers decide alike.
+    for provider in (sdk_provider, rpc_provider):
+        ids = iter(range(1, 10_000))
+        provider.id_generator.generate_trace_id = lambda ids=ids: next(ids) * 0x1_0000_0001
+    for label, parent in _parents().items():
+        for _ in range(4):
+            ours = rpc_tracer.start("/ballast.limiter.v1.LimiterService/Check", parent, kind, _ATTRIBUTES)
+            theirs = sdk_tracer.start_span(
+                "/ballast.limiter.v1.LimiterService/Check", parent, kind, _ATTRIBUTES
+            )
+            assert _seen(ours) == _seen(theirs), label
+            assert ours.get_span_context().trace_id == theirs.get_span_context().trace_id, label
+            for span in (ours, theirs):
+                _work(span)
+                span.end()
+            assert _seen(ours) == _seen(theirs), label
+    ours_done, theirs_done = rpc_exported.get_finished_spans(), sdk_exported.get_finished_spans()
+    assert [_seen(s) for s in ours_done] == [_seen(s) for s in theirs_done]
+    assert all(isinstance(s, RpcSpan) for s in ours_done)
+    # Not a comparison that holds vacuously: the always-on samplers export what they should.
+    if sampler_name == "always_on":
+        assert len(ours_done) == 4 * len(_parents())
+    if sampler_name == "parentbased_always_on":
+        assert len(ours_done) == 4 * (len(_parents()) - 2)  # all but the two unsampled parents
+
+
+def test_limits_apply_as_in_the_sdk() -> None:
+    limits = SpanLimits(max_span_attributes=4, max_events=1, max_links=1, max_span_attribute_length=3)
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(samplers.DEFAULT_ON, limits)
+    ours = RpcTracer(rpc_provider).start("m", None, SpanKind.SERVER, _ATTRIBUTES)
+    theirs = sdk_provider.get_tracer(INSTRUMENTATION).start_span("m", None, SpanKind.SERVER, _ATTRIBUTES)
+    for span in (ours, theirs):
+        _work(span)
+        span.end()
+    assert _seen(rpc_exported.get_finished_spans()[0]) == _seen(sdk_exported.get_finished_spans()[0])
+    assert rpc_exported.get_finished_spans()[0].dropped_attributes > 0
+
+
+def test_an_ended_span_takes_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
+    _, _, provider, exported = _pair(samplers.DEFAULT_ON)
+    span = RpcTracer(provider).start("m", None, SpanKind.CLIENT, _ATTRIBUTES)
+    span.end()
+    with caplog.at_level(logging.WARNING):
+        span.set_attribute("late", 1)
+        span.add_event("late")
+        span.add_link(SpanContext(0x99, 0x98, False, TraceFlags(1)))
+        span.set_status(Status(StatusCode.ERROR, "late"))
+        span.end()
+    finished = exported.get_finished_spans()
+    assert len(finished) == 1
+    assert "late" not in (finished[0].attributes or {})
+    assert finished[0].events == () and finished[0].links == ()
+    assert finished[0].status.status_code is StatusCode.UNSET
+    assert not span.is_recording()
+
+
+def test_a_provider_that_is_not_the_sdks_gets_its_own_spans() -> None:
+    span = RpcTracer(trace.NoOpTracerProvider()).start("m", None, SpanKind.SERVER, _ATTRIBUTES)
+    assert not span.is_recording() and not isinstance(span, RpcSpan)
