@@ -16,7 +16,9 @@ Telemetry: `off` is the default set-up (no OTEL_* variable: no exporter is confi
 sends traces and metrics over OTLP/gRPC to a collector this benchmark runs in another child
 process (it decodes and counts every span it receives, so the table shows spans per chat);
 `sampled` is `export` keeping one trace in ten (OTEL_TRACES_SAMPLER=parentbased_traceidratio,
-OTEL_TRACES_SAMPLER_ARG=0.1); `disabled` sets OTEL_SDK_DISABLED=true.
+OTEL_TRACES_SAMPLER_ARG=0.1); `disabled` sets OTEL_SDK_DISABLED=true. A setting may add OTEL_*
+variables after a `+` each, to take telemetry's cost apart: `export+OTEL_METRICS_EXPORTER=none`
+is `export` without metrics over OTLP.
 Paths: `noop` is grpc.health.v1 Check on the edge; `router` is RouterService/Complete called
 directly (one non-streamed provider call through the router, nothing else); `stream10` and
 `stream100` are RouterService/StreamComplete relaying 10 or 100 content chunks (a second sim,
@@ -80,6 +82,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVICES = ("limiter", "router", "cache", "sessions", "edge")  # start order: dependencies first
 # Telemetry set-ups that send spans to the benchmark's collector.
 EXPORTING = frozenset({"export", "sampled"})
+
+
+def _telemetry_base(setting: str) -> str:
+    """`export` of `export+OTEL_METRICS_EXPORTER=none`."""
+    return setting.split("+", 1)[0]
+
+
+def _telemetry_variables(setting: str) -> dict[str, str]:
+    """The OTEL_* variables a setting adds after its base, each after a `+`."""
+    pairs = [part.partition("=") for part in setting.split("+")[1:]]
+    return {name: value for name, _, value in pairs}
+
+
 API_KEY = "bk_demo_enterprise"  # tenant demo, user carol: no request or daily token limit
 CALLER = common_pb2.Caller(tenant_id="demo", user_id="carol", tier="enterprise")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
@@ -228,17 +243,18 @@ class Suite:
             env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(_free_port())
         # The edge's OpenAI-compatible HTTP face stays on, on a free port (two suites run side by side).
         env["BALLAST_EDGE_HTTP_PORT"] = str(_free_port())
-        if self.telemetry in EXPORTING:
+        if _telemetry_base(self.telemetry) in EXPORTING:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink_port}"
             env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
             # Export every 0.5 s (the SDK's default is 5 s), so a batch's spans arrive soon after it.
             env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
-            if self.telemetry == "sampled":
+            if _telemetry_base(self.telemetry) == "sampled":
                 # What a busy deployment would run: one trace in ten kept (the SDK's own variables).
                 env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
                 env["OTEL_TRACES_SAMPLER_ARG"] = "0.1"
         elif self.telemetry == "disabled":
             env["OTEL_SDK_DISABLED"] = "true"
+        env.update(_telemetry_variables(self.telemetry))
         return env
 
     def start(self) -> None:
@@ -620,7 +636,7 @@ async def _measure_config(
                     spy_into = args.py_spy if client.suite.label == "now" else None
                     with _py_spy(spy_into, client.suite, name, native=args.py_spy_native):
                         batch = await _run_batch(client.suite, runner.call(), calls, args.concurrency)
-                    if client.suite.telemetry in EXPORTING:
+                    if _telemetry_base(client.suite.telemetry) in EXPORTING:
                         await asyncio.sleep(1.5)  # the batch span processor exports every 0.5 s here
                         batch.spans = _spans(sink_file) - spans_before
                     batches[client.suite.label].append(batch)
@@ -786,12 +802,22 @@ def main() -> int:
     args.paths = [name for path in args.paths for name in STREAM_PATHS.get(path, (path,))]
     for value, known, what in (
         (args.layouts, ("one", "split"), "--layouts"),
-        (args.telemetry, ("off", "export", "sampled", "disabled"), "--telemetry"),
+        (
+            [_telemetry_base(t) for t in args.telemetry],
+            ("off", "export", "sampled", "disabled"),
+            "--telemetry",
+        ),
         (args.paths, (*PATHS, *STREAM_PATHS), "--paths"),
     ):
         unknown = sorted(set(value) - set(known))
         if unknown:
             parser.error(f"{what}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    for setting in args.telemetry:
+        for name in _telemetry_variables(setting):
+            if not name.startswith("OTEL_") or not name[5:].replace("_", "").isalnum():
+                parser.error(
+                    f"--telemetry {setting}: {name!r} is not an OTEL_* variable (setting+OTEL_NAME=value)"
+                )
     if min(args.chats, args.noop_calls, args.stream_calls, args.rounds, args.concurrency) < 1:
         parser.error("--chats, --noop-calls, --stream-calls, --rounds and --concurrency must be at least 1")
     if args.stream_pace_ms < 0:
@@ -833,7 +859,7 @@ def main() -> int:
                     streaming += ["--tokens-per-second", str(1000 / args.stream_pace_ms)]
                 helpers.append(subprocess.Popen(streaming, cwd=ROOT, stdout=subprocess.DEVNULL))
                 _wait_port(stream_sim_port, helpers[-1])
-            if EXPORTING & set(args.telemetry):
+            if EXPORTING & {_telemetry_base(setting) for setting in args.telemetry}:
                 helpers.append(
                     subprocess.Popen(
                         [
