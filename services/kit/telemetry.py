@@ -225,7 +225,8 @@ def setup_telemetry(
     )
     # Each reader aggregates every measurement again (about 5 us a call each), and a trace-only
     # collector such as Jaeger refuses metrics: OTEL_METRICS_EXPORTER=none keeps them off OTLP.
-    if metrics_endpoint and _exporter_wanted(env, "OTEL_METRICS_EXPORTER"):
+    otlp_metrics = bool(metrics_endpoint) and _exporter_wanted(env, "OTEL_METRICS_EXPORTER")
+    if otlp_metrics:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         readers.append(
@@ -241,9 +242,11 @@ def setup_telemetry(
     # Spans that no processor takes are made, timed and dropped on every call: about a tenth of a
     # chat's CPU (bench/chat_cpu.py). With nothing to export, tracing is off, as with OTEL_SDK_DISABLED.
     tracing = not disabled and (exporting or bool(extra_processors))
-    # Exemplars point at traces: with tracing off no measurement may offer one (the SDK's default
-    # filter would still be asked on every measurement), unless OTEL_METRICS_EXEMPLAR_FILTER says.
-    exemplars = None if tracing or env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    # Exemplars point at traces, and only OTLP carries them (the Prometheus exporter drops them):
+    # without both, no measurement offers one (the SDK's default filter would sample one into every
+    # reader's reservoir on every measurement in a sampled span), unless OTEL_METRICS_EXEMPLAR_FILTER says.
+    wanted = tracing and otlp_metrics
+    exemplars = None if wanted or env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
     meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS, exemplar_filter=exemplars)
     if not tracing:
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)

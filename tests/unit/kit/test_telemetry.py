@@ -140,3 +140,29 @@ async def test_metrics_go_over_otlp_unless_their_exporter_is_switched_off(
     finally:
         await server.stop(0)
     assert (collector.exports > 0) is exported
+
+
+@pytest.mark.parametrize(
+    ("metrics_exporter", "offered"),
+    [("otlp", True), ("none", False)],
+)
+def test_exemplars_are_sampled_only_when_metrics_leave_over_otlp(
+    monkeypatch: pytest.MonkeyPatch, metrics_exporter: str, offered: bool
+) -> None:
+    """The Prometheus exporter drops exemplars: with traces but no OTLP metrics, sampling one into
+    every reservoir on every measurement would be work nobody sees."""
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
+
+    monkeypatch.delenv("OTEL_METRICS_EXEMPLAR_FILTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")  # nothing listens on the endpoint
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "OTEL_METRICS_EXPORTER": metrics_exporter,
+    }
+    telemetry = setup_telemetry("probe", environ=environ)
+    try:
+        assert telemetry.tracing
+        exemplar_filter = telemetry.meter_provider._sdk_config.exemplar_filter  # type: ignore[attr-defined]
+        assert isinstance(exemplar_filter, TraceBasedExemplarFilter if offered else AlwaysOffExemplarFilter)
+    finally:
+        telemetry.shutdown()
