@@ -220,8 +220,8 @@ def setup_telemetry(
     readers: list[MetricReader] = [
         PrometheusMetricReader(registry=registry, resource_attribute_filter=lambda key: key == "cloud.region")
     ]
-    metrics_endpoint = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    metrics_endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or ""
     )
     # Each reader aggregates every measurement again (about 5 us a call each), and a trace-only
     # collector such as Jaeger refuses metrics: OTEL_METRICS_EXPORTER=none keeps them off OTLP.
