@@ -11,7 +11,9 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.kit.telemetry import setup_telemetry
+from services.kit.config import ConfigError
+from services.kit.telemetry import Telemetry, setup_telemetry
+from tests.support.waiting import eventually
 
 
 def test_without_an_exporter_no_span_is_made_and_no_interceptor_runs() -> None:
@@ -112,12 +114,24 @@ def test_spans_are_encoded_for_otlp_grouped_by_their_service() -> None:
 class _MetricsCollector(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self) -> None:
         self.exports = 0
+        self.requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
 
     async def Export(
         self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: Any
     ) -> metrics_service_pb2.ExportMetricsServiceResponse:
         self.exports += 1
+        self.requests.append(request)
         return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    def last_sum(self, name: str) -> float | None:
+        """The newest value a push carried for the sum `name`."""
+        for request in reversed(self.requests):
+            for resource in request.resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        if metric.name == name:
+                            return sum(point.as_int or point.as_double for point in metric.sum.data_points)
+        return None
 
 
 @pytest.mark.parametrize(("setting", "exported"), [({}, True), ({"OTEL_METRICS_EXPORTER": "none"}, False)])
@@ -166,3 +180,90 @@ def test_exemplars_are_sampled_only_when_metrics_leave_over_otlp(
         assert isinstance(exemplar_filter, TraceBasedExemplarFilter if offered else AlwaysOffExemplarFilter)
     finally:
         telemetry.shutdown()
+
+
+async def _metrics_collector() -> tuple[grpc.aio.Server, _MetricsCollector, int]:
+    server = grpc.aio.server()
+    collector = _MetricsCollector()
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, collector, port
+
+
+def _scraped(telemetry: Telemetry, name: str) -> list[float]:
+    from prometheus_client import generate_latest
+
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in generate_latest(telemetry.registry).decode().splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    ]
+
+
+async def test_one_aggregation_serves_the_prometheus_endpoint_and_the_otlp_push() -> None:
+    """Each reader aggregates every measurement again: with OTLP's default preferences the
+    Prometheus reader's aggregation is pushed, and scrapes between pushes see each series once."""
+    server, collector, port = await _metrics_collector()
+    try:
+        environ = {
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_METRIC_EXPORT_INTERVAL": "50",
+        }
+        telemetry = setup_telemetry("probe", environ=environ)
+        try:
+            readers = telemetry.meter_provider._metric_readers  # type: ignore[attr-defined]
+            assert [type(reader).__name__ for reader in readers] == ["PushingPrometheusReader"]
+            counter = telemetry.meter.create_counter("probe_calls")
+            counter.add(2)
+            await eventually(lambda: collector.exports >= 2, what="two pushes")
+            counter.add(3)
+            seen = collector.exports
+            assert _scraped(telemetry, "probe_calls_total") == [5.0]
+            # The push after the one that may have been on its way when 3 was added carries 5;
+            # pushes go on after a scrape, and a scrape after pushes still sees the series once.
+            await eventually(lambda: collector.exports >= seen + 2, what="two more pushes")
+            assert _scraped(telemetry, "probe_calls_total") == [5.0]
+            assert collector.last_sum("probe_calls") == 5.0
+        finally:
+            await asyncio.to_thread(telemetry.shutdown)
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta"),
+        ("OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION", "base2_exponential_bucket_histogram"),
+    ],
+)
+async def test_otlp_asking_for_other_aggregations_keeps_a_reader_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # The OTLP exporter reads its preferences from the process environment.
+    monkeypatch.setenv(variable, value)
+    server, collector, port = await _metrics_collector()
+    try:
+        telemetry = setup_telemetry(
+            "probe", environ={"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{port}"}
+        )
+        readers = telemetry.meter_provider._metric_readers  # type: ignore[attr-defined]
+        assert sorted(type(reader).__name__ for reader in readers) == [
+            "PeriodicExportingMetricReader",
+            "PrometheusMetricReader",
+        ]
+        telemetry.meter.create_counter("probe_calls").add(1)
+        await asyncio.to_thread(telemetry.shutdown)
+    finally:
+        await server.stop(0)
+    assert collector.exports > 0
+
+
+@pytest.mark.parametrize("variable", ["OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT"])
+@pytest.mark.parametrize("value", ["0", "soon", "-5"])
+def test_a_bad_export_interval_or_timeout_is_refused_by_name(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        setup_telemetry(
+            "probe", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", variable: value}
+        )
