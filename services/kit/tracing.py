@@ -104,20 +104,20 @@ class RpcSpan(sdk_trace.Span):
         self._record_end_metrics = None
 
     def _add_event(self, event: Any) -> None:
-        if self._end_time is not None:
-            _logger.warning("Tried calling _add_event on an ended span.")
-            return
-        if type(self._events) is tuple:
-            self._events = BoundedList(self._limits.max_events)
-        self._events.append(event)
+        self._events = self._appended("_add_event", self._events, event, self._limits.max_events)
 
     def _add_link(self, link: trace.Link) -> None:
+        self._links = self._appended("_add_link", self._links, link, self._limits.max_links)
+
+    def _appended(self, what: str, items: Any, item: Any, maxlen: int | None) -> Any:
+        """`items` with `item` added: the span's first event or link makes its list."""
         if self._end_time is not None:
-            _logger.warning("Tried calling _add_link on an ended span.")
-            return
-        if type(self._links) is tuple:
-            self._links = BoundedList(self._limits.max_links)
-        self._links.append(link)
+            _logger.warning("Tried calling %s on an ended span.", what)
+            return items
+        if type(items) is tuple:
+            items = BoundedList(maxlen)
+        items.append(item)
+        return items
 
     def end(self, end_time: int | None = None) -> None:
         with self._lock:
