@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common._internal import (
@@ -41,10 +41,23 @@ _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
 _TIMES = struct.Struct("<BQBQ").pack  # start_time_unix_nano and end_time_unix_nano, tagged
 
-# Encodings kept between exports. Attribute values can be anything a caller sets (an id, a
-# model name), so the cache is emptied when full rather than allowed to grow.
+# Encodings kept between exports. Attribute values and span names can be anything a caller sets
+# (an id, a model name), so each cache is emptied when full rather than allowed to grow.
 _CACHED_ATTRIBUTES = 4096
 _CACHED_STRING_LENGTH = 256
+# Resources and instrumentation scopes: a few per process.
+_CACHED_GROUPS = 64
+
+K = TypeVar("K")
+
+
+def _remember(cache: dict[K, bytes], key: K, encoded: bytes, limit: int) -> bytes:
+    """Keeps `encoded` under `key`, emptying `cache` first when it holds `limit` entries."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = encoded
+    return encoded
+
 
 # SpanFlags: the exporter says whether it knows if the parent is remote (always), and whether it is.
 _HAS_IS_REMOTE = 0x100
@@ -74,8 +87,10 @@ def _delimited(tag: bytes, payload: bytes) -> bytes:
 
 
 def _any_value(value: Any) -> bytes | None:
-    """AnyValue for booleans and numbers; None for what the library's encoder should write."""
+    """AnyValue for the scalar types; None for what the library's encoder should write."""
     kind = type(value)
+    if kind is str:
+        return _delimited(b"\x0a", value.encode())
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"
     if kind is int:
@@ -88,7 +103,7 @@ def _any_value(value: Any) -> bytes | None:
 class _Attributes:
     """KeyValue encodings. A string or integer attribute is written once while it stays in the
     cache, keyed by key and value (exact types only: True == 1, but a bool is written
-    differently); the tagged key of every other value is kept, and its value written each time."""
+    differently); for every other value the tagged key is kept and the value written each time."""
 
     def __init__(self, tag: bytes) -> None:
         self._tag = tag
@@ -103,38 +118,23 @@ class _Attributes:
             if kind is str or kind is int:
                 encoded = known.get((key, value))
                 if encoded is None:
-                    encoded = self._scalar(key, value)
+                    encoded = self._written(key, value)
+                    # Never None for a string or an integer; long strings are not kept.
+                    if encoded is not None and (kind is int or len(value) <= _CACHED_STRING_LENGTH):
+                        _remember(known, (key, value), encoded, _CACHED_ATTRIBUTES)
             else:
-                encoded = self._other(key, value)
-                if encoded is None:
-                    continue
-            out.append(encoded)
+                encoded = self._written(key, value)
+            if encoded is not None:
+                out.append(encoded)
         return b"".join(out)
 
-    def _scalar(self, key: str, value: str | int) -> bytes:
-        if isinstance(value, str):
-            any_value, cacheable = _delimited(b"\x0a", value.encode()), len(value) <= _CACHED_STRING_LENGTH
-        else:
-            any_value, cacheable = b"\x18" + _varint(value), True
-        encoded = _delimited(self._tag, self._key(key) + _delimited(b"\x12", any_value))
-        if cacheable:
-            if len(self._known) >= _CACHED_ATTRIBUTES:
-                self._known.clear()
-            self._known[key, value] = encoded
-        return encoded
-
-    def _key(self, key: str) -> bytes:
-        encoded = self._keys.get(key)
-        if encoded is None:
-            if len(self._keys) >= _CACHED_ATTRIBUTES:
-                self._keys.clear()
-            encoded = self._keys[key] = _delimited(b"\x0a", key.encode())
-        return encoded
-
-    def _other(self, key: str, value: Any) -> bytes | None:
+    def _written(self, key: str, value: Any) -> bytes | None:
         any_value = _any_value(value)
         if any_value is not None:
-            return _delimited(self._tag, self._key(key) + _delimited(b"\x12", any_value))
+            tagged_key = self._keys.get(key)
+            if tagged_key is None:
+                tagged_key = _remember(self._keys, key, _delimited(b"\x0a", key.encode()), _CACHED_ATTRIBUTES)
+            return _delimited(self._tag, tagged_key + _delimited(b"\x12", any_value))
         try:
             return _delimited(self._tag, bytes(_encode_key_value(key, value).SerializeToString()))
         except Exception:
@@ -202,7 +202,9 @@ class SpanEncoder:
             parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
         name = self._names.get(span._name)
         if name is None:
-            name = self._name(span._name)
+            name = _remember(
+                self._names, span._name, _delimited(b"\x2a", span._name.encode()), _CACHED_ATTRIBUTES
+            )
         parts.append(name)
         parts.append(_KINDS[span._kind._value_])  # _value_: Enum's .value is a Python property
         start, end = span._start_time, span._end_time
@@ -225,30 +227,21 @@ class SpanEncoder:
         parts.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
         return b"".join(parts)
 
-    def _name(self, name: str) -> bytes:
-        if len(self._names) >= _CACHED_ATTRIBUTES:
-            self._names.clear()
-        encoded = self._names[name] = _delimited(b"\x2a", name.encode())
-        return encoded
-
     def _resource(self, resource: Resource) -> bytes:
         encoded = self._resources.get(resource)
         if encoded is None:
-            if len(self._resources) >= 64:
-                self._resources.clear()
-            encoded = _delimited(b"\x0a", bytes(_encode_resource(resource).SerializeToString()))
-            self._resources[resource] = encoded
+            message = _encode_resource(resource).SerializeToString()
+            encoded = _remember(
+                self._resources, resource, _delimited(b"\x0a", bytes(message)), _CACHED_GROUPS
+            )
         return encoded
 
     def _scope(self, scope: InstrumentationScope | None) -> bytes:
         encoded = self._scopes.get(scope)
         if encoded is None:
-            if len(self._scopes) >= 64:
-                self._scopes.clear()
             # The library's function takes None too (an empty scope), whatever its annotation says.
-            scope_message = _encode_instrumentation_scope(scope)  # type: ignore[arg-type]
-            encoded = _delimited(b"\x0a", bytes(scope_message.SerializeToString()))
-            self._scopes[scope] = encoded
+            message = _encode_instrumentation_scope(scope).SerializeToString()  # type: ignore[arg-type]
+            encoded = _remember(self._scopes, scope, _delimited(b"\x0a", bytes(message)), _CACHED_GROUPS)
         return encoded
 
 
