@@ -325,29 +325,29 @@ def setup_telemetry(
         "registry": registry,
         "resource_attribute_filter": lambda key: key == "cloud.region",
     }
-    readers: list[MetricReader] = []
     metrics_endpoint = (
         env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or ""
     )
     # A trace-only collector such as Jaeger refuses metrics: OTEL_METRICS_EXPORTER=none keeps them off OTLP.
     otlp_metrics = bool(metrics_endpoint) and _exporter_wanted(env, "OTEL_METRICS_EXPORTER")
+    pushed: MetricExporter | None = None
     if otlp_metrics:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         pushed = OTLPMetricExporter(endpoint=metrics_endpoint, insecure=_insecure(env, metrics_endpoint))
-        if _cumulative_with_default_aggregation(pushed):
-            readers.append(PushingPrometheusReader(pushed, push_interval, push_timeout, **prometheus))
-        else:
+    readers: list[MetricReader]
+    if pushed is not None and _cumulative_with_default_aggregation(pushed):
+        readers = [PushingPrometheusReader(pushed, push_interval, push_timeout, **prometheus)]
+    else:
+        readers = [PrometheusMetricReader(**prometheus)]
+        if pushed is not None:
             # Delta temporality or another histogram aggregation asked of OTLP: the two readers
             # aggregate apart (every measurement twice, about 5 us a call each).
-            readers.append(PrometheusMetricReader(**prometheus))
             readers.append(
                 PeriodicExportingMetricReader(
                     pushed, export_interval_millis=push_interval, export_timeout_millis=push_timeout
                 )
             )
-    else:
-        readers.append(PrometheusMetricReader(**prometheus))
     disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
     traces_endpoint = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or ""
@@ -359,8 +359,8 @@ def setup_telemetry(
     # Exemplars point at traces, and only OTLP carries them (the Prometheus exporter drops them):
     # without both, no measurement offers one (the SDK's default filter would sample one into every
     # reader's reservoir on every measurement in a sampled span), unless OTEL_METRICS_EXEMPLAR_FILTER says.
-    wanted = tracing and otlp_metrics
-    exemplars = None if wanted or env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    seen = tracing and otlp_metrics
+    exemplars = None if seen or env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
     meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS, exemplar_filter=exemplars)
     if not tracing:
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)

@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from time import time_ns
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from opentelemetry import context as otel_context
@@ -26,6 +26,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
@@ -61,8 +62,8 @@ class RpcSpan(sdk_trace.Span):
 
     def __init__(
         self,
-        tracer: RpcTracer,
         provider: sdk_trace.TracerProvider,
+        scope: InstrumentationScope | None,
         name: str,
         context: SpanContext,
         parent: SpanContext | None,
@@ -75,9 +76,9 @@ class RpcSpan(sdk_trace.Span):
         self._context = context
         self._kind = kind
         self._instrumentation_info = None
-        self._instrumentation_scope = tracer.scope
+        self._instrumentation_scope = scope
         self._parent = parent
-        self._start_time: int | None = None
+        self._start_time: int | None = time_ns()
         self._end_time: int | None = None
         self._status = _UNSET
         self._events: Any = ()
@@ -100,7 +101,6 @@ class RpcSpan(sdk_trace.Span):
         if checked:
             bounded._dict.update(attributes)
         self._attributes = bounded
-        self._bounded: BoundedAttributes = bounded
         self._record_end_metrics = None
 
     def _add_event(self, event: Any) -> None:
@@ -125,7 +125,7 @@ class RpcSpan(sdk_trace.Span):
                 _logger.warning("Calling end() on an ended span.")
                 return
             self._end_time = end_time if end_time is not None else time_ns()
-            self._bounded._immutable = True
+            cast(BoundedAttributes, self._attributes)._immutable = True
         self._span_processor._on_ending(self)
         self._span_processor.on_end(self)
 
@@ -203,8 +203,9 @@ class RpcTracer:
         )
         if not recording:
             return trace.NonRecordingSpan(span_context)
-        span = RpcSpan(self, provider, name, span_context, parent, kind, given, checked=given is attributes)
-        span._start_time = time_ns()
+        span = RpcSpan(
+            provider, self.scope, name, span_context, parent, kind, given, checked=given is attributes
+        )
         span._span_processor.on_start(span, parent_context=context)
         return span
 
