@@ -9,6 +9,8 @@ keys file, a router catalog that points every alias at the sim. This process is 
 sends `EdgeService/Chat` (enterprise demo key, so no tier limit interferes) at --concurrency 8
 and reads the suite's CPU time (utime + stime of every process of its tree, from /proc) before and
 after a fixed number of completed chats. The sim's CPU is not counted; neither is the client's.
+Each call's latency as the client saw it is kept too (p50, p99 and the slowest call of all
+rounds): a pause of the suite, such as a full garbage collection, shows there.
 
 Layouts: `one` is `ballast up` (all five services in one process); `split` is each service in its
 own process (`python -m services.<name>`), CPU summed over the five.
@@ -18,7 +20,8 @@ process (it decodes and counts every span it receives, so the table shows spans 
 `sampled` is `export` keeping one trace in ten (OTEL_TRACES_SAMPLER=parentbased_traceidratio,
 OTEL_TRACES_SAMPLER_ARG=0.1); `disabled` sets OTEL_SDK_DISABLED=true. A setting may add OTEL_*
 variables after a `+` each, to take telemetry's cost apart: `export+OTEL_METRICS_EXPORTER=none`
-is `export` without metrics over OTLP.
+is `export` without metrics over OTLP; BALLAST_* variables too, to set a service knob beside the
+default in one run (`off+BALLAST_GC_FREEZE=false`).
 Paths: `noop` is grpc.health.v1 Check on the edge; `router` is RouterService/Complete called
 directly (one non-streamed provider call through the router, nothing else); `stream10` and
 `stream100` are RouterService/StreamComplete relaying 10 or 100 content chunks (a second sim,
@@ -90,7 +93,7 @@ def _telemetry_base(setting: str) -> str:
 
 
 def _telemetry_variables(setting: str) -> dict[str, str]:
-    """The OTEL_* variables a setting adds after its base, each after a `+`."""
+    """The OTEL_* and BALLAST_* variables a setting adds after its base, each after a `+`."""
     pairs = [part.partition("=") for part in setting.split("+")[1:]]
     return {name: value for name, _, value in pairs}
 
@@ -451,6 +454,8 @@ class Batch:
     wall_s: float
     failures: int
     spans: int = 0
+    # Seconds each successful call took, as the client saw it (queueing at --concurrency included).
+    latencies: list[float] = field(default_factory=list)
 
 
 async def _run_batch(
@@ -458,12 +463,15 @@ async def _run_batch(
 ) -> Batch:
     failures = 0
     indices = iter(range(calls))
+    latencies: list[float] = []
 
     async def worker() -> None:
         nonlocal failures
         for index in indices:
             try:
+                sent = time.perf_counter()
                 await call(index)
+                latencies.append(time.perf_counter() - sent)
             except grpc.aio.AioRpcError as exc:
                 failures += 1
                 if failures <= 3:
@@ -477,7 +485,7 @@ async def _run_batch(
     wall = time.perf_counter() - started
     # Work a call left behind (a span export, a store write) belongs to it: let it land.
     await asyncio.sleep(0.2)
-    return Batch(calls, suite.cpu() - cpu_before, wall, failures)
+    return Batch(calls, suite.cpu() - cpu_before, wall, failures, latencies=latencies)
 
 
 class PathRunner:
@@ -657,6 +665,7 @@ async def _measure_config(
                     "calls_per_s": sum(b.calls for b in runs) / sum(b.wall_s for b in runs),
                     "failures": sum(b.failures for b in runs),
                     "spans_per_call": sum(b.spans for b in runs) / max(1, done),
+                    "latency_ms": _latency_ms([t for b in runs for t in b.latencies]),
                 }
             rows.append(row)
         per_chunk = _per_chunk_row(rows, [s.label for s in suites])
@@ -666,6 +675,14 @@ async def _measure_config(
         for client in clients:
             await client.channel.close()
     return rows
+
+
+def _latency_ms(latencies: list[float]) -> dict[str, float]:
+    """p50, p99 and the slowest call in milliseconds: a pause of the suite's event loop (a full
+    garbage collection, say) shows in the tail, not in the CPU per call."""
+    ordered = sorted(latencies) or [0.0]
+    at = lambda q: 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": at(0.5), "p99": at(0.99), "max": 1000 * ordered[-1]}
 
 
 def _per_chunk_row(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any] | None:
@@ -686,6 +703,7 @@ def _per_chunk_row(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, A
             "calls_per_s": None,  # a difference of two batches has no rate of its own
             "failures": a["failures"] + b["failures"],
             "spans_per_call": b["spans_per_call"] - a["spans_per_call"],
+            "latency_ms": None,
         }
     return row
 
@@ -716,10 +734,16 @@ def _path_name(path: str) -> str:
     return PATH_NAMES.get(path, f"session, depth {path[1:]}")
 
 
+def _latency_cell(latency: dict[str, float] | None) -> str:
+    if not latency:
+        return "-"
+    return f"{latency['p50']:.1f} / {latency['p99']:.1f} / {latency['max']:.1f}"
+
+
 def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
     head = ["layout", "telemetry", "path"]
     for label in labels:
-        head += [f"{label} CPU ms/call", f"{label} rounds", f"{label} calls/s"]
+        head += [f"{label} CPU ms/call", f"{label} rounds", f"{label} calls/s", f"{label} p50/p99/max ms"]
     if len(labels) == 2:
         head.append("change")
     else:
@@ -737,6 +761,7 @@ def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
                 f"{data['cpu_ms_per_call']:.2f}{failed}",
                 " / ".join(f"{v:.2f}" for v in data["rounds_ms"]),
                 "-" if data["calls_per_s"] is None else f"{data['calls_per_s']:.0f}",
+                _latency_cell(data.get("latency_ms")),
             ]
         old = row[labels[0]]["cpu_ms_per_call"]
         for label in labels[1:]:
@@ -814,9 +839,11 @@ def main() -> int:
             parser.error(f"{what}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     for setting in args.telemetry:
         for name in _telemetry_variables(setting):
-            if not name.startswith("OTEL_") or not name[5:].replace("_", "").isalnum():
+            prefix = next((p for p in ("OTEL_", "BALLAST_") if name.startswith(p)), "")
+            if not prefix or not name[len(prefix) :].replace("_", "").isalnum():
                 parser.error(
-                    f"--telemetry {setting}: {name!r} is not an OTEL_* variable (setting+OTEL_NAME=value)"
+                    f"--telemetry {setting}: {name!r} is not an OTEL_* or BALLAST_* variable"
+                    " (setting+NAME=value)"
                 )
     if min(args.chats, args.noop_calls, args.stream_calls, args.rounds, args.concurrency) < 1:
         parser.error("--chats, --noop-calls, --stream-calls, --rounds and --concurrency must be at least 1")
