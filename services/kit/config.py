@@ -272,6 +272,11 @@ class ServerSettings:
     blas_threads: int = 1
     # One of EVENT_LOOPS (services/kit/entry.py).
     event_loop: str = "uvloop"
+    # Python's garbage collector (services/kit/collector.py): its young generation is collected
+    # after this many net allocations (0: Python's default, 700), and what exists once the
+    # services have started is frozen out of every later collection.
+    gc_young_threshold: int = 10_000
+    gc_freeze: bool = True
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerSettings:
@@ -317,6 +322,10 @@ class ServerSettings:
             malloc_arenas=env.integer(f"{PREFIX}MALLOC_ARENAS", cls.malloc_arenas, minimum=0, maximum=1024),
             blas_threads=env.integer(f"{PREFIX}BLAS_THREADS", cls.blas_threads, minimum=0, maximum=1024),
             event_loop=env.choice(f"{PREFIX}EVENT_LOOP", cls.event_loop, EVENT_LOOPS),
+            gc_young_threshold=env.integer(
+                f"{PREFIX}GC_YOUNG_THRESHOLD", cls.gc_young_threshold, minimum=0, maximum=10_000_000
+            ),
+            gc_freeze=env.boolean(f"{PREFIX}GC_FREEZE", cls.gc_freeze),
             metrics_port=env.integer(
                 f"{PREFIX}{upper}_METRICS_PORT",
                 DEFAULT_METRICS_PORTS.get(service, 0),

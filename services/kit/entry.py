@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from services.kit.collector import freeze_startup_heap, set_young_threshold
 from services.kit.config import ConfigError, Env, ServerSettings
 from services.kit.logging import setup_logging
 from services.kit.native import limit_blas_threads, limit_malloc_arenas
@@ -61,6 +62,7 @@ def run(entries: Sequence[Entry[Any]], *, banner: Callable[[list[Any]], None] | 
     # Before the services start their threads: an arena made before the limit stays.
     limit_malloc_arenas(first.malloc_arenas)
     limit_blas_threads(first.blas_threads)
+    set_young_threshold(first.gc_young_threshold)
     setup_logging(first.log_level, first.log_format)
     if banner is not None:
         banner(settings)
@@ -70,7 +72,8 @@ def run(entries: Sequence[Entry[Any]], *, banner: Callable[[list[Any]], None] | 
         apps = [
             entry.build(s, setup_telemetry(entry.name)) for entry, s in zip(entries, settings, strict=True)
         ]
-        await run_until_signal(apps)
+        # What the services hold once started (modules, models, pools) lives as long as the process.
+        await run_until_signal(apps, freeze_startup_heap if first.gc_freeze else None)
 
     run_on_loop(serve(), first.event_loop)
     return 0

@@ -434,8 +434,9 @@ async def _start_health_server(
     return server, port
 
 
-async def run_until_signal(apps: Sequence[ServiceApp]) -> None:
-    """Starts every app, serves until SIGTERM or SIGINT, then shuts all down gracefully."""
+async def run_until_signal(apps: Sequence[ServiceApp], started: Callable[[], object] | None = None) -> None:
+    """Starts every app, calls `started` once all are serving, serves until SIGTERM or SIGINT,
+    then shuts all down gracefully."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -444,6 +445,8 @@ async def run_until_signal(apps: Sequence[ServiceApp]) -> None:
     try:
         for app in apps:
             running.append(await start_service(app))
+        if started is not None:
+            started()
         await stop.wait()
         log.info("signal received, shutting down")
     finally:
