@@ -681,7 +681,10 @@ def _latency_ms(latencies: list[float]) -> dict[str, float]:
     """p50, p99 and the slowest call in milliseconds: a pause of the suite's event loop (a full
     garbage collection, say) shows in the tail, not in the CPU per call."""
     ordered = sorted(latencies) or [0.0]
-    at = lambda q: 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+
+    def at(quantile: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+
     return {"p50": at(0.5), "p99": at(0.99), "max": 1000 * ordered[-1]}
 
 

@@ -21,7 +21,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    ExemplarFilter,
+    Histogram,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     MetricExporter,
@@ -177,6 +184,14 @@ _VIEWS = (
 )
 
 
+# OTEL_METRICS_EXEMPLAR_FILTER's values, as the SDK names them.
+_EXEMPLAR_FILTERS: dict[str, Callable[[], ExemplarFilter]] = {
+    "always_off": AlwaysOffExemplarFilter,
+    "trace_based": TraceBasedExemplarFilter,
+    "always_on": AlwaysOnExemplarFilter,
+}
+
+
 def _insecure(env: Mapping[str, str], endpoint: str) -> bool:
     """Plain-text gRPC for http:// endpoints (as a local Jaeger or collector), or when asked."""
     flag = env.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower()
@@ -314,6 +329,7 @@ def setup_telemetry(
     # Read here, not by the SDK from the process environment, so a bad value is an error that names it.
     push_interval = settings.integer("OTEL_METRIC_EXPORT_INTERVAL", 60_000, minimum=1)
     push_timeout = settings.integer("OTEL_METRIC_EXPORT_TIMEOUT", 30_000, minimum=1)
+    exemplar_filter = settings.choice("OTEL_METRICS_EXEMPLAR_FILTER", "always_off", _EXEMPLAR_FILTERS)
     settings.check()
     resource = _HashedOnce(
         Resource.create({"service.name": name, "service.namespace": "ballast", "cloud.region": region})
@@ -356,11 +372,12 @@ def setup_telemetry(
     # Spans that no processor takes are made, timed and dropped on every call: about a tenth of a
     # chat's CPU (bench/chat_cpu.py). With nothing to export, tracing is off, as with OTEL_SDK_DISABLED.
     tracing = not disabled and (exporting or bool(extra_processors))
-    # Exemplars point at traces, and only OTLP carries them (the Prometheus exporter drops them):
-    # without both, no measurement offers one (the SDK's default filter would sample one into every
-    # reader's reservoir on every measurement in a sampled span), unless OTEL_METRICS_EXEMPLAR_FILTER says.
-    seen = tracing and otlp_metrics
-    exemplars = None if seen or env.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    # Exemplars (a sampled span's trace id kept beside a measurement) are offered only when asked:
+    # OTEL_METRICS_EXEMPLAR_FILTER=trace_based. Only OTLP carries them (the Prometheus endpoint
+    # drops them), and with every trace exported they cost 7% of an exact hit's CPU and 10% of a
+    # session chat's (bench/results/chat_cpu_exemplars.md): each measurement in a sampled span
+    # looks up the current span and offers itself to a reservoir per reader.
+    exemplars = _EXEMPLAR_FILTERS[exemplar_filter]()
     meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS, exemplar_filter=exemplars)
     if not tracing:
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
