@@ -15,6 +15,9 @@ append one turn at a time to one session, each append with its own idempotency k
               send the version last seen, with wait_for_next_turn (each writer appends again);
               on OK take next_turn_version; on ABORTED wait RetryInfo's retry_delay, take
               ErrorInfo's current_version and retry with the same idempotency key.
+  solo        `versioned` with one writer and nobody else: each append waits for the one before
+              it to be answered, as every versioned append of a contended session must, so this
+              is the fastest a chain of versioned appends on one session can go here.
   aborted     `versioned` without wait_for_next_turn: every append learns its version from
               an ABORTED first (two calls per append on a contended session; the loop before
               wait_for_next_turn existed).
@@ -83,6 +86,8 @@ class Scenario:
     follow_hint: bool = True
     # Ask for the next turn with each append (wait_for_next_turn).
     next_turn: bool = False
+    # Writers of this scenario (None: --writers).
+    writers: int | None = None
 
 
 SCENARIOS = {
@@ -90,6 +95,13 @@ SCENARIOS = {
     for s in [
         Scenario("head", "head (expected_version -1)", expected_version=False),
         Scenario("versioned", "versioned, documented loop", expected_version=True, next_turn=True),
+        Scenario(
+            "solo",
+            "one versioned writer alone",
+            expected_version=True,
+            next_turn=True,
+            writers=1,
+        ),
         Scenario("aborted", "versioned, ABORTED loop only", expected_version=True),
         Scenario("noqueue", "versioned, no queue", expected_version=True, queue=False),
         Scenario(
@@ -349,7 +361,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for scenario in scenarios:
                         service = services[(tree_name, scenario.queue)]
                         session = f"r{round_}-{scenario.name}"
-                        row = await _scenario(service, session, scenario, args.writers, args.seconds)
+                        writers = scenario.writers or args.writers
+                        row = await _scenario(service, session, scenario, writers, args.seconds)
                         rows.append({"round": round_, "tree": tree_name, **row})
                         print(
                             f"  round {round_}, {tree_name}, {row['label']}: {row['throughput']:.0f}/s,"
