@@ -182,8 +182,13 @@ def sts_kind(a: str, b: str, score: float) -> str:
 
 
 def load_sts(split: str) -> list[dict[str, Any]]:
+    return load_sts_file(STS_SPLITS[split], split)
+
+
+def load_sts_file(name: str, split: str) -> list[dict[str, Any]]:
+    """The pairs of one STS-B file of the package (sts-train.csv, sts-dev.csv, sts-test.csv)."""
     pairs: list[dict[str, Any]] = []
-    for line in sts_file(STS_SPLITS[split]).read_text(encoding="utf-8").splitlines():
+    for line in sts_file(name).read_text(encoding="utf-8").splitlines():
         cols = line.split("\t")
         if len(cols) < 7 or not cols[5].strip() or not cols[6].strip():
             continue
