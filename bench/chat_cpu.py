@@ -246,16 +246,17 @@ class Suite:
             env[f"BALLAST_{name.upper()}_METRICS_PORT"] = str(_free_port())
         # The edge's OpenAI-compatible HTTP face stays on, on a free port (two suites run side by side).
         env["BALLAST_EDGE_HTTP_PORT"] = str(_free_port())
-        if _telemetry_base(self.telemetry) in EXPORTING:
+        base = _telemetry_base(self.telemetry)
+        if base in EXPORTING:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink_port}"
             env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
             # Export every 0.5 s (the SDK's default is 5 s), so a batch's spans arrive soon after it.
             env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
-            if _telemetry_base(self.telemetry) == "sampled":
+            if base == "sampled":
                 # What a busy deployment would run: one trace in ten kept (the SDK's own variables).
                 env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
                 env["OTEL_TRACES_SAMPLER_ARG"] = "0.1"
-        elif self.telemetry == "disabled":
+        elif base == "disabled":
             env["OTEL_SDK_DISABLED"] = "true"
         env.update(_telemetry_variables(self.telemetry))
         return env
