@@ -160,20 +160,24 @@ def sts_file(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)), "data", "sts_b", name)
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+(?:[.,]\d+)?", text))
+
+
+def negated(text: str) -> bool:
+    return any(w in NEGATIONS or w.endswith("n't") for w in words(text))
 
 
 def sts_kind(a: str, b: str, score: float) -> str:
     """The trap kind of a pair (or `paraphrase`), decided from the text and the gold score only."""
     if score >= STS_POSITIVE:
         return "paraphrase"
-    if set(re.findall(r"\d+(?:[.,]\d+)?", a)) != set(re.findall(r"\d+(?:[.,]\d+)?", b)):
+    if numbers(a) != numbers(b):
         return "number"
-
-    def negated(text: str) -> bool:
-        return any(w in NEGATIONS or w.endswith("n't") for w in _words(text))
-
     if negated(a) != negated(b):
         return "negation"
     if score >= 3.0:

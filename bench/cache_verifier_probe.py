@@ -18,7 +18,8 @@ cache's own local MiniLM:
                     states of the same MiniLM pass): mean and minimum in both directions, and
                     the smaller minimum (a token with no counterpart: a changed name or number)
   lexical           word Jaccard, word-set symmetric difference, numbers differ, a negation in
-                    one text only, token length ratio
+                    one text only (words, numbers and negations as bench/cache_eval.py finds them
+                    to sort traps by kind), token length ratio
 plus cosine squared and cosine times each alignment feature. The model is a logistic regression
 (Newton's method, L2 1e-2) on standardised features.
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.cache_eval import _cell, _rate, load_sts_file
+from bench.cache_eval import _cell, _rate, load_sts_file, negated, numbers, words
 from services.cache.embedder import MiniLMModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,9 +58,6 @@ FEATURES = (
     "length ratio",
     "words in one only",
 )
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
-_NEGATION = re.compile(r"\b(?:not|no|never|nobody|nothing|none|neither|nor|without)\b|n't", re.I)
-_WORD = re.compile(r"[a-z0-9']+")
 
 Floats = npt.NDArray[np.float64]
 
@@ -85,7 +82,7 @@ def features(model: MiniLMModel, a: str, b: str) -> list[float]:
     pooled_b, tokens_b = _states(model, b)
     similarity = tokens_a @ tokens_b.T
     a_to_b, b_to_a = similarity.max(axis=1), similarity.max(axis=0)
-    words_a, words_b = set(_WORD.findall(a.lower())), set(_WORD.findall(b.lower()))
+    words_a, words_b = set(words(a)), set(words(b))
     return [
         float(pooled_a @ pooled_b),
         float(a_to_b.mean()),
@@ -94,8 +91,8 @@ def features(model: MiniLMModel, a: str, b: str) -> list[float]:
         float(b_to_a.min()),
         float(min(a_to_b.min(), b_to_a.min())),
         len(words_a & words_b) / max(1, len(words_a | words_b)),
-        float(set(_NUMBER.findall(a)) != set(_NUMBER.findall(b))),
-        float(bool(_NEGATION.search(a)) != bool(_NEGATION.search(b))),
+        float(numbers(a) != numbers(b)),
+        float(negated(a) != negated(b)),
         min(len(tokens_a), len(tokens_b)) / max(len(tokens_a), len(tokens_b)),
         float(len(words_a ^ words_b)),
     ]
