@@ -10,8 +10,10 @@ server's handler in-process. What a caller and a handler can observe stays as ov
 - each message is serialized and parsed again on the other side, so caller and handler share no
   objects, and a message over BALLAST_MAX_MESSAGE_BYTES fails with RESOURCE_EXHAUSTED;
 - the server's interceptors run as for a network call (tracing, `rpc.server.call.duration`,
-  error mapping, the edge's load shedding), and the caller gets CLIENT spans with the trace
-  context in the metadata, so a trace has the same shape;
+  error mapping, the edge's load shedding), and the caller gets CLIENT spans whose trace context
+  the server's span continues, so a trace has the same shape (the context is handed over as an
+  object on the servicer context, not written into the metadata as `traceparent` and parsed
+  back; the server span's parent is then marked local, not remote);
 - the handler runs in a task of its own with a fresh `contextvars` context, so what it sets
   (the current span) never leaks into the caller;
 - a timeout is a deadline: the handler sees it in `time_remaining()`, is cancelled when it
@@ -34,10 +36,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from services.kit import tls
-from services.kit.tracing import ClientSpans, end_client_span
+from services.kit.tracing import ClientSpans, HandedOver, end_client_span
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 Serializer = Callable[[Any], bytes] | None
@@ -189,12 +192,20 @@ class _RefusedError(Exception):
         self.error = error
 
 
-class LocalContext:
-    """The servicer context of an in-process call: what grpc.aio's gives a handler."""
+class LocalContext(HandedOver):
+    """The servicer context of an in-process call: what grpc.aio's gives a handler, and the
+    caller's trace context (its CLIENT span) for the server's tracing."""
 
     __slots__ = ("_aborted", "_code", "_deadline", "_details", "_done", "_loop", "_metadata", "_trailing")
 
-    def __init__(self, metadata: Metadata, deadline: float | None, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        metadata: Metadata,
+        deadline: float | None,
+        loop: asyncio.AbstractEventLoop,
+        trace_parent: otel_context.Context | None = None,
+    ) -> None:
+        super().__init__(trace_parent)
         self._metadata = metadata
         self._deadline = deadline
         self._loop = loop
@@ -312,16 +323,17 @@ class _Call:
         self._deadline = None if timeout is None else loop.time() + timeout
         spans = channel.spans
         self._span = None if spans is None else spans.start(method)
-        if self._span is not None:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier, context=trace.set_span_in_context(self._span))
-            metadata = (*metadata, *carrier.items())
+        # The handler's server span is the child of this CLIENT span, handed over as an object
+        # rather than written into the metadata and parsed back (what a remote server would see:
+        # the span and the caller's baggage).
+        self._trace_parent = None if self._span is None else trace.set_span_in_context(self._span)
         self._metadata = metadata
         self._request = request
         self._status: grpc.aio.AioRpcError | None = None
         self._context: LocalContext | None = None
         # A fresh context: nothing the handler sets reaches the caller, and the caller's
-        # current span reaches the handler only through the metadata, as over the wire.
+        # current span reaches the handler only through its servicer context, as over the wire
+        # through the metadata.
         self._task: asyncio.Task[Any] = loop.create_task(self._run(), context=contextvars.Context())
         self._task.add_done_callback(self._settled)
         server.track(self._task)
@@ -346,7 +358,7 @@ class _Call:
             raise _too_large(len(self._request), self._limit)
         parse = handler.request_deserializer
         request = parse(self._request) if parse is not None else self._request
-        self._context = LocalContext(self._metadata, self._deadline, self._loop)
+        self._context = LocalContext(self._metadata, self._deadline, self._loop, self._trace_parent)
         return handler, request, self._context
 
     def _response(self, handler: grpc.RpcMethodHandler[Any, Any], message: Any) -> Any:

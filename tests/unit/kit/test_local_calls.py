@@ -51,6 +51,11 @@ class LocalApp(ServiceApp):
             value: str = dict(context.invocation_metadata()).get(request.decode(), "")
             return value.encode()
 
+        async def baggage_of(request: bytes, context: Any) -> bytes:
+            from opentelemetry import baggage
+
+            return str(baggage.get_baggage(request.decode()) or "").encode()
+
         async def leak(request: bytes, context: Any) -> bytes:
             SEEN_BY.set("handler")
             return SEEN_BY.get().encode()
@@ -88,6 +93,7 @@ class LocalApp(ServiceApp):
                         "Remaining": grpc.unary_unary_rpc_method_handler(remaining),
                         "Metadata": grpc.unary_unary_rpc_method_handler(metadata),
                         "Leak": grpc.unary_unary_rpc_method_handler(leak),
+                        "Baggage": grpc.unary_unary_rpc_method_handler(baggage_of),
                         "Echo": grpc.unary_unary_rpc_method_handler(echo),
                         "Hang": grpc.unary_unary_rpc_method_handler(hang),
                         "Stream": grpc.unary_stream_rpc_method_handler(stream),
@@ -201,6 +207,42 @@ async def test_metadata_reaches_the_handler(
     _, _, channel = served
     reply = await _unary(channel, "Metadata")(b"x-tenant", timeout=30, metadata=(("x-tenant", "acme"),))
     assert reply == b"acme"
+
+
+async def test_the_handlers_span_continues_the_callers_without_traceparent_text() -> None:
+    from opentelemetry import baggage, trace
+    from opentelemetry import context as otel_context
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("probe", environ={}, extra_processors=[SimpleSpanProcessor(exporter)])
+    settings = ServerSettings(service="probe", port=0, grace_period=5.0, max_message_bytes=64 * 1024)
+    app = LocalApp(settings, telemetry)
+    service = await start_service(app)
+    channel = open_channel(service.address, app.server_settings, app.telemetry)
+    assert isinstance(channel, local.LocalFirstChannel)
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    try:
+        with tracer.start_as_current_span("caller") as caller:
+            token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+            try:
+                # The handler reads its metadata: an in-process call writes no trace context there.
+                assert await _unary(channel, "Metadata")(b"traceparent", timeout=30) == b""
+                assert await _unary(channel, "Baggage")(b"tenant", timeout=30) == b"acme"
+            finally:
+                otel_context.detach(token)
+    finally:
+        await channel.close()
+        await service.stop(0.1)
+    spans = {(s.name, s.kind): s for s in exporter.get_finished_spans()}
+    method = f"/{SERVICE}/Metadata"
+    client, server = spans[method, trace.SpanKind.CLIENT], spans[method, trace.SpanKind.SERVER]
+    assert client.parent is not None and client.parent.span_id == caller.get_span_context().span_id
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
+    assert server.context.trace_id == caller.get_span_context().trace_id
+    # The parent is in this process: not marked remote, as a parent read off the wire is.
+    assert not server.parent.is_remote
 
 
 async def test_a_status_arrives_with_its_details_and_trailing_metadata(
