@@ -71,6 +71,12 @@ class Telemetry:
         return self.tracer_provider.get_tracer("ballast")
 
     @property
+    def checked_tracer(self) -> trace.Tracer:
+        """The tracer for spans started with attributes built once and known valid (see
+        tracing.CheckedTracer): the router's provider calls."""
+        return tracing.CheckedTracer(self.tracer_provider, "ballast")
+
+    @property
     def meter(self) -> metrics.Meter:
         return self.meter_provider.get_meter("ballast")
 

@@ -147,14 +147,24 @@ class RpcTracer:
     children) is decided without asking the sampler, which would look the parent up again.
     Any other provider than the SDK's gets its own tracer's spans."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider) -> None:
-        self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
+    def __init__(self, tracer_provider: trace.TracerProvider, scope: str = INSTRUMENTATION) -> None:
+        self.tracer = tracer_provider.get_tracer(scope)
         sdk = isinstance(tracer_provider, sdk_trace.TracerProvider) and isinstance(
             self.tracer, sdk_trace.Tracer
         )
         self.provider: sdk_trace.TracerProvider | None = tracer_provider if sdk else None  # type: ignore[assignment]
         self.scope = getattr(self.tracer, "_instrumentation_scope", None)
         self._decided: dict[tuple[bool, bool], bool] = {}
+        # Attributes known valid go into a span unchecked only when no limit could cut them:
+        # no length limit on values, and no fewer allowed than a span starts with.
+        limits = self.provider._span_limits if self.provider is not None else None
+        self._unchecked_count = (
+            -1
+            if limits is None or limits.max_span_attribute_length is not None
+            else limits.max_span_attributes
+            if limits.max_span_attributes is not None
+            else 1 << 30
+        )
         sampler = self.provider.sampler if self.provider is not None else None
         if isinstance(sampler, ParentBased) and type(sampler).should_sample is ParentBased.should_sample:
             children = {
@@ -168,9 +178,10 @@ class RpcTracer:
                     self._decided[parent] = child._decision is Decision.RECORD_AND_SAMPLE
 
     def start(
-        self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping[str, str]
+        self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping[str, Any]
     ) -> trace.Span:
-        """`attributes` must be valid span attributes: they are not checked again."""
+        """`attributes` must be valid span attributes: they are not checked again, unless the
+        provider's limits could cut them."""
         provider, tracer = self.provider, self.tracer
         if provider is None or not tracer._is_enabled():  # type: ignore[attr-defined]
             return tracer.start_span(name, context, kind, attributes)
@@ -203,9 +214,8 @@ class RpcTracer:
         )
         if not recording:
             return trace.NonRecordingSpan(span_context)
-        span = RpcSpan(
-            provider, self.scope, name, span_context, parent, kind, given, checked=given is attributes
-        )
+        checked = given is attributes and len(attributes) <= self._unchecked_count
+        span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given, checked=checked)
         span._span_processor.on_start(span, parent_context=context)
         return span
 
@@ -219,6 +229,36 @@ class HandedOver:
 
     def __init__(self, trace_parent: otel_context.Context | None) -> None:
         self.trace_parent = trace_parent
+
+
+class CheckedTracer(trace.Tracer):
+    """A tracer for spans whose starting attributes their caller built once and knows valid
+    (cached per route, say: strings, numbers and booleans): start_span makes them as RpcTracer
+    does, without the SDK's check of every attribute on every span. Spans with links or a start
+    time of their own, and start_as_current_span, are the SDK tracer's."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider, scope: str) -> None:
+        self._rpc = RpcTracer(tracer_provider, scope)
+
+    def start_span(
+        self,
+        name: str,
+        context: otel_context.Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Any = None,
+        links: Any = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        if links or start_time is not None or not record_exception or not set_status_on_exception:
+            return self._rpc.tracer.start_span(
+                name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
+            )
+        return self._rpc.start(name, context, kind, attributes or {})
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._rpc.tracer.start_as_current_span(*args, **kwargs)
 
 
 def _attributes(method: str) -> dict[str, str]:

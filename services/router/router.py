@@ -621,15 +621,24 @@ async def settle_usage(result: ChatResult, choice: Choice, request: ChatRequest)
 
 def annotate(span: trace.Span, value: object, choice: Choice) -> None:
     """OpenTelemetry GenAI attributes of a finished call (no prompt or completion text)."""
+    # One set_attributes: the span's lock is taken once, not once per attribute.
     if isinstance(value, ChatResult):
-        span.set_attribute("gen_ai.response.model", value.provider_model or choice.model.provider_model)
-        span.set_attribute("gen_ai.response.id", value.response_id)
-        span.set_attribute("gen_ai.response.finish_reasons", [value.finish.value])
-        span.set_attribute("gen_ai.usage.input_tokens", value.usage.input_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", value.usage.output_tokens)
+        span.set_attributes(
+            {
+                "gen_ai.response.model": value.provider_model or choice.model.provider_model,
+                "gen_ai.response.id": value.response_id,
+                "gen_ai.response.finish_reasons": (value.finish.value,),
+                "gen_ai.usage.input_tokens": value.usage.input_tokens,
+                "gen_ai.usage.output_tokens": value.usage.output_tokens,
+            }
+        )
     elif isinstance(value, EmbedResult):
-        span.set_attribute("gen_ai.response.model", value.provider_model or choice.model.provider_model)
-        span.set_attribute("gen_ai.usage.input_tokens", value.usage.input_tokens)
+        span.set_attributes(
+            {
+                "gen_ai.response.model": value.provider_model or choice.model.provider_model,
+                "gen_ai.usage.input_tokens": value.usage.input_tokens,
+            }
+        )
 
 
 class _WaitGuard:

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from services.kit.tracing import INSTRUMENTATION, RpcSpan, RpcTracer
+from services.kit.tracing import INSTRUMENTATION, CheckedTracer, RpcSpan, RpcTracer
 
 _ATTRIBUTES = {
     "rpc.system": "grpc",
@@ -177,6 +177,56 @@ def test_limits_apply_as_in_the_sdk() -> None:
         span.end()
     assert _seen(rpc_exported.get_finished_spans()[0]) == _seen(sdk_exported.get_finished_spans()[0])
     assert rpc_exported.get_finished_spans()[0].dropped_attributes > 0
+
+
+def test_limits_cut_known_valid_attributes_as_in_the_sdk() -> None:
+    # A sampled parent: the child is decided without the sampler, which is where attributes
+    # known valid skip the SDK's checks. A length or count limit must still cut them.
+    limits = SpanLimits(max_span_attributes=2, max_span_attribute_length=3)
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(samplers.DEFAULT_ON, limits)
+    parent = _parents()["local sampled"]
+    ours = RpcTracer(rpc_provider).start("m", parent, SpanKind.SERVER, _ATTRIBUTES)
+    theirs = sdk_provider.get_tracer(INSTRUMENTATION).start_span("m", parent, SpanKind.SERVER, _ATTRIBUTES)
+    for span in (ours, theirs):
+        span.end()
+    (exported,) = rpc_exported.get_finished_spans()
+    assert _seen(exported) == _seen(sdk_exported.get_finished_spans()[0])
+    assert len(exported.attributes or {}) == 2
+    assert all(len(str(value)) <= 3 for value in (exported.attributes or {}).values())
+
+
+_PROVIDER_CALL = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.provider.name": "openai",
+    "gen_ai.request.model": "gpt-4o-mini",
+    "server.address": "api.example.com",
+    "server.port": 443,
+    "ballast.router.simulated": False,
+}
+
+
+@pytest.mark.parametrize("sampler_name", list(_SAMPLERS))
+def test_the_checked_tracers_spans_are_the_sdks(sampler_name: str) -> None:
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(_SAMPLERS[sampler_name])
+    sdk_tracer, ours_tracer = sdk_provider.get_tracer("ballast"), CheckedTracer(rpc_provider, "ballast")
+    for provider in (sdk_provider, rpc_provider):
+        ids = iter(range(1, 10_000))
+        provider.id_generator.generate_trace_id = lambda ids=ids: next(ids) * 0x1_0000_0001
+    for label, parent in _parents().items():
+        ours = ours_tracer.start_span("chat gpt-4o-mini", parent, SpanKind.CLIENT, _PROVIDER_CALL)
+        theirs = sdk_tracer.start_span("chat gpt-4o-mini", parent, SpanKind.CLIENT, _PROVIDER_CALL)
+        for span in (ours, theirs):
+            span.set_attributes({"gen_ai.response.finish_reasons": ("stop",), "gen_ai.usage.input_tokens": 7})
+            span.end()
+        assert _seen(ours) == _seen(theirs), label
+    assert [_seen(s) for s in rpc_exported.get_finished_spans()] == [
+        _seen(s) for s in sdk_exported.get_finished_spans()
+    ]
+    # Links or a start time of its own: the SDK's own span.
+    linked = ours_tracer.start_span("x", links=[trace.Link(SpanContext(0x99, 0x98, False, TraceFlags(1)))])
+    assert not isinstance(linked, RpcSpan)
+    with ours_tracer.start_as_current_span("current") as current:
+        assert trace.get_current_span() is current
 
 
 def test_an_ended_span_takes_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
