@@ -56,11 +56,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -744,6 +746,24 @@ def _latency_cell(latency: dict[str, float] | None) -> str:
     return f"{latency['p50']:.1f} / {latency['p99']:.1f} / {latency['max']:.1f}"
 
 
+# Student's t at 97.5% for 1-30 degrees of freedom (a 95% two-sided interval).
+_T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13,
+         2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)  # fmt: skip
+
+
+def paired_interval(old: list[float], new: list[float]) -> tuple[float, float] | None:
+    """A 95% interval for the change from `old` to `new` CPU per call, from the rounds paired
+    as they ran (a round of each tree or setting back to back, so the machine's drift between
+    rounds cancels): the t interval of the rounds' log ratios, as a fraction (+0.10 = 10% more).
+    None with fewer than two rounds."""
+    ratios = [math.log(b / a) for a, b in zip(old, new, strict=True) if a > 0 and b > 0]
+    if len(ratios) < 2:
+        return None
+    mean = statistics.fmean(ratios)
+    half = _T975[min(len(ratios) - 1, len(_T975)) - 1] * statistics.stdev(ratios) / math.sqrt(len(ratios))
+    return math.exp(mean - half) - 1, math.exp(mean + half) - 1
+
+
 def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
     head = ["layout", "telemetry", "path"]
     for label in labels:
@@ -770,7 +790,9 @@ def _table(rows: list[dict[str, Any]], labels: list[str]) -> str:
         old = row[labels[0]]["cpu_ms_per_call"]
         for label in labels[1:]:
             new = row[label]["cpu_ms_per_call"]
-            cells.append(f"{100 * (new - old) / old:+.0f}%" if old else "")
+            interval = paired_interval(row[labels[0]]["rounds_ms"], row[label]["rounds_ms"])
+            within = f" [{100 * interval[0]:+.0f}, {100 * interval[1]:+.0f}]" if interval else ""
+            cells.append(f"{100 * (new - old) / old:+.0f}%{within}" if old else "")
         if spans in head:
             cells.append(f"{row[labels[-1]]['spans_per_call']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -954,7 +976,10 @@ def main() -> int:
         f"({args.noop_calls} health checks or direct router calls, {args.stream_calls} router streams) per round at concurrency {args.concurrency}, {args.rounds} rounds "
         f"per tree, alternating; stream chunks {args.stream_pace_ms:g} ms apart. SIMULATED provider at zero latency; memory stores; the client and the sim "
         "are not counted. `off` = no OTEL_* variable (no exporter); `export` = OTLP/gRPC to a local "
-        "collector process; `sampled` = `export` keeping one trace in ten.",
+        "collector process; `sampled` = `export` keeping one trace in ten. A change is the pooled CPU"
+        " per call against the first column's, with a 95% interval in brackets from the rounds paired"
+        " as they ran (this machine's speed drifts between rounds: a change inside its interval's"
+        " reach of zero is not one).",
         "",
         table,
         "",
