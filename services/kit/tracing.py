@@ -158,13 +158,10 @@ class RpcTracer:
         # Attributes known valid go into a span unchecked only when no limit could cut them:
         # no length limit on values, and no fewer allowed than a span starts with.
         limits = self.provider._span_limits if self.provider is not None else None
-        self._unchecked_count = (
-            -1
-            if limits is None or limits.max_span_attribute_length is not None
-            else limits.max_span_attributes
-            if limits.max_span_attributes is not None
-            else 1 << 30
-        )
+        self._unchecked_count = -1  # -1: every span's starting attributes are checked
+        if limits is not None and limits.max_span_attribute_length is None:
+            count = limits.max_span_attributes
+            self._unchecked_count = count if count is not None else 1 << 30
         sampler = self.provider.sampler if self.provider is not None else None
         if isinstance(sampler, ParentBased) and type(sampler).should_sample is ParentBased.should_sample:
             children = {
