@@ -46,6 +46,7 @@ _SERVER_ERRORS = frozenset(
     }
 )
 _STATUS_CODE = "rpc.grpc.status_code"
+_PLAIN = frozenset({str, bool, int, float})
 _UNSET = Status(StatusCode.UNSET)
 _logger = logging.getLogger(__name__)
 
@@ -102,6 +103,40 @@ class RpcSpan(sdk_trace.Span):
             bounded._dict.update(attributes)
         self._attributes = bounded
         self._record_end_metrics = None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if not self._set_plain(((key, value),)):
+            super().set_attribute(key, value)
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if not self._set_plain(attributes.items()):
+            super().set_attributes(attributes)
+
+    def _set_plain(self, items: Any) -> bool:
+        """Sets attributes whose values are plain (strings, booleans, numbers) as the SDK would,
+        without its cleaning of each value (about 3 us an attribute inside the suite), and says
+        whether it did. False leaves everything to the SDK: another kind of value or key, a
+        length limit on values, or a span that would have to drop attributes to take these."""
+        attributes = cast(BoundedAttributes, self._attributes)
+        if attributes.max_value_len is not None:
+            return False
+        for key, value in items:
+            if type(value) not in _PLAIN or type(key) is not str or not key:
+                return False
+        with self._lock:
+            if self._end_time is not None:
+                _logger.warning("Setting attribute on ended span.")
+                return True
+            held = attributes._dict
+            maxlen = attributes.maxlen
+            if maxlen is not None and len(held) + sum(key not in held for key, _ in items) > maxlen:
+                return False
+            with attributes._lock:
+                for key, value in items:
+                    if key in held:
+                        del held[key]  # a key set again moves to the end, as in the SDK
+                    held[key] = value
+        return True
 
     def _add_event(self, event: Any) -> None:
         self._events = self._appended("_add_event", self._events, event, self._limits.max_events)

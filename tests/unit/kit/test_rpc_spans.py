@@ -167,13 +167,22 @@ def test_each_sampler_and_parent_gives_the_sdks_span(sampler_name: str, kind: Sp
         assert len(ours_done) == 4 * (len(_parents()) - 2)  # all but the two unsampled parents
 
 
-def test_limits_apply_as_in_the_sdk() -> None:
-    limits = SpanLimits(max_span_attributes=4, max_events=1, max_links=1, max_span_attribute_length=3)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        SpanLimits(max_span_attributes=4, max_events=1, max_links=1, max_span_attribute_length=3),
+        # No length limit: plain values skip the SDK's cleaning until the span is full.
+        SpanLimits(max_span_attributes=5, max_events=1, max_links=1),
+    ],
+    ids=["length and count", "count"],
+)
+def test_limits_apply_as_in_the_sdk(limits: SpanLimits) -> None:
     sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(samplers.DEFAULT_ON, limits)
     ours = RpcTracer(rpc_provider).start("m", None, SpanKind.SERVER, _ATTRIBUTES)
     theirs = sdk_provider.get_tracer(INSTRUMENTATION).start_span("m", None, SpanKind.SERVER, _ATTRIBUTES)
     for span in (ours, theirs):
         _work(span)
+        span.set_attributes({"x": 1, "y": "z"})  # a full span: the oldest make room
         span.end()
     assert _seen(rpc_exported.get_finished_spans()[0]) == _seen(sdk_exported.get_finished_spans()[0])
     assert rpc_exported.get_finished_spans()[0].dropped_attributes > 0
@@ -229,19 +238,39 @@ def test_the_checked_tracers_spans_are_the_sdks(sampler_name: str) -> None:
         assert trace.get_current_span() is current
 
 
+def test_attributes_keep_the_sdks_order_and_values() -> None:
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(samplers.DEFAULT_ON)
+    parent = _parents()["local sampled"]
+    ours = RpcTracer(rpc_provider).start("m", parent, SpanKind.SERVER, _ATTRIBUTES)
+    theirs = sdk_provider.get_tracer(INSTRUMENTATION).start_span("m", parent, SpanKind.SERVER, _ATTRIBUTES)
+    assert isinstance(ours, RpcSpan)
+    for span in (ours, theirs):
+        span.set_attributes({"a": 1, "b": "two", "c": 2.5, "d": True})
+        span.set_attribute("rpc.system", "grpc")  # set again: it moves to the end
+        span.set_attributes({"a": 3, "list": [1, 2]})  # a list: the SDK's own path, a tuple
+        span.set_attribute("", "no key")
+        span.set_attribute("none", None)
+        span.end()
+    (done_ours,), (done_theirs,) = rpc_exported.get_finished_spans(), sdk_exported.get_finished_spans()
+    assert list((done_ours.attributes or {}).items()) == list((done_theirs.attributes or {}).items())
+    assert done_ours.dropped_attributes == done_theirs.dropped_attributes
+
+
 def test_an_ended_span_takes_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
     _, _, provider, exported = _pair(samplers.DEFAULT_ON)
     span = RpcTracer(provider).start("m", None, SpanKind.CLIENT, _ATTRIBUTES)
     span.end()
     with caplog.at_level(logging.WARNING):
         span.set_attribute("late", 1)
+        span.set_attributes({"later": "x"})
         span.add_event("late")
         span.add_link(SpanContext(0x99, 0x98, False, TraceFlags(1)))
         span.set_status(Status(StatusCode.ERROR, "late"))
         span.end()
     finished = exported.get_finished_spans()
     assert len(finished) == 1
-    assert "late" not in (finished[0].attributes or {})
+    assert "late" not in (finished[0].attributes or {}) and "later" not in (finished[0].attributes or {})
+    assert caplog.text.count("Setting attribute on ended span.") == 2
     assert finished[0].events == () and finished[0].links == ()
     assert finished[0].status.status_code is StatusCode.UNSET
     assert not span.is_recording()
