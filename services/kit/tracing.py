@@ -23,11 +23,14 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
 
@@ -293,6 +296,29 @@ class CheckedTracer(trace.Tracer):
         return self._rpc.tracer.start_as_current_span(*args, **kwargs)
 
 
+_W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
+_w3c_only: tuple[object, bool] = (None, False)
+
+
+def _extracted(metadata: Any) -> otel_context.Context:
+    """The trace context a caller sent in its metadata. With the default propagators (W3C trace
+    context and baggage), a call that carries none of their headers, as from a client that is not
+    traced, starts from an empty context without running them (about 10 us a call); any other
+    propagator always runs, since it may read headers it does not declare."""
+    global _w3c_only
+    textmap = propagate.get_global_textmap()
+    known, w3c = _w3c_only
+    if known is not textmap:
+        parts = getattr(textmap, "_propagators", None)
+        w3c = isinstance(textmap, CompositePropagator) and all(
+            type(part) in (TraceContextTextMapPropagator, W3CBaggagePropagator) for part in parts or ()
+        )
+        _w3c_only = (textmap, w3c)
+    if not metadata or (w3c and _W3C_FIELDS.isdisjoint([key for key, _ in metadata])):
+        return otel_context.Context()
+    return propagate.extract(dict(metadata))
+
+
 def _attributes(method: str) -> dict[str, str]:
     service, _, name = method.lstrip("/").partition("/")
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
@@ -322,8 +348,7 @@ class ServerTracing(AroundInterceptor):
                 context = self.context
                 parent = context.trace_parent if isinstance(context, HandedOver) else None
                 if parent is None:
-                    metadata = context.invocation_metadata()
-                    parent = propagate.extract(dict(metadata) if metadata else {})
+                    parent = _extracted(context.invocation_metadata())
                 span = start(method, parent, SpanKind.SERVER, attributes)
                 self.span = span
                 self.token = otel_context.attach(trace.set_span_in_context(span, parent))

@@ -106,3 +106,47 @@ async def test_client_and_server_spans_form_one_trace_with_their_statuses() -> N
     assert codes[("/t.T/Down", SpanKind.CLIENT)] == (14, StatusCode.ERROR)
     # Health checks are not traced on the server (Ballast's own clients never make them).
     assert not [s for s in spans if s.name.startswith("/grpc.health") and s.kind == SpanKind.SERVER]
+
+
+def test_a_caller_without_trace_context_starts_a_root_and_one_with_it_continues() -> None:
+    from opentelemetry import baggage, trace
+
+    from services.kit.tracing import _extracted
+
+    untraced = _extracted((("x-api-key", "k"), ("user-agent", "grpc-go")))
+    assert not trace.get_current_span(untraced).get_span_context().is_valid
+    assert _extracted(()) == _extracted(None)
+    traced = _extracted((("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),))
+    parent = trace.get_current_span(traced).get_span_context()
+    assert parent.trace_id == 0x0AF7651916CD43DD8448EB211C80319C and parent.is_remote
+    assert baggage.get_baggage("tenant", _extracted((("baggage", "tenant=acme"),))) == "acme"
+
+
+def test_other_propagators_always_read_the_metadata() -> None:
+    # A propagator may read headers its `fields` do not name: with any but the W3C ones, every
+    # call's metadata goes through them.
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate
+    from opentelemetry.propagators.textmap import TextMapPropagator
+
+    from services.kit.tracing import _extracted
+
+    class Prefixed(TextMapPropagator):
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> otel_context.Context:
+            found = {k: v for k, v in carrier.items() if k.startswith("ctx-")}
+            return otel_context.set_value("prefixed", found, context)
+
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            return None
+
+        @property
+        def fields(self) -> set[str]:
+            return set()
+
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(Prefixed())
+    try:
+        extracted = _extracted((("ctx-user", "7"),))
+    finally:
+        propagate.set_global_textmap(saved)
+    assert otel_context.get_value("prefixed", extracted) == {"ctx-user": "7"}
