@@ -71,10 +71,10 @@ class Telemetry:
         return self.tracer_provider.get_tracer("ballast")
 
     @property
-    def checked_tracer(self) -> trace.Tracer:
-        """The tracer for spans started with attributes built once and known valid (see
-        tracing.CheckedTracer): the router's provider calls."""
-        return tracing.CheckedTracer(self.tracer_provider, "ballast")
+    def lean_tracer(self) -> trace.Tracer:
+        """The tracer for spans started on a hot path (see tracing.LeanTracer): the router's
+        provider calls."""
+        return tracing.LeanTracer(self.tracer_provider, "ballast")
 
     @property
     def meter(self) -> metrics.Meter:

@@ -54,12 +54,48 @@ _UNSET = Status(StatusCode.UNSET)
 _logger = logging.getLogger(__name__)
 
 
+def _plain(value: Any) -> bool:
+    """A value the SDK's cleaning leaves as it is: a string, boolean or number, or a tuple of one
+    of these kinds."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    return (
+        kind is tuple
+        and len({type(item) for item in value}) <= 1
+        and all(type(item) in _PLAIN for item in value)
+    )
+
+
+def _put_plain(attributes: BoundedAttributes, items: Any) -> bool:
+    """Puts `items` into `attributes` as BoundedAttributes would when every key is a non-empty
+    string and every value is plain, without its cleaning of each value (about 3 us an attribute
+    inside the suite), and says whether it did. False changes nothing and leaves the items to the
+    SDK: another kind of key or value, a length limit on values, or attributes that would have to
+    drop some to take these."""
+    if attributes.max_value_len is not None:
+        return False
+    for key, value in items:
+        if type(key) is not str or not key or not _plain(value):
+            return False
+    held, maxlen = attributes._dict, attributes.maxlen
+    with attributes._lock:
+        if maxlen is not None and len(held) + sum(key not in held for key, _ in items) > maxlen:
+            return False
+        for key, value in items:
+            if key in held:
+                del held[key]  # a key set again moves to the end, as in the SDK
+            held[key] = value
+    return True
+
+
 class RpcSpan(sdk_trace.Span):
     """The SDK's span for one gRPC call, made with less work: the SDK's constructor validates the
     starting attributes one by one and allocates event and link lists every span has, and its
     end() hands processors a copy. Here the attributes are this module's own (strings, built once
     per method), the lists are made when an event or link is first added, and processors get the
-    span itself, ended and immutable. Everything else (set_attribute, set_status, add_event,
+    span itself, ended and immutable; plain attributes (strings, booleans, numbers and tuples of
+    one of them) skip the SDK's cleaning of each value, which leaves them as they are. Everything else (set_attribute, set_status, add_event,
     record_exception, what exporters and processors read) is the SDK's, on the same fields: the
     fields the SDK's own constructor sets, set here without calling it
     (tests/unit/kit/test_rpc_spans.py holds both kinds of span equal)."""
@@ -73,7 +109,6 @@ class RpcSpan(sdk_trace.Span):
         parent: SpanContext | None,
         kind: SpanKind,
         attributes: Mapping[str, Any],
-        checked: bool,
     ) -> None:
         # ReadableSpan's fields
         self._name = name
@@ -97,13 +132,15 @@ class RpcSpan(sdk_trace.Span):
         self._limits = limits = provider._span_limits
         self._lock = threading.Lock()
         bounded = BoundedAttributes(
-            limits.max_span_attributes,
-            None if checked else attributes,
-            immutable=False,
-            max_value_len=limits.max_span_attribute_length,
+            limits.max_span_attributes, None, immutable=False, max_value_len=limits.max_span_attribute_length
         )
-        if checked:
-            bounded._dict.update(attributes)
+        if attributes and not _put_plain(bounded, attributes.items()):
+            bounded = BoundedAttributes(
+                limits.max_span_attributes,
+                attributes,
+                immutable=False,
+                max_value_len=limits.max_span_attribute_length,
+            )
         self._attributes = bounded
         self._record_end_metrics = None
 
@@ -116,30 +153,13 @@ class RpcSpan(sdk_trace.Span):
             super().set_attributes(attributes)
 
     def _set_plain(self, items: Any) -> bool:
-        """Sets attributes whose values are plain (strings, booleans, numbers) as the SDK would,
-        without its cleaning of each value (about 3 us an attribute inside the suite), and says
-        whether it did. False leaves everything to the SDK: another kind of value or key, a
-        length limit on values, or a span that would have to drop attributes to take these."""
-        attributes = cast(BoundedAttributes, self._attributes)
-        if attributes.max_value_len is not None:
-            return False
-        for key, value in items:
-            if type(value) not in _PLAIN or type(key) is not str or not key:
-                return False
+        """Sets plain attributes as the SDK would (see _put_plain), and says whether it did; on an
+        ended span, warns as the SDK does, whatever the values."""
         with self._lock:
             if self._end_time is not None:
                 _logger.warning("Setting attribute on ended span.")
                 return True
-            held = attributes._dict
-            maxlen = attributes.maxlen
-            if maxlen is not None and len(held) + sum(key not in held for key, _ in items) > maxlen:
-                return False
-            with attributes._lock:
-                for key, value in items:
-                    if key in held:
-                        del held[key]  # a key set again moves to the end, as in the SDK
-                    held[key] = value
-        return True
+            return _put_plain(cast(BoundedAttributes, self._attributes), items)
 
     def _add_event(self, event: Any) -> None:
         self._events = self._appended("_add_event", self._events, event, self._limits.max_events)
@@ -193,13 +213,6 @@ class RpcTracer:
         self.provider: sdk_trace.TracerProvider | None = tracer_provider if sdk else None  # type: ignore[assignment]
         self.scope = getattr(self.tracer, "_instrumentation_scope", None)
         self._decided: dict[tuple[bool, bool], bool] = {}
-        # Attributes known valid go into a span unchecked only when no limit could cut them:
-        # no length limit on values, and no fewer allowed than a span starts with.
-        limits = self.provider._span_limits if self.provider is not None else None
-        self._unchecked_count = -1  # -1: every span's starting attributes are checked
-        if limits is not None and limits.max_span_attribute_length is None:
-            count = limits.max_span_attributes
-            self._unchecked_count = count if count is not None else 1 << 30
         sampler = self.provider.sampler if self.provider is not None else None
         if isinstance(sampler, ParentBased) and type(sampler).should_sample is ParentBased.should_sample:
             children = {
@@ -215,8 +228,7 @@ class RpcTracer:
     def start(
         self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping[str, Any]
     ) -> trace.Span:
-        """`attributes` must be valid span attributes: they are not checked again, unless the
-        provider's limits could cut them."""
+        """A span of this call, a child of the current span unless `context` says otherwise."""
         provider, tracer = self.provider, self.tracer
         if provider is None or not tracer._is_enabled():  # type: ignore[attr-defined]
             return tracer.start_span(name, context, kind, attributes)
@@ -249,8 +261,7 @@ class RpcTracer:
         )
         if not recording:
             return trace.NonRecordingSpan(span_context)
-        checked = given is attributes and len(attributes) <= self._unchecked_count
-        span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given, checked=checked)
+        span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given)
         span._span_processor.on_start(span, parent_context=context)
         return span
 
@@ -266,11 +277,10 @@ class HandedOver:
         self.trace_parent = trace_parent
 
 
-class CheckedTracer(trace.Tracer):
-    """A tracer for spans whose starting attributes their caller built once and knows valid
-    (cached per route, say: strings, numbers and booleans): start_span makes them as RpcTracer
-    does, without the SDK's check of every attribute on every span. Spans with links or a start
-    time of their own, and start_as_current_span, are the SDK tracer's."""
+class LeanTracer(trace.Tracer):
+    """A tracer whose start_span makes its spans as RpcTracer does (RpcSpans, the sampler's
+    decision for children of fixed-decision parents taken without asking it again). Spans with
+    links or a start time of their own, and start_as_current_span, are the SDK tracer's."""
 
     def __init__(self, tracer_provider: trace.TracerProvider, scope: str) -> None:
         self._rpc = RpcTracer(tracer_provider, scope)

@@ -50,7 +50,7 @@ class RouterApp(ServiceApp):
             self.health,
             {},
             clock=clock,
-            tracer=telemetry.checked_tracer,
+            tracer=telemetry.lean_tracer,
             metrics=RouterMetrics(telemetry.meter, self.health),
         )
         self.servicer = RouterServicer(settings, self.catalog, self.gateway, self.planner, self.health, clock)
