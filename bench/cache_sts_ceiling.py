@@ -21,10 +21,8 @@ modelled); nothing is tuned: the held-out file is where the question is asked.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +30,9 @@ import numpy.typing as npt
 
 from bench.cache_eval import load_sts_file
 from bench.cache_verifier_probe import SPLITS, _expanded, features, fit
+from bench.support import save_results
 from services.cache.embedder import MiniLMModel
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIMULATIONS = 400
 AIM_PRECISION, AIM_RECALL = 0.97, 0.50
 HYPOTHETICAL = (0.85, 0.90, 0.92, 0.95, 0.97)
@@ -168,9 +166,7 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - started, 1)
     text = _report(result)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_sts_ceiling.md").write_text(text + "\n")
-    (RESULTS / "cache_sts_ceiling.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_results("cache_sts_ceiling", text, result)
 
 
 def _range(cell: dict[str, float]) -> str:

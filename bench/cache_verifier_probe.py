@@ -30,19 +30,17 @@ to the held-out split, with wrong serves per trap kind and 95% Wilson intervals.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from bench.cache_eval import _cell, _rate, load_sts_file, negated, numbers, words
+from bench.support import save_results
 from services.cache.embedder import MiniLMModel
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPLITS = {"training": "sts-train.csv", "development": "sts-dev.csv", "held-out": "sts-test.csv"}
 PRECISIONS = (0.97, 0.95)
 FEATURES = (
@@ -186,9 +184,7 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - started, 1)
     text = _report(result)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_verifier_probe.md").write_text(text + "\n")
-    (RESULTS / "cache_verifier_probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_results("cache_verifier_probe", text, result)
 
 
 def _report(result: dict[str, Any]) -> str:

@@ -1,19 +1,30 @@
 """What several benchmarks do the same way: start and stop the suite's processes, wait until a
-service is SERVING, and the command line of a zero-latency SIMULATED provider."""
+service is SERVING, the command line of a zero-latency SIMULATED provider, and writing a
+result's table and data under bench/results."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def save_results(name: str, text: str, data: Any) -> None:
+    """bench/results/<name>.md (the printed report) and <name>.json (what it was made from)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 def instant_sim(port: int, name: str = "sim-bench") -> list[str]:
