@@ -9,6 +9,7 @@ import grpc
 from services.kit import local, tls
 from services.kit.config import ServerSettings
 from services.kit.telemetry import Telemetry
+from services.kit.tracing import TracedChannel
 
 
 def channel_target(address: str) -> str:
@@ -36,24 +37,21 @@ def open_channel(address: str, settings: ServerSettings, telemetry: Telemetry) -
         ("grpc.lb_policy_name", "round_robin"),
     ]
     target = channel_target(address)
+    spans = telemetry.client_spans()
     if settings.client_tls is None:
-        channel = grpc.aio.insecure_channel(
-            target, interceptors=telemetry.client_interceptors(), options=options
+        channel = grpc.aio.insecure_channel(target, options=options)
+        if settings.local_calls:
+            # A service of this same process (`ballast up`) is called without the socket; the
+            # channel is there for when no server of this process listens at the address.
+            return local.LocalFirstChannel(address, channel, settings.max_message_bytes, spans)
+    else:
+        name = _server_name(address, settings)
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
+        channel = grpc.aio.secure_channel(
+            target, tls.channel_credentials(settings.client_tls), options=options
         )
-        if not settings.local_calls:
-            return channel
-        # A service of this same process (`ballast up`) is called without the socket; the
-        # channel is there for when no server of this process listens at the address.
-        return local.LocalFirstChannel(address, channel, settings.max_message_bytes, telemetry.client_spans())
-    name = _server_name(address, settings)
-    if name:
-        options.append(("grpc.ssl_target_name_override", name))
-    return grpc.aio.secure_channel(
-        target,
-        tls.channel_credentials(settings.client_tls),
-        interceptors=telemetry.client_interceptors(),
-        options=options,
-    )
+    return channel if spans is None else TracedChannel(channel, spans)
 
 
 def _server_name(address: str, settings: ServerSettings) -> str:

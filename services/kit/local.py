@@ -40,7 +40,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.kit import tls
-from services.kit.tracing import ClientSpans, HandedOver, end_client_span
+from services.kit.tracing import ClientSpans, HandedOver, TracedChannel, end_client_span
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 Serializer = Callable[[Any], bytes] | None
@@ -579,17 +579,17 @@ class _UnaryStream(_UnaryUnary, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
     _local_call = LocalStreamCall
 
 
-class LocalFirstChannel(grpc.aio.Channel):
+class LocalFirstChannel(TracedChannel):
     """A channel that hands each call to the server of this process listening at its address,
-    when there is one at the time of the call, and sends it over `remote` otherwise."""
+    when there is one at the time of the call, and sends it over `remote` otherwise (traced as
+    TracedChannel traces it)."""
 
     def __init__(
         self, address: str, remote: grpc.aio.Channel, max_message_bytes: int, spans: ClientSpans | None
     ) -> None:
-        self._remote = remote
+        super().__init__(remote, spans)
         self._target = _host_and_port(address)
         self.max_message_bytes = max_message_bytes
-        self.spans = spans
 
     def local_server(self) -> LocalServer | None:
         if self._target is None:
@@ -607,7 +607,7 @@ class LocalFirstChannel(grpc.aio.Channel):
         response_deserializer: Deserializer = None,
         **kw: Any,
     ) -> Any:
-        remote = self._remote.unary_unary(method, request_serializer, response_deserializer, **kw)
+        remote = super().unary_unary(method, request_serializer, response_deserializer, **kw)
         return _UnaryUnary(self, method, request_serializer, response_deserializer, remote)
 
     def unary_stream(
@@ -617,30 +617,5 @@ class LocalFirstChannel(grpc.aio.Channel):
         response_deserializer: Deserializer = None,
         **kw: Any,
     ) -> Any:
-        remote = self._remote.unary_stream(method, request_serializer, response_deserializer, **kw)
+        remote = super().unary_stream(method, request_serializer, response_deserializer, **kw)
         return _UnaryStream(self, method, request_serializer, response_deserializer, remote)
-
-    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
-        # No Ballast method streams requests: these go over the network.
-        return self._remote.stream_unary(*args, **kwargs)
-
-    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return self._remote.stream_stream(*args, **kwargs)
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._remote.close(grace)
-
-    async def __aenter__(self) -> LocalFirstChannel:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._remote.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._remote.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._remote.channel_ready()

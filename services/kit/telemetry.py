@@ -90,13 +90,9 @@ class Telemetry:
             return []
         return [ServerTracing(self.tracer_provider)]
 
-    def client_interceptors(self) -> list[Any]:
-        if not self.tracing:
-            return []
-        return tracing.client_interceptors(self.tracer_provider)
-
     def client_spans(self) -> ClientSpans | None:
-        """CLIENT spans for calls made in-process (services/kit/local.py); None with tracing off."""
+        """CLIENT spans for the calls this service makes (tracing.TracedChannel, and in-process
+        calls, services/kit/local.py); None with tracing off."""
         return ClientSpans(self.tracer_provider) if self.tracing else None
 
     def shutdown(self) -> None:

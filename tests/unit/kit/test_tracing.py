@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.kit.interceptors import Context
-from services.kit.tracing import ServerTracing, client_interceptors
+from services.kit.tracing import ClientSpans, ServerTracing, TracedChannel
 
 
 def _handlers() -> grpc.GenericRpcHandler:
@@ -59,8 +59,8 @@ async def test_client_and_server_spans_form_one_trace_with_their_statuses() -> N
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", interceptors=client_interceptors(provider)
+        async with TracedChannel(
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}"), ClientSpans(provider)
         ) as channel:
             echo: Any = channel.unary_unary("/t.T/Echo")
             missing: Any = channel.unary_unary("/t.T/Missing")
@@ -150,3 +150,73 @@ def test_other_propagators_always_read_the_metadata() -> None:
     finally:
         propagate.set_global_textmap(saved)
     assert otel_context.get_value("prefixed", extracted) == {"ctx-user": "7"}
+
+
+async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_channels_own() -> None:
+    # The caller's trace is not sampled: its CLIENT span records nothing, so the call goes back
+    # to the caller unwrapped, and the server still gets the trace context (flags 00), so it
+    # keeps nothing either instead of deciding afresh (flags without the sampled bit). The caller's own metadata reaches the
+    # server, and a traceparent it set itself is replaced, not sent twice.
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    seen: list[tuple[tuple[str, str | bytes], ...]] = []
+
+    async def echo(request: bytes, context: Context) -> bytes:
+        seen.append(tuple(context.invocation_metadata() or ()))
+        return request
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server(interceptors=[ServerTracing(provider)])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with TracedChannel(
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}"), ClientSpans(provider)
+        ) as channel:
+            echo_call: Any = channel.unary_unary("/t.T/Echo")
+            with provider.get_tracer("test").start_as_current_span("request") as root:
+                assert not root.is_recording()
+                call = echo_call(b"hi", metadata=(("x-tenant", "acme"), ("traceparent", "forged")))
+                assert isinstance(call, grpc.aio.UnaryUnaryCall)
+                assert await call == b"hi"
+    finally:
+        await server.stop(None)
+    assert exporter.get_finished_spans() == ()
+    (metadata,) = seen
+    assert ("x-tenant", "acme") in metadata
+    (traceparent,) = [value for key, value in metadata if key == "traceparent"]
+    version, trace_id, _, flags = str(traceparent).split("-")
+    assert version == "00" and not int(flags, 16) & 0x01  # not sampled
+    assert int(trace_id, 16) == root.get_span_context().trace_id
+
+
+async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([_handlers()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with TracedChannel(
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}"), ClientSpans(provider)
+        ) as channel:
+            echo: Any = channel.unary_unary("/t.T/Echo")
+            count: Any = channel.unary_stream("/t.T/Count")
+            call = echo(b"again")
+            assert await call == b"again"
+            assert await call == b"again"
+            assert await call.code() == grpc.StatusCode.OK
+            stream = count(b"2")
+            assert [await stream.read(), await stream.read()] == [b"0", b"1"]
+            assert await stream.read() is grpc.aio.EOF
+    finally:
+        await server.stop(None)
+    names = [(s.name, s.kind) for s in exporter.get_finished_spans()]
+    assert names == [("/t.T/Echo", SpanKind.CLIENT), ("/t.T/Count", SpanKind.CLIENT)]
