@@ -7,9 +7,11 @@ and with seven spans in a cache-hit chat a third of what tracing costs (bench/ch
 attributes, a status), so this module writes them field by field, keeps the encoding of
 repeated attributes (`rpc.system=grpc` on every call) and of each resource and scope, and hands
 anything unusual (events, links, lists or mappings as values) to the library's own encoder.
-The result is parsed back into the library's request type, so the exporter's channel, retries,
-headers, compression and timeouts are the library's, unchanged. tests/unit/kit/test_spanwire.py
-checks that both encoders produce the same message.
+The exporter sends these bytes as they are (its stub's request serializer is the identity), so
+the exporter's channel, retries, headers, compression and timeouts are the library's, unchanged,
+and the request is not parsed into the library's message type only to be serialized again.
+tests/unit/kit/test_spanwire.py checks that both encoders produce the same message, and that a
+collector receives it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import grpc
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
@@ -27,7 +30,7 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
 )
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import _encode_span
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util import BoundedList
@@ -260,12 +263,34 @@ def _schema_url(scope: InstrumentationScope | None) -> bytes:
     return b""
 
 
+_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+class _EncodedTraceService:
+    """The library's TraceServiceStub, for requests already encoded: Export sends bytes as they
+    are (no request serializer) and reads the collector's reply as the stub does."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        # _registered_method as the generated stub passes it: gRPC registers the method once.
+        unary_unary: Any = channel.unary_unary
+        self.Export: grpc.UnaryUnaryMultiCallable[bytes, ExportTraceServiceResponse] = unary_unary(
+            _EXPORT,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+            _registered_method=True,
+        )
+
+
 class WireSpanExporter(OTLPSpanExporter):
     """OTLPSpanExporter with SpanEncoder in place of the library's per-object encoder."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encoder = SpanEncoder()
+        # The library makes its client from `_stub` on this channel, and again on the new
+        # channel whenever it reconnects.
+        self._stub = _EncodedTraceService
+        self._client = _EncodedTraceService(cast(grpc.Channel, self._channel))  # type: ignore[assignment]
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        return ExportTraceServiceRequest.FromString(self._encoder.encode(data))
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
+        return self._encoder.encode(data)

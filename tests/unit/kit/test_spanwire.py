@@ -154,3 +154,52 @@ def test_a_value_no_encoder_can_write_is_left_out_and_logged(caplog: pytest.LogC
     assert [a.key for a in request.resource_spans[0].scope_spans[0].spans[0].attributes] == ["kept"]
     assert "odd" in caplog.text
     assert span is not None
+
+
+def test_the_exporter_sends_the_encoding_to_a_collector_and_again_after_it_reconnects(
+    exporter: InMemorySpanExporter,
+) -> None:
+    # The first export is refused UNAVAILABLE (retry at once), so the library reconnects and
+    # builds its client again: the encoded bytes must reach the collector both ways.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from google.rpc.error_details_pb2 import RetryInfo
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from services.kit.spanwire import WireSpanExporter
+
+    received: list[tuple[ExportTraceServiceRequest, dict[str, Any]]] = []
+    refusals = [1]
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
+            if refusals:
+                refusals.pop()
+                retry = RetryInfo(retry_delay=Duration(seconds=0)).SerializeToString()
+                context.set_trailing_metadata((("google.rpc.retryinfo-bin", retry),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            received.append((request, dict(context.invocation_metadata())))
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tracer = _provider("ballast-cache", exporter).get_tracer("ballast.grpc")
+    with tracer.start_as_current_span("/ballast.cache.v1.CacheService/Lookup", kind=SpanKind.SERVER) as span:
+        span.set_attribute("rpc.grpc.status_code", 0)
+    spans = exporter.get_finished_spans()
+    wire = WireSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True, headers={"x-collector-key": "k1"})
+    try:
+        assert wire.export(spans) == SpanExportResult.SUCCESS
+        assert wire.export(spans) == SpanExportResult.SUCCESS
+    finally:
+        wire.shutdown()
+        server.stop(None)
+    assert not refusals and len(received) == 2
+    for request, metadata in received:
+        assert request == encode_spans(spans)
+        assert metadata["x-collector-key"] == "k1"
