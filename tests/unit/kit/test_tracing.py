@@ -3,6 +3,7 @@ trace across, statuses by the RPC conventions, health checks left out."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,12 +50,20 @@ def _one(spans: list[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:
     return span
 
 
-async def test_client_and_server_spans_form_one_trace_with_their_statuses() -> None:
+def _recorded(sampler: Any = None) -> tuple[TracerProvider, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = grpc.aio.server(interceptors=[ServerTracing(provider)])
-    server.add_generic_rpc_handlers([_handlers()])
+    return provider, exporter
+
+
+@contextlib.asynccontextmanager
+async def _traced_channel(
+    provider: TracerProvider, handlers: grpc.GenericRpcHandler, *, traced_server: bool = True
+) -> AsyncIterator[TracedChannel]:
+    """A TracedChannel to a server of `handlers` (with its tracing, unless told otherwise)."""
+    server = grpc.aio.server(interceptors=[ServerTracing(provider)] if traced_server else [])
+    server.add_generic_rpc_handlers([handlers])
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -62,23 +71,29 @@ async def test_client_and_server_spans_form_one_trace_with_their_statuses() -> N
         async with TracedChannel(
             grpc.aio.insecure_channel(f"127.0.0.1:{port}"), ClientSpans(provider)
         ) as channel:
-            echo: Any = channel.unary_unary("/t.T/Echo")
-            missing: Any = channel.unary_unary("/t.T/Missing")
-            down: Any = channel.unary_unary("/t.T/Down")
-            count: Any = channel.unary_stream("/t.T/Count")
-            with provider.get_tracer("test").start_as_current_span("request") as root:
-                assert await echo(b"hi") == b"hi"
-                for call, code in ((missing, grpc.StatusCode.NOT_FOUND), (down, grpc.StatusCode.UNAVAILABLE)):
-                    try:
-                        await call(b"x")
-                    except grpc.aio.AioRpcError as error:
-                        assert error.code() == code
-                    else:
-                        raise AssertionError("the call should have failed")
-                assert [m async for m in count(b"3")] == [b"0", b"1", b"2"]
-            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            yield channel
     finally:
         await server.stop(None)
+
+
+async def test_client_and_server_spans_form_one_trace_with_their_statuses() -> None:
+    provider, exporter = _recorded()
+    async with _traced_channel(provider, _handlers()) as channel:
+        echo: Any = channel.unary_unary("/t.T/Echo")
+        missing: Any = channel.unary_unary("/t.T/Missing")
+        down: Any = channel.unary_unary("/t.T/Down")
+        count: Any = channel.unary_stream("/t.T/Count")
+        with provider.get_tracer("test").start_as_current_span("request") as root:
+            assert await echo(b"hi") == b"hi"
+            for call, code in ((missing, grpc.StatusCode.NOT_FOUND), (down, grpc.StatusCode.UNAVAILABLE)):
+                try:
+                    await call(b"x")
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == code
+                else:
+                    raise AssertionError("the call should have failed")
+            assert [m async for m in count(b"3")] == [b"0", b"1", b"2"]
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     spans = list(exporter.get_finished_spans())
     trace_id = root.get_span_context().trace_id
     by_id = {s.context.span_id: s for s in spans if s.context is not None}
@@ -154,9 +169,9 @@ def test_other_propagators_always_read_the_metadata() -> None:
 
 async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_channels_own() -> None:
     # The caller's trace is not sampled: its CLIENT span records nothing, so the call goes back
-    # to the caller unwrapped, and the server still gets the trace context (flags 00), so it
-    # keeps nothing either instead of deciding afresh (flags without the sampled bit). The caller's own metadata reaches the
-    # server, and a traceparent it set itself is replaced, not sent twice.
+    # to the caller unwrapped, and the server still gets the trace context (flags without the
+    # sampled bit), so it keeps nothing either instead of deciding afresh. The caller's own
+    # metadata reaches the server, and a traceparent it set itself is replaced, not sent twice.
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
     seen: list[tuple[tuple[str, str | bytes], ...]] = []
@@ -165,27 +180,17 @@ async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_
         seen.append(tuple(context.invocation_metadata() or ()))
         return request
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = grpc.aio.server(interceptors=[ServerTracing(provider)])
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})]
+    provider, exporter = _recorded(ParentBased(ALWAYS_OFF))
+    handlers = grpc.method_handlers_generic_handler(
+        "t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with TracedChannel(
-            grpc.aio.insecure_channel(f"127.0.0.1:{port}"), ClientSpans(provider)
-        ) as channel:
-            echo_call: Any = channel.unary_unary("/t.T/Echo")
-            with provider.get_tracer("test").start_as_current_span("request") as root:
-                assert not root.is_recording()
-                call = echo_call(b"hi", metadata=(("x-tenant", "acme"), ("traceparent", "forged")))
-                assert isinstance(call, grpc.aio.UnaryUnaryCall)
-                assert await call == b"hi"
-    finally:
-        await server.stop(None)
+    async with _traced_channel(provider, handlers) as channel:
+        echo_call: Any = channel.unary_unary("/t.T/Echo")
+        with provider.get_tracer("test").start_as_current_span("request") as root:
+            assert not root.is_recording()
+            call = echo_call(b"hi", metadata=(("x-tenant", "acme"), ("traceparent", "forged")))
+            assert isinstance(call, grpc.aio.UnaryUnaryCall)
+            assert await call == b"hi"
     assert exporter.get_finished_spans() == ()
     (metadata,) = seen
     assert ("x-tenant", "acme") in metadata
@@ -196,27 +201,16 @@ async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_
 
 
 async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited() -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([_handlers()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with TracedChannel(
-            grpc.aio.insecure_channel(f"127.0.0.1:{port}"), ClientSpans(provider)
-        ) as channel:
-            echo: Any = channel.unary_unary("/t.T/Echo")
-            count: Any = channel.unary_stream("/t.T/Count")
-            call = echo(b"again")
-            assert await call == b"again"
-            assert await call == b"again"
-            assert await call.code() == grpc.StatusCode.OK
-            stream = count(b"2")
-            assert [await stream.read(), await stream.read()] == [b"0", b"1"]
-            assert await stream.read() is grpc.aio.EOF
-    finally:
-        await server.stop(None)
+    provider, exporter = _recorded()
+    async with _traced_channel(provider, _handlers(), traced_server=False) as channel:
+        echo: Any = channel.unary_unary("/t.T/Echo")
+        count: Any = channel.unary_stream("/t.T/Count")
+        call = echo(b"again")
+        assert await call == b"again"
+        assert await call == b"again"
+        assert await call.code() == grpc.StatusCode.OK
+        stream = count(b"2")
+        assert [await stream.read(), await stream.read()] == [b"0", b"1"]
+        assert await stream.read() is grpc.aio.EOF
     names = [(s.name, s.kind) for s in exporter.get_finished_spans()]
     assert names == [("/t.T/Echo", SpanKind.CLIENT), ("/t.T/Count", SpanKind.CLIENT)]
