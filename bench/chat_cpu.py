@@ -43,7 +43,9 @@ free of the drift between settings measured one after another.
 
 `--baseline REV` checks REV out into a temporary git worktree and runs its suite beside this
 tree's, with the same settings, measuring old and new alternately (each round swaps the order)
-so drifting load on the machine hits both alike. Results go to bench/results/chat_cpu.{md,json}.
+so drifting load on the machine hits both alike. A package REV needs and this environment lacks
+(opentelemetry-instrumentation-grpc, before issue 23's work) is installed with pip for REV's
+suite alone (bench/support.py). Results go to bench/results/chat_cpu.{md,json}.
 `--py-spy DIR` records this tree's suite with py-spy (if installed) during each measured batch,
 Python frames only and without pausing the process (`--nonblocking`), so the suite runs at about
 its normal speed; `--py-spy-native` adds native frames (gRPC core, onnxruntime), which pauses the
@@ -80,7 +82,7 @@ from ballast.router.v1 import router_pb2, router_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.support import instant_sim
+from bench.support import install_baseline_requirements, instant_sim, suite_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -234,7 +236,7 @@ class Suite:
         catalog.write_text(CATALOG.format(port=self.sim_port, stream_port=self.stream_sim_port))
         env.update(
             {
-                "PYTHONPATH": os.pathsep.join([str(self.root), str(self.root / "gen")]),
+                "PYTHONPATH": os.pathsep.join(suite_pythonpath(self.root)),
                 "BALLAST_LOG_LEVEL": "warning",
                 "BALLAST_EDGE_KEYS_FILE": str(self.root / "config" / "edge_keys.yaml"),
                 "BALLAST_ROUTER_CATALOG_FILE": str(catalog),
@@ -722,6 +724,7 @@ def _baseline_tree(rev: str, folder: Path) -> Path:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    install_baseline_requirements(tree)
     return tree
 
 

@@ -66,3 +66,69 @@ async def healthy(address: str, within: float = 180.0) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{address} did not become healthy")
             await asyncio.sleep(0.25)
+
+
+# Where a baseline checkout keeps the packages it needs and this environment lacks.
+BASELINE_DEPS = ".bench-deps"
+
+
+def unmet_requirements(pyproject: str) -> list[str]:
+    """The [project] dependencies of a pyproject.toml's text that this Python environment does
+    not satisfy: not installed, or installed at a version the requirement excludes (requirements
+    whose environment marker does not apply here are skipped)."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for text in tomllib.loads(pyproject).get("project", {}).get("dependencies", []):
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(text)
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            unmet.append(text)
+    return unmet
+
+
+def install_baseline_requirements(tree: Path) -> list[str]:
+    """Installs what an older checkout needs and this environment lacks (a package since dropped,
+    such as opentelemetry-instrumentation-grpc before issue 23) into tree/.bench-deps, for that
+    tree's processes alone (see suite_pythonpath): the packages this environment already has are
+    pinned at their installed versions, so both trees run on the same libraries wherever they
+    can. Says what was installed."""
+    unmet = unmet_requirements((tree / "pyproject.toml").read_text())
+    if not unmet:
+        return []
+    from importlib import metadata
+
+    pins = sorted({f"{dist.metadata['Name']}=={dist.version}" for dist in metadata.distributions()})
+    constraints = tree / f"{BASELINE_DEPS}-constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    print(f"    baseline: installing {', '.join(unmet)} for it alone", file=sys.stderr, flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--target", str(tree / BASELINE_DEPS), "--constraint", str(constraints), *unmet],
+        check=True,
+    )  # fmt: skip
+    for package in (tree / BASELINE_DEPS).iterdir():
+        if package.is_dir() and package.name.isidentifier() and not (package / "__init__.py").exists():
+            # A namespace package's part here would be hidden by a regular package of the same
+            # name in this environment (an empty opentelemetry/__init__.py, shipped by
+            # xds-protos): made regular and extended over every part, it finds both.
+            (package / "__init__.py").write_text(
+                "from pkgutil import extend_path\n\n__path__ = extend_path(__path__, __name__)\n"
+            )
+    return unmet
+
+
+def suite_pythonpath(tree: Path) -> list[str]:
+    """PYTHONPATH entries for a checkout's processes: its own packages installed by
+    install_baseline_requirements first, then the tree and its generated code."""
+    deps = tree / BASELINE_DEPS
+    return [*([str(deps)] if deps.is_dir() else []), str(tree), str(tree / "gen")]
