@@ -67,7 +67,7 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from bench.support import ROOT, healthy
+from bench.support import ROOT, healthy, install_baseline_requirements, suite_pythonpath
 from services.kit.net import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -143,6 +143,9 @@ async def _service(tree: Path, dsn: str, queue: bool) -> AsyncIterator[tuple[str
         "BALLAST_LOG_LEVEL": "warning",
         "OTEL_SDK_DISABLED": "true",
         "BALLAST_SESSIONS_CONFLICT_QUEUE_MAX": "1000" if queue else "0",
+        # The tree's own code and generated protos (not this checkout's, which the editable
+        # install would find), and what an older tree needs that this environment lacks.
+        "PYTHONPATH": os.pathsep.join(suite_pythonpath(tree)),
     }
     process = await asyncio.to_thread(
         subprocess.Popen, [sys.executable, "-m", "services.sessions"], cwd=tree, env=env
@@ -336,7 +339,11 @@ def _trees(baselines: str, folder: Path) -> list[tuple[str, Path]]:
     this tree."""
     trees = []
     for n, baseline in enumerate(b for b in baselines.split(",") if b):
-        tree = Path(baseline) if Path(baseline).is_dir() else _export(baseline, folder / str(n))
+        if Path(baseline).is_dir():
+            tree = Path(baseline)
+        else:
+            tree = _export(baseline, folder / str(n))
+            install_baseline_requirements(tree)
         trees.append((f"baseline {baseline}", tree))
     return [*trees, ("this tree", ROOT)]
 
