@@ -399,8 +399,8 @@ def end_client_span(span: trace.Span, code: grpc.StatusCode, details: str | None
 
 class ClientSpans:
     """Starts the CLIENT span of a call this service makes, the child of the current span (the
-    call being handled). Used by the channels' interceptors and by in-process calls
-    (services/kit/local.py), so a trace looks the same whichever way a call travelled."""
+    call being handled). Used by TracedChannel and by in-process calls (services/kit/local.py),
+    so a trace looks the same whichever way a call travelled."""
 
     def __init__(self, tracer_provider: trace.TracerProvider) -> None:
         self._tracer = RpcTracer(tracer_provider)
@@ -507,9 +507,23 @@ class _Traced:
         self, request: Any, *, timeout: float | None = None, metadata: Any = None, **options: Any
     ) -> Any:
         span = self._spans.start(self._method)
-        call = self._call(request, timeout=timeout, metadata=_with_trace_context(metadata, span), **options)
+        try:
+            call = self._call(
+                request, timeout=timeout, metadata=_with_trace_context(metadata, span), **options
+            )
+        except BaseException as error:  # refused before it started (metadata that is not valid)
+            _end_failed(span, error)
+            raise
         # A span that records nothing needs no end: the call goes back to the caller as it is.
         return self._wrap(call, span) if span.is_recording() else call
+
+
+def _end_failed(span: trace.Span, error: BaseException) -> None:
+    if isinstance(error, grpc.aio.AioRpcError):
+        end_client_span(span, error.code(), error.details())
+    else:
+        # Cancelled by the caller, or a failure before any status.
+        end_client_span(span, grpc.StatusCode.CANCELLED, type(error).__name__)
 
 
 class _TracedCall:
@@ -527,11 +541,9 @@ class _TracedCall:
             self._span = None
 
     def _failed(self, error: BaseException) -> None:
-        if isinstance(error, grpc.aio.AioRpcError):
-            self._end(error.code(), error.details())
-        else:
-            # Cancelled by the caller, or a failure before any status.
-            self._end(grpc.StatusCode.CANCELLED, type(error).__name__)
+        if self._span is not None:
+            _end_failed(self._span, error)
+            self._span = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._call, name)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -200,7 +201,7 @@ async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_
     assert int(trace_id, 16) == root.get_span_context().trace_id
 
 
-async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited() -> None:
+async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited_or_if_refused() -> None:
     provider, exporter = _recorded()
     async with _traced_channel(provider, _handlers(), traced_server=False) as channel:
         echo: Any = channel.unary_unary("/t.T/Echo")
@@ -212,5 +213,11 @@ async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited() 
         stream = count(b"2")
         assert [await stream.read(), await stream.read()] == [b"0", b"1"]
         assert await stream.read() is grpc.aio.EOF
-    names = [(s.name, s.kind) for s in exporter.get_finished_spans()]
-    assert names == [("/t.T/Echo", SpanKind.CLIENT), ("/t.T/Count", SpanKind.CLIENT)]
+        with pytest.raises(TypeError):
+            echo(b"refused", metadata=42)  # refused before it starts: its span ends all the same
+    ended = [(s.name, s.kind, s.status.status_code) for s in exporter.get_finished_spans()]
+    assert ended == [
+        ("/t.T/Echo", SpanKind.CLIENT, StatusCode.UNSET),
+        ("/t.T/Count", SpanKind.CLIENT, StatusCode.UNSET),
+        ("/t.T/Echo", SpanKind.CLIENT, StatusCode.ERROR),
+    ]
