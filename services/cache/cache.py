@@ -8,12 +8,14 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from services.cache import guards
 from services.cache.config import CacheSettings
 from services.cache.embedder import Embedder
 from services.cache.keys import (
     ChatRequest,
+    Message,
     NotCacheableError,
     RequestKeys,
     ScopeId,
@@ -25,6 +27,9 @@ from services.cache.keys import (
 )
 from services.cache.store import CacheStore, Entry, NamespaceCounters
 from services.cache.store.base import KIND_ANSWER, KIND_RETRIEVAL, KIND_TOOL, Vector
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 FINISH_STOP = "stop"
 
@@ -65,14 +70,46 @@ class ValueResult:
     expires_at: float
 
 
+def _message_bytes(message: Message) -> int:
+    """About what a message held in memory costs: its texts plus a fixed cost."""
+    return 128 + len(message.content) + sum(len(c.arguments_json) for c in message.tool_calls)
+
+
 def _text_bytes(request: ChatRequest) -> int:
     """About what a request held in memory costs: its texts plus a fixed cost per message."""
-    size = 256 + len(request.model)
-    for message in request.messages:
-        size += 128 + len(message.content) + sum(len(c.arguments_json) for c in message.tool_calls)
+    size = 256 + len(request.model) + sum(_message_bytes(message) for message in request.messages)
     for tool in request.tools:
         size += 128 + len(tool.description) + len(tool.parameters_json_schema)
     return size
+
+
+class _Remembered(Generic[K, V]):
+    """Recent results by their input, least recently used first out, within a budget of bytes
+    that the inputs hold (0: nothing is remembered)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: K) -> V | None:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        self._items.move_to_end(key)
+        return found[0]
+
+    def put(self, key: K, value: V, size: int) -> None:
+        if size > self.budget or key in self._items:
+            return
+        self._items[key] = (value, size)
+        self.held += size
+        while self.held > self.budget:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.held -= dropped
 
 
 class CacheEngine:
@@ -88,9 +125,10 @@ class CacheEngine:
         self.embedder = embedder
         self.clock = clock
         self._embeddings: OrderedDict[str, Vector] = OrderedDict()
-        # Recent requests' keys and the bytes each request holds here (keys_cache_bytes).
-        self._keys: OrderedDict[ChatRequest, tuple[RequestKeys, int]] = OrderedDict()
-        self._keys_bytes = 0
+        # Recent requests' keys (keys_cache_bytes), and recent turns' normalised forms
+        # (turns_cache_bytes): a session's next chat repeats its earlier turns.
+        self._keys: _Remembered[ChatRequest, RequestKeys] = _Remembered(settings.keys_cache_bytes)
+        self._turns: _Remembered[Message, list[Any]] = _Remembered(settings.turns_cache_bytes)
 
     async def _embed(self, text: str) -> Vector:
         # Store usually follows a Lookup of the same turn: remember recent embeddings.
@@ -133,21 +171,21 @@ class CacheEngine:
     def keys(self, request: ChatRequest) -> RequestKeys:
         """The request's keys; raises NotCacheableError. A Store usually follows the Lookup of the
         same request: its keys are remembered (comparing two requests costs a twentieth of
-        normalising and hashing a session's context again)."""
-        remembered = self._keys.get(request)
-        if remembered is not None:
-            self._keys.move_to_end(request)
-            return remembered[0]
-        keys = request_keys(request, space=self.embedder.name)
-        size = _text_bytes(request)
-        budget = self.settings.keys_cache_bytes
-        if size <= budget:
-            self._keys[request] = (keys, size)
-            self._keys_bytes += size
-            while self._keys_bytes > budget:
-                _, (_, dropped) = self._keys.popitem(last=False)
-                self._keys_bytes -= dropped
+        normalising and hashing a session's context again). A session's next chat sends its
+        earlier turns again: their normalised forms are remembered too, so only the new turns
+        are normalised."""
+        keys = self._keys.get(request)
+        if keys is None:
+            keys = request_keys(request, space=self.embedder.name, canonical=self._canonical)
+            self._keys.put(request, keys, _text_bytes(request))
         return keys
+
+    def _canonical(self, message: Message) -> list[Any]:
+        form = self._turns.get(message)
+        if form is None:
+            form = message.canonical()
+            self._turns.put(message, form, _message_bytes(message))
+        return form
 
     # --- answers ------------------------------------------------------------
 

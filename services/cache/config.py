@@ -64,6 +64,10 @@ class CacheSettings:
     # their text: a Store right after the Lookup of the same request reuses the Lookup's keys
     # instead of normalising and hashing the whole conversation again (0 turns it off).
     keys_cache_bytes: int = 8 * 1024 * 1024
+    # Earlier turns' normalised forms kept per replica, bounded by the bytes of their text: a
+    # session's next chat sends its earlier turns again, and only its new turns are normalised
+    # (0 turns it off).
+    turns_cache_bytes: int = 8 * 1024 * 1024
     # Load the local model in the background at start (true) or on the first semantic call.
     preload_embedder: bool = True
     # Cosine similarity a semantic hit needs (0..1, higher is stricter).
@@ -147,6 +151,9 @@ class CacheSettings:
                 "BALLAST_CACHE_EMBED_CACHE_ENTRIES", cls.embed_cache_entries, minimum=0
             ),
             keys_cache_bytes=env.integer("BALLAST_CACHE_KEYS_CACHE_BYTES", cls.keys_cache_bytes, minimum=0),
+            turns_cache_bytes=env.integer(
+                "BALLAST_CACHE_TURNS_CACHE_BYTES", cls.turns_cache_bytes, minimum=0
+            ),
             preload_embedder=env.boolean("BALLAST_CACHE_PRELOAD_EMBEDDER", cls.preload_embedder),
             threshold=env.number("BALLAST_CACHE_THRESHOLD", cls.threshold, minimum=0.0, maximum=1.0),
             semantic_max_chars=env.integer(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,9 +137,12 @@ class NotCacheableError(Exception):
     """The request's shape makes it uncacheable; the message says why (a miss reason)."""
 
 
-def request_keys(request: ChatRequest, *, space: str = "") -> RequestKeys:
+def request_keys(
+    request: ChatRequest, *, space: str = "", canonical: Callable[[Message], list[Any]] = Message.canonical
+) -> RequestKeys:
     """Partition and exact key of a chat request; `space` names the embedding space so that
-    vectors of different embedders never meet. Raises NotCacheableError."""
+    vectors of different embedders never meet; `canonical` gives an earlier turn's normalised
+    form (Message.canonical, or one that remembers it). Raises NotCacheableError."""
     messages = request.messages
     if not messages or messages[-1].role != ROLE_USER:
         raise NotCacheableError("the last message is not a user turn")
@@ -149,7 +153,7 @@ def request_keys(request: ChatRequest, *, space: str = "") -> RequestKeys:
     while leading < len(messages) - 1 and messages[leading].role == ROLE_SYSTEM:
         leading += 1
     system = [m.content for m in messages[:leading]]
-    prior = [m.canonical() for m in messages[leading:-1]]
+    prior = [canonical(m) for m in messages[leading:-1]]
     tools = sorted(
         [t.name, t.description, canonical_json_or_text(t.parameters_json_schema)] for t in request.tools
     )

@@ -152,7 +152,11 @@ def test_a_bad_cluster_option_names_the_store_variable(url: str, problem: str) -
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("BALLAST_CACHE_EMBED_INT8_WEIGHTS", "perhaps"), ("BALLAST_CACHE_KEYS_CACHE_BYTES", "-1")],
+    [
+        ("BALLAST_CACHE_EMBED_INT8_WEIGHTS", "perhaps"),
+        ("BALLAST_CACHE_KEYS_CACHE_BYTES", "-1"),
+        ("BALLAST_CACHE_TURNS_CACHE_BYTES", "lots"),
+    ],
 )
 def test_embedder_and_key_cache_settings_name_a_bad_value(variable: str, value: str) -> None:
     env = Env({variable: value})
@@ -160,9 +164,15 @@ def test_embedder_and_key_cache_settings_name_a_bad_value(variable: str, value: 
     with pytest.raises(ConfigError, match=re.escape(f"{variable}={value!r} is invalid")):
         env.check()
     read = CacheSettings.from_env(
-        Env({"BALLAST_CACHE_EMBED_INT8_WEIGHTS": "false", "BALLAST_CACHE_KEYS_CACHE_BYTES": "0"})
+        Env(
+            {
+                "BALLAST_CACHE_EMBED_INT8_WEIGHTS": "false",
+                "BALLAST_CACHE_KEYS_CACHE_BYTES": "0",
+                "BALLAST_CACHE_TURNS_CACHE_BYTES": "1024",
+            }
+        )
     )
-    assert (read.embed_int8_weights, read.keys_cache_bytes) == (False, 0)
+    assert (read.embed_int8_weights, read.keys_cache_bytes, read.turns_cache_bytes) == (False, 0, 1024)
 
 
 def test_a_memory_store_cache_does_not_load_redis() -> None:

@@ -1,5 +1,7 @@
-"""The engine remembers recent requests' keys (a Store after the Lookup of the same request):
-what it remembers is exactly what hashing the request gives, within keys_cache_bytes."""
+"""The engine remembers recent requests' keys (a Store after the Lookup of the same request) and
+recent turns' normalised forms (a session's next chat sends its earlier turns again): what it
+remembers is exactly what hashing the request gives, within keys_cache_bytes and
+turns_cache_bytes."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from services.kit.config import ServerSettings
 from tests.unit.cache.test_isolation_property import SameVectorEmbedder
 
 
-def _engine(keys_cache_bytes: int) -> CacheEngine:
+def _engine(keys_cache_bytes: int, turns_cache_bytes: int = 1024 * 1024) -> CacheEngine:
     settings = dataclasses.replace(
-        CacheSettings(server=ServerSettings(service="cache")), keys_cache_bytes=keys_cache_bytes
+        CacheSettings(server=ServerSettings(service="cache")),
+        keys_cache_bytes=keys_cache_bytes,
+        turns_cache_bytes=turns_cache_bytes,
     )
     return CacheEngine(settings, open_store("memory://", StoreOptions(dim=8)), SameVectorEmbedder())
 
@@ -58,9 +62,49 @@ def test_remembered_requests_stay_within_their_bytes() -> None:
     engine = _engine(budget)
     for i in range(200):
         engine.keys(_conversation(f"{i} pairs."))
-        assert engine._keys_bytes <= budget
+        assert engine._keys.held <= budget
     assert 0 < len(engine._keys) < 200
     # Nothing is remembered when remembering is off, and keys are still right.
     off = _engine(0)
     request = _conversation("40 pairs.")
     assert off.keys(request) == request_keys(request, space=off.embedder.name) and not off._keys
+    assert not _engine(0, turns_cache_bytes=0)._turns
+
+
+def _session(turns: int) -> ChatRequest:
+    """A session's chat after `turns` exchanges: its earlier turns, then a new question."""
+    messages = [Message("system", "Be brief.")]
+    for i in range(turns):
+        messages += [Message("user", f"Question {i}?"), Message("assistant", f"Answer {i}.")]
+    messages.append(Message("user", f"Question {turns}?"))
+    return ChatRequest(scope=ScopeId("t1", "u1", "default"), model="m1", messages=tuple(messages))
+
+
+def test_a_sessions_next_chat_normalises_only_its_new_turns(monkeypatch: Any) -> None:
+    normalised: list[str] = []
+    original = Message.canonical
+
+    def counted(message: Message) -> list[Any]:
+        normalised.append(message.content)
+        return original(message)
+
+    monkeypatch.setattr(Message, "canonical", counted)
+    engine = _engine(0)  # no request is remembered whole: each chat is a new request anyway
+    for turns in range(1, 30):
+        request = _session(turns)
+        assert engine.keys(request) == request_keys(request, space=engine.embedder.name, canonical=original)
+    # Each earlier turn was normalised once, when it first appeared (the question and answer of
+    # one chat are earlier turns of the next): 2 per chat, not the whole conversation each time.
+    # (The checks above hash with the unremembered `original`, which is not counted.)
+    assert len(normalised) == 2 * 29
+    assert len(set(normalised)) == len(normalised)
+
+
+def test_remembered_turns_stay_within_their_bytes_and_keys_stay_right() -> None:
+    budget = 4096
+    engine = _engine(0, turns_cache_bytes=budget)
+    for turns in range(1, 60):
+        request = _session(turns)
+        assert engine.keys(request) == request_keys(request, space=engine.embedder.name)
+        assert engine._turns.held <= budget
+    assert 0 < len(engine._turns) < 2 * 59
