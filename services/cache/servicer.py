@@ -113,7 +113,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                     role=role,
                     content=m.content,
                     name=m.name,
-                    tool_calls=tuple(ToolCallData(c.id, c.name, c.arguments_json) for c in m.tool_calls),
+                    # Most turns carry no tool calls: no generator for them (a session's window
+                    # is converted on every Lookup and Store).
+                    tool_calls=tuple(ToolCallData(c.id, c.name, c.arguments_json) for c in m.tool_calls)
+                    if m.tool_calls
+                    else (),
                     tool_call_id=m.tool_call_id,
                     is_error=m.is_error,
                 )

@@ -15,7 +15,9 @@ def message_parts(message: common_pb2.ChatMessage) -> MessageParts:
     return MessageParts(
         content=message.content,
         name=message.name,
-        tool_calls=tuple((call.name, call.arguments_json) for call in message.tool_calls),
+        tool_calls=tuple((call.name, call.arguments_json) for call in message.tool_calls)
+        if message.tool_calls
+        else (),
         tool_call_id=message.tool_call_id,
     )
 
