@@ -34,6 +34,14 @@ def seconds(value: duration_pb2.Duration) -> float:
 
 def timestamp(epoch_seconds: float, *, resolution_ns: int = 1) -> timestamp_pb2.Timestamp:
     """A Timestamp at `epoch_seconds`, rounded to `resolution_ns` (1000 for PostgreSQL's µs)."""
+    return set_timestamp(timestamp_pb2.Timestamp(), epoch_seconds, resolution_ns=resolution_ns)
+
+
+def set_timestamp(
+    target: timestamp_pb2.Timestamp, epoch_seconds: float, *, resolution_ns: int = 1
+) -> timestamp_pb2.Timestamp:
+    """Sets `target` (a field of a message being built: no Timestamp copied into it) as
+    timestamp() would make it."""
     nanos = round(epoch_seconds * 1e9 / resolution_ns) * resolution_ns
-    whole, fraction = divmod(nanos, _NANOS)  # a Timestamp's nanos are never negative
-    return timestamp_pb2.Timestamp(seconds=whole, nanos=fraction)
+    target.seconds, target.nanos = divmod(nanos, _NANOS)  # a Timestamp's nanos are never negative
+    return target

@@ -15,7 +15,7 @@ from services.kit.protos import seconds
 from services.sessions.config import SessionsSettings
 from services.sessions.model import NewTurn, Scope, SessionRecord
 from services.sessions.sessions import Sessions
-from services.sessions.turns import new_turn, timestamp, to_proto
+from services.sessions.turns import fill_proto, new_turn, timestamp, to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -213,7 +213,11 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
         turns, token = await self._sessions.list_turns(
             scope, session_id, request.page_size, request.page_token
         )
-        return sessions_pb2.ListTurnsResponse(turns=[to_proto(t) for t in turns], next_page_token=token)
+        response = sessions_pb2.ListTurnsResponse(next_page_token=token)
+        add = response.turns.add
+        for stored in turns:
+            fill_proto(add(), stored)
+        return response
 
     async def GetContext(
         self, request: sessions_pb2.GetContextRequest, context: Context
@@ -230,15 +234,9 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             # Leave the caller time to use the answer: never spend more than half its deadline.
             wait = min(wait, remaining / 2)
         window = await self._sessions.context(scope, session_id, request.token_budget, request.model, wait)
-        turns = []
-        for stored, tokens in window.turns:
-            turn = to_proto(stored)
-            turn.token_count = tokens
-            turns.append(turn)
-        return sessions_pb2.GetContextResponse(
+        response = sessions_pb2.GetContextResponse(
             summary=window.summary,
             summary_tokens=window.summary_tokens,
-            turns=turns,
             total_tokens=window.total_tokens,
             version=window.record.version,
             omitted_turns=window.omitted_turns,
@@ -246,6 +244,10 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServiceServicer):
             omitted_unsummarized=window.omitted_turns > 0,
             summary_omitted=window.summary_omitted,
         )
+        add = response.turns.add
+        for stored, tokens in window.turns:
+            fill_proto(add(), stored).token_count = tokens
+        return response
 
     async def CompactSession(
         self, request: sessions_pb2.CompactSessionRequest, context: Context

@@ -48,8 +48,15 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def to_proto(turn: StoredTurn) -> sessions_pb2.Turn:
-    out = sessions_pb2.Turn.FromString(turn.payload)
+    return fill_proto(sessions_pb2.Turn(), turn)
+
+
+def fill_proto(out: sessions_pb2.Turn, turn: StoredTurn) -> sessions_pb2.Turn:
+    """Writes `turn` into `out`, an empty Turn: an element added to a response's repeated field
+    is filled in place rather than built apart and copied in (a context window is every call)."""
+    out.MergeFromString(turn.payload)
     out.seq = turn.seq
     out.token_count = turn.token_count
-    out.created_at.CopyFrom(timestamp(turn.created_at))
+    # Microseconds, as PostgreSQL stores them (see timestamp()).
+    protos.set_timestamp(out.created_at, turn.created_at, resolution_ns=1000)
     return out
