@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.provider_transport [--requests 2000] [--rounds 4] [--concurrency 1,16]
 
-services/router/providers/network.py (`Http11Transport`, HTTP/1.1 on asyncio and h11) replaced
+services/router/providers/network.py (`Http11Transport`, HTTP/1.1 on asyncio, http11.py) replaced
 httpx's default transport (httpcore) to cut the router's CPU per provider call. This measures
 whether that still pays, with whatever httpx/httpcore versions are installed: the same
 ProviderClient, the same request body, against one SIMULATED provider process (zero latency,

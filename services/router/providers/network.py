@@ -1,11 +1,12 @@
-"""HTTP/1.1 under the providers' httpx clients: a connection pool on asyncio and h11.
+"""HTTP/1.1 under the providers' httpx clients: a connection pool on asyncio.
 
 httpx sends through a transport; its default one is httpcore, which on asyncio goes through
 anyio's locks and cancel scopes (and sniffio's task lookups, each a getpid() system call on
 Python 3.11) several times per request. On a small non-streaming provider call that was about
 half of the client's CPU, and the router pays it on every call (bench/router_overhead.py).
 `Http11Transport` is an httpx transport (httpx's documented extension point) that speaks
-HTTP/1.1 with h11, the parser httpcore itself uses, over asyncio's own transports:
+HTTP/1.1 over asyncio's own transports, reading and writing it with http11.py (which replaced
+h11, the parser httpcore uses, for a quarter of the CPU per call):
 
 - one pool per provider: keep-alive connections per origin, at most `max_connections` open,
   idle ones closed after `keepalive_expiry`, callers beyond the limit wait (`pool` timeout);
@@ -33,8 +34,19 @@ import ssl
 from collections import deque
 from typing import Any, cast
 
-import h11
 import httpx
+
+from services.router.providers.http11 import (
+    CLOSED,
+    END,
+    NEED_DATA,
+    BodyWriter,
+    LocalProtocolError,
+    ProtocolError,
+    Response,
+    ResponseReader,
+    request_head,
+)
 
 # Reading pauses once this much has arrived unread, so a fast stream cannot grow memory unbounded.
 _READ_HIGH_WATER = 256 * 1024
@@ -133,19 +145,29 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection: h11's state machine over a `_Socket`."""
+    """One keep-alive HTTP/1.1 connection: requests written and responses read (http11.py)
+    over a `_Socket`."""
 
     def __init__(self, origin: Origin, transport: asyncio.Transport, sock: _Socket) -> None:
         self.origin = origin
         self.transport = transport
         self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = ResponseReader()
+        # The current request was written whole, and does not ask to close the connection.
+        self.request_done = False
+        self.request_keeps_alive = True
         self.idle_since = 0.0
 
     def reusable_idle(self) -> bool:
         """An idle connection may carry the next request: nothing unread, not closed."""
         sock = self.sock
-        return not sock.eof and not sock.buffer and not self.transport.is_closing()
+        return not sock.eof and not sock.buffer and not self.reader.unread and not self.transport.is_closing()
+
+    def exchange_complete(self) -> bool:
+        """The request and its whole response went through, and both ends keep the connection."""
+        return (
+            self.request_done and self.request_keeps_alive and self.reader.complete and self.reader.keep_alive
+        )
 
     def close(self) -> None:
         self.transport.close()
@@ -162,33 +184,38 @@ class _Connection:
             raise httpx.WriteError(str(self.sock.error), request=request)
 
     async def send(self, request: httpx.Request, timeout: float | None) -> None:
-        h = self.h11
-        url = request.url
-        head = h11.Request(method=request.method.encode(), target=url.raw_path, headers=request.headers.raw)
-        pending = [h.send(head) or b""]
+        method = request.method.encode()
+        head = request_head(method, request.url.raw_path, request.headers.raw)
+        self.request_done = False
+        self.request_keeps_alive = head.keep_alive
+        self.reader.start(head_request=method == b"HEAD")
+        body = BodyWriter(head.content_length)
+        pending = [head.data]
         size = 0
         stream = request.stream
         assert isinstance(stream, httpx.AsyncByteStream)
         async for chunk in stream:
             if not chunk:
                 continue
-            pending.append(h.send(h11.Data(data=chunk)) or b"")
+            pending.append(body.data(chunk))
             size += len(chunk)
             if size > _SMALL_BODY:
                 await self._write(b"".join(pending), timeout, request)
                 pending, size = [], 0
-        pending.append(h.send(h11.EndOfMessage()) or b"")
+        pending.append(body.end())
         await self._write(b"".join(pending), timeout, request)
+        self.request_done = True
 
     async def next_event(self, timeout: float | None, request: httpx.Request) -> Any:
-        """The next h11 event from the server, reading from the socket as needed."""
-        h = self.h11
+        """The next event of the response (http11.ResponseReader), reading from the socket as
+        needed."""
+        reader = self.reader
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                event = reader.next_event()
+            except ProtocolError as exc:
                 raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-            if event is not h11.NEED_DATA:
+            if event is not NEED_DATA:
                 return event
             sock = self.sock
             if not sock.buffer and not sock.eof:
@@ -197,22 +224,21 @@ class _Connection:
                 except TimeoutError as exc:
                     raise httpx.ReadTimeout("timed out reading from the provider", request=request) from exc
             if sock.buffer:
-                h.receive_data(sock.take())
+                reader.receive(sock.take())
             elif sock.error is not None:
                 raise httpx.ReadError(str(sock.error) or type(sock.error).__name__, request=request)
             else:
-                h.receive_data(b"")  # the server closed: h11 tells a clean end from a cut-off one
+                reader.receive(b"")  # the server closed: the reader tells a clean end from a cut-off one
 
-    async def receive_head(self, timeout: float | None, request: httpx.Request) -> h11.Response:
-        while True:
-            event = await self.next_event(timeout, request)
-            if type(event) is h11.Response:
-                return event
-            if type(event) is h11.ConnectionClosed:
-                raise httpx.RemoteProtocolError(
-                    "the provider closed the connection without sending a response", request=request
-                )
-            # InformationalResponse (1xx): the real response follows.
+    async def receive_head(self, timeout: float | None, request: httpx.Request) -> Response:
+        """The response's head (informational 1xx answers are skipped by the reader)."""
+        event = await self.next_event(timeout, request)
+        if event is CLOSED:
+            raise httpx.RemoteProtocolError(
+                "the provider closed the connection without sending a response", request=request
+            )
+        assert type(event) is Response  # the first event of a response is its head
+        return event
 
 
 class _Body(httpx.AsyncByteStream):
@@ -241,15 +267,13 @@ class _Body(httpx.AsyncByteStream):
         if self._closed or self._ended:
             raise StopAsyncIteration
         event = await self._connection.next_event(self._timeout, self._request)
-        kind = type(event)
-        if kind is h11.Data:
-            first = bytes(event.data)
+        if type(event) is bytes:
             more = self._arrived()
-            return first + b"".join(more) if more else first
-        if kind is h11.EndOfMessage:
+            return event + b"".join(more) if more else event
+        if event is END:
             self._ended = True
             raise StopAsyncIteration
-        # ConnectionClosed before the end: h11 would have raised; be explicit
+        # The reader raises on a body cut off; anything else here is a bug: say so plainly.
         raise httpx.RemoteProtocolError("the answer ended early", request=self._request)
 
     def _arrived(self) -> list[bytes]:
@@ -257,20 +281,19 @@ class _Body(httpx.AsyncByteStream):
         stream whose events came in one read is handed on in one piece. Its end is noted for the
         next call; an error is left for the next call to raise."""
         connection = self._connection
-        h = connection.h11
+        reader = connection.reader
         pieces: list[bytes] = []
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError:
+                event = reader.next_event()
+            except ProtocolError:
                 return pieces
-            kind = type(event)
-            if isinstance(event, h11.Data):
-                pieces.append(bytes(event.data))
-            elif event is h11.NEED_DATA and connection.sock.buffer:
-                h.receive_data(connection.sock.take())
+            if type(event) is bytes:
+                pieces.append(event)
+            elif event is NEED_DATA and connection.sock.buffer:
+                reader.receive(connection.sock.take())
             else:
-                if kind is h11.EndOfMessage:
+                if event is END:
                     self._ended = True
                 return pieces
 
@@ -278,16 +301,15 @@ class _Body(httpx.AsyncByteStream):
         """Reads what has already arrived of a body its reader left (never waiting for more):
         when that holds the body's end, the exchange is complete and the connection reusable."""
         connection = self._connection
-        h = connection.h11
+        reader = connection.reader
         if connection.sock.buffer:
-            h.receive_data(connection.sock.take())
+            reader.receive(connection.sock.take())
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError:
+                event = reader.next_event()
+            except ProtocolError:
                 return
-            kind = type(event)
-            if kind is h11.EndOfMessage or event is h11.NEED_DATA or kind is h11.ConnectionClosed:
+            if event is END or event is NEED_DATA:
                 return
             # Data nobody will read: dropped.
 
@@ -296,16 +318,9 @@ class _Body(httpx.AsyncByteStream):
             return
         self._closed = True
         connection = self._connection
-        h = connection.h11
-        if h.our_state is h11.DONE and h.their_state is h11.SEND_BODY:
+        if connection.request_done and not connection.reader.complete:
             self._finish_from_buffer()
-        clean = h.our_state is h11.DONE and h.their_state is h11.DONE
-        if clean:
-            try:
-                h.start_next_cycle()
-            except h11.LocalProtocolError:
-                clean = False
-        self._pool.release(connection, reusable=clean)
+        self._pool.release(connection, reusable=connection.exchange_complete())
 
 
 class Http11Transport(httpx.AsyncBaseTransport):
@@ -449,14 +464,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
             head = await connection.receive_head(read_timeout, request)
         except BaseException as exc:
             self._discard(connection)
-            if isinstance(exc, h11.LocalProtocolError):
+            if isinstance(exc, LocalProtocolError):
                 raise httpx.LocalProtocolError(str(exc), request=request) from exc
             raise
         return httpx.Response(
             head.status_code,
-            headers=head.headers.raw_items(),
+            headers=head.headers,
             stream=_Body(self, connection, read_timeout, request),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": bytes(head.reason)},
+            extensions={"http_version": b"HTTP/" + head.http_version, "reason_phrase": head.reason},
         )
 
     async def aclose(self) -> None:
