@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
@@ -54,6 +56,20 @@ _READ_HIGH_WATER = 256 * 1024
 _SMALL_BODY = 64 * 1024
 
 Origin = tuple[bytes, bytes, int]  # scheme, host, port
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPost:
+    """A POST's request head written once for every call to one URL with the same headers
+    (`Http11Transport.prepare_post`): only the Content-Length is added per call."""
+
+    origin: Origin
+    # Request line and header lines, checked, up to where `content-length: N` and the blank line go.
+    head: bytes
+    keep_alive: bool
+    # The request as httpx describes it (method, URL, headers; no body): what responses and
+    # errors carry as their `request`.
+    template: httpx.Request
 
 
 class _Socket(asyncio.Protocol):
@@ -206,6 +222,17 @@ class _Connection:
         await self._write(b"".join(pending), timeout, request)
         self.request_done = True
 
+    async def send_prepared(self, prepared: PreparedPost, content: bytes, timeout: float | None) -> None:
+        self.request_done = False
+        self.request_keeps_alive = prepared.keep_alive
+        self.reader.start()
+        await self._write(
+            b"%bcontent-length: %d\r\n\r\n%b" % (prepared.head, len(content), content),
+            timeout,
+            prepared.template,
+        )
+        self.request_done = True
+
     async def next_event(self, timeout: float | None, request: httpx.Request) -> Any:
         """The next event of the response (http11.ResponseReader), reading from the socket as
         needed."""
@@ -250,7 +277,11 @@ class _Body(httpx.AsyncByteStream):
     finalizer hook to close in a task of its own."""
 
     def __init__(
-        self, pool: Http11Transport, connection: _Connection, timeout: float | None, request: httpx.Request
+        self,
+        pool: Http11Transport,
+        connection: _Connection,
+        timeout: float | None,
+        request: httpx.Request,
     ) -> None:
         self._pool = pool
         self._connection = connection
@@ -321,6 +352,13 @@ class _Body(httpx.AsyncByteStream):
         if connection.request_done and not connection.reader.complete:
             self._finish_from_buffer()
         self._pool.release(connection, reusable=connection.exchange_complete())
+
+
+def _origin(url: httpx.URL, request: httpx.Request) -> Origin:
+    scheme = url.raw_scheme
+    if scheme not in (b"http", b"https"):
+        raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
+    return (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
 
 
 class Http11Transport(httpx.AsyncBaseTransport):
@@ -444,13 +482,54 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     # --- httpx.AsyncBaseTransport --------------------------------------------------------------
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        scheme = url.raw_scheme
-        if scheme not in (b"http", b"https"):
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
-        port = url.port or (443 if scheme == b"https" else 80)
-        origin: Origin = (scheme, url.raw_host, port)
         timeouts = request.extensions.get("timeout", {})
+        write = timeouts.get("write")
+
+        def send(connection: _Connection) -> Awaitable[None]:
+            return connection.send(request, write)
+
+        return await self._exchange(_origin(request.url, request), timeouts, send, request)
+
+    # --- the providers' calls ----------------------------------------------------------------
+    def prepare_post(self, url: httpx.URL, headers: httpx.Headers) -> PreparedPost:
+        """The head of a POST to `url` with `headers`, as httpx would send it (its Host header
+        included), checked once: `post_prepared` sends it with any body."""
+        template = httpx.Request("POST", url, headers=headers)  # httpx adds Host (and a length)
+        fields = [
+            (n, v)
+            for n, v in template.headers.raw
+            if n.lower() not in (b"content-length", b"transfer-encoding")
+        ]
+        try:
+            head = request_head(b"POST", url.raw_path, fields)
+        except LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=template) from exc
+        return PreparedPost(_origin(url, template), head.data[:-2], head.keep_alive, template)
+
+    async def post_prepared(
+        self, prepared: PreparedPost, content: bytes, timeouts: Mapping[str, float | None]
+    ) -> httpx.Response:
+        """What handle_async_request does for a POST of `content` with a prepared head, without
+        an httpx.Request per call: the response and errors carry the prepared one (its body is
+        not attached)."""
+        write = timeouts.get("write")
+
+        def send(connection: _Connection) -> Awaitable[None]:
+            return connection.send_prepared(prepared, content, write)
+
+        response = await self._exchange(prepared.origin, timeouts, send, prepared.template)
+        response.request = prepared.template
+        return response
+
+    async def _exchange(
+        self,
+        origin: Origin,
+        timeouts: Mapping[str, float | None],
+        send: Callable[[_Connection], Awaitable[None]],
+        request: httpx.Request,
+    ) -> httpx.Response:
+        """Sends a request on a pooled (or new) connection to `origin`; the response comes
+        back once its head has arrived, its body still to read."""
         connection = await self._acquire(origin, timeouts.get("pool"), request)
         if connection is None:
             try:
@@ -460,7 +539,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 raise
         read_timeout = timeouts.get("read")
         try:
-            await connection.send(request, timeouts.get("write"))
+            await send(connection)
             head = await connection.receive_head(read_timeout, request)
         except BaseException as exc:
             self._discard(connection)

@@ -186,3 +186,64 @@ async def test_server_sent_events_follow_the_whatwg_rules_in_any_framing(ending:
     for cut in range(1, len(text)):
         assert await _events(text[:cut], text[cut:]) == expected, cut
     assert await _events(*[text[i : i + 1] for i in range(len(text))]) == expected
+
+
+async def test_a_prepared_post_sends_what_an_httpx_request_would() -> None:
+    """The provider client writes each URL's head once (Http11Transport.prepare_post): the bytes
+    a server receives are the same request httpx builds, header for header, body for body."""
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                received.append(head + await reader.readexactly(length))
+                writer.write(response(b"ok"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def parsed(raw: bytes) -> tuple[bytes, set[bytes], bytes]:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        request_line, *fields = head.split(b"\r\n")
+        return request_line, {f.lower() for f in fields}, body
+
+    headers = {"authorization": "Bearer k", "content-type": "application/json"}
+    async with provider_client(handler, ClientOptions(), headers, "/chat/completions?api-version=1") as (
+        client,
+        url,
+        _,
+    ):
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hé"}]}).encode()
+        answer = await client.post(url, content=body)
+        assert answer.status_code == 200 and answer.content == b"ok"
+        assert answer.request.url == url and answer.request.method == "POST"
+        # The same call through the generic transport path, with an httpx.Request.
+        transport = client._transport
+        request = httpx.Request("POST", url, headers=client._headers, content=body)
+        generic = await transport.handle_async_request(request)
+        await generic.aread()
+        await generic.aclose()
+    assert len(received) == 2
+    assert parsed(received[0]) == parsed(received[1])
+    assert parsed(received[0])[0] == b"POST /v1/chat/completions?api-version=1 HTTP/1.1"
+
+
+async def test_a_header_that_would_inject_a_line_is_refused_before_anything_is_sent() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    bad = {"authorization": "Bearer k\r\nx-injected: 1"}
+    async with provider_client(handler, ClientOptions(), bad, "/chat/completions") as (client, url, _):
+        with pytest.raises(httpx.LocalProtocolError, match="invalid header b'authorization'"):
+            await client.post(url, content=b"{}")
+    assert connections == 0
