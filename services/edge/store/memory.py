@@ -165,9 +165,23 @@ class MemoryEdgeStore:
             if remaining <= 0:
                 return None
             self._wakeup.clear()
-            # Parked jobs become due without a wake-up, so poll at least every 100 ms.
+            # A new job wakes the waiting workers; a parked one becomes due without a wake-up, so
+            # they wait no longer than until the earliest is due. (Polling every 100 ms instead
+            # kept an idle suite's 32 workers at about 1% of a core.)
+            due_in = self._next_due_in()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=min(remaining, 0.1))
+                async with asyncio.timeout(remaining if due_in is None else min(remaining, due_in)):
+                    await self._wakeup.wait()
+
+    def _next_due_in(self) -> float | None:
+        """Seconds until the earliest queued job is due (0 when one is), None when none is queued.
+        A job cancelled since it was queued may still count: a worker then wakes early, finds
+        nothing due and waits again."""
+        earliest = min(
+            (heap[0][0] for tenants in self._queues.values() for heap in tenants.values() if heap),
+            default=None,
+        )
+        return None if earliest is None else max(0.0, earliest - self._clock())
 
     async def heartbeat(self, claim: Claim, consumer: str) -> None:
         if claim.token in self._claims:
