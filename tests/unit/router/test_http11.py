@@ -7,43 +7,33 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.providers.http11 import (
-    CLOSED,
-    END,
-    NEED_DATA,
-    BodyWriter,
-    LocalProtocolError,
-    ProtocolError,
-    Response,
-    ResponseReader,
-    request_head,
-)
+from services.router.providers import http11
 
 
 def read_all(
     wire: bytes, *, byte_by_byte: bool = False, eof: bool = True, head_request: bool = False
-) -> tuple[Response | None, bytes, ResponseReader]:
+) -> tuple[http11.Response | None, bytes, http11.ResponseReader]:
     """Feeds `wire` (then the end of the stream, if `eof`) and returns the head, the body and
     the reader (whose state tells whether the connection may be reused)."""
-    reader = ResponseReader(max_head_bytes=1024)
+    reader = http11.ResponseReader(max_head_bytes=1024)
     reader.start(head_request=head_request)
     pieces = [wire[i : i + 1] for i in range(len(wire))] if byte_by_byte else [wire]
-    head: Response | None = None
+    head: http11.Response | None = None
     body = b""
     for piece in [*pieces, *([b""] if eof else [])]:
         reader.receive(piece)
         while True:
             event = reader.next_event()
-            if event is NEED_DATA or event is END:
+            if event is http11.NEED_DATA or event is http11.END:
                 break
-            if isinstance(event, Response):
+            if isinstance(event, http11.Response):
                 assert head is None
                 head = event
             elif isinstance(event, bytes):
                 body += event
             else:
                 raise AssertionError(event)
-        if event is END:
+        if event is http11.END:
             break
     return head, body, reader
 
@@ -52,7 +42,7 @@ def read_all(
 def test_a_content_length_body_is_read_exactly_and_the_connection_kept(byte_by_byte: bool) -> None:
     wire = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 7\r\n\r\n{"a":1}'
     head, body, reader = read_all(wire, byte_by_byte=byte_by_byte, eof=False)
-    assert head == Response(
+    assert head == http11.Response(
         200, b"OK", [(b"Content-Type", b"application/json"), (b"content-length", b"7")], b"1.1"
     )
     assert body == b'{"a":1}'
@@ -78,16 +68,16 @@ def test_chunked_bodies_with_extensions_and_trailers_after_an_informational_answ
 
 
 def test_the_next_response_on_the_same_connection_starts_clean() -> None:
-    reader = ResponseReader()
+    reader = http11.ResponseReader()
     reader.start()
     reader.receive(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
     first = reader.next_event()
-    assert isinstance(first, Response) and first.status_code == 204
-    assert reader.next_event() is END and reader.complete
+    assert isinstance(first, http11.Response) and first.status_code == 204
+    assert reader.next_event() is http11.END and reader.complete
     reader.start()
     second = reader.next_event()
-    assert isinstance(second, Response) and second.status_code == 200
-    assert reader.next_event() == b"ok" and reader.next_event() is END
+    assert isinstance(second, http11.Response) and second.status_code == 200
+    assert reader.next_event() == b"ok" and reader.next_event() is http11.END
 
 
 def test_line_folding_and_bare_line_feeds_are_read() -> None:
@@ -136,10 +126,10 @@ def test_an_answer_to_head_has_no_body() -> None:
 
 
 def test_a_close_before_any_answer_is_told_apart_from_a_cut_off_head() -> None:
-    reader = ResponseReader()
+    reader = http11.ResponseReader()
     reader.receive(b"")
-    assert reader.next_event() is CLOSED
-    with pytest.raises(ProtocolError, match="middle of the response head"):
+    assert reader.next_event() is http11.CLOSED
+    with pytest.raises(http11.ProtocolError, match="middle of the response head"):
         read_all(b"HTTP/1.1 200 OK\r\ncontent-")
 
 
@@ -153,7 +143,7 @@ def test_a_close_before_any_answer_is_told_apart_from_a_cut_off_head() -> None:
     ],
 )
 def test_a_body_cut_off_by_the_close_is_an_error_not_an_answer(wire: bytes, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message):
+    with pytest.raises(http11.ProtocolError, match=message):
         read_all(wire)
 
 
@@ -181,33 +171,33 @@ def test_a_body_cut_off_by_the_close_is_an_error_not_an_answer(wire: bytes, mess
     ],
 )
 def test_malformed_answers_are_refused(wire: bytes, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message):
+    with pytest.raises(http11.ProtocolError, match=message):
         read_all(wire)
 
 
 def test_a_head_or_chunk_line_over_the_limit_is_refused_before_it_ends() -> None:
     # The limit holds even while the head has not ended: memory stays bounded.
-    with pytest.raises(ProtocolError, match="over 1024 bytes"):
+    with pytest.raises(http11.ProtocolError, match="over 1024 bytes"):
         read_all(b"HTTP/1.1 200 OK\r\nx: " + b"a" * 2000, eof=False)
-    with pytest.raises(ProtocolError, match="over 1024 bytes"):
+    with pytest.raises(http11.ProtocolError, match="over 1024 bytes"):
         read_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;" + b"e" * 2000, eof=False)
     trailers = b"".join(b"x-%d: %s\r\n" % (i, b"v" * 90) for i in range(20))
-    with pytest.raises(ProtocolError, match="trailers are over 1024 bytes"):
+    with pytest.raises(http11.ProtocolError, match="trailers are over 1024 bytes"):
         read_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n" + trailers + b"\r\n")
 
 
 def test_a_request_head_is_written_with_its_framing() -> None:
-    head = request_head(
+    head = http11.request_head(
         b"POST", b"/v1/chat/completions?x=1", [(b"Host", b"example.com"), (b"content-length", b"5")]
     )
     assert head.data == (
         b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: example.com\r\ncontent-length: 5\r\n\r\n"
     )
     assert head.content_length == 5 and head.keep_alive
-    assert request_head(b"GET", b"/", [(b"Host", b"h")]).content_length == 0
-    chunked = request_head(b"POST", b"/", [(b"Transfer-Encoding", b"chunked")])
+    assert http11.request_head(b"GET", b"/", [(b"Host", b"h")]).content_length == 0
+    chunked = http11.request_head(b"POST", b"/", [(b"Transfer-Encoding", b"chunked")])
     assert chunked.content_length is None
-    assert not request_head(b"GET", b"/", [(b"Connection", b"close")]).keep_alive
+    assert not http11.request_head(b"GET", b"/", [(b"Connection", b"close")]).keep_alive
 
 
 @pytest.mark.parametrize(
@@ -230,20 +220,20 @@ def test_a_request_head_is_written_with_its_framing() -> None:
 def test_requests_that_could_inject_or_misframe_are_refused(
     method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], message: str
 ) -> None:
-    with pytest.raises(LocalProtocolError, match=message):
-        request_head(method, target, headers)
+    with pytest.raises(http11.LocalProtocolError, match=message):
+        http11.request_head(method, target, headers)
 
 
 def test_a_body_must_match_its_framing() -> None:
-    exact = BodyWriter(5)
+    exact = http11.BodyWriter(5)
     assert exact.data(b"hel") + exact.data(b"lo") + exact.end() == b"hello"
-    with pytest.raises(LocalProtocolError, match="longer than its content-length"):
-        BodyWriter(2).data(b"abc")
-    short = BodyWriter(5)
+    with pytest.raises(http11.LocalProtocolError, match="longer than its content-length"):
+        http11.BodyWriter(2).data(b"abc")
+    short = http11.BodyWriter(5)
     short.data(b"abc")
-    with pytest.raises(LocalProtocolError, match="2 bytes short"):
+    with pytest.raises(http11.LocalProtocolError, match="2 bytes short"):
         short.end()
-    with pytest.raises(LocalProtocolError, match="longer"):
-        BodyWriter(0).data(b"x")  # no framing header: no body
-    chunked = BodyWriter(None)
+    with pytest.raises(http11.LocalProtocolError, match="longer"):
+        http11.BodyWriter(0).data(b"x")  # no framing header: no body
+    chunked = http11.BodyWriter(None)
     assert chunked.data(b"hello") + chunked.data(b"") + chunked.end() == b"5\r\nhello\r\n0\r\n\r\n"
