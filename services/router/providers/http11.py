@@ -15,8 +15,9 @@ of provider APIs needs is smaller:
   informational (1xx) answers skipped; the body framed by Transfer-Encoding (chunked, with
   extensions and trailers), else Content-Length (repeated values must agree), else by the
   connection's close; 204 and 304 and answers to HEAD have none;
-- keep-alive: HTTP/1.1 unless `connection: close`, HTTP/1.0 only with `connection: keep-alive`,
-  never after a body read to the close or framed by both Transfer-Encoding and Content-Length.
+- keep-alive: HTTP/1.1 unless `connection: close`; never after an HTTP/1.0 answer (as h11 did:
+  its keep-alive extension is optional, and no provider API answers in HTTP/1.0), a body read to
+  the close, or one framed by both Transfer-Encoding and Content-Length.
 
 Anything else from the server (a malformed head, a head over `max_head_bytes`, a body cut off)
 raises `ProtocolError`; a request that cannot be written raises `LocalProtocolError`.
@@ -310,11 +311,7 @@ class ResponseReader:
                 encodings.append(value)
             elif lowered == b"content-length":
                 lengths.append(value)
-        options = _tokens(connection) if connection else []
-        if version == b"1.1":
-            self.keep_alive = b"close" not in options
-        else:
-            self.keep_alive = b"keep-alive" in options
+        self.keep_alive = version == b"1.1" and (not connection or b"close" not in _tokens(connection))
         if self._no_body or status in (204, 304):
             self._state = _DONE
             return

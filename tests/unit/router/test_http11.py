@@ -105,11 +105,10 @@ def test_answers_that_end_the_connection_are_not_kept(wire: bytes) -> None:
     assert reader.complete and not reader.keep_alive
 
 
-def test_http_1_0_with_keep_alive_is_kept() -> None:
-    _, _, reader = read_all(
-        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n", eof=False
-    )
-    assert reader.complete and reader.keep_alive
+def test_an_http_1_0_answer_is_not_kept_even_with_keep_alive() -> None:
+    wire = b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n"
+    _, _, reader = read_all(wire, eof=False)
+    assert reader.complete and not reader.keep_alive
 
 
 @pytest.mark.parametrize("status", [204, 304])
