@@ -181,13 +181,18 @@ class Env:
             raise ConfigError(dict.fromkeys(self.problems))
 
 
+def _bound_text(bound: float) -> str:
+    # Whole bounds in full (1048576, not :g's 1.04858e+06); fractions as :g writes them.
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
 def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:
     if minimum is not None and maximum is not None:
-        return f"{kind} from {minimum:g} to {maximum:g}"
+        return f"{kind} from {_bound_text(minimum)} to {_bound_text(maximum)}"
     if minimum is not None:
-        return f"{kind} of at least {minimum:g}"
+        return f"{kind} of at least {_bound_text(minimum)}"
     if maximum is not None:
-        return f"{kind} of at most {maximum:g}"
+        return f"{kind} of at most {_bound_text(maximum)}"
     return kind
 
 

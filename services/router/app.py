@@ -93,6 +93,7 @@ class RouterApp(ServiceApp):
             connect_timeout=timeouts.connect,
             read_timeout=max(timeouts.attempt, timeouts.stream_idle),
             max_connections=self.settings.max_connections,
+            max_response_head_bytes=self.settings.max_response_head_bytes,
             default_max_output_tokens=self.settings.default_max_output_tokens,
             max_reset_wait=self.settings.retry.max_reset_wait,
         )

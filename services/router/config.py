@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from services.kit.config import PREFIX, Env, ServerSettings
 from services.router.catalog import Catalog, CatalogError, default_catalog_path, load_catalog
+from services.router.providers.http11 import MAX_HEAD_BYTES
 
 P = f"{PREFIX}ROUTER_"
 
@@ -64,6 +65,9 @@ class RouterSettings:
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_connections: int = 200
+    # Largest response head (status line and headers), chunk-size line or trailer section a
+    # provider may send; past it the answer is refused as a transport error (16 KiB, h11's limit).
+    max_response_head_bytes: int = MAX_HEAD_BYTES
     # Text a provider streams within this long after a delta went out leaves as one delta
     # (services/router/coalesce.py); 0 relays every provider chunk as its own message.
     stream_flush_interval: float = 0.02
@@ -133,6 +137,9 @@ class RouterSettings:
                 ),
             ),
             max_connections=env.integer(f"{P}MAX_CONNECTIONS", cls.max_connections, minimum=1),
+            max_response_head_bytes=env.integer(
+                f"{P}MAX_RESPONSE_HEAD_BYTES", cls.max_response_head_bytes, minimum=1024, maximum=1024 * 1024
+            ),
             stream_flush_interval=env.duration(f"{P}STREAM_FLUSH_INTERVAL", cls.stream_flush_interval),
             default_max_output_tokens=env.integer(
                 f"{P}DEFAULT_MAX_OUTPUT_TOKENS", cls.default_max_output_tokens, minimum=1

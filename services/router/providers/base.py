@@ -17,6 +17,7 @@ import orjson
 
 from services.router.catalog import Model, Provider
 from services.router.model import ChatRequest, ChatResult, Delta, EmbedResult
+from services.router.providers.http11 import MAX_HEAD_BYTES
 from services.router.providers.network import Http11Transport, PreparedPost
 
 
@@ -109,6 +110,7 @@ class ClientOptions:
     # Longest wait for one read; the router caps whole attempts with the caller's deadline.
     read_timeout: float = 60.0
     max_connections: int = 200
+    max_response_head_bytes: int = MAX_HEAD_BYTES
     default_max_output_tokens: int = 4096
     # Longest wait a provider's rate-limit reset time may impose when it sent no retry-after.
     max_reset_wait: float = 60.0
@@ -221,7 +223,7 @@ def make_client(provider: Provider, options: ClientOptions, headers: Mapping[str
         keepalive_expiry=30.0,
     )
     return ProviderClient(
-        Http11Transport(limits=limits),
+        Http11Transport(limits=limits, max_head_bytes=options.max_response_head_bytes),
         {**headers, **provider.headers},
         httpx.Timeout(options.read_timeout, connect=options.connect_timeout),
     )

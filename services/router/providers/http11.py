@@ -29,7 +29,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-# What h11 allowed by default for a response head (and a chunk's size line, or trailers).
+# What h11 allowed by default for a response head (and a chunk's size line, or trailers); the
+# router sets it from BALLAST_ROUTER_MAX_RESPONSE_HEAD_BYTES.
 MAX_HEAD_BYTES: Final = 16 * 1024
 
 

@@ -41,6 +41,7 @@ import httpx
 from services.router.providers.http11 import (
     CLOSED,
     END,
+    MAX_HEAD_BYTES,
     NEED_DATA,
     BodyWriter,
     LocalProtocolError,
@@ -164,11 +165,17 @@ class _Connection:
     """One keep-alive HTTP/1.1 connection: requests written and responses read (http11.py)
     over a `_Socket`."""
 
-    def __init__(self, origin: Origin, transport: asyncio.Transport, sock: _Socket) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        transport: asyncio.Transport,
+        sock: _Socket,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+    ) -> None:
         self.origin = origin
         self.transport = transport
         self.sock = sock
-        self.reader = ResponseReader()
+        self.reader = ResponseReader(max_head_bytes)
         # The current request was written whole, and does not ask to close the connection.
         self.request_done = False
         self.request_keeps_alive = True
@@ -364,7 +371,15 @@ def _origin(url: httpx.URL, request: httpx.Request) -> Origin:
 class Http11Transport(httpx.AsyncBaseTransport):
     """A pooled HTTP/1.1 transport for one provider's client (see the module docstring)."""
 
-    def __init__(self, *, limits: httpx.Limits, verify: ssl.SSLContext | bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        limits: httpx.Limits,
+        verify: ssl.SSLContext | bool = True,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+    ) -> None:
+        # The longest response head (or chunk-size line, or trailers) a server may send.
+        self._max_head_bytes = max_head_bytes
         self._max_open = limits.max_connections or 1 << 30
         self._max_idle = (
             limits.max_keepalive_connections
@@ -478,7 +493,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         except OSError as exc:  # refused, unreachable, TLS verification failed, ...
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
         # asyncio sets TCP_NODELAY on TCP sockets itself.
-        return _Connection(origin, transport, sock)
+        return _Connection(origin, transport, sock, self._max_head_bytes)
 
     # --- httpx.AsyncBaseTransport --------------------------------------------------------------
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

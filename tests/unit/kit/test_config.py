@@ -108,6 +108,8 @@ def test_values_are_parsed_and_typed() -> None:
         ("BALLAST_BLAS_THREADS", "-1", "an integer from 0 to 1024"),
         ("BALLAST_ROUTER_STREAM_FLUSH_INTERVAL", "soon", "a duration"),
         ("BALLAST_ROUTER_STREAM_FLUSH_INTERVAL", "-5ms", "a duration"),
+        ("BALLAST_ROUTER_MAX_RESPONSE_HEAD_BYTES", "100", "an integer from 1024 to 1048576"),
+        ("BALLAST_ROUTER_MAX_RESPONSE_HEAD_BYTES", "lots", "an integer from 1024 to 1048576"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(variable: str, value: str, expected: str) -> None:

@@ -247,3 +247,21 @@ async def test_a_header_that_would_inject_a_line_is_refused_before_anything_is_s
         with pytest.raises(httpx.LocalProtocolError, match="invalid header b'authorization'"):
             await client.post(url, content=b"{}")
     assert connections == 0
+
+
+async def test_a_response_head_over_the_configured_limit_is_refused() -> None:
+    big = "x" * 3000
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def answer(headers: dict[str, str], body: bytes) -> bytes:
+            return response(b"{}", f"x-big: {big}\r\n")
+
+        await answer_each_request(reader, writer, answer)
+
+    roomy = ClientOptions()  # 16 KiB by default: the 3 KB header passes
+    async with provider_client(handler, roomy, {}, "/chat/completions") as (client, url, _):
+        assert (await client.post(url, content=b"{}")).headers["x-big"] == big
+    tight = ClientOptions(max_response_head_bytes=2048)  # BALLAST_ROUTER_MAX_RESPONSE_HEAD_BYTES
+    async with provider_client(handler, tight, {}, "/chat/completions") as (client, url, _):
+        with pytest.raises(httpx.RemoteProtocolError, match="over 2048 bytes"):
+            await client.post(url, content=b"{}")
