@@ -327,7 +327,7 @@ class ResponseReader:
                 self.keep_alive = False
             return
         if lengths:
-            values = {item for item in _tokens(lengths)}
+            values = set(_tokens(lengths))
             if len(values) != 1:
                 raise ProtocolError(f"conflicting content-length values {sorted(values)!r}")
             (value,) = values

@@ -206,12 +206,16 @@ class _Connection:
         if self.sock.error is not None:
             raise httpx.WriteError(str(self.sock.error), request=request)
 
+    def _begin(self, keep_alive: bool, *, head_request: bool = False) -> None:
+        """A new exchange on this connection: its request not yet written, its response expected."""
+        self.request_done = False
+        self.request_keeps_alive = keep_alive
+        self.reader.start(head_request=head_request)
+
     async def send(self, request: httpx.Request, timeout: float | None) -> None:
         method = request.method.encode()
         head = request_head(method, request.url.raw_path, request.headers.raw)
-        self.request_done = False
-        self.request_keeps_alive = head.keep_alive
-        self.reader.start(head_request=method == b"HEAD")
+        self._begin(head.keep_alive, head_request=method == b"HEAD")
         body = BodyWriter(head.content_length)
         pending = [head.data]
         size = 0
@@ -230,9 +234,7 @@ class _Connection:
         self.request_done = True
 
     async def send_prepared(self, prepared: PreparedPost, content: bytes, timeout: float | None) -> None:
-        self.request_done = False
-        self.request_keeps_alive = prepared.keep_alive
-        self.reader.start()
+        self._begin(prepared.keep_alive)
         await self._write(
             b"%bcontent-length: %d\r\n\r\n%b" % (prepared.head, len(content), content),
             timeout,
@@ -284,11 +286,7 @@ class _Body(httpx.AsyncByteStream):
     finalizer hook to close in a task of its own."""
 
     def __init__(
-        self,
-        pool: Http11Transport,
-        connection: _Connection,
-        timeout: float | None,
-        request: httpx.Request,
+        self, pool: Http11Transport, connection: _Connection, timeout: float | None, request: httpx.Request
     ) -> None:
         self._pool = pool
         self._connection = connection
