@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry
 
 from services.kit import tracing
 from services.kit.config import Env, region_from_env
-from services.kit.tracing import ClientSpans, ServerTracing
+from services.kit.tracing import ClientSpans, ServerTracing, SpanProcessors
 
 _logger = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def setup_telemetry(
 
         exporter = WireSpanExporter(endpoint=traces_endpoint, insecure=_insecure(env, traces_endpoint))
         processors.insert(0, BatchSpanProcessor(exporter))
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, active_span_processor=SpanProcessors())
     for processor in processors:
         provider.add_span_processor(processor)
     return Telemetry(name, provider, provider, meters, registry, meters)

@@ -15,11 +15,13 @@ made is traced without a client interceptor, which would put it in a task of its
 from __future__ import annotations
 
 import asyncio
+import dis
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
+import types
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from time import time_ns
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -29,10 +31,12 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
@@ -70,6 +74,17 @@ def _plain(value: Any) -> bool:
     )
 
 
+class PlainAttributes(dict[str, Any]):
+    """Span attributes checked once, when made, to be what _put_plain takes: non-empty string
+    keys and plain values. A span started with them skips the check (a method's attributes are
+    built once and start every span of its calls). Not to be changed after it is made."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        super().__init__(items)
+        if not all(type(key) is str and key and _plain(value) for key, value in self.items()):
+            raise ValueError(f"not plain span attributes: {items!r}")
+
+
 def _put_plain(attributes: BoundedAttributes, items: Any) -> bool:
     """Puts `items` into `attributes` as BoundedAttributes would when every key is a non-empty
     string and every value is plain, without its cleaning of each value (about 3 us an attribute
@@ -81,15 +96,78 @@ def _put_plain(attributes: BoundedAttributes, items: Any) -> bool:
     for key, value in items:
         if type(key) is not str or not key or not _plain(value):
             return False
+    return _put_checked(attributes, items)
+
+
+def _put_checked(attributes: BoundedAttributes, items: Any) -> bool:
+    """_put_plain for items already known to be plain, with keys that are non-empty strings."""
+    if attributes.max_value_len is not None:
+        return False
     held, maxlen = attributes._dict, attributes.maxlen
     with attributes._lock:
-        if maxlen is not None and len(held) + sum(key not in held for key, _ in items) > maxlen:
+        if (
+            maxlen is not None
+            and len(held) + len(items) > maxlen
+            and len(held) + sum(key not in held for key, _ in items) > maxlen
+        ):
             return False
         for key, value in items:
             if key in held:
                 del held[key]  # a key set again moves to the end, as in the SDK
             held[key] = value
     return True
+
+
+def _does_nothing(hook: Any) -> bool:
+    """Whether a processor's hook returns at once: a function whose body is `pass` or only its
+    docstring, as SpanProcessor's own hooks and BatchSpanProcessor's on_start and _on_ending."""
+    code = getattr(getattr(hook, "__func__", hook), "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return False
+    steps = [(step.opname, step.argval) for step in dis.get_instructions(code) if step.opname not in _NO_STEP]
+    return steps in _RETURNS_NONE
+
+
+_NO_STEP = frozenset({"RESUME", "NOP", "CACHE"})
+_RETURNS_NONE = ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
+
+
+def _hooks(processors: Sequence[SpanProcessor], name: str) -> tuple[Callable[..., None], ...]:
+    """Each processor's hook `name`, in order, but those that do nothing."""
+    return tuple(hook for hook in (getattr(p, name) for p in processors) if not _does_nothing(hook))
+
+
+class SpanProcessors(sdk_trace.SynchronousMultiSpanProcessor):
+    """The SDK's SynchronousMultiSpanProcessor (each hook runs the processors in the order they
+    were added) that also keeps, per hook, the processors that do something in it. RpcSpan calls
+    only those: BatchSpanProcessor's on_start and _on_ending do nothing, and cost a span two
+    calls and the loops around them."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.starting: tuple[Callable[..., None], ...] = ()
+        self.ending: tuple[Callable[[Any], None], ...] = ()
+        self.ended: tuple[Callable[[Any], None], ...] = ()
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        with self._lock:
+            processors = (*self._span_processors, span_processor)
+            self.starting = _hooks(processors, "on_start")
+            self.ending = _hooks(processors, "_on_ending")
+            self.ended = _hooks(processors, "on_end")
+            self._span_processors = processors
+
+    def on_start(self, span: Any, parent_context: otel_context.Context | None = None) -> None:
+        for starting in self.starting:
+            starting(span, parent_context=parent_context)
+
+    def _on_ending(self, span: Any) -> None:
+        for ending in self.ending:
+            ending(span)
+
+    def on_end(self, span: Any) -> None:
+        for ended in self.ended:
+            ended(span)
 
 
 class RpcSpan(sdk_trace.Span):
@@ -137,7 +215,8 @@ class RpcSpan(sdk_trace.Span):
         bounded = BoundedAttributes(
             limits.max_span_attributes, None, immutable=False, max_value_len=limits.max_span_attribute_length
         )
-        if attributes and not _put_plain(bounded, attributes.items()):
+        put = _put_checked if type(attributes) is PlainAttributes else _put_plain
+        if attributes and not put(bounded, attributes.items()):
             bounded = BoundedAttributes(
                 limits.max_span_attributes,
                 attributes,
@@ -155,14 +234,14 @@ class RpcSpan(sdk_trace.Span):
         if not self._set_plain(attributes.items()):
             super().set_attributes(attributes)
 
-    def _set_plain(self, items: Any) -> bool:
+    def _set_plain(self, items: Any, put: Callable[[BoundedAttributes, Any], bool] = _put_plain) -> bool:
         """Sets plain attributes as the SDK would (see _put_plain), and says whether it did; on an
         ended span, warns as the SDK does, whatever the values."""
         with self._lock:
             if self._end_time is not None:
                 _logger.warning("Setting attribute on ended span.")
                 return True
-            return _put_plain(cast(BoundedAttributes, self._attributes), items)
+            return put(self._attributes, items)  # type: ignore[arg-type]
 
     def _add_event(self, event: Any) -> None:
         self._events = self._appended("_add_event", self._events, event, self._limits.max_events)
@@ -186,9 +265,16 @@ class RpcSpan(sdk_trace.Span):
                 _logger.warning("Calling end() on an ended span.")
                 return
             self._end_time = end_time if end_time is not None else time_ns()
-            cast(BoundedAttributes, self._attributes)._immutable = True
-        self._span_processor._on_ending(self)
-        self._span_processor.on_end(self)
+            self._attributes._immutable = True  # type: ignore[union-attr]
+        processor = self._span_processor
+        if type(processor) is SpanProcessors:
+            for ending in processor.ending:
+                ending(self)
+            for ended in processor.ended:
+                ended(self)
+        else:
+            processor._on_ending(self)
+            processor.on_end(self)
 
 
 _FLAGS = {
@@ -235,20 +321,29 @@ class RpcTracer:
         provider, tracer = self.provider, self.tracer
         if provider is None or not tracer._is_enabled():  # type: ignore[attr-defined]
             return tracer.start_span(name, context, kind, attributes)
-        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+        # trace.get_current_span(context).get_span_context(), in fewer calls
+        found = (otel_context.get_current() if context is None else context).get(_SPAN_KEY)
+        parent: SpanContext | None = None
+        if found is not None and (type(found) is RpcSpan or isinstance(found, trace.Span)):
+            parent = found.get_span_context()
         ids = provider.id_generator
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            random = parent.trace_flags.random_trace_id
-            decided = self._decided.get((parent.is_remote, parent.trace_flags.sampled))
+        parent_state = None
+        if parent is not None:
+            # A SpanContext is a tuple of these six: unpacked, not read through seven properties
+            # (tests/unit/kit/test_rpc_spans.py checks the order).
+            trace_id, _, remote, flags, parent_state, valid = parent
+            if not valid:
+                parent = None
+        if parent is not None:
+            random = bool(flags & TraceFlags.RANDOM_TRACE_ID)
+            decided = self._decided.get((remote, bool(flags & TraceFlags.SAMPLED)))
         else:
-            parent = None
             trace_id = ids.generate_trace_id()
             random = ids.is_trace_id_random()
             decided = None
         if decided is not None:
             sampled = recording = decided
-            trace_state = parent.trace_state if parent is not None else None
+            trace_state = parent_state
             given: Mapping[str, Any] = attributes
         else:
             result = provider.sampler.should_sample(context, trace_id, name, kind, attributes, ())
@@ -265,7 +360,12 @@ class RpcTracer:
         if not recording:
             return trace.NonRecordingSpan(span_context)
         span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given)
-        span._span_processor.on_start(span, parent_context=context)
+        processor = span._span_processor
+        if type(processor) is SpanProcessors:
+            for starting in processor.starting:
+                starting(span, parent_context=context)
+        else:
+            processor.on_start(span, parent_context=context)
         return span
 
 
@@ -332,9 +432,9 @@ def _extracted(metadata: Any) -> otel_context.Context:
     return propagate.extract(dict(metadata))
 
 
-def _attributes(method: str) -> dict[str, str]:
+def _attributes(method: str) -> PlainAttributes:
     service, _, name = method.lstrip("/").partition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    return PlainAttributes({"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
 
 
 class ServerTracing(AroundInterceptor):
@@ -379,7 +479,7 @@ class ServerTracing(AroundInterceptor):
                             if isinstance(exc, Exception):
                                 span.record_exception(exc)
                     code = code or grpc.StatusCode.OK
-                    span.set_attribute(_STATUS_CODE, code.value[0])
+                    _set_status_code(span, code)
                     if code in _SERVER_ERRORS:
                         span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or ''}"))
                 finally:
@@ -389,9 +489,15 @@ class ServerTracing(AroundInterceptor):
         return Traced
 
 
+def _set_status_code(span: trace.Span, code: grpc.StatusCode) -> None:
+    value = code._value_[0]  # code.value[0] without the enum's property
+    if type(span) is not RpcSpan or not span._set_plain(((_STATUS_CODE, value),), _put_checked):
+        span.set_attribute(_STATUS_CODE, value)
+
+
 def end_client_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
     """Ends a CLIENT span with the call's status (an error for every code but OK)."""
-    span.set_attribute(_STATUS_CODE, code.value[0])
+    _set_status_code(span, code)
     if code != grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, details or code.name))
     span.end()
@@ -404,7 +510,7 @@ class ClientSpans:
 
     def __init__(self, tracer_provider: trace.TracerProvider) -> None:
         self._tracer = RpcTracer(tracer_provider)
-        self._attributes: dict[str, dict[str, str]] = {}
+        self._attributes: dict[str, PlainAttributes] = {}
 
     def start(self, method: str) -> trace.Span:
         attributes = self._attributes.get(method)

@@ -12,11 +12,19 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from services.kit.tracing import INSTRUMENTATION, LeanTracer, RpcSpan, RpcTracer
+from services.kit.tracing import (
+    INSTRUMENTATION,
+    LeanTracer,
+    PlainAttributes,
+    RpcSpan,
+    RpcTracer,
+    SpanProcessors,
+    _does_nothing,
+)
 
 _ATTRIBUTES = {
     "rpc.system": "grpc",
@@ -123,12 +131,19 @@ def _work(span: trace.Span) -> None:
     span.update_name(span.name if isinstance(span, ReadableSpan) else "ignored")
 
 
-def _pair(sampler: samplers.Sampler, limits: SpanLimits | None = None) -> tuple[Any, Any, Any, Any]:
+def _pair(
+    sampler: samplers.Sampler, limits: SpanLimits | None = None, *, ours: bool = True
+) -> tuple[Any, Any, Any, Any]:
+    """An SDK provider and one for RpcTracer, which has the processors the services run with
+    (SpanProcessors) unless `ours` is False."""
     found = []
-    for _ in range(2):
+    for side in ("sdk", "rpc"):
         exporter = InMemorySpanExporter()
         provider = TracerProvider(
-            resource=Resource.create({"service.name": "probe"}), sampler=sampler, span_limits=limits
+            resource=Resource.create({"service.name": "probe"}),
+            sampler=sampler,
+            span_limits=limits,
+            active_span_processor=SpanProcessors() if side == "rpc" and ours else None,
         )
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         found.append((provider, exporter))
@@ -137,8 +152,15 @@ def _pair(sampler: samplers.Sampler, limits: SpanLimits | None = None) -> tuple[
 
 @pytest.mark.parametrize("sampler_name", list(_SAMPLERS))
 @pytest.mark.parametrize("kind", [SpanKind.SERVER, SpanKind.CLIENT])
-def test_each_sampler_and_parent_gives_the_sdks_span(sampler_name: str, kind: SpanKind) -> None:
-    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(_SAMPLERS[sampler_name])
+@pytest.mark.parametrize(
+    "setup", ["as the services run", "plain attributes", "the SDK's processors"], ids=str
+)
+def test_each_sampler_and_parent_gives_the_sdks_span(sampler_name: str, kind: SpanKind, setup: str) -> None:
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(
+        _SAMPLERS[sampler_name], ours=setup != "the SDK's processors"
+    )
+    # A method's attributes, checked once (what the interceptors pass), or any mapping.
+    starting = PlainAttributes(_ATTRIBUTES) if setup == "as the services run" else dict(_ATTRIBUTES)
     sdk_tracer = sdk_provider.get_tracer(INSTRUMENTATION)
     rpc_tracer = RpcTracer(rpc_provider)
     # The same trace ids on both sides, so that ratio samplers decide alike.
@@ -147,7 +169,7 @@ def test_each_sampler_and_parent_gives_the_sdks_span(sampler_name: str, kind: Sp
         provider.id_generator.generate_trace_id = lambda ids=ids: next(ids) * 0x1_0000_0001
     for label, parent in _parents().items():
         for _ in range(4):
-            ours = rpc_tracer.start("/ballast.limiter.v1.LimiterService/Check", parent, kind, _ATTRIBUTES)
+            ours = rpc_tracer.start("/ballast.limiter.v1.LimiterService/Check", parent, kind, starting)
             theirs = sdk_tracer.start_span(
                 "/ballast.limiter.v1.LimiterService/Check", parent, kind, _ATTRIBUTES
             )
@@ -287,3 +309,109 @@ def test_an_ended_span_takes_nothing_more(caplog: pytest.LogCaptureFixture) -> N
 def test_a_provider_that_is_not_the_sdks_gets_its_own_spans() -> None:
     span = RpcTracer(trace.NoOpTracerProvider()).start("m", None, SpanKind.SERVER, _ATTRIBUTES)
     assert not span.is_recording() and not isinstance(span, RpcSpan)
+
+
+def test_a_span_context_unpacks_as_the_tracer_reads_it() -> None:
+    # RpcTracer.start unpacks a parent's SpanContext instead of reading its properties.
+    for context in (
+        SpanContext(
+            0x0AF7651916CD43DD8448EB211C80319C,
+            0xB7AD6B7169203331,
+            True,
+            TraceFlags(3),
+            TraceState([("v", "1")]),
+        ),
+        SpanContext(0x1234, 0x5678, False, TraceFlags(0)),
+        trace.INVALID_SPAN_CONTEXT,
+    ):
+        trace_id, span_id, remote, flags, state, valid = context
+        assert (trace_id, span_id, remote, flags, state, valid) == (
+            context.trace_id,
+            context.span_id,
+            context.is_remote,
+            context.trace_flags,
+            context.trace_state,
+            context.is_valid,
+        )
+
+
+def test_plain_attributes_are_checked_when_made() -> None:
+    assert PlainAttributes({"a": "x", "b": 1, "c": ("s", "t"), "d": ()}) == {
+        "a": "x",
+        "b": 1,
+        "c": ("s", "t"),
+        "d": (),
+    }
+    for bad in ({"": "x"}, {1: "x"}, {"a": [1]}, {"a": ("s", 1)}, {"a": None}, {"a": {"b": 1}}):
+        with pytest.raises(ValueError, match="not plain"):
+            PlainAttributes(bad)  # type: ignore[arg-type]
+
+
+def test_span_processors_run_each_hook_that_does_something_in_order() -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Noting(SimpleSpanProcessor):
+        def __init__(self, label: str) -> None:
+            super().__init__(InMemorySpanExporter())
+            self.label = label
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            calls.append((self.label, "start"))
+
+        def _on_ending(self, span: Any) -> None:
+            calls.append((self.label, "ending"))
+
+        def on_end(self, span: Any) -> None:
+            calls.append((self.label, "end"))
+            super().on_end(span)
+
+    class OnlyEnd(SimpleSpanProcessor):
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            """Nothing here but a docstring."""
+
+        def _on_ending(self, span: Any) -> None:
+            return None
+
+    exporter = InMemorySpanExporter()
+    processors = SpanProcessors()
+    provider = TracerProvider(active_span_processor=processors)
+    first, batch, only_end = Noting("first"), BatchSpanProcessor(InMemorySpanExporter()), OnlyEnd(exporter)
+    for processor in (first, batch, only_end):
+        provider.add_span_processor(processor)
+    # BatchSpanProcessor's and SimpleSpanProcessor's on_start and _on_ending do nothing: skipped.
+    assert processors.starting == (first.on_start,)
+    assert processors.ending == (first._on_ending,)
+    assert processors.ended == (first.on_end, batch.on_end, only_end.on_end)
+    second = Noting("second")
+    provider.add_span_processor(second)  # added later: runs after the others, for new spans
+    assert processors.starting == (first.on_start, second.on_start)
+    for span in (
+        RpcTracer(provider).start("rpc", None, SpanKind.SERVER, _ATTRIBUTES),
+        provider.get_tracer("sdk").start_span("sdk"),  # the SDK's span goes through the same hooks
+    ):
+        calls.clear()
+        span.end()
+        assert calls == [("first", "ending"), ("second", "ending"), ("first", "end"), ("second", "end")]
+    assert [s.name for s in exporter.get_finished_spans()] == ["rpc", "sdk"]
+    assert len(processors._span_processors) == 4
+    provider.shutdown()
+
+
+def test_a_hook_is_skipped_only_when_it_returns_at_once() -> None:
+    def passes(span: Any) -> None:
+        pass
+
+    def works(span: Any) -> None:
+        span.touched = True
+
+    def returns_early(span: Any) -> None:
+        if span:
+            return
+        span.touched = True
+
+    assert _does_nothing(passes)
+    assert _does_nothing(SimpleSpanProcessor(InMemorySpanExporter()).on_start)
+    assert not _does_nothing(works)
+    assert not _does_nothing(returns_early)
+    assert not _does_nothing(print)  # a builtin: no code to read, so it runs
+    assert not _does_nothing(lambda span: span)
