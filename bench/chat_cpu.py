@@ -589,7 +589,9 @@ async def _warm(client: Client) -> None:
 
 
 @contextlib.contextmanager
-def _py_spy(folder: Path | None, suite: Suite, name: str, native: bool = False) -> Iterator[None]:
+def _py_spy(
+    folder: Path | None, suite: Suite, name: str, native: bool = False, rate: int = 100
+) -> Iterator[None]:
     beside = Path(sys.executable).parent / "py-spy"
     spy_bin = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
     if folder is None or suite.layout != "one" or spy_bin is None:
@@ -604,7 +606,7 @@ def _py_spy(folder: Path | None, suite: Suite, name: str, native: bool = False) 
             str(suite.processes[0].pid),
             "--native" if native else "--nonblocking",
             "--rate",
-            "100",
+            str(rate),
             "--format",
             "raw",
             "--output",
@@ -647,7 +649,9 @@ async def _measure_config(
                     spans_before = _spans(sink_file)
                     name = f"{client.suite.layout}-{client.suite.telemetry}-{path}-r{round_}"
                     spy_into = args.py_spy if client.suite.label == "now" else None
-                    with _py_spy(spy_into, client.suite, name, native=args.py_spy_native):
+                    with _py_spy(
+                        spy_into, client.suite, name, native=args.py_spy_native, rate=args.py_spy_rate
+                    ):
                         batch = await _run_batch(client.suite, runner.call(), calls, args.concurrency)
                     if _telemetry_base(client.suite.telemetry) in EXPORTING:
                         await asyncio.sleep(1.5)  # the batch span processor exports every 0.5 s here
@@ -841,6 +845,9 @@ def main() -> int:
         help="this tree once per --telemetry setting, the settings alternating (no --baseline)",
     )
     parser.add_argument("--py-spy", type=Path, default=None, help="folder for py-spy profiles of this tree")
+    parser.add_argument(
+        "--py-spy-rate", type=int, default=100, help="with --py-spy: samples per second"
+    )
     parser.add_argument(
         "--py-spy-native",
         action="store_true",
