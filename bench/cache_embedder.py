@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timed", type=int, default=300, help="timed queries per length")
     parser.add_argument("--compare", choices=tuple(COMPARISONS), default="int8")
+    parser.add_argument(
+        "--output", default=None, help="name of the results files under bench/results (default per --compare)"
+    )
     parser.add_argument("--child", choices=("0,0", "1,0", "1,1"), help=argparse.SUPPRESS)
     parser.add_argument("--vectors", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,6 +124,9 @@ def main() -> None:
         int8, fuse = (flag == "1" for flag in args.child.split(","))
         print(json.dumps(child(int8, fuse, args.timed, args.vectors)))
         return
+    # Imported here, not at the top: the measuring children would count its imports (gRPC).
+    from bench.support import cpu_description
+
     variants = COMPARISONS[args.compare]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     vectors: dict[str, np.ndarray] = {}
@@ -149,6 +155,7 @@ def main() -> None:
     up = {f"{t:.2f}": int(((old_pairs < t) & (new_pairs >= t)).sum()) for t in THRESHOLDS}
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "cpu": cpu_description(),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "rounds": args.rounds,
         "runs": runs,
@@ -169,10 +176,12 @@ def main() -> None:
     md = [
         f"# Local embedder: {TITLES[args.compare]} (bench/cache_embedder.py)",
         "",
-        f"{report['machine']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{report['machine']}, {report['cpu']}; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after; "
         f"{args.rounds} rounds, variants alternating, each in its own process; medians per round.",
         "",
-        f"Command: `.venv/bin/python -m bench.cache_embedder --compare {args.compare} --rounds {args.rounds}`",
+        f"Command: `.venv/bin/python -m bench.cache_embedder --compare {args.compare} --rounds {args.rounds}"
+        + (f" --output {args.output}`" if args.output else "`"),
         "",
         "| measure | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
@@ -192,8 +201,9 @@ def main() -> None:
         "",
     ]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{OUTPUTS[args.compare]}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{OUTPUTS[args.compare]}.md").write_text("\n".join(md))
+    output = args.output or OUTPUTS[args.compare]
+    (RESULTS / f"{output}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{output}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

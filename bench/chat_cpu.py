@@ -82,7 +82,7 @@ from ballast.router.v1 import router_pb2, router_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.support import install_baseline_requirements, instant_sim, suite_pythonpath
+from bench.support import cpu_description, install_baseline_requirements, instant_sim, suite_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -845,9 +845,7 @@ def main() -> int:
         help="this tree once per --telemetry setting, the settings alternating (no --baseline)",
     )
     parser.add_argument("--py-spy", type=Path, default=None, help="folder for py-spy profiles of this tree")
-    parser.add_argument(
-        "--py-spy-rate", type=int, default=100, help="with --py-spy: samples per second"
-    )
+    parser.add_argument("--py-spy-rate", type=int, default=100, help="with --py-spy: samples per second")
     parser.add_argument(
         "--py-spy-native",
         action="store_true",
@@ -978,7 +976,7 @@ def main() -> int:
         "",
         f"Command: `python -m bench.chat_cpu {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"Machine: {platform.platform()}, {cpu_description()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"now = {head.stdout.strip()} (with uncommitted changes, if any)"
         + (f"; base = {args.baseline}" if args.baseline else ""),
         "",
