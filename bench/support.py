@@ -39,7 +39,7 @@ def cpu_description(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return ""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
         name = name.strip()

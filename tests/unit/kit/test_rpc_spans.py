@@ -384,7 +384,7 @@ def test_span_processors_run_each_hook_that_does_something_in_order() -> None:
     assert processors.ended == (first.on_end, batch.on_end, only_end.on_end)
     second = Noting("second")
     provider.add_span_processor(second)  # added later: runs after the others, for new spans
-    assert processors.starting == (first.on_start, second.on_start)
+    assert list(processors.starting) == [first.on_start, second.on_start]
     for span in (
         RpcTracer(provider).start("rpc", None, SpanKind.SERVER, _ATTRIBUTES),
         provider.get_tracer("sdk").start_span("sdk"),  # the SDK's span goes through the same hooks
