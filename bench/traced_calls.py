@@ -1,0 +1,174 @@
+"""What tracing costs one in-process gRPC call, apart from any service's own work.
+
+Run: .venv/bin/python -m bench.traced_calls [--rounds 6] [--calls 3000] [--concurrency 8]
+
+A service with one trivial method (echo) behind the real server interceptors and the
+in-process channel (services/kit/local.py), called `--calls` times per round from
+`--concurrency` callers, with telemetry:
+- `off`: no exporter configured (no spans are made);
+- `unsampled`: exporting, OTEL_TRACES_SAMPLER=parentbased_traceidratio with ratio 0 (every
+  trace decided, none kept: what nine calls in ten pay under one-in-ten sampling);
+- `export`: every trace exported over OTLP/gRPC to a local collector process.
+Each setting runs in its own process per round (the SDK reads the sampler from the process
+environment), the settings alternating. Printed per setting: CPU per call of the event loop's
+thread and of the whole process (the export thread included, and one second after the calls
+for the last export: idle threads add a few us a call), medians of the rounds. Writes
+bench/results/traced_calls.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.support import ROOT, cpu_description, save_results
+from services.kit.net import free_port
+
+SERVICE = "ballast.bench.v1.Echo"
+SETTINGS = ("off", "unsampled", "export")
+
+
+def _environment(setting: str, sink_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if setting != "off":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
+        env["OTEL_METRICS_EXPORTER"] = "none"
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
+    if setting == "unsampled":
+        # Decided as under one-in-ten sampling, with none kept: the root by the ratio, its
+        # children by their parent.
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = "0"
+    return env
+
+
+async def _measure(calls: int, concurrency: int) -> dict[str, float]:
+    from services.kit.clients import open_channel
+    from services.kit.config import ServerSettings
+    from services.kit.server import ServiceApp, start_service
+    from services.kit.telemetry import setup_telemetry
+
+    class Echo(ServiceApp):
+        name = "echo"
+
+        def service_names(self) -> Sequence[str]:
+            return [SERVICE]
+
+        def register(self, server: grpc.aio.Server) -> None:
+            async def echo(request: bytes, context: Any) -> bytes:
+                return request
+
+            server.add_generic_rpc_handlers(
+                [
+                    grpc.method_handlers_generic_handler(
+                        SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+                    )
+                ]
+            )
+
+    settings = ServerSettings(service="echo", port=0, grace_period=5.0, max_message_bytes=64 * 1024)
+    app = Echo(settings, setup_telemetry("echo"))
+    service = await start_service(app)
+    channel = open_channel(service.address, app.server_settings, app.telemetry)
+    echo: Any = channel.unary_unary(f"/{SERVICE}/Echo")
+
+    async def caller(count: int) -> None:
+        for _ in range(count):
+            await echo(b"ping", timeout=30)
+
+    await asyncio.gather(*(caller(200 // concurrency) for _ in range(concurrency)))  # warm up
+    process, loop_thread = time.process_time(), time.thread_time()
+    await asyncio.gather(*(caller(calls // concurrency) for _ in range(concurrency)))
+    loop_cpu = time.thread_time() - loop_thread
+    await asyncio.sleep(1.0)  # the export thread sends the last batch (every 0.5 s)
+    process_cpu = time.process_time() - process
+    done = concurrency * (calls // concurrency)
+    await channel.close()
+    await service.stop(0.1)
+    app.telemetry.shutdown()
+    return {"loop_us": 1e6 * loop_cpu / done, "process_us": 1e6 * process_cpu / done}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.calls < args.concurrency or args.rounds < 1:
+        parser.error("--calls must be at least --concurrency, and --rounds at least 1")
+    if args.child:
+        print(json.dumps(asyncio.run(_measure(args.calls, args.concurrency))))
+        return 0
+    sink_port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        sink = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "bench.chat_cpu", "--otlp-sink", str(sink_port)),
+                "--sink-file",
+                str(Path(folder, "spans")),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            runs: dict[str, list[dict[str, float]]] = {s: [] for s in SETTINGS}
+            for round_ in range(args.rounds):
+                order = SETTINGS if round_ % 2 == 0 else tuple(reversed(SETTINGS))
+                for setting in order:
+                    command = [sys.executable, "-m", "bench.traced_calls", "--child"]
+                    command += ["--calls", str(args.calls), "--concurrency", str(args.concurrency)]
+                    done = subprocess.run(
+                        command,
+                        cwd=ROOT,
+                        env=_environment(setting, sink_port),
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    )
+                    runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(f"  r{round_} {setting:<9} {runs[setting][-1]}", file=sys.stderr, flush=True)
+        finally:
+            sink.terminate()
+            sink.wait(timeout=30)
+    lines = [
+        "# Tracing's cost per in-process gRPC call (bench/traced_calls.py)",
+        "",
+        f"Command: `python -m bench.traced_calls {' '.join(sys.argv[1:])}`",
+        "",
+        f"{cpu_description()}, {os.cpu_count()} CPUs; {args.calls} calls of a trivial method per round "
+        f"from {args.concurrency} callers, {args.rounds} rounds, settings alternating, each in its own "
+        "process. Medians of the rounds, each round in brackets.",
+        "",
+        "| telemetry | event loop's CPU per call (us) | process CPU per call (us) |",
+        "|---|---:|---:|",
+    ]
+    data: dict[str, Any] = {"cpu": cpu_description(), "args": vars(args), "runs": runs}
+    for setting in SETTINGS:
+        loop = [r["loop_us"] for r in runs[setting]]
+        whole = [r["process_us"] for r in runs[setting]]
+        lines.append(
+            f"| {setting} | {statistics.median(loop):.1f} ({' / '.join(f'{v:.0f}' for v in loop)}) "
+            f"| {statistics.median(whole):.1f} ({' / '.join(f'{v:.0f}' for v in whole)}) |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    save_results("traced_calls", text, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
