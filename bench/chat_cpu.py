@@ -82,7 +82,13 @@ from ballast.router.v1 import router_pb2, router_pb2_grpc
 from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.support import cpu_description, install_baseline_requirements, instant_sim, suite_pythonpath
+from bench.support import (
+    collector_variables,
+    cpu_description,
+    install_baseline_requirements,
+    instant_sim,
+    suite_pythonpath,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -252,14 +258,8 @@ class Suite:
         env["BALLAST_EDGE_HTTP_PORT"] = str(_free_port())
         base = _telemetry_base(self.telemetry)
         if base in EXPORTING:
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{self.sink_port}"
-            env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
-            # Export every 0.5 s (the SDK's default is 5 s), so a batch's spans arrive soon after it.
-            env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
-            if base == "sampled":
-                # What a busy deployment would run: one trace in ten kept (the SDK's own variables).
-                env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
-                env["OTEL_TRACES_SAMPLER_ARG"] = "0.1"
+            # `sampled`: what a busy deployment would run, one trace in ten kept.
+            env.update(collector_variables(self.sink_port, "0.1" if base == "sampled" else None))
         elif base == "disabled":
             env["OTEL_SDK_DISABLED"] = "true"
         env.update(_telemetry_variables(self.telemetry))

@@ -51,6 +51,21 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     return f"{model or 'unknown CPU'} ({', '.join(found) or 'none of ' + ', '.join(INT8_FLAGS)})"
 
 
+def collector_variables(port: int, ratio: str | None = None) -> dict[str, str]:
+    """The OTEL_* variables that send a process's spans to a benchmark's local OTLP collector on
+    `port`, a batch every 0.5 s (the SDK's default is 5 s) so that a batch's spans arrive soon
+    after it; with `ratio`, parent-based sampling keeping that share of traces ("0.1")."""
+    variables = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "500",
+    }
+    if ratio is not None:
+        variables["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        variables["OTEL_TRACES_SAMPLER_ARG"] = ratio
+    return variables
+
+
 def instant_sim(port: int, name: str = "sim-bench") -> list[str]:
     """`python -m services.router.sim` answering at once: what is measured is Ballast, not it."""
     return [

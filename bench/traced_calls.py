@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from bench.support import ROOT, cpu_description, save_results
+from bench.support import ROOT, collector_variables, cpu_description, save_results
 from services.kit.net import free_port
 
 SERVICE = "ballast.bench.v1.Echo"
@@ -43,14 +43,10 @@ SETTINGS = ("off", "unsampled", "export")
 def _environment(setting: str, sink_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if setting != "off":
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
+        # `unsampled`: decided as under one-in-ten sampling, with none kept (the root by the
+        # ratio, its children by their parent).
+        env.update(collector_variables(sink_port, "0" if setting == "unsampled" else None))
         env["OTEL_METRICS_EXPORTER"] = "none"
-        env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
-    if setting == "unsampled":
-        # Decided as under one-in-ten sampling, with none kept: the root by the ratio, its
-        # children by their parent.
-        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
-        env["OTEL_TRACES_SAMPLER_ARG"] = "0"
     return env
 
 
