@@ -97,8 +97,6 @@ def _put_plain(attributes: BoundedAttributes, items: Any) -> bool:
     inside the suite), and says whether it did. False changes nothing and leaves the items to the
     SDK: another kind of key or value, a length limit on values, or attributes that would have to
     drop some to take these."""
-    if attributes.max_value_len is not None:
-        return False
     for key, value in items:
         if type(key) is not str or not key or not _plain(value):
             return False
@@ -145,9 +143,8 @@ def _hooks(processors: Sequence[SpanProcessor], name: str) -> tuple[Callable[...
 
 class SpanProcessors(sdk_trace.SynchronousMultiSpanProcessor):
     """The SDK's SynchronousMultiSpanProcessor (each hook runs the processors in the order they
-    were added) that also keeps, per hook, the processors that do something in it. RpcSpan calls
-    only those: BatchSpanProcessor's on_start and _on_ending do nothing, and cost a span two
-    calls and the loops around them."""
+    were added) that calls, per hook, only the processors that do something in it:
+    BatchSpanProcessor's on_start and _on_ending do nothing, and cost every span two calls."""
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -272,15 +269,8 @@ class RpcSpan(sdk_trace.Span):
                 return
             self._end_time = end_time if end_time is not None else time_ns()
             self._attributes._immutable = True  # type: ignore[union-attr]
-        processor = self._span_processor
-        if type(processor) is SpanProcessors:
-            for ending in processor.ending:
-                ending(self)
-            for ended in processor.ended:
-                ended(self)
-        else:
-            processor._on_ending(self)
-            processor.on_end(self)
+        self._span_processor._on_ending(self)
+        self._span_processor.on_end(self)
 
 
 _FLAGS = {
@@ -333,17 +323,14 @@ class RpcTracer:
         if found is not None and (type(found) is RpcSpan or isinstance(found, trace.Span)):
             parent = found.get_span_context()
         ids = provider.id_generator
-        parent_state = None
-        if parent is not None:
-            # A SpanContext is a tuple of these six: unpacked, not read through seven properties
-            # (tests/unit/kit/test_rpc_spans.py checks the order).
-            trace_id, _, remote, flags, parent_state, valid = parent
-            if not valid:
-                parent = None
-        if parent is not None:
+        if parent is not None and parent.is_valid:
+            # A SpanContext is a tuple of these six: unpacked, not read through six more
+            # properties (tests/unit/kit/test_rpc_spans.py checks the order).
+            trace_id, _, remote, flags, parent_state, _ = parent
             random = bool(flags & TraceFlags.RANDOM_TRACE_ID)
             decided = self._decided.get((remote, bool(flags & TraceFlags.SAMPLED)))
         else:
+            parent = parent_state = None
             trace_id = ids.generate_trace_id()
             random = ids.is_trace_id_random()
             decided = None
@@ -366,12 +353,7 @@ class RpcTracer:
         if not recording:
             return trace.NonRecordingSpan(span_context)
         span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given)
-        processor = span._span_processor
-        if type(processor) is SpanProcessors:
-            for starting in processor.starting:
-                starting(span, parent_context=context)
-        else:
-            processor.on_start(span, parent_context=context)
+        span._span_processor.on_start(span, parent_context=context)
         return span
 
 
