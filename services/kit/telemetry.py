@@ -45,13 +45,18 @@ from opentelemetry.sdk.metrics.view import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 
 from services.kit import tracing
 from services.kit.config import Env, region_from_env
+from services.kit.tallies import Tallies, TallyMeter
 from services.kit.tracing import ClientSpans, ServerTracing, SpanProcessors
 
 _logger = logging.getLogger(__name__)
+
+#: The instrumentation scope of every service's own metrics.
+METER_NAME = "ballast"
 
 
 @dataclass
@@ -65,6 +70,9 @@ class Telemetry:
     #: This service's own Prometheus registry, served on its metrics port.
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
     _sdk_meters: MeterProvider | None = field(default=None, repr=False)
+    #: Counters and histograms aggregated without the SDK's per-record work (tallies.py); None
+    #: where they cannot serve (exemplars, a delta or differently bucketed OTLP reader, no SDK).
+    _tallies: Tallies | None = field(default=None, repr=False)
 
     @property
     def tracer(self) -> trace.Tracer:
@@ -78,7 +86,8 @@ class Telemetry:
 
     @property
     def meter(self) -> metrics.Meter:
-        return self.meter_provider.get_meter("ballast")
+        meter = self.meter_provider.get_meter(METER_NAME)
+        return meter if self._tallies is None else TallyMeter(meter, self._tallies)
 
     @property
     def tracing(self) -> bool:
@@ -172,18 +181,44 @@ _SECONDS_BUCKETS = (
     60.0,
 )
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
-_VIEWS = (
-    View(
-        instrument_type=Histogram,
-        instrument_unit="s",
-        aggregation=ExplicitBucketHistogramAggregation(_SECONDS_BUCKETS),
-    ),
-    View(
-        instrument_type=Histogram,
-        instrument_unit="{token}",
-        aggregation=ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS),
-    ),
+# The specification's default for explicit-bucket histograms, as the SDK writes it (floats).
+_SPEC_DEFAULT_BUCKETS = (
+    0.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    75.0,
+    100.0,
+    250.0,
+    500.0,
+    750.0,
+    1000.0,
+    2500.0,
+    5000.0,
+    7500.0,
+    10000.0,
 )
+_BUCKETS_BY_UNIT: dict[str, tuple[float, ...]] = {"s": _SECONDS_BUCKETS, "{token}": _TOKEN_BUCKETS}
+_VIEWS = tuple(
+    View(
+        instrument_type=Histogram,
+        instrument_unit=unit,
+        aggregation=ExplicitBucketHistogramAggregation(buckets),
+    )
+    for unit, buckets in _BUCKETS_BY_UNIT.items()
+)
+
+
+def histogram_buckets(unit: str, advisory: Sequence[float] | None = None) -> Sequence[float]:
+    """The buckets the SDK gives a histogram of `unit` under _VIEWS: the view's, else the
+    instrument's advice, else the SDK's default."""
+    buckets = _BUCKETS_BY_UNIT.get(unit)
+    if buckets is not None:
+        return buckets
+    if advisory is not None:
+        return tuple(advisory)
+    return _SPEC_DEFAULT_BUCKETS
 
 
 # OTEL_METRICS_EXEMPLAR_FILTER's values, as the SDK names them.
@@ -236,7 +271,41 @@ def _cumulative_with_default_aggregation(exporter: MetricExporter) -> bool:
     )
 
 
-class PushingPrometheusReader(PrometheusMetricReader):
+class TallyingPrometheusReader(PrometheusMetricReader):
+    """The Prometheus endpoint's reader, handing on the tallies' metrics (tallies.py) with the
+    SDK's own at every collection."""
+
+    def __init__(self, tallies: Tallies | None = None, **prometheus: Any) -> None:
+        super().__init__(**prometheus)
+        self._tallies = tallies
+        self._received = threading.local()
+
+    # The SDK marks collect() final; this one only adds to it. The SDK hands a collection on
+    # (_receive_metrics) only when it aggregated something of its own, and a service whose every
+    # measurement so far went to tallies would otherwise show none of them.
+    def collect(self, timeout_millis: float = 10_000) -> None:  # type: ignore[misc]
+        self._received.done = False
+        super().collect(timeout_millis=timeout_millis)
+        if self._tallies is not None and not self._received.done:
+            # The SDK had nothing of its own, so it did not hand anything on: the tallies may have.
+            merged = self._tallies.merged(None)
+            if merged is not None:
+                self._deliver(merged, timeout_millis)
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        self._received.done = True
+        if self._tallies is not None:
+            metrics_data = self._tallies.merged(metrics_data) or metrics_data
+        self._deliver(metrics_data, timeout_millis, **kwargs)
+
+    def _deliver(self, metrics_data: MetricsData, timeout_millis: float, **kwargs: Any) -> None:
+        """Where a collection goes: the Prometheus collector, for the next scrape to write."""
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+
+class PushingPrometheusReader(TallyingPrometheusReader):
     """The Prometheus endpoint's reader, which also sends what it aggregated over OTLP every
     OTEL_METRIC_EXPORT_INTERVAL milliseconds. The SDK's way, a PeriodicExportingMetricReader
     beside it, aggregates every measurement a second time (each reader keeps its own): about
@@ -245,9 +314,14 @@ class PushingPrometheusReader(PrometheusMetricReader):
     collector's queue (a scrape collects for itself)."""
 
     def __init__(
-        self, exporter: MetricExporter, interval_ms: int, timeout_ms: int, **prometheus: Any
+        self,
+        exporter: MetricExporter,
+        interval_ms: int,
+        timeout_ms: int,
+        tallies: Tallies | None = None,
+        **prometheus: Any,
     ) -> None:
-        super().__init__(**prometheus)
+        super().__init__(tallies, **prometheus)
         self._exporter = exporter
         self._interval_s = interval_ms / 1000
         self._timeout_ms = timeout_ms
@@ -271,11 +345,9 @@ class PushingPrometheusReader(PrometheusMetricReader):
             finally:
                 self._pushing.active = False
 
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
+    def _deliver(self, metrics_data: MetricsData, timeout_millis: float, **kwargs: Any) -> None:
         if not getattr(self._pushing, "active", False):
-            super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+            super()._deliver(metrics_data, timeout_millis, **kwargs)
             return
         # The exporter's own gRPC calls are no request of anyone's: not traced.
         token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
@@ -353,11 +425,17 @@ def setup_telemetry(
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         pushed = OTLPMetricExporter(endpoint=metrics_endpoint, insecure=_insecure(env, metrics_endpoint))
+    disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
+    one_reader = pushed is None or _cumulative_with_default_aggregation(pushed)
+    # Tallies serve cumulative readers without exemplars; the SDK's instruments serve the rest.
+    tallies = None
+    if one_reader and exemplar_filter == "always_off" and not disabled:
+        tallies = Tallies(resource, InstrumentationScope(METER_NAME), histogram_buckets)
     readers: list[MetricReader]
-    if pushed is not None and _cumulative_with_default_aggregation(pushed):
-        readers = [PushingPrometheusReader(pushed, push_interval, push_timeout, **prometheus)]
+    if pushed is not None and one_reader:
+        readers = [PushingPrometheusReader(pushed, push_interval, push_timeout, tallies, **prometheus)]
     else:
-        readers = [PrometheusMetricReader(**prometheus)]
+        readers = [TallyingPrometheusReader(tallies, **prometheus)]
         if pushed is not None:
             # Delta temporality or another histogram aggregation asked of OTLP: the two readers
             # aggregate apart (every measurement twice, about 5 us a call each).
@@ -366,7 +444,6 @@ def setup_telemetry(
                     pushed, export_interval_millis=push_interval, export_timeout_millis=push_timeout
                 )
             )
-    disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
     traces_endpoint = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or ""
     )
@@ -382,7 +459,7 @@ def setup_telemetry(
     exemplars = _EXEMPLAR_FILTERS[exemplar_filter]()
     meters = MeterProvider(resource=resource, metric_readers=readers, views=_VIEWS, exemplar_filter=exemplars)
     if not tracing:
-        return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters)
+        return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters, tallies)
     processors = list(extra_processors)
     if exporting:
         from services.kit.spanwire import WireSpanExporter
@@ -392,4 +469,4 @@ def setup_telemetry(
     provider = TracerProvider(resource=resource, active_span_processor=SpanProcessors())
     for processor in processors:
         provider.add_span_processor(processor)
-    return Telemetry(name, provider, provider, meters, registry, meters)
+    return Telemetry(name, provider, provider, meters, registry, meters, tallies)

@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.kit.config import ConfigError
+from services.kit.tallies import TallyCounter
 from services.kit.telemetry import Telemetry, setup_telemetry
 from tests.support.waiting import eventually
 
@@ -263,9 +264,12 @@ async def test_otlp_asking_for_other_aggregations_keeps_a_reader_of_its_own(
         readers = telemetry.meter_provider._metric_readers  # type: ignore[attr-defined]
         assert sorted(type(reader).__name__ for reader in readers) == [
             "PeriodicExportingMetricReader",
-            "PrometheusMetricReader",
+            "TallyingPrometheusReader",
         ]
-        telemetry.meter.create_counter("probe_calls").add(1)
+        # Two readers, one of them delta or differently bucketed: the SDK's own instruments.
+        counter = telemetry.meter.create_counter("probe_calls")
+        assert not isinstance(counter, TallyCounter)
+        counter.add(1)
         await asyncio.to_thread(telemetry.shutdown)
     finally:
         await server.stop(0)
