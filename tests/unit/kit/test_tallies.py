@@ -18,10 +18,6 @@ from prometheus_client import generate_latest
 from services.kit.tallies import Tallies, TallyCounter, TallyHistogram, TallyMeter
 from services.kit.telemetry import METER_NAME, Telemetry, histogram_buckets, setup_telemetry
 
-# Exemplars turn tallies off (they need the SDK's reservoirs); Prometheus drops exemplars, so its
-# text is what the SDK alone writes.
-SDK_ONLY = {"OTEL_METRICS_EXEMPLAR_FILTER": "always_on"}
-
 
 def _measure(meter: metrics.Meter) -> None:
     """A bit of everything a service records, and what the SDK drops."""
@@ -77,13 +73,16 @@ def _samples(telemetry: Telemetry) -> dict[str, float]:
 
 
 def test_prometheus_sees_exactly_what_the_sdk_would_have_written() -> None:
+    """The same measurements through the services' meter and through the SDK's own meter of an
+    identically set-up provider (as before tallies)."""
     tallied = setup_telemetry("probe", environ={})
-    sdk = setup_telemetry("probe", environ=SDK_ONLY)
+    sdk = setup_telemetry("probe", environ={})
+    sdk_meter = sdk.meter_provider.get_meter(METER_NAME)
     try:
         assert isinstance(tallied.meter, TallyMeter)
-        assert not isinstance(sdk.meter, TallyMeter)
+        assert not isinstance(sdk_meter, TallyMeter)
         _measure(tallied.meter)
-        _measure(sdk.meter)
+        _measure(sdk_meter)
         expected = _lines(sdk)
         assert len(expected) > 100
         assert any(line.startswith("probe_duration_seconds_bucket") for line in expected)
@@ -91,7 +90,7 @@ def test_prometheus_sees_exactly_what_the_sdk_would_have_written() -> None:
         # A second scrape (cumulative: the same again, plus what came since) agrees too; the SDK
         # adds each collection's sum to the last one's, so float sums may differ in the last digit.
         _measure(tallied.meter)
-        _measure(sdk.meter)
+        _measure(sdk_meter)
         assert _samples(tallied) == pytest.approx(_samples(sdk), rel=1e-12)
         assert _samples(tallied).keys() == _samples(sdk).keys()
     finally:
@@ -256,3 +255,21 @@ def test_a_tally_is_the_api_instrument_it_stands_for() -> None:
     assert isinstance(tallies.counter("probe.calls"), metrics.Counter)
     assert isinstance(tallies.histogram("probe.duration", "s"), metrics.Histogram)
     assert isinstance(tallies.counter("probe.other"), TallyCounter)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_METRICS_EXEMPLAR_FILTER": "trace_based"},
+        {"OTEL_METRICS_EXEMPLAR_FILTER": "always_on"},
+        {"OTEL_SDK_DISABLED": "true"},
+    ],
+)
+def test_exemplars_or_a_disabled_sdk_keep_the_sdks_instruments(environ: dict[str, str]) -> None:
+    """Exemplars need the SDK's reservoirs; a disabled SDK records nothing at all."""
+    telemetry = setup_telemetry("probe", environ=environ)
+    try:
+        assert not isinstance(telemetry.meter, TallyMeter)
+        assert not isinstance(telemetry.meter.create_counter("probe.calls"), TallyCounter)
+    finally:
+        telemetry.shutdown()
