@@ -287,27 +287,26 @@ class ChatPipeline:
     ) -> Prepared:
         system = self._system(request)
         standalone = [*system, *request.messages]
-        check_task = asyncio.ensure_future(self._check(caller, request, request_id, deadline))
-        context_task = asyncio.ensure_future(self._context(caller, request, deadline))
-        lookup_task = (
-            None
+        # The Check runs in this task and, beside it in a task of its own, a session chat's context
+        # or a stateless chat's cache lookup (a session chat is looked up once its context is
+        # known): one task a chat, not three and a gather.
+        beside: asyncio.Future[Any] = asyncio.ensure_future(
+            self._context(caller, request, deadline)
             if request.session_id
-            else asyncio.ensure_future(self._lookup(caller, request, standalone, deadline, semantic=True))
+            else self._lookup(caller, request, standalone, deadline, semantic=True)
         )
-        tasks = tuple(t for t in (check_task, context_task, lookup_task) if t is not None)
+        check: limiter_pb2.CheckResponse | None = None
         try:
-            await asyncio.gather(*tasks)
+            check = await self._check(caller, request, request_id, deadline)
+            found = await beside
         except BaseException:
-            for task in tasks:
-                task.cancel()
+            beside.cancel()
             # A reservation made by a Check that succeeded must not leak.
-            if check_task.done() and not check_task.cancelled() and check_task.exception() is None:
-                result = check_task.result()
-                if result is not None and result.reservation_id:
-                    await self._release(caller, result.reservation_id, deadline)
+            if check is not None and check.reservation_id:
+                await self._release(caller, check.reservation_id, deadline)
             raise
-        check, context = check_task.result(), context_task.result()
-        cached = lookup_task.result() if lookup_task is not None else None
+        context: sessions_pb2.GetContextResponse | None = found if request.session_id else None
+        cached: cache_pb2.LookupResponse | None = None if request.session_id else found
         prepared = Prepared(request_id=request_id, caller=caller, request=request, model_messages=standalone)
         if check is None:
             prepared.unchecked = True

@@ -262,6 +262,27 @@ async def test_usage_reports_tokens_and_quotas(suite: Suite) -> None:
     assert usage.quotas
 
 
+async def test_a_chat_that_fails_after_its_check_gives_its_reservation_back(suite: Suite) -> None:
+    """The limiter reserves a chat's tokens before the session's context is read; a chat whose
+    context cannot be read (no such session) fails, and its reservation is released."""
+    tenant = await new_tenant(suite)
+    auth = tenant.auth("paid")
+
+    async def tokens_left() -> dict[str, int]:
+        usage = await suite.edge.GetUsage(edge_pb2.GetUsageRequest(), metadata=auth)
+        return {q.name: q.remaining for q in usage.quotas if "token" in q.name}
+
+    before = await tokens_left()
+    assert before, "the paid tier has a token budget"
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await suite.edge.Chat(
+                edge_pb2.ChatRequest(session_id="s-does-not-exist", messages=[user("hello?")]), metadata=auth
+            )
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value
+    assert await tokens_left() == before
+
+
 async def test_another_tenant_cannot_touch_sessions_or_jobs(suite: Suite) -> None:
     owner, intruder = await new_tenant(suite), await new_tenant(suite)
     session_id = (
