@@ -1,8 +1,8 @@
 """Counters and histograms that aggregate without the SDK's per-measurement work.
 
 OpenTelemetry's SDK cleans, copies, sorts and hashes a measurement's attributes every time one is
-recorded, then finds the aggregation for them: 12-15 us per counter add or histogram record on
-an AVX2 EPYC, against 1.3-1.5 us for a tally (bench/results/metric_records.md), and an exact cache
+recorded, then finds the aggregation for them: 12-14 us per counter add or histogram record on
+an AVX2 EPYC, against 1.0-1.7 us for a tally (bench/results/metric_records.md), and an exact cache
 hit records twelve. A tally does that work once per distinct attribute set: a record looks its
 cell up by the attributes as given (their items, in order) and adds to it under the
 instrument's lock. One difference: values Python holds equal (1, 1.0 and True) under one key are
