@@ -40,6 +40,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.kit import tls
+from services.kit.interceptors import AroundInterceptor
 from services.kit.tracing import ClientSpans, HandedOver, TracedChannel, end_client_span
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -68,6 +69,11 @@ class LocalServer:
 
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor], max_message_bytes: int) -> None:
         self._interceptors = tuple(interceptors)
+        # Interceptors that decide by the method alone (AroundInterceptor: tracing, metrics, the
+        # edge's load shedding, error mapping) wrap a method's handler the same way on every call,
+        # so the wrapped handler is kept per method instead of asked of each of them every time.
+        self._method_only = all(isinstance(i, AroundInterceptor) for i in self._interceptors)
+        self._resolved: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._registered: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self.max_message_bytes = max_message_bytes
@@ -80,8 +86,13 @@ class LocalServer:
 
     async def handler(self, method: str, metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The handler of `method` wrapped by the server's interceptors, or None if it has none."""
-        details = _CallDetails(method, metadata)
-        return await self._intercepted(0, details)
+        resolved = self._resolved.get(method)
+        if resolved is not None:
+            return resolved
+        handler = await self._intercepted(0, _CallDetails(method, metadata))
+        if handler is not None and self._method_only:
+            self._resolved[method] = handler
+        return handler
 
     async def _intercepted(
         self, index: int, details: grpc.HandlerCallDetails

@@ -17,6 +17,7 @@ import pytest
 from services.kit import local
 from services.kit.clients import open_channel
 from services.kit.config import ServerSettings
+from services.kit.interceptors import AroundInterceptor
 from services.kit.net import free_port
 from services.kit.server import RunningService, ServiceApp, start_service
 from services.kit.telemetry import Telemetry, setup_telemetry
@@ -306,3 +307,78 @@ async def test_a_stopping_server_takes_no_more_in_process_calls(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _unary(channel, "Echo")(b"x", timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class _CountingAround(AroundInterceptor):
+    """Asked for each method's handler by the interceptor chain; enters its context per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+        self.entered = 0
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        self.asked += 1
+        return await super().intercept_service(continuation, details)
+
+    def around(self, method: str) -> Any:
+        counter = self
+
+        class Entered:
+            def __init__(self, context: Any) -> None:
+                pass
+
+            async def __aenter__(self) -> None:
+                counter.entered += 1
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+        return Entered
+
+
+class _ByMetadata(grpc.aio.ServerInterceptor):
+    """Decides per call from the call's metadata, as an authenticating interceptor would."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        self.asked += 1
+        if dict(details.invocation_metadata or ()).get("x-refuse") == "yes":
+            return None
+        return await continuation(details)
+
+
+def _local_server(*interceptors: grpc.aio.ServerInterceptor) -> local.LocalServer:
+    server = local.LocalServer(interceptors, 1024)
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    server._generic.append(
+        grpc.method_handlers_generic_handler(SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    )
+    return server
+
+
+async def test_interceptors_that_decide_by_method_are_asked_once_and_still_run_around_every_call() -> None:
+    around = _CountingAround()
+    server = _local_server(around)
+    method = f"/{SERVICE}/Echo"
+    for _ in range(3):
+        handler = await server.handler(method, ())
+        assert handler is not None and handler.unary_unary is not None
+        assert await handler.unary_unary(b"x", None) == b"x"
+    assert (around.asked, around.entered) == (1, 3)
+    assert await server.handler(f"/{SERVICE}/Missing", ()) is None
+
+
+async def test_an_interceptor_that_reads_each_calls_metadata_is_asked_on_every_call() -> None:
+    around, by_metadata = _CountingAround(), _ByMetadata()
+    server = _local_server(around, by_metadata)
+    method = f"/{SERVICE}/Echo"
+    assert await server.handler(method, ()) is not None
+    assert await server.handler(method, (("x-refuse", "yes"),)) is None
+    assert await server.handler(method, ()) is not None
+    assert by_metadata.asked == 3
