@@ -90,6 +90,13 @@ class _Cell:
         self.min = _INF
         self.max = -_INF
 
+    def copied(self) -> _Cell:
+        """A copy to read outside the lock (the attributes are never changed once made)."""
+        copy = _Cell.__new__(_Cell)
+        copy.attributes, copy.start, copy.sum, copy.count = self.attributes, self.start, self.sum, self.count
+        copy.counts, copy.min, copy.max = list(self.counts), self.min, self.max
+        return copy
+
 
 class _Tally:
     """What counters and histograms share: cells by attribute set, under one lock."""
@@ -139,19 +146,8 @@ class _Tally:
 
     def snapshot(self) -> list[_Cell]:
         """Copies of the cells, taken under the lock (a record on another thread waits)."""
-        copies = []
         with self._lock:
-            for cell in self._sets.values():
-                copy = _Cell.__new__(_Cell)
-                copy.attributes, copy.start, copy.sum, copy.count = (
-                    cell.attributes,
-                    cell.start,
-                    cell.sum,
-                    cell.count,
-                )
-                copy.counts, copy.min, copy.max = list(cell.counts), cell.min, cell.max
-                copies.append(copy)
-        return copies
+            return [cell.copied() for cell in self._sets.values()]
 
     def metric(self, now: int) -> Metric | None:
         raise NotImplementedError
@@ -191,7 +187,6 @@ class TallyHistogram(_Tally, metrics.Histogram):
         name: str,
         unit: str = "",
         description: str = "",
-        explicit_bucket_boundaries_advisory: Sequence[float] | None = None,
         *,
         boundaries: Sequence[float] = (),
         limit: int = DEFAULT_CARDINALITY_LIMIT,
