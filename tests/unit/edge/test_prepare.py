@@ -41,11 +41,14 @@ def _chat(session_id: str = "") -> edge_pb2.ChatRequest:
 
 @pytest.mark.parametrize("session_id", ["", "s1"])
 async def test_a_failure_beside_a_successful_check_releases_its_reservation(session_id: str) -> None:
+    failing = asyncio.Event()
+
     async def check(*_: Any) -> limiter_pb2.CheckResponse:
-        await asyncio.sleep(0.01)  # the failure beside comes first
+        await failing.wait()  # the failure beside comes first
         return limiter_pb2.CheckResponse(reservation_id="r1")
 
     async def beside(*_: Any, **__: Any) -> None:
+        failing.set()
         raise NotFound("no such session")
 
     pipeline, released = _pipeline(check, beside)
@@ -55,9 +58,7 @@ async def test_a_failure_beside_a_successful_check_releases_its_reservation(sess
 
 
 async def test_a_failed_check_cancels_what_runs_beside_it_and_releases_nothing() -> None:
-    cancelled = asyncio.Event()
-
-    started = asyncio.Event()
+    cancelled, started = asyncio.Event(), asyncio.Event()
 
     async def check(*_: Any) -> None:
         await started.wait()  # what runs beside is under way when the Check fails
@@ -66,7 +67,7 @@ async def test_a_failed_check_cancels_what_runs_beside_it_and_releases_nothing()
     async def beside(*_: Any, **__: Any) -> None:
         started.set()
         try:
-            await asyncio.sleep(30)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             cancelled.set()
             raise
