@@ -1,13 +1,16 @@
 """Two builds of the local embedder side by side: memory, speed and agreement.
 
-Run: .venv/bin/python -m bench.cache_embedder [--rounds 3] [--timed 300] [--compare int8|skipln]
+Run: .venv/bin/python -m bench.cache_embedder [--rounds 3] [--timed 300] [--compare int8|skipln|calibrated]
 `--compare int8` (the default): the model as shipped (int8 weights folded to float32) against
 the int8-weights rewrite (services/cache/int8_weights.py); writes
 bench/results/cache_embedder.{md,json}. `--compare skipln`: the int8-weights model with
 onnxruntime's SkipLayerNormalization fusion (its default) against it without (as the embedder
-loads it); writes bench/results/cache_embedder_skipln.{md,json}.
+loads it); writes bench/results/cache_embedder_skipln.{md,json}. `--compare calibrated`: the
+model as shipped, the int8-weights model with every MatMul on the per-block kernel, and with the
+calibrated per-tensor kernel (services/cache/smoothing.py, the default), each int8 variant
+compared with the shipped one; writes bench/results/cache_embedder_calibrated.{md,json}.
 
-Each variant loads in its own process (so neither sees the other's memory), the two
+Each variant loads in its own process (so none sees another's memory), the variants
 alternating for --rounds rounds. Per process: RSS (VmRSS) with the libraries imported, after
 the model has loaded, after 1,000 single-text queries and after embedding every text of the
 evaluation sets one by one (STS-B development and held-out, the project set); median
@@ -35,13 +38,27 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-# Per comparison: variant name -> (int8 weights, SkipLayerNormalization fused), the old one first.
+# Per comparison: variant name -> (int8 weights, SkipLayerNormalization fused, calibrated
+# per-tensor int8 kernel), the reference first; every other variant is compared with it.
 COMPARISONS = {
-    "int8": {"shipped (folded to float32)": (False, False), "int8 weights": (True, False)},
-    "skipln": {"int8, SkipLayerNorm fused": (True, True), "int8, unfused": (True, False)},
+    "int8": {"shipped (folded to float32)": (False, False, False), "int8 weights": (True, False, False)},
+    "skipln": {"int8, SkipLayerNorm fused": (True, True, False), "int8, unfused": (True, False, False)},
+    "calibrated": {
+        "shipped (folded to float32)": (False, False, False),
+        "int8, per block": (True, False, False),
+        "int8, calibrated per tensor": (True, False, True),
+    },
 }
-TITLES = {"int8": "shipped vs int8 weights", "skipln": "SkipLayerNormalization fused vs unfused"}
-OUTPUTS = {"int8": "cache_embedder", "skipln": "cache_embedder_skipln"}
+TITLES = {
+    "int8": "shipped vs int8 weights",
+    "skipln": "SkipLayerNormalization fused vs unfused",
+    "calibrated": "int8 per-block kernel vs the calibrated per-tensor one, both against the model as shipped",
+}
+OUTPUTS = {
+    "int8": "cache_embedder",
+    "skipln": "cache_embedder_skipln",
+    "calibrated": "cache_embedder_calibrated",
+}
 THRESHOLDS = (0.92, 0.95)
 
 
@@ -64,7 +81,7 @@ def eval_pairs() -> tuple[list[str], list[tuple[str, str]]]:
     return sorted({t for pair in pairs for t in pair}), pairs
 
 
-def child(int8: bool, fuse: bool, timed: int, vectors_out: str) -> dict[str, Any]:
+def child(int8: bool, fuse: bool, calibrated: bool, timed: int, vectors_out: str) -> dict[str, Any]:
     """One variant in this process."""
     import onnxruntime  # noqa: F401  (imported before the baseline: only the model counts)
     import tokenizers  # noqa: F401
@@ -73,7 +90,7 @@ def child(int8: bool, fuse: bool, timed: int, vectors_out: str) -> dict[str, Any
 
     texts, _ = eval_pairs()
     base = _rss_mb()
-    model = MiniLMModel(int8_weights=int8, fuse_skip_layer_norm=fuse)
+    model = MiniLMModel(int8_weights=int8, fuse_skip_layer_norm=fuse, calibrated_int8=calibrated)
     loaded = _rss_mb()
     vectors = []
     after_1000 = 0.0
@@ -106,6 +123,7 @@ def child(int8: bool, fuse: bool, timed: int, vectors_out: str) -> dict[str, Any
         "ms_64_tokens": round(ms[64], 2),
         "load_seconds": round(model.load_seconds, 3),
         "int8_tensors": model.int8_tensors,
+        "per_tensor_matmuls": model.per_tensor_matmuls,
     }
 
 
@@ -117,12 +135,12 @@ def main() -> None:
     parser.add_argument(
         "--output", default=None, help="name of the results files under bench/results (default per --compare)"
     )
-    parser.add_argument("--child", choices=("0,0", "1,0", "1,1"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--vectors", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        int8, fuse = (flag == "1" for flag in args.child.split(","))
-        print(json.dumps(child(int8, fuse, args.timed, args.vectors)))
+        int8, fuse, calibrated = (flag == "1" for flag in args.child.split(","))
+        print(json.dumps(child(int8, fuse, calibrated, args.timed, args.vectors)))
         return
     # Imported here, not at the top: the measuring children would count its imports (gRPC).
     from bench.support import cpu_description
@@ -133,8 +151,8 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for name, (int8, fuse) in variants.items():
-                flags = f"{int(int8)},{int(fuse)}"
+            for name, flags_of in variants.items():
+                flags = ",".join(str(int(flag)) for flag in flags_of)
                 out = str(Path(tmp, f"{flags}.npy"))
                 command = [sys.executable, "-m", "bench.cache_embedder", "--child", flags]
                 command += ["--timed", str(args.timed), "--vectors", out]
@@ -145,14 +163,33 @@ def main() -> None:
     load_after = os.getloadavg()
     texts, pairs = eval_pairs()
     index = {t: i for i, t in enumerate(texts)}
-    old, new = (vectors[name] for name in variants)
-    agreement = (old * new).sum(axis=1)
     a = np.array([index[x] for x, _ in pairs])
     b = np.array([index[y] for _, y in pairs])
-    old_pairs, new_pairs = (old[a] * old[b]).sum(axis=1), (new[a] * new[b]).sum(axis=1)
-    moved = new_pairs - old_pairs
-    crossed = {f"{t:.2f}": int(((old_pairs >= t) != (new_pairs >= t)).sum()) for t in THRESHOLDS}
-    up = {f"{t:.2f}": int(((old_pairs < t) & (new_pairs >= t)).sum()) for t in THRESHOLDS}
+    names = list(variants)
+    old_name = names[0]
+    old = vectors[old_name]
+    old_pairs = (old[a] * old[b]).sum(axis=1)
+    agreements: dict[str, Any] = {}
+    for new_name in names[1:]:
+        new = vectors[new_name]
+        agreement = (old * new).sum(axis=1)
+        new_pairs = (new[a] * new[b]).sum(axis=1)
+        moved = new_pairs - old_pairs
+        agreements[new_name] = {
+            "vector_cosine": {"min": float(agreement.min()), "median": float(np.median(agreement))},
+            "pair_cosine_change": {
+                "mean": float(moved.mean()),
+                "median_abs": float(np.median(np.abs(moved))),
+                "p99_abs": float(np.percentile(np.abs(moved), 99)),
+                "max_abs": float(np.abs(moved).max()),
+            },
+            "pairs_crossing_threshold": {
+                f"{t:.2f}": int(((old_pairs >= t) != (new_pairs >= t)).sum()) for t in THRESHOLDS
+            },
+            "of_which_now_above": {
+                f"{t:.2f}": int(((old_pairs < t) & (new_pairs >= t)).sum()) for t in THRESHOLDS
+            },
+        }
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "cpu": cpu_description(),
@@ -161,18 +198,12 @@ def main() -> None:
         "runs": runs,
         "texts": len(texts),
         "pairs": len(pairs),
-        "vector_cosine": {"min": float(agreement.min()), "median": float(np.median(agreement))},
-        "pair_cosine_change": {
-            "mean": float(moved.mean()),
-            "median_abs": float(np.median(np.abs(moved))),
-            "p99_abs": float(np.percentile(np.abs(moved), 99)),
-            "max_abs": float(np.abs(moved).max()),
-        },
-        "pairs_crossing_threshold": crossed,
-        "of_which_now_above": up,
+        # Against the first variant; with two variants, also at the top level as before.
+        "against": old_name,
+        "agreement": agreements,
+        **(agreements[names[1]] if len(names) == 2 else {}),
     }
-    keys = [k for k in runs[next(iter(variants))][0] if k != "int8_tensors"]
-    old_name, new_name = variants
+    keys = [k for k in runs[old_name][0] if k not in ("int8_tensors", "per_tensor_matmuls")]
     md = [
         f"# Local embedder: {TITLES[args.compare]} (bench/cache_embedder.py)",
         "",
@@ -186,20 +217,23 @@ def main() -> None:
         "| measure | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
     ]
-    for key in keys:
-        cells = [" / ".join(str(r[key]) for r in runs[name]) for name in variants]
+    for key in [*keys, "per_tensor_matmuls"]:
+        cells = [" / ".join(str(r.get(key, "")) for r in runs[name]) for name in variants]
         md.append(f"| {key} | " + " | ".join(cells) + " |")
-    md += [
-        "",
-        f"Agreement on {len(texts)} evaluation texts: cosine between the two variants' vectors "
-        f"min {agreement.min():.4f}, median {np.median(agreement):.5f}. Pair cosine ({new_name} minus "
-        f"{old_name}) over {len(pairs)} evaluation pairs: mean {moved.mean():+.5f}, median |change| "
-        f"{np.median(np.abs(moved)):.5f}, p99 {np.percentile(np.abs(moved), 99):.4f}, max "
-        f"{np.abs(moved).max():.4f}; pairs on the other side of a threshold: "
-        + ", ".join(f"{t}: {crossed[t]} ({up[t]} now above)" for t in crossed)
-        + ".",
-        "",
-    ]
+    md.append("")
+    for new_name, found in agreements.items():
+        vector, pair = found["vector_cosine"], found["pair_cosine_change"]
+        crossed, up = found["pairs_crossing_threshold"], found["of_which_now_above"]
+        md += [
+            f"Agreement of {new_name} with {old_name} on {len(texts)} evaluation texts: cosine between "
+            f"the two variants' vectors min {vector['min']:.4f}, median {vector['median']:.5f}. Pair "
+            f"cosine ({new_name} minus {old_name}) over {len(pairs)} evaluation pairs: mean "
+            f"{pair['mean']:+.5f}, median |change| {pair['median_abs']:.5f}, p99 {pair['p99_abs']:.4f}, "
+            f"max {pair['max_abs']:.4f}; pairs on the other side of a threshold: "
+            + ", ".join(f"{t}: {crossed[t]} ({up[t]} now above)" for t in crossed)
+            + ".",
+            "",
+        ]
     RESULTS.mkdir(exist_ok=True)
     output = args.output or OUTPUTS[args.compare]
     (RESULTS / f"{output}.json").write_text(json.dumps(report, indent=2) + "\n")

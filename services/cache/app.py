@@ -30,6 +30,7 @@ def make_embedder(settings: CacheSettings, telemetry: Telemetry) -> Embedder:
         threads=settings.embed_threads,
         max_tokens=settings.embed_max_tokens,
         int8_weights=settings.embed_int8_weights,
+        calibrated_int8=settings.embed_calibrated_int8,
         preload=settings.preload_embedder,
     )
 

@@ -58,6 +58,11 @@ class CacheSettings:
     # Keep the local model's int8 weights int8 in memory (int8_weights.py): about 60 MB less
     # resident and faster; false loads the model as shipped (weights folded to float32).
     embed_int8_weights: bool = True
+    # With int8 weights: run the MatMuls the shipped calibration clears (smoothing.py) on
+    # onnxruntime's per-tensor int8 kernel, about twice as fast a query on VNNI/AMX CPUs as the
+    # per-block kernel; false keeps every MatMul per block (agreement and cache quality of both:
+    # bench/cache_embedder.py --compare calibrated, bench/cache_eval.py).
+    embed_calibrated_int8: bool = True
     # Recent embeddings kept per replica (a Store after a Lookup of the same turn reuses it).
     embed_cache_entries: int = 10_000
     # Keys (partition and exact key) of recent requests kept per replica, bounded by the bytes of
@@ -147,6 +152,9 @@ class CacheSettings:
                 "BALLAST_CACHE_EMBED_MAX_TOKENS", cls.embed_max_tokens, minimum=8, maximum=512
             ),
             embed_int8_weights=env.boolean("BALLAST_CACHE_EMBED_INT8_WEIGHTS", cls.embed_int8_weights),
+            embed_calibrated_int8=env.boolean(
+                "BALLAST_CACHE_EMBED_CALIBRATED_INT8", cls.embed_calibrated_int8
+            ),
             embed_cache_entries=env.integer(
                 "BALLAST_CACHE_EMBED_CACHE_ENTRIES", cls.embed_cache_entries, minimum=0
             ),

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
 from services.cache.int8_weights import keep_int8_weights
+from services.cache.smoothing import smoothing_for
 from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 from services.kit.native import release_freed_memory
@@ -88,20 +89,60 @@ class MiniLMModel:
         threads: int = 1,
         max_tokens: int = 256,
         int8_weights: bool = True,
+        calibrated_int8: bool = True,
         fuse_skip_layer_norm: bool = False,
     ) -> None:
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
         started = time.perf_counter()
         model_file = Path(model_path) if model_path else default_model_path()
-        tokenizer_file = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path()
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._tokenizer = self.tokenizer(tokenizer_path, max_tokens=max_tokens)
+        # Graph optimisation would fold the shipped int8 weights into float32 (+60 MB resident):
+        # the rewrite keeps them int8 (int8_weights.py; agreement and speed in
+        # bench/cache_embedder.py). A model without that pattern loads unchanged.
+        model: str | bytes = str(model_file)
+        self.int8_tensors = 0  # weight tensors kept int8
+        self.per_tensor_matmuls = 0  # of them, MatMuls on the calibrated per-tensor kernel
+        if int8_weights:
+            shipped = model_file.read_bytes()
+            # The calibration (smoothing.py) clears most MatMuls for onnxruntime's per-tensor
+            # int8 kernel, about twice as fast a query as the per-block one on VNNI/AMX CPUs;
+            # it was measured on one model file and is ignored for any other.
+            smoothing = smoothing_for(shipped) if calibrated_int8 else None
+            if calibrated_int8 and smoothing is None:
+                log.warning(
+                    "no int8 calibration for this model file: every MatMul stays on the per-block kernel",
+                    extra={"model": str(model_file)},
+                )
+            rewritten = keep_int8_weights(shipped, smoothing=smoothing)
+            model = rewritten.model
+            self.int8_tensors = rewritten.matmuls + rewritten.gathers
+            self.per_tensor_matmuls = rewritten.per_tensor
+            del rewritten, shipped
+        self._session = self.session(model, threads=threads, fuse_skip_layer_norm=fuse_skip_layer_norm)
+        del model
+        # Graph optimisation parses and rewrites the model in temporary buffers that glibc
+        # keeps mapped after freeing them (about 60 MB here): hand them back to the system.
+        release_freed_memory()
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self.load_seconds = time.perf_counter() - started
+
+    @staticmethod
+    def tokenizer(tokenizer_path: str | Path = "", *, max_tokens: int) -> Any:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(
+            str(Path(tokenizer_path) if tokenizer_path else default_tokenizer_path())
+        )
         # The shipped tokenizer pads every text to 128 tokens, which costs 10x per query;
         # pad only to the longest text of a batch.
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=max_tokens)
-        self._tokenizer = tokenizer
+        return tokenizer
+
+    @staticmethod
+    def session(model: str | bytes, *, threads: int, fuse_skip_layer_norm: bool = False) -> Any:
+        """An onnxruntime session of `model` (a path or the bytes), set up as the embedder runs it."""
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -112,39 +153,24 @@ class MiniLMModel:
         # (bench/cache_memory.py; one query: 6.5 vs 6.7 ms p50 in an interleaved A/B under load).
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-        # Graph optimisation would fold the shipped int8 weights into float32 (+60 MB resident):
-        # the rewrite keeps them int8 (int8_weights.py; agreement and speed in
-        # bench/cache_embedder.py). A model without that pattern loads unchanged.
-        model: str | bytes = str(model_file)
-        self.int8_tensors = 0  # weight tensors kept int8
-        if int8_weights:
-            rewritten = keep_int8_weights(model_file.read_bytes())
-            model = rewritten.model
-            self.int8_tensors = rewritten.matmuls + rewritten.gathers
-            del rewritten
         # onnxruntime's fused SkipLayerNormalization kernel took 48 us a node against 12 us for the
         # Add and LayerNormalization it replaces (28 tokens, its own profiler): unfused, a 64-token
         # query costs about 10% less, the vectors agree with the fused ones to cosine 0.9985 or
         # better, and the held-out cache evaluation is unchanged (bench/cache_embedder.py
         # --compare skipln, bench/cache_eval.py).
-        self._session = ort.InferenceSession(
+        session = ort.InferenceSession(
             model,
             sess_options=options,
             providers=["CPUExecutionProvider"],
             # True (onnxruntime's default) only for the benchmark's comparison.
             disabled_optimizers=[] if fuse_skip_layer_norm else ["SkipLayerNormFusion"],
         )
-        del model
         # The Python wrapper keeps model bytes it was given for as long as the session lives
         # (onnxruntime marks this a TODO itself; only a provider fallback re-reads them): another
         # 25 MB resident for nothing here, since the session only uses the CPU provider.
-        if isinstance(getattr(self._session, "_model_bytes", None), bytes):
-            self._session._model_bytes = None
-        # Graph optimisation parses and rewrites the model in temporary buffers that glibc
-        # keeps mapped after freeing them (about 60 MB here): hand them back to the system.
-        release_freed_memory()
-        self._inputs = {i.name for i in self._session.get_inputs()}
-        self.load_seconds = time.perf_counter() - started
+        if isinstance(getattr(session, "_model_bytes", None), bytes):
+            session._model_bytes = None
+        return session
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         if not texts:
@@ -155,6 +181,14 @@ class MiniLMModel:
             encodings = [self._tokenizer.encode(texts[0])]
         else:
             encodings = self._tokenizer.encode_batch(list(texts))
+        if self.per_tensor_matmuls and len(encodings) > 1:
+            # The per-tensor kernel quantises a MatMul's whole input with one scale, so in a
+            # batch every text (and the padding) would move the others' vectors: each text runs
+            # alone and gets the vector it gets alone.
+            return np.vstack([self._run([e]) for e in encodings])
+        return self._run(encodings)
+
+    def _run(self, encodings: Sequence[Any]) -> Vectors:
         width = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(encodings), width), dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -174,12 +208,18 @@ class MiniLMModel:
 # started side by side, each test's suite) load a model once and share it. A loaded model holds
 # no state between calls (onnxruntime runs a session from several threads at once), and the
 # files' size and modification time are in the key, so a replaced file is loaded anew.
-_MODELS: dict[tuple[str, int, int, str, int, int, bool], MiniLMModel] = {}
+_MODELS: dict[tuple[str, int, int, str, int, int, bool, bool], MiniLMModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
 def _shared_model(
-    model_path: str, tokenizer_path: str, *, threads: int, max_tokens: int, int8_weights: bool
+    model_path: str,
+    tokenizer_path: str,
+    *,
+    threads: int,
+    max_tokens: int,
+    int8_weights: bool,
+    calibrated_int8: bool,
 ) -> MiniLMModel:
     model_file = Path(model_path) if model_path else default_model_path()
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path()
@@ -192,12 +232,18 @@ def _shared_model(
         threads,
         max_tokens,
         int8_weights,
+        calibrated_int8,
     )
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
             model = MiniLMModel(
-                model_file, tokenizer_file, threads=threads, max_tokens=max_tokens, int8_weights=int8_weights
+                model_file,
+                tokenizer_file,
+                threads=threads,
+                max_tokens=max_tokens,
+                int8_weights=int8_weights,
+                calibrated_int8=calibrated_int8,
             )
             log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
             _MODELS[key] = model
@@ -219,6 +265,7 @@ class LocalEmbedder:
         max_tokens: int = 256,
         preload: bool = True,
         int8_weights: bool = True,
+        calibrated_int8: bool = True,
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
     ) -> None:
@@ -228,6 +275,7 @@ class LocalEmbedder:
         self._threads = threads
         self._max_tokens = max_tokens
         self._int8_weights = int8_weights
+        self._calibrated_int8 = calibrated_int8
         self._preload = preload
         self._model: MiniLMModel | None = None
         self._lock = threading.Lock()
@@ -245,6 +293,7 @@ class LocalEmbedder:
                     threads=self._threads,
                     max_tokens=self._max_tokens,
                     int8_weights=self._int8_weights,
+                    calibrated_int8=self._calibrated_int8,
                 )
             return self._model
 

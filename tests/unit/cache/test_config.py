@@ -154,6 +154,7 @@ def test_a_bad_cluster_option_names_the_store_variable(url: str, problem: str) -
     ("variable", "value"),
     [
         ("BALLAST_CACHE_EMBED_INT8_WEIGHTS", "perhaps"),
+        ("BALLAST_CACHE_EMBED_CALIBRATED_INT8", "fast"),
         ("BALLAST_CACHE_KEYS_CACHE_BYTES", "-1"),
         ("BALLAST_CACHE_TURNS_CACHE_BYTES", "lots"),
     ],
@@ -167,12 +168,14 @@ def test_embedder_and_key_cache_settings_name_a_bad_value(variable: str, value: 
         Env(
             {
                 "BALLAST_CACHE_EMBED_INT8_WEIGHTS": "false",
+                "BALLAST_CACHE_EMBED_CALIBRATED_INT8": "false",
                 "BALLAST_CACHE_KEYS_CACHE_BYTES": "0",
                 "BALLAST_CACHE_TURNS_CACHE_BYTES": "1024",
             }
         )
     )
     assert (read.embed_int8_weights, read.keys_cache_bytes, read.turns_cache_bytes) == (False, 0, 1024)
+    assert read.embed_calibrated_int8 is False and CacheSettings.embed_calibrated_int8 is True
 
 
 def test_a_memory_store_cache_does_not_load_redis() -> None:

