@@ -17,8 +17,9 @@ STS-B's development and test files and on the project's set, none of which this 
    block, as without calibration, encodes the next --check texts. Its cost is how much the mean
    of 1 - cosine(vector, reference vector) grows over the all-per-block model's. The cheapest
    alpha is kept.
-3. An activation takes the per-tensor kernel when that cost is at most --limit; the others stay
-   per block.
+3. Where no alpha keeps that cost within --limit, the same again with the --outliers channels of
+   the largest range kept out of int8 (multiplied in float). An activation takes the per-tensor
+   kernel when its cost is at most --limit; the others stay per block.
 4. The chosen whole is encoded on the same texts, and its agreement printed.
 """
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cache_eval import load_sts_file  # noqa: E402
 from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise  # noqa: E402
 from services.cache.int8_weights import Smoothing, int8_matmuls, keep_int8_weights, with_outputs  # noqa: E402
-from services.cache.smoothing import CALIBRATION, model_digest, smoothing_for  # noqa: E402
+from services.cache.smoothing import CALIBRATION, model_digest, per_tensor, smoothing_for  # noqa: E402
 
 
 def training_texts() -> list[str]:
@@ -72,15 +73,17 @@ def cost(vectors: np.ndarray, reference: np.ndarray) -> float:
 
 
 def write_calibration(path: Path, data: dict[str, Any]) -> None:
-    """Indented JSON with each factor list on one line (one activation a line, not 384)."""
+    """Indented JSON with each list of factors or channels on one line (not one number a line)."""
     lists: dict[str, str] = {}
     shown = json.loads(json.dumps(data))
     for name, entry in shown["per_tensor"].items():
-        lists[name] = json.dumps(entry["factors"])
-        entry["factors"] = f"@factors:{name}@"
+        for key in ("factors", "outliers"):
+            if key in entry:
+                lists[f"@{key}:{name}@"] = json.dumps(entry[key])
+                entry[key] = f"@{key}:{name}@"
     text = json.dumps(shown, indent=1)
-    for name, factors in lists.items():
-        text = text.replace(json.dumps(f"@factors:{name}@"), factors)
+    for placeholder, values in lists.items():
+        text = text.replace(json.dumps(placeholder), values)
     path.write_text(text + "\n")
 
 
@@ -93,6 +96,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--limit", type=float, default=4e-5, help="largest cost of one activation on the per-tensor kernel"
+    )
+    parser.add_argument(
+        "--outliers", type=int, default=16, help="channels kept in float where smoothing alone is not enough"
     )
     parser.add_argument("--output", type=Path, default=CALIBRATION)
     parser.add_argument(
@@ -138,34 +144,42 @@ def main() -> None:
             amax[name] = seen if not amax[name].size else np.maximum(amax[name], seen)
 
     chosen: dict[str, dict[str, Any]] = {}
-    per_block_kept: dict[str, dict[str, float]] = {}
+    per_block_kept: dict[str, dict[str, Any]] = {}
     for name in activations:
         wmax = np.max([np.abs(w).max(axis=1) for w in weights[name]], axis=0)
-        best: tuple[float, float, list[float]] | None = None
-        for alpha in args.alphas:
-            factors = (
-                np.power(np.maximum(amax[name], 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
-                if alpha
-                else None
-            )
-            rounded = [float(f"{f:.5g}") for f in factors] if factors is not None else []
-            extra, _ = judge({name: np.asarray(rounded, np.float32) if rounded else None})
-            if best is None or extra < best[0]:
-                best = (extra, alpha, rounded)
-        assert best is not None
-        extra, alpha, rounded = best
-        verdict = "per tensor" if extra <= args.limit else "per block"
+        # Without outlier channels first; only where no alpha is within the limit, the largest
+        # channels (by their range) kept in float.
+        best: dict[str, Any] = {}
+        for outliers in ([], sorted(int(c) for c in np.argsort(-amax[name])[: args.outliers])):
+            for alpha in args.alphas:
+                factors = (
+                    np.power(np.maximum(amax[name], 1e-5), alpha)
+                    / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+                    if alpha
+                    else None
+                )
+                entry = {
+                    "alpha": alpha,
+                    "factors": [float(f"{f:.5g}") for f in factors] if factors is not None else [],
+                    "outliers": outliers,
+                }
+                extra, _ = judge({name: per_tensor(entry)})
+                if not best or extra < best["cost"]:
+                    best = {**entry, "cost": float(f"{extra:.3g}")}
+            if best["cost"] <= args.limit or not args.outliers:
+                break
+        verdict = "per tensor" if best["cost"] <= args.limit else "per block"
         print(
-            f"{name:16s} k={wmax.size:5d} amax {amax[name].max():6.1f}  best alpha {alpha:.2f}  cost {extra:+.2e}  {verdict}",
+            f"{name:16s} k={wmax.size:5d} amax {amax[name].max():6.1f}  best alpha {best['alpha']:.2f}"
+            f"  outliers {len(best['outliers']):3d}  cost {best['cost']:+.2e}  {verdict}",
             flush=True,
         )
-        if extra <= args.limit:
-            chosen[name] = {"alpha": alpha, "cost": float(f"{extra:.3g}"), "factors": rounded}
+        if best["cost"] <= args.limit:
+            chosen[name] = {key: best[key] for key in ("alpha", "cost", "outliers", "factors")}
         else:
-            per_block_kept[name] = {"alpha": alpha, "cost": float(f"{extra:.3g}")}
+            per_block_kept[name] = {key: best[key] for key in ("alpha", "cost")}
 
-    smoothing = {n: np.asarray(c["factors"], np.float32) if c["factors"] else None for n, c in chosen.items()}
-    extra, vectors = judge(smoothing)
+    extra, vectors = judge({name: per_tensor(entry) for name, entry in chosen.items()})
     agreement = (vectors * reference).sum(axis=1)
     print(
         f"chosen: {len(chosen)} of {len(activations)} activations per tensor; cost {extra:+.2e}; "

@@ -22,7 +22,10 @@ to one scale per tensor, and multiplying the weights' rows by the same ``f``, le
 unchanged in exact arithmetic (SmoothQuant, Xiao et al. 2023) and keeps the outliers from taking
 the whole int8 range. onnxruntime runs that kernel on VNNI/AMX int8 instructions; the per-block
 MatMulNBits above quantises activations per 32 values and is about twice as slow for a
-sentence. An activation named with no factors (None) is quantised per tensor as it is.
+sentence. An activation named with no factors is quantised per tensor as it is. Where a few
+channels are too large for any factor (the feed-forward's GELU output), they are kept out of
+int8 altogether: zeroed in the quantised input (the same Mul), gathered and multiplied by their
+rows of the weights in float, and the two products added (LLM.int8, Dettmers et al. 2022).
 
 Anything else (other models, per-tensor or differently shaped scales, weights used twice) is
 left as it is. The ONNX protobuf is read with a small message subset built at run time from
@@ -41,6 +44,7 @@ import numpy.typing as npt
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _INT8 = 3
+_INT64 = 7
 _FLOAT = 1
 _UINT8 = 2
 _ATTR_INT = 2
@@ -131,7 +135,40 @@ class Rewritten:
     per_tensor: int = 0  # of the MatMuls, those on the per-tensor kernel (smoothing)
 
 
-Smoothing = Mapping[str, npt.NDArray[np.float32] | None]
+@dataclass(frozen=True)
+class PerTensor:
+    """How one activation takes the per-tensor kernel (see the module doc)."""
+
+    # Per input channel: the activation is divided by them, the weight rows multiplied by them.
+    # None: no smoothing.
+    factors: npt.NDArray[np.float32] | None = None
+    # Input channels kept out of int8: their rows of the weights multiply them in float.
+    outliers: npt.NDArray[np.int64] | None = None
+
+    def checked(
+        self, activation: str, channels: int
+    ) -> tuple[npt.NDArray[np.float32] | None, npt.NDArray[np.int64] | None]:
+        factors, outliers = self.factors, self.outliers
+        if factors is not None and (
+            factors.shape != (channels,) or not np.all(np.isfinite(factors)) or factors.min() <= 0
+        ):
+            raise ValueError(
+                f"smoothing for {activation!r}: need {channels} positive finite factors, got shape {factors.shape}"
+            )
+        if outliers is not None and (
+            outliers.ndim != 1
+            or not outliers.size
+            or outliers.min() < 0
+            or outliers.max() >= channels
+            or np.unique(outliers).size != outliers.size
+        ):
+            raise ValueError(
+                f"smoothing for {activation!r}: outliers must be distinct channels of 0..{channels - 1}"
+            )
+        return factors, outliers
+
+
+Smoothing = Mapping[str, PerTensor]
 
 
 def with_outputs(model: bytes, names: list[str]) -> bytes:
@@ -244,6 +281,7 @@ def keep_int8_weights(
         return made
 
     smoothed_inputs: set[str] = set()
+    gathered_inputs: set[str] = set()
     read: set[str] = set()
 
     for index, node in enumerate(graph.node):
@@ -262,32 +300,57 @@ def keep_int8_weights(
             if s.shape not in ((1, n), (n,)):
                 continue
             activation = node.input[0]
+            plan = smoothing[activation]
+            factors, outliers = plan.checked(activation, k)
             steps = []
-            factors = smoothing[activation]
-            if factors is None:
+            if factors is None and outliers is None:
                 weights, columns, source = q, s.reshape(n), activation
             else:
-                if factors.shape != (k,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
-                    raise ValueError(
-                        f"smoothing for {activation!r}: need {k} positive finite factors, "
-                        f"got shape {factors.shape}"
-                    )
-                smoothed = q.astype(np.float32) * s.reshape(1, n) * factors.reshape(k, 1).astype(np.float32)
+                # Smoothed and without the outlier rows (computed in float below), quantised
+                # again per column.
+                kept = np.ones((k, 1), np.float32)
+                inverse = np.ones(k, np.float32)
+                if outliers is not None:
+                    kept[outliers] = 0.0
+                if factors is not None:
+                    inverse = (1.0 / factors).astype(np.float32)
+                smoothed = q.astype(np.float32) * s.reshape(1, n) * kept
+                if factors is not None:
+                    smoothed *= factors.reshape(k, 1).astype(np.float32)
                 columns = (np.abs(smoothed).max(axis=0) / 127.0).astype(np.float32)
                 columns[columns == 0] = 1.0
                 weights = np.clip(np.rint(smoothed / columns), -127, 127).astype(np.int8)
                 source = f"{activation}__smoothed"
                 if activation not in smoothed_inputs:
                     smoothed_inputs.add(activation)
-                    inverse = f"{activation}__smoothing"
-                    added_inits.append(tensor(inverse, (1.0 / factors).astype(np.float32), _FLOAT))
-                    steps.append(new_node("Mul", [activation, inverse], [source], f"{activation}_smooth"))
+                    # One Mul divides by the factors and zeroes the outlier channels.
+                    scaled = f"{activation}__smoothing"
+                    added_inits.append(tensor(scaled, inverse * kept.reshape(k), _FLOAT))
+                    steps.append(new_node("Mul", [activation, scaled], [source], f"{activation}_smooth"))
             quantised = (f"{out}__q8", f"{out}__q8_scale")
             added_inits.append(tensor(quantised[0], weights, _INT8))
             added_inits.append(tensor(quantised[1], columns.astype(np.float32), _FLOAT))
+            product = f"{out}__int8" if outliers is not None else out
             steps.append(
-                new_node("DynamicQuantizeMatMul", [source, *quantised], [out], f"{node.name}_q8", _CONTRIB)
+                new_node(
+                    "DynamicQuantizeMatMul", [source, *quantised], [product], f"{node.name}_q8", _CONTRIB
+                )
             )
+            if outliers is not None:
+                # The outlier channels' share of the product, in float: their few rows of the
+                # weights (as shipped) times those channels of the activation.
+                picked = f"{activation}__outliers"
+                if activation not in gathered_inputs:
+                    gathered_inputs.add(activation)
+                    indices = f"{activation}__outlier_channels"
+                    added_inits.append(tensor(indices, outliers.astype(np.int64), _INT64))
+                    gather = new_node("Gather", [activation, indices], [picked], f"{activation}_outliers")
+                    attr(gather, "axis", -1)
+                    steps.append(gather)
+                rows = f"{out}__outlier_rows"
+                added_inits.append(tensor(rows, q[outliers].astype(np.float32) * s.reshape(1, n), _FLOAT))
+                steps.append(new_node("MatMul", [picked, rows], [f"{out}__float"], f"{node.name}_outliers"))
+                steps.append(new_node("Add", [product, f"{out}__float"], [out], f"{node.name}_sum"))
             replaced[index] = steps
             removed_inits |= {quant.name, scale.name}
             matmuls += 1
@@ -342,11 +405,11 @@ def keep_int8_weights(
         if id(node) in dropped:
             continue
         nodes.extend(replaced.get(index, [node]))
-    kept = [t for t in graph.initializer if t.name not in removed_inits]
+    remaining = [t for t in graph.initializer if t.name not in removed_inits]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
-    graph.initializer.extend([*kept, *added_inits])
+    graph.initializer.extend([*remaining, *added_inits])
     if matmuls and not any(o.domain == _CONTRIB for o in proto.opset_import):
         proto.opset_import.add(domain=_CONTRIB, version=1)
     return Rewritten(proto.SerializeToString(), matmuls, gathers, int8_bytes, per_tensor)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from services.cache.int8_weights import Smoothing
+from services.cache.int8_weights import PerTensor, Smoothing
 
 CALIBRATION = Path(__file__).with_name("minilm_smoothing.json")
 
@@ -47,16 +47,27 @@ def read_calibration(path: Path = CALIBRATION) -> dict[str, Any]:
             isinstance(f, int | float) and math.isfinite(f) and f > 0 for f in factors
         ):
             raise ValueError(f"{path}: per_tensor.{name}.factors must be a list of positive numbers")
+        outliers = entry.get("outliers", [])
+        if not isinstance(outliers, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in outliers
+        ):
+            raise ValueError(f"{path}: per_tensor.{name}.outliers must be a list of channel numbers")
     return data
 
 
 def smoothing_for(model: bytes, path: Path = CALIBRATION) -> Smoothing | None:
     """The smoothing of `model` (int8_weights.keep_int8_weights), or None when the calibration
-    was measured on another model file. An empty factor list: per tensor without smoothing."""
+    was measured on another model file. An empty list: no factors, or no outlier channels."""
     data = read_calibration(path)
     if data["model_sha256"] != model_digest(model):
         return None
-    return {
-        name: np.asarray(entry["factors"], dtype=np.float32) if entry["factors"] else None
-        for name, entry in data["per_tensor"].items()
-    }
+    return {name: per_tensor(entry) for name, entry in data["per_tensor"].items()}
+
+
+def per_tensor(entry: dict[str, Any]) -> PerTensor:
+    """One activation's entry of the calibration file as the rewrite takes it."""
+    factors, outliers = entry.get("factors") or [], entry.get("outliers") or []
+    return PerTensor(
+        np.asarray(factors, dtype=np.float32) if factors else None,
+        np.asarray(outliers, dtype=np.int64) if outliers else None,
+    )

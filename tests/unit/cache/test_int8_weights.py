@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise
-from services.cache.int8_weights import int8_matmuls, keep_int8_weights
+from services.cache.int8_weights import PerTensor, int8_matmuls, keep_int8_weights
 from services.cache.smoothing import CALIBRATION, model_digest, read_calibration, smoothing_for
 
 TEXTS = [
@@ -73,9 +73,10 @@ def test_the_shipped_calibration_was_measured_on_the_installed_model(shipped: by
     per_tensor = sum(len(readers[name]) for name in smoothing)
     rewritten = keep_int8_weights(shipped, smoothing=smoothing)
     assert (rewritten.matmuls, rewritten.gathers, rewritten.per_tensor) == (36, 2, per_tensor)
-    # Most of the MatMuls, but not all: the calibration kept some per block.
-    assert 24 <= per_tensor < 36
-    assert b"DynamicQuantizeMatMul" in rewritten.model and b"MatMulNBits" in rewritten.model
+    assert 24 <= per_tensor <= 36 and b"DynamicQuantizeMatMul" in rewritten.model
+    # The feed-forward's GELU outputs keep their largest channels out of int8.
+    assert any(entry.outliers is not None for entry in smoothing.values())
+    assert b"__outlier_channels" in rewritten.model
 
 
 def test_calibrated_embeddings_agree_with_the_model_as_shipped() -> None:
@@ -93,7 +94,9 @@ def test_calibrated_embeddings_agree_with_the_model_as_shipped() -> None:
     # channels take the int8 range and the vectors move several times further.
     smoothing = smoothing_for(default_model_path().read_bytes())
     assert smoothing is not None
-    unsmoothed = keep_int8_weights(default_model_path().read_bytes(), smoothing=dict.fromkeys(smoothing))
+    unsmoothed = keep_int8_weights(
+        default_model_path().read_bytes(), smoothing=dict.fromkeys(smoothing, PerTensor())
+    )
     plain = MiniLMModel.session(unsmoothed.model, threads=1)
     tokenizer = MiniLMModel.tokenizer(max_tokens=256)
     rows = []
@@ -123,12 +126,16 @@ def test_a_model_file_the_calibration_was_not_measured_on_keeps_the_per_block_ke
 
 
 def test_bad_smoothing_is_refused_naming_the_activation(shipped: bytes) -> None:
-    with pytest.raises(ValueError, match="'layer_norm': need 384 positive finite factors"):
-        keep_int8_weights(shipped, smoothing={"layer_norm": np.ones(383, np.float32)})
-    with pytest.raises(ValueError, match="'layer_norm': need 384 positive finite factors"):
-        keep_int8_weights(shipped, smoothing={"layer_norm": -np.ones(384, np.float32)})
+    for factors in (np.ones(383, np.float32), -np.ones(384, np.float32)):
+        with pytest.raises(ValueError, match="'layer_norm': need 384 positive finite factors"):
+            keep_int8_weights(shipped, smoothing={"layer_norm": PerTensor(factors)})
+    for outliers in ([3, 3], [-1], [1536], []):
+        with pytest.raises(
+            ValueError, match=re.escape("'gelu': outliers must be distinct channels of 0..1535")
+        ):
+            keep_int8_weights(shipped, smoothing={"gelu": PerTensor(None, np.array(outliers, np.int64))})
     with pytest.raises(ValueError, match=r"no int8 MatMul reads: \['no_such_tensor'\]"):
-        keep_int8_weights(shipped, smoothing={"no_such_tensor": None})
+        keep_int8_weights(shipped, smoothing={"no_such_tensor": PerTensor()})
 
 
 @pytest.mark.parametrize(
@@ -140,6 +147,12 @@ def test_bad_smoothing_is_refused_naming_the_activation(shipped: bytes) -> None:
         (
             '{"model_sha256": "' + "0" * 64 + '", "per_tensor": {"gelu": {"factors": [1, 0]}}}',
             "per_tensor.gelu.factors must be a list of positive numbers",
+        ),
+        (
+            '{"model_sha256": "'
+            + "0" * 64
+            + '", "per_tensor": {"gelu": {"factors": [], "outliers": [1.5]}}}',
+            "per_tensor.gelu.outliers must be a list of channel numbers",
         ),
     ],
 )
@@ -157,7 +170,7 @@ def test_another_models_calibration_is_not_used(shipped: bytes, tmp_path: Path) 
     path.write_text(
         '{"model_sha256": "' + model_digest(shipped) + '", "per_tensor": {"layer_norm": {"factors": []}}}'
     )
-    assert smoothing_for(shipped, path) == {"layer_norm": None}
+    assert smoothing_for(shipped, path) == {"layer_norm": PerTensor()}
 
 
 def test_the_calibration_is_installed_with_the_package() -> None:
