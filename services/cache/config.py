@@ -59,7 +59,7 @@ class CacheSettings:
     # resident and faster; false loads the model as shipped (weights folded to float32).
     embed_int8_weights: bool = True
     # With int8 weights: run the MatMuls the shipped calibration clears (smoothing.py) on
-    # onnxruntime's per-tensor int8 kernel, about twice as fast a query on VNNI/AMX CPUs as the
+    # onnxruntime's per-tensor int8 kernel, 2-3 times as fast a query on VNNI/AMX CPUs as the
     # per-block kernel; false keeps every MatMul per block (agreement and cache quality of both:
     # bench/cache_embedder.py --compare calibrated, bench/cache_eval.py).
     embed_calibrated_int8: bool = True

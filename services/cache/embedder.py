@@ -103,8 +103,8 @@ class MiniLMModel:
         self.per_tensor_matmuls = 0  # of them, MatMuls on the calibrated per-tensor kernel
         if int8_weights:
             shipped = model_file.read_bytes()
-            # The calibration (smoothing.py) clears most MatMuls for onnxruntime's per-tensor
-            # int8 kernel, about twice as fast a query as the per-block one on VNNI/AMX CPUs;
+            # The calibration (smoothing.py) clears the MatMuls for onnxruntime's per-tensor
+            # int8 kernel, 2-3 times as fast a query as the per-block one on VNNI/AMX CPUs;
             # it was measured on one model file and is ignored for any other.
             smoothing = smoothing_for(shipped) if calibrated_int8 else None
             if calibrated_int8 and smoothing is None:

@@ -21,7 +21,7 @@ MatMuls that read it. Dividing the activation's outlier channels by ``f`` before
 to one scale per tensor, and multiplying the weights' rows by the same ``f``, leaves the product
 unchanged in exact arithmetic (SmoothQuant, Xiao et al. 2023) and keeps the outliers from taking
 the whole int8 range. onnxruntime runs that kernel on VNNI/AMX int8 instructions; the per-block
-MatMulNBits above quantises activations per 32 values and is about twice as slow for a
+MatMulNBits above quantises activations per 32 values and is two to three times as slow for a
 sentence. An activation named with no factors is quantised per tensor as it is. Where a few
 channels are too large for any factor (the feed-forward's GELU output), they are kept out of
 int8 altogether: zeroed in the quantised input (the same Mul), gathered and multiplied by their
