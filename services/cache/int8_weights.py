@@ -13,9 +13,9 @@ written to disk), keeps them int8:
 - ``Cast(Eq) * s -> Gather(., ids)`` becomes ``Gather(Eq, ids)`` cast and multiplied by
   ``Gather(s, ids)``: bit-for-bit the same rows, the table stays int8.
 
-With ``smoothing`` (activation name -> per-input-channel factors, from a calibration of this
-very model: smoothing.py), a MatMul reading a named activation takes the faster per-tensor
-kernel instead: ``DynamicQuantizeMatMul(X / f, Wq')``, where ``Wq'`` is ``diag(f) . Wq . s``
+With ``smoothing`` (activation name -> ``PerTensor``: per-input-channel factors and outlier
+channels, from a calibration of this very model: smoothing.py), a MatMul reading a named
+activation takes the faster per-tensor kernel instead: ``DynamicQuantizeMatMul(X / f, Wq')``, where ``Wq'`` is ``diag(f) . Wq . s``
 quantised again per column (symmetric int8) and ``X / f`` one Mul per activation, shared by the
 MatMuls that read it. Dividing the activation's outlier channels by ``f`` before it is quantised
 to one scale per tensor, and multiplying the weights' rows by the same ``f``, leaves the product
