@@ -245,7 +245,17 @@ def _shared_model(
                 int8_weights=int8_weights,
                 calibrated_int8=calibrated_int8,
             )
-            log.info("embedding model loaded", extra={"seconds": round(model.load_seconds, 3)})
+            log.info(
+                "embedding model loaded",
+                extra={
+                    "seconds": round(model.load_seconds, 3),
+                    # 0 with the per-block kernel everywhere (no calibration for this file, or
+                    # BALLAST_CACHE_EMBED_CALIBRATED_INT8=false): what an operator checks first
+                    # when misses cost more than expected.
+                    "int8_tensors": model.int8_tensors,
+                    "per_tensor_matmuls": model.per_tensor_matmuls,
+                },
+            )
             _MODELS[key] = model
         return model
 

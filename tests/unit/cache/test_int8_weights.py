@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise
+from services.cache.embedder import MiniLMModel, _shared_model, default_model_path, l2_normalise
 from services.cache.int8_weights import PerTensor, int8_matmuls, keep_int8_weights
 from services.cache.smoothing import CALIBRATION, model_digest, read_calibration, smoothing_for
 
@@ -196,3 +196,12 @@ def test_the_calibration_script_reproduces_the_shipped_agreement() -> None:
     assert found, done.stdout
     assert int(found[1]) == len(json.loads(CALIBRATION.read_text())["per_tensor"])
     assert float(found[2]) > 0.9993 and float(found[3]) > 0.999
+
+
+def test_the_load_log_says_which_kernel_runs(caplog: pytest.LogCaptureFixture) -> None:
+    # max_tokens values no other test uses: each load is a fresh one, and logs.
+    with caplog.at_level(logging.INFO, logger="ballast.cache.embedder"):
+        _shared_model("", "", threads=1, max_tokens=201, int8_weights=True, calibrated_int8=True)
+        _shared_model("", "", threads=1, max_tokens=202, int8_weights=True, calibrated_int8=False)
+    loaded = [r for r in caplog.records if r.getMessage() == "embedding model loaded"]
+    assert [(r.int8_tensors, r.per_tensor_matmuls) for r in loaded] == [(38, 36), (38, 0)]  # type: ignore[attr-defined]
