@@ -40,7 +40,13 @@ sys.path.insert(0, str(ROOT))
 from bench.cache_eval import load_sts_file  # noqa: E402
 from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise  # noqa: E402
 from services.cache.int8_weights import Smoothing, int8_matmuls, keep_int8_weights, with_outputs  # noqa: E402
-from services.cache.smoothing import CALIBRATION, model_digest, per_tensor, smoothing_for  # noqa: E402
+from services.cache.smoothing import (  # noqa: E402
+    CALIBRATION,
+    int8_dot_product,
+    model_digest,
+    per_tensor,
+    smoothing_for,
+)
 
 
 def training_texts() -> list[str]:
@@ -106,6 +112,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if not int8_dot_product():
+        # Without VNNI or AMX the per-tensor kernel's sums saturate: what it would measure here is
+        # that, and the embedder never uses the kernel on such a CPU anyway.
+        raise SystemExit("calibrate_embedder needs a CPU with VNNI or AMX (see services/cache/smoothing.py)")
     started = time.perf_counter()
     model_file = default_model_path()
     shipped = model_file.read_bytes()

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from ballast.router.v1 import router_pb2, router_pb2_grpc
 
 from services.cache.int8_weights import keep_int8_weights
-from services.cache.smoothing import smoothing_for
+from services.cache.smoothing import int8_dot_product, smoothing_for
 from services.kit.backoff import Backoff
 from services.kit.errors import Unavailable
 from services.kit.native import release_freed_memory
@@ -105,13 +105,21 @@ class MiniLMModel:
             shipped = model_file.read_bytes()
             # The calibration (smoothing.py) clears the MatMuls for onnxruntime's per-tensor
             # int8 kernel, 2-3 times as fast a query as the per-block one on VNNI/AMX CPUs;
-            # it was measured on one model file and is ignored for any other.
-            smoothing = smoothing_for(shipped) if calibrated_int8 else None
-            if calibrated_int8 and smoothing is None:
-                log.warning(
-                    "no int8 calibration for this model file: every MatMul stays on the per-block kernel",
-                    extra={"model": str(model_file)},
+            # it was measured on one model file and is ignored for any other, and on a CPU
+            # without VNNI or AMX the kernel's sums would saturate.
+            smoothing = None
+            if calibrated_int8 and not int8_dot_product():
+                log.info(
+                    "the CPU has no VNNI or AMX, where the per-tensor int8 kernel would saturate: "
+                    "every MatMul stays on the per-block kernel"
                 )
+            elif calibrated_int8:
+                smoothing = smoothing_for(shipped)
+                if smoothing is None:
+                    log.warning(
+                        "no int8 calibration for this model file: every MatMul stays on the per-block kernel",
+                        extra={"model": str(model_file)},
+                    )
             rewritten = keep_int8_weights(shipped, smoothing=smoothing)
             model = rewritten.model
             self.int8_tensors = rewritten.matmuls + rewritten.gathers

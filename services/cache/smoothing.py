@@ -21,6 +21,26 @@ import numpy as np
 from services.cache.int8_weights import PerTensor, Smoothing
 
 CALIBRATION = Path(__file__).with_name("minilm_smoothing.json")
+# x86 instructions that multiply uint8 by int8 with 32-bit sums. Without one of them onnxruntime's
+# per-tensor kernel uses VPMADDUBSW, whose 16-bit pair sums saturate for weights outside
+# [-64, 63] (onnxruntime PR 12088, "x86/64 U8S8 Gemm Precision Fix"): the calibrated weights use
+# all of [-127, 127], so such a CPU keeps the per-block kernel.
+INT8_DOT_PRODUCT = ("avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
+
+
+def int8_dot_product(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has one of INT8_DOT_PRODUCT, from /proc/cpuinfo's first flags line.
+    False where that cannot be read (other systems, other architectures): unmeasured there."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return not set(INT8_DOT_PRODUCT).isdisjoint(value.split())
+    return False
 
 
 def model_digest(model: bytes) -> str:

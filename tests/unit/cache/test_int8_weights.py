@@ -14,9 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.cache import embedder
 from services.cache.embedder import MiniLMModel, _shared_model, default_model_path, l2_normalise
 from services.cache.int8_weights import PerTensor, int8_matmuls, keep_int8_weights
-from services.cache.smoothing import CALIBRATION, model_digest, read_calibration, smoothing_for
+from services.cache.smoothing import (
+    CALIBRATION,
+    int8_dot_product,
+    model_digest,
+    read_calibration,
+    smoothing_for,
+)
 
 TEXTS = [
     "How do I reset my password?",
@@ -84,6 +91,11 @@ def test_calibrated_embeddings_agree_with_the_model_as_shipped() -> None:
     per_block = MiniLMModel(int8_weights=True, calibrated_int8=False)
     calibrated = MiniLMModel(int8_weights=True)
     assert (per_block.per_tensor_matmuls, folded.per_tensor_matmuls) == (0, 0)
+    if not int8_dot_product():
+        # This CPU would saturate the per-tensor kernel's sums: the embedder keeps every MatMul
+        # per block, and the calibrated kernel's numbers can only be checked on another CPU.
+        assert calibrated.per_tensor_matmuls == 0
+        return
     assert calibrated.per_tensor_matmuls >= 24 and calibrated.int8_tensors == 38
     old, new = folded.encode(TEXTS), calibrated.encode(TEXTS)
     assert new.shape == old.shape == (len(TEXTS), 384) and new.dtype == np.float32
@@ -112,12 +124,13 @@ def test_calibrated_embeddings_agree_with_the_model_as_shipped() -> None:
 
 
 def test_a_model_file_the_calibration_was_not_measured_on_keeps_the_per_block_kernel(
-    shipped: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    shipped: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The same graph with one unknown field added (field 100, varint 1): onnxruntime loads it,
     # but its bytes are not the calibrated file's.
     other = tmp_path / "model.onnx"
     other.write_bytes(shipped + b"\xa0\x06\x01")
+    monkeypatch.setattr(embedder, "int8_dot_product", lambda: True)  # whatever this CPU has
     with caplog.at_level(logging.WARNING, logger="ballast.cache.embedder"):
         model = MiniLMModel(other)
     assert (model.int8_tensors, model.per_tensor_matmuls) == (38, 0)
@@ -191,6 +204,10 @@ def test_the_calibration_script_reproduces_the_shipped_agreement() -> None:
         text=True,
         timeout=600,
     )
+    if not int8_dot_product():
+        # Calibrating, or checking a calibration, on a CPU whose sums saturate would measure that.
+        assert done.returncode != 0 and "VNNI or AMX" in done.stderr, done.stderr
+        return
     assert done.returncode == 0, done.stderr
     found = re.search(r"(\d+) activations per tensor: .*cosine median ([\d.]+) min ([\d.]+)", done.stdout)
     assert found, done.stdout
@@ -204,4 +221,36 @@ def test_the_load_log_says_which_kernel_runs(caplog: pytest.LogCaptureFixture) -
         _shared_model("", "", threads=1, max_tokens=201, int8_weights=True, calibrated_int8=True)
         _shared_model("", "", threads=1, max_tokens=202, int8_weights=True, calibrated_int8=False)
     loaded = [r for r in caplog.records if r.getMessage() == "embedding model loaded"]
-    assert [(r.int8_tensors, r.per_tensor_matmuls) for r in loaded] == [(38, 36), (38, 0)]  # type: ignore[attr-defined]
+    per_tensor = 36 if int8_dot_product() else 0
+    assert [(r.int8_tensors, r.per_tensor_matmuls) for r in loaded] == [(38, per_tensor), (38, 0)]  # type: ignore[attr-defined]
+
+
+def test_a_cpu_without_vnni_or_amx_keeps_the_per_block_kernel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(embedder, "int8_dot_product", lambda: False)
+    with caplog.at_level(logging.INFO, logger="ballast.cache.embedder"):
+        model = MiniLMModel()
+    assert (model.int8_tensors, model.per_tensor_matmuls) == (38, 0)
+    assert "the CPU has no VNNI or AMX" in caplog.text
+    assert model.encode(TEXTS[:1]).shape == (1, 384)
+
+
+@pytest.mark.parametrize(
+    ("flags", "has"),
+    [
+        ("fpu sse2 avx2 fma", False),  # AVX2 only: VPMADDUBSW's 16-bit sums saturate
+        ("avx2 avx512f avx512bw", False),  # AVX-512 without VNNI: the same
+        ("avx2 avx512f avx512_vnni", True),
+        ("avx2 avx_vnni", True),
+        ("avx2 avx512f amx_int8 amx_tile", True),
+    ],
+)
+def test_which_cpus_have_an_int8_dot_product(flags: str, has: bool) -> None:
+    cpuinfo = (
+        f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    )
+    assert int8_dot_product(cpuinfo) is has
+    # Another architecture's /proc/cpuinfo (aarch64 says Features) or none at all: unmeasured.
+    assert int8_dot_product("processor\t: 0\nFeatures\t: fp asimd asimddp\n") is False
+    assert int8_dot_product("") is False
