@@ -15,7 +15,7 @@ alternating for --rounds rounds. Per process: RSS (VmRSS) with the libraries imp
 the model has loaded, after 1,000 single-text queries and after embedding every text of the
 evaluation sets one by one (STS-B development and held-out, the project set); median
 ms/query, 1 thread, batch 1, for a 16- and a 64-token text. Agreement: cosine between the two
-variants' vectors of every evaluation text (min, median), and how the cosine of every
+variants' vectors of every evaluation text and of 120 long texts (min, median), and how the cosine of every
 evaluation pair moves (the number the cache compares with its threshold), with the pairs that
 cross 0.92 or 0.95.
 """
@@ -81,6 +81,23 @@ def eval_pairs() -> tuple[list[str], list[tuple[str, str]]]:
     return sorted({t for pair in pairs for t in pair}), pairs
 
 
+LONG_TEXTS = 120
+
+
+def long_texts() -> list[str]:
+    """LONG_TEXTS texts of 30-230 tokens, each 4-15 sentences of STS-B's held-out file joined
+    (a fixed seed): a per-tensor kernel quantises a whole text's activations with one scale, so
+    agreement on one-sentence texts does not speak for long turns."""
+    from bench.cache_eval import load_sts
+
+    sentences = [p["a"] for p in load_sts("held-out")]
+    rng = np.random.default_rng(7)
+    return [
+        " ".join(rng.choice(sentences, size=int(rng.integers(4, 16)), replace=False))
+        for _ in range(LONG_TEXTS)
+    ]
+
+
 def child(int8: bool, fuse: bool, calibrated: bool, timed: int, vectors_out: str) -> dict[str, Any]:
     """One variant in this process."""
     import onnxruntime  # noqa: F401  (imported before the baseline: only the model counts)
@@ -100,6 +117,7 @@ def child(int8: bool, fuse: bool, calibrated: bool, timed: int, vectors_out: str
             after_1000 = _rss_mb()
     after_all = _rss_mb()
     np.save(vectors_out, np.array(vectors, dtype=np.float32))
+    np.save(vectors_out + ".long.npy", np.vstack([model.encode([text]) for text in long_texts()]))
     words = ("the cache answers repeated questions quickly and safely " * 20).split()
     ms = {}
     for tokens in (16, 64):
@@ -148,6 +166,7 @@ def main() -> None:
     variants = COMPARISONS[args.compare]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     vectors: dict[str, np.ndarray] = {}
+    long_vectors: dict[str, np.ndarray] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
@@ -160,6 +179,7 @@ def main() -> None:
                 line = done.stdout.strip().splitlines()[-1]
                 runs[name].append(json.loads(line))
                 vectors[name] = np.load(out)
+                long_vectors[name] = np.load(out + ".long.npy")
     load_after = os.getloadavg()
     texts, pairs = eval_pairs()
     index = {t: i for i, t in enumerate(texts)}
@@ -175,8 +195,13 @@ def main() -> None:
         agreement = (old * new).sum(axis=1)
         new_pairs = (new[a] * new[b]).sum(axis=1)
         moved = new_pairs - old_pairs
+        long_agreement = (long_vectors[old_name] * long_vectors[new_name]).sum(axis=1)
         agreements[new_name] = {
             "vector_cosine": {"min": float(agreement.min()), "median": float(np.median(agreement))},
+            "long_text_cosine": {
+                "min": float(long_agreement.min()),
+                "median": float(np.median(long_agreement)),
+            },
             "pair_cosine_change": {
                 "mean": float(moved.mean()),
                 "median_abs": float(np.median(np.abs(moved))),
@@ -231,7 +256,8 @@ def main() -> None:
             f"{pair['mean']:+.5f}, median |change| {pair['median_abs']:.5f}, p99 {pair['p99_abs']:.4f}, "
             f"max {pair['max_abs']:.4f}; pairs on the other side of a threshold: "
             + ", ".join(f"{t}: {crossed[t]} ({up[t]} now above)" for t in crossed)
-            + ".",
+            + f". On {LONG_TEXTS} long texts (4-15 held-out STS-B sentences each): cosine min "
+            f"{found['long_text_cosine']['min']:.4f}, median {found['long_text_cosine']['median']:.5f}.",
             "",
         ]
     RESULTS.mkdir(exist_ok=True)
