@@ -5,7 +5,8 @@ The factors are measured, not derived: scripts/calibrate_embedder.py runs the mo
 texts the cache evaluation never reads (STS-B's training file) and writes minilm_smoothing.json
 beside this module, with the SHA-256 of the model file it was measured on. A calibration holds
 for that file only: another model (BALLAST_CACHE_MODEL_PATH, a new package version) gets
-none, and the embedder keeps the per-block kernel everywhere.
+none, and the embedder keeps the per-block kernel everywhere. So does a CPU without an int8 dot
+product instruction (INT8_DOT_PRODUCT below), whatever the calibration.
 """
 
 from __future__ import annotations
