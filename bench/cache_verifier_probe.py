@@ -62,14 +62,9 @@ Floats = npt.NDArray[np.float64]
 
 def _states(model: MiniLMModel, text: str) -> tuple[Floats, Floats]:
     """The text's pooled embedding and its tokens' contextual states (both normalised), without
-    [CLS] and [SEP]. Reads the model's tokenizer and session directly: the cache's embedder
-    only returns the pooled vector."""
-    encoding = model._tokenizer.encode(text)
-    ids = np.array([encoding.ids], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    if "token_type_ids" in model._inputs:
-        feeds["token_type_ids"] = np.zeros_like(ids)
-    hidden = np.asarray(model._session.run(None, feeds)[0][0], dtype=np.float64)
+    [CLS] and [SEP]. Reads the model's token states: the cache's embedder only returns the pooled
+    vector."""
+    hidden = np.asarray(model.outputs(text)[0][0], dtype=np.float64)
     pooled = hidden.mean(axis=0)
     tokens = hidden[1:-1] if len(hidden) > 2 else hidden
     return pooled / np.linalg.norm(pooled), tokens / np.linalg.norm(tokens, axis=1, keepdims=True)

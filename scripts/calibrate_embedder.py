@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cache_eval import load_sts_file  # noqa: E402
-from services.cache.embedder import MiniLMModel, default_model_path, l2_normalise  # noqa: E402
+from services.cache.embedder import MiniLMModel, default_model_path  # noqa: E402
 from services.cache.int8_weights import Smoothing, int8_matmuls, keep_int8_weights, with_outputs  # noqa: E402
 from services.cache.smoothing import (  # noqa: E402
     CALIBRATION,
@@ -57,21 +57,9 @@ def training_texts() -> list[str]:
     return list(seen)
 
 
-class Encoder:
-    """One onnxruntime session of a model's bytes, encoding as the embedder does."""
-
-    def __init__(self, model: bytes, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._session = MiniLMModel.session(model, threads=1)
-        self.outputs = [o.name for o in self._session.get_outputs()]
-
-    def run(self, text: str) -> list[np.ndarray]:
-        ids = np.array([self._tokenizer.encode(text).ids], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        return list(self._session.run(None, feeds))
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return l2_normalise(np.stack([self.run(t)[0].mean(axis=1)[0] for t in texts]))
+def encode_each(model: MiniLMModel, texts: list[str]) -> np.ndarray:
+    """Each text's vector on its own, as the cache asks for them."""
+    return np.vstack([model.encode([text]) for text in texts])
 
 
 def cost(vectors: np.ndarray, reference: np.ndarray) -> float:
@@ -119,17 +107,21 @@ def main() -> None:
     started = time.perf_counter()
     model_file = default_model_path()
     shipped = model_file.read_bytes()
-    tokenizer = MiniLMModel.tokenizer(max_tokens=256)
     texts = training_texts()
     if len(texts) < args.texts + args.check:
         raise SystemExit(f"sts-train.csv has {len(texts)} texts, fewer than --texts + --check")
     ranging, judging = texts[: args.texts], texts[args.texts : args.texts + args.check]
-    reference = Encoder(shipped, tokenizer).encode(judging)
-    per_block = cost(Encoder(keep_int8_weights(shipped).model, tokenizer).encode(judging), reference)
+    reference = encode_each(MiniLMModel.from_bytes(shipped), judging)
+    per_block = cost(
+        encode_each(MiniLMModel.from_bytes(keep_int8_weights(shipped).model), judging), reference
+    )
     print(f"all per block: mean 1-cos {per_block:.2e}")
 
     def judge(smoothing: Smoothing) -> tuple[float, np.ndarray]:
-        vectors = Encoder(keep_int8_weights(shipped, smoothing=smoothing).model, tokenizer).encode(judging)
+        rewritten = keep_int8_weights(shipped, smoothing=smoothing)
+        vectors = encode_each(
+            MiniLMModel.from_bytes(rewritten.model, per_tensor_matmuls=rewritten.per_tensor), judging
+        )
         return cost(vectors, reference) - per_block, vectors
 
     if args.check_only:
@@ -145,10 +137,10 @@ def main() -> None:
 
     weights = int8_matmuls(shipped)  # activation -> float weights of the MatMuls reading it
     activations = list(weights)
-    ranges = Encoder(with_outputs(shipped, activations), tokenizer)
+    ranges = MiniLMModel.from_bytes(with_outputs(shipped, activations))
     amax = {name: np.zeros(0, np.float32) for name in activations}
     for text in ranging:
-        outputs = dict(zip(ranges.outputs, ranges.run(text), strict=True))
+        outputs = dict(zip(ranges.output_names, ranges.outputs(text), strict=True))
         for name in activations:
             seen = np.abs(outputs[name]).reshape(-1, outputs[name].shape[-1]).max(axis=0)
             amax[name] = seen if not amax[name].size else np.maximum(amax[name], seen)

@@ -133,6 +133,24 @@ class MiniLMModel:
         self._inputs = {i.name for i in self._session.get_inputs()}
         self.load_seconds = time.perf_counter() - started
 
+    @classmethod
+    def from_bytes(
+        cls, model: bytes, *, per_tensor_matmuls: int = 0, threads: int = 1, max_tokens: int = 256
+    ) -> MiniLMModel:
+        """The model in `model` exactly as given (no rewrite), with the default tokenizer, encoding
+        as the embedder does: for the calibration's candidates and for tests. `per_tensor_matmuls`:
+        how many MatMuls of those bytes are per tensor (Rewritten.per_tensor), so that a batch
+        runs text by text as it must then."""
+        started = time.perf_counter()
+        made = cls.__new__(cls)
+        made._tokenizer = cls.tokenizer(max_tokens=max_tokens)
+        made._session = cls.session(model, threads=threads)
+        made._inputs = {i.name for i in made._session.get_inputs()}
+        made.int8_tensors = 0
+        made.per_tensor_matmuls = per_tensor_matmuls
+        made.load_seconds = time.perf_counter() - started
+        return made
+
     @staticmethod
     def tokenizer(tokenizer_path: str | Path = "", *, max_tokens: int) -> Any:
         from tokenizers import Tokenizer
@@ -196,7 +214,20 @@ class MiniLMModel:
             return np.vstack([self._run([e]) for e in encodings])
         return self._run(encodings)
 
-    def _run(self, encodings: Sequence[Any]) -> Vectors:
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._session.get_outputs()]
+
+    def outputs(self, text: str) -> list[npt.NDArray[np.float32]]:
+        """Every output of the session for one text, in output_names' order: the token states
+        first, then any intermediate tensor the model was given as an output (calibration)."""
+        feeds, _ = self._feeds([self._tokenizer.encode(text)])
+        return list(self._session.run(None, feeds))
+
+    def _feeds(
+        self, encodings: Sequence[Any]
+    ) -> tuple[dict[str, npt.NDArray[np.int64]], npt.NDArray[np.int64]]:
+        """The session's inputs for `encodings`, padded to the longest, and the attention mask."""
         width = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(encodings), width), dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -206,6 +237,10 @@ class MiniLMModel:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids)
+        return feeds, mask
+
+    def _run(self, encodings: Sequence[Any]) -> Vectors:
+        feeds, mask = self._feeds(encodings)
         hidden = self._session.run(None, feeds)[0]
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
