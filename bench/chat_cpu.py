@@ -83,10 +83,11 @@ from ballast.sessions.v1 import sessions_pb2, sessions_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.support import (
+    baseline_tree,
     collector_variables,
     cpu_description,
-    install_baseline_requirements,
     instant_sim,
+    remove_baseline_tree,
     suite_pythonpath,
 )
 
@@ -720,18 +721,6 @@ def _per_chunk_row(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, A
     return row
 
 
-def _baseline_tree(rev: str, folder: Path) -> Path:
-    tree = folder / "baseline"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    install_baseline_requirements(tree)
-    return tree
-
-
 PATH_NAMES = {
     "noop": "no-op gRPC call (health Check)",
     "router": "router alone (RouterService/Complete)",
@@ -903,7 +892,7 @@ def main() -> int:
                 check=True,
             )
             args.baseline = f"{args.baseline} ({resolved.stdout.strip()})"
-            trees.insert(0, ("base", _baseline_tree(resolved.stdout.strip(), folder)))
+            trees.insert(0, ("base", baseline_tree(resolved.stdout.strip(), folder)))
         helpers: list[subprocess.Popen[bytes]] = []
         sim_port, stream_sim_port, sink_port = _free_port(), _free_port(), _free_port()
         sink_file = folder / "spans"
@@ -961,10 +950,7 @@ def main() -> int:
                 helper.terminate()
                 helper.wait(timeout=30)
             if args.baseline:
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "baseline")],
-                    check=False,
-                )
+                remove_baseline_tree(folder)
     labels = list(args.telemetry) if args.telemetry_side_by_side else [label for label, _ in trees]
     table = _table(rows, labels)
     print(table)

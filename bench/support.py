@@ -166,6 +166,26 @@ def install_baseline_requirements(tree: Path) -> list[str]:
     return unmet
 
 
+def baseline_tree(rev: str, folder: Path) -> Path:
+    """REV checked out into a git worktree under `folder` (removed with remove_baseline_tree),
+    with what it needs and this environment lacks (install_baseline_requirements)."""
+    tree = folder / "baseline"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    install_baseline_requirements(tree)
+    return tree
+
+
+def remove_baseline_tree(folder: Path) -> None:
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "baseline")], check=False
+    )
+
+
 def suite_pythonpath(tree: Path) -> list[str]:
     """PYTHONPATH entries for a checkout's processes: its own packages installed by
     install_baseline_requirements first, then the tree and its generated code."""
