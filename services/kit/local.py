@@ -37,11 +37,10 @@ from typing import Any, cast
 
 import grpc
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from services.kit import tls
 from services.kit.interceptors import AroundInterceptor
-from services.kit.tracing import ClientSpans, HandedOver, TracedChannel, end_client_span
+from services.kit.tracing import ClientSpans, HandedOver, TracedChannel, end_client_span, with_span
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 Serializer = Callable[[Any], bytes] | None
@@ -337,7 +336,7 @@ class _Call:
         # The handler's server span is the child of this CLIENT span, handed over as an object
         # rather than written into the metadata and parsed back (what a remote server would see:
         # the span and the caller's baggage).
-        self._trace_parent = None if self._span is None else trace.set_span_in_context(self._span)
+        self._trace_parent = None if self._span is None else with_span(self._span)
         self._metadata = metadata
         self._request = request
         self._status: grpc.aio.AioRpcError | None = None

@@ -17,6 +17,7 @@ collector receives it.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -33,9 +34,12 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+
+from services.kit.tracing import RpcSpan
 
 _logger = logging.getLogger(__name__)
 
@@ -154,6 +158,7 @@ class SpanEncoder:
         self._resources: dict[Resource, bytes] = {}
         self._scopes: dict[InstrumentationScope | None, bytes] = {}
         self._names: dict[str, bytes] = {}
+        self._startings: dict[int, tuple[Mapping[str, Any], bytes]] = {}
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         # Grouped as the library groups them: by resource, then by instrumentation scope, equal
@@ -216,11 +221,19 @@ class SpanEncoder:
         else:
             parts.append(b"\x39" + _FIXED64(start) if start else b"")
             parts.append(b"\x41" + _FIXED64(end) if end else b"")
-        attributes = span._attributes
-        if attributes:
-            parts.append(self._attributes.encode(getattr(attributes, "_dict", attributes)))
-            if isinstance(attributes, BoundedAttributes) and attributes.dropped:
-                parts.append(b"\x50" + _varint(attributes.dropped))
+        unmade = span.unmade_attributes() if type(span) is RpcSpan else None
+        if unmade is not None:
+            # An RpcSpan's attributes as it keeps them: nothing dropped, nothing to make.
+            starting, added = unmade
+            parts.append(self._starting(starting))
+            if added:
+                parts.append(self._attributes.encode(added))
+        else:
+            attributes = span._attributes
+            if attributes:
+                parts.append(self._attributes.encode(getattr(attributes, "_dict", attributes)))
+                if isinstance(attributes, BoundedAttributes) and attributes.dropped:
+                    parts.append(b"\x50" + _varint(attributes.dropped))
         for tag, bounded in ((b"\x60", span._events), (b"\x70", span._links)):
             if isinstance(bounded, BoundedList) and bounded.dropped:
                 parts.append(tag + _varint(bounded.dropped))
@@ -229,6 +242,17 @@ class SpanEncoder:
         parts.append(_NO_STATUS if unset else _delimited(b"\x7a", _status(status)))
         parts.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
         return b"".join(parts)
+
+    def _starting(self, starting: Mapping[str, Any]) -> bytes:
+        """The encoding of a method's starting attributes, kept for the object (immutable, and
+        shared by every span of the method's calls; kept with it, so its id is not reused)."""
+        known = self._startings.get(id(starting))
+        if known is None or known[0] is not starting:
+            known = (starting, self._attributes.encode(starting))
+            if len(self._startings) >= _CACHED_ATTRIBUTES:
+                self._startings.clear()
+            self._startings[id(starting)] = known
+        return known[1]
 
     def _resource(self, resource: Resource) -> bytes:
         encoded = self._resources.get(resource)
@@ -294,3 +318,38 @@ class WireSpanExporter(OTLPSpanExporter):
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         return self._encoder.encode(data)
+
+
+class QueuingSpanProcessor(BatchSpanProcessor):
+    """The SDK's BatchSpanProcessor (its queue, worker thread, batches, limits and OTEL_BSP_*
+    settings), with a shorter path from a span's end into the queue: the SDK's on_end reads three
+    properties to find the sampled flag and its emit asks the kernel for the process id on every
+    span, to notice a fork that its os.register_at_fork hook already handles. Here a sampled span
+    goes straight into the queue while the processor runs, the queue has room and the process is
+    the one that made it; anything else (shut down, a full queue that drops and counts, a forked
+    child before its hook ran) is the SDK's own emit."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span._context
+        if context is None or not context.trace_flags & TraceFlags.SAMPLED:
+            return
+        batch = self._batch_processor
+        queue = batch._queue
+        if batch._shutdown or len(queue) >= batch._max_queue_size or batch._pid != _process_id:
+            batch.emit(span)
+            return
+        queue.appendleft(span)  # the SDK's order: the worker takes the oldest from the right
+        if len(queue) >= batch._max_export_batch_size and not batch._worker_awaken.is_set():
+            batch._worker_awaken.set()
+
+
+_process_id = os.getpid()
+
+
+def _forked() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)

@@ -44,7 +44,6 @@ from opentelemetry.sdk.metrics.view import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 
@@ -462,10 +461,10 @@ def setup_telemetry(
         return Telemetry(name, trace.NoOpTracerProvider(), None, meters, registry, meters, tallies)
     processors = list(extra_processors)
     if exporting:
-        from services.kit.spanwire import WireSpanExporter
+        from services.kit.spanwire import QueuingSpanProcessor, WireSpanExporter
 
         exporter = WireSpanExporter(endpoint=traces_endpoint, insecure=_insecure(env, traces_endpoint))
-        processors.insert(0, BatchSpanProcessor(exporter))
+        processors.insert(0, QueuingSpanProcessor(exporter))
     provider = TracerProvider(resource=resource, active_span_processor=SpanProcessors())
     for processor in processors:
         provider.add_span_processor(processor)

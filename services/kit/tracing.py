@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import dis
 import logging
+import random as _random
 import threading
 import types
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from contextvars import ContextVar, Token
 from time import time_ns
 from typing import Any
 
@@ -34,16 +36,19 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
 
@@ -64,7 +69,43 @@ _SERVER_ERRORS = frozenset(
 _STATUS_CODE = "rpc.grpc.status_code"
 _PLAIN = frozenset({str, bool, int, float})
 _UNSET = Status(StatusCode.UNSET)
+_getrandbits = _random.getrandbits  # RandomIdGenerator's source of span ids
 _logger = logging.getLogger(__name__)
+
+# The current OpenTelemetry context, read and set straight on the runtime's ContextVar when the
+# runtime is the SDK's default (ContextVarsRuntimeContext): the API's get_current, attach and
+# detach reach it through two calls each, and a traced in-process call makes six of them.
+_RUNTIME = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+_CURRENT: ContextVar[otel_context.Context] | None = (
+    _RUNTIME._current_context if isinstance(_RUNTIME, ContextVarsRuntimeContext) else None
+)
+
+
+def current_context() -> otel_context.Context:
+    """otel_context.get_current()."""
+    return _CURRENT.get() if _CURRENT is not None else otel_context.get_current()
+
+
+def attach(context: otel_context.Context) -> object:
+    """otel_context.attach(context)."""
+    return _CURRENT.set(context) if _CURRENT is not None else otel_context.attach(context)
+
+
+def detach(token: Any) -> None:
+    """otel_context.detach(token), which logs (and does not raise) a token from another context."""
+    if _CURRENT is None or type(token) is not Token:
+        otel_context.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except Exception:  # a token used already, or made in another context
+        otel_context.detach(token)  # which fails again, and logs it as the API does
+
+
+def with_span(span: trace.Span, context: otel_context.Context | None = None) -> otel_context.Context:
+    """trace.set_span_in_context(span, context): `context` (the current one if None) with `span`
+    as its span, made in one copy (set_value copies twice)."""
+    return otel_context.Context(current_context() if context is None else context, **{_SPAN_KEY: span})
 
 
 def _plain(value: Any) -> bool:
@@ -179,10 +220,29 @@ class RpcSpan(sdk_trace.Span):
     end() hands processors a copy. Here the attributes are this module's own (strings, built once
     per method), the lists are made when an event or link is first added, and processors get the
     span itself, ended and immutable; plain attributes (strings, booleans, numbers and tuples of
-    one of them) skip the SDK's cleaning of each value, which leaves them as they are. Everything else (set_attribute, set_status, add_event,
-    record_exception, what exporters and processors read) is the SDK's, on the same fields: the
-    fields the SDK's own constructor sets, set here without calling it
-    (tests/unit/kit/test_rpc_spans.py holds both kinds of span equal)."""
+    one of them) skip the SDK's cleaning of each value, which leaves them as they are. Everything
+    else (set_attribute, set_status, add_event, record_exception, what exporters and processors
+    read) is the SDK's, on the same fields: the fields the SDK's own constructor sets, set here
+    without calling it (tests/unit/kit/test_rpc_spans.py holds both kinds of span equal).
+
+    A span started with PlainAttributes keeps them as they are, shared with every other call of
+    its method, and the plain attributes set later (the call's status code, the edge's tenant) in
+    a dict of its own: its BoundedAttributes (`_attributes`, what the SDK's code and processors
+    read) is made only when first read, in the order the attributes were set. With every trace
+    exported, that object, its lock and the copy of the method's attributes into it were about a
+    fifth of what a span cost; the exporter (services/kit/spanwire.py) reads the two parts as
+    they are (`unmade_attributes`)."""
+
+    # Fields every span starts with the same value: class defaults, set on a span when changed.
+    _instrumentation_info = None
+    _end_time: int | None = None
+    _status = _UNSET
+    _events: Any = ()
+    _links: Any = ()
+    _trace_config = None
+    _record_exception = True
+    _set_status_on_exception = True
+    _record_end_metrics = None
 
     def __init__(
         self,
@@ -198,36 +258,60 @@ class RpcSpan(sdk_trace.Span):
         self._name = name
         self._context = context
         self._kind = kind
-        self._instrumentation_info = None
         self._instrumentation_scope = scope
         self._parent = parent
         self._start_time: int | None = time_ns()
-        self._end_time: int | None = None
-        self._status = _UNSET
-        self._events: Any = ()
-        self._links: Any = ()
         # Span's fields
         self._resource = provider.resource
         self._sampler = provider.sampler
-        self._trace_config = None
-        self._record_exception = True
-        self._set_status_on_exception = True
         self._span_processor = provider._active_span_processor
         self._limits = limits = provider._span_limits
         self._lock = threading.Lock()
+        self._added: dict[str, Any] | None = None
+        maxlen = limits.max_span_attributes
+        if (
+            type(attributes) is PlainAttributes
+            and limits.max_span_attribute_length is None
+            and (maxlen is None or len(attributes) <= maxlen)
+        ):
+            self._starting: Mapping[str, Any] | None = attributes
+            self._made: BoundedAttributes | None = None
+            return
+        self._starting = None
         bounded = BoundedAttributes(
-            limits.max_span_attributes, None, immutable=False, max_value_len=limits.max_span_attribute_length
+            maxlen, None, immutable=False, max_value_len=limits.max_span_attribute_length
         )
-        put = _put_checked if type(attributes) is PlainAttributes else _put_plain
-        if attributes and not put(bounded, attributes.items()):
+        if attributes and not _put_plain(bounded, attributes.items()):
             bounded = BoundedAttributes(
-                limits.max_span_attributes,
-                attributes,
-                immutable=False,
-                max_value_len=limits.max_span_attribute_length,
+                maxlen, attributes, immutable=False, max_value_len=limits.max_span_attribute_length
             )
-        self._attributes = bounded
-        self._record_end_metrics = None
+        self._made = bounded
+
+    @property
+    def _attributes(self) -> BoundedAttributes:
+        """The span's attributes as the SDK keeps them, made on first read from the starting
+        attributes and those set since (all plain, within the limits: see __init__)."""
+        made = self._made
+        if made is None:
+            made = BoundedAttributes(self._limits.max_span_attributes, None, immutable=False)
+            _put_checked(made, self._starting.items())  # type: ignore[union-attr]
+            if self._added:
+                _put_checked(made, self._added.items())
+            made._immutable = self._end_time is not None
+            self._made, self._starting, self._added = made, None, None
+        return made
+
+    @_attributes.setter
+    def _attributes(self, value: BoundedAttributes) -> None:
+        self._made, self._starting, self._added = value, None, None
+
+    def unmade_attributes(self) -> tuple[Mapping[str, Any], dict[str, Any] | None] | None:
+        """The starting attributes (shared by the method's calls) and those set since, while the
+        span's BoundedAttributes has not been made; None once it has."""
+        starting = self._starting
+        if starting is None or self._made is not None:
+            return None
+        return starting, self._added
 
     def set_attribute(self, key: str, value: Any) -> None:
         if not self._set_plain(((key, value),)):
@@ -239,12 +323,36 @@ class RpcSpan(sdk_trace.Span):
 
     def _set_plain(self, items: Any, put: Callable[[BoundedAttributes, Any], bool] = _put_plain) -> bool:
         """Sets plain attributes as the SDK would (see _put_plain), and says whether it did; on an
-        ended span, warns as the SDK does, whatever the values."""
+        ended span, warns as the SDK does, whatever the values. `put` is _put_checked for items
+        known to be plain."""
         with self._lock:
             if self._end_time is not None:
                 _logger.warning("Setting attribute on ended span.")
                 return True
-            return put(self._attributes, items)  # type: ignore[arg-type]
+            starting = self._starting
+            if starting is not None and self._made is None:
+                if put is _put_plain and not all(
+                    type(key) is str and key and _plain(value) for key, value in items
+                ):
+                    return False
+                added = self._added
+                if added is None:
+                    added = {}
+                maxlen = self._limits.max_span_attributes
+                fresh = [key for key, _ in items if key not in added]
+                if any(key in starting for key, _ in items) or (
+                    maxlen is not None and len(starting) + len(added) + len(set(fresh)) > maxlen
+                ):
+                    # Setting a starting attribute again moves it to the end, and too many
+                    # attributes drop some: both are the SDK's to do, on the made attributes.
+                    return put(self._attributes, items)
+                for key, value in items:
+                    if key in added:
+                        del added[key]  # a key set again moves to the end, as in the SDK
+                    added[key] = value
+                self._added = added
+                return True
+            return put(self._attributes, items)
 
     def _add_event(self, event: Any) -> None:
         self._events = self._appended("_add_event", self._events, event, self._limits.max_events)
@@ -268,9 +376,17 @@ class RpcSpan(sdk_trace.Span):
                 _logger.warning("Calling end() on an ended span.")
                 return
             self._end_time = end_time if end_time is not None else time_ns()
-            self._attributes._immutable = True  # type: ignore[union-attr]
-        self._span_processor._on_ending(self)
-        self._span_processor.on_end(self)
+            if self._made is not None:
+                self._made._immutable = True
+        processors = self._span_processor
+        if type(processors) is SpanProcessors:
+            for ending in processors.ending:
+                ending(self)
+            for ended in processors.ended:
+                ended(self)
+        else:
+            processors._on_ending(self)
+            processors.on_end(self)
 
 
 _FLAGS = {
@@ -318,7 +434,7 @@ class RpcTracer:
         if provider is None or not tracer._is_enabled():  # type: ignore[attr-defined]
             return tracer.start_span(name, context, kind, attributes)
         # trace.get_current_span(context).get_span_context(), in fewer calls
-        found = (otel_context.get_current() if context is None else context).get(_SPAN_KEY)
+        found = (current_context() if context is None else context).get(_SPAN_KEY)
         parent: SpanContext | None = None
         if found is not None and (type(found) is RpcSpan or isinstance(found, trace.Span)):
             parent = found.get_span_context()
@@ -343,17 +459,39 @@ class RpcTracer:
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             recording = sampled or result.decision is Decision.RECORD_ONLY
             trace_state, given = result.trace_state, result.attributes
-        span_context = SpanContext(
-            trace_id,
-            ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[sampled, random],
-            trace_state=trace_state,
-        )
+            # A sampler that adds nothing hands back our attributes in a read-only view: the span
+            # keeps ours (checked once, when made) when they are the same items in the same order.
+            if (
+                type(attributes) is PlainAttributes
+                and given is not None
+                and len(given) == len(attributes)
+                and list(given.items()) == list(attributes.items())
+            ):
+                given = attributes
+        if parent is not None and type(ids) is RandomIdGenerator:
+            # SpanContext(...) for ids known to be valid (the parent's trace id, a span id that
+            # is not 0): the tuple it makes, without the checks of its __new__.
+            span_id = _getrandbits(64) or ids.generate_span_id()
+            flags = _FLAGS[sampled, random]
+            state = DEFAULT_TRACE_STATE if trace_state is None else trace_state
+            span_context = tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
+        else:
+            span_context = SpanContext(
+                trace_id,
+                ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=_FLAGS[sampled, random],
+                trace_state=trace_state,
+            )
         if not recording:
             return trace.NonRecordingSpan(span_context)
         span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given)
-        span._span_processor.on_start(span, parent_context=context)
+        processors = span._span_processor
+        if type(processors) is SpanProcessors:
+            for starting in processors.starting:
+                starting(span, parent_context=context)
+        else:
+            processors.on_start(span, parent_context=context)
         return span
 
 
@@ -452,7 +590,7 @@ class ServerTracing(AroundInterceptor):
                     parent = _extracted(context.invocation_metadata())
                 span = start(method, parent, SpanKind.SERVER, attributes)
                 self.span = span
-                self.token = otel_context.attach(trace.set_span_in_context(span, parent))
+                self.token = attach(with_span(span, parent))
 
             async def __aexit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
                 span, context = self.span, self.context
@@ -471,7 +609,7 @@ class ServerTracing(AroundInterceptor):
                     if code in _SERVER_ERRORS:
                         span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or ''}"))
                 finally:
-                    otel_context.detach(self.token)
+                    detach(self.token)
                     span.end()
 
         return Traced

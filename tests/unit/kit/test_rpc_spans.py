@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from services.kit.tracing import (
     INSTRUMENTATION,
@@ -24,6 +25,10 @@ from services.kit.tracing import (
     RpcTracer,
     SpanProcessors,
     _does_nothing,
+    attach,
+    current_context,
+    detach,
+    with_span,
 )
 
 _ATTRIBUTES = {
@@ -415,3 +420,53 @@ def test_a_hook_is_skipped_only_when_it_returns_at_once() -> None:
     assert not _does_nothing(returns_early)
     assert not _does_nothing(print)  # a builtin: no code to read, so it runs
     assert not _does_nothing(lambda span: span)
+
+
+def test_a_span_keeps_its_methods_attributes_until_they_are_read() -> None:
+    _, _, provider, exported = _pair(samplers.DEFAULT_ON)
+    starting = PlainAttributes(_ATTRIBUTES)
+    tracer = RpcTracer(provider)
+    # A root (the sampler hands the attributes back in a view of its own) and a child (decided
+    # without the sampler): both keep the method's object, shared by every call.
+    root = tracer.start("m", None, SpanKind.SERVER, starting)
+    child = tracer.start("m", trace.set_span_in_context(root), SpanKind.CLIENT, starting)
+    for span in (root, child):
+        assert isinstance(span, RpcSpan)
+        span.set_attribute("rpc.grpc.status_code", 0)
+        span.set_attributes({"ballast.tenant": "acme", "rpc.grpc.status_code": 5})
+        span.end()
+        unmade = span.unmade_attributes()
+        assert unmade is not None and unmade[0] is starting
+        assert unmade[1] == {"ballast.tenant": "acme", "rpc.grpc.status_code": 5}
+        assert list(unmade[1]) == ["ballast.tenant", "rpc.grpc.status_code"]  # set again: moved last
+        made = span.attributes
+        assert made is not None and span.unmade_attributes() is None
+        assert list(made.items()) == [
+            *_ATTRIBUTES.items(),
+            ("ballast.tenant", "acme"),
+            ("rpc.grpc.status_code", 5),
+        ]
+        assert span._attributes._immutable  # made after the end
+    assert starting == _ATTRIBUTES  # the shared object is never written to
+    # A sampler that adds attributes: its own view, made at once.
+    _, _, tagging, _ = _pair(_SAMPLERS["tagging"])
+    tagged = RpcTracer(tagging).start("m", None, SpanKind.SERVER, starting)
+    assert isinstance(tagged, RpcSpan) and tagged.unmade_attributes() is None
+    assert len(exported.get_finished_spans()) == 2
+
+
+def test_the_context_helpers_do_what_the_api_does(caplog: pytest.LogCaptureFixture) -> None:
+    span = trace.NonRecordingSpan(SpanContext(0x12, 0x34, False, TraceFlags(1)))
+    base = otel_context.set_value("k", "v")
+    made = with_span(span, base)
+    assert made == trace.set_span_in_context(span, base) and type(made) is otel_context.Context
+    assert made["k"] == "v" and _SPAN_KEY in made and _SPAN_KEY not in base  # base unchanged
+    token = attach(made)
+    assert current_context() is made is otel_context.get_current()
+    assert with_span(span) == trace.set_span_in_context(span)
+    detach(token)
+    assert current_context() is not made
+    # A token reset twice (or from another context) is logged, as the API logs it, not raised.
+    with caplog.at_level(logging.ERROR):
+        detach(token)
+    assert "Failed to detach context" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,11 +13,14 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from services.kit.spanwire import SpanEncoder
+from services.kit import spanwire
+from services.kit.spanwire import QueuingSpanProcessor, SpanEncoder
+from services.kit.tracing import PlainAttributes, RpcSpan, RpcTracer
 
 
 def _provider(name: str, exporter: InMemorySpanExporter, **kwargs: object) -> TracerProvider:
@@ -203,3 +207,142 @@ def test_the_exporter_sends_the_encoding_to_a_collector_and_again_after_it_recon
     for request, metadata in received:
         assert request == encode_spans(spans)
         assert metadata["x-collector-key"] == "k1"
+
+
+def test_rpc_spans_are_encoded_from_the_attributes_they_keep(exporter: InMemorySpanExporter) -> None:
+    # RpcSpans as the services make them: the method's starting attributes shared, the status
+    # code and the edge's attributes set after. The encoder reads them without making the span's
+    # BoundedAttributes; the library's encoder (which reads span.attributes, and so makes them)
+    # must find the same request.
+    provider = _provider("ballast-edge", exporter, span_limits=SpanLimits(max_span_attributes=6))
+    tracer = RpcTracer(provider)
+    chat = PlainAttributes(
+        {"rpc.system": "grpc", "rpc.service": "ballast.edge.v1.EdgeService", "rpc.method": "Chat"}
+    )
+    check = PlainAttributes(
+        {"rpc.system": "grpc", "rpc.service": "ballast.limiter.v1.LimiterService", "rpc.method": "Check"}
+    )
+    server = tracer.start("/ballast.edge.v1.EdgeService/Chat", None, SpanKind.SERVER, chat)
+    context = trace.set_span_in_context(server)
+    for code in (0, 8):
+        client = tracer.start("/ballast.limiter.v1.LimiterService/Check", context, SpanKind.CLIENT, check)
+        client.set_attribute("rpc.grpc.status_code", code)
+        client.end()
+    server.set_attributes({"ballast.tenant": "acme", "ballast.cache": "hit"})
+    server.set_attribute("ballast.tenant", "acme2")  # set again: moves to the end
+    server.set_attribute("rpc.grpc.status_code", 0)
+    server.end()
+    # Past the count limit (6): made and cut as the SDK cuts, and then read as made.
+    crowded = tracer.start("/ballast.limiter.v1.LimiterService/Check", context, SpanKind.CLIENT, check)
+    crowded.set_attributes({"a": 1, "b": 2, "c": 3, "d": 4})
+    crowded.end()
+    spans = [span for span in exporter.get_finished_spans() if isinstance(span, RpcSpan)]
+    assert len(spans) == 4
+    assert [span.unmade_attributes() is not None for span in spans] == [True, True, True, False]
+    unmade = spans[2].unmade_attributes()
+    assert unmade is not None
+    starting, added = unmade
+    assert starting is chat and added == {
+        "ballast.cache": "hit",
+        "ballast.tenant": "acme2",
+        "rpc.grpc.status_code": 0,
+    }
+    encoder = SpanEncoder()
+    ours = ExportTraceServiceRequest.FromString(encoder.encode(spans))
+    again = ExportTraceServiceRequest.FromString(encoder.encode(spans))  # from the encodings it kept
+    assert [span.unmade_attributes() is not None for span in spans] == [True, True, True, False]
+    assert ours == again == encode_spans(spans)  # the library's encoder makes the attributes
+    assert all(span.unmade_attributes() is None for span in spans)
+    assert list(spans[2].attributes.items())[-3:] == [  # type: ignore[union-attr]
+        ("ballast.cache", "hit"),
+        ("ballast.tenant", "acme2"),
+        ("rpc.grpc.status_code", 0),
+    ]
+    assert ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans)) == ours
+    assert spans[3].dropped_attributes == 1
+
+
+class _RecordingAll(samplers.Sampler):
+    """Records every span and samples every other trace: the unsampled spans still end and reach
+    the processors, which must not export them."""
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any
+    ) -> samplers.SamplingResult:
+        keep = trace_id % 2 == 0
+        return samplers.SamplingResult(
+            samplers.Decision.RECORD_AND_SAMPLE if keep else samplers.Decision.RECORD_ONLY
+        )
+
+    def get_description(self) -> str:
+        return "RecordingAll"
+
+
+def _queuing(**kwargs: Any) -> tuple[TracerProvider, QueuingSpanProcessor, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    processor = QueuingSpanProcessor(exporter, schedule_delay_millis=3_600_000, **kwargs)
+    provider = TracerProvider(sampler=_RecordingAll())
+    provider.add_span_processor(processor)
+    return provider, processor, exporter
+
+
+def test_the_queuing_processor_exports_the_sampled_spans_in_order() -> None:
+    provider, processor, exporter = _queuing()
+    tracer = RpcTracer(provider)
+    attributes = PlainAttributes({"rpc.system": "grpc"})
+    made = [tracer.start(f"m{i}", None, SpanKind.SERVER, attributes) for i in range(60)]
+    for span in made:
+        span.end()
+    sampled: list[Any] = [span for span in made if span.get_span_context().trace_flags.sampled]
+    assert all(span.is_recording() is False for span in made)  # ended
+    assert 0 < len(sampled) < len(made)  # both kinds, so the test shows the unsampled are left out
+    assert processor.force_flush()
+    assert list(exporter.get_finished_spans()) == sampled
+    processor.shutdown()  # type: ignore[no-untyped-call]
+
+
+def test_a_full_queue_and_a_shut_processor_are_the_sdks_to_handle(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, processor, exporter = _queuing(max_queue_size=4, max_export_batch_size=4)
+    # The worker sleeps for an hour unless a full batch wakes it: kept asleep, so the queue stays
+    # full and no thread races the test (force_flush exports in the caller's thread).
+    monkeypatch.setattr(processor._batch_processor._worker_awaken, "set", lambda: None)
+    tracer = provider.get_tracer("t")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(6):
+            tracer.start_span("x", context=_SAMPLED).end()
+    assert "Queue full" in caplog.text  # the SDK's emit drops and says so
+    assert processor.force_flush()
+    assert len(exporter.get_finished_spans()) == 4
+    monkeypatch.undo()  # shutdown wakes the worker to stop it
+    processor.shutdown()  # type: ignore[no-untyped-call]
+    tracer.start_span("late", context=_SAMPLED).end()
+    assert len(exporter.get_finished_spans()) == 4
+
+
+def test_a_full_batch_wakes_the_worker_and_a_fork_goes_through_the_sdk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider, processor, exporter = _queuing(max_queue_size=64, max_export_batch_size=3)
+    tracer = provider.get_tracer("t")
+    for _ in range(3):
+        tracer.start_span("x", context=_SAMPLED).end()
+    # The worker sleeps for an hour unless a full batch wakes it.
+    for _ in range(1200):  # up to a minute on a busy machine; it takes milliseconds
+        if exporter.get_finished_spans():
+            break
+        time.sleep(0.05)
+    assert len(exporter.get_finished_spans()) == 3
+    emitted: list[Any] = []
+    batch = processor._batch_processor
+    monkeypatch.setattr(batch, "emit", emitted.append)
+    tracer.start_span("here", context=_SAMPLED).end()
+    assert emitted == []
+    monkeypatch.setattr(spanwire, "_process_id", -1)  # as in a forked child before its hook ran
+    tracer.start_span("forked", context=_SAMPLED).end()
+    assert [span.name for span in emitted] == ["forked"]
+    processor.shutdown()  # type: ignore[no-untyped-call]
+
+
+_SAMPLED = trace.set_span_in_context(trace.NonRecordingSpan(SpanContext(0x12, 0x34, True, TraceFlags(1))))
