@@ -228,10 +228,10 @@ class RpcSpan(sdk_trace.Span):
     A span started with PlainAttributes keeps them as they are, shared with every other call of
     its method, and the plain attributes set later (the call's status code, the edge's tenant) in
     a dict of its own: its BoundedAttributes (`_attributes`, what the SDK's code and processors
-    read) is made only when first read, in the order the attributes were set. With every trace
-    exported, that object, its lock and the copy of the method's attributes into it were about a
-    fifth of what a span cost; the exporter (services/kit/spanwire.py) reads the two parts as
-    they are (`unmade_attributes`)."""
+    read) is made only when first read, in the order the attributes were set. That object, its
+    lock and the copy of the method's attributes into it were made for every span, and only the
+    exporter read them: services/kit/spanwire.py now reads the two parts as they are
+    (`unmade_attributes`)."""
 
     # Fields every span starts with the same value: class defaults, set on a span when changed.
     _instrumentation_info = None
