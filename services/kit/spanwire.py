@@ -39,7 +39,7 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 
-from services.kit.tracing import RpcSpan
+from services.kit.tracing import UNSET_STATUS, RpcSpan
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
 _TIMES = struct.Struct("<BQBQ").pack  # start_time_unix_nano and end_time_unix_nano, tagged
+_IDS = struct.Struct(">BBQQBBQ").pack  # trace_id (16 bytes, big-endian) and span_id, tagged
+_PARENT_ID = struct.Struct(">BBQ").pack  # parent_span_id, tagged
+_LOW_64 = (1 << 64) - 1
 
 # Encodings kept between exports. Attribute values and span names can be anything a caller sets
 # (an id, a model name), so each cache is emptied when full rather than allowed to grow.
@@ -157,7 +160,7 @@ class SpanEncoder:
         self._attributes = _Attributes(b"\x4a")
         self._resources: dict[Resource, bytes] = {}
         self._scopes: dict[InstrumentationScope | None, bytes] = {}
-        self._names: dict[str, bytes] = {}
+        self._names: dict[tuple[str, int], bytes] = {}  # a span's name and kind
         self._startings: dict[int, tuple[Mapping[str, Any], bytes]] = {}
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
@@ -198,23 +201,28 @@ class SpanEncoder:
             return bytes(_encode_span(span).SerializeToString())
         context = span._context
         assert context is not None  # a span the SDK made always has one
-        parent = span._parent
-        parts = [
-            b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-        ]
-        if context.trace_state:
-            state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
+        # A SpanContext is a tuple of these six (tests/unit/kit/test_rpc_spans.py checks the order):
+        # unpacked, not read through its properties.
+        trace_id, span_id, _, _, trace_state, _ = context
+        parts = [_IDS(0x0A, 0x10, trace_id >> 64, trace_id & _LOW_64, 0x12, 0x08, span_id)]
+        if trace_state:
+            state = ",".join(f"{key}={value}" for key, value in trace_state.items())
             parts.append(_delimited(b"\x1a", state.encode()))
+        parent = span._parent
+        remote = False
         if parent is not None:
-            parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        name = self._names.get(span._name)
-        if name is None:
-            name = _remember(
-                self._names, span._name, _delimited(b"\x2a", span._name.encode()), _CACHED_ATTRIBUTES
+            _, parent_id, remote, _, _, _ = parent
+            parts.append(_PARENT_ID(0x22, 0x08, parent_id))
+        kind = span._kind._value_  # _value_: Enum's .value is a Python property
+        named = self._names.get((span._name, kind))
+        if named is None:
+            named = _remember(
+                self._names,
+                (span._name, kind),
+                _delimited(b"\x2a", span._name.encode()) + _KINDS[kind],
+                _CACHED_ATTRIBUTES,
             )
-        parts.append(name)
-        parts.append(_KINDS[span._kind._value_])  # _value_: Enum's .value is a Python property
+        parts.append(named)
         start, end = span._start_time, span._end_time
         if start and end:
             parts.append(_TIMES(0x39, start, 0x41, end))
@@ -234,13 +242,17 @@ class SpanEncoder:
                 parts.append(self._attributes.encode(getattr(attributes, "_dict", attributes)))
                 if isinstance(attributes, BoundedAttributes) and attributes.dropped:
                     parts.append(b"\x50" + _varint(attributes.dropped))
-        for tag, bounded in ((b"\x60", span._events), (b"\x70", span._links)):
-            if isinstance(bounded, BoundedList) and bounded.dropped:
-                parts.append(tag + _varint(bounded.dropped))
+        events, links = span._events, span._links
+        if type(events) is not tuple or type(links) is not tuple:  # an RpcSpan's are until added to
+            for tag, bounded in ((b"\x60", events), (b"\x70", links)):
+                if isinstance(bounded, BoundedList) and bounded.dropped:
+                    parts.append(tag + _varint(bounded.dropped))
         status = span._status
-        unset = status.status_code is StatusCode.UNSET and not status.description
-        parts.append(_NO_STATUS if unset else _delimited(b"\x7a", _status(status)))
-        parts.append(_REMOTE_PARENT if parent is not None and parent.is_remote else _LOCAL_PARENT)
+        if status is UNSET_STATUS or (status.status_code is StatusCode.UNSET and not status.description):
+            parts.append(_NO_STATUS)
+        else:
+            parts.append(_delimited(b"\x7a", _status(status)))
+        parts.append(_REMOTE_PARENT if remote else _LOCAL_PARENT)
         return b"".join(parts)
 
     def _starting(self, starting: Mapping[str, Any]) -> bytes:

@@ -68,7 +68,7 @@ _SERVER_ERRORS = frozenset(
 )
 _STATUS_CODE = "rpc.grpc.status_code"
 _PLAIN = frozenset({str, bool, int, float})
-_UNSET = Status(StatusCode.UNSET)
+UNSET_STATUS = Status(StatusCode.UNSET)  # every RpcSpan's status until one is set
 _getrandbits = _random.getrandbits  # RandomIdGenerator's source of span ids
 _logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class RpcSpan(sdk_trace.Span):
     # Fields every span starts with the same value: class defaults, set on a span when changed.
     _instrumentation_info = None
     _end_time: int | None = None
-    _status = _UNSET
+    _status = UNSET_STATUS
     _events: Any = ()
     _links: Any = ()
     _trace_config = None
