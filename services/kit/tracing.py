@@ -594,6 +594,10 @@ class ServerTracing(AroundInterceptor):
 
             async def __aexit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
                 span, context = self.span, self.context
+                if type(span) is trace.NonRecordingSpan:
+                    # A trace not kept: its span takes no status and its end does nothing.
+                    detach(self.token)
+                    return
                 try:
                     code = context.code()
                     if kind is not None and not code:
@@ -623,6 +627,8 @@ def _set_status_code(span: trace.Span, code: grpc.StatusCode) -> None:
 
 def end_client_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
     """Ends a CLIENT span with the call's status (an error for every code but OK)."""
+    if type(span) is trace.NonRecordingSpan:
+        return  # a trace not kept: nothing to record, and its end does nothing
     _set_status_code(span, code)
     if code != grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, details or code.name))

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -176,9 +177,11 @@ async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
     seen: list[tuple[tuple[str, str | bytes], ...]] = []
+    current: list[trace.Span] = []
 
     async def echo(request: bytes, context: Context) -> bytes:
         seen.append(tuple(context.invocation_metadata() or ()))
+        current.append(trace.get_current_span())  # the server's span of the trace not kept
         return request
 
     provider, exporter = _recorded(ParentBased(ALWAYS_OFF))
@@ -199,6 +202,10 @@ async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_
     version, trace_id, _, flags = str(traceparent).split("-")
     assert version == "00" and not int(flags, 16) & 0x01  # not sampled
     assert int(trace_id, 16) == root.get_span_context().trace_id
+    (server_span,) = current
+    assert not server_span.is_recording()
+    assert server_span.get_span_context().trace_id == root.get_span_context().trace_id
+    assert server_span.get_span_context().span_id not in (0, root.get_span_context().span_id)
 
 
 async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited_or_if_refused() -> None:
