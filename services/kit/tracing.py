@@ -12,9 +12,9 @@ attributes are built once, the status comes from the context when the call ends,
 made is traced without a client interceptor, which would put it in a task of its own.
 
 What is left is paid in part whether or not a trace is kept: an in-process call with a
-trivial handler took 22 us of the process's CPU with tracing off, 37 us traced as under
+trivial handler took 23 us of the process's CPU with tracing off, 37 us traced as under
 one-in-ten sampling with nothing kept (the server span's interceptor, both spans' contexts, ids
-and decisions) and 68 us with every trace exported, the export thread included
+and decisions) and 69 us with every trace exported, the export thread included
 (bench/results/traced_calls.md, a Xeon).
 """
 
