@@ -59,9 +59,10 @@ _CACHED_STRING_LENGTH = 256
 _CACHED_GROUPS = 64
 
 K = TypeVar("K")
+V = TypeVar("V")
 
 
-def _remember(cache: dict[K, bytes], key: K, encoded: bytes, limit: int) -> bytes:
+def _remember(cache: dict[K, V], key: K, encoded: V, limit: int) -> V:
     """Keeps `encoded` under `key`, emptying `cache` first when it holds `limit` entries."""
     if len(cache) >= limit:
         cache.clear()
@@ -260,10 +261,8 @@ class SpanEncoder:
         shared by every span of the method's calls; kept with it, so its id is not reused)."""
         known = self._startings.get(id(starting))
         if known is None or known[0] is not starting:
-            known = (starting, self._attributes.encode(starting))
-            if len(self._startings) >= _CACHED_ATTRIBUTES:
-                self._startings.clear()
-            self._startings[id(starting)] = known
+            encoded = (starting, self._attributes.encode(starting))
+            known = _remember(self._startings, id(starting), encoded, _CACHED_ATTRIBUTES)
         return known[1]
 
     def _resource(self, resource: Resource) -> bytes:

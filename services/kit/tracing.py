@@ -121,6 +121,11 @@ def _plain(value: Any) -> bool:
     )
 
 
+def _all_plain(items: Any) -> bool:
+    """Whether every key of `items` (pairs) is a non-empty string and every value is plain."""
+    return all(type(key) is str and key and _plain(value) for key, value in items)
+
+
 class PlainAttributes(dict[str, Any]):
     """Span attributes checked once, when made, to be what _put_plain takes: non-empty string
     keys and plain values. A span started with them skips the check (a method's attributes are
@@ -128,7 +133,7 @@ class PlainAttributes(dict[str, Any]):
 
     def __init__(self, items: Mapping[str, Any]) -> None:
         super().__init__(items)
-        if not all(type(key) is str and key and _plain(value) for key, value in self.items()):
+        if not _all_plain(self.items()):
             raise ValueError(f"not plain span attributes: {items!r}")
 
 
@@ -138,10 +143,7 @@ def _put_plain(attributes: BoundedAttributes, items: Any) -> bool:
     inside the suite), and says whether it did. False changes nothing and leaves the items to the
     SDK: another kind of key or value, a length limit on values, or attributes that would have to
     drop some to take these."""
-    for key, value in items:
-        if type(key) is not str or not key or not _plain(value):
-            return False
-    return _put_checked(attributes, items)
+    return _all_plain(items) and _put_checked(attributes, items)
 
 
 def _put_checked(attributes: BoundedAttributes, items: Any) -> bool:
@@ -331,9 +333,7 @@ class RpcSpan(sdk_trace.Span):
                 return True
             starting = self._starting
             if starting is not None and self._made is None:
-                if put is _put_plain and not all(
-                    type(key) is str and key and _plain(value) for key, value in items
-                ):
+                if put is _put_plain and not _all_plain(items):
                     return False
                 added = self._added
                 if added is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -326,16 +325,17 @@ def test_a_full_batch_wakes_the_worker_and_a_fork_goes_through_the_sdk(
 ) -> None:
     provider, processor, exporter = _queuing(max_queue_size=64, max_export_batch_size=3)
     tracer = provider.get_tracer("t")
-    for _ in range(3):
-        tracer.start_span("x", context=_SAMPLED).end()
-    # The worker sleeps for an hour unless a full batch wakes it.
-    for _ in range(1200):  # up to a minute on a busy machine; it takes milliseconds
-        if exporter.get_finished_spans():
-            break
-        time.sleep(0.05)
-    assert len(exporter.get_finished_spans()) == 3
-    emitted: list[Any] = []
     batch = processor._batch_processor
+    # The worker sleeps for an hour unless a full batch wakes it: the wake-ups are counted here,
+    # in the test's own thread, instead of waiting for the worker.
+    wakes: list[None] = []
+    monkeypatch.setattr(batch._worker_awaken, "set", lambda: wakes.append(None))
+    for count in range(1, 4):
+        tracer.start_span("x", context=_SAMPLED).end()
+        assert len(wakes) == (1 if count == 3 else 0)
+    assert len(batch._queue) == 3 and exporter.get_finished_spans() == ()
+    monkeypatch.undo()
+    emitted: list[Any] = []
     monkeypatch.setattr(batch, "emit", emitted.append)
     tracer.start_span("here", context=_SAMPLED).end()
     assert emitted == []
