@@ -13,7 +13,8 @@ server's handler in-process. What a caller and a handler can observe stays as ov
   error mapping, the edge's load shedding), and the caller gets CLIENT spans whose trace context
   the server's span continues, so a trace has the same shape (the context is handed over as an
   object on the servicer context, not written into the metadata as `traceparent` and parsed
-  back; the server span's parent is then marked local, not remote);
+  back; the server span's parent is then marked local, not remote). In a trace that is not
+  kept, the CLIENT span nothing could see is not made (ClientSpans.start_local);
 - the handler runs in a task of its own with a fresh `contextvars` context, so what it sets
   (the current span) never leaks into the caller;
 - a timeout is a deadline: the handler sees it in `time_remaining()`, is cancelled when it
@@ -37,10 +38,11 @@ from typing import Any, cast
 
 import grpc
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from services.kit import tls
 from services.kit.interceptors import AroundInterceptor
-from services.kit.tracing import ClientSpans, HandedOver, TracedChannel, end_client_span, with_span
+from services.kit.tracing import ClientSpans, HandedOver, TracedChannel, end_client_span
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 Serializer = Callable[[Any], bytes] | None
@@ -332,11 +334,14 @@ class _Call:
         self._limit = min(channel.max_message_bytes, server.max_message_bytes)
         self._deadline = None if timeout is None else loop.time() + timeout
         spans = channel.spans
-        self._span = None if spans is None else spans.start(method)
         # The handler's server span is the child of this CLIENT span, handed over as an object
         # rather than written into the metadata and parsed back (what a remote server would see:
-        # the span and the caller's baggage).
-        self._trace_parent = None if self._span is None else with_span(self._span)
+        # the span and the caller's baggage). In a trace not kept no CLIENT span is made, and
+        # the server's span continues the caller's (ClientSpans.start_local).
+        self._span: trace.Span | None = None
+        self._trace_parent: otel_context.Context | None = None
+        if spans is not None:
+            self._span, self._trace_parent = spans.start_local(method)
         self._metadata = metadata
         self._request = request
         self._status: grpc.aio.AioRpcError | None = None
@@ -468,7 +473,9 @@ class LocalUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
             handler, request, context = await self._prepare()
             if handler.unary_unary is None:
                 raise _RefusedError(_rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{self._method} is not unary"))
-            behaviour = cast(Callable[..., Awaitable[Any]], handler.unary_unary)
+            behaviour = cast(
+                "Callable[..., Awaitable[Any]]", handler.unary_unary
+            )  # a string: not built per call
             return self._response(handler, await behaviour(request, context))
 
         return await self._guarded(work)
@@ -497,7 +504,7 @@ class LocalStreamCall(_Call, grpc.aio.UnaryStreamCall[Any, Any]):
                 raise _RefusedError(
                     _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{self._method} is not a stream")
                 )
-            behaviour = cast(Callable[..., AsyncGenerator[Any, None]], handler.unary_stream)
+            behaviour = cast("Callable[..., AsyncGenerator[Any, None]]", handler.unary_stream)
             messages = behaviour(request, context)
             try:
                 async for message in messages:

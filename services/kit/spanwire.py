@@ -342,7 +342,7 @@ class QueuingSpanProcessor(BatchSpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span._context
-        if context is None or not context.trace_flags & TraceFlags.SAMPLED:
+        if context is None or not context[3] & TraceFlags.SAMPLED:  # context.trace_flags
             return
         batch = self._batch_processor
         queue = batch._queue

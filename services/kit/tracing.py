@@ -45,10 +45,18 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 
 from services.kit.interceptors import Around, AroundInterceptor, Context
 
@@ -56,15 +64,17 @@ INSTRUMENTATION = "ballast.grpc"
 _UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 # A server span is an error only for these codes (the RPC conventions): a NOT_FOUND or an
 # INVALID_ARGUMENT is the server doing its job.
+# Kept as the codes' numbers: a StatusCode's hash is a Python call (Enum.__hash__).
 _SERVER_ERRORS = frozenset(
-    {
+    code.value[0]
+    for code in (
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DATA_LOSS,
-    }
+    )
 )
 _STATUS_CODE = "rpc.grpc.status_code"
 _PLAIN = frozenset({str, bool, int, float})
@@ -264,7 +274,7 @@ class RpcSpan(sdk_trace.Span):
         self._parent = parent
         self._start_time: int | None = time_ns()
         # Span's fields
-        self._resource = provider.resource
+        self._resource = provider._resource  # the `resource` property's field
         self._sampler = provider.sampler
         self._span_processor = provider._active_span_processor
         self._limits = limits = provider._span_limits
@@ -316,8 +326,31 @@ class RpcSpan(sdk_trace.Span):
         return starting, self._added
 
     def set_attribute(self, key: str, value: Any) -> None:
-        if not self._set_plain(((key, value),)):
+        if not self._set_one(key, value, False):
             super().set_attribute(key, value)
+
+    def _set_one(self, key: str, value: Any, checked: bool) -> bool:
+        """_set_plain of one attribute (`checked`: known to be plain, with a key that is a
+        non-empty string), in fewer steps while the attributes are unmade and the key is new to
+        the starting ones: every call's status code, the edge's tenant."""
+        with self._lock:
+            starting, added = self._starting, self._added
+            if self._end_time is None and starting is not None and self._made is None and key not in starting:
+                if not checked and not (type(key) is str and key and _plain(value)):
+                    return False
+                maxlen = self._limits.max_span_attributes
+                if added is None:
+                    if maxlen is None or len(starting) < maxlen:
+                        self._added = {key: value}
+                        return True
+                elif key in added:
+                    del added[key]  # a key set again moves to the end, as in the SDK
+                    added[key] = value
+                    return True
+                elif maxlen is None or len(starting) + len(added) < maxlen:
+                    added[key] = value
+                    return True
+        return self._set_plain(((key, value),), _put_checked if checked else _put_plain)
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         if not self._set_plain(attributes.items()):
@@ -426,23 +459,42 @@ class RpcTracer:
                 if type(child) is StaticSampler:
                     self._decided[parent] = child._decision is Decision.RECORD_AND_SAMPLE
 
+    def drops_children_of(self, parent: SpanContext) -> bool:
+        """Whether a span of this tracer that is a child of `parent`, an unsampled span's context,
+        is decided not recorded without asking the sampler, and so are its own children (made in
+        this process)."""
+        return (
+            self.provider is not None
+            and not parent.trace_flags.sampled
+            and self._decided.get((parent.is_remote, False)) is False
+            and self._decided.get((False, False)) is False
+        )
+
     def start(
         self, name: str, context: otel_context.Context | None, kind: SpanKind, attributes: Mapping[str, Any]
     ) -> trace.Span:
         """A span of this call, a child of the current span unless `context` says otherwise."""
         provider, tracer = self.provider, self.tracer
-        if provider is None or not tracer._is_enabled():  # type: ignore[attr-defined]
+        # tracer._is_enabled(), without the call
+        if provider is None or not tracer._tracer_config.is_enabled:  # type: ignore[attr-defined]
             return tracer.start_span(name, context, kind, attributes)
-        # trace.get_current_span(context).get_span_context(), in fewer calls
+        # trace.get_current_span(context).get_span_context(), in fewer calls: the spans this
+        # module makes keep their context in `_context` (an ABC's isinstance is a Python call).
         found = (current_context() if context is None else context).get(_SPAN_KEY)
         parent: SpanContext | None = None
-        if found is not None and (type(found) is RpcSpan or isinstance(found, trace.Span)):
+        if type(found) in _OWN_SPANS:
+            parent = found._context  # type: ignore[attr-defined]
+        elif found is not None and isinstance(found, trace.Span):
             parent = found.get_span_context()
         ids = provider.id_generator
-        if parent is not None and parent.is_valid:
+        parent_state: TraceState | None = None
+        if parent is not None:
             # A SpanContext is a tuple of these six: unpacked, not read through six more
             # properties (tests/unit/kit/test_rpc_spans.py checks the order).
-            trace_id, _, remote, flags, parent_state, _ = parent
+            trace_id, parent_id, remote, flags, parent_state, _ = parent
+            if trace_id == INVALID_TRACE_ID or parent_id == INVALID_SPAN_ID:  # not parent.is_valid
+                parent = None
+        if parent is not None:
             random = bool(flags & TraceFlags.RANDOM_TRACE_ID)
             decided = self._decided.get((remote, bool(flags & TraceFlags.SAMPLED)))
         else:
@@ -484,8 +536,14 @@ class RpcTracer:
                 trace_state=trace_state,
             )
         if not recording:
-            return trace.NonRecordingSpan(span_context)
-        span = RpcSpan(provider, self.scope, name, span_context, parent, kind, given)
+            # trace.NonRecordingSpan(span_context), without a call to its __init__
+            unrecorded = _new_object(_NonRecordingSpan)
+            unrecorded._context = span_context
+            return unrecorded
+        # RpcSpan(...) without the SDK Span's __new__, a Python call that only refuses to make a
+        # Span itself
+        span = _new_object(RpcSpan)
+        span.__init__(provider, self.scope, name, span_context, parent, kind, given)  # type: ignore[misc]
         processors = span._span_processor
         if type(processors) is SpanProcessors:
             for starting in processors.starting:
@@ -493,6 +551,11 @@ class RpcTracer:
         else:
             processors.on_start(span, parent_context=context)
         return span
+
+
+_NonRecordingSpan = trace.NonRecordingSpan
+_OWN_SPANS = (RpcSpan, _NonRecordingSpan)
+_new_object = object.__new__
 
 
 class HandedOver:
@@ -609,8 +672,7 @@ class ServerTracing(AroundInterceptor):
                             if isinstance(exc, Exception):
                                 span.record_exception(exc)
                     code = code or grpc.StatusCode.OK
-                    _set_status_code(span, code)
-                    if code in _SERVER_ERRORS:
+                    if _set_status_code(span, code) in _SERVER_ERRORS:
                         span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or ''}"))
                 finally:
                     detach(self.token)
@@ -619,10 +681,12 @@ class ServerTracing(AroundInterceptor):
         return Traced
 
 
-def _set_status_code(span: trace.Span, code: grpc.StatusCode) -> None:
-    value = code._value_[0]  # code.value[0] without the enum's property
-    if type(span) is not RpcSpan or not span._set_plain(((_STATUS_CODE, value),), _put_checked):
+def _set_status_code(span: trace.Span, code: grpc.StatusCode) -> int:
+    """Sets the call's `rpc.grpc.status_code` on its span, and returns it."""
+    value: int = code._value_[0]  # code.value[0] without the enum's property
+    if type(span) is not RpcSpan or not span._set_one(_STATUS_CODE, value, True):
         span.set_attribute(_STATUS_CODE, value)
+    return value
 
 
 def end_client_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
@@ -649,6 +713,23 @@ class ClientSpans:
         if attributes is None:
             attributes = self._attributes[method] = _attributes(method)
         return self._tracer.start(method, None, SpanKind.CLIENT, attributes)
+
+    def start_local(self, method: str) -> tuple[trace.Span | None, otel_context.Context]:
+        """The CLIENT span of an in-process call (services/kit/local.py), if one is made, and the
+        context the server's span continues: the current one with that span in it.
+
+        In a trace that is not kept, with the sampler's decision fixed for every child of a span
+        not sampled (ParentBased's default, children of unsampled parents dropped), no CLIENT span
+        is made. It would be a NonRecordingSpan that nothing could see: not current in the caller,
+        not sent anywhere (the context is handed over as an object) and not recorded. The server's
+        span, then the child of the caller's, gets the same trace id, flags, trace state and
+        decision, and a span id of its own, as it would have."""
+        context = current_context()
+        found = context.get(_SPAN_KEY)
+        if type(found) is _NonRecordingSpan and self._tracer.drops_children_of(found._context):
+            return None, context
+        span = self.start(method)
+        return span, with_span(span, context)
 
 
 class _Replacing(Setter[list[tuple[str, str]]]):

@@ -57,6 +57,13 @@ class LocalApp(ServiceApp):
 
             return str(baggage.get_baggage(request.decode()) or "").encode()
 
+        async def current_span(request: bytes, context: Any) -> bytes:
+            from opentelemetry import trace
+
+            span = trace.get_current_span()
+            ids = span.get_span_context()
+            return f"{ids.trace_id:032x} {ids.span_id:016x} {span.is_recording()}".encode()
+
         async def leak(request: bytes, context: Any) -> bytes:
             SEEN_BY.set("handler")
             return SEEN_BY.get().encode()
@@ -99,6 +106,7 @@ class LocalApp(ServiceApp):
                         "Hang": grpc.unary_unary_rpc_method_handler(hang),
                         "Stream": grpc.unary_stream_rpc_method_handler(stream),
                         "Status": grpc.unary_unary_rpc_method_handler(status),
+                        "CurrentSpan": grpc.unary_unary_rpc_method_handler(current_span),
                     },
                 )
             ]
@@ -244,6 +252,51 @@ async def test_the_handlers_span_continues_the_callers_without_traceparent_text(
     assert server.context.trace_id == caller.get_span_context().trace_id
     # The parent is in this process: not marked remote, as a parent read off the wire is.
     assert not server.parent.is_remote
+
+
+async def test_in_a_trace_not_kept_the_handlers_span_continues_the_callers_and_no_client_span_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ParentBased sampling keeps no trace here (its root sampler is always off) and drops every
+    # child of an unsampled span: the CLIENT span of an in-process call could be seen by nothing
+    # (not current, not sent, not recorded), so it is not made. The handler still gets a span of
+    # its own in the caller's trace, not recorded, and what a recorded trace gets is unchanged.
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.kit.tracing import ClientSpans
+
+    made: list[str] = []
+    start = ClientSpans.start
+
+    def counted(self: ClientSpans, method: str) -> Any:
+        made.append(method)
+        return start(self, method)
+
+    monkeypatch.setattr(ClientSpans, "start", counted)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("probe", environ={}, extra_processors=[SimpleSpanProcessor(exporter)])
+    settings = ServerSettings(service="probe", port=0, grace_period=5.0, max_message_bytes=64 * 1024)
+    app = LocalApp(settings, telemetry)
+    service = await start_service(app)
+    channel = open_channel(service.address, app.server_settings, app.telemetry)
+    assert isinstance(channel, local.LocalFirstChannel)
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    try:
+        with tracer.start_as_current_span("caller") as caller:
+            assert not caller.is_recording()
+            seen = (await _unary(channel, "CurrentSpan")(b"", timeout=30)).decode()
+            assert await _unary(channel, "Echo")(b"ab", timeout=30) == b"abab"
+    finally:
+        await channel.close()
+        await service.stop(0.1)
+    trace_id, span_id, recording = seen.split()
+    assert int(trace_id, 16) == caller.get_span_context().trace_id
+    assert int(span_id, 16) not in (0, caller.get_span_context().span_id)
+    assert recording == "False"
+    assert made == []
+    assert exporter.get_finished_spans() == ()
 
 
 async def test_a_status_arrives_with_its_details_and_trailing_metadata(

@@ -455,6 +455,28 @@ def test_a_span_keeps_its_methods_attributes_until_they_are_read() -> None:
     assert len(exported.get_finished_spans()) == 2
 
 
+@pytest.mark.parametrize("room", [None, 0, 1, 2], ids=["no limit", "full", "room for 1", "room for 2"])
+def test_attributes_set_one_by_one_on_unmade_attributes_are_the_sdks(room: int | None) -> None:
+    # Each call's status code and the edge's tenant are set one at a time while the method's
+    # attributes are still shared: set again, they move to the end; past the count limit, the
+    # oldest are dropped, as in the SDK.
+    limits = SpanLimits(max_span_attributes=None if room is None else len(_ATTRIBUTES) + room)
+    sdk_provider, sdk_exported, rpc_provider, rpc_exported = _pair(samplers.DEFAULT_ON, limits)
+    parent = _parents()["local sampled"]
+    ours = RpcTracer(rpc_provider).start("m", parent, SpanKind.SERVER, PlainAttributes(_ATTRIBUTES))
+    theirs = sdk_provider.get_tracer(INSTRUMENTATION).start_span("m", parent, SpanKind.SERVER, _ATTRIBUTES)
+    assert isinstance(ours, RpcSpan) and ours.unmade_attributes() is not None
+    for span in (ours, theirs):
+        span.set_attribute("rpc.grpc.status_code", 0)
+        span.set_attribute("ballast.tenant", "acme")
+        span.set_attribute("rpc.grpc.status_code", 5)  # set again: it moves to the end
+        span.set_attribute("ballast.cache", "hit")
+        span.end()
+    (done_ours,), (done_theirs,) = rpc_exported.get_finished_spans(), sdk_exported.get_finished_spans()
+    assert list((done_ours.attributes or {}).items()) == list((done_theirs.attributes or {}).items())
+    assert done_ours.dropped_attributes == done_theirs.dropped_attributes
+
+
 def test_the_context_helpers_do_what_the_api_does(caplog: pytest.LogCaptureFixture) -> None:
     span = trace.NonRecordingSpan(SpanContext(0x12, 0x34, False, TraceFlags(1)))
     base = otel_context.set_value("k", "v")

@@ -208,6 +208,54 @@ async def test_a_call_in_a_trace_not_kept_still_carries_the_decision_and_is_the_
     assert server_span.get_span_context().span_id not in (0, root.get_span_context().span_id)
 
 
+@pytest.mark.parametrize(
+    ("caller", "local_unsampled_children", "made"),
+    [
+        ("kept", "dropped", "recorded"),  # a trace kept: the CLIENT span is made and recorded
+        ("not kept", "dropped", "none"),  # children fixed not recorded: no span is made
+        ("not kept", "recorded", "recorded"),  # a sampler that records them: the span is made
+        # A caller's span read off the wire, unsampled: the CLIENT span would be dropped as the
+        # child of a remote parent, but its own child, the server's span, recorded as the child
+        # of a local one. The CLIENT span is made, so the server's span gets that decision.
+        ("remote, not kept", "recorded", "not recorded"),
+    ],
+)
+def test_an_in_process_calls_client_span_is_made_unless_nothing_could_see_it(
+    caller: str, local_unsampled_children: str, made: str
+) -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+    from opentelemetry.trace.propagation import _SPAN_KEY
+
+    children = ALWAYS_ON if local_unsampled_children == "recorded" else ALWAYS_OFF
+    sampler = ParentBased(ALWAYS_ON if caller == "kept" else ALWAYS_OFF, local_parent_not_sampled=children)
+    provider, exporter = _recorded(sampler)
+    spans = ClientSpans(provider)
+    with contextlib.ExitStack() as stack:
+        if caller.startswith("remote"):
+            remote = SpanContext(0x1F, 0x2F, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+            token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(remote)))
+            stack.callback(otel_context.detach, token)
+        else:
+            stack.enter_context(provider.get_tracer("test").start_as_current_span("caller"))
+        current = otel_context.get_current()
+        calling = trace.get_current_span()
+        span, handed_over = spans.start_local("/t.T/Echo")
+    if made == "none":
+        assert span is None
+        assert handed_over is current  # the server's span continues the caller's
+        return
+    assert span is not None and span.is_recording() == (made == "recorded")
+    assert handed_over.get(_SPAN_KEY) is span
+    assert span.get_span_context().trace_id == calling.get_span_context().trace_id
+    if made == "recorded":
+        span.end()
+        (client,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+        assert client.parent is not None
+        assert client.parent.span_id == calling.get_span_context().span_id
+
+
 async def test_a_recorded_call_ends_its_span_once_however_often_it_is_awaited_or_if_refused() -> None:
     provider, exporter = _recorded()
     async with _traced_channel(provider, _handlers(), traced_server=False) as channel:
