@@ -39,8 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # Per comparison: variant name -> (int8 weights, SkipLayerNormalization fused, calibrated
-# per-tensor int8 kernel), the reference first; every other variant is compared with it.
-COMPARISONS = {
+# per-tensor int8 kernel[, its weights' largest magnitude when not chosen by the CPU]), the
+# reference first; every other variant is compared with it.
+COMPARISONS: dict[str, dict[str, tuple[bool | int, ...]]] = {
     "int8": {"shipped (folded to float32)": (False, False, False), "int8 weights": (True, False, False)},
     "skipln": {"int8, SkipLayerNorm fused": (True, True, False), "int8, unfused": (True, False, False)},
     "calibrated": {
@@ -48,16 +49,25 @@ COMPARISONS = {
         "int8, per block": (True, False, False),
         "int8, calibrated per tensor": (True, False, True),
     },
+    # For a CPU without an int8 dot product (AVX2 only): the calibrated per-tensor kernel with
+    # 7-bit weights, whose 16-bit pair sums cannot saturate.
+    "seven_bit": {
+        "shipped (folded to float32)": (False, False, False),
+        "int8, per block": (True, False, False),
+        "calibrated per tensor, 7-bit weights": (True, False, True, 63),
+    },
 }
 TITLES = {
     "int8": "shipped vs int8 weights",
     "skipln": "SkipLayerNormalization fused vs unfused",
     "calibrated": "int8 per-block kernel vs the calibrated per-tensor one, both against the model as shipped",
+    "seven_bit": "int8 per-block kernel vs the calibrated per-tensor one with 7-bit weights, both against the model as shipped",
 }
 OUTPUTS = {
     "int8": "cache_embedder",
     "skipln": "cache_embedder_skipln",
     "calibrated": "cache_embedder_calibrated",
+    "seven_bit": "cache_embedder_seven_bit",
 }
 THRESHOLDS = (0.92, 0.95)
 
@@ -98,7 +108,9 @@ def long_texts() -> list[str]:
     ]
 
 
-def child(int8: bool, fuse: bool, calibrated: bool, timed: int, vectors_out: str) -> dict[str, Any]:
+def child(
+    int8: bool, fuse: bool, calibrated: bool, timed: int, vectors_out: str, weight_limit: int | None = None
+) -> dict[str, Any]:
     """One variant in this process."""
     import onnxruntime  # noqa: F401  (imported before the baseline: only the model counts)
     import tokenizers  # noqa: F401
@@ -107,7 +119,12 @@ def child(int8: bool, fuse: bool, calibrated: bool, timed: int, vectors_out: str
 
     texts, _ = eval_pairs()
     base = _rss_mb()
-    model = MiniLMModel(int8_weights=int8, fuse_skip_layer_norm=fuse, calibrated_int8=calibrated)
+    model = MiniLMModel(
+        int8_weights=int8,
+        fuse_skip_layer_norm=fuse,
+        calibrated_int8=calibrated,
+        per_tensor_weight_limit=weight_limit,
+    )
     loaded = _rss_mb()
     vectors = []
     after_1000 = 0.0
@@ -157,8 +174,10 @@ def main() -> None:
     parser.add_argument("--vectors", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        int8, fuse, calibrated = (flag == "1" for flag in args.child.split(","))
-        print(json.dumps(child(int8, fuse, calibrated, args.timed, args.vectors)))
+        flags = args.child.split(",")
+        int8, fuse, calibrated = (flag == "1" for flag in flags[:3])
+        limit = int(flags[3]) if len(flags) > 3 else None
+        print(json.dumps(child(int8, fuse, calibrated, args.timed, args.vectors, limit)))
         return
     # Imported here, not at the top: the measuring children would count its imports (gRPC).
     from bench.support import cpu_description

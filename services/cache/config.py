@@ -62,7 +62,8 @@ class CacheSettings:
     # onnxruntime's per-tensor int8 kernel, 2-3 times as fast a query on VNNI/AMX CPUs as the
     # per-block kernel; false keeps every MatMul per block (agreement and cache quality of both:
     # bench/cache_embedder.py --compare calibrated, bench/cache_eval.py). A CPU without VNNI or
-    # AMX, where that kernel's sums saturate, always runs per block.
+    # AMX, where that kernel's sums would saturate with 8-bit weights, gets 7-bit ones
+    # (--compare seven_bit).
     embed_calibrated_int8: bool = True
     # Recent embeddings kept per replica (a Store after a Lookup of the same turn reuses it).
     embed_cache_entries: int = 10_000

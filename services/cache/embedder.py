@@ -29,6 +29,10 @@ from services.kit.native import release_freed_memory
 
 log = logging.getLogger("ballast.cache.embedder")
 
+# The largest weight of the per-tensor int8 kernel on a CPU without an int8 dot product
+# instruction (int8_weights.keep_int8_weights' weight_limit).
+SEVEN_BITS = 63
+
 Vectors = npt.NDArray[np.float32]
 
 
@@ -91,6 +95,7 @@ class MiniLMModel:
         int8_weights: bool = True,
         calibrated_int8: bool = True,
         fuse_skip_layer_norm: bool = False,
+        per_tensor_weight_limit: int | None = None,
     ) -> None:
         started = time.perf_counter()
         model_file = Path(model_path) if model_path else default_model_path()
@@ -101,29 +106,37 @@ class MiniLMModel:
         model: str | bytes = str(model_file)
         self.int8_tensors = 0  # weight tensors kept int8
         self.per_tensor_matmuls = 0  # of them, MatMuls on the calibrated per-tensor kernel
+        self.per_tensor_weight_limit: int | None = None  # that kernel's largest weight
         if int8_weights:
             shipped = model_file.read_bytes()
             # The calibration (smoothing.py) clears the MatMuls for onnxruntime's per-tensor
-            # int8 kernel, 2-3 times as fast a query as the per-block one on VNNI/AMX CPUs;
-            # it was measured on one model file and is ignored for any other, and on a CPU
-            # without VNNI or AMX the kernel's sums would saturate.
+            # int8 kernel, 2-3 times as fast a query as the per-block one; it was measured on one
+            # model file and is ignored for any other. A CPU without VNNI or AMX adds the kernel's
+            # products in pairs in 16 bits, which saturate with 8-bit weights: it gets 7-bit ones
+            # (on an AMD EPYC with AVX2, 15-16 ms a 64-token query against 38-43 per block and
+            # 26 for the model folded to float32; agreement in bench/cache_embedder.py
+            # --compare seven_bit).
             smoothing = None
-            if calibrated_int8 and not int8_dot_product():
-                log.info(
-                    "the CPU has no VNNI or AMX, where the per-tensor int8 kernel would saturate: "
-                    "every MatMul stays on the per-block kernel"
-                )
-            elif calibrated_int8:
+            weight_limit = per_tensor_weight_limit or (127 if int8_dot_product() else SEVEN_BITS)
+            if calibrated_int8:
                 smoothing = smoothing_for(shipped)
                 if smoothing is None:
                     log.warning(
                         "no int8 calibration for this model file: every MatMul stays on the per-block kernel",
                         extra={"model": str(model_file)},
                     )
-            rewritten = keep_int8_weights(shipped, smoothing=smoothing)
+                elif weight_limit < 127:
+                    log.info(
+                        "the per-tensor int8 kernel takes 7-bit weights: the CPU has no VNNI or AMX, "
+                        "and its 16-bit sums would saturate with 8-bit ones",
+                        extra={"weight_limit": weight_limit},
+                    )
+            rewritten = keep_int8_weights(shipped, smoothing=smoothing, weight_limit=weight_limit)
             model = rewritten.model
             self.int8_tensors = rewritten.matmuls + rewritten.gathers
             self.per_tensor_matmuls = rewritten.per_tensor
+            if rewritten.per_tensor:
+                self.per_tensor_weight_limit = weight_limit
             del rewritten, shipped
         self._session = self.session(model, threads=threads, fuse_skip_layer_norm=fuse_skip_layer_norm)
         del model
@@ -297,6 +310,8 @@ def _shared_model(
                     # when misses cost more than expected.
                     "int8_tensors": model.int8_tensors,
                     "per_tensor_matmuls": model.per_tensor_matmuls,
+                    # 127, or 63 (7 bits) on a CPU without VNNI or AMX; None without that kernel.
+                    "per_tensor_weight_limit": model.per_tensor_weight_limit,
                 },
             )
             _MODELS[key] = model

@@ -245,11 +245,23 @@ def int8_matmuls(model: bytes) -> dict[str, list[npt.NDArray[np.float32]]]:
 
 
 def keep_int8_weights(
-    model: bytes, *, block_size: int = 32, accuracy_level: int = 4, smoothing: Smoothing | None = None
+    model: bytes,
+    *,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    smoothing: Smoothing | None = None,
+    weight_limit: int = 127,
 ) -> Rewritten:
-    """The model with its Cast/Mul-dequantised int8 weights kept int8 (see the module doc)."""
+    """The model with its Cast/Mul-dequantised int8 weights kept int8 (see the module doc).
+
+    `weight_limit` is the largest magnitude of a per-tensor kernel's weight: 127 (all of int8),
+    or 63 for a CPU without an int8 dot product instruction, whose kernel (VPMADDUBSW) adds
+    pairs of uint8 x int8 products in 16 bits: 2 x 255 x 64 still fits, 2 x 255 x 127 saturates
+    (onnxruntime's quantiser calls this reduce_range). The weights then have 7 bits."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if not 1 <= weight_limit <= 127:
+        raise ValueError(f"weight_limit must be 1..127, got {weight_limit}")
     smoothing = smoothing or {}
     proto = _model_class()()
     proto.ParseFromString(model)
@@ -303,8 +315,15 @@ def keep_int8_weights(
             plan = smoothing[activation]
             factors, outliers = plan.checked(activation, k)
             steps = []
-            if factors is None and outliers is None:
+            if factors is None and outliers is None and weight_limit == 127:
                 weights, columns, source = q, s.reshape(n), activation
+            elif factors is None and outliers is None:
+                # As shipped but in fewer bits: quantised again per column.
+                shipped = q.astype(np.float32) * s.reshape(1, n)
+                columns = (np.abs(shipped).max(axis=0) / weight_limit).astype(np.float32)
+                columns[columns == 0] = 1.0
+                weights = np.clip(np.rint(shipped / columns), -weight_limit, weight_limit).astype(np.int8)
+                source = activation
             else:
                 # Smoothed and without the outlier rows (computed in float below), quantised
                 # again per column.
@@ -317,9 +336,9 @@ def keep_int8_weights(
                 smoothed = q.astype(np.float32) * s.reshape(1, n) * kept
                 if factors is not None:
                     smoothed *= factors.reshape(k, 1).astype(np.float32)
-                columns = (np.abs(smoothed).max(axis=0) / 127.0).astype(np.float32)
+                columns = (np.abs(smoothed).max(axis=0) / weight_limit).astype(np.float32)
                 columns[columns == 0] = 1.0
-                weights = np.clip(np.rint(smoothed / columns), -127, 127).astype(np.int8)
+                weights = np.clip(np.rint(smoothed / columns), -weight_limit, weight_limit).astype(np.int8)
                 source = f"{activation}__smoothed"
                 if activation not in smoothed_inputs:
                     smoothed_inputs.add(activation)

@@ -5,8 +5,8 @@ The factors are measured, not derived: scripts/calibrate_embedder.py runs the mo
 texts the cache evaluation never reads (STS-B's training file) and writes minilm_smoothing.json
 beside this module, with the SHA-256 of the model file it was measured on. A calibration holds
 for that file only: another model (BALLAST_CACHE_MODEL_PATH, a new package version) gets
-none, and the embedder keeps the per-block kernel everywhere. So does a CPU without an int8 dot
-product instruction (INT8_DOT_PRODUCT below), whatever the calibration.
+none, and the embedder keeps the per-block kernel everywhere. A CPU without an int8 dot product
+instruction (INT8_DOT_PRODUCT below) gets the same calibration with 7-bit weights.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ CALIBRATION = Path(__file__).with_name("minilm_smoothing.json")
 # x86 instructions that multiply uint8 by int8 with 32-bit sums. Without one of them onnxruntime's
 # per-tensor kernel uses VPMADDUBSW, whose 16-bit pair sums saturate for weights outside
 # [-64, 63] (onnxruntime PR 12088, "x86/64 U8S8 Gemm Precision Fix"): the calibrated weights use
-# all of [-127, 127], so such a CPU keeps the per-block kernel.
+# all of [-127, 127], so such a CPU gets them in 7 bits (the embedder's SEVEN_BITS).
 INT8_DOT_PRODUCT = ("avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
 
 

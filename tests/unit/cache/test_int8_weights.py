@@ -50,10 +50,41 @@ def test_every_dequantised_weight_of_the_shipped_model_stays_int8(shipped: bytes
     assert (again.matmuls, again.gathers, again.model) == (0, 0, rewritten.model)
 
 
-def test_block_size_is_checked(shipped: bytes) -> None:
+def test_block_size_and_weight_limit_are_checked(shipped: bytes) -> None:
     for bad in (8, 48):
         with pytest.raises(ValueError, match="block_size"):
             keep_int8_weights(shipped, block_size=bad)
+    for bad in (0, 128):
+        with pytest.raises(ValueError, match="weight_limit"):
+            keep_int8_weights(shipped, weight_limit=bad)
+
+
+@pytest.mark.parametrize("limit", [127, 63])
+@pytest.mark.parametrize("smoothed", [True, False], ids=["calibrated", "as shipped"])
+def test_per_tensor_weights_take_exactly_the_range_they_are_given(
+    shipped: bytes, limit: int, smoothed: bool
+) -> None:
+    # 63 for a CPU whose int8 kernel adds pairs of products in 16 bits: no weight may pass it,
+    # and each column's largest weight takes the whole range (the column's scale is set by it),
+    # whether the weights were smoothed or are the shipped ones quantised again.
+    from services.cache.int8_weights import _model_class
+
+    smoothing = smoothing_for(shipped)
+    assert smoothing is not None
+    if not smoothed:
+        smoothing = dict.fromkeys(smoothing, PerTensor())
+    rewritten = keep_int8_weights(shipped, smoothing=smoothing, weight_limit=limit)
+    proto = _model_class()()
+    proto.ParseFromString(rewritten.model)
+    int8 = 3  # TensorProto.INT8; the per-block kernel's weights are UINT8
+    weights = [
+        np.frombuffer(t.raw_data, np.int8).reshape(tuple(t.dims)).astype(np.int16)
+        for t in proto.graph.initializer
+        if t.name.endswith("__q8") and t.data_type == int8
+    ]
+    assert len(weights) == rewritten.per_tensor == 36
+    for matrix in weights:
+        assert np.all(np.abs(matrix).max(axis=0) == limit)
 
 
 def test_embeddings_agree_with_the_model_as_shipped() -> None:
@@ -91,23 +122,24 @@ def test_calibrated_embeddings_agree_with_the_model_as_shipped() -> None:
     per_block = MiniLMModel(int8_weights=True, calibrated_int8=False)
     calibrated = MiniLMModel(int8_weights=True)
     assert (per_block.per_tensor_matmuls, folded.per_tensor_matmuls) == (0, 0)
-    if not int8_dot_product():
-        # This CPU would saturate the per-tensor kernel's sums: the embedder keeps every MatMul
-        # per block, and the calibrated kernel's numbers can only be checked on another CPU.
-        assert calibrated.per_tensor_matmuls == 0
-        return
+    # 8-bit weights on a CPU with VNNI or AMX; 7-bit ones elsewhere (their sums would saturate),
+    # which move the vectors further.
+    limit, closest = (127, 0.998) if int8_dot_product() else (63, 0.993)
     assert calibrated.per_tensor_matmuls >= 24 and calibrated.int8_tensors == 38
+    assert calibrated.per_tensor_weight_limit == limit
     old, new = folded.encode(TEXTS), calibrated.encode(TEXTS)
     assert new.shape == old.shape == (len(TEXTS), 384) and new.dtype == np.float32
     agreement = (old * new).sum(axis=1)
-    assert agreement.min() > 0.998, agreement
+    assert agreement.min() > closest, agreement
     assert np.abs(old @ old.T - new @ new.T).max() < 0.02
     # Without the smoothing factors (every activation per tensor as it is), the outlier
     # channels take the int8 range and the vectors move several times further.
     shipped = default_model_path().read_bytes()
     smoothing = smoothing_for(shipped)
     assert smoothing is not None
-    unsmoothed = keep_int8_weights(shipped, smoothing=dict.fromkeys(smoothing, PerTensor()))
+    unsmoothed = keep_int8_weights(
+        shipped, smoothing=dict.fromkeys(smoothing, PerTensor()), weight_limit=limit
+    )
     plain = MiniLMModel.from_bytes(unsmoothed.model, per_tensor_matmuls=unsmoothed.per_tensor)
     unsmoothed_vectors = plain.encode(TEXTS)
     assert (1 - (old * unsmoothed_vectors).sum(axis=1)).mean() > 2 * (1 - agreement).mean()
@@ -211,19 +243,29 @@ def test_the_load_log_says_which_kernel_runs(caplog: pytest.LogCaptureFixture) -
         _shared_model("", "", threads=1, max_tokens=201, int8_weights=True, calibrated_int8=True)
         _shared_model("", "", threads=1, max_tokens=202, int8_weights=True, calibrated_int8=False)
     loaded = [r for r in caplog.records if r.getMessage() == "embedding model loaded"]
-    per_tensor = 36 if int8_dot_product() else 0
-    assert [(r.int8_tensors, r.per_tensor_matmuls) for r in loaded] == [(38, per_tensor), (38, 0)]  # type: ignore[attr-defined]
+    limit = 127 if int8_dot_product() else 63
+    assert [(r.int8_tensors, r.per_tensor_matmuls, r.per_tensor_weight_limit) for r in loaded] == [  # type: ignore[attr-defined]
+        (38, 36, limit),
+        (38, 0, None),
+    ]
 
 
-def test_a_cpu_without_vnni_or_amx_keeps_the_per_block_kernel(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("has_dot_product", [True, False], ids=["VNNI or AMX", "AVX2 only"])
+def test_a_cpu_without_vnni_or_amx_gets_7_bit_weights(
+    has_dot_product: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(embedder, "int8_dot_product", lambda: False)
+    # The model as the CPU would get it, on whatever CPU runs the test (7-bit weights run on
+    # any x86 int8 kernel; 8-bit ones only compute right with VNNI or AMX, so only the choice
+    # is checked for them here).
+    monkeypatch.setattr(embedder, "int8_dot_product", lambda: has_dot_product)
     with caplog.at_level(logging.INFO, logger="ballast.cache.embedder"):
         model = MiniLMModel()
-    assert (model.int8_tensors, model.per_tensor_matmuls) == (38, 0)
-    assert "the CPU has no VNNI or AMX" in caplog.text
-    assert model.encode(TEXTS[:1]).shape == (1, 384)
+    assert (model.int8_tensors, model.per_tensor_matmuls) == (38, 36)
+    assert model.per_tensor_weight_limit == (127 if has_dot_product else 63)
+    assert ("7-bit weights" in caplog.text) is not has_dot_product
+    if not has_dot_product:
+        folded = MiniLMModel(int8_weights=False)
+        assert ((folded.encode(TEXTS) * model.encode(TEXTS)).sum(axis=1) > 0.993).all()
 
 
 @pytest.mark.parametrize(
