@@ -38,6 +38,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from services.kit.tracing import UNSET_STATUS, RpcSpan
 
@@ -49,6 +50,7 @@ _DOUBLE = struct.Struct("<d").pack
 _TIMES = struct.Struct("<BQBQ").pack  # start_time_unix_nano and end_time_unix_nano, tagged
 _IDS = struct.Struct(">BBQQBBQ").pack  # trace_id (16 bytes, big-endian) and span_id, tagged
 _PARENT_ID = struct.Struct(">BBQ").pack  # parent_span_id, tagged
+_IDS_AND_PARENT = struct.Struct(">BBQQBBQBBQ").pack  # both, for a span without trace state
 _LOW_64 = (1 << 64) - 1
 
 # Encodings kept between exports. Attribute values and span names can be anything a caller sets
@@ -181,7 +183,12 @@ class SpanEncoder:
                 if encoded is None:
                     encoded = by_scope[scope or None] = []
                 by_identity[id(resource), id(scope)] = encoded
-            encoded.append(_delimited(b"\x12", self.span(span)))
+            message = self.span(span)
+            size = len(message)
+            if 0x80 <= size < 0x4000:  # _delimited(b"\x12", message), for the usual size
+                encoded.append(b"\x12" + bytes((size & 0x7F | 0x80, size >> 7)) + message)
+            else:
+                encoded.append(_delimited(b"\x12", message))
         out = []
         for resource, by_scope in grouped.items():
             scope_spans = [
@@ -205,15 +212,22 @@ class SpanEncoder:
         # A SpanContext is a tuple of these six (tests/unit/kit/test_rpc_spans.py checks the order):
         # unpacked, not read through its properties.
         trace_id, span_id, _, _, trace_state, _ = context
-        parts = [_IDS(0x0A, 0x10, trace_id >> 64, trace_id & _LOW_64, 0x12, 0x08, span_id)]
-        if trace_state:
-            state = ",".join(f"{key}={value}" for key, value in trace_state.items())
-            parts.append(_delimited(b"\x1a", state.encode()))
         parent = span._parent
         remote = False
-        if parent is not None:
+        # A TraceState's truth is a Python call (Mapping.__len__): the SDK's default one, which
+        # every span of a trace without state shares, is known to be empty.
+        if parent is not None and trace_state is DEFAULT_TRACE_STATE:
             _, parent_id, remote, _, _, _ = parent
-            parts.append(_PARENT_ID(0x22, 0x08, parent_id))
+            high, low = trace_id >> 64, trace_id & _LOW_64
+            parts = [_IDS_AND_PARENT(0x0A, 0x10, high, low, 0x12, 0x08, span_id, 0x22, 0x08, parent_id)]
+        else:
+            parts = [_IDS(0x0A, 0x10, trace_id >> 64, trace_id & _LOW_64, 0x12, 0x08, span_id)]
+            if trace_state is not DEFAULT_TRACE_STATE and trace_state:
+                state = ",".join(f"{key}={value}" for key, value in trace_state.items())
+                parts.append(_delimited(b"\x1a", state.encode()))
+            if parent is not None:
+                _, parent_id, remote, _, _, _ = parent
+                parts.append(_PARENT_ID(0x22, 0x08, parent_id))
         kind = span._kind._value_  # _value_: Enum's .value is a Python property
         named = self._names.get((span._name, kind))
         if named is None:
@@ -230,11 +244,13 @@ class SpanEncoder:
         else:
             parts.append(b"\x39" + _FIXED64(start) if start else b"")
             parts.append(b"\x41" + _FIXED64(end) if end else b"")
-        unmade = span.unmade_attributes() if type(span) is RpcSpan else None
-        if unmade is not None:
+        # span.unmade_attributes() and self._starting(...), without the two calls
+        if type(span) is RpcSpan and span._starting is not None and span._made is None:
             # An RpcSpan's attributes as it keeps them: nothing dropped, nothing to make.
-            starting, added = unmade
-            parts.append(self._starting(starting))
+            starting = span._starting
+            known = self._startings.get(id(starting))
+            parts.append(known[1] if known is not None and known[0] is starting else self._starting(starting))
+            added = span._added
             if added:
                 parts.append(self._attributes.encode(added))
         else:
