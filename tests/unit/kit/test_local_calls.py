@@ -5,6 +5,7 @@ limits, metadata, isolation of contexts, stream flow control, and a server that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -218,9 +219,10 @@ async def test_metadata_reaches_the_handler(
     assert reply == b"acme"
 
 
-async def test_the_handlers_span_continues_the_callers_without_traceparent_text() -> None:
-    from opentelemetry import baggage, trace
-    from opentelemetry import context as otel_context
+@contextlib.asynccontextmanager
+async def _traced() -> AsyncIterator[tuple[grpc.aio.Channel, Any, Any]]:
+    """A traced service of this process (the sampler as OTEL_TRACES_SAMPLER says), the
+    in-process channel to it, a tracer of its provider and the exporter its spans reach."""
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -231,8 +233,18 @@ async def test_the_handlers_span_continues_the_callers_without_traceparent_text(
     service = await start_service(app)
     channel = open_channel(service.address, app.server_settings, app.telemetry)
     assert isinstance(channel, local.LocalFirstChannel)
-    tracer = telemetry.tracer_provider.get_tracer("test")
     try:
+        yield channel, telemetry.tracer_provider.get_tracer("test"), exporter
+    finally:
+        await channel.close()
+        await service.stop(0.1)
+
+
+async def test_the_handlers_span_continues_the_callers_without_traceparent_text() -> None:
+    from opentelemetry import baggage, trace
+    from opentelemetry import context as otel_context
+
+    async with _traced() as (channel, tracer, exporter):
         with tracer.start_as_current_span("caller") as caller:
             token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
             try:
@@ -241,9 +253,6 @@ async def test_the_handlers_span_continues_the_callers_without_traceparent_text(
                 assert await _unary(channel, "Baggage")(b"tenant", timeout=30) == b"acme"
             finally:
                 otel_context.detach(token)
-    finally:
-        await channel.close()
-        await service.stop(0.1)
     spans = {(s.name, s.kind): s for s in exporter.get_finished_spans()}
     method = f"/{SERVICE}/Metadata"
     client, server = spans[method, trace.SpanKind.CLIENT], spans[method, trace.SpanKind.SERVER]
@@ -261,9 +270,6 @@ async def test_in_a_trace_not_kept_the_handlers_span_continues_the_callers_and_n
     # child of an unsampled span: the CLIENT span of an in-process call could be seen by nothing
     # (not current, not sent, not recorded), so it is not made. The handler still gets a span of
     # its own in the caller's trace, not recorded, and what a recorded trace gets is unchanged.
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
     from services.kit.tracing import ClientSpans
 
     made: list[str] = []
@@ -275,22 +281,11 @@ async def test_in_a_trace_not_kept_the_handlers_span_continues_the_callers_and_n
 
     monkeypatch.setattr(ClientSpans, "start", counted)
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
-    exporter = InMemorySpanExporter()
-    telemetry = setup_telemetry("probe", environ={}, extra_processors=[SimpleSpanProcessor(exporter)])
-    settings = ServerSettings(service="probe", port=0, grace_period=5.0, max_message_bytes=64 * 1024)
-    app = LocalApp(settings, telemetry)
-    service = await start_service(app)
-    channel = open_channel(service.address, app.server_settings, app.telemetry)
-    assert isinstance(channel, local.LocalFirstChannel)
-    tracer = telemetry.tracer_provider.get_tracer("test")
-    try:
+    async with _traced() as (channel, tracer, exporter):
         with tracer.start_as_current_span("caller") as caller:
             assert not caller.is_recording()
             seen = (await _unary(channel, "CurrentSpan")(b"", timeout=30)).decode()
             assert await _unary(channel, "Echo")(b"ab", timeout=30) == b"abab"
-    finally:
-        await channel.close()
-        await service.stop(0.1)
     trace_id, span_id, recording = seen.split()
     assert int(trace_id, 16) == caller.get_span_context().trace_id
     assert int(span_id, 16) not in (0, caller.get_span_context().span_id)
