@@ -87,6 +87,8 @@ def _varint(value: int) -> bytes:
         value += 1 << 64  # int64 as protobuf writes it: ten bytes of two's complement
     if value < 0x80:
         return bytes((value,))
+    if value < 0x4000:  # two bytes: the length of most spans
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -183,12 +185,7 @@ class SpanEncoder:
                 if encoded is None:
                     encoded = by_scope[scope or None] = []
                 by_identity[id(resource), id(scope)] = encoded
-            message = self.span(span)
-            size = len(message)
-            if 0x80 <= size < 0x4000:  # _delimited(b"\x12", message), for the usual size
-                encoded.append(b"\x12" + bytes((size & 0x7F | 0x80, size >> 7)) + message)
-            else:
-                encoded.append(_delimited(b"\x12", message))
+            encoded.append(_delimited(b"\x12", self.span(span)))
         out = []
         for resource, by_scope in grouped.items():
             scope_spans = [
